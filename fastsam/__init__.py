@@ -1,0 +1,23 @@
+"""fastsam: Sharpness-Aware Minimization made cheap.
+
+``FusedSAM`` wraps any torch.optim optimizer; its SAM step runs as a handful of
+multi-tensor launches (backends: foreach, triton, cuda, cpp), and it can be
+switched on late in training at no cost before.  ``fastsam.hessian`` measures
+sharpness (Hessian eigenvalues, trace, spectral density).
+"""
+from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
+from .optim import FusedSAM
+
+__version__ = "0.1.0"
+
+__all__ = ["FusedSAM", "frozen_bn_stats", "disable_running_stats", "enable_running_stats", "hessian",
+           "__version__"]
+
+
+def __getattr__(name):
+    # fastsam.hessian is imported on first use: optimizer users do not pay for it.
+    if name == "hessian":
+        import importlib
+
+        return importlib.import_module(".hessian", __name__)
+    raise AttributeError(f"module 'fastsam' has no attribute {name!r}")

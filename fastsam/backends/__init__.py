@@ -1,0 +1,112 @@
+"""Backends: the multi-tensor kernels behind FusedSAM.
+
+FusedSAM groups the parameters of each param group by (device, dtype) into a
+*bucket* and hands each bucket's tensor lists to one backend.  Every backend is
+a module that exposes the same names, so the data path reads
+``FusedSAM -> backend module -> kernels``:
+
+``NAME``
+    the backend's name ("foreach", "triton", "cuda", "cpp").
+``is_available(device: torch.device) -> tuple[bool, str]``
+    whether the backend can run on ``device``; the string says why not and how
+    to fix it (shown to users who ask for this backend explicitly).
+``supports(dtype: torch.dtype) -> bool``
+    dtypes it handles; FusedSAM falls back to "foreach" for the others.
+
+The ops (all tensors of one call share a device and a dtype; lists may be empty
+and tensors may have zero elements: both are no-ops).  Device-side scalars are
+0-d tensors on the bucket's device (float32, or float64 for float64 buckets);
+nothing here may synchronise with the host, except the foreach backend on the
+CPU, where there is no separate device to wait for:
+
+``grad_sq_norm(grads, params=None) -> Tensor``
+    0-d sum of squares: sum(g**2), or sum((|w|*g)**2) when ``params`` is given
+    (the ASAM norm).  Accumulated in float32 (float64 for float64 input).
+    Non-finite gradients make the result inf/nan; FusedSAM reads that as the
+    non-finite flag.
+``perturb(params, grads, copies, scale, skip, adaptive)``
+    ``copies <- params`` (an exact copy, used by the restore), then unless
+    ``skip`` (0-d, nonzero means skip) ``params <- params + scale * g``, with
+    ``scale * w**2 * g`` when ``adaptive``.  ``scale`` is the 0-d tensor
+    rho / (||g|| + eps).
+``restore(params, copies)``
+    ``params <- copies``.
+``restore_sgd_step(params, grads, copies, momentum_buffers, *, lr, momentum,
+dampening, nesterov, weight_decay, maximize, first, grad_scale, skip)``
+    ``params <- copies`` and, unless ``skip``, torch.optim.SGD's update of the
+    restored params with ``grads * grad_scale`` (``grad_scale`` is None or a
+    0-d tensor: the clipping coefficient).  ``first`` (Python bool) means the
+    momentum buffers are fresh (torch initialises them to the gradient);
+    ``momentum_buffers`` is an empty list when momentum == 0.  ``copies`` may
+    be the ``params`` list itself (nothing to restore).
+``restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, *, lr,
+beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, skip)``
+    ``params <- copies`` and, unless ``skip``, torch.optim.Adam's update
+    (AdamW's when ``decoupled``), amsgrad off.  ``steps`` are the per-tensor
+    0-d step counters (float32/64, on the bucket's device); they are
+    incremented unless ``skip``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("foreach", "triton", "cuda", "cpp")
+_MODULES = {
+    "foreach": "fastsam.backends.foreach",
+    "triton": "fastsam.backends.triton",
+    "cuda": "fastsam.backends.cuda",
+    "cpp": "fastsam.backends.cpp",
+}
+ENV_VAR = "FASTSAM_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why and how to fix it."""
+
+
+def _import(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError:
+        return None
+
+
+def get(name: str) -> ModuleType:
+    """The backend module called ``name`` (raises BackendUnavailable if it cannot be imported)."""
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {name!r}")
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as exc:
+        raise BackendUnavailable(f"backend {name!r} cannot be imported: {exc}") from exc
+
+
+def _usable(name: str, device: torch.device) -> bool:
+    mod = _import(name)
+    return mod is not None and mod.is_available(device)[0]
+
+
+def resolve(requested: str, device: torch.device) -> str:
+    """Pick the backend name for parameters on ``device``.
+
+    ``FASTSAM_BACKEND`` in the environment takes precedence over ``requested``.
+    "auto" prefers compiled code: on CUDA "cuda" (the csrc/ extension, when it
+    is built) then "triton" then "foreach"; on the CPU "cpp" (the csrc/ CPU
+    twin, when it is built) then "foreach".
+    """
+    name = os.environ.get(ENV_VAR) or requested
+    if name == "auto":
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+        for cand in order:
+            if _usable(cand, device):
+                return cand
+        return "foreach"
+    mod = get(name)
+    ok, why = mod.is_available(device)
+    if not ok:
+        raise BackendUnavailable(f"backend {name!r} cannot run on {device}: {why}")
+    return name

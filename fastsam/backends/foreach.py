@@ -1,0 +1,187 @@
+"""The foreach backend: torch._foreach_* multi-tensor ops, no compiled code.
+
+Runs wherever torch runs; the CPU default.  Each op is a few foreach calls, so
+it makes several passes over memory (the compiled backends make one).
+
+Skipping on non-finite gradients: on the CPU the skip flag is read on the host
+(free: the CPU is the device).  On other devices the ops stay sync-free by
+masking each tensor with ``torch.where``: correct, but one launch per tensor,
+which is what the triton/cuda backends exist to avoid.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from ._common import check_bucket
+
+Tensors = List[torch.Tensor]
+NAME = "foreach"
+
+
+def is_available(device: torch.device) -> tuple[bool, str]:
+    return True, ""
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def _host_skip(skip: torch.Tensor) -> Optional[bool]:
+    """The skip flag as a bool where reading it is free (CPU), else None."""
+    return bool(skip) if skip.device.type == "cpu" else None
+
+
+def _masked_assign(dst: Tensors, new: Tensors, skip: torch.Tensor) -> None:
+    """dst <- new unless skip, sync-free (one where per tensor)."""
+    keep = skip.to(torch.bool)
+    for d, n in zip(dst, new):
+        d.copy_(torch.where(keep, d, n))
+
+
+def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None) -> torch.Tensor:
+    check_bucket(grads, params)
+    acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    vals = grads if params is None else torch._foreach_mul(torch._foreach_abs(params), grads)
+    norms = torch._foreach_norm(vals, 2, dtype=acc)
+    return torch.stack(norms).square().sum()
+
+
+def perturb(params: Tensors, grads: Tensors, copies: Tensors, scale: torch.Tensor,
+            skip: torch.Tensor, adaptive: bool) -> None:
+    check_bucket(params, grads, copies)
+    if not params:
+        return
+    torch._foreach_copy_(copies, params)
+    host_skip = _host_skip(skip)
+    if host_skip:
+        return
+    e = torch._foreach_mul(grads, scale.to(params[0].dtype))
+    if adaptive:  # e = scale * w^2 * g
+        torch._foreach_mul_(e, params)
+        torch._foreach_mul_(e, params)
+    if host_skip is None:
+        _masked_assign(params, torch._foreach_add(params, e), skip)
+    else:
+        torch._foreach_add_(params, e)
+
+
+def restore(params: Tensors, copies: Tensors) -> None:
+    check_bucket(params, copies)
+    if params:
+        torch._foreach_copy_(params, copies)
+
+
+def _sam_grads(grads: Tensors, grad_scale: Optional[torch.Tensor], maximize: bool) -> Tensors:
+    if grad_scale is not None:
+        grads = torch._foreach_mul(grads, grad_scale.to(grads[0].dtype))
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    return grads
+
+
+def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_buffers: Tensors, *,
+                     lr: float, momentum: float, dampening: float, nesterov: bool,
+                     weight_decay: float, maximize: bool, first: bool,
+                     grad_scale: Optional[torch.Tensor], skip: torch.Tensor) -> None:
+    check_bucket(params, grads, copies, momentum_buffers or None)
+    if not params:
+        return
+    if copies is not params:
+        torch._foreach_copy_(params, copies)
+    host_skip = _host_skip(skip)
+    if host_skip:
+        return
+    if host_skip is None:  # compute into temporaries, then assign under the mask
+        new_bufs = [b.clone() for b in momentum_buffers]
+        new_params = [p.clone() for p in params]
+        _sgd_update(new_params, grads, new_bufs, lr, momentum, dampening, nesterov,
+                    weight_decay, maximize, first, grad_scale)
+        _masked_assign(momentum_buffers, new_bufs, skip)
+        _masked_assign(params, new_params, skip)
+        return
+    _sgd_update(params, grads, momentum_buffers, lr, momentum, dampening, nesterov,
+                weight_decay, maximize, first, grad_scale)
+
+
+def _sgd_update(params, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
+                maximize, first, grad_scale):
+    # The same sequence of foreach ops as torch.optim.sgd._multi_tensor_sgd.
+    d_p = _sam_grads(grads, grad_scale, maximize)
+    if weight_decay != 0:
+        d_p = torch._foreach_add(d_p, params, alpha=weight_decay)
+    if momentum != 0:
+        if first:
+            torch._foreach_copy_(bufs, d_p)
+        else:
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, d_p, alpha=1 - dampening)
+        if nesterov:
+            d_p = torch._foreach_add(d_p, bufs, alpha=momentum)
+        else:
+            d_p = bufs
+    torch._foreach_add_(params, d_p, alpha=-lr)
+
+
+def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs: Tensors,
+                      exp_avg_sqs: Tensors, steps: Tensors, *, lr: float, beta1: float,
+                      beta2: float, eps: float, weight_decay: float, decoupled: bool,
+                      maximize: bool, grad_scale: Optional[torch.Tensor],
+                      skip: torch.Tensor) -> None:
+    check_bucket(params, grads, copies, exp_avgs, exp_avg_sqs)
+    if not params:
+        return
+    if copies is not params:
+        torch._foreach_copy_(params, copies)
+    host_skip = _host_skip(skip)
+    if host_skip:
+        return
+    if host_skip is None:
+        new = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs, steps)]
+        _adam_update(*new[:3], grads, new[3], lr, beta1, beta2, eps, weight_decay, decoupled,
+                     maximize, grad_scale)
+        for dst, src in zip((params, exp_avgs, exp_avg_sqs, steps), new):
+            _masked_assign(dst, src, skip)
+        return
+    _adam_update(params, exp_avgs, exp_avg_sqs, grads, steps, lr, beta1, beta2, eps,
+                 weight_decay, decoupled, maximize, grad_scale)
+
+
+def _adam_update(params, exp_avgs, exp_avg_sqs, grads, steps, lr, beta1, beta2, eps,
+                 weight_decay, decoupled, maximize, grad_scale):
+    # Mirrors torch.optim.adam._multi_tensor_adam (amsgrad off), with the bias
+    # corrections computed on the device from the step tensors, as torch's
+    # capturable path does, so no host read is needed on any device.
+    g = _sam_grads(grads, grad_scale, maximize)
+    if weight_decay != 0:
+        if decoupled:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        else:
+            g = torch._foreach_add(g, params, alpha=weight_decay)
+    torch._foreach_add_(steps, 1)
+    torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, 1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if steps[0].device.type == "cpu":
+        # Host-side bias corrections in Python floats, exactly as torch's
+        # non-capturable Adam computes them (reading a CPU tensor is free).
+        ts = [float(s) for s in steps]
+        step_size = [-lr / (1 - beta1 ** t) for t in ts]
+        torch._foreach_div_(denom, [(1 - beta2 ** t) ** 0.5 for t in ts])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+        return
+    # Device-side bias corrections from the step tensors (torch's capturable path).
+    bc1 = torch._foreach_pow(beta1, steps)
+    torch._foreach_sub_(bc1, 1)  # beta1^t - 1 = -bias_correction1
+    torch._foreach_div_(bc1, lr)
+    torch._foreach_reciprocal_(bc1)  # step_size = -lr / bias_correction1
+    bc2 = torch._foreach_pow(beta2, steps)
+    torch._foreach_sub_(bc2, 1)
+    torch._foreach_neg_(bc2)
+    torch._foreach_sqrt_(bc2)  # sqrt(1 - beta2^t)
+    torch._foreach_div_(denom, torch._foreach_mul(bc2, bc1))
+    torch._foreach_add_(denom, torch._foreach_mul(torch._foreach_reciprocal(bc1), eps))
+    torch._foreach_addcdiv_(params, exp_avgs, denom)
