@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _get_scalar_dtype
 
 from . import backends
 
@@ -81,7 +82,9 @@ class FusedSAM(Optimizer):
             an instance); built here with ``**kwargs``.
         rho: neighbourhood radius (>= 0). ASAM typically needs ~10x larger.
         adaptive: ASAM's scale-invariant perturbation rho * w^2 g / || |w| g ||.
-        eps: added to the norm so that a zero gradient gives e = 0, never NaN.
+        perturb_eps: added to the gradient norm so that a zero gradient gives
+            e = 0, never NaN (named so that a base optimizer's own ``eps``,
+            e.g. Adam's, passes through untouched).
         max_grad_norm: clip the SAM gradient (the second one) to this global
             L2 norm before the base step.  The first gradient is never
             clipped: the perturbation uses only its direction g/||g||, which
@@ -103,15 +106,15 @@ class FusedSAM(Optimizer):
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
-                 eps: float = 1e-12, max_grad_norm: Optional[float] = None, backend: str = "auto",
+                 perturb_eps: float = 1e-12, max_grad_norm: Optional[float] = None, backend: str = "auto",
                  sam_start_step: Optional[int] = None, perturbation: str = "local", **kwargs):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(
                 "base_optimizer must be a torch.optim.Optimizer subclass (the class, e.g. torch.optim.SGD, "
                 f"not an instance); got {base_optimizer!r}")
         _check_rho(rho)
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
+        if not perturb_eps > 0:
+            raise ValueError(f"perturb_eps must be positive, got {perturb_eps}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
         if sam_start_step is not None and (not isinstance(sam_start_step, int) or sam_start_step < 0):
@@ -129,7 +132,7 @@ class FusedSAM(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
 
-        self.eps = eps
+        self.perturb_eps = perturb_eps
         self.max_grad_norm = max_grad_norm
         self.sam_start_step = sam_start_step
         self.perturbation = perturbation
@@ -249,7 +252,7 @@ class FusedSAM(Optimizer):
             if buckets:
                 total = self._global_sq_norm(buckets, use_params=True)
                 skip = (~torch.isfinite(total)).to(total.dtype)
-                inv_norm = 1.0 / (total.sqrt() + self.eps)
+                inv_norm = 1.0 / (total.sqrt() + self.perturb_eps)
                 for b in buckets:
                     copies = self._copies(b.params)
                     scale = (inv_norm * b.group["rho"]).to(b.device, non_blocking=True)
@@ -362,7 +365,7 @@ class FusedSAM(Optimizer):
     def _fused_adam(self, b: _Bucket, srcs, grad_scale, skip) -> None:
         g = b.group
         state = self.base_optimizer.state
-        step_dtype = torch.optim.optimizer._get_scalar_dtype()
+        step_dtype = _get_scalar_dtype()
         for p in b.params:
             st = state[p]
             if "step" not in st:
@@ -426,7 +429,7 @@ class FusedSAM(Optimizer):
                 "num_steps": self.num_steps,
                 "sam_start_step": self.sam_start_step,
                 "sam_active_override": self._sam_active_override,
-                "eps": self.eps,
+                "perturb_eps": self.perturb_eps,
                 "max_grad_norm": self.max_grad_norm,
                 "perturbation": self.perturbation,
             },
@@ -453,7 +456,7 @@ class FusedSAM(Optimizer):
         self.num_steps = int(sam["num_steps"])
         self.sam_start_step = sam["sam_start_step"]
         self._sam_active_override = sam["sam_active_override"]
-        self.eps = sam["eps"]
+        self.perturb_eps = sam["perturb_eps"]
         self.max_grad_norm = sam["max_grad_norm"]
         self.perturbation = sam["perturbation"]
         self._bucket_cache.clear()
