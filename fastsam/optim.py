@@ -143,6 +143,10 @@ class FusedSAM(Optimizer):
         self._bucket_cache: Dict[Tuple, List[_Bucket]] = {}
         self._pending: Optional[List[_Bucket]] = None  # buckets perturbed by first_step
         self._skip: Optional[torch.Tensor] = None
+        # Set by fastsam.distributed for per-rank ("local") perturbation under DDP: the
+        # ranks' first gradients differ, so the skip flag is all-reduced (MAX, in place,
+        # on the device) before the perturbation, or one rank would skip while others step.
+        self._skip_hook: Optional[Callable[[torch.Tensor], None]] = None
         self.found_inf: Optional[torch.Tensor] = None
         first = next((p for g in self.param_groups for p in g["params"]), None)
         self.backend = self._backend_for(first.device).NAME if first is not None else "foreach"
@@ -252,6 +256,8 @@ class FusedSAM(Optimizer):
             if buckets:
                 total = self._global_sq_norm(buckets, use_params=True)
                 skip = (~torch.isfinite(total)).to(total.dtype)
+                if self._skip_hook is not None:
+                    self._skip_hook(skip)
                 inv_norm = 1.0 / (total.sqrt() + self.perturb_eps)
                 for b in buckets:
                     copies = self._copies(b.params)
