@@ -5,7 +5,7 @@ float64: 20-step trajectories to 1e-9 relative.  float32: one-step checks to
 optimizer state before each step: Adam-family updates amplify rounding-order
 differences in tiny gradient entries over many steps).  float16/bfloat16:
 one-step checks with a tolerance of a few units in the last place, relative
-to the largest parameter.
+to the largest parameter (Adam-family: see _assert_adam_16bit_close).
 """
 import copy
 
@@ -77,6 +77,19 @@ def _rel_err(a, b):
     return (a.double() - b.double()).abs().max().item() / scale
 
 
+def _assert_adam_16bit_close(p, p_ref, tol, lr, msg):
+    """Adam in 16 bits: an Adam step moves an element by about lr whatever the
+    gradient's size, so a gradient entry near zero whose sign flips through
+    16-bit rounding of the perturbation moves by up to 2*lr.  Stated
+    tolerance: every element within 2.5*lr + tol*max|p|, and at most 5% of the
+    elements outside tol*max|p|."""
+    scale = p_ref.abs().max().item()
+    err = (p.double() - p_ref.double()).abs()
+    assert err.max().item() <= 2.5 * lr + tol * scale, f"{msg}: max err {err.max().item():.3g}"
+    frac = (err > tol * scale).double().mean().item()
+    assert frac <= 0.05, f"{msg}: {frac:.1%} of the elements outside {tol} relative"
+
+
 def _pair(backend, base_cls, kw, dtype, adaptive, two_groups, rho=0.07, **extra):
     model = Net(dtype)
     ref_model = copy.deepcopy(model)
@@ -136,8 +149,11 @@ def test_one_step(backend, case, dtype, adaptive, seed):
         _sam_step(ref, ref_model, x, y)
         for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
             assert torch.isfinite(p).all()
-            err = _rel_err(p, p_ref)
-            assert err <= tol, f"seed {seed} {dtype} step {step} {name}: rel err {err:.3g} > {tol}"
+            if dtype == torch.float32 or base_cls is torch.optim.SGD:
+                err = _rel_err(p, p_ref)
+                assert err <= tol, f"seed {seed} {dtype} step {step} {name}: rel err {err:.3g} > {tol}"
+            else:
+                _assert_adam_16bit_close(p, p_ref, tol, kw["lr"], f"seed {seed} {dtype} step {step} {name}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -57,6 +57,10 @@ def perturb(params: Tensors, grads: Tensors, copies: Tensors, scale: torch.Tenso
     host_skip = _host_skip(skip)
     if host_skip:
         return
+    if host_skip is not None and not adaptive:
+        # CPU: read the scale on the host and add in one pass (no temporary e)
+        torch._foreach_add_(params, grads, alpha=float(scale))
+        return
     e = torch._foreach_mul(grads, scale.to(params[0].dtype))
     if adaptive:  # e = scale * w^2 * g
         torch._foreach_mul_(e, params)
