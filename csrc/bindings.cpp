@@ -1,0 +1,72 @@
+// The fastsam:: torch operators: schemas and their Meta (fake) kernels.
+//
+// The real kernels register themselves next to their code: CPU in
+// sam_cpu.cpp, CUDA in sam_cuda.cpp (built only with FASTSAM_BUILD_CUDA or
+// the CUDA JIT path).  Registering the ops with the dispatcher, rather than
+// as pybind functions, lets torch.compile trace FusedSAM: the Meta kernels
+// below give fake tensors their output, and the alias annotations (a!) tell
+// functionalization which lists are mutated.
+//
+// The ops mirror the backend contract in fastsam/backends/__init__.py; an
+// empty `copies` list means "nothing to restore" (the contract's copies-is-
+// params case) and an empty `params` list in grad_sq_norm means plain SAM.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "sam_checks.h"
+
+namespace fastsam {
+namespace {
+
+at::Tensor grad_sq_norm_meta(at::TensorList grads, at::TensorList params) {
+  check_grad_sq_norm(grads, params);
+  if (grads.empty()) return at::empty({}, at::TensorOptions().dtype(at::kFloat).device(at::kMeta));
+  const auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::empty({}, grads[0].options().dtype(acc));
+}
+
+void perturb_meta(at::TensorList params, at::TensorList grads, at::TensorList copies, const at::Tensor& scale,
+                  const at::Tensor& skip, bool /*adaptive*/) {
+  check_perturb(params, grads, copies, scale, skip);
+}
+
+void restore_meta(at::TensorList params, at::TensorList copies) { check_restore(params, copies); }
+
+void restore_sgd_step_meta(at::TensorList params, at::TensorList grads, at::TensorList copies,
+                           at::TensorList momentum_buffers, double /*lr*/, double momentum, double /*dampening*/,
+                           bool /*nesterov*/, double /*weight_decay*/, bool /*maximize*/, bool /*first*/,
+                           const std::optional<at::Tensor>& grad_scale, const at::Tensor& skip) {
+  check_restore_sgd_step(params, grads, copies, momentum_buffers, momentum, grad_scale, skip);
+}
+
+void restore_adam_step_meta(at::TensorList params, at::TensorList grads, at::TensorList copies,
+                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
+                            double /*lr*/, double /*beta1*/, double /*beta2*/, double /*eps*/,
+                            double /*weight_decay*/, bool /*decoupled*/, bool /*maximize*/,
+                            const std::optional<at::Tensor>& grad_scale, const at::Tensor& skip) {
+  check_restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip);
+}
+
+}  // namespace
+}  // namespace fastsam
+
+TORCH_LIBRARY(fastsam, m) {
+  m.def("grad_sq_norm(Tensor[] grads, Tensor[] params) -> Tensor");
+  m.def("perturb(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] copies, Tensor scale, Tensor skip, "
+        "bool adaptive) -> ()");
+  m.def("restore(Tensor(a!)[] params, Tensor[] copies) -> ()");
+  m.def("restore_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] copies, "
+        "Tensor(b!)[] momentum_buffers, float lr, float momentum, float dampening, bool nesterov, "
+        "float weight_decay, bool maximize, bool first, Tensor? grad_scale, Tensor skip) -> ()");
+  m.def("restore_adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] copies, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, "
+        "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor skip) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastsam, Meta, m) {
+  m.impl("grad_sq_norm", &fastsam::grad_sq_norm_meta);
+  m.impl("perturb", &fastsam::perturb_meta);
+  m.impl("restore", &fastsam::restore_meta);
+  m.impl("restore_sgd_step", &fastsam::restore_sgd_step_meta);
+  m.impl("restore_adam_step", &fastsam::restore_adam_step_meta);
+}

@@ -1,0 +1,124 @@
+// One chunked launcher for every fused op (the apex multi_tensor_apply design).
+//
+// The host walks the tensor lists and packs, into a struct passed to the
+// kernel by value (no device-side metadata, so no H2D copy, nothing to
+// synchronise and CUDA-graph capturable):
+//   addresses[list][slot]  data pointer of each tensor in this launch
+//   sizes[slot]            its element count (int64: tensors past 2^31 work)
+//   block_to_tensor/chunk  which (tensor slot, chunk) each block works on
+// and launches when the struct is full (kMaxBlocks blocks, or as many tensors
+// as fit in the 4 KiB kernel-argument limit).  A tensor cut by a launch is
+// carried over into slot 0 of the next one.  Each block runs the op functor on
+// one chunk of kChunkSize elements of one tensor; the functor never sees the
+// packing.  Adding an op means writing a functor, not touching this file.
+//
+// Only CUDA headers here: the kernels are compiled without torch's headers
+// (the torch binding is sam_cuda.cpp).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "sam_kernels.h"
+
+namespace fastsam {
+namespace cuda {
+
+// 64 Ki elements per block: 512 threads x 16-byte vectors x 32 iterations for
+// fp32, enough work per block to hide the per-block set-up (apex's choice).
+constexpr int64_t kChunkSize = 65536;
+constexpr int kBlockSize = 512;
+constexpr int kMaxBlocks = 320;
+// Bytes left for the metadata in the classic 4 KiB kernel-argument space
+// after the op's own arguments (scalars and pointers, < 256 bytes).
+constexpr int kMetaBytes = 4096 - 256;
+
+template <int depth>
+constexpr int max_tensors() {
+  // addresses + sizes per tensor; block maps; two ints of bookkeeping.
+  return (kMetaBytes - kMaxBlocks * (1 + 4) - 16) / (8 * (depth + 1));
+}
+
+template <int depth>
+struct TensorListMeta {
+  static constexpr int kMaxTensors = max_tensors<depth>();
+  static_assert(kMaxTensors >= 1 && kMaxTensors <= 255, "block_to_tensor is one byte");
+  void* addresses[depth][kMaxTensors];
+  int64_t sizes[kMaxTensors];
+  unsigned char block_to_tensor[kMaxBlocks];
+  int block_to_chunk[kMaxBlocks];
+  int64_t block_offset;  // blocks launched before this launch (index into per-block outputs)
+};
+
+static_assert(sizeof(TensorListMeta<1>) <= kMetaBytes, "kernel arguments exceed 4 KiB");
+static_assert(sizeof(TensorListMeta<6>) <= kMetaBytes, "kernel arguments exceed 4 KiB");
+
+template <typename Functor, int depth, typename... Args>
+__global__ void __launch_bounds__(kBlockSize)
+    multi_tensor_kernel(TensorListMeta<depth> meta, Functor functor, Args... args) {
+  functor(meta, args...);
+}
+
+inline void check_launch(const char* op) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fastsam::") + op + ": CUDA kernel launch failed: " +
+                             cudaGetErrorString(err));
+  }
+}
+
+// Number of chunks (= blocks over all launches) for the tensors of `lists`.
+inline int64_t total_chunks(const HostLists& lists) {
+  int64_t n = 0;
+  for (int64_t t = 0; t < lists.n_tensors; ++t) n += (lists.numels[t] + kChunkSize - 1) / kChunkSize;
+  return n;
+}
+
+// Launch `functor` over every chunk of every tensor of the `depth` lists.
+template <int depth, typename Functor, typename... Args>
+void multi_tensor_apply(const char* op, const HostLists& lists, cudaStream_t stream, Functor functor,
+                        Args... args) {
+  if (lists.n_lists != depth) throw std::runtime_error(std::string("fastsam::") + op + ": list count mismatch");
+  int64_t last = -1;  // the last non-empty tensor: the final launch happens there
+  for (int64_t t = 0; t < lists.n_tensors; ++t)
+    if (lists.numels[t] > 0) last = t;
+  if (last < 0) return;
+
+  TensorListMeta<depth> meta;
+  meta.block_offset = 0;
+  int slot = 0;
+  int block = 0;
+  for (int64_t t = 0; t <= last; ++t) {
+    const int64_t n = lists.numels[t];
+    if (n == 0) continue;
+    meta.sizes[slot] = n;
+    for (int d = 0; d < depth; ++d) meta.addresses[d][slot] = lists.lists[d][t];
+    ++slot;
+    const int64_t chunks = (n + kChunkSize - 1) / kChunkSize;
+    for (int64_t c = 0; c < chunks; ++c) {
+      meta.block_to_tensor[block] = static_cast<unsigned char>(slot - 1);
+      meta.block_to_chunk[block] = static_cast<int>(c);
+      ++block;
+      const bool tensor_done = c == chunks - 1;
+      const bool full = block == kMaxBlocks || (slot == TensorListMeta<depth>::kMaxTensors && tensor_done);
+      if (!(full || (t == last && tensor_done))) continue;
+      multi_tensor_kernel<<<block, kBlockSize, 0, stream>>>(meta, functor, args...);
+      check_launch(op);
+      meta.block_offset += block;
+      block = 0;
+      if (tensor_done) {
+        slot = 0;
+      } else {  // the rest of this tensor goes on in slot 0 of the next launch
+        meta.sizes[0] = meta.sizes[slot - 1];
+        for (int d = 0; d < depth; ++d) meta.addresses[d][0] = meta.addresses[d][slot - 1];
+        slot = 1;
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace fastsam

@@ -1,0 +1,141 @@
+// Argument checks shared by the CPU, CUDA and Meta implementations of the
+// fastsam:: operators (torch-facing; the kernels themselves see raw pointers).
+//
+// The fused kernels walk each tensor as one flat array and use the same flat
+// index in every list, so besides "one device, one dtype per call" (the
+// backend contract) they need matching shapes and strides and dense storage.
+// All checks run before anything is written: a rejected call leaves every
+// tensor untouched.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace fastsam {
+
+// The lists of one call: `ref` fixes length, device and dtype; an optional
+// list may be empty (copies that are the params themselves, momentum buffers
+// when momentum == 0, ASAM weights when not adaptive).
+inline void check_list(const char* op, const char* name, at::TensorList list, at::TensorList ref,
+                       bool may_be_empty) {
+  if (list.empty() && may_be_empty) return;
+  TORCH_CHECK_VALUE(list.size() == ref.size(), "fastsam::", op, ": '", name, "' has ", list.size(),
+                    " tensors but the parameter list has ", ref.size(),
+                    " (tensor lists of one fused call must have equal lengths)");
+  if (ref.empty()) return;
+  const at::Tensor& r0 = ref[0];
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    const at::Tensor& r = ref[i];
+    TORCH_CHECK_VALUE(t.layout() == at::kStrided, "fastsam::", op, ": '", name, "'[", i,
+                      "] is not a dense (strided) tensor; the fused SAM kernels do not support sparse tensors");
+    TORCH_CHECK_VALUE(t.device() == r0.device(), "fastsam::", op, ": parameters on different devices in one "
+                      "fused call ('", name, "'[", i, "] is on ", t.device(), ", the first parameter on ",
+                      r0.device(), "); FusedSAM groups tensors by device, so this is a bug in the caller");
+    TORCH_CHECK_VALUE(t.scalar_type() == r0.scalar_type(), "fastsam::", op,
+                      ": tensors of different dtypes in one fused call ('", name, "'[", i, "] is ",
+                      t.scalar_type(), ", the first parameter ", r0.scalar_type(), ")");
+    TORCH_CHECK_VALUE(t.sizes() == r.sizes(), "fastsam::", op, ": '", name, "'[", i, "] has shape ",
+                      t.sizes(), " but its parameter has shape ", r.sizes());
+    TORCH_CHECK_VALUE(t.numel() <= 1 || (t.strides() == r.strides() && t.is_non_overlapping_and_dense()),
+                      "fastsam::", op, ": '", name, "'[", i, "] has strides ", t.strides(),
+                      " and its parameter ", r.strides(), "; the fused kernels need dense tensors laid out "
+                      "like their parameter (use backend='foreach' for such tensors)");
+  }
+}
+
+// A 0-d device-side scalar (scale, skip, grad_scale).
+inline void check_scalar(const char* op, const char* name, const at::Tensor& s, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(s.numel() == 1 && s.is_floating_point(), "fastsam::", op, ": '", name,
+                    "' must be a one-element floating-point tensor, got shape ", s.sizes(), " and dtype ",
+                    s.scalar_type());
+  TORCH_CHECK_VALUE(s.device() == ref.device(), "fastsam::", op, ": '", name, "' is on ", s.device(),
+                    " but the parameters are on ", ref.device(), " (device-side scalars live on the "
+                    "parameters' device)");
+}
+
+inline void check_optional_scalar(const char* op, const char* name, const std::optional<at::Tensor>& s,
+                                  const at::Tensor& ref) {
+  if (s.has_value()) check_scalar(op, name, *s, ref);
+}
+
+// Adam's per-tensor 0-d step counters.
+inline void check_steps(const char* op, at::TensorList steps, at::TensorList params) {
+  TORCH_CHECK_VALUE(steps.size() == params.size(), "fastsam::", op, ": ", steps.size(),
+                    " step counters for ", params.size(), " parameters");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK_VALUE(s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                      "fastsam::", op, ": steps[", i, "] must be a one-element float32/float64 tensor, got ",
+                      s.scalar_type(), " of shape ", s.sizes());
+    TORCH_CHECK_VALUE(s.device() == params[0].device(), "fastsam::", op, ": steps[", i, "] is on ",
+                      s.device(), " but the parameters are on ", params[0].device());
+  }
+}
+
+inline bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+inline void check_dtype(const char* op, at::TensorList params) {
+  if (params.empty()) return;
+  TORCH_CHECK_VALUE(supported_dtype(params[0].scalar_type()), "fastsam::", op, ": dtype ",
+                    params[0].scalar_type(), " is not supported (float32, float16, bfloat16, float64 are)");
+}
+
+// Per-op validation, the same for every dispatch key (CPU, CUDA, Meta).
+inline void check_grad_sq_norm(at::TensorList grads, at::TensorList params) {
+  check_dtype("grad_sq_norm", grads);
+  check_list("grad_sq_norm", "grads", grads, grads, false);
+  check_list("grad_sq_norm", "params", params, grads, true);
+}
+
+inline void check_perturb(at::TensorList params, at::TensorList grads, at::TensorList copies,
+                          const at::Tensor& scale, const at::Tensor& skip) {
+  check_dtype("perturb", params);
+  check_list("perturb", "params", params, params, false);
+  check_list("perturb", "grads", grads, params, false);
+  check_list("perturb", "copies", copies, params, false);
+  if (params.empty()) return;
+  check_scalar("perturb", "scale", scale, params[0]);
+  check_scalar("perturb", "skip", skip, params[0]);
+}
+
+inline void check_restore(at::TensorList params, at::TensorList copies) {
+  check_list("restore", "params", params, params, false);
+  check_list("restore", "copies", copies, params, false);
+}
+
+inline void check_restore_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList copies,
+                                   at::TensorList momentum_buffers, double momentum,
+                                   const std::optional<at::Tensor>& grad_scale, const at::Tensor& skip) {
+  const char* op = "restore_sgd_step";
+  check_dtype(op, params);
+  check_list(op, "params", params, params, false);
+  check_list(op, "grads", grads, params, false);
+  check_list(op, "copies", copies, params, true);
+  check_list(op, "momentum_buffers", momentum_buffers, params, momentum == 0);
+  if (params.empty()) return;
+  check_optional_scalar(op, "grad_scale", grad_scale, params[0]);
+  check_scalar(op, "skip", skip, params[0]);
+}
+
+inline void check_restore_adam_step(at::TensorList params, at::TensorList grads, at::TensorList copies,
+                                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
+                                    const std::optional<at::Tensor>& grad_scale, const at::Tensor& skip) {
+  const char* op = "restore_adam_step";
+  check_dtype(op, params);
+  check_list(op, "params", params, params, false);
+  check_list(op, "grads", grads, params, false);
+  check_list(op, "copies", copies, params, true);
+  check_list(op, "exp_avgs", exp_avgs, params, false);
+  check_list(op, "exp_avg_sqs", exp_avg_sqs, params, false);
+  if (params.empty()) return;
+  check_steps(op, steps, params);
+  check_optional_scalar(op, "grad_scale", grad_scale, params[0]);
+  check_scalar(op, "skip", skip, params[0]);
+}
+
+}  // namespace fastsam

@@ -1,0 +1,400 @@
+// CUDA kernels of the fused SAM ops: one functor per op, all launched by
+// multi_tensor_apply.cuh, with the per-element math of sam_math.h (shared
+// with the CPU twin).  CUDA headers only: compiled by nvcc without torch.
+//
+// Each block handles one chunk of one tensor.  When every pointer the op
+// touches is 16-byte aligned and the tensor's length is a multiple of the
+// vector width, the chunk is walked with 16-byte loads and stores (4 fp32,
+// 8 fp16/bf16, 2 fp64 per access: the ILP); otherwise with a scalar
+// grid-stride loop that still keeps ILP elements in flight per thread.
+// Math is done in float (double for fp64) and cast back explicitly; copies
+// move the storage bits untouched.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <vector>
+
+#include "multi_tensor_apply.cuh"
+#include "sam_kernels.h"
+#include "sam_math.h"
+
+namespace fastsam {
+namespace cuda {
+namespace {
+
+// ---------------------------------------------------------------- types
+template <typename T>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+template <typename T>
+using acc_type = typename OpMath<T>::type;
+
+// Explicit conversions: torch's build defines __CUDA_NO_HALF_CONVERSIONS__.
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_type<T> x);
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+constexpr int kVecBytes = 16;
+template <typename T>
+constexpr int ilp() {
+  return kVecBytes / static_cast<int>(sizeof(T));
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// ---------------------------------------------------------------- chunk walker
+// Runs `op` on each element of this block's chunk.  `op` gets the element of
+// every list as raw storage, x[list], and updates it in place; lists in
+// `load` are read first, lists in `store` written back (bit masks by list).
+template <typename T, int depth, typename Op>
+__device__ __forceinline__ void for_each_element(const TensorListMeta<depth>& meta, unsigned load, unsigned store,
+                                                 const Op& op) {
+  constexpr int ILP = ilp<T>();
+  const int slot = meta.block_to_tensor[blockIdx.x];
+  const int64_t offset = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+  const int64_t size = meta.sizes[slot];
+  const int64_t n = size - offset < kChunkSize ? size - offset : kChunkSize;
+  T* ptrs[depth];
+  bool vectorised = size % ILP == 0;
+#pragma unroll
+  for (int d = 0; d < depth; ++d) {
+    ptrs[d] = static_cast<T*>(meta.addresses[d][slot]) + offset;
+    if ((load | store) >> d & 1u) vectorised &= reinterpret_cast<uintptr_t>(ptrs[d]) % kVecBytes == 0;
+  }
+  T x[ILP][depth];
+  if (vectorised) {
+    using V = Vec<T, ILP>;
+    for (int64_t i = threadIdx.x; i * ILP < n; i += blockDim.x) {
+#pragma unroll
+      for (int d = 0; d < depth; ++d) {
+        if (load >> d & 1u) {
+          const V v = reinterpret_cast<const V*>(ptrs[d])[i];
+#pragma unroll
+          for (int k = 0; k < ILP; ++k) x[k][d] = v.v[k];
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < ILP; ++k) op(x[k]);
+#pragma unroll
+      for (int d = 0; d < depth; ++d) {
+        if (store >> d & 1u) {
+          V v;
+#pragma unroll
+          for (int k = 0; k < ILP; ++k) v.v[k] = x[k][d];
+          reinterpret_cast<V*>(ptrs[d])[i] = v;
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t base = 0; base < n; base += static_cast<int64_t>(blockDim.x) * ILP) {
+#pragma unroll
+    for (int k = 0; k < ILP; ++k) {
+      const int64_t j = base + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      if (j < n) {
+#pragma unroll
+        for (int d = 0; d < depth; ++d)
+          if (load >> d & 1u) x[k][d] = ptrs[d][j];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < ILP; ++k) {
+      const int64_t j = base + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      if (j < n) {
+        op(x[k]);
+#pragma unroll
+        for (int d = 0; d < depth; ++d)
+          if (store >> d & 1u) ptrs[d][j] = x[k][d];
+      }
+    }
+  }
+}
+
+constexpr unsigned bit(int list) { return 1u << list; }
+
+// ---------------------------------------------------------------- grad norm
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum(acc_t v) {
+  __shared__ acc_t warp_sums[kBlockSize / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / 32 ? warp_sums[threadIdx.x] : acc_t(0);
+  if (warp == 0) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  }
+  return v;  // valid in thread 0
+}
+
+// Stage 1: one partial sum per chunk, at its global block index.
+template <typename T, bool kAdaptive>
+struct SqNormFunctor {
+  static constexpr int depth = kAdaptive ? 2 : 1;
+  __device__ void operator()(const TensorListMeta<depth>& meta, acc_type<T>* partials) const {
+    using acc_t = acc_type<T>;
+    acc_t sum = 0;
+    const auto op = [&sum](T (&x)[depth]) {
+      sum += sq_norm_term<acc_t>(to_acc(x[0]), kAdaptive ? to_acc(x[depth - 1]) : acc_t(0), kAdaptive);
+    };
+    for_each_element<T, depth>(meta, kAdaptive ? 3u : 1u, 0u, op);
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) partials[meta.block_offset + blockIdx.x] = sum;
+  }
+};
+
+// Stage 2: a single block sums the partials in a fixed order (deterministic).
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlockSize) sum_partials_kernel(const acc_t* partials, int64_t n, acc_t* out) {
+  acc_t sum = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += partials[i];
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) *out = sum;
+}
+
+// ---------------------------------------------------------------- perturb / copy
+template <typename T>
+struct PerturbFunctor {
+  enum { kParam, kGrad, kCopy };
+  __device__ void operator()(const TensorListMeta<3>& meta, const acc_type<T>* scale, const acc_type<T>* skip,
+                             bool adaptive) const {
+    using acc_t = acc_type<T>;
+    const bool skipped = *skip != acc_t(0);
+    const acc_t s = *scale;
+    const auto op = [=](T (&x)[3]) {
+      x[kCopy] = x[kParam];  // the exact copy: storage bits
+      if (!skipped) x[kParam] = from_acc<T>(perturb_element<acc_t>(to_acc(x[kParam]), to_acc(x[kGrad]), s, adaptive));
+    };
+    const unsigned load = bit(kParam) | (skipped ? 0u : bit(kGrad));
+    const unsigned store = bit(kCopy) | (skipped ? 0u : bit(kParam));
+    for_each_element<T, 3>(meta, load, store, op);
+  }
+};
+
+template <typename T>
+struct CopyFunctor {
+  __device__ void operator()(const TensorListMeta<2>& meta) const {
+    for_each_element<T, 2>(meta, bit(1), bit(0), [](T (&x)[2]) { x[0] = x[1]; });
+  }
+};
+
+// ---------------------------------------------------------------- restore + SGD
+template <typename T>
+struct SgdFunctor {
+  enum { kParam, kGrad, kCopy, kBuf };
+  __device__ void operator()(const TensorListMeta<4>& meta, SgdArgs<acc_type<T>> a, bool restore,
+                             bool has_momentum, bool maximize, const acc_type<T>* grad_scale,
+                             const acc_type<T>* skip) const {
+    using acc_t = acc_type<T>;
+    const bool skipped = *skip != acc_t(0);
+    const int src = restore ? kCopy : kParam;
+    if (skipped) {  // restore only; buffers untouched
+      if (restore) for_each_element<T, 4>(meta, bit(kCopy), bit(kParam), [](T (&x)[4]) { x[kParam] = x[kCopy]; });
+      return;
+    }
+    const acc_t gs = grad_scale == nullptr ? acc_t(1) : *grad_scale;
+    const unsigned load = bit(src) | bit(kGrad) | (has_momentum && !a.first ? bit(kBuf) : 0u);
+    const unsigned store = bit(kParam) | (has_momentum ? bit(kBuf) : 0u);
+    if (has_momentum) {
+      for_each_element<T, 4>(meta, load, store, [=](T (&x)[4]) {
+        acc_t w = to_acc(x[src]);
+        acc_t b = a.first ? acc_t(0) : to_acc(x[kBuf]);
+        sgd_element<acc_t, true>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs, maximize), b, a);
+        x[kParam] = from_acc<T>(w);
+        x[kBuf] = from_acc<T>(b);
+      });
+    } else {
+      for_each_element<T, 4>(meta, load, store, [=](T (&x)[4]) {
+        acc_t w = to_acc(x[src]);
+        acc_t unused = 0;
+        sgd_element<acc_t, false>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs, maximize), unused, a);
+        x[kParam] = from_acc<T>(w);
+      });
+    }
+  }
+};
+
+// ---------------------------------------------------------------- restore + Adam
+__device__ __forceinline__ double read_step(const void* p, bool is_double) {
+  return is_double ? *static_cast<const double*>(p) : static_cast<double>(*static_cast<const float*>(p));
+}
+
+template <typename T>
+struct AdamFunctor {
+  enum { kParam, kGrad, kCopy, kExpAvg, kExpAvgSq, kStep };
+  __device__ void operator()(const TensorListMeta<6>& meta, AdamArgs<acc_type<T>> a, double lr, double beta1,
+                             double beta2, bool restore, bool maximize, bool steps_double,
+                             const acc_type<T>* grad_scale, const acc_type<T>* skip) const {
+    using acc_t = acc_type<T>;
+    const bool skipped = *skip != acc_t(0);
+    const int src = restore ? kCopy : kParam;
+    if (skipped) {
+      if (restore) for_each_element<T, 6>(meta, bit(kCopy), bit(kParam), [](T (&x)[6]) { x[kParam] = x[kCopy]; });
+      return;
+    }
+    // The counter is incremented by a later kernel, so every block of this
+    // tensor reads the same old value and uses t = step + 1.
+    const double t = read_step(meta.addresses[kStep][meta.block_to_tensor[blockIdx.x]], steps_double) + 1.0;
+    double step_size, bc2_sqrt;
+    adam_bias_terms(t, lr, beta1, beta2, &step_size, &bc2_sqrt);
+    const acc_t ss = static_cast<acc_t>(step_size);
+    const acc_t bc2 = static_cast<acc_t>(bc2_sqrt);
+    const acc_t gs = grad_scale == nullptr ? acc_t(1) : *grad_scale;
+    const unsigned load = bit(src) | bit(kGrad) | bit(kExpAvg) | bit(kExpAvgSq);
+    const unsigned store = bit(kParam) | bit(kExpAvg) | bit(kExpAvgSq);
+    for_each_element<T, 6>(meta, load, store, [=](T (&x)[6]) {
+      acc_t w = to_acc(x[src]);
+      acc_t m = to_acc(x[kExpAvg]);
+      acc_t v = to_acc(x[kExpAvgSq]);
+      adam_element<acc_t>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs, maximize), m, v, a, ss, bc2);
+      x[kParam] = from_acc<T>(w);
+      x[kExpAvg] = from_acc<T>(m);
+      x[kExpAvgSq] = from_acc<T>(v);
+    });
+  }
+};
+
+// One block per counter (each "tensor" of this launch has one element).
+template <typename S, typename acc_t>
+struct IncrementStepFunctor {
+  __device__ void operator()(const TensorListMeta<1>& meta, const acc_t* skip) const {
+    if (threadIdx.x == 0 && *skip == acc_t(0)) *static_cast<S*>(meta.addresses[0][meta.block_to_tensor[blockIdx.x]]) += S(1);
+  }
+};
+
+// ---------------------------------------------------------------- dispatch
+template <typename F>
+void dispatch(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::kFloat: return f(Tag<float>{});
+    case DType::kHalf: return f(Tag<__half>{});
+    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
+    case DType::kDouble: return f(Tag<double>{});
+  }
+  throw std::runtime_error("fastsam: unsupported dtype");
+}
+
+HostLists sub_lists(const HostLists& lists, std::initializer_list<int> which) {
+  HostLists out;
+  out.n_tensors = lists.n_tensors;
+  out.numels = lists.numels;
+  for (int l : which) out.lists[out.n_lists++] = lists.lists[l];
+  return out;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- host entry points
+int64_t grad_sq_norm_scratch(const HostLists& grads) { return total_chunks(grads); }
+
+void grad_sq_norm(const HostLists& lists, DType dtype, void* scratch, void* out, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  dispatch(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using acc_t = acc_type<T>;
+    auto* partials = static_cast<acc_t*>(scratch);
+    if (lists.n_lists == 2) {
+      multi_tensor_apply<2>("grad_sq_norm", lists, s, SqNormFunctor<T, true>(), partials);
+    } else {
+      multi_tensor_apply<1>("grad_sq_norm", lists, s, SqNormFunctor<T, false>(), partials);
+    }
+    sum_partials_kernel<acc_t><<<1, kBlockSize, 0, s>>>(partials, total_chunks(lists), static_cast<acc_t*>(out));
+    check_launch("grad_sq_norm");
+  });
+}
+
+void perturb(const HostLists& lists, DType dtype, const void* scale, const void* skip, bool adaptive,
+             void* stream) {
+  dispatch(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using acc_t = acc_type<T>;
+    multi_tensor_apply<3>("perturb", lists, static_cast<cudaStream_t>(stream), PerturbFunctor<T>(),
+                          static_cast<const acc_t*>(scale), static_cast<const acc_t*>(skip), adaptive);
+  });
+}
+
+void copy(const HostLists& lists, int element_size, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (element_size) {
+    case 1: return multi_tensor_apply<2>("restore", lists, s, CopyFunctor<uint8_t>());
+    case 2: return multi_tensor_apply<2>("restore", lists, s, CopyFunctor<uint16_t>());
+    case 4: return multi_tensor_apply<2>("restore", lists, s, CopyFunctor<uint32_t>());
+    case 8: return multi_tensor_apply<2>("restore", lists, s, CopyFunctor<uint64_t>());
+  }
+  throw std::runtime_error("fastsam::restore: unsupported element size");
+}
+
+void restore_sgd_step(const HostLists& lists, DType dtype, const SgdHostArgs& h, const void* grad_scale,
+                      const void* skip, void* stream) {
+  const bool restore = lists.n_tensors > 0 && lists.lists[2][0] != lists.lists[0][0];  // copies are not the params
+  const bool has_momentum = h.momentum != 0;
+  dispatch(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using acc_t = acc_type<T>;
+    const SgdArgs<acc_t> a{acc_t(h.lr), acc_t(h.momentum), acc_t(1 - h.dampening), acc_t(h.weight_decay),
+                           h.nesterov, h.first};
+    multi_tensor_apply<4>("restore_sgd_step", lists, static_cast<cudaStream_t>(stream), SgdFunctor<T>(), a,
+                          restore, has_momentum, h.maximize, static_cast<const acc_t*>(grad_scale),
+                          static_cast<const acc_t*>(skip));
+  });
+}
+
+void restore_adam_step(const HostLists& lists, DType dtype, const AdamHostArgs& h, const void* grad_scale,
+                       const void* skip, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  const bool restore = lists.n_tensors > 0 && lists.lists[2][0] != lists.lists[0][0];  // copies are not the params
+  dispatch(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using acc_t = acc_type<T>;
+    const AdamArgs<acc_t> a{acc_t(1 - h.beta1), acc_t(h.beta2), acc_t(1 - h.beta2), acc_t(h.eps),
+                            acc_t(h.weight_decay), acc_t(1 - h.lr * h.weight_decay), h.decoupled};
+    multi_tensor_apply<6>("restore_adam_step", lists, s, AdamFunctor<T>(), a, h.lr, h.beta1, h.beta2, restore,
+                          h.maximize, h.steps_double, static_cast<const acc_t*>(grad_scale),
+                          static_cast<const acc_t*>(skip));
+    // After every chunk has read the old counters: step += 1 unless skipped.
+    HostLists steps = sub_lists(lists, {5});
+    std::vector<int64_t> ones(lists.n_tensors, 1);
+    steps.numels = ones.data();
+    if (h.steps_double) {
+      multi_tensor_apply<1>("restore_adam_step", steps, s, IncrementStepFunctor<double, acc_t>(),
+                            static_cast<const acc_t*>(skip));
+    } else {
+      multi_tensor_apply<1>("restore_adam_step", steps, s, IncrementStepFunctor<float, acc_t>(),
+                            static_cast<const acc_t*>(skip));
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastsam

@@ -1,0 +1,65 @@
+// The CUDA kernels' host interface: raw pointers, element counts and a
+// stream; no torch and no CUDA headers, so the torch binding (sam_cuda.cpp)
+// and the kernels (sam_kernels.cu, built by nvcc alone) meet only here.
+//
+// Every function enqueues work on `stream` (a cudaStream_t) and returns
+// without synchronising; all pointers are device pointers.  Device-side
+// scalars (scale, skip, grad_scale) are one element of the op-math type:
+// float for float/half/bfloat16 tensors, double for double tensors.
+#pragma once
+
+#include <cstdint>
+
+namespace fastsam {
+namespace cuda {
+
+enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2, kDouble = 3 };
+
+// lists[l][t]: data pointer of tensor t in list l; numels[t]: its element
+// count, the same in every list.
+struct HostLists {
+  static constexpr int kMaxLists = 6;
+  int n_lists = 0;
+  int64_t n_tensors = 0;
+  void* const* lists[kMaxLists] = {};
+  const int64_t* numels = nullptr;
+};
+
+// Size of the scratch buffer grad_sq_norm needs (elements of the op-math type).
+int64_t grad_sq_norm_scratch(const HostLists& grads);
+
+// out[0] = sum of g^2 (lists: g) or of (|w| g)^2 (lists: g, w); two stages, one
+// partial per chunk in `scratch` then a single-block sum: deterministic.
+void grad_sq_norm(const HostLists& lists, DType dtype, void* scratch, void* out, void* stream);
+
+// lists: params, grads, copies.
+void perturb(const HostLists& lists, DType dtype, const void* scale, const void* skip, bool adaptive,
+             void* stream);
+
+// lists: dst, src (byte copy of element_size-byte elements).
+void copy(const HostLists& lists, int element_size, void* stream);
+
+struct SgdHostArgs {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize, first;
+};
+
+// lists: params, grads, copies, momentum buffers.  copies == params (same
+// pointers) means nothing to restore; with momentum == 0 the buffers are
+// never touched (pass any list, e.g. params).  grad_scale may be nullptr.
+void restore_sgd_step(const HostLists& lists, DType dtype, const SgdHostArgs& args, const void* grad_scale,
+                      const void* skip, void* stream);
+
+struct AdamHostArgs {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool decoupled, maximize;
+  bool steps_double;  // step counters are float64 (else float32)
+};
+
+// lists: params, grads, copies (== params: nothing to restore), exp_avgs,
+// exp_avg_sqs, steps (one 0-d counter per tensor, incremented unless skip).
+void restore_adam_step(const HostLists& lists, DType dtype, const AdamHostArgs& args, const void* grad_scale,
+                       const void* skip, void* stream);
+
+}  // namespace cuda
+}  // namespace fastsam

@@ -1,0 +1,76 @@
+"""The cpp backend: the compiled CPU twin of the CUDA kernels (csrc/sam_cpu.cpp).
+
+Each op is one ``torch.ops.fastsam`` operator that makes one pass over
+memory, parallel over (tensor, chunk) pieces with at::parallel_for; the
+per-element math is csrc/sam_math.h, shared with the CUDA kernels.  The same
+operators serve the cuda backend (fastsam/backends/cuda.py): the dispatcher
+picks the CPU or the CUDA kernel from the tensors' device.
+
+The extension comes from ``fastsam._C`` when it was built by setup.py
+(``FASTSAM_BUILD_CPP=1`` / ``FASTSAM_BUILD_CUDA=1``), else from a JIT build
+on first use, cached on disk (fastsam/_build.py).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .. import _build
+
+Tensors = List[torch.Tensor]
+NAME = "cpp"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def is_available(device: torch.device) -> tuple[bool, str]:
+    device = torch.device(device)
+    if device.type != "cpu":
+        return False, (f"the cpp backend runs on CPU tensors, not {device.type}; "
+                       "use backend='cuda' (or 'auto') for CUDA parameters")
+    return _build.load()
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in _DTYPES
+
+
+def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None) -> torch.Tensor:
+    if not grads:  # no tensor to dispatch on
+        return torch.zeros((), dtype=torch.float32)
+    return torch.ops.fastsam.grad_sq_norm.default(grads, [] if params is None else params)
+
+
+def perturb(params: Tensors, grads: Tensors, copies: Tensors, scale: torch.Tensor, skip: torch.Tensor,
+            adaptive: bool) -> None:
+    if params:
+        torch.ops.fastsam.perturb.default(params, grads, copies, scale, skip, bool(adaptive))
+
+
+def restore(params: Tensors, copies: Tensors) -> None:
+    if params:
+        torch.ops.fastsam.restore.default(params, copies)
+
+
+def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_buffers: Tensors, *,
+                     lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+                     maximize: bool, first: bool, grad_scale: Optional[torch.Tensor],
+                     skip: torch.Tensor) -> None:
+    if not params:
+        return
+    # An empty copies list tells the kernel there is nothing to restore.
+    torch.ops.fastsam.restore_sgd_step.default(
+        params, grads, [] if copies is params else copies, momentum_buffers, float(lr), float(momentum),
+        float(dampening), bool(nesterov), float(weight_decay), bool(maximize), bool(first), grad_scale, skip)
+
+
+def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs: Tensors,
+                      exp_avg_sqs: Tensors, steps: Tensors, *, lr: float, beta1: float, beta2: float,
+                      eps: float, weight_decay: float, decoupled: bool, maximize: bool,
+                      grad_scale: Optional[torch.Tensor], skip: torch.Tensor) -> None:
+    if not params:
+        return
+    torch.ops.fastsam.restore_adam_step.default(
+        params, grads, [] if copies is params else copies, exp_avgs, exp_avg_sqs, steps, float(lr),
+        float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(maximize),
+        grad_scale, skip)
