@@ -1,0 +1,350 @@
+"""The Hessian operator: batching/weighting, the two HVP modes, state restore, distributed average.
+
+Everything in :mod:`fastsam.hessian` goes through :class:`HessianOperator`. It is a context
+manager: entering it puts the model into the requested mode, leaving it restores the per-module
+``training`` flags, every buffer (running statistics) and every parameter's ``.grad`` exactly.
+"""
+from __future__ import annotations
+
+import secrets
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ._util import check_choice
+
+HVP_MODES = ("double_backward", "forward_over_reverse")
+MODEL_MODES = ("train", "eval")
+
+
+def _is_pair(x: Any) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == 2
+
+
+def as_batches(data: Any) -> List[Tuple[Any, Any]]:
+    """Normalise ``data`` into a list of ``(inputs, targets)`` batches.
+
+    ``data`` is one batch (a 2-tuple/list whose first item is a tensor, tuple of tensors or dict)
+    or an iterable of such batches (list, generator, DataLoader). Iterables are consumed once.
+    """
+    if data is None:
+        raise ValueError("data must be an (inputs, targets) batch or an iterable of batches, got None")
+    if _is_pair(data) and not _is_pair(data[0]):
+        batches = [tuple(data)]
+    else:
+        try:
+            batches = [b for b in data]
+        except TypeError:
+            raise TypeError(f"data must be an (inputs, targets) batch or an iterable of batches, "
+                            f"got {type(data).__name__}") from None
+    if not batches:
+        raise ValueError("data is empty: it must contain at least one (inputs, targets) batch")
+    for i, b in enumerate(batches):
+        if not _is_pair(b):
+            raise TypeError(f"data batch {i} must be an (inputs, targets) pair, got {type(b).__name__}")
+        if batch_size(b) < 1:
+            raise ValueError(f"data batch {i} is empty (batch size 0)")
+    return [tuple(b) for b in batches]
+
+
+def batch_size(batch) -> int:
+    inputs, targets = batch
+    for t in (targets, inputs):
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return int(t.shape[0])
+    for t in (inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()):
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return int(t.shape[0])
+    raise TypeError("cannot infer the batch size of a data batch: targets or inputs must be a tensor "
+                    "with a leading batch dimension")
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _call_args(inputs):
+    """How ``inputs`` are passed to the model: a dict as keywords, a tuple/list as positionals."""
+    if isinstance(inputs, dict):
+        return (), inputs
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), None
+    return (inputs,), None
+
+
+def _call(model, inputs):
+    args, kwargs = _call_args(inputs)
+    return model(*args, **(kwargs or {}))
+
+
+def trainable_parameters(model: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no parameters with requires_grad=True")
+    return named
+
+
+def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vec: torch.Tensor, model: nn.Module) -> List[torch.Tensor]:
+    """Split a flat vector into a list shaped like the model's trainable parameters (in
+    ``model.named_parameters()`` order, skipping parameters with ``requires_grad=False``)."""
+    params = [p for _, p in trainable_parameters(model)]
+    n = sum(p.numel() for p in params)
+    if vec.dim() != 1 or vec.numel() != n:
+        raise ValueError(f"vec must be a flat tensor with {n} entries, got shape {tuple(vec.shape)}")
+    return [c.view_as(p) for c, p in zip(vec.split([p.numel() for p in params]), params)]
+
+
+class HessianOperator:
+    """Hessian-vector products of the sample-averaged loss, as a matrix-free symmetric operator.
+
+    ``op.matvec(v)`` takes and returns a flat 1-D tensor of length ``op.n`` (trainable parameters
+    concatenated in ``named_parameters()`` order) on ``op.device``, in ``v``'s dtype. Use it as a
+    context manager (``with HessianOperator(...) as op:``); outside the ``with`` block the model
+    state is untouched.
+
+    The operator is H = sum_b (n_b / N) H_b, the Hessian of ``loss_fn`` averaged over all N samples
+    (batch b has n_b samples; ``loss_fn`` is a mean-reduced loss). Inside an initialised process
+    group (``distributed=None`` detects it) N counts the samples of all ranks and the per-rank sums
+    are all-reduced, so every rank gets the same product. In ``model_mode="train"`` every product
+    reuses the same RNG seed per batch (derived from ``seed``; fresh when None, rank 0's in a
+    process group), so dropout masks are fixed and H is one fixed matrix; the global RNG state
+    is left unchanged.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, data, *, hvp_mode: str = "double_backward",
+                 model_mode: str = "eval", distributed: Optional[bool] = None, process_group=None,
+                 seed: Optional[int] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
+        self.model, self.loss_fn = model, loss_fn
+        self.hvp_mode = check_choice("hvp_mode", hvp_mode, HVP_MODES)
+        self.model_mode = check_choice("model_mode", model_mode, MODEL_MODES)
+        self.batches = as_batches(data)
+        named = trainable_parameters(model)
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shapes = [p.shape for p in self.params]
+        self.sizes = [p.numel() for p in self.params]
+        self.n = sum(self.sizes)
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+        if distributed is None:
+            distributed = dist.is_available() and dist.is_initialized()
+        if distributed and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed=True but no torch.distributed process group is initialised")
+        self.distributed, self.group = bool(distributed), process_group
+        self.rank = dist.get_rank(process_group) if self.distributed else 0
+        local = sum(batch_size(b) for b in self.batches)
+        self.num_samples = int(self.all_reduce(torch.tensor([float(local)], dtype=torch.float64,
+                                                            device=self._comm_device())).item())
+        self.weights = [batch_size(b) / self.num_samples for b in self.batches]
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        self.seed = self.broadcast_seed(seed)  # rank 0's; solvers seed their probe vectors with it
+        # per-batch RNG seeds for train-mode randomness (dropout), decorrelated from self.seed
+        self._rng_seeds = [(self.seed * 6364136223846793005 + 1442695040888963407 * (i + 1)) % 2 ** 63
+                           for i in range(len(self.batches))]
+        self.num_hvps = 0
+        self._saved = None
+
+    # ------------------------------------------------------------------ distributed helpers
+    def _comm_device(self):
+        if self.distributed and dist.get_backend(self.group) == "nccl":
+            return self.device
+        return torch.device("cpu")
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def broadcast_seed(self, seed: Optional[int], bits: int = 63) -> int:
+        """Return ``seed`` (or a fresh random one), the same on every rank (rank 0's)."""
+        if seed is None:
+            seed = secrets.randbits(bits)
+        if self.distributed:
+            t = torch.tensor([int(seed) % 2 ** 63], dtype=torch.int64, device=self._comm_device())
+            dist.broadcast(t, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+            seed = int(t.item())
+        return int(seed)
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's decision, so that every rank takes the same branch (no collective deadlock)."""
+        if not self.distributed:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self._comm_device())
+        dist.broadcast(t, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        return bool(t.item())
+
+    # ------------------------------------------------------------------ state save / restore
+    def __enter__(self):
+        m = self.model
+        self._saved = {
+            "training": [(mod, mod.training) for mod in m.modules()],
+            "buffers": [(b, b.detach().clone()) for b in m.buffers()],
+            "grads": [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in m.parameters()],
+            "bn": [],
+        }
+        m.train(self.model_mode == "train")
+        return self
+
+    def __exit__(self, *exc):
+        s, self._saved = self._saved, None
+        with torch.no_grad():
+            for b, saved in s["buffers"]:
+                b.copy_(saved)
+            for p, grad, saved in s["grads"]:
+                p.grad = grad
+                if grad is not None:
+                    grad.copy_(saved)
+        for mod, training in s["training"]:
+            mod.training = training
+        return False
+
+    # ------------------------------------------------------------------ vectors
+    def split(self, v: torch.Tensor) -> List[torch.Tensor]:
+        return [c.view(s).to(self.dtype) for c, s in zip(v.split(self.sizes), self.shapes)]
+
+    def from_params(self, vector) -> torch.Tensor:
+        """A parameter-shaped list/tuple (or flat tensor) as a flat tensor on the device."""
+        if isinstance(vector, torch.Tensor):
+            if vector.dim() != 1 or vector.numel() != self.n:
+                raise ValueError(f"vector must be a flat tensor with {self.n} entries or a list shaped "
+                                 f"like the trainable parameters, got a tensor of shape {tuple(vector.shape)}")
+            return vector.to(self.device)
+        if not isinstance(vector, (list, tuple)) or len(vector) != len(self.params):
+            raise ValueError(f"vector must be a list of {len(self.params)} tensors shaped like the trainable "
+                             f"parameters (or a flat tensor with {self.n} entries)")
+        for i, (v, p) in enumerate(zip(vector, self.params)):
+            if not isinstance(v, torch.Tensor) or v.shape != p.shape:
+                raise ValueError(f"vector[{i}] must have shape {tuple(p.shape)} (parameter {self.names[i]!r}), "
+                                 f"got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+        return flatten(v.to(self.device) for v in vector)
+
+    # ------------------------------------------------------------------ products
+    def _check_loss(self, loss):
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn must return a scalar tensor (mean reduction), got "
+                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
+        return loss.reshape(())
+
+    def _seeded(self, i):
+        if self.model_mode != "train":
+            return _NullCtx()
+        devices = [self.device] if self.device.type == "cuda" else []
+        return _SeededRng(self._rng_seeds[i], devices)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """H @ v for a flat vector ``v`` (length ``n``); the result has ``v``'s dtype."""
+        if self._saved is None:
+            raise RuntimeError("HessianOperator.matvec must be called inside its `with` block")
+        if v.dim() != 1 or v.numel() != self.n:
+            raise ValueError(f"v must be a flat tensor with {self.n} entries, got shape {tuple(v.shape)}")
+        vs = self.split(v.to(self.device))
+        out = [torch.zeros_like(p) for p in self.params]
+        fn = self._hvp_double_backward if self.hvp_mode == "double_backward" else self._hvp_fwd_rev
+        for i, (batch, w) in enumerate(zip(self.batches, self.weights)):
+            inputs, targets = _to(batch[0], self.device), _to(batch[1], self.device)
+            with self._seeded(i):
+                hv = fn(inputs, targets, vs)
+            for o, h in zip(out, hv):
+                if h is not None:
+                    o.add_(h.detach(), alpha=w)
+        flat = self.all_reduce(flatten(out))
+        self.num_hvps += 1
+        return flat.to(v.dtype)
+
+    def _hvp_double_backward(self, inputs, targets, vs):
+        with torch.enable_grad():
+            loss = self._check_loss(self.loss_fn(_call(self.model, inputs), targets))
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            terms = [(g * v).sum() for g, v in zip(grads, vs) if g is not None and g.requires_grad]
+            if not terms:  # the loss is at most linear in the parameters
+                return [None] * len(vs)
+            return torch.autograd.grad(torch.stack(terms).sum(), self.params, allow_unused=True)
+
+    def _hvp_fwd_rev(self, inputs, targets, vs):
+        from torch.func import functional_call, grad, jvp
+        model = self.model
+        primals = {n: p.detach() for n, p in zip(self.names, self.params)}
+        tangents = dict(zip(self.names, vs))
+        trainable = set(self.names)
+        others = {n: p.detach() for n, p in model.named_parameters() if n not in trainable}
+        others.update(dict(model.named_buffers()))
+
+        args, kwargs = _call_args(inputs)
+
+        def loss_of(p):
+            out = functional_call(model, (p, others), args, kwargs)
+            return self._check_loss(self.loss_fn(out, targets))
+
+        # torch.func cannot mutate captured buffers: in train mode BatchNorm uses batch statistics
+        # either way, so stop it from updating running statistics during the transform.
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and m.training and m.track_running_stats]
+        for m in bns:
+            m.track_running_stats = False
+        try:
+            _, hv = jvp(grad(loss_of), (primals,), (tangents,))
+        finally:
+            for m in bns:
+                m.track_running_stats = True
+        return [hv[n] for n in self.names]
+
+
+class _NullCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _SeededRng:
+    """Run a block with the CPU (and given CUDA devices') RNG seeded, then restore the RNG state."""
+
+    def __init__(self, seed, devices):
+        self.seed, self.devices = seed, devices
+
+    def __enter__(self):
+        self._fork = torch.random.fork_rng(devices=self.devices)
+        self._fork.__enter__()
+        torch.default_generator.manual_seed(self.seed)
+        for d in self.devices:
+            torch.cuda.default_generators[d.index if d.index is not None else torch.cuda.current_device()
+                                          ].manual_seed(self.seed)
+        return self
+
+    def __exit__(self, *exc):
+        return self._fork.__exit__(*exc)
+
+
+def hvp(model: nn.Module, loss_fn, data, vector, *, hvp_mode: str = "double_backward",
+        model_mode: str = "eval", distributed: Optional[bool] = None, process_group=None,
+        seed: Optional[int] = None) -> List[torch.Tensor]:
+    """One Hessian-vector product H @ vector of the sample-averaged loss.
+
+    ``vector`` is a list shaped like the model's trainable parameters (``requires_grad=True``, in
+    ``named_parameters()`` order) or a flat tensor of their total size. Returns a list of tensors
+    shaped like those parameters (parameter dtype, model device). Model mode, buffers and
+    ``.grad`` are restored afterwards. ``seed`` fixes train-mode dropout masks (see
+    :class:`HessianOperator`).
+    """
+    with HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, model_mode=model_mode,
+                         distributed=distributed, process_group=process_group, seed=seed) as op:
+        flat = op.from_params(vector).to(op.dtype)
+        return [t.view(s) for t, s in zip(op.matvec(flat).split(op.sizes), op.shapes)]

@@ -1,0 +1,84 @@
+"""Power iteration with deflation: the PyHessian baseline.
+
+Eigenpairs are found one at a time; each new iterate is kept orthogonal to the eigenvectors
+already found (deflation by projection). Power iteration converges to the eigenvalue of largest
+*magnitude*. PyHessian returns that value even when it is negative; here, to keep the contract of
+:func:`~fastsam.hessian.eigenvalues` (largest algebraic first), a negative dominant value
+triggers one spectral shift: the iteration restarts on H - s I with s just below that value
+(so H - s I is positive semi-definite and its dominant eigenvalue is the largest algebraic one
+of H). Shifting costs extra products and slows convergence (the ratios become
+(l2 - s) / (l1 - s)); ``EigenResult.shift`` reports s (0 if no shift was needed).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ._util import Progress, generator, randn
+
+
+def _project_out(w: torch.Tensor, found) -> torch.Tensor:
+    for _ in range(2):
+        for u in found:
+            w.sub_(u * torch.dot(u, w))
+    return w
+
+
+def power_eigs(op, k: int, tol: float, max_iter: int, seed: int, dtype, *,
+               callback: Optional[Callable] = None, progress: bool = False):
+    """Top-k (largest algebraic) eigenpairs by power iteration with deflation (and a shift if
+    the dominant eigenvalue is negative, see the module docstring).
+
+    Each pair iterates until ``||H v - theta v|| <= tol * |theta|`` or ``max_iter`` products
+    (``max_iter`` is per eigenpair, and per run before/after a shift). ``callback(info)`` is
+    called after every product with ``info`` = dict(index, step, num_hvps, eigenvalue,
+    residual, shift); returning True accepts the current pair as converged (used by the
+    benchmark for oracle stopping).
+    Returns ``(values (k,) float64 CPU, vectors (k, n), residuals (k,), converged, steps, shift)``,
+    values sorted largest first.
+    """
+    gen = generator(op.device, seed)
+    hvps0 = op.num_hvps
+    vals, vecs, ress, conv = [], [], [], []
+    shift, shifted = 0.0, False
+    with Progress(progress, None, "power", op.rank) as bar:
+        while len(vals) < k:
+            i = len(vals)
+            v = _project_out(randn(op.n, gen, dtype, op.device), vecs)
+            v = v / v.norm()
+            theta_s, theta, res, rel, ok = 0.0, 0.0, 0.0, float("inf"), False
+            for step in range(1, max_iter + 1):
+                w = op.matvec(v)
+                if shift:
+                    w.sub_(v, alpha=shift)
+                w = _project_out(w, vecs)                       # (H - s I) v in the complement
+                theta_s = float(torch.dot(v, w))
+                theta = theta_s + shift
+                res = float((w - theta_s * v).norm())           # = ||H v - theta v||
+                rel = res / max(abs(theta), 1e-300)
+                bar.update(1, eig=i, res=f"{rel:.1e}")
+                ok = rel <= tol
+                if callback is not None:
+                    ok = bool(callback(dict(index=i, step=step, num_hvps=op.num_hvps - hvps0, eigenvalue=theta,
+                                            residual=rel, shift=shift))) or ok
+                if op.agree(ok):
+                    break
+                w_norm = w.norm()
+                if op.agree(float(w_norm) == 0.0):  # v is in the null space of H - s I
+                    ok = True
+                    break
+                v = w / w_norm
+            if op.agree(theta_s < 0 and not shifted):
+                # the dominant eigenvalue is negative: restart this pair on H - s I, s <= lambda_min
+                shift, shifted = theta - res - 1e-3 * abs(theta), True
+                continue
+            vals.append(theta)
+            vecs.append(v)
+            ress.append(rel)
+            conv.append(ok)
+    values = torch.tensor(vals, dtype=torch.float64)
+    order = torch.argsort(values, descending=True)
+    vectors = torch.stack(vecs)[order.to(op.device)]
+    residuals = torch.tensor(ress, dtype=torch.float64)[order]
+    return values[order], vectors, residuals, all(conv), op.num_hvps - hvps0, shift
