@@ -1,0 +1,68 @@
+"""SAM's perturbation: copies <- w (exact), then w <- w + scale * g (ASAM: scale * w^2 * g).
+
+One pass, one launch: reads w and g, writes the copy and w (4 bytes x
+itemsize per element).  ``scale`` = rho / (||g|| + eps) and ``skip`` are 0-d
+device tensors read by every program, so nothing waits for the host.  The
+copy is stored exactly as loaded (bitwise); with ``skip`` nonzero w is not
+written at all (bitwise unchanged) while the copy is still made, as the
+restore that follows needs it.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+
+from . import multi_tensor as mt
+from .multi_tensor import column, keep_mask, locate
+
+
+@triton.jit
+def _perturb_chunk(row, offs, mask, kept, scale, ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr,
+                   ALIGNED: tl.constexpr):
+    w_ptr = column(row, 0, DTYPE, ALIGNED)
+    w = tl.load(w_ptr + offs, mask=mask)
+    tl.store(column(row, 2, DTYPE, ALIGNED) + offs, w, mask=mask)
+    g = tl.load(column(row, 1, DTYPE, ALIGNED) + offs, mask=mask).to(tl.float32)
+    wf = w.to(tl.float32)
+    e = scale * g
+    if ADAPTIVE:
+        e = e * wf * wf
+    tl.store(w_ptr + offs, (wf + e).to(w.dtype), mask=kept)
+
+
+@triton.jit
+def _perturb_kernel(table, blk_tensor, blk_chunk, scale_ptr, skip_ptr, ADAPTIVE: tl.constexpr,
+                    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    _, row, chunk, numel, offs = locate(table, blk_tensor, blk_chunk, 4, BLOCK)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    keep = keep_mask(skip_ptr, offs)
+    if (chunk + 1) * BLOCK <= numel:
+        _perturb_chunk(row, offs, None, keep, scale, ADAPTIVE, DTYPE, ALIGNED)
+    else:
+        in_bounds = offs < numel
+        _perturb_chunk(row, offs, in_bounds, in_bounds & keep, scale, ADAPTIVE, DTYPE, ALIGNED)
+
+
+def perturb(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
+            scale: torch.Tensor, skip: torch.Tensor, adaptive: bool) -> None:
+    tab = mt.table([params, grads, copies])
+    if tab is None:
+        from ...backends import foreach
+        foreach.perturb(params, grads, copies, scale, skip, adaptive)
+        return
+    mt.launch(_perturb_kernel, tab.n_blocks, *tab.args(), scale, skip, ADAPTIVE=adaptive,
+              DTYPE=mt.DTYPE_IDS[params[0].dtype], ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
+
+
+@torch.library.custom_op("fastsam::triton_perturb", mutates_args=("params", "copies"))
+def perturb_op(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
+               scale: torch.Tensor, skip: torch.Tensor, adaptive: bool) -> None:
+    perturb(params, grads, copies, scale, skip, adaptive)
+
+
+@perturb_op.register_fake
+def _(params, grads, copies, scale, skip, adaptive):
+    return None

@@ -1,0 +1,44 @@
+"""params <- copies: the restore alone (parameters that got no second gradient, and the
+restore before a generic base optimizer's own step).  One launch, an exact copy."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+
+from . import multi_tensor as mt
+from .multi_tensor import column, locate
+
+
+@triton.jit
+def _restore_kernel(table, blk_tensor, blk_chunk, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    _, row, chunk, numel, offs = locate(table, blk_tensor, blk_chunk, 3, BLOCK)
+    src = column(row, 1, DTYPE, ALIGNED) + offs
+    dst = column(row, 0, DTYPE, ALIGNED) + offs
+    if (chunk + 1) * BLOCK <= numel:
+        tl.store(dst, tl.load(src))
+    else:
+        in_bounds = offs < numel
+        tl.store(dst, tl.load(src, mask=in_bounds), mask=in_bounds)
+
+
+def restore(params: List[torch.Tensor], copies: List[torch.Tensor]) -> None:
+    tab = mt.table([params, copies])
+    if tab is None:
+        torch._foreach_copy_(params, copies)
+        return
+    mt.launch(_restore_kernel, tab.n_blocks, *tab.args(), DTYPE=mt.DTYPE_IDS[params[0].dtype],
+              ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
+
+
+@torch.library.custom_op("fastsam::triton_restore", mutates_args=("params",))
+def restore_op(params: List[torch.Tensor], copies: List[torch.Tensor]) -> None:
+    restore(params, copies)
+
+
+@restore_op.register_fake
+def _(params, copies):
+    return None

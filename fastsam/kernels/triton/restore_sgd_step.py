@@ -1,0 +1,113 @@
+"""Restore + torch.optim.SGD step in one pass, one launch.
+
+Per element: p <- copy (exact); unless skipped, d = g * grad_scale (negated
+when maximising) + weight_decay * p; buf <- d on the first step (torch
+initialises the momentum buffer to the gradient), else momentum * buf +
+(1 - dampening) * d; d <- d + momentum * buf (nesterov) or buf; p <- p - lr * d.
+All arithmetic in float32 registers, loads and stores in the tensor dtype; the
+update uses the buffer as stored (rounded to the tensor dtype), as torch does.
+
+Bytes per element (x itemsize): reads copy, g, buf; writes p, buf: 5 with
+momentum (4 on the first step: no buf read), 3 without.  When there is
+nothing to restore (``copies`` empty) the parameter itself is read instead of
+the copy.  ``skip`` nonzero: p is written back exactly as read from the copy
+and buf is not written (on a skipped first step FusedSAM's freshly zeroed
+buffer stays zero).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import multi_tensor as mt
+from .multi_tensor import column, keep_mask, locate
+
+
+@triton.jit
+def _sgd_chunk(row, offs, mask, kept, keep, grad_scale, lr, momentum, one_minus_dampening, weight_decay,
+               HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+               MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST: tl.constexpr, DTYPE: tl.constexpr,
+               ALIGNED: tl.constexpr):
+    p0 = tl.load(column(row, 2, DTYPE, ALIGNED) + offs, mask=mask)  # the restored value
+    p = p0.to(tl.float32)
+    d = tl.load(column(row, 1, DTYPE, ALIGNED) + offs, mask=mask).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        d = d * grad_scale
+    if MAXIMIZE:
+        d = -d
+    if WEIGHT_DECAY:
+        d = d + weight_decay * p
+    if MOMENTUM:
+        buf_ptr = column(row, 3, DTYPE, ALIGNED) + offs
+        if FIRST:
+            buf = d
+        else:
+            buf = momentum * tl.load(buf_ptr, mask=mask).to(tl.float32) + one_minus_dampening * d
+        buf = buf.to(p0.dtype)  # used as stored, as torch does
+        tl.store(buf_ptr, buf, mask=kept)
+        if NESTEROV:
+            d = d + momentum * buf.to(tl.float32)
+        else:
+            d = buf.to(tl.float32)
+    new = (p - lr * d).to(p0.dtype)
+    tl.store(column(row, 0, DTYPE, ALIGNED) + offs, tl.where(keep, new, p0), mask=mask)
+
+
+@triton.jit
+def _restore_sgd_step_kernel(table, blk_tensor, blk_chunk, skip_ptr, grad_scale_ptr, lr, momentum,
+                             one_minus_dampening, weight_decay, HAS_GRAD_SCALE: tl.constexpr,
+                             MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
+                             NESTEROV: tl.constexpr, FIRST: tl.constexpr, N_COLS: tl.constexpr,
+                             DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    _, row, chunk, numel, offs = locate(table, blk_tensor, blk_chunk, N_COLS, BLOCK)
+    keep = keep_mask(skip_ptr, offs)
+    grad_scale = 1.0
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    if (chunk + 1) * BLOCK <= numel:
+        _sgd_chunk(row, offs, None, keep, keep, grad_scale, lr, momentum, one_minus_dampening, weight_decay,
+                   HAS_GRAD_SCALE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST, DTYPE, ALIGNED)
+    else:
+        in_bounds = offs < numel
+        _sgd_chunk(row, offs, in_bounds, in_bounds & keep, keep, grad_scale, lr, momentum, one_minus_dampening,
+                   weight_decay, HAS_GRAD_SCALE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST, DTYPE, ALIGNED)
+
+
+def restore_sgd_step(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
+                     momentum_buffers: List[torch.Tensor], grad_scale: Optional[torch.Tensor],
+                     skip: torch.Tensor, lr: float, momentum: float, dampening: float, nesterov: bool,
+                     weight_decay: float, maximize: bool, first: bool) -> None:
+    """``copies`` empty: nothing to restore (the params are read in their place)."""
+    has_momentum = momentum != 0
+    lists = [params, grads, copies or params] + ([momentum_buffers] if has_momentum else [])
+    tab = mt.table(lists)
+    if tab is None:
+        from ...backends import foreach
+        foreach.restore_sgd_step(params, grads, copies or params, momentum_buffers, lr=lr, momentum=momentum,
+                                 dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                                 maximize=maximize, first=first, grad_scale=grad_scale, skip=skip)
+        return
+    mt.launch(_restore_sgd_step_kernel, tab.n_blocks, *tab.args(), skip,
+              skip if grad_scale is None else grad_scale, float(lr), float(momentum), 1.0 - dampening,
+              float(weight_decay),
+              HAS_GRAD_SCALE=grad_scale is not None, MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0,
+              MOMENTUM=has_momentum, NESTEROV=nesterov, FIRST=first, N_COLS=len(lists) + 1,
+              DTYPE=mt.DTYPE_IDS[params[0].dtype], ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
+
+
+@torch.library.custom_op("fastsam::triton_restore_sgd_step", mutates_args=("params", "momentum_buffers"))
+def restore_sgd_step_op(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
+                        momentum_buffers: List[torch.Tensor], grad_scale: Optional[torch.Tensor],
+                        skip: torch.Tensor, lr: float, momentum: float, dampening: float, nesterov: bool,
+                        weight_decay: float, maximize: bool, first: bool) -> None:
+    restore_sgd_step(params, grads, copies, momentum_buffers, grad_scale, skip, lr, momentum, dampening,
+                     nesterov, weight_decay, maximize, first)
+
+
+@restore_sgd_step_op.register_fake
+def _(params, grads, copies, momentum_buffers, grad_scale, skip, lr, momentum, dampening, nesterov,
+      weight_decay, maximize, first):
+    return None
