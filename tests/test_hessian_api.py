@@ -178,6 +178,14 @@ def test_other_bad_arguments():
         hessian.eigenvalues(lambda x: x, CE, d)
 
 
+def test_hutchpp_small_budget():
+    m, d = tiny()
+    t = hessian.trace(m, CE, d, num_samples=4)  # 1 sketch vector, 1 product on it, 2 probes left
+    assert t.num_hvps == 4 and t.samples.numel() == 2 and t.std_error >= 0
+    t = hessian.trace(m, CE, d, num_samples=3)  # one residual probe: no error estimate
+    assert t.num_hvps == 3 and t.std_error != t.std_error  # nan
+
+
 def test_tracker_history(seed):
     g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()

@@ -21,6 +21,7 @@ class TraceResult:
     - ``trace``: the estimate (float); ``std_error``: its standard error (float), estimated from
       the spread of the Rademacher quadratic forms (for Hutch++: conditional on the sketch, i.e.
       the error of the Hutchinson part on the deflated residual; the low-rank part is exact).
+      ``nan`` when only one residual probe was left (Hutch++ with ``num_samples`` < 6).
     - ``num_hvps``: products spent; ``samples``: the quadratic forms z^T H z of the
       Hutchinson part (float64 CPU); ``seed``; ``method``.
     """
@@ -44,8 +45,8 @@ def _hutchinson(op, probes: int, gen, dtype, bar, project=None) -> torch.Tensor:
 
 
 def _std_error(samples: torch.Tensor) -> float:
-    if samples.numel() < 2:
-        return float("inf") if samples.numel() else 0.0
+    if samples.numel() < 2:  # not estimable from one probe (0 probes: the sketch was exact)
+        return math.nan if samples.numel() else 0.0
     return float(samples.std(unbiased=True)) / math.sqrt(samples.numel())
 
 
