@@ -19,6 +19,7 @@ device: no host synchronisation on the fused paths.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -33,12 +34,21 @@ PERTURBATION_MODES = ("local", "global")
 
 @dataclass
 class _Bucket:
-    """The tensors of one param group on one (device, dtype), in group order."""
+    """The tensors of one param group on one (device, dtype), in group order.
+
+    ``params``/``grads`` are what the kernels see, ``keys`` the parameters the
+    optimizer state is keyed by: the same tensors, except for DTensor
+    parameters (FSDP2, tensor parallel), whose kernels see the local shards.
+    ``shard`` is None for plain tensors, else (device mesh, mesh dims the
+    parameters are sharded on): the dims over which sums of squares add up.
+    """
 
     group: Dict[str, Any]
     params: List[torch.Tensor]
     backend: Any
     grads: List[torch.Tensor] = field(default_factory=list)
+    keys: List[torch.Tensor] = field(default_factory=list)
+    shard: Optional[Tuple] = None
 
     @property
     def device(self) -> torch.device:
@@ -195,26 +205,32 @@ class FusedSAM(Optimizer):
                         raise RuntimeError(
                             f"gradient of param group {gi}, parameter {pi} has dtype/device "
                             f"{p.grad.dtype}/{p.grad.device} but the parameter is {p.dtype}/{p.device}")
-                    key = (p.device, p.dtype)
+                    shard = _shard_key(p, gi, pi)
+                    key = (p.device, p.dtype, shard)
                     if key not in by_key:
                         mod = self._backend_for(p.device)
                         if not mod.supports(p.dtype):
                             mod = backends.get("foreach")
-                        by_key[key] = _Bucket(group, [], mod)
+                        by_key[key] = _Bucket(group, [], mod, shard=shard)
                     by_key[key].params.append(p)
+                    by_key[key].keys.append(p)
                 buckets.extend(by_key.values())
             self._bucket_cache.clear()  # the grad pattern rarely changes; keep one entry
             self._bucket_cache[mask] = buckets
         for b in buckets:
-            b.grads = [p.grad for p in b.params]
+            if b.shard is not None:  # DTensors: the kernels work on the local shards
+                b.params = [p.to_local() for p in b.keys]
+                b.grads = [p.grad.to_local() for p in b.keys]
+            else:
+                b.grads = [p.grad for p in b.params]
             if any(g.is_sparse for g in b.grads):
                 raise RuntimeError("FusedSAM does not support sparse gradients")
         return buckets
 
-    def _copies(self, params: List[torch.Tensor]) -> List[torch.Tensor]:
+    def _copies(self, keys: List[torch.Tensor], params: List[torch.Tensor]) -> List[torch.Tensor]:
         out = []
-        for p in params:
-            st = self.state[p]
+        for k, p in zip(keys, params):
+            st = self.state[k]
             c = st.get("sam_copy")
             if c is None or c.shape != p.shape or c.dtype != p.dtype or c.device != p.device:
                 c = torch.empty_like(p, memory_format=torch.preserve_format)
@@ -226,19 +242,29 @@ class FusedSAM(Optimizer):
         """Sum over all buckets of the (ASAM-weighted when asked) squared gradient norm."""
         acc = torch.float64 if any(b.dtype == torch.float64 for b in buckets) else torch.float32
         dev = buckets[0].device
-        total = None
+        partial: Dict[Optional[Tuple], torch.Tensor] = {}  # local sums, per kind of sharding
         for b in buckets:
             sq = b.backend.grad_sq_norm(b.grads, b.params if use_params and b.group["adaptive"] else None)
             sq = sq.to(device=dev, dtype=acc, non_blocking=True)
+            partial[b.shard] = partial[b.shard] + sq if b.shard in partial else sq
+        total = None
+        for shard, sq in partial.items():  # bucket order: the same on every rank
+            sq = self._reduce_sq_norm(sq, shard)
             total = sq if total is None else total + sq
-        return self._reduce_sq_norm(total)
+        return total
 
-    def _reduce_sq_norm(self, total: torch.Tensor) -> torch.Tensor:
-        """Hook for sharded training: combine the local sum of squares across shards.
+    def _reduce_sq_norm(self, total: torch.Tensor, shard: Optional[Tuple] = None) -> torch.Tensor:
+        """Combine a local sum of squares across the shards that hold the rest of the parameters.
 
-        Identity here; fastsam.distributed makes it an all-reduce where the
-        parameters are sharded (FSDP), so the perturbation uses the global norm.
+        Plain tensors (``shard`` None, DDP included): the sum is already whole.
+        Sharded DTensors (FSDP2): all-reduced (SUM, on the device) over each mesh
+        dim the parameters are sharded on, so every rank perturbs with the norm
+        of the whole gradient and takes the same skip decision.
         """
+        if shard is not None:
+            mesh, dims = shard
+            for d in dims:
+                torch.distributed.all_reduce(total, group=mesh.get_group(d))
         return total
 
     # ------------------------------------------------------------------ SAM steps
@@ -260,12 +286,12 @@ class FusedSAM(Optimizer):
                     self._skip_hook(skip)
                 inv_norm = 1.0 / (total.sqrt() + self.perturb_eps)
                 for b in buckets:
-                    copies = self._copies(b.params)
+                    copies = self._copies(b.keys, b.params)
                     scale = (inv_norm * b.group["rho"]).to(b.device, non_blocking=True)
                     b.backend.perturb(b.params, b.grads, copies, scale,
                                       skip.to(b.device, non_blocking=True), bool(b.group["adaptive"]))
                 self._skip = skip
-            self._pending = [_Bucket(b.group, list(b.params), b.backend) for b in buckets]
+            self._pending = [_Bucket(b.group, list(b.params), b.backend, keys=list(b.keys)) for b in buckets]
         if zero_grad:
             self.zero_grad()
 
@@ -291,14 +317,15 @@ class FusedSAM(Optimizer):
     def _sam_update(self, perturbed: List[_Bucket]) -> None:
         buckets = self._buckets()
         sources: Dict[int, torch.Tensor] = {}
+        # keyed by the parameters: a DTensor's to_local() is a new view at every call
         for b in perturbed:  # the exact copies made by first_step
-            for p, c in zip(b.params, self._copies(b.params)):
-                sources[id(p)] = c
-        stepped = {id(p) for b in buckets for p in b.params}
+            for k, c in zip(b.keys, self._copies(b.keys, b.params)):
+                sources[id(k)] = c
+        stepped = {id(k) for b in buckets for k in b.keys}
         for b in perturbed:  # perturbed params that got no second gradient: restore only
-            lone = [p for p in b.params if id(p) not in stepped]
+            lone = [i for i, k in enumerate(b.keys) if id(k) not in stepped]
             if lone:
-                b.backend.restore(lone, [sources[id(p)] for p in lone])
+                b.backend.restore([b.params[i] for i in lone], [sources[id(b.keys[i])] for i in lone])
         if not buckets:
             return
 
@@ -317,7 +344,7 @@ class FusedSAM(Optimizer):
             self._generic_update(buckets, sources, grad_scale, skip)
             return
         for b in buckets:
-            srcs = [sources.get(id(p), p) for p in b.params]
+            srcs = [sources.get(id(k), p) for k, p in zip(b.keys, b.params)]
             dev = b.device
             gs = None if grad_scale is None else grad_scale.to(dev, non_blocking=True)
             sk = skip.to(dev, non_blocking=True)
@@ -331,7 +358,7 @@ class FusedSAM(Optimizer):
         # gradient.  Deciding the skip reads the flag on the host: the one
         # synchronisation FusedSAM makes, and only on this path.
         for b in buckets:
-            b.backend.restore(b.params, [sources.get(id(p), p) for p in b.params])
+            b.backend.restore(b.params, [sources.get(id(k), p) for k, p in zip(b.keys, b.params)])
         if bool(skip):
             return
         if grad_scale is not None:
@@ -351,8 +378,8 @@ class FusedSAM(Optimizer):
         # torch initialises a momentum buffer to the first gradient; params
         # whose buffers already exist and fresh ones go in separate calls.
         idx = {True: [], False: []}
-        for i, p in enumerate(b.params):
-            idx[state[p].get("momentum_buffer") is None].append(i)
+        for i, k in enumerate(b.keys):
+            idx[state[k].get("momentum_buffer") is None].append(i)
         for first, ids in idx.items():
             if not ids:
                 continue
@@ -362,9 +389,10 @@ class FusedSAM(Optimizer):
                     # a skipped first step must leave the state as torch would: no buffer yet
                     b.backend.restore(ps, [srcs[i] for i in ids])
                     continue
-                for p in ps:
-                    state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs = [state[p]["momentum_buffer"] for p in ps]
+                for i in ids:  # a DTensor for a DTensor parameter, as torch.optim.SGD keeps it
+                    k = b.keys[i]
+                    state[k]["momentum_buffer"] = torch.zeros_like(k, memory_format=torch.preserve_format)
+            bufs = [_local(state[b.keys[i]]["momentum_buffer"]) for i in ids]
             b.backend.restore_sgd_step(ps, [b.grads[i] for i in ids], _sub(srcs, ids, ps), bufs,
                                        first=first, **kw)
 
@@ -372,7 +400,7 @@ class FusedSAM(Optimizer):
         g = b.group
         state = self.base_optimizer.state
         step_dtype = _get_scalar_dtype()
-        for p in b.params:
+        for p in b.keys:
             st = state[p]
             if "step" not in st:
                 st["step"] = torch.zeros((), dtype=step_dtype, device=p.device)
@@ -380,11 +408,11 @@ class FusedSAM(Optimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif st["step"].device != p.device:  # a CPU step counter left by torch's non-capturable Adam
                 st["step"] = st["step"].to(p.device)
-        sts = [state[p] for p in b.params]
+        sts = [state[p] for p in b.keys]
         decoupled = g.get("decoupled_weight_decay", type(self.base_optimizer) is torch.optim.AdamW)
         beta1, beta2 = g["betas"]
         b.backend.restore_adam_step(
-            b.params, b.grads, srcs, [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
+            b.params, b.grads, srcs, [_local(s["exp_avg"]) for s in sts], [_local(s["exp_avg_sq"]) for s in sts],
             [s["step"] for s in sts], lr=g["lr"], beta1=beta1, beta2=beta2, eps=g["eps"],
             weight_decay=g["weight_decay"], decoupled=decoupled, maximize=g.get("maximize", False),
             grad_scale=grad_scale, skip=skip)
@@ -467,6 +495,32 @@ class FusedSAM(Optimizer):
         self.perturbation = sam["perturbation"]
         self._bucket_cache.clear()
         self._pending = None
+
+
+def _dtensor_type():
+    """DTensor's class once torch.distributed.tensor is imported, else None (no DTensor
+    exists before; importing it here would add ~1.5 s to ``import fastsam``)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    dt = _dtensor_type()
+    return t.to_local() if dt is not None and isinstance(t, dt) else t
+
+
+def _shard_key(p: torch.Tensor, gi: int, pi: int) -> Optional[Tuple]:
+    """None for a plain tensor; (mesh, sharded mesh dims) for a DTensor parameter."""
+    dt = _dtensor_type()
+    if dt is None or not isinstance(p, dt):
+        return None
+    if not isinstance(p.grad, dt) or p.grad.placements != p.placements:
+        raise RuntimeError(
+            f"DTensor parameter (param group {gi}, parameter {pi}) with placements {p.placements} has a "
+            f"gradient placed {getattr(p.grad, 'placements', 'as a plain tensor')}; FusedSAM needs the "
+            "gradient sharded like its parameter (as FSDP2 leaves it)")
+    if any(pl.is_partial() for pl in p.placements):
+        raise RuntimeError(f"DTensor parameter (param group {gi}, parameter {pi}) has a Partial placement")
+    return (p.device_mesh, tuple(d for d, pl in enumerate(p.placements) if pl.is_shard()))
 
 
 def _check_rho(rho) -> None:
