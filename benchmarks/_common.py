@@ -1,0 +1,223 @@
+"""Shared by the benchmark scripts: machine description, step timing, memory, result files."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Any, Callable, Dict, List, Sequence
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# ----------------------------------------------------------------------------- machine
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info(device: torch.device) -> Dict[str, Any]:
+    """What the numbers were measured on; written into every result file."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": str(device),
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fastsam_commit": _git_commit(),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def machine_line(info: Dict[str, Any]) -> str:
+    """One line for the top of a markdown report."""
+    where = info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads)"
+    extra = f", CUDA {info['cuda']}" if info.get("cuda") else ""
+    load = info.get("load_average_at_start")
+    load_s = f", load average at start {load[0]:.2f}" if load else ""
+    return (f"Machine: {where}{extra}; torch {info['torch']}, triton {info['triton'] or 'not installed'}; "
+            f"fastsam {info['fastsam_commit']}; {info['date']}{load_s}")
+
+
+def device_tag(device: torch.device) -> str:
+    """'cpu', or the GPU's short name ('h200', 'a100-sxm4-80gb'), for result file names."""
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device).lower()
+    for prefix in ("nvidia ", "geforce "):
+        name = name.replace(prefix, "")
+    return "-".join(name.split()) or "cuda"
+
+
+# ----------------------------------------------------------------------------- timing
+class StepTimer:
+    """Times a sequence of steps. On CUDA each step is bracketed by events and read after one
+    synchronize at the end of the block (no per-step host sync); on the CPU, perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._pending: List = []
+
+    def time(self, fn: Callable[[], Any]) -> None:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            self._pending.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            self._pending.append(time.perf_counter() - t0)
+
+    def collect(self) -> List[float]:
+        """Seconds per step since the last collect."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            out = [s.elapsed_time(e) / 1e3 for s, e in self._pending]
+        else:
+            out = list(self._pending)
+        self._pending = []
+        return out
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    if not s:
+        return math.nan
+    k = (len(s) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarize(times: Sequence[float]) -> Dict[str, float]:
+    return {"median_s": statistics.median(times) if times else math.nan, "p20_s": percentile(times, 0.2),
+            "p80_s": percentile(times, 0.8), "total_s": float(sum(times)), "n": len(times)}
+
+
+# ----------------------------------------------------------------------------- memory
+def _proc_status_mib(key: str) -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def rss_peak_growth(fn: Callable[[], Any]) -> float:
+    """Peak resident-set growth (MiB) while ``fn`` runs, measured in a forked child.
+
+    The child runs ``fn`` once to fault in the library code it needs, frees what it can
+    (gc, malloc_trim), resets its high-water mark (/proc/self/clear_refs) and runs ``fn`` again:
+    the result is what ``fn`` allocates at its peak. The child uses one torch thread: GNU
+    OpenMP's thread pool does not survive fork (the child would hang). NaN without fork or /proc.
+    """
+    def child() -> float:
+        import gc
+        torch.set_num_threads(1)
+        fn()
+        gc.collect()
+        _malloc_trim()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM <- current RSS
+        base = _proc_status_mib("VmRSS")
+        fn()
+        return _proc_status_mib("VmHWM") - base
+
+    return in_child(child)
+
+
+def in_child(fn: Callable[[], float]) -> float:
+    """Run ``fn`` in a forked child and return the float it returns (NaN if it fails)."""
+    if not hasattr(os, "fork") or not os.path.exists("/proc/self/clear_refs"):
+        return math.nan
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the parent's code
+        os.close(r)
+        try:
+            val = float(fn())
+        except BaseException:  # noqa: BLE001
+            val = math.nan
+        os.write(w, repr(val).encode())
+        os.close(w)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    try:
+        return float(data)
+    except ValueError:
+        return math.nan
+
+
+# ----------------------------------------------------------------------------- results
+def fmt(x: Any, digits: int = 2) -> str:
+    if isinstance(x, float):
+        return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: str, stem: str, data: Dict[str, Any], markdown: str) -> List[str]:
+    """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``; return the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")]
+    with open(paths[0], "w") as f:
+        json.dump(data, f, indent=1, default=float)
+        f.write("\n")
+    with open(paths[1], "w") as f:
+        f.write(markdown.rstrip() + "\n")
+    return paths

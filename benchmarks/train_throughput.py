@@ -1,0 +1,359 @@
+"""Training throughput: SGD vs per-parameter reference SAM vs FusedSAM (each backend) vs late-phase SAM.
+
+    python benchmarks/train_throughput.py            # CPU: minutes, narrow models; GPU: full size
+    python benchmarks/train_throughput.py --quick    # CI smoke: a couple of steps
+    python benchmarks/train_throughput.py --models resnet18 --batch-size 256 --dtype bf16 --channels-last
+
+Synthetic data (one fixed random batch per model, no download, no data loading in the timings).
+Every variant trains its own copy of the model from the same initial weights. All variants run
+in the same process, interleaved: each round runs a block of steps of every variant, with the
+order rotated every round, so that machine drift (clocks, other jobs) does not favour one.
+Warm-up steps are excluded. On CUDA each step is timed with events, read after one synchronize
+per block.
+
+Variants (all SGD with momentum 0.9 underneath, rho 0.05):
+  sgd              torch.optim.SGD, one forward+backward per step
+  reference-sam    benchmarks/reference_sam.py: two passes, Python loop over parameters
+  fusedsam-<b>     FusedSAM with backend b, for each backend that runs on the device
+  late-phase-<b>   FusedSAM(sam_start_step=...): plain steps, SAM on the last --late-frac of the
+                   timed steps; its ratio is whole-run time over SGD's whole-run time
+SAM's second pass runs under fastsam.frozen_bn_stats (BatchNorm statistics from the first pass).
+
+Columns: images/s = batch * timed steps / total timed time; median step time; step-time ratio =
+median / SGD's median from this run; whole-run ratio = total time / SGD's total time over the
+same number of steps; peak memory: on CUDA torch.cuda.max_memory_allocated during a separate,
+sequential pass over a fresh copy of the variant, minus what was allocated before it was built
+(model + grads + optimizer state + activations); on the CPU the peak resident-set growth of a
+forked process doing the same (one thread; see _common.rss_peak_growth).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+import models  # noqa: E402
+from reference_sam import ReferenceSAM  # noqa: E402
+
+from fastsam import FusedSAM, backends, frozen_bn_stats  # noqa: E402
+
+COLUMNS = ["model", "variant", "batch", "images/s", "median step (ms)", "step-time ratio vs SGD",
+           "whole-run ratio vs SGD", "peak memory (MiB)"]
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4  # small lr: the fixed random batch must not diverge
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str  # "sgd" | "reference" | "fused" | "late"
+    backend: Optional[str] = None
+    times: List[float] = field(default_factory=list)
+
+
+def available_backends(device: torch.device, only: Optional[List[str]] = None) -> List[str]:
+    """Backends FusedSAM can run on ``device``: foreach always; triton/cuda on CUDA; cpp on the CPU."""
+    wanted = [b for b in backends.BACKENDS if not (device.type == "cpu" and b in ("triton", "cuda"))]
+    # Triton on the CPU would be its interpreter (a correctness tool, not a speed path).
+    out = []
+    for name in wanted:
+        if only and name not in only:
+            continue
+        try:
+            backends.resolve(name, device)
+        except (backends.BackendUnavailable, ValueError):
+            continue
+        out.append(name)
+    return out
+
+
+def make_variants(device: torch.device, only: Optional[List[str]]) -> List[Variant]:
+    names = available_backends(device, only)
+    late_backend = backends.resolve("auto", device)
+    if late_backend not in names and names:
+        late_backend = names[-1]
+    vs = [Variant("sgd", "sgd"), Variant("reference-sam", "reference")]
+    vs += [Variant(f"fusedsam-{b}", "fused", b) for b in names]
+    vs.append(Variant(f"late-phase-{late_backend}", "late", late_backend))
+    return vs
+
+
+def make_optimizer(kind: str, model: torch.nn.Module, backend: Optional[str], rho: float,
+                   sam_start_step: Optional[int] = None):
+    kw = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), **kw)
+    if kind == "reference":
+        return ReferenceSAM(model.parameters(), torch.optim.SGD, rho=rho, **kw)
+    return FusedSAM(model.parameters(), torch.optim.SGD, rho=rho, backend=backend,
+                    sam_start_step=sam_start_step, **kw)
+
+
+def make_step(kind: str, model, opt, x, y, autocast) -> Callable[[], torch.Tensor]:
+    """One training step. SAM variants pass the second pass as a closure: FusedSAM never calls it
+    while SAM is inactive (late phase), so those steps cost one forward+backward."""
+    def forward_backward():
+        with autocast():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    if kind == "sgd":
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = forward_backward()
+            opt.step()
+            return loss
+        return step
+
+    def second_pass():
+        with frozen_bn_stats(model):
+            return forward_backward()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = forward_backward()
+        opt.step(second_pass)
+        return loss
+    return step
+
+
+def peak_memory_mib(v: Variant, base_model, device, x, y, autocast, channels_last, rho, steps) -> float:
+    """Peak memory of one variant, measured alone on a fresh copy (see the module docstring)."""
+    kind = "fused" if v.kind == "late" else v.kind  # the late variant's peak is a SAM step's peak
+
+    def run():
+        model = copy.deepcopy(base_model).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        step = make_step(kind, model, make_optimizer(kind, model, v.backend, rho), x, y, autocast)
+        for _ in range(steps):
+            step()
+
+    if device.type != "cuda":
+        return _common.rss_peak_growth(run)
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) - before
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak / 2**20
+
+
+def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
+    torch.manual_seed(0)
+    width_div = args.width_div if name in models.CIFAR_MODELS else 1
+    base_model, in_shape, num_classes = models.build(name, width_div=width_div)
+    batch = args.batch_size or (args.batch_cifar if name in models.CIFAR_MODELS else args.batch_imagenet)
+    x = torch.randn(batch, *in_shape, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.dtype]
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+
+    variants = make_variants(device, only_backends)
+    n_blocks = max(1, math.ceil(args.steps / args.block))
+    n_timed = n_blocks * args.block
+    n_sam_late = max(1, round(args.late_frac * n_timed))
+
+    memory = {}
+    if not args.no_memory:
+        for v in variants:
+            memory[v.name] = peak_memory_mib(v, base_model, device, x, y, autocast, args.channels_last,
+                                             args.rho, args.memory_steps)
+
+    steps, opts = {}, {}
+    for v in variants:
+        model = copy.deepcopy(base_model).to(device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.train()
+        start = args.warmup + n_timed - n_sam_late if v.kind == "late" else None
+        opts[v.name] = opt = make_optimizer(v.kind, model, v.backend, args.rho, sam_start_step=start)
+        if v.kind == "late":
+            opt.sam_active = True  # warm up the SAM path too; released below
+        steps[v.name] = make_step(v.kind, model, opt, x, y, autocast)
+
+    timer = _common.StepTimer(device)
+    for _ in range(args.warmup):  # interleaved too, so every variant sees the same warm machine
+        for v in variants:
+            steps[v.name]()
+    timer.collect()
+    for v in variants:
+        if v.kind == "late":
+            opts[v.name].sam_active = None  # from here sam_start_step decides: SAM on the last steps
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+    last_loss = {}
+    for r in range(n_blocks):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            step = steps[v.name]
+            for _ in range(args.block):
+                timer.time(step)
+            v.times += timer.collect()
+    for v in variants:
+        last_loss[v.name] = float(steps[v.name]().detach())  # an untimed extra step: is the run still finite?
+
+    sgd = _common.summarize(variants[0].times)
+    rows = []
+    for v in variants:
+        s = _common.summarize(v.times)
+        rows.append({
+            "model": name if width_div == 1 else f"{name} (width/{width_div})",
+            "variant": v.name, "backend": v.backend, "batch": batch,
+            "images_per_s": batch * s["n"] / s["total_s"],
+            "median_step_ms": s["median_s"] * 1e3, "p20_step_ms": s["p20_s"] * 1e3, "p80_step_ms": s["p80_s"] * 1e3,
+            "step_ratio_vs_sgd": s["median_s"] / sgd["median_s"],
+            "whole_run_ratio_vs_sgd": s["total_s"] / sgd["total_s"],
+            "peak_memory_mib": memory.get(v.name, math.nan),
+            "timed_steps": s["n"], "sam_steps": n_sam_late if v.kind == "late" else (0 if v.kind == "sgd" else s["n"]),
+            "loss_after": last_loss[v.name],
+            "step_times_ms": [t * 1e3 for t in v.times],
+        })
+    del steps, opts
+    gc.collect()
+    return {"model": name, "params": sum(p.numel() for p in base_model.parameters()), "rows": rows}
+
+
+def table_rows(results: List[Dict]) -> List[List]:
+    return [[r["model"], r["variant"], r["batch"], round(r["images_per_s"], 1), r["median_step_ms"],
+             r["step_ratio_vs_sgd"], r["whole_run_ratio_vs_sgd"], r["peak_memory_mib"]]
+            for res in results for r in res["rows"]]
+
+
+def targets(results: List[Dict], args) -> List[str]:
+    """The GPU targets of issue 7 (CIFAR ResNet-18, batch 128, fp32), checked on this run's numbers."""
+    lines = []
+    for res in results:
+        rows = {r["variant"]: r for r in res["rows"]}
+        if res["model"] != "resnet18" or args.dtype != "fp32" or args.width_div != 1:
+            continue
+        ref = rows["reference-sam"]["step_ratio_vs_sgd"]
+        for r in res["rows"]:
+            if r["variant"].startswith("fusedsam-"):
+                ok = r["step_ratio_vs_sgd"] <= 2.03 and r["step_ratio_vs_sgd"] < ref
+                lines.append(f"- {r['variant']}: step-time ratio {r['step_ratio_vs_sgd']:.3f} "
+                             f"(target <= 2.03 and < reference {ref:.3f}): {'met' if ok else 'NOT met'}")
+            if r["variant"].startswith("late-phase-"):
+                ok = r["whole_run_ratio_vs_sgd"] <= 1.12
+                lines.append(f"- {r['variant']}: whole-run ratio {r['whole_run_ratio_vs_sgd']:.3f} "
+                             f"(target <= 1.12): {'met' if ok else 'NOT met'}")
+    return lines
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default=None,
+                   help="comma list from resnet18, wrn16_8, resnet50, vit_b_16 (default: the CIFAR models; "
+                        "on a GPU also resnet50 and vit_b_16 when torchvision or timm is importable)")
+    p.add_argument("--batch-size", type=int, default=None, help="for every model (overrides the two below)")
+    p.add_argument("--batch-cifar", type=int, default=None, help="default 128 on GPU, 16 on CPU")
+    p.add_argument("--batch-imagenet", type=int, default=64)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = bf16 autocast, fp32 weights")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--width-div", type=int, default=None,
+                   help="divide the CIFAR models' channel counts (default 1 on GPU, 4 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 50 GPU, 20 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 10 GPU, 2 CPU)")
+    p.add_argument("--block", type=int, default=None, help="steps per variant per round (default 10 GPU, 5 CPU)")
+    p.add_argument("--late-frac", type=float, default=0.1, help="fraction of timed steps with SAM (late phase)")
+    p.add_argument("--rho", type=float, default=0.05)
+    p.add_argument("--backends", default=None, help="comma list to restrict the FusedSAM backends")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--memory-steps", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="CI smoke test: tiny model, 2 timed steps")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's). On a CPU shared with other jobs use 1: "
+                        "oversubscribed OpenMP threads spin and slow every step down by 10x or more")
+    p.add_argument("--out-dir", default=_common.RESULTS_DIR)
+    args = p.parse_args(argv)
+
+    gpu = args.device.startswith("cuda")
+    if args.quick:
+        defaults = dict(models="resnet18", batch_cifar=8, width_div=16, steps=2, warmup=1, block=1, memory_steps=1)
+    elif gpu:
+        defaults = dict(batch_cifar=128, width_div=1, steps=50, warmup=10, block=10)
+    else:
+        defaults = dict(models="resnet18,wrn16_8", batch_cifar=16, width_div=4, steps=20, warmup=2, block=5)
+    for k, v in defaults.items():
+        if getattr(args, k) is None or (k == "memory_steps" and args.quick):
+            setattr(args, k, v)
+    return args
+
+
+def main(argv=None) -> Dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    info = _common.machine_info(device)
+    names = args.models.split(",") if args.models else list(models.CIFAR_MODELS) + list(models.IMAGENET_MODELS)
+    only = args.backends.split(",") if args.backends else None
+    notes, results = [], []
+    if device.type == "cpu" and not any(n in models.IMAGENET_MODELS for n in names):
+        notes.append("- resnet50 and vit_b_16 (224x224) run by default on a GPU only; on the CPU pass --models.")
+    t_start = time.perf_counter()
+    for name in names:
+        if name in models.IMAGENET_MODELS:
+            if device.type != "cuda" and not args.models:
+                continue
+            ok, why = models.imagenet_available(name)
+            if not ok:
+                notes.append(f"- {name} skipped: {why}")
+                continue
+        print(f"[train_throughput] {name} ...", file=sys.stderr, flush=True)
+        results.append(bench_model(name, args, device, only))
+
+    tag = _common.device_tag(device) + ("" if args.dtype == "fp32" else f"_{args.dtype}") \
+        + ("_cl" if args.channels_last else "") + ("_quick" if args.quick else "")
+    table = _common.markdown_table(COLUMNS, table_rows(results))
+    sam_frac = f"{args.late_frac:.0%}"
+    md = [f"# Training throughput ({tag})", "", _common.machine_line(info), "",
+          f"Synthetic data, {args.dtype}{', channels-last' if args.channels_last else ''}; "
+          f"{args.warmup} warm-up + {results[0]['rows'][0]['timed_steps'] if results else 0} timed steps per "
+          f"variant, interleaved in blocks of {args.block}; rho {args.rho}; late phase = SAM on the last "
+          f"{sam_frac} of the timed steps. Total wall time {time.perf_counter() - t_start:.0f} s.", "",
+          table, ""]
+    tgt = targets(results, args)
+    if tgt:
+        md += ["Targets (issue 7):", *tgt, ""]
+    if notes:
+        md += ["Notes:", *notes, ""]
+    md += ["images/s: batch x timed steps / total timed time. Ratios against SGD in this run (median step "
+           "time; whole-run = total time). Peak memory: CUDA max_memory_allocated of the variant alone "
+           "(model, grads, optimizer state, activations); CPU: peak RSS growth of a forked one-thread "
+           "process running the variant alone."]
+    text = "\n".join(md)
+    print(text)
+    data = {"machine": info, "config": {k: v for k, v in vars(args).items()}, "columns": COLUMNS,
+            "results": results, "targets": tgt, "notes": notes}
+    paths = _common.write_results(args.out_dir, f"train_throughput_{tag}", data, text)
+    print(f"\nwrote {', '.join(paths)}", file=sys.stderr)
+    return data
+
+
+if __name__ == "__main__":
+    main()
