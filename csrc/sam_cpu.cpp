@@ -159,11 +159,11 @@ void restore_cpu(at::TensorList params, at::TensorList copies) {
 // `src` is the copy to restore from, or `p` itself (nothing to restore).
 template <typename T, typename acc_t, bool kMomentum>
 void sgd_chunk(T* p, const T* src, const T* __restrict__ g, T* __restrict__ buf, int64_t n,
-               const SgdArgs<acc_t>& a, acc_t grad_scale, bool maximize) {
+               const SgdArgs<acc_t> a, acc_t signed_scale) {
   for (int64_t j = 0; j < n; ++j) {
     acc_t w = acc_t(src[j]);
     acc_t b = kMomentum ? acc_t(buf[j]) : acc_t(0);
-    sgd_element<acc_t, kMomentum>(w, sam_grad<acc_t>(acc_t(g[j]), grad_scale, maximize), b, a);
+    sgd_element<acc_t, kMomentum>(w, sam_grad<acc_t>(acc_t(g[j]), signed_scale), b, a);
     p[j] = T(w);
     if (kMomentum) buf[j] = T(b);
   }
@@ -185,7 +185,7 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastsam_sgd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const SgdArgs<acc_t> a{acc_t(lr), acc_t(momentum), acc_t(1 - dampening), acc_t(weight_decay), nesterov, first};
-    const acc_t gs = grad_scale.has_value() ? grad_scale->item<acc_t>() : acc_t(1);
+    const acc_t gs = signed_grad_scale(grad_scale.has_value() ? grad_scale->item<acc_t>() : acc_t(1), maximize);
     for_each_chunk(chunks, [&](int64_t, const Chunk& c) {
       scalar_t* p = ptr<scalar_t>(params[c.tensor], c.begin);
       const scalar_t* src = restore ? ptr<scalar_t>(copies[c.tensor], c.begin) : p;
@@ -193,9 +193,9 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
       const int64_t n = c.end - c.begin;
       if (has_momentum) {
         sgd_chunk<scalar_t, acc_t, true>(p, src, g, ptr<scalar_t>(momentum_buffers[c.tensor], c.begin), n, a,
-                                         gs, maximize);
+                                         gs);
       } else {
-        sgd_chunk<scalar_t, acc_t, false>(p, src, g, nullptr, n, a, gs, maximize);
+        sgd_chunk<scalar_t, acc_t, false>(p, src, g, nullptr, n, a, gs);
       }
     });
   });
@@ -204,12 +204,12 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
 // ---------------------------------------------------------------- restore + Adam
 template <typename T, typename acc_t>
 void adam_chunk(T* p, const T* src, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v, int64_t n,
-                const AdamArgs<acc_t>& a, acc_t step_size, acc_t bc2_sqrt, acc_t grad_scale, bool maximize) {
+                const AdamArgs<acc_t> a, acc_t step_size, acc_t bc2_sqrt, acc_t signed_scale) {
   for (int64_t j = 0; j < n; ++j) {
     acc_t w = acc_t(src[j]);
     acc_t mj = acc_t(m[j]);
     acc_t vj = acc_t(v[j]);
-    adam_element<acc_t>(w, sam_grad<acc_t>(acc_t(g[j]), grad_scale, maximize), mj, vj, a, step_size, bc2_sqrt);
+    adam_element<acc_t>(w, sam_grad<acc_t>(acc_t(g[j]), signed_scale), mj, vj, a, step_size, bc2_sqrt);
     p[j] = T(w);
     m[j] = T(mj);
     v[j] = T(vj);
@@ -251,16 +251,15 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   const auto chunks = make_chunks(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastsam_adam", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const AdamArgs<acc_t> a{acc_t(1 - beta1), acc_t(beta2), acc_t(1 - beta2), acc_t(eps), acc_t(weight_decay),
-                            acc_t(1 - lr * weight_decay), decoupled};
-    const acc_t gs = grad_scale.has_value() ? grad_scale->item<acc_t>() : acc_t(1);
+    const auto a = make_adam_args<acc_t>(lr, beta1, beta2, eps, weight_decay, decoupled);
+    const acc_t gs = signed_grad_scale(grad_scale.has_value() ? grad_scale->item<acc_t>() : acc_t(1), maximize);
     for_each_chunk(chunks, [&](int64_t, const Chunk& c) {
       const int64_t t = c.tensor;
       scalar_t* p = ptr<scalar_t>(params[t], c.begin);
       adam_chunk<scalar_t, acc_t>(p, restore ? ptr<scalar_t>(copies[t], c.begin) : p,
                                   ptr<scalar_t>(grads[t], c.begin), ptr<scalar_t>(exp_avgs[t], c.begin),
                                   ptr<scalar_t>(exp_avg_sqs[t], c.begin), c.end - c.begin, a,
-                                  acc_t(step_size[t]), acc_t(bc2_sqrt[t]), gs, maximize);
+                                  acc_t(step_size[t]), acc_t(bc2_sqrt[t]), gs);
     });
   });
   for (size_t i = 0; i < n_tensors; ++i) write_step(steps[i], new_step[i]);

@@ -223,14 +223,14 @@ struct SgdFunctor {
       if (restore) for_each_element<T, 4>(meta, bit(kCopy), bit(kParam), [](T (&x)[4]) { x[kParam] = x[kCopy]; });
       return;
     }
-    const acc_t gs = grad_scale == nullptr ? acc_t(1) : *grad_scale;
+    const acc_t gs = signed_grad_scale(grad_scale == nullptr ? acc_t(1) : *grad_scale, maximize);
     const unsigned load = bit(src) | bit(kGrad) | (has_momentum && !a.first ? bit(kBuf) : 0u);
     const unsigned store = bit(kParam) | (has_momentum ? bit(kBuf) : 0u);
     if (has_momentum) {
       for_each_element<T, 4>(meta, load, store, [=](T (&x)[4]) {
         acc_t w = to_acc(x[src]);
         acc_t b = a.first ? acc_t(0) : to_acc(x[kBuf]);
-        sgd_element<acc_t, true>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs, maximize), b, a);
+        sgd_element<acc_t, true>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), b, a);
         x[kParam] = from_acc<T>(w);
         x[kBuf] = from_acc<T>(b);
       });
@@ -238,7 +238,7 @@ struct SgdFunctor {
       for_each_element<T, 4>(meta, load, store, [=](T (&x)[4]) {
         acc_t w = to_acc(x[src]);
         acc_t unused = 0;
-        sgd_element<acc_t, false>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs, maximize), unused, a);
+        sgd_element<acc_t, false>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), unused, a);
         x[kParam] = from_acc<T>(w);
       });
     }
@@ -270,14 +270,14 @@ struct AdamFunctor {
     adam_bias_terms(t, lr, beta1, beta2, &step_size, &bc2_sqrt);
     const acc_t ss = static_cast<acc_t>(step_size);
     const acc_t bc2 = static_cast<acc_t>(bc2_sqrt);
-    const acc_t gs = grad_scale == nullptr ? acc_t(1) : *grad_scale;
+    const acc_t gs = signed_grad_scale(grad_scale == nullptr ? acc_t(1) : *grad_scale, maximize);
     const unsigned load = bit(src) | bit(kGrad) | bit(kExpAvg) | bit(kExpAvgSq);
     const unsigned store = bit(kParam) | bit(kExpAvg) | bit(kExpAvgSq);
     for_each_element<T, 6>(meta, load, store, [=](T (&x)[6]) {
       acc_t w = to_acc(x[src]);
       acc_t m = to_acc(x[kExpAvg]);
       acc_t v = to_acc(x[kExpAvgSq]);
-      adam_element<acc_t>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs, maximize), m, v, a, ss, bc2);
+      adam_element<acc_t>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), m, v, a, ss, bc2);
       x[kParam] = from_acc<T>(w);
       x[kExpAvg] = from_acc<T>(m);
       x[kExpAvgSq] = from_acc<T>(v);
@@ -377,8 +377,7 @@ void restore_adam_step(const HostLists& lists, DType dtype, const AdamHostArgs& 
   dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
-    const AdamArgs<acc_t> a{acc_t(1 - h.beta1), acc_t(h.beta2), acc_t(1 - h.beta2), acc_t(h.eps),
-                            acc_t(h.weight_decay), acc_t(1 - h.lr * h.weight_decay), h.decoupled};
+    const auto a = make_adam_args<acc_t>(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled);
     multi_tensor_apply<6>("restore_adam_step", lists, s, AdamFunctor<T>(), a, h.lr, h.beta1, h.beta2, restore,
                           h.maximize, h.steps_double, static_cast<const acc_t*>(grad_scale),
                           static_cast<const acc_t*>(skip));

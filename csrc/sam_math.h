@@ -38,11 +38,17 @@ FASTSAM_HD acc_t perturb_element(acc_t w, acc_t g, acc_t scale, bool adaptive) {
 }
 
 // The gradient the base step sees: g * grad_scale (1 when not clipping),
-// negated under `maximize`.
+// negated under `maximize`.  The sign is folded into the scale once per call
+// (signed_grad_scale): -(g * s) == g * (-s) bit for bit, and a branch-free
+// element loop is one that g++ vectorises.
 template <typename acc_t>
-FASTSAM_HD acc_t sam_grad(acc_t g, acc_t grad_scale, bool maximize) {
-  const acc_t s = g * grad_scale;
-  return maximize ? -s : s;
+FASTSAM_HD acc_t signed_grad_scale(acc_t grad_scale, bool maximize) {
+  return maximize ? -grad_scale : grad_scale;
+}
+
+template <typename acc_t>
+FASTSAM_HD acc_t sam_grad(acc_t g, acc_t signed_scale) {
+  return g * signed_scale;
 }
 
 template <typename acc_t>
@@ -74,9 +80,25 @@ struct AdamArgs {
   acc_t one_minus_beta2;
   acc_t eps;
   acc_t weight_decay;
-  acc_t decay_factor;  // 1 - lr * weight_decay (decoupled, AdamW)
-  bool decoupled;
+  acc_t decay_factor;  // 1 - lr * weight_decay for AdamW, exactly 1 otherwise (w * 1 == w)
+  bool l2;             // Adam's weight decay: added to the gradient
+  bool lerp_low;       // torch.lerp's formula choice: weight (1 - beta1) < 0.5
 };
+
+template <typename acc_t>
+FASTSAM_HD AdamArgs<acc_t> make_adam_args(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                          bool decoupled) {
+  AdamArgs<acc_t> a;
+  a.one_minus_beta1 = acc_t(1 - beta1);
+  a.beta2 = acc_t(beta2);
+  a.one_minus_beta2 = acc_t(1 - beta2);
+  a.eps = acc_t(eps);
+  a.weight_decay = acc_t(weight_decay);
+  a.decay_factor = decoupled && weight_decay != 0 ? acc_t(1 - lr * weight_decay) : acc_t(1);
+  a.l2 = !decoupled && weight_decay != 0;
+  a.lerp_low = a.one_minus_beta1 < acc_t(0.5);
+  return a;
+}
 
 // The per-tensor bias corrections for the step about to be taken (t = the
 // incremented step counter), in double as torch computes them from Python
@@ -93,17 +115,13 @@ FASTSAM_HD void adam_bias_terms(double t, double lr, double beta1, double beta2,
 template <typename acc_t>
 FASTSAM_HD void adam_element(acc_t& w, acc_t g, acc_t& m, acc_t& v, const AdamArgs<acc_t>& a,
                              acc_t step_size, acc_t bc2_sqrt) {
-  if (a.weight_decay != acc_t(0)) {
-    if (a.decoupled) {
-      w = w * a.decay_factor;
-    } else {
-      g = g + a.weight_decay * w;
-    }
-  }
+  // Selects on per-call flags, no branches: g++ if-converts them and
+  // vectorises the CPU loop.
+  w = w * a.decay_factor;
+  g = a.l2 ? g + a.weight_decay * w : g;
   // torch.lerp's two-sided formula (exact at weight 0 and 1).
   const acc_t diff = g - m;
-  m = a.one_minus_beta1 < acc_t(0.5) ? m + a.one_minus_beta1 * diff
-                                     : g - diff * (acc_t(1) - a.one_minus_beta1);
+  m = a.lerp_low ? m + a.one_minus_beta1 * diff : g - diff * (acc_t(1) - a.one_minus_beta1);
   v = v * a.beta2 + a.one_minus_beta2 * g * g;
   using std::sqrt;
   const acc_t denom = sqrt(v) / bc2_sqrt + a.eps;

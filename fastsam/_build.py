@@ -50,8 +50,10 @@ CUDA_HEADERS = ["sam_kernels.h", "multi_tensor_apply.cuh"]
 # vectorisation is enough.  -fopenmp makes at::parallel_for parallel (it is an
 # inline OpenMP loop in torch's headers); the link resolves to the libgomp.so.1
 # torch already loaded.
-# torch's build adds the -std it needs (c++17 or c++20, by torch version).
-CXX_FLAGS = ["-O3", "-fopenmp"]
+# -fno-math-errno lets g++ vectorise sqrt (Adam) without changing any result:
+# it only drops the errno write for sqrt of a negative number.  torch's build
+# adds the -std it needs (c++17 or c++20, by torch version).
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
 # No --use_fast_math: it changes sqrt and division (-prec-sqrt/-prec-div
 # false), which Adam's update uses, and gains nothing in memory-bound kernels.
