@@ -309,6 +309,7 @@ def test_ddp_local_global_closure_bn_nonfinite_checkpoint(tmp_path, monkeypatch)
 
 # --------------------------------------------------------------------------- FSDP2 worker
 def _fsdp_checks(rank, seed):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -339,6 +340,13 @@ def _fsdp_checks(rank, seed):
         assert isinstance(p, DTensor)
         state = opt.base_optimizer.state[p]
         assert all(isinstance(state[k], DTensor) for k in ("momentum_buffer", "exp_avg") if k in state)
+        # the sharded optimizer state, gathered by torch.distributed.checkpoint, is the single-process one
+        full = get_optimizer_state_dict(model, opt.base_optimizer, options=StateDictOptions(full_state_dict=True))
+        for fqn, q in ref.named_parameters():
+            st_ref = opt_ref.base_optimizer.state[q]
+            keys = [k for k in ("momentum_buffer", "exp_avg", "exp_avg_sq") if k in st_ref]
+            assert keys
+            _assert_close([full["state"][fqn][k] for k in keys], [st_ref[k] for k in keys], f"FSDP2 {name} {fqn}")
 
     # a non-finite gradient in rank 1's shard only: every rank skips (the norm is global)
     base_cls, kw = BASES["sgd"]
