@@ -60,14 +60,19 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
+                    cudnn=torch.backends.cudnn.version(), tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                    tf32_cudnn=torch.backends.cudnn.allow_tf32)
     return info
 
 
 def machine_line(info: Dict[str, Any]) -> str:
     """One line for the top of a markdown report."""
     where = info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads)"
-    extra = f", CUDA {info['cuda']}" if info.get("cuda") else ""
+    extra = ""
+    if info.get("cuda"):
+        onoff = lambda b: "on" if b else "off"  # noqa: E731
+        extra = (f", CUDA {info['cuda']}, TF32 matmul {onoff(info['tf32_matmul'])} / "
+                 f"conv {onoff(info['tf32_cudnn'])}")
     load = info.get("load_average_at_start")
     load_s = f", load average at start {load[0]:.2f}" if load else ""
     return (f"Machine: {where}{extra}; torch {info['torch']}, triton {info['triton'] or 'not installed'}; "

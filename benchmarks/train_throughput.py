@@ -23,7 +23,8 @@ Columns: images/s = batch * timed steps / total timed time; median step time; st
 median / SGD's median from this run; whole-run ratio = total time / SGD's total time over the
 same number of steps; peak memory: on CUDA torch.cuda.max_memory_allocated during a separate,
 sequential pass over a fresh copy of the variant, minus what was allocated before it was built
-(model + grads + optimizer state + activations); on the CPU the peak resident-set growth of a
+(model + grads + optimizer state + activations; after one unmeasured priming run, so that
+cudnn.benchmark's algorithm search is not counted); on the CPU the peak resident-set growth of a
 forked process doing the same (one thread; see _common.rss_peak_growth).
 """
 from __future__ import annotations
@@ -143,6 +144,7 @@ def peak_memory_mib(v: Variant, base_model, device, x, y, autocast, channels_las
 
     if device.type != "cuda":
         return _common.rss_peak_growth(run)
+    run()  # prime: cudnn.benchmark's algorithm search allocates workspaces on first use
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -336,6 +338,7 @@ def main(argv=None) -> Dict:
           f"{args.warmup} warm-up + {results[0]['rows'][0]['timed_steps'] if results else 0} timed steps per "
           f"variant, interleaved in blocks of {args.block}; rho {args.rho}; late phase = SAM on the last "
           f"{sam_frac} of the timed steps. Total wall time {time.perf_counter() - t_start:.0f} s.", "",
+          f"Command: `python benchmarks/train_throughput.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
           table, ""]
     tgt = targets(results, args)
     if tgt:
