@@ -443,3 +443,30 @@ def test_torch_compile_goes_through_the_custom_ops(seed):
     assert e.item() == c.item()
     for a, b in zip(eager[0] + eager[2], compiled[0] + compiled[2]):
         assert _bitwise_equal(a, b)
+
+
+@pytest.mark.xfail(reason="dynamo drops attribute writes made in @torch.no_grad() methods of Optimizer subclasses "
+                          "(FusedSAM._pending set by first_step is lost, second_step then raises); proposed fix: "
+                          "torch.compiler.disable on FusedSAM.first_step/second_step", strict=False)
+def test_torch_compile_of_a_fused_sam_training_step(seed):
+    import copy
+    from fastsam import FusedSAM
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).to(DEVICE)
+    ref_model = copy.deepcopy(model)
+    kw = dict(lr=0.05, momentum=0.9)
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, backend="triton", **kw)
+    ref_opt = FusedSAM(ref_model.parameters(), torch.optim.SGD, backend="triton", **kw)
+    x, y = torch.randn(16, 8, device=DEVICE), torch.randint(0, 3, (16,), device=DEVICE)
+
+    def step(model, opt):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager")
+    for _ in range(2):
+        compiled(model, opt)
+        step(ref_model, ref_opt)
+    _close(list(model.parameters()), list(ref_model.parameters()), 1e-6, f"seed {seed}")

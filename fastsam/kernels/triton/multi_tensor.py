@@ -117,7 +117,16 @@ def keep_mask(skip_ptr, offs):
 
 def launch(kernel, n_programs: int, *args, num_warps: int = NUM_WARPS, **constexprs) -> None:
     """Launch ``kernel`` on a 1-D grid: the only place the triton backend launches anything
-    (tests wrap this function to count launches)."""
+    (tests wrap this function to count launches).
+
+    Triton launches on the current device; the tables hold addresses on the device of the
+    first argument, so a bucket on another GPU is launched under that device's guard.
+    """
+    device = args[0].device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            kernel[(n_programs,)](*args, num_warps=num_warps, **constexprs)
+        return
     kernel[(n_programs,)](*args, num_warps=num_warps, **constexprs)
 
 
