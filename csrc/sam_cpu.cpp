@@ -58,6 +58,15 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
   });
 }
 
+// Rounds an op-math value to the storage dtype and back (identity for fp32/fp64).
+template <typename T>
+struct RoundToStorage {
+  template <typename acc_t>
+  acc_t operator()(acc_t x) const {
+    return acc_t(T(x));
+  }
+};
+
 template <typename T>
 T* ptr(const at::Tensor& t, int64_t offset) {
   return static_cast<T*>(t.data_ptr()) + offset;
@@ -163,7 +172,7 @@ void sgd_chunk(T* p, const T* src, const T* __restrict__ g, T* __restrict__ buf,
   for (int64_t j = 0; j < n; ++j) {
     acc_t w = acc_t(src[j]);
     acc_t b = kMomentum ? acc_t(buf[j]) : acc_t(0);
-    sgd_element<acc_t, kMomentum>(w, sam_grad<acc_t>(acc_t(g[j]), signed_scale), b, a);
+    sgd_element<acc_t, kMomentum>(w, sam_grad<acc_t>(acc_t(g[j]), signed_scale), b, a, RoundToStorage<T>());
     p[j] = T(w);
     if (kMomentum) buf[j] = T(b);
   }
@@ -209,7 +218,8 @@ void adam_chunk(T* p, const T* src, const T* __restrict__ g, T* __restrict__ m, 
     acc_t w = acc_t(src[j]);
     acc_t mj = acc_t(m[j]);
     acc_t vj = acc_t(v[j]);
-    adam_element<acc_t>(w, sam_grad<acc_t>(acc_t(g[j]), signed_scale), mj, vj, a, step_size, bc2_sqrt);
+    adam_element<acc_t>(w, sam_grad<acc_t>(acc_t(g[j]), signed_scale), mj, vj, a, step_size, bc2_sqrt,
+                        RoundToStorage<T>());
     p[j] = T(w);
     m[j] = T(mj);
     v[j] = T(vj);

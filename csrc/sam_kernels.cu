@@ -55,6 +55,12 @@ __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// Rounds an op-math value to the storage dtype and back (identity for fp32/fp64).
+template <typename T>
+struct RoundToStorage {
+  __device__ __forceinline__ acc_type<T> operator()(acc_type<T> x) const { return to_acc(from_acc<T>(x)); }
+};
+
 constexpr int kVecBytes = 16;
 template <typename T>
 constexpr int ilp() {
@@ -230,7 +236,7 @@ struct SgdFunctor {
       for_each_element<T, 4>(meta, load, store, [=](T (&x)[4]) {
         acc_t w = to_acc(x[src]);
         acc_t b = a.first ? acc_t(0) : to_acc(x[kBuf]);
-        sgd_element<acc_t, true>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), b, a);
+        sgd_element<acc_t, true>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), b, a, RoundToStorage<T>());
         x[kParam] = from_acc<T>(w);
         x[kBuf] = from_acc<T>(b);
       });
@@ -238,7 +244,7 @@ struct SgdFunctor {
       for_each_element<T, 4>(meta, load, store, [=](T (&x)[4]) {
         acc_t w = to_acc(x[src]);
         acc_t unused = 0;
-        sgd_element<acc_t, false>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), unused, a);
+        sgd_element<acc_t, false>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), unused, a, RoundToStorage<T>());
         x[kParam] = from_acc<T>(w);
       });
     }
@@ -277,7 +283,7 @@ struct AdamFunctor {
       acc_t w = to_acc(x[src]);
       acc_t m = to_acc(x[kExpAvg]);
       acc_t v = to_acc(x[kExpAvgSq]);
-      adam_element<acc_t>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), m, v, a, ss, bc2);
+      adam_element<acc_t>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), m, v, a, ss, bc2, RoundToStorage<T>());
       x[kParam] = from_acc<T>(w);
       x[kExpAvg] = from_acc<T>(m);
       x[kExpAvgSq] = from_acc<T>(v);

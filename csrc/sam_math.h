@@ -62,12 +62,14 @@ struct SgdArgs {
 };
 
 // torch.optim.SGD on one element.  `d` is sam_grad(); `buf` is only touched
-// when `has_momentum` (callers pass a dummy otherwise).
-template <typename acc_t, bool has_momentum>
-FASTSAM_HD void sgd_element(acc_t& w, acc_t d, acc_t& buf, const SgdArgs<acc_t>& a) {
+// when `has_momentum` (callers pass a dummy otherwise).  `round` maps a value
+// to the nearest value of the storage dtype (identity for fp32/fp64): the
+// buffer is used as stored, as torch's 16-bit SGD uses it.
+template <typename acc_t, bool has_momentum, typename Round>
+FASTSAM_HD void sgd_element(acc_t& w, acc_t d, acc_t& buf, const SgdArgs<acc_t>& a, const Round& round) {
   if (a.weight_decay != acc_t(0)) d = d + a.weight_decay * w;
   if (has_momentum) {
-    buf = a.first ? d : buf * a.momentum + a.one_minus_dampening * d;
+    buf = round(a.first ? d : buf * a.momentum + a.one_minus_dampening * d);
     d = a.nesterov ? d + a.momentum * buf : buf;
   }
   w = w + (-a.lr) * d;
@@ -112,17 +114,19 @@ FASTSAM_HD void adam_bias_terms(double t, double lr, double beta1, double beta2,
 }
 
 // torch.optim.Adam / AdamW (amsgrad off) on one element; `g` is sam_grad().
-template <typename acc_t>
-FASTSAM_HD void adam_element(acc_t& w, acc_t g, acc_t& m, acc_t& v, const AdamArgs<acc_t>& a,
-                             acc_t step_size, acc_t bc2_sqrt) {
+// The moments are used as stored (`round`: see sgd_element), as torch does:
+// in 16 bits a tiny v rounds to 0 and the step is then m / eps.
+template <typename acc_t, typename Round>
+FASTSAM_HD void adam_element(acc_t& w, acc_t g, acc_t& m, acc_t& v, const AdamArgs<acc_t>& a, acc_t step_size,
+                             acc_t bc2_sqrt, const Round& round) {
   // Selects on per-call flags, no branches: g++ if-converts them and
   // vectorises the CPU loop.
   w = w * a.decay_factor;
   g = a.l2 ? g + a.weight_decay * w : g;
   // torch.lerp's two-sided formula (exact at weight 0 and 1).
   const acc_t diff = g - m;
-  m = a.lerp_low ? m + a.one_minus_beta1 * diff : g - diff * (acc_t(1) - a.one_minus_beta1);
-  v = v * a.beta2 + a.one_minus_beta2 * g * g;
+  m = round(a.lerp_low ? m + a.one_minus_beta1 * diff : g - diff * (acc_t(1) - a.one_minus_beta1));
+  v = round(v * a.beta2 + a.one_minus_beta2 * g * g);
   using std::sqrt;
   const acc_t denom = sqrt(v) / bc2_sqrt + a.eps;
   w = w + step_size * (m / denom);

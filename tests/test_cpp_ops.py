@@ -156,6 +156,8 @@ def test_restore(seed, dtype):
 
 # ------------------------------------------------------------------ restore + SGD
 def _ref_sgd(p, g, bufs, *, lr, momentum, dampening, nesterov, weight_decay, maximize, first, gs):
+    """torch.optim.SGD in float64; the buffer is used as stored (rounded to the dtype), as torch does."""
+    dtype = p[0].dtype
     p, g = _f64(p), _f64(g)
     bufs = _f64(bufs)
     out_p, out_b = [], []
@@ -166,7 +168,7 @@ def _ref_sgd(p, g, bufs, *, lr, momentum, dampening, nesterov, weight_decay, max
         if weight_decay:
             d = d + weight_decay * w
         if momentum:
-            b = d.clone() if first else bufs[i] * momentum + (1 - dampening) * d
+            b = (d.clone() if first else bufs[i] * momentum + (1 - dampening) * d).to(dtype).double()
             d = d + momentum * b if nesterov else b
             out_b.append(b)
         out_p.append(w - lr * d)
@@ -229,6 +231,8 @@ def test_restore_sgd_step_skip(seed, dtype, momentum):
 
 # ------------------------------------------------------------------ restore + Adam
 def _ref_adam(p, g, m, v, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, gs):
+    """torch.optim.Adam/AdamW in float64; the moments are used as stored (rounded to the dtype)."""
+    dtype = p[0].dtype
     out = ([], [], [])
     for w, gi, mi, vi, s in zip(_f64(p), _f64(g), _f64(m), _f64(v), steps):
         t = float(s) + 1
@@ -240,8 +244,8 @@ def _ref_adam(p, g, m, v, steps, *, lr, beta1, beta2, eps, weight_decay, decoupl
                 w = w * (1 - lr * weight_decay)
             else:
                 gi = gi + weight_decay * w
-        mi = mi + (1 - beta1) * (gi - mi)
-        vi = vi * beta2 + (1 - beta2) * gi * gi
+        mi = (mi + (1 - beta1) * (gi - mi)).to(dtype).double()
+        vi = (vi * beta2 + (1 - beta2) * gi * gi).to(dtype).double()
         denom = vi.sqrt() / math.sqrt(1 - beta2 ** t) + eps
         w = w - lr / (1 - beta1 ** t) * mi / denom
         for o, x in zip(out, (w, mi, vi)):
