@@ -470,3 +470,11 @@ def test_torch_compile_of_a_fused_sam_training_step(seed):
         compiled(model, opt)
         step(ref_model, ref_opt)
     _close(list(model.parameters()), list(ref_model.parameters()), 1e-6, f"seed {seed}")
+
+
+def test_bad_buckets_are_rejected_when_the_table_is_built():
+    a = [torch.randn(3, device=DEVICE), torch.randn(4, device=DEVICE, dtype=torch.float16)]
+    with pytest.raises(ValueError, match="dtypes"):
+        tb.grad_sq_norm(a)
+    with pytest.raises(ValueError, match="equal lengths"):
+        tb.restore([torch.randn(3, device=DEVICE)], [])

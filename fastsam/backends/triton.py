@@ -22,8 +22,6 @@ from typing import List, Optional
 
 import torch
 
-from ._common import check_bucket
-
 try:
     from ..kernels import triton as _kernels
     _WHY_NOT = ""
@@ -61,8 +59,10 @@ def _call(name: str, *args):
     return getattr(module, name)(*args)
 
 
+# The lists are validated (check_bucket) when the kernels build their pointer table, i.e. on the
+# first call with these tensors, not on every call: see fastsam/kernels/triton/multi_tensor.py.
+
 def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None) -> torch.Tensor:
-    check_bucket(grads, params)
     if not grads:
         return torch.zeros((), dtype=torch.float32)
     return _call("sq_norm", grads, params or [])
@@ -70,13 +70,11 @@ def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None) -> torch.Tens
 
 def perturb(params: Tensors, grads: Tensors, copies: Tensors, scale: torch.Tensor,
             skip: torch.Tensor, adaptive: bool) -> None:
-    check_bucket(params, grads, copies)
     if params:
         _call("perturb", params, grads, copies, scale, skip, bool(adaptive))
 
 
 def restore(params: Tensors, copies: Tensors) -> None:
-    check_bucket(params, copies)
     if params:
         _call("restore", params, copies)
 
@@ -85,7 +83,6 @@ def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_
                      lr: float, momentum: float, dampening: float, nesterov: bool,
                      weight_decay: float, maximize: bool, first: bool,
                      grad_scale: Optional[torch.Tensor], skip: torch.Tensor) -> None:
-    check_bucket(params, grads, copies, momentum_buffers or None)
     if params:
         _call("restore_sgd_step", params, grads, [] if copies is params else copies, momentum_buffers,
               grad_scale, skip, float(lr), float(momentum), float(dampening), bool(nesterov), float(weight_decay),
@@ -97,7 +94,6 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
                       beta2: float, eps: float, weight_decay: float, decoupled: bool,
                       maximize: bool, grad_scale: Optional[torch.Tensor],
                       skip: torch.Tensor) -> None:
-    check_bucket(params, grads, copies, exp_avgs, exp_avg_sqs)
     if params:
         _call("restore_adam_step", params, grads, [] if copies is params else copies, exp_avgs, exp_avg_sqs,
               steps, grad_scale, skip, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),

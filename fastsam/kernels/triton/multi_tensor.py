@@ -60,6 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...backends._common import check_bucket
+
 BLOCK = 2048
 NUM_WARPS = 8
 CACHE_SIZE = 64  # tables (and block maps) kept per process, least recently used first out
@@ -189,27 +191,41 @@ def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence
 
     Columns: one per list, then one per extra list, then the numels.  None when the layouts
     do not allow flat indexing (see the module docstring).
+
+    The lists are validated (``check_bucket``: one device, one dtype, equal lengths, dense)
+    when their table is built.  A hit means the same addresses and sizes on the same device
+    and dtype as a validated call, so the per-tensor checks, which cost more host time than
+    the rest of the call, are not repeated.
     """
     first = lists[0]
-    device = first[0].device
-    numels = [t.numel() for t in first]
-    cols = [[t.data_ptr() for t in ls] for ls in lists]
-    cols += [[t.data_ptr() for t in ls] for ls in extra_ptrs]
-    cols.append(numels)
-    key = (device, *map(tuple, cols))
+    head = first[0]
+    device = head.device
+    key = (device, head.dtype, *[tuple(map(_data_ptr, ls)) for ls in lists],
+           *[(ls[0].dtype, tuple(map(_data_ptr, ls))) for ls in extra_ptrs], tuple(map(_numel, first)))
     tab = _tables.get(key)
     if tab is None:
-        if not _flat_indexable(lists):
+        check_bucket(*lists)
+        if not _flat_indexable(lists) or not all(_scalars_on(ls, device) for ls in extra_ptrs):
             return None
-        mkey = (device, key[-1])
-        meta = _cached(_metas, mkey, lambda: Meta(numels, device))
-        tab = Table(cols, len(lists), meta, device)
+        numels = key[-1]
+        meta = _cached(_metas, (device, numels), lambda: Meta(numels, device))
+        cols = [list(c) for c in key[2:2 + len(lists)]] + [list(c) for _, c in key[2 + len(lists):-1]]
+        tab = Table(cols + [list(numels)], len(lists), meta, device)
         _remember(_tables, key, tab)
     else:
         _tables.move_to_end(key)
     if device.type == "cuda":
-        _note_use(tab, len(key) * len(numels))
+        _note_use(tab, (len(lists) + len(extra_ptrs) + 1) * len(first))
     return tab
+
+
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+
+
+def _scalars_on(ts: Sequence[torch.Tensor], device: torch.device) -> bool:
+    """One-element tensors of one dtype on ``device`` (what an extra pointer column may hold)."""
+    return len(ts) == 0 or all(t.numel() == 1 and t.device == device and t.dtype == ts[0].dtype for t in ts)
 
 
 def _cached(cache: OrderedDict, key, build):

@@ -122,7 +122,7 @@ def restore_adam_step(params: List[torch.Tensor], grads: List[torch.Tensor], cop
                       beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool) -> None:
     """``copies`` empty: nothing to restore (the params are read in their place)."""
     tab = mt.table([params, grads, copies or params, exp_avgs, exp_avg_sqs], extra_ptrs=[steps])
-    if tab is None or any(s.dtype != steps[0].dtype or s.device != params[0].device for s in steps):
+    if tab is None:  # a layout the kernels cannot index flat, or step counters elsewhere
         from ...backends import foreach
         foreach.restore_adam_step(params, grads, copies or params, exp_avgs, exp_avg_sqs, steps, lr=lr,
                                   beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
