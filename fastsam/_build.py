@@ -103,9 +103,13 @@ def setup_extensions():
             "building the fastsam extension needs torch at build time: install torch first and run "
             "`pip install -e . --no-build-isolation` so the build sees it") from exc
     if want_cuda:
+        import torch
         import torch.utils.cpp_extension as ext
 
         if ext.CUDA_HOME is None:
+            if torch.version.cuda is None:
+                raise RuntimeError(f"FASTSAM_BUILD_CUDA=1 needs a CUDA build of torch; this one ({torch.__version__}) "
+                                   "is CPU-only (use FASTSAM_BUILD_CPP=1 for the CPU twin)")
             raise RuntimeError("FASTSAM_BUILD_CUDA=1 but nvcc was not found: set CUDA_HOME to the CUDA toolkit")
         print(f"fastsam: building fastsam._C with CUDA kernels for sm_{', sm_'.join(CUDA_ARCHS)} "
               f"(nvcc from {ext.CUDA_HOME})", file=sys.stderr)
