@@ -2,14 +2,17 @@
 
 Each op is one launch over all tensors of the bucket (the norm: two), so a
 SAM step over SGD or Adam takes 6 launches per (device, dtype) bucket
-whatever the number of tensors; nothing synchronises with the host.
+whatever the number of tensors (7 in the rare SGD step where some momentum
+buffers exist and others are new: FusedSAM makes two restore_sgd_step calls);
+nothing synchronises with the host.
 float32, float16 and bfloat16 (float32 arithmetic); FusedSAM hands float64
 buckets to foreach.
 
 Under ``torch.compile`` the ops are called as the ``torch.library`` custom ops
 ``fastsam::triton_*`` (opaque to the compiler); in eager mode the launchers
 are called directly, since the dispatcher costs more than the launch itself
-for lists of hundreds of tensors.
+for lists of hundreds of tensors (~0.45 ms for two lists of 161 tensors on
+the CI machine, against ~0.17 ms for the whole call).
 
 CUDA graphs: run one eager step before capturing (see
 fastsam/kernels/triton/multi_tensor.py).  On the CPU the backend runs only
