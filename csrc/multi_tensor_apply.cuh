@@ -12,11 +12,14 @@
 // one chunk of kChunkSize elements of one tensor; the functor never sees the
 // packing.  Adding an op means writing a functor, not touching this file.
 //
-// Only CUDA headers here: the kernels are compiled without torch's headers
-// (the torch binding is sam_cuda.cpp).
+// Only CUDA headers here, and the host packing (pack_launches) is plain C++:
+// the kernels are compiled without torch's headers (the torch binding is
+// sam_cuda.cpp), and the packing is tested on the CPU.
 #pragma once
 
+#if defined(__CUDACC__)
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <stdexcept>
@@ -38,7 +41,7 @@ constexpr int kMetaBytes = 4096 - 256;
 
 template <int depth>
 constexpr int max_tensors() {
-  // addresses + sizes per tensor; block maps; two ints of bookkeeping.
+  // addresses + sizes per tensor; the two block maps; block_offset and padding.
   return (kMetaBytes - kMaxBlocks * (1 + 4) - 16) / (8 * (depth + 1));
 }
 
@@ -56,20 +59,6 @@ struct TensorListMeta {
 static_assert(sizeof(TensorListMeta<1>) <= kMetaBytes, "kernel arguments exceed 4 KiB");
 static_assert(sizeof(TensorListMeta<6>) <= kMetaBytes, "kernel arguments exceed 4 KiB");
 
-template <typename Functor, int depth, typename... Args>
-__global__ void __launch_bounds__(kBlockSize)
-    multi_tensor_kernel(TensorListMeta<depth> meta, Functor functor, Args... args) {
-  functor(meta, args...);
-}
-
-inline void check_launch(const char* op) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("fastsam::") + op + ": CUDA kernel launch failed: " +
-                             cudaGetErrorString(err));
-  }
-}
-
 // Number of chunks (= blocks over all launches) for the tensors of `lists`.
 inline int64_t total_chunks(const HostLists& lists) {
   int64_t n = 0;
@@ -77,11 +66,13 @@ inline int64_t total_chunks(const HostLists& lists) {
   return n;
 }
 
-// Launch `functor` over every chunk of every tensor of the `depth` lists.
-template <int depth, typename Functor, typename... Args>
-void multi_tensor_apply(const char* op, const HostLists& lists, cudaStream_t stream, Functor functor,
-                        Args... args) {
-  if (lists.n_lists != depth) throw std::runtime_error(std::string("fastsam::") + op + ": list count mismatch");
+// The host half of the launcher: walks the lists, fills `meta` and calls
+// launch(meta, n_blocks) whenever it is full and once at the end.  Plain C++
+// (tests/test_csrc_launcher.py runs it under g++ and checks that every chunk
+// of every tensor gets exactly one block).
+template <int depth, typename Launch>
+void pack_launches(const HostLists& lists, const Launch& launch) {
+  if (lists.n_lists != depth) throw std::runtime_error("fastsam: list count does not match the op's depth");
   int64_t last = -1;  // the last non-empty tensor: the final launch happens there
   for (int64_t t = 0; t < lists.n_tensors; ++t)
     if (lists.numels[t] > 0) last = t;
@@ -105,8 +96,7 @@ void multi_tensor_apply(const char* op, const HostLists& lists, cudaStream_t str
       const bool tensor_done = c == chunks - 1;
       const bool full = block == kMaxBlocks || (slot == TensorListMeta<depth>::kMaxTensors && tensor_done);
       if (!(full || (t == last && tensor_done))) continue;
-      multi_tensor_kernel<<<block, kBlockSize, 0, stream>>>(meta, functor, args...);
-      check_launch(op);
+      launch(meta, block);
       meta.block_offset += block;
       block = 0;
       if (tensor_done) {
@@ -119,6 +109,32 @@ void multi_tensor_apply(const char* op, const HostLists& lists, cudaStream_t str
     }
   }
 }
+
+#if defined(__CUDACC__)
+template <typename Functor, int depth, typename... Args>
+__global__ void __launch_bounds__(kBlockSize)
+    multi_tensor_kernel(TensorListMeta<depth> meta, Functor functor, Args... args) {
+  functor(meta, args...);
+}
+
+inline void check_launch(const char* op) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fastsam::") + op + ": CUDA kernel launch failed: " +
+                             cudaGetErrorString(err));
+  }
+}
+
+// Launch `functor` over every chunk of every tensor of the `depth` lists.
+template <int depth, typename Functor, typename... Args>
+void multi_tensor_apply(const char* op, const HostLists& lists, cudaStream_t stream, Functor functor,
+                        Args... args) {
+  pack_launches<depth>(lists, [&](const TensorListMeta<depth>& meta, int blocks) {
+    multi_tensor_kernel<<<blocks, kBlockSize, 0, stream>>>(meta, functor, args...);
+    check_launch(op);
+  });
+}
+#endif  // __CUDACC__
 
 }  // namespace cuda
 }  // namespace fastsam

@@ -295,7 +295,8 @@ struct AdamFunctor {
 template <typename S, typename acc_t>
 struct IncrementStepFunctor {
   __device__ void operator()(const TensorListMeta<1>& meta, const acc_t* skip) const {
-    if (threadIdx.x == 0 && *skip == acc_t(0)) *static_cast<S*>(meta.addresses[0][meta.block_to_tensor[blockIdx.x]]) += S(1);
+    if (threadIdx.x != 0 || *skip != acc_t(0)) return;
+    *static_cast<S*>(meta.addresses[0][meta.block_to_tensor[blockIdx.x]]) += S(1);
   }
 };
 

@@ -203,6 +203,9 @@ def _jit_build() -> Tuple[str, bool]:
     from torch.utils.cpp_extension import load, verify_ninja_availability
 
     verify_ninja_availability()
+    what = f"CPU twin + CUDA kernels for sm_{', sm_'.join(archs)}" if cuda else "CPU twin"
+    print(f"fastsam: building the C++ extension ({what}; first use, a minute or more) in {build_dir}",
+          file=sys.stderr)
     load(name, _sources(cuda, absolute=True), extra_cflags=_cxx_flags(cuda),
          extra_cuda_cflags=NVCC_FLAGS + gencode_flags(archs) if cuda else None,
          extra_ldflags=LINK_FLAGS, build_directory=build_dir, with_cuda=cuda, is_python_module=False,
