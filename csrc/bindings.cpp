@@ -50,7 +50,9 @@ void restore_adam_step_meta(at::TensorList params, at::TensorList grads, at::Ten
 }  // namespace
 }  // namespace fastsam
 
-TORCH_LIBRARY(fastsam, m) {
+// A fragment, not TORCH_LIBRARY: the namespace is shared with the triton
+// backend's torch.library custom ops (fastsam::triton_*).
+TORCH_LIBRARY_FRAGMENT(fastsam, m) {
   m.def("grad_sq_norm(Tensor[] grads, Tensor[] params) -> Tensor");
   m.def("perturb(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] copies, Tensor scale, Tensor skip, "
         "bool adaptive) -> ()");
