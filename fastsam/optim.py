@@ -49,6 +49,7 @@ class _Bucket:
     grads: List[torch.Tensor] = field(default_factory=list)
     keys: List[torch.Tensor] = field(default_factory=list)
     shard: Optional[Tuple] = None
+    copies: Optional[List[torch.Tensor]] = None  # the restore copies, cached: looked up once
 
     @property
     def device(self) -> torch.device:
@@ -268,6 +269,11 @@ class FusedSAM(Optimizer):
         return total
 
     # ------------------------------------------------------------------ SAM steps
+    # torch.compiler.disable: a compiled training step graph-breaks around the
+    # SAM steps instead of tracing them; dynamo would drop the attribute writes
+    # (self._pending) that tie first_step to second_step.  The kernels inside
+    # are opaque custom ops anyway.
+    @torch.compiler.disable
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Perturb the parameters: w <- w + e (keeps an exact copy of w for the restore).
@@ -286,15 +292,17 @@ class FusedSAM(Optimizer):
                     self._skip_hook(skip)
                 inv_norm = 1.0 / (total.sqrt() + self.perturb_eps)
                 for b in buckets:
-                    copies = self._copies(b.keys, b.params)
+                    if b.copies is None:
+                        b.copies = self._copies(b.keys, b.params)
                     scale = (inv_norm * b.group["rho"]).to(b.device, non_blocking=True)
-                    b.backend.perturb(b.params, b.grads, copies, scale,
+                    b.backend.perturb(b.params, b.grads, b.copies, scale,
                                       skip.to(b.device, non_blocking=True), bool(b.group["adaptive"]))
                 self._skip = skip
-            self._pending = [_Bucket(b.group, list(b.params), b.backend, keys=list(b.keys)) for b in buckets]
+            self._pending = buckets  # the cached bucket list: the same object if the grad pattern holds
         if zero_grad:
             self.zero_grad()
 
+    @torch.compiler.disable
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w and let the base optimizer step with the SAM gradient.
@@ -315,28 +323,34 @@ class FusedSAM(Optimizer):
             self.zero_grad()
 
     def _sam_update(self, perturbed: List[_Bucket]) -> None:
+        # The restore source of each parameter: its copy if first_step perturbed
+        # it, else the parameter itself (nothing to restore).
+        snapshot = [(b, list(b.params), b.copies) for b in perturbed]  # before _buckets() renews views
         buckets = self._buckets()
-        sources: Dict[int, torch.Tensor] = {}
-        # keyed by the parameters: a DTensor's to_local() is a new view at every call
-        for b in perturbed:  # the exact copies made by first_step
-            for k, c in zip(b.keys, self._copies(b.keys, b.params)):
-                sources[id(k)] = c
-        stepped = {id(k) for b in buckets for k in b.keys}
-        for b in perturbed:  # perturbed params that got no second gradient: restore only
-            lone = [i for i, k in enumerate(b.keys) if id(k) not in stepped]
-            if lone:
-                b.backend.restore([b.params[i] for i in lone], [sources[id(b.keys[i])] for i in lone])
+        if buckets is perturbed:  # the usual case: the same parameters had gradients in both passes
+            sources = {id(b): b.copies for b in buckets}
+        else:
+            by_key: Dict[int, torch.Tensor] = {}  # keyed by the parameters (DTensor views are renewed)
+            for b, _, copies in snapshot:
+                for k, c in zip(b.keys, copies):
+                    by_key[id(k)] = c
+            stepped = {id(k) for b in buckets for k in b.keys}
+            for b, params, copies in snapshot:  # perturbed params without a second gradient: restore only
+                lone = [i for i, k in enumerate(b.keys) if id(k) not in stepped]
+                if lone:
+                    b.backend.restore([params[i] for i in lone], [copies[i] for i in lone])
+            sources = {id(b): [by_key.get(id(k), p) for k, p in zip(b.keys, b.params)] for b in buckets}
         if not buckets:
             return
 
-        skip = self._skip
+        # The SAM gradient is read once more: its norm for clipping, and the
+        # non-finite check that keeps a bad second pass from corrupting w.
+        sq = self._global_sq_norm(buckets, use_params=False)
+        bad = (~torch.isfinite(sq)).to(sq.dtype)
+        skip = bad if self._skip is None else torch.maximum(self._skip.to(bad), bad)
         grad_scale = None
-        if buckets:
-            sq = self._global_sq_norm(buckets, use_params=False)
-            bad = (~torch.isfinite(sq)).to(sq.dtype)
-            skip = bad if skip is None else torch.maximum(skip.to(bad), bad)
-            if self.max_grad_norm is not None:
-                grad_scale = torch.clamp(self.max_grad_norm / (sq.sqrt() + 1e-6), max=1.0)
+        if self.max_grad_norm is not None:
+            grad_scale = torch.clamp(self.max_grad_norm / (sq.sqrt() + 1e-6), max=1.0)
         self.found_inf = skip
 
         kind = _fused_kind(self.base_optimizer)
@@ -344,7 +358,7 @@ class FusedSAM(Optimizer):
             self._generic_update(buckets, sources, grad_scale, skip)
             return
         for b in buckets:
-            srcs = [sources.get(id(k), p) for k, p in zip(b.keys, b.params)]
+            srcs = sources[id(b)]
             dev = b.device
             gs = None if grad_scale is None else grad_scale.to(dev, non_blocking=True)
             sk = skip.to(dev, non_blocking=True)
@@ -358,7 +372,7 @@ class FusedSAM(Optimizer):
         # gradient.  Deciding the skip reads the flag on the host: the one
         # synchronisation FusedSAM makes, and only on this path.
         for b in buckets:
-            b.backend.restore(b.params, [sources.get(id(k), p) for k, p in zip(b.keys, b.params)])
+            b.backend.restore(b.params, sources[id(b)])
         if bool(skip):
             return
         if grad_scale is not None:

@@ -424,3 +424,64 @@ def test_mixed_devices_in_one_fused_call_raise():
         check_bucket([a, a.double()])
     with pytest.raises(ValueError, match="lengths"):
         check_bucket([a, a], [a])
+
+
+# --------------------------------------------------------------------------- gradient pattern changes
+class _TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(5, 3, dtype=torch.float64)
+        self.b = torch.nn.Linear(5, 3, dtype=torch.float64)
+
+    def forward(self, x, use_b):
+        return self.a(x) + (self.b(x) if use_b else 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("first_uses_b,second_uses_b", [(True, False), (False, True)])
+@pytest.mark.parametrize("base_cls,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                                         (torch.optim.Adam, dict(lr=1e-2)),
+                                         (torch.optim.RMSprop, dict(lr=1e-2))])
+def test_parameters_with_a_gradient_in_only_one_pass(backend, first_uses_b, second_uses_b, base_cls, kw):
+    """Perturbed but no second gradient: restored, not stepped. Second gradient only: stepped unperturbed."""
+    model = _TwoHeads()
+    ref_model = copy.deepcopy(model)
+    opt = FusedSAM(model.parameters(), base_cls, rho=0.2, backend=backend, **kw)
+    ref = ReferenceSAM(ref_model.parameters(), base_cls, rho=0.2, **kw)
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    for m, o in ((model, opt), (ref_model, ref)):
+        for _ in range(3):
+            torch.nn.functional.mse_loss(m(x, first_uses_b), y).backward()
+            o.first_step(zero_grad=True)
+            torch.nn.functional.mse_loss(m(x, second_uses_b), y).backward()
+            o.second_step(zero_grad=True)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    if not second_uses_b:
+        assert torch.equal(model.b.weight, ref_model.b.weight)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_compile_of_a_training_step_matches_eager(backend):
+    """A compiled step graph-breaks around first_step/second_step and gives eager's result."""
+    torch.manual_seed(0)
+    model = _mlp()
+    eager_model = copy.deepcopy(model)
+    kw = dict(lr=0.05, momentum=0.9)
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, backend=backend, **kw)
+    eager_opt = FusedSAM(eager_model.parameters(), torch.optim.SGD, backend=backend, **kw)
+    x, y = _data()
+
+    def step(m, o):
+        _loss(m, x, y).backward()
+        o.first_step(zero_grad=True)
+        _loss(m, x, y).backward()
+        o.second_step(zero_grad=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager")
+    for _ in range(3):
+        compiled(model, opt)
+        step(eager_model, eager_opt)
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -74,9 +74,6 @@ def test_cuda_graph_capture_replays_like_eager(base):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(reason="dynamo drops attribute writes made in @torch.no_grad() methods of Optimizer subclasses "
-                          "(FusedSAM._pending after first_step); proposed fix: torch.compiler.disable on "
-                          "FusedSAM.first_step/second_step", strict=False)
 @pytest.mark.parametrize("base", sorted(BASES))
 def test_torch_compile_of_a_training_step_matches_eager(base):
     model, ref_model, opt, ref_opt = _pair(base)

@@ -445,9 +445,6 @@ def test_torch_compile_goes_through_the_custom_ops(seed):
         assert _bitwise_equal(a, b)
 
 
-@pytest.mark.xfail(reason="dynamo drops attribute writes made in @torch.no_grad() methods of Optimizer subclasses "
-                          "(FusedSAM._pending set by first_step is lost, second_step then raises); proposed fix: "
-                          "torch.compiler.disable on FusedSAM.first_step/second_step", strict=False)
 def test_torch_compile_of_a_fused_sam_training_step(seed):
     import copy
     from fastsam import FusedSAM
