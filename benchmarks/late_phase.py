@@ -305,6 +305,13 @@ def lambda_curve(rs: List[Dict]):
     return [e for e, _ in pts], [[pick(r, *key) for _, key in pts] for r in rs]
 
 
+def describe(c: Dict) -> str:
+    """One line of the setup, from the config dict (also in the JSON: replot with plot(runs, path, describe(cfg)))."""
+    width = f" (width/{c['width_div']})" if c["width_div"] > 1 else ""
+    return (f"{c['dataset']}, {c['model']}{width}, {c['epochs']} epochs, SAM on the last {c['late_epochs']}, "
+            f"lr {c['lr']} (x0.1 at {c['milestones']}), batch {c['batch_size']}, rho {c['rho']}, seeds {c['seeds']}")
+
+
 def plot(runs: Dict[str, List[Dict]], path: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -314,9 +321,11 @@ def plot(runs: Dict[str, List[Dict]], path: str, title: str) -> None:
     colors = {"sgd": "tab:blue", "sam": "tab:red", "late-sam": "tab:green", "late-sgd": "tab:purple"}
     switch = next(iter(runs.values()))[0]["switch_epoch"]
 
-    def band(ax, xs, ys_per_seed, kind, marker=None, label=True):
+    def band(ax, xs, ys_per_seed, kind, marker=None, label=True, from_x=None):
         import numpy as np
-        ys = np.array(ys_per_seed, dtype=float)
+        xs, ys = np.array(xs, dtype=float), np.array(ys_per_seed, dtype=float)
+        if from_x is not None:  # a branch run: up to the switch it is its parent's line
+            xs, ys = xs[xs >= from_x], ys[:, xs >= from_x]
         m = np.nanmean(ys, 0)
         ax.plot(xs, m, color=colors[kind], marker=marker, ms=3, label=RUN_LABELS[kind] if label else None)
         if len(ys) > 1:
@@ -325,8 +334,9 @@ def plot(runs: Dict[str, List[Dict]], path: str, title: str) -> None:
 
     for kind, rs in runs.items():
         h = rs[0]["history"]
-        band(axes[0], *lambda_curve(rs), kind, "o")
-        band(axes[1], h["epoch"], [r["history"]["test_acc"] for r in rs], kind)
+        start = switch if kind in PARENT else None
+        band(axes[0], *lambda_curve(rs), kind, "o", from_x=start)
+        band(axes[1], h["epoch"], [r["history"]["test_acc"] for r in rs], kind, from_x=start)
         if rs[0]["distance"]["step"]:
             band(axes[2], rs[0]["distance"]["step"], [r["distance"]["distance"] for r in rs], kind)
     for ax, ylab in zip(axes[:2], ("λmax (train-mode Hessian, fixed train subset)", "test accuracy (%)")):
@@ -423,9 +433,7 @@ def main(argv=None) -> Dict:
         + (f"_{args.tag}" if args.tag else "")
     os.makedirs(args.out_dir, exist_ok=True)
     png = os.path.join(args.out_dir, stem + ".png")
-    cfg = (f"{args.dataset}, {args.model}{f' (width/{args.width_div})' if args.width_div > 1 else ''}, "
-           f"{args.epochs} epochs, SAM on the last {args.late_epochs}, lr {args.lr} (x0.1 at {args.milestones}), "
-           f"batch {args.batch_size}, rho {args.rho}, seeds {args.seeds}")
+    cfg = describe(vars(args))
     plot(runs, png, cfg)
     first = runs["sgd"][0]
     md = [f"# Late-phase SAM on {args.dataset}", "", _common.machine_line(info), "",
