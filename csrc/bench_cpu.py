@@ -4,8 +4,10 @@ The optimizer side of one SAM step (first_step + second_step, gradients in
 place, SGD+momentum, fp32) at the CIFAR ResNet-18 parameter set (62 tensors,
 11.2M elements): FusedSAM(backend="cpp") against the per-parameter reference
 (benchmarks/reference_sam.py), plus each cpp op alone.  The floor is bytes
-moved / measured copy bandwidth (a large tensor copy_, counted as read +
-write).  benchmarks/optimizer_step.py is the full comparison; this script
+moved / measured copy bandwidth (a tensor copy_, counted as read + write),
+measured twice: with one tensor as large as the whole parameter set (the
+floor: same cache regime as the step; this machine's 300 MiB L3 holds much of
+a ResNet-18 step's ~180 MB working set) and with 256 MiB tensors (DRAM).  benchmarks/optimizer_step.py is the full comparison; this script
 adds the per-op split.
 
     python csrc/bench_cpu.py [--repeats 20]
@@ -51,9 +53,11 @@ def main():
     shapes = resnet18_cifar_shapes()
     n = sum(torch.Size(s).numel() for s in shapes)
 
-    src, dst = torch.randn(64 << 20), torch.empty(64 << 20)
-    copy_ms = median_ms(lambda: dst.copy_(src), args.repeats)
-    bw = 2 * src.numel() * 4 / copy_ms / 1e6  # GB/s, read + write
+    def copy_bw(numel):  # GB/s, read + write
+        src, dst = torch.randn(numel), torch.empty(numel)
+        return 2 * numel * 4 / median_ms(lambda: dst.copy_(src), args.repeats) / 1e6
+
+    bw, bw_dram = copy_bw(n), copy_bw(64 << 20)
 
     def sam(cls, **kw):
         params = [torch.randn(s, requires_grad=True) for s in shapes]
@@ -79,7 +83,8 @@ def main():
 
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
           f"torch threads, torch {torch.__version__}; ResNet-18 set: {len(shapes)} tensors, {n / 1e6:.1f}M "
-          f"elements; copy bandwidth {bw:.1f} GB/s (r+w); median of {args.repeats}")
+          f"elements; copy bandwidth (r+w) {bw:.1f} GB/s at the set's size, {bw_dram:.1f} GB/s at 256 MiB; "
+          f"median of {args.repeats}")
     print(f"{'variant':34s} {'ms':>8s} {'bytes/elem':>10s} {'floor ms':>9s} {'x floor':>8s} {'x ref':>6s}")
     ref_ms = rows[0][1]
     for name, ms, per_elem in rows:

@@ -17,10 +17,23 @@ from typing import List, Optional
 import torch
 
 from .. import _build
+from . import BackendUnavailable
 
 Tensors = List[torch.Tensor]
 NAME = "cpp"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_ops = None  # torch.ops.fastsam once the extension is loaded
+
+
+def _fastsam_ops():
+    """torch.ops.fastsam, loading (or JIT-building) the extension on first use."""
+    global _ops
+    if _ops is None:
+        ok, why = _build.load()
+        if not ok:
+            raise BackendUnavailable(why)
+        _ops = torch.ops.fastsam
+    return _ops
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -38,18 +51,18 @@ def supports(dtype: torch.dtype) -> bool:
 def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None) -> torch.Tensor:
     if not grads:  # no tensor to dispatch on
         return torch.zeros((), dtype=torch.float32)
-    return torch.ops.fastsam.grad_sq_norm.default(grads, [] if params is None else params)
+    return _fastsam_ops().grad_sq_norm.default(grads, [] if params is None else params)
 
 
 def perturb(params: Tensors, grads: Tensors, copies: Tensors, scale: torch.Tensor, skip: torch.Tensor,
             adaptive: bool) -> None:
     if params:
-        torch.ops.fastsam.perturb.default(params, grads, copies, scale, skip, bool(adaptive))
+        _fastsam_ops().perturb.default(params, grads, copies, scale, skip, bool(adaptive))
 
 
 def restore(params: Tensors, copies: Tensors) -> None:
     if params:
-        torch.ops.fastsam.restore.default(params, copies)
+        _fastsam_ops().restore.default(params, copies)
 
 
 def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_buffers: Tensors, *,
@@ -59,7 +72,7 @@ def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_
     if not params:
         return
     # An empty copies list tells the kernel there is nothing to restore.
-    torch.ops.fastsam.restore_sgd_step.default(
+    _fastsam_ops().restore_sgd_step.default(
         params, grads, [] if copies is params else copies, momentum_buffers, float(lr), float(momentum),
         float(dampening), bool(nesterov), float(weight_decay), bool(maximize), bool(first), grad_scale, skip)
 
@@ -70,7 +83,7 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
                       grad_scale: Optional[torch.Tensor], skip: torch.Tensor) -> None:
     if not params:
         return
-    torch.ops.fastsam.restore_adam_step.default(
+    _fastsam_ops().restore_adam_step.default(
         params, grads, [] if copies is params else copies, exp_avgs, exp_avg_sqs, steps, float(lr),
         float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(maximize),
         grad_scale, skip)
