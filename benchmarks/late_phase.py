@@ -28,7 +28,6 @@ the switch) but their Hessian measurements are taken from the parent run, not re
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import pickle
 import statistics

@@ -247,7 +247,8 @@ def targets(results: List[Dict], args) -> List[str]:
     lines = []
     for res in results:
         rows = {r["variant"]: r for r in res["rows"]}
-        if res["model"] != "resnet18" or args.dtype != "fp32" or args.width_div != 1:
+        if (res["model"] != "resnet18" or args.dtype != "fp32" or args.width_div != 1
+                or rows["sgd"]["batch"] != 128 or not args.device.startswith("cuda")):
             continue
         ref = rows["reference-sam"]["step_ratio_vs_sgd"]
         for r in res["rows"]:
