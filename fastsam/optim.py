@@ -51,6 +51,10 @@ class _Bucket:
     shard: Optional[Tuple] = None
     copies: Optional[List[torch.Tensor]] = None  # the restore copies, cached: looked up once
 
+    def local(self, state: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Optimizer-state tensors as the kernels see them: the local shards of DTensors."""
+        return state if self.shard is None else [_local(t) for t in state]
+
     @property
     def device(self) -> torch.device:
         return self.params[0].device
@@ -389,11 +393,15 @@ class FusedSAM(Optimizer):
         if g["momentum"] == 0:
             b.backend.restore_sgd_step(b.params, b.grads, srcs, [], first=False, **kw)
             return
+        bufs = [state[k].get("momentum_buffer") for k in b.keys]
+        if all(x is not None for x in bufs):  # every step after the first: one call
+            b.backend.restore_sgd_step(b.params, b.grads, srcs, b.local(bufs), first=False, **kw)
+            return
         # torch initialises a momentum buffer to the first gradient; params
         # whose buffers already exist and fresh ones go in separate calls.
         idx = {True: [], False: []}
-        for i, k in enumerate(b.keys):
-            idx[state[k].get("momentum_buffer") is None].append(i)
+        for i, x in enumerate(bufs):
+            idx[x is None].append(i)
         for first, ids in idx.items():
             if not ids:
                 continue
@@ -406,8 +414,8 @@ class FusedSAM(Optimizer):
                 for i in ids:  # a DTensor for a DTensor parameter, as torch.optim.SGD keeps it
                     k = b.keys[i]
                     state[k]["momentum_buffer"] = torch.zeros_like(k, memory_format=torch.preserve_format)
-            bufs = [_local(state[b.keys[i]]["momentum_buffer"]) for i in ids]
-            b.backend.restore_sgd_step(ps, [b.grads[i] for i in ids], _sub(srcs, ids, ps), bufs,
+            sub_bufs = b.local([state[b.keys[i]]["momentum_buffer"] for i in ids])
+            b.backend.restore_sgd_step(ps, [b.grads[i] for i in ids], _sub(srcs, ids, ps), sub_bufs,
                                        first=first, **kw)
 
     def _fused_adam(self, b: _Bucket, srcs, grad_scale, skip) -> None:
@@ -426,7 +434,7 @@ class FusedSAM(Optimizer):
         decoupled = g.get("decoupled_weight_decay", type(self.base_optimizer) is torch.optim.AdamW)
         beta1, beta2 = g["betas"]
         b.backend.restore_adam_step(
-            b.params, b.grads, srcs, [_local(s["exp_avg"]) for s in sts], [_local(s["exp_avg_sq"]) for s in sts],
+            b.params, b.grads, srcs, b.local([s["exp_avg"] for s in sts]), b.local([s["exp_avg_sq"] for s in sts]),
             [s["step"] for s in sts], lr=g["lr"], beta1=beta1, beta2=beta2, eps=g["eps"],
             weight_decay=g["weight_decay"], decoupled=decoupled, maximize=g.get("maximize", False),
             grad_scale=grad_scale, skip=skip)
