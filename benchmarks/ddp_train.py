@@ -24,9 +24,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -37,6 +35,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+from models import ResNet18  # noqa: E402
+
 from fastsam import FusedSAM  # noqa: E402
 from fastsam.distributed import sam_step  # noqa: E402
 
@@ -44,61 +46,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODES = ("sgd", "sam-local", "sam-global")
 
 
-# ----------------------------------------------------------------------------- model
-class Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """CIFAR ResNet-18 (3x3 stem, no max-pool); 11.2M parameters at width 64."""
-
-    def __init__(self, width: int = 64, num_classes: int = 10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        layers, c_in = [], width
-        for i, stride in enumerate((1, 2, 2, 2)):
-            c_out = width * 2 ** i
-            layers += [Block(c_in, c_out, stride), Block(c_out, c_out, 1)]
-            c_in = c_out
-        self.layers = nn.Sequential(*layers)
-        self.head = nn.Linear(c_in, num_classes)
-
-    def forward(self, x):
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
-
-
 # ----------------------------------------------------------------------------- helpers
 def machine_info(device: torch.device, world: int, backend: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(RESULTS),
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    info = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=str(device), cpu=cpu,
-                cpu_cores=os.cpu_count(), torch_threads_per_rank=torch.get_num_threads(), world_size=world,
-                backend=backend, load_average_at_start=os.getloadavg(), torch=torch.__version__,
-                python=platform.python_version(), fastsam_commit=commit or "unknown")
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    info = _common.machine_info(device)
+    info.update(torch_threads_per_rank=info.pop("torch_threads"), world_size=world, backend=backend)
     return info
 
 
@@ -109,7 +60,7 @@ def sync(device: torch.device) -> None:
 
 def build(mode: str, args, device: torch.device):
     torch.manual_seed(0)
-    model = ResNet18(args.width).to(device).to(memory_format=torch.channels_last)
+    model = ResNet18(width=args.width).to(device).to(memory_format=torch.channels_last)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     kw = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
     if mode == "sgd":

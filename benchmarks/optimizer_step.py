@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 from reference_sam import ReferenceSAM  # noqa: E402
 
 from fastsam import FusedSAM, backends  # noqa: E402
@@ -71,28 +71,6 @@ def resnet50_shapes():
 PARAM_SETS = {"resnet18_cifar": resnet18_cifar_shapes, "resnet50": resnet50_shapes}
 
 
-def machine_info(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info["cpu"] = cpu
-    info["cpu_count"] = os.cpu_count()
-    info["torch_threads"] = torch.get_num_threads()
-    return info
-
-
 class Timer:
     def __init__(self, device):
         self.device = device
@@ -139,16 +117,8 @@ def make_variant(name, shapes, device):
 
 
 def available_backends(device):
-    names = []
-    for name in backends.BACKENDS:
-        if name == "triton" and device.type != "cuda":
-            continue  # the interpreter is a test vehicle, not a backend to time
-        try:
-            backends.resolve(name, device)
-        except (backends.BackendUnavailable, ValueError):
-            continue
-        names.append(name)
-    return names
+    # triton on the CPU is the interpreter: a test vehicle, not a backend to time
+    return [n for n in backends.available(device) if n != "triton" or device.type == "cuda"]
 
 
 def run(args):
@@ -176,25 +146,21 @@ def run(args):
             design = "reference" if v == "reference" else ("foreach" if v == "foreach" else "fused")
             nbytes = BYTES_PER_ELEMENT[design] * numel
             rows.append(dict(param_set=set_name, tensors=len(shapes), numel=numel, variant=v, ms=ms,
-                             p20_ms=_pct(times[v], 0.2) * 1e3, p80_ms=_pct(times[v], 0.8) * 1e3,
+                             p20_ms=_common.percentile(times[v], 0.2) * 1e3,
+                             p80_ms=_common.percentile(times[v], 0.8) * 1e3,
                              bytes=nbytes, gbps=nbytes / (ms / 1e3) / 1e9, ratio_to_reference=ms / ref_ms,
                              copy_gbps=bw, pct_of_copy=100 * nbytes / (ms / 1e3) / 1e9 / bw,
                              floor_ms=nbytes / (bw * 1e9) * 1e3))
         del steps
-    return dict(machine=machine_info(device), copy_gbps=ceilings, repeats=args.repeats, rows=rows)
-
-
-def _pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+    return dict(machine=_common.machine_info(device), copy_gbps=ceilings, repeats=args.repeats, rows=rows)
 
 
 def to_markdown(res) -> str:
-    m = res["machine"]
-    where = m.get("gpu") or f"{m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads)"
-    lines = [f"Optimizer side of one SAM step (SGD+momentum, fp32) on {where}; torch {m['torch']}, "
-             f"triton {m['triton']}; median of {res['repeats']}; copy ceiling = a copy_ as large as the "
-             "parameter set, " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in res["copy_gbps"].items()) + ".",
+    lines = ["Optimizer side of one SAM step (SGD+momentum, fp32), median of "
+             f"{res['repeats']}; copy ceiling = a copy_ as large as the parameter set, "
+             + ", ".join(f"{k} {v:.1f} GB/s" for k, v in res["copy_gbps"].items()) + ".",
+             "",
+             _common.machine_line(res["machine"]),
              "",
              "| param set | tensors | elements | variant | median ms | p20–p80 ms | bytes moved | GB/s | "
              "% of copy bw | floor ms | ratio to reference |",
@@ -219,8 +185,7 @@ def main(argv=None):
     res = run(args)
     md = to_markdown(res)
     os.makedirs(args.out_dir, exist_ok=True)
-    tag = args.tag or ("cpu" if args.device == "cpu" else
-                       res["machine"].get("gpu", "gpu").split()[-1].lower())
+    tag = args.tag or _common.device_tag(torch.device(args.device))
     base = os.path.join(args.out_dir, f"optimizer_step_{tag}")
     with open(base + ".json", "w") as f:
         json.dump(res, f, indent=1)

@@ -65,18 +65,9 @@ class Variant:
 
 def available_backends(device: torch.device, only: Optional[List[str]] = None) -> List[str]:
     """Backends FusedSAM can run on ``device``: foreach always; triton/cuda on CUDA; cpp on the CPU."""
-    wanted = [b for b in backends.BACKENDS if not (device.type == "cpu" and b in ("triton", "cuda"))]
     # Triton on the CPU would be its interpreter (a correctness tool, not a speed path).
-    out = []
-    for name in wanted:
-        if only and name not in only:
-            continue
-        try:
-            backends.resolve(name, device)
-        except (backends.BackendUnavailable, ValueError):
-            continue
-        out.append(name)
-    return out
+    return [n for n in backends.available(device)
+            if (n != "triton" or device.type == "cuda") and (not only or n in only)]
 
 
 def make_variants(device: torch.device, only: Optional[List[str]]) -> List[Variant]:

@@ -18,18 +18,9 @@ import pytest  # noqa: E402
 from fastsam import backends  # noqa: E402
 
 
-def _cpu_backends():
-    names = []
-    for name in backends.BACKENDS:
-        try:
-            backends.resolve(name, torch.device("cpu"))
-        except (backends.BackendUnavailable, ValueError):
-            continue
-        names.append(name)
-    return names
-
-
-CPU_BACKENDS = _cpu_backends()
+# Every backend that runs on CPU tensors here: foreach always, triton under
+# the interpreter, cpp when the extension builds.
+CPU_BACKENDS = backends.available(torch.device("cpu"))
 
 
 def pytest_report_header(config):
@@ -47,7 +38,18 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def seed():
-    """A fresh seed per test, printed on failure (pytest shows fixture values in the report)."""
-    s = secrets.randbits(31)
+    """A fresh seed per test (torch's global RNG is seeded with it), printed so that a failure
+    can be replayed with FASTSAM_TEST_SEED=<seed>."""
+    s = int(os.environ.get("FASTSAM_TEST_SEED", secrets.randbits(31)))
+    print(f"seed={s}")
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest with one intra-op thread (and are robust on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

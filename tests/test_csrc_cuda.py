@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastsam import FusedSAM, backends
-from fastsam.backends import cpp, cuda, foreach
+from fastsam.backends import cpp, cuda
 
 pytestmark = pytest.mark.gpu
 

@@ -11,7 +11,6 @@ the device half (tests/test_csrc_cuda.py).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 

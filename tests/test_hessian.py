@@ -6,8 +6,6 @@ seeds (statistical checks are documented where they appear).
 """
 import copy
 import math
-import os
-import secrets
 import warnings
 
 import pytest
@@ -17,24 +15,10 @@ from torch.func import functional_call
 
 import fastsam.hessian as hessian
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 F64 = torch.float64
 CE = nn.functional.cross_entropy
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest (and robust on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def seed():
-    s = int(os.environ.get("FASTSAM_TEST_SEED", secrets.randbits(31)))
-    print(f"seed={s}")
-    return s
 
 
 # ---------------------------------------------------------------- tiny models with random data

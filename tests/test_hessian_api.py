@@ -1,6 +1,4 @@
 """fastsam.hessian: argument errors, exact state restoration, data forms, tracker, progress."""
-import os
-import secrets
 
 import pytest
 import torch
@@ -8,22 +6,9 @@ from torch import nn
 
 import fastsam.hessian as hessian
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 CE = nn.functional.cross_entropy
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def seed():
-    s = int(os.environ.get("FASTSAM_TEST_SEED", secrets.randbits(31)))
-    print(f"seed={s}")
-    return s
 
 
 def net(g):

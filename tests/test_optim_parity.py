@@ -108,6 +108,17 @@ def _sync_state(ref, opt):
                                  if torch.is_tensor(v) else v for k, v in st.items()}
 
 
+def _assert_float64_trajectories_agree(model, ref_model, opt, ref, steps, seed):
+    """Both optimizers step side by side on the same data; every parameter within 1e-9 relative."""
+    x, y = _data(torch.float64)
+    for step in range(steps):
+        _sam_step(opt, model, x, y)
+        _sam_step(ref, ref_model, x, y)
+        for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+            err = _rel_err(p, p_ref)
+            assert err <= 1e-9, f"seed {seed} step {step} {name}: rel err {err:.3g}"
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -116,13 +127,7 @@ def test_float64_trajectory(backend, case, adaptive, two_groups, seed):
     base_cls, kw = CASES[case]
     rho = 0.5 if adaptive else 0.07
     model, ref_model, opt, ref = _pair(backend, base_cls, kw, torch.float64, adaptive, two_groups, rho=rho)
-    x, y = _data(torch.float64)
-    for step in range(20):
-        _sam_step(opt, model, x, y)
-        _sam_step(ref, ref_model, x, y)
-        for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
-            err = _rel_err(p, p_ref)
-            assert err <= 1e-9, f"seed {seed} step {step} {name}: rel err {err:.3g}"
+    _assert_float64_trajectories_agree(model, ref_model, opt, ref, 20, seed)
     assert torch.equal(model.unused, ref_model.unused)  # grad None: never touched
 
 
@@ -161,12 +166,7 @@ def test_one_step(backend, case, dtype, adaptive, seed):
 def test_clipping_matches_reference(backend, base_cls, seed):
     kw = dict(lr=0.05, momentum=0.9) if base_cls is not torch.optim.AdamW else dict(lr=1e-2)
     model, ref_model, opt, ref = _pair(backend, base_cls, kw, torch.float64, False, False, max_grad_norm=0.05)
-    x, y = _data(torch.float64)
-    for step in range(5):
-        _sam_step(opt, model, x, y)
-        _sam_step(ref, ref_model, x, y)
-        for p, p_ref in zip(model.parameters(), ref_model.parameters()):
-            assert _rel_err(p, p_ref) <= 1e-9, f"seed {seed} step {step}"
+    _assert_float64_trajectories_agree(model, ref_model, opt, ref, 5, seed)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -176,12 +176,7 @@ def test_clipping_matches_reference(backend, base_cls, seed):
 def test_generic_base_optimizer(backend, base_cls, kw, seed):
     """Any other optimizer (or unsupported option): restore, then base_optimizer.step()."""
     model, ref_model, opt, ref = _pair(backend, base_cls, kw, torch.float64, True, True, rho=0.3)
-    x, y = _data(torch.float64)
-    for step in range(10):
-        _sam_step(opt, model, x, y)
-        _sam_step(ref, ref_model, x, y)
-        for p, p_ref in zip(model.parameters(), ref_model.parameters()):
-            assert _rel_err(p, p_ref) <= 1e-9, f"seed {seed} step {step}"
+    _assert_float64_trajectories_agree(model, ref_model, opt, ref, 10, seed)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -90,6 +90,11 @@ def _usable(name: str, device: torch.device) -> bool:
     return mod is not None and mod.is_available(device)[0]
 
 
+def available(device: torch.device) -> list:
+    """Names of the backends that can run on ``device`` (``FASTSAM_BACKEND`` is not consulted)."""
+    return [name for name in BACKENDS if _usable(name, torch.device(device))]
+
+
 def resolve(requested: str, device: torch.device) -> str:
     """Pick the backend name for parameters on ``device``.
 
