@@ -118,7 +118,7 @@ def make_variant(name, shapes, device):
 
 def available_backends(device):
     # triton on the CPU is the interpreter: a test vehicle, not a backend to time
-    return [n for n in backends.available(device) if n != "triton" or device.type == "cuda"]
+    return [n for n in backends.available(device, build=True) if n != "triton" or device.type == "cuda"]
 
 
 def run(args):

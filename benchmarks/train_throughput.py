@@ -66,7 +66,7 @@ class Variant:
 def available_backends(device: torch.device, only: Optional[List[str]] = None) -> List[str]:
     """Backends FusedSAM can run on ``device``: foreach always; triton/cuda on CUDA; cpp on the CPU."""
     # Triton on the CPU would be its interpreter (a correctness tool, not a speed path).
-    return [n for n in backends.available(device)
+    return [n for n in backends.available(device, build=True)
             if (n != "triton" or device.type == "cuda") and (not only or n in only)]
 
 

@@ -184,8 +184,15 @@ def _jit_key(cuda: bool, archs: Tuple[str, ...]) -> str:
     return h.hexdigest()[:16]
 
 
-def _jit_build() -> Tuple[str, bool]:
-    """Build (or find in the cache) the extension; returns (path of the .so, has CUDA)."""
+class NotBuilt(RuntimeError):
+    """No prebuilt or cached extension, and the caller did not ask for a build."""
+
+
+def _jit_build(build: bool = True) -> Tuple[str, bool]:
+    """Build (or find in the cache) the extension; returns (path of the .so, has CUDA).
+
+    With ``build=False`` only a cached build is used (raises NotBuilt otherwise).
+    """
     cuda = _jit_cuda()
     archs = _jit_archs() if cuda else ()
     key = _jit_key(cuda, archs)
@@ -195,6 +202,8 @@ def _jit_build() -> Tuple[str, bool]:
     stamp = so_path + ".ok"  # written after a complete build: a half-linked .so is never loaded
     if os.path.exists(stamp) and os.path.exists(so_path):
         return so_path, cuda
+    if not build:
+        raise NotBuilt(f"the extension is not built yet ({BUILD_FIX})")
     missing = [n for n in _sources(cuda, absolute=True) if not os.path.exists(n)]
     if missing:
         raise RuntimeError(f"the csrc/ sources are not next to the package ({', '.join(missing)} missing), so the "
@@ -215,11 +224,13 @@ def _jit_build() -> Tuple[str, bool]:
     return so_path, cuda
 
 
-def load() -> Tuple[bool, str]:
+def load(build: bool = True) -> Tuple[bool, str]:
     """Load the extension once per process; (True, "") or (False, why and how to fix it).
 
-    A failure is remembered for the rest of the process, so a missing compiler
-    costs one attempt, not one per call.
+    ``build=False`` (what backend="auto" uses) loads only a prebuilt or cached
+    extension and never starts a compile.  A failure is remembered for the
+    rest of the process, so a missing compiler costs one attempt, not one per
+    call; "not built yet" is not remembered, so an explicit request can build.
     """
     if "ok" in _state:
         return _state["ok"], _state["why"]
@@ -230,9 +241,11 @@ def load() -> Tuple[bool, str]:
         if path is None:
             if os.environ.get("FASTSAM_NO_JIT") == "1":
                 raise RuntimeError("no prebuilt fastsam._C and FASTSAM_NO_JIT=1 forbids the JIT build")
-            path, _ = _jit_build()
+            path, _ = _jit_build(build)
         torch.ops.load_library(path)
         _state.update(ok=True, why="", path=path)
+    except NotBuilt as exc:
+        return False, str(exc)
     except Exception as exc:  # noqa: BLE001 - any build/load failure becomes the reason shown to the user
         msg = str(exc).strip().splitlines()
         detail = msg[-1] if msg else type(exc).__name__

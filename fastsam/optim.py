@@ -193,7 +193,11 @@ class FusedSAM(Optimizer):
 
     def _buckets(self) -> List[_Bucket]:
         """Buckets of the params that have a gradient now, with their gradients filled in."""
-        mask = tuple(p.grad is not None for g in self.param_groups for p in g["params"])
+        # The cache key names every parameter with a gradient and its dtype, device and
+        # layout: a replaced parameter, or one moved/cast/converted to channels_last
+        # through p.data, builds new buckets (and new restore copies).
+        mask = tuple((id(p), p.dtype, p.device, p.is_contiguous()) if p.grad is not None else None
+                     for g in self.param_groups for p in g["params"])
         buckets = self._bucket_cache.get(mask)
         if buckets is None:
             buckets = []
@@ -206,6 +210,10 @@ class FusedSAM(Optimizer):
                         raise RuntimeError(
                             f"FusedSAM does not support sparse gradients (param group {gi}, parameter {pi}); "
                             "SAM needs a dense global gradient norm")
+                    if p.is_complex():
+                        raise RuntimeError(
+                            f"FusedSAM does not support complex parameters (param group {gi}, parameter {pi}); "
+                            "pass torch.view_as_real(p) views or keep complex parameters out of FusedSAM")
                     if p.grad.dtype != p.dtype or p.grad.device != p.device:
                         raise RuntimeError(
                             f"gradient of param group {gi}, parameter {pi} has dtype/device "
@@ -222,6 +230,7 @@ class FusedSAM(Optimizer):
                 buckets.extend(by_key.values())
             self._bucket_cache.clear()  # the grad pattern rarely changes; keep one entry
             self._bucket_cache[mask] = buckets
+            self._conform_state(buckets)
         for b in buckets:
             if b.shard is not None:  # DTensors: the kernels work on the local shards
                 b.params = [p.to_local() for p in b.keys]
@@ -232,12 +241,29 @@ class FusedSAM(Optimizer):
                 raise RuntimeError("FusedSAM does not support sparse gradients")
         return buckets
 
+    def _conform_state(self, buckets: List[_Bucket]) -> None:
+        """Make the base optimizer's state follow parameters cast, moved or re-laid-out
+        through ``p.data`` (``model.double()``, ``model.to(memory_format=...)``), as
+        ``load_state_dict`` casts it, so that each fused call sees one dtype, device
+        and layout.  Runs only when the buckets are rebuilt."""
+        state = self.base_optimizer.state
+        for b in buckets:
+            if b.shard is not None:
+                continue
+            for p in b.keys:
+                st = state.get(p)
+                for name, v in (st or {}).items():
+                    if (torch.is_tensor(v) and name != "step" and v.shape == p.shape
+                            and (v.dtype != p.dtype or v.device != p.device or v.stride() != p.stride())):
+                        st[name] = torch.empty_like(p).copy_(v)
+
     def _copies(self, keys: List[torch.Tensor], params: List[torch.Tensor]) -> List[torch.Tensor]:
         out = []
         for k, p in zip(keys, params):
             st = self.state[k]
             c = st.get("sam_copy")
-            if c is None or c.shape != p.shape or c.dtype != p.dtype or c.device != p.device:
+            if (c is None or c.shape != p.shape or c.dtype != p.dtype or c.device != p.device
+                    or c.stride() != p.stride()):
                 c = torch.empty_like(p, memory_format=torch.preserve_format)
                 st["sam_copy"] = c
             out.append(c)
@@ -311,13 +337,18 @@ class FusedSAM(Optimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w and let the base optimizer step with the SAM gradient.
 
-        While SAM is inactive this is exactly ``base_optimizer.step()``.
+        While SAM is inactive this is the base optimizer's step on the current
+        gradient (nothing to restore), with the same non-finite skip and
+        ``max_grad_norm`` clipping as SAM steps: one more read of the gradient,
+        no host synchronisation on the fused paths.
         """
+        self.found_inf = None
         if self._pending is None:
             if self.sam_active:
                 raise RuntimeError("second_step() called without first_step(): SAM is active, so call "
                                    "first_step() after the first backward pass")
-            self.base_optimizer.step()
+            self._skip = None
+            self._sam_update([])
         else:
             self._sam_update(self._pending)
             self._pending = None
@@ -407,8 +438,12 @@ class FusedSAM(Optimizer):
                 continue
             ps = [b.params[i] for i in ids]
             if first:
-                if b.device.type == "cpu" and bool(skip):
-                    # a skipped first step must leave the state as torch would: no buffer yet
+                # A skipped first step must leave the state as torch would: no buffer yet.
+                # Reading the flag is free on the CPU; elsewhere the kernels keep a
+                # skipped fresh buffer at zero, which the next step turns into exactly
+                # torch's first buffer (m*0 + g) unless dampening != 0: only then, and
+                # only on a parameter's first step, is the flag read on the host.
+                if (b.device.type == "cpu" or g["dampening"] != 0) and bool(skip):
                     b.backend.restore(ps, [srcs[i] for i in ids])
                     continue
                 for i in ids:  # a DTensor for a DTensor parameter, as torch.optim.SGD keeps it
@@ -445,8 +480,8 @@ class FusedSAM(Optimizer):
 
         ``closure`` must run the second forward and backward (it is called
         with grad enabled) and may return the loss, which is returned.  While
-        SAM is inactive this is ``base_optimizer.step()`` and the closure is
-        never called.
+        SAM is inactive this is the base optimizer's step (see
+        ``second_step``) and the closure is never called.
         """
         if not self.sam_active:
             self.first_step()  # records that no perturbation is pending
@@ -461,6 +496,18 @@ class FusedSAM(Optimizer):
             loss = closure()
         self.second_step()
         return loss
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> Dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; FusedSAM
+        # needs its base optimizer and settings too.  Caches are rebuilt.
+        st = dict(self.__dict__)
+        st.update(_bucket_cache={}, _backends={}, _pending=None, _skip_hook=None)
+        return st
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.param_groups = self.base_optimizer.param_groups
 
     # ------------------------------------------------------------------ bookkeeping
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -20,7 +20,7 @@ from fastsam import backends  # noqa: E402
 
 # Every backend that runs on CPU tensors here: foreach always, triton under
 # the interpreter, cpp when the extension builds.
-CPU_BACKENDS = backends.available(torch.device("cpu"))
+CPU_BACKENDS = backends.available(torch.device("cpu"), build=True)
 
 
 def pytest_report_header(config):

@@ -64,7 +64,7 @@ def test_cuda_backend_says_why_not(monkeypatch):
     # a GPU and a CUDA torch, but an extension built without CUDA kernels
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(_build, "load", lambda: (True, ""))
+    monkeypatch.setattr(_build, "load", lambda build=True: (True, ""))
     monkeypatch.setattr(_build, "has_cuda_kernels", lambda: False)
     ok, why = cuda.is_available(torch.device("cuda"))
     assert not ok and "FASTSAM_BUILD_CUDA=1 pip install -e . --no-build-isolation" in why

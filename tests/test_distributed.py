@@ -236,7 +236,7 @@ def _ddp_checks(rank, seed):
             assert int(ddp.module.bn.num_batches_tracked) == step + 1, what
             _assert_ranks_bitwise_equal(_state_tensors(ddp.module, opt), what)
 
-    # 4. SAM inactive: one synchronised pass and the base step, exactly plain DDP training.
+    # 4. SAM inactive: one synchronised pass and the base step, plain DDP training.
     base_cls, kw = BASES["sgd"]
     plain = DDP(_model(seed))
     ddp = DDP(_model(seed))
@@ -248,8 +248,8 @@ def _ddp_checks(rank, seed):
         _mse(plain(x), y).backward()
         opt_plain.step()
         opt_plain.zero_grad()
-        for p, q in zip(ddp.parameters(), plain.parameters()):
-            assert torch.equal(p, q), "inactive SAM is not plain DDP training"
+        # the base step's math through the fused kernels (FMA or not per backend): equal to rounding
+        _assert_close(list(ddp.parameters()), list(plain.parameters()), "inactive SAM vs plain DDP training")
 
     # 5. a non-finite gradient on rank 1 only makes every rank skip the step: in the first
     #    pass (local mode: the other rank's gradient is finite), or in the second.

@@ -85,14 +85,26 @@ def get(name: str) -> ModuleType:
         raise BackendUnavailable(f"backend {name!r} cannot be imported: {exc}") from exc
 
 
-def _usable(name: str, device: torch.device) -> bool:
+COMPILED = ("cuda", "cpp")  # their is_available(device, build=...) may start a JIT compile
+
+
+def _usable(name: str, device: torch.device, build: bool = False) -> bool:
     mod = _import(name)
-    return mod is not None and mod.is_available(device)[0]
+    if mod is None:
+        return False
+    if name in COMPILED:
+        return mod.is_available(device, build=build)[0]
+    return mod.is_available(device)[0]
 
 
-def available(device: torch.device) -> list:
-    """Names of the backends that can run on ``device`` (``FASTSAM_BACKEND`` is not consulted)."""
-    return [name for name in BACKENDS if _usable(name, torch.device(device))]
+def available(device: torch.device, build: bool = False) -> list:
+    """Names of the backends that can run on ``device`` (``FASTSAM_BACKEND`` is not consulted).
+
+    ``build=True`` lets the compiled backends JIT-build the extension if it is
+    not built yet (a minute or more, once); by default only a prebuilt or
+    cached extension counts.
+    """
+    return [name for name in BACKENDS if _usable(name, torch.device(device), build)]
 
 
 def resolve(requested: str, device: torch.device) -> str:
@@ -101,7 +113,8 @@ def resolve(requested: str, device: torch.device) -> str:
     ``FASTSAM_BACKEND`` in the environment takes precedence over ``requested``.
     "auto" prefers compiled code: on CUDA "cuda" (the csrc/ extension, when it
     is built) then "triton" then "foreach"; on the CPU "cpp" (the csrc/ CPU
-    twin, when it is built) then "foreach".
+    twin, when it is built) then "foreach".  "auto" never starts a compile;
+    naming "cuda" or "cpp" explicitly builds the extension on first use.
     """
     name = os.environ.get(ENV_VAR) or requested
     if name == "auto":

@@ -36,12 +36,13 @@ def _fastsam_ops():
     return _ops
 
 
-def is_available(device: torch.device) -> tuple[bool, str]:
+def is_available(device: torch.device, build: bool = True) -> tuple[bool, str]:
+    """``build=False``: only a prebuilt or cached extension counts (no compile is started)."""
     device = torch.device(device)
     if device.type != "cpu":
         return False, (f"the cpp backend runs on CPU tensors, not {device.type}; "
                        "use backend='cuda' (or 'auto') for CUDA parameters")
-    return _build.load()
+    return _build.load(build)
 
 
 def supports(dtype: torch.dtype) -> bool:

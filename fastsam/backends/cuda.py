@@ -18,7 +18,8 @@ from .cpp import (  # noqa: F401  - the same operators serve both devices
 NAME = "cuda"
 
 
-def is_available(device: torch.device) -> tuple[bool, str]:
+def is_available(device: torch.device, build: bool = True) -> tuple[bool, str]:
+    """``build=False``: only a prebuilt or cached extension counts (no compile is started)."""
     device = torch.device(device)
     if device.type != "cuda":
         return False, (f"the cuda backend runs on CUDA tensors, not {device.type}; "
@@ -29,7 +30,7 @@ def is_available(device: torch.device) -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device is visible (torch.cuda.is_available() is False); check the driver and " \
                       "CUDA_VISIBLE_DEVICES"
-    ok, why = _build.load()
+    ok, why = _build.load(build)
     if not ok:
         return False, why
     if not _build.has_cuda_kernels():

@@ -43,8 +43,11 @@ def _masked_assign(dst: Tensors, new: Tensors, skip: torch.Tensor) -> None:
 def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None) -> torch.Tensor:
     check_bucket(grads, params)
     acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
-    vals = grads if params is None else torch._foreach_mul(torch._foreach_abs(params), grads)
-    norms = torch._foreach_norm(vals, 2, dtype=acc)
+    if params is not None:
+        if grads[0].dtype != acc:  # |w|*g overflows 16 bits long before its square does in fp32
+            params, grads = [p.to(acc) for p in params], [g.to(acc) for g in grads]
+        grads = torch._foreach_mul(torch._foreach_abs(params), grads)
+    norms = torch._foreach_norm(grads, 2, dtype=acc)
     return torch.stack(norms).square().sum()
 
 
@@ -61,7 +64,7 @@ def perturb(params: Tensors, grads: Tensors, copies: Tensors, scale: torch.Tenso
         # CPU: read the scale on the host and add in one pass (no temporary e)
         torch._foreach_add_(params, grads, alpha=float(scale))
         return
-    e = torch._foreach_mul(grads, scale.to(params[0].dtype))
+    e = torch._foreach_mul(grads, scale)  # scale stays fp32: as a 16-bit number rho/||g|| can underflow
     if adaptive:  # e = scale * w^2 * g
         torch._foreach_mul_(e, params)
         torch._foreach_mul_(e, params)
@@ -79,7 +82,7 @@ def restore(params: Tensors, copies: Tensors) -> None:
 
 def _sam_grads(grads: Tensors, grad_scale: Optional[torch.Tensor], maximize: bool) -> Tensors:
     if grad_scale is not None:
-        grads = torch._foreach_mul(grads, grad_scale.to(grads[0].dtype))
+        grads = torch._foreach_mul(grads, grad_scale)
     if maximize:
         grads = torch._foreach_neg(grads)
     return grads
@@ -177,7 +180,10 @@ def _adam_update(params, exp_avgs, exp_avg_sqs, grads, steps, lr, beta1, beta2, 
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
         return
-    # Device-side bias corrections from the step tensors (torch's capturable path).
+    # Device-side bias corrections from the step tensors (torch's capturable path),
+    # in float64 for float64 parameters.
+    if params[0].dtype == torch.float64:
+        steps = [s.double() for s in steps]
     bc1 = torch._foreach_pow(beta1, steps)
     torch._foreach_sub_(bc1, 1)  # beta1^t - 1 = -bias_correction1
     torch._foreach_div_(bc1, lr)

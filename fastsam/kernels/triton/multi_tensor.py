@@ -201,8 +201,11 @@ def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence
     first = lists[0]
     head = first[0]
     device = head.device
+    # The layout is part of the key: the same storage seen contiguous in one step and
+    # channels_last in the next (a grad re-viewed by the user) must not reuse the table.
     key = (device, head.dtype, *[tuple(map(_data_ptr, ls)) for ls in lists],
-           *[(ls[0].dtype, tuple(map(_data_ptr, ls))) for ls in extra_ptrs], tuple(map(_numel, first)))
+           *[(ls[0].dtype, tuple(map(_data_ptr, ls))) for ls in extra_ptrs],
+           tuple(t.is_contiguous() for ls in lists for t in ls), tuple(map(_numel, first)))
     tab = _tables.get(key)
     if tab is None:
         check_bucket(*lists)
@@ -210,7 +213,7 @@ def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence
             return None
         numels = key[-1]
         meta = _cached(_metas, (device, numels), lambda: Meta(numels, device))
-        cols = [list(c) for c in key[2:2 + len(lists)]] + [list(c) for _, c in key[2 + len(lists):-1]]
+        cols = [list(c) for c in key[2:2 + len(lists)]] + [list(c) for _, c in key[2 + len(lists):-2]]
         tab = Table(cols + [list(numels)], len(lists), meta, device)
         _remember(_tables, key, tab)
     else:
