@@ -36,9 +36,9 @@ BYTES_PER_ELEMENT = {
     # foreach on the CPU: norm r g | copy r w w c | add_ r w,g w w | check r g |
     # restore r c w w | buf*=m r b w b | buf+=g r b,g w b | w-=lr*buf r w,b w w
     "foreach": (1 + 2 + 3 + 1 + 2 + 2 + 3 + 3) * 4,
-    # reference: norm r g | clone r w w c | e=g*s r g w t | w+=e r w,t w w |
-    # restore: pointer swap | torch SGD: buf*=m, buf+=g, w-=lr*buf
-    "reference": (1 + 2 + 2 + 3 + 0 + 2 + 3 + 3) * 4,
+    # reference: norm of 1.0*g r g w t, r t | clone r w w c | e=(1.0*g)*s r g w t, r t w t |
+    # w+=e r w,t w w | restore: pointer swap | torch SGD: buf*=m, buf+=g, w-=lr*buf
+    "reference": (3 + 2 + 4 + 3 + 0 + 2 + 3 + 3) * 4,
 }
 
 

@@ -539,6 +539,10 @@ class FusedSAM(Optimizer):
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if self._pending is not None:  # between first_step and second_step: undo the perturbation first
+            for b in self._pending:
+                b.backend.restore(b.params, b.copies)
+            self._pending = None
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "sam"}:
             raise ValueError("state_dict is not a FusedSAM state dict (expected the keys 'base' and 'sam' "
                              "written by FusedSAM.state_dict())")

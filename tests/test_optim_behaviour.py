@@ -601,3 +601,18 @@ def test_auto_never_starts_a_compile(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["foreach", "False"], out.stdout + out.stderr
     assert not any(tmp_path.iterdir()), "a build was started"
+
+
+def test_load_state_dict_between_the_two_steps_undoes_the_perturbation():
+    model = _mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    x, y = _data()
+    _take_steps(opt, model, x, y, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    before = [p.detach().clone() for p in model.parameters()]
+    _loss(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    opt.load_state_dict(sd)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
