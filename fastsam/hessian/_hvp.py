@@ -160,6 +160,7 @@ class HessianOperator:
                            for i in range(len(self.batches))]
         self.num_hvps = 0
         self._saved = None
+        self._use_torch_func = False  # forward_over_reverse: eager forward AD until an op lacks it
 
     # ------------------------------------------------------------------ distributed helpers
     def _comm_device(self):
@@ -259,8 +260,17 @@ class HessianOperator:
         fn = self._hvp_double_backward if self.hvp_mode == "double_backward" else self._hvp_fwd_rev
         for i, (batch, w) in enumerate(zip(self.batches, self.weights)):
             inputs, targets = _to(batch[0], self.device), _to(batch[1], self.device)
-            with self._seeded(i):
-                hv = fn(inputs, targets, vs)
+            try:
+                with self._seeded(i):
+                    hv = fn(inputs, targets, vs)
+            except NotImplementedError:
+                # an op without a forward-AD formula for its backward: use torch.func, whose jvp
+                # decomposes such ops, for this and every later product (same seed, same masks)
+                if fn != self._hvp_fwd_rev or self._use_torch_func:
+                    raise
+                self._use_torch_func = True
+                with self._seeded(i):
+                    hv = fn(inputs, targets, vs)
             for o, h in zip(out, hv):
                 if h is not None:
                     o.add_(h.detach(), alpha=w)
@@ -278,6 +288,32 @@ class HessianOperator:
             return torch.autograd.grad(torch.stack(terms).sum(), self.params, allow_unused=True)
 
     def _hvp_fwd_rev(self, inputs, targets, vs):
+        if self._use_torch_func:
+            return self._hvp_fwd_rev_func(inputs, targets, vs)
+        return self._hvp_fwd_rev_eager(inputs, targets, vs)
+
+    def _hvp_fwd_rev_eager(self, inputs, targets, vs):
+        """Forward-over-reverse with eager forward AD: parameters as dual tensors (tangent = v),
+        one forward, one plain backward (no ``create_graph``); the gradients' tangents are H v.
+
+        Unlike ``jvp(grad(f))`` (``torch.func.grad`` always differentiates with
+        ``create_graph=True``), nothing records a graph of the backward pass, so the saved
+        tensors of the backward nodes are not kept alive until the product ends.
+        """
+        import torch.autograd.forward_ad as fwAD
+        from torch.func import functional_call
+        args, kwargs = _call_args(inputs)
+        primals = [p.detach().requires_grad_() for p in self.params]
+        with torch.enable_grad(), fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p, t) for n, p, t in zip(self.names, primals, vs)}
+            out = functional_call(self.model, duals, args, kwargs, strict=False)
+            loss = self._check_loss(self.loss_fn(out, targets))
+            del out, duals
+            grads = torch.autograd.grad(loss, primals, allow_unused=True)
+            del loss
+            return [None if g is None else fwAD.unpack_dual(g).tangent for g in grads]
+
+    def _hvp_fwd_rev_func(self, inputs, targets, vs):
         from torch.func import functional_call, grad, jvp
         model = self.model
         primals = {n: p.detach() for n, p in zip(self.names, self.params)}
