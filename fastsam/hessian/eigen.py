@@ -63,7 +63,8 @@ def eigenvalues(model: nn.Module, loss_fn, data, k: int = 1, method: str = "lanc
       is negative (where PyHessian would return it) it shifts once and continues, so it also
       returns the largest algebraic values (see :mod:`fastsam.hessian.power`).
     - ``hvp_mode``: ``"double_backward"`` (default, any module) or ``"forward_over_reverse"``
-      (``torch.func``; the loss must be ``torch.func``-compatible).
+      (forward-mode dual parameters through one forward and one plain backward; falls back to
+      ``torch.func.jvp(torch.func.grad(...))`` for ops without a forward-mode backward formula).
     - ``model_mode``: ``"eval"`` (default, as PyHessian) or ``"train"`` (BatchNorm uses batch
       statistics, dropout masks fixed per batch). Mode, buffers and ``.grad`` are restored.
     - ``dtype``: working dtype of the solver vectors (default: parameter dtype); products are
