@@ -72,3 +72,21 @@ class ReferenceSAM:
         if zero_grad:
             self.base.zero_grad()
         return skip
+
+
+def train_mlp_with_fused_sam(backend, base_cls, kw, seed, device="cpu", steps=3):
+    """A few FusedSAM steps of a small MLP on fixed random data; returns (opt.backend, parameters).
+
+    Run twice with different backends and the same seed to compare them end to end."""
+    from fastsam import FusedSAM
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).to(device)
+    opt = FusedSAM(model.parameters(), base_cls, rho=0.05, backend=backend, max_grad_norm=1.0, **kw)
+    x, y = torch.randn(32, 20, device=device), torch.randint(0, 3, (32,), device=device)
+    for _ in range(steps):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+    return opt.backend, [p.detach() for p in model.parameters()]

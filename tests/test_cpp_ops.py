@@ -15,8 +15,9 @@ import math
 import pytest
 import torch
 
-from fastsam import FusedSAM
 from fastsam.backends import cpp, foreach
+
+from .reference import train_mlp_with_fused_sam
 
 CPU = torch.device("cpu")
 AVAILABLE, WHY = cpp.is_available(CPU)
@@ -402,16 +403,7 @@ def test_ops_trace_under_torch_compile(seed):
 def test_fused_sam_cpp_matches_foreach(seed, base, kw):
     """A few FusedSAM steps: backend cpp against backend foreach, same data."""
     def run(backend):
-        torch.manual_seed(seed)
-        model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
-        opt = FusedSAM(model.parameters(), base, rho=0.05, backend=backend, max_grad_norm=1.0, **kw)
-        x, y = torch.randn(32, 20), torch.randint(0, 3, (32,))
-        for _ in range(3):
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.first_step(zero_grad=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.second_step(zero_grad=True)
-        return opt.backend, [p.detach() for p in model.parameters()]
+        return train_mlp_with_fused_sam(backend, base, kw, seed)
 
     name, got = run("cpp")
     assert name == "cpp"

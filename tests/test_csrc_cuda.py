@@ -15,8 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastsam import FusedSAM, backends
+from fastsam import backends
 from fastsam.backends import cpp, cuda
+
+from .reference import train_mlp_with_fused_sam
 
 pytestmark = pytest.mark.gpu
 
@@ -313,16 +315,7 @@ def test_huge_tensor_past_int32(dev, seed):
                                      (torch.optim.Adam, dict(lr=1e-3))])
 def test_fused_sam_cuda_matches_foreach(dev, base, kw, seed):
     def run(backend):
-        torch.manual_seed(seed)
-        model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).to(dev)
-        opt = FusedSAM(model.parameters(), base, rho=0.05, backend=backend, max_grad_norm=1.0, **kw)
-        x, y = torch.randn(32, 20, device=dev), torch.randint(0, 3, (32,), device=dev)
-        for _ in range(3):
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.first_step(zero_grad=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.second_step(zero_grad=True)
-        return opt.backend, [p.detach() for p in model.parameters()]
+        return train_mlp_with_fused_sam(backend, base, kw, seed, device=dev)
 
     name, got = run("cuda")
     assert name == "cuda"
