@@ -77,19 +77,23 @@ def _rel_err(a, b):
     return (a.double() - b.double()).abs().max().item() / scale
 
 
-def _assert_adam_16bit_close(p, p_ref, tol, lr, msg):
+def _assert_adam_16bit_close(params, ref_params, tol, lr, msg):
     """Adam in 16 bits: an Adam step moves an element by about lr whatever the
     gradient's size, so a gradient entry near zero whose sign flips through
     16-bit rounding of the perturbation moves by up to 2*lr; and where v
     underflows to 0 in one implementation but not the other, the step is
-    lr*m/eps instead of ~lr (seen: 4.5*lr).  Stated tolerance: at most 5% of
-    the elements outside tol*max|p| (measured over 432 runs: at most 1.1%),
-    and every element within 10*lr + tol*max|p| (no blow-up)."""
-    scale = p_ref.abs().max().item()
-    err = (p.double() - p_ref.double()).abs()
-    assert err.max().item() <= 10 * lr + tol * scale, f"{msg}: max err {err.max().item():.3g}"
-    frac = (err > tol * scale).double().mean().item()
-    assert frac <= 0.05, f"{msg}: {frac:.1%} of the elements outside {tol} relative"
+    lr*m/eps instead of ~lr (seen: 4.5*lr).  Stated tolerance, over all the
+    model's elements: at most 5% outside tol*max|p| of their tensor (measured
+    over 432 runs: at most 1.1%), and every element within 10*lr + tol*max|p|
+    (no blow-up)."""
+    outside, total = 0, 0
+    for (name, p), p_ref in zip(params, ref_params):
+        scale = p_ref.abs().max().item()
+        err = (p.double() - p_ref.double()).abs()
+        assert err.max().item() <= 10 * lr + tol * scale, f"{msg} {name}: max err {err.max().item():.3g}"
+        outside += int((err > tol * scale).sum())
+        total += err.numel()
+    assert outside <= 0.05 * total, f"{msg}: {outside} of {total} elements outside {tol} relative"
 
 
 def _pair(backend, base_cls, kw, dtype, adaptive, two_groups, rho=0.07, **extra):
@@ -154,13 +158,15 @@ def test_one_step(backend, case, dtype, adaptive, seed):
         _sync_state(ref, opt)
         _sam_step(opt, model, x, y)
         _sam_step(ref, ref_model, x, y)
-        for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        for p in model.parameters():
             assert torch.isfinite(p).all()
-            if dtype == torch.float32 or base_cls is torch.optim.SGD:
-                err = _rel_err(p, p_ref)
-                assert err <= tol, f"seed {seed} {dtype} step {step} {name}: rel err {err:.3g} > {tol}"
-            else:
-                _assert_adam_16bit_close(p, p_ref, tol, kw["lr"], f"seed {seed} {dtype} step {step} {name}")
+        if dtype != torch.float32 and base_cls is not torch.optim.SGD:
+            _assert_adam_16bit_close(list(model.named_parameters()), list(ref_model.parameters()), tol,
+                                     kw["lr"], f"seed {seed} {dtype} step {step}")
+            continue
+        for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+            err = _rel_err(p, p_ref)
+            assert err <= tol, f"seed {seed} {dtype} step {step} {name}: rel err {err:.3g} > {tol}"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
