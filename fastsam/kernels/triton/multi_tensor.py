@@ -104,6 +104,21 @@ def column(row, COL: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     return ptr
 
 
+@triton.jit
+def load_restored_and_sam_grad(row, offs, mask, grad_scale, HAS_GRAD_SCALE: tl.constexpr,
+                               MAXIMIZE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The common head of the fused base steps: the restored parameter (column 2, as
+    stored and in float32) and the SAM gradient (column 1) in float32, clipped and
+    negated as asked."""
+    p0 = tl.load(column(row, 2, DTYPE, ALIGNED) + offs, mask=mask)
+    g = tl.load(column(row, 1, DTYPE, ALIGNED) + offs, mask=mask).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        g = g * grad_scale
+    if MAXIMIZE:
+        g = -g
+    return p0, p0.to(tl.float32), g
+
+
 # Each kernel calls its chunk body in two versions: ``mask=None`` for the full
 # chunks (all but the last chunk of each tensor) and a bounds mask for the
 # tail.  With a bounds mask on every access the compiler could not vectorise:

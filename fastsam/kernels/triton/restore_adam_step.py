@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import multi_tensor as mt
-from .multi_tensor import column, keep_mask, locate
+from .multi_tensor import column, keep_mask, load_restored_and_sam_grad, locate
 
 
 @triton.jit
@@ -50,13 +50,7 @@ def _adam_chunk(row, offs, mask, kept, keep, grad_scale, one_minus_beta1, beta2,
                 weight_decay, decay, step_size, bc2_sqrt, HAS_GRAD_SCALE: tl.constexpr,
                 MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
                 DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    p0 = tl.load(column(row, 2, DTYPE, ALIGNED) + offs, mask=mask)  # the restored value
-    p = p0.to(tl.float32)
-    g = tl.load(column(row, 1, DTYPE, ALIGNED) + offs, mask=mask).to(tl.float32)
-    if HAS_GRAD_SCALE:
-        g = g * grad_scale
-    if MAXIMIZE:
-        g = -g
+    p0, p, g = load_restored_and_sam_grad(row, offs, mask, grad_scale, HAS_GRAD_SCALE, MAXIMIZE, DTYPE, ALIGNED)
     if WEIGHT_DECAY:
         if DECOUPLED:
             p = p * decay

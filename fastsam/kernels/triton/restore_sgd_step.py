@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import multi_tensor as mt
-from .multi_tensor import column, keep_mask, locate
+from .multi_tensor import column, keep_mask, load_restored_and_sam_grad, locate
 
 
 @triton.jit
@@ -31,13 +31,7 @@ def _sgd_chunk(row, offs, mask, kept, keep, grad_scale, lr, momentum, one_minus_
                HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST: tl.constexpr, DTYPE: tl.constexpr,
                ALIGNED: tl.constexpr):
-    p0 = tl.load(column(row, 2, DTYPE, ALIGNED) + offs, mask=mask)  # the restored value
-    p = p0.to(tl.float32)
-    d = tl.load(column(row, 1, DTYPE, ALIGNED) + offs, mask=mask).to(tl.float32)
-    if HAS_GRAD_SCALE:
-        d = d * grad_scale
-    if MAXIMIZE:
-        d = -d
+    p0, p, d = load_restored_and_sam_grad(row, offs, mask, grad_scale, HAS_GRAD_SCALE, MAXIMIZE, DTYPE, ALIGNED)
     if WEIGHT_DECAY:
         d = d + weight_decay * p
     if MOMENTUM:
