@@ -125,8 +125,8 @@ def sam_step(model: torch.nn.Module, opt: FusedSAM, loss_fn: Callable[[Any, Any]
 
     ``loss_fn(model(inputs), targets)`` is the loss.  Gradients are cleared
     before and after.  While ``opt.sam_active`` is False this is one
-    synchronised forward/backward and the base optimizer's step: exactly plain
-    (DDP) training.  Works with DDP, FSDP2 and plain modules alike.
+    synchronised forward/backward and the base optimizer's step (see
+    ``FusedSAM.second_step``): plain (DDP) training.  Works with DDP, FSDP2 and plain modules alike.
     """
     opt.zero_grad()
     with first_pass(model, opt):

@@ -412,7 +412,7 @@ class FusedSAM(Optimizer):
             return
         if grad_scale is not None:
             for b in buckets:
-                torch._foreach_mul_(b.grads, grad_scale.to(device=b.device, dtype=b.dtype))
+                torch._foreach_mul_(b.grads, grad_scale.to(b.device))  # fp32 factor, as the fused steps use it
         self.base_optimizer.step()
 
     def _fused_sgd(self, b: _Bucket, srcs, grad_scale, skip) -> None:
@@ -567,7 +567,6 @@ class FusedSAM(Optimizer):
         self.max_grad_norm = sam["max_grad_norm"]
         self.perturbation = sam["perturbation"]
         self._bucket_cache.clear()
-        self._pending = None
 
 
 def _dtensor_type():

@@ -7,9 +7,11 @@ a module that exposes the same names, so the data path reads
 
 ``NAME``
     the backend's name ("foreach", "triton", "cuda", "cpp").
-``is_available(device: torch.device) -> tuple[bool, str]``
+``is_available(device: torch.device, build: bool = True) -> tuple[bool, str]``
     whether the backend can run on ``device``; the string says why not and how
-    to fix it (shown to users who ask for this backend explicitly).
+    to fix it (shown to users who ask for this backend explicitly).  With
+    ``build=False`` a compiled backend counts only if its extension is already
+    built (no JIT compile is started); the others ignore ``build``.
 ``supports(dtype: torch.dtype) -> bool``
     dtypes it handles; FusedSAM falls back to "foreach" for the others.
 
@@ -85,16 +87,9 @@ def get(name: str) -> ModuleType:
         raise BackendUnavailable(f"backend {name!r} cannot be imported: {exc}") from exc
 
 
-COMPILED = ("cuda", "cpp")  # their is_available(device, build=...) may start a JIT compile
-
-
 def _usable(name: str, device: torch.device, build: bool = False) -> bool:
     mod = _import(name)
-    if mod is None:
-        return False
-    if name in COMPILED:
-        return mod.is_available(device, build=build)[0]
-    return mod.is_available(device)[0]
+    return mod is not None and mod.is_available(device, build=build)[0]
 
 
 def available(device: torch.device, build: bool = False) -> list:

@@ -20,7 +20,7 @@ Tensors = List[torch.Tensor]
 NAME = "foreach"
 
 
-def is_available(device: torch.device) -> tuple[bool, str]:
+def is_available(device: torch.device, build: bool = True) -> tuple[bool, str]:
     return True, ""
 
 

@@ -36,7 +36,8 @@ Tensors = List[torch.Tensor]
 NAME = "triton"
 
 
-def is_available(device: torch.device) -> tuple[bool, str]:
+def is_available(device: torch.device, build: bool = True) -> tuple[bool, str]:
+    """``build`` is part of the backend contract; Triton compiles its kernels lazily anyway."""
     if _kernels is None:
         return False, _WHY_NOT
     if device.type == "cuda":
