@@ -11,13 +11,13 @@ from .optim import FusedSAM
 __version__ = "0.1.0"
 
 __all__ = ["FusedSAM", "frozen_bn_stats", "disable_running_stats", "enable_running_stats", "hessian",
-           "__version__"]
+           "adversarial", "__version__"]
 
 
 def __getattr__(name):
-    # fastsam.hessian is imported on first use: optimizer users do not pay for it.
-    if name == "hessian":
+    # fastsam.hessian / fastsam.adversarial are imported on first use: optimizer users do not pay for it.
+    if name in ("hessian", "adversarial"):
         import importlib
 
-        return importlib.import_module(".hessian", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'fastsam' has no attribute {name!r}")

@@ -1,0 +1,282 @@
+"""Adversarial examples and robust accuracy: PGD (L-infinity and L2) and FGSM.
+
+    from fastsam import adversarial
+    x_adv = adversarial.pgd(model, x, y, eps=4/255, alpha=2/255, steps=10)       # L-inf PGD-10
+    x_adv = adversarial.pgd(model, x, y, eps=0.5, alpha=0.1, steps=20, norm="l2")
+    x_adv = adversarial.fgsm(model, x, y, eps=8/255)
+    r = adversarial.robust_accuracy(model, loader, eps=4/255, alpha=2/255, steps=10)
+    r.clean_acc, r.robust_acc                                                     # fractions in [0, 1]
+
+What every attack guarantees:
+
+- ``x_adv`` is a detached tensor of ``x``'s shape and dtype with ``||x_adv - x|| <= eps`` in the
+  chosen norm (per sample; up to rounding for L2) and, with ``clamp=(lo, hi)``, ``lo <= x_adv <= hi``.
+- The model is used in ``model_mode`` (``"eval"`` by default; ``"train"``: BatchNorm with batch
+  statistics, dropout active; ``None``: as it is). Afterwards every module's ``training`` flag
+  and every buffer (BatchNorm running statistics) are exactly as before, and the parameters'
+  ``.grad`` is untouched: the attack differentiates with respect to the input only
+  (``torch.autograd.grad``), never accumulating into parameters.
+- ``generator`` (a ``torch.Generator`` on ``x``'s device) makes the random start reproducible;
+  without it the global RNG is used.
+
+Untargeted attacks (default) ascend ``loss_fn(model(x_adv), y)``; ``targeted=True`` descends the
+loss towards the labels ``y`` (then the target classes). The loss is summed over the batch, so
+each sample's step is that sample's own gradient direction.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["pgd", "fgsm", "robust_accuracy", "RobustAccuracy", "NORMS", "MODEL_MODES"]
+
+NORMS = ("linf", "l2")
+MODEL_MODES = ("eval", "train", None)
+_TINY = 1e-12
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _number(name: str, value: Any, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def _check_common(model, x, y, eps, norm, clamp, loss_fn, model_mode):
+    if not isinstance(model, nn.Module) and not callable(model):
+        raise TypeError(f"model must be a torch.nn.Module or a callable, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must have a non-empty leading batch dimension, got shape {tuple(x.shape)}")
+    if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must be a tensor with the batch size of x ({x.shape[0]}), got "
+                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    eps = _number("eps", eps)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+    if clamp is not None:
+        if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
+            raise ValueError(f"clamp must be None or a (low, high) pair, got {clamp!r}")
+        lo, hi = clamp
+        for n, v in (("clamp[0]", lo), ("clamp[1]", hi)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{n} must be a finite number, got {v!r}")
+        if not lo < hi:
+            raise ValueError(f"clamp must satisfy low < high, got {clamp!r}")
+        clamp = (float(lo), float(hi))
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
+    if model_mode not in MODEL_MODES:
+        raise ValueError(f"model_mode must be one of {list(MODEL_MODES)}, got {model_mode!r}")
+    return eps, clamp
+
+
+# ----------------------------------------------------------------------------- model state
+class _ModelState:
+    """Put the model in ``mode`` for the attack; restore training flags and buffers afterwards."""
+
+    def __init__(self, model, mode):
+        self.model, self.mode = model, mode
+
+    def __enter__(self):
+        m = self.model
+        if not isinstance(m, nn.Module):
+            self.saved = None
+            return self
+        self.saved = ([(mod, mod.training) for mod in m.modules()],
+                      [(b, b.detach().clone()) for b in m.buffers()])
+        if self.mode is not None:
+            m.train(self.mode == "train")
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            return False
+        flags, buffers = self.saved
+        with torch.no_grad():
+            for b, v in buffers:
+                b.copy_(v)
+        for mod, training in flags:
+            mod.training = training
+        return False
+
+
+def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each sample, shaped (N, 1, 1, ...) for broadcasting."""
+    return t.flatten(1).norm(dim=1).clamp_min(_TINY).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    n = delta.flatten(1).norm(dim=1).view(-1, *([1] * (delta.dim() - 1)))
+    return delta * torch.where(n > eps, eps / n.clamp_min(_TINY), torch.ones_like(n))
+
+
+def _random_start(x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
+    if norm == "linf":
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (2 * u - 1) * eps
+    # uniform in the L2 ball: a Gaussian direction, radius eps * U^(1/d)
+    d = x[0].numel()
+    g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    r = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype).pow(1.0 / d)
+    return g / _per_sample_norm(g) * (eps * r).view(-1, *([1] * (x.dim() - 1)))
+
+
+def _clamp(t, clamp):
+    return t if clamp is None else t.clamp(*clamp)
+
+
+# ----------------------------------------------------------------------------- attacks
+def pgd(model: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
+        norm: str = "linf", random_start: bool = True, targeted: bool = False,
+        loss_fn: Callable = F.cross_entropy, clamp: Optional[Tuple[float, float]] = (0.0, 1.0),
+        model_mode: Optional[str] = "eval", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Projected gradient descent (Madry et al., 2018) in the L-infinity or L2 ball of radius ``eps``.
+
+    Each of ``steps`` iterations moves every sample by ``alpha`` along the sign of its input
+    gradient (``norm="linf"``) or its unit-L2 input gradient (``norm="l2"``), then projects onto
+    the ``eps``-ball around ``x`` and into ``clamp``. ``random_start``: start from a uniform point
+    of the ball (clamped), else from ``x``. ``eps=0`` or ``steps=0`` (without random start)
+    returns ``x`` (clamped). See the module docstring for what is restored.
+    """
+    eps, clamp = _check_common(model, x, y, eps, norm, clamp, loss_fn, model_mode)
+    alpha = _number("alpha", alpha)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    x0 = x.detach()
+    if random_start and eps > 0:
+        x_adv = _clamp(x0 + _random_start(x0, eps, norm, generator), clamp)
+    else:
+        x_adv = _clamp(x0.clone(), clamp)
+    if eps == 0 or steps == 0 or alpha == 0:
+        return x_adv.detach()
+    sign = -1.0 if targeted else 1.0
+    with _ModelState(model, model_mode), torch.enable_grad():
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            loss = loss_fn(model(x_adv), y)
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+            (g,) = torch.autograd.grad(loss.sum(), x_adv)
+            with torch.no_grad():
+                if norm == "linf":
+                    step = g.sign()
+                else:
+                    step = g / _per_sample_norm(g)
+                delta = _project(x_adv + sign * alpha * step - x0, eps, norm)
+                x_adv = _clamp(x0 + delta, clamp)
+    return x_adv.detach()
+
+
+def fgsm(model: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+         targeted: bool = False, loss_fn: Callable = F.cross_entropy,
+         clamp: Optional[Tuple[float, float]] = (0.0, 1.0), model_mode: Optional[str] = "eval") -> torch.Tensor:
+    """Fast gradient (sign) method (Goodfellow et al., 2015): one step of size ``eps`` from ``x``,
+    ``x + eps * sign(grad)`` (``norm="l2"``: ``x + eps * grad / ||grad||``), clamped. Equal to
+    ``pgd(..., alpha=eps, steps=1, random_start=False)``."""
+    return pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm=norm, random_start=False, targeted=targeted,
+               loss_fn=loss_fn, clamp=clamp, model_mode=model_mode)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@dataclass
+class RobustAccuracy:
+    """Result of :func:`robust_accuracy`: fractions in [0, 1] over ``num_samples`` samples.
+
+    ``robust_acc`` counts a sample as correct when the model classifies both the clean input and
+    every attacked input (each restart) correctly: the worst case over the points tried, so it
+    is never above ``clean_acc``.
+    """
+    clean_acc: float
+    robust_acc: float
+    num_samples: int
+    attack: dict
+
+
+def _batches(data, batch_size):
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) \
+            and isinstance(data[1], torch.Tensor) and data[0].dim() > 0 and data[0].shape[0] == data[1].shape[0]:
+        x, y = data
+        bs = batch_size or x.shape[0]
+        for i in range(0, x.shape[0], bs):
+            yield x[i:i + bs], y[i:i + bs]
+        return
+    try:
+        it = iter(data)
+    except TypeError:
+        raise TypeError("data must be an (inputs, targets) pair of tensors or an iterable of such batches, "
+                        f"got {type(data).__name__}") from None
+    for i, b in enumerate(it):
+        if not (isinstance(b, (tuple, list)) and len(b) >= 2):
+            raise TypeError(f"data batch {i} must be an (inputs, targets) pair, got {type(b).__name__}")
+        yield b[0], b[1]
+
+
+def robust_accuracy(model: Callable, data: Union[Tuple[torch.Tensor, torch.Tensor], Iterable], *,
+                    eps: float, alpha: Optional[float] = None, steps: int = 10, norm: str = "linf",
+                    random_start: bool = False, restarts: int = 1, loss_fn: Callable = F.cross_entropy,
+                    clamp: Optional[Tuple[float, float]] = (0.0, 1.0), model_mode: Optional[str] = "eval",
+                    batch_size: Optional[int] = None, device=None, seed: Optional[int] = None) -> RobustAccuracy:
+    """Clean and robust accuracy of ``model`` under untargeted PGD-``steps`` (``steps=1``,
+    ``alpha=eps``, no random start is FGSM).
+
+    ``data``: an ``(x, y)`` pair of tensors (split into ``batch_size`` chunks, default one batch)
+    or an iterable of ``(x, y)`` batches (a DataLoader). ``alpha`` defaults to ``eps / 4`` for
+    PGD (``eps`` for ``steps=1``). ``restarts`` > 1 (with ``random_start``) keeps the worst case
+    per sample. ``device``: where batches are moved (default: the model's first parameter's
+    device). ``seed`` seeds the random starts (a private generator; the global RNG is untouched).
+    Predictions are taken in ``model_mode``; the model's state is restored as in :func:`pgd`.
+    """
+    eps = _number("eps", eps)
+    if alpha is None:
+        alpha = eps if steps == 1 else eps / 4
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    if restarts > 1 and not random_start:
+        raise ValueError("restarts > 1 needs random_start=True (the restarts would be identical)")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    if device is None and isinstance(model, nn.Module):
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else None
+    gen = None
+    clean = robust = total = 0
+    with _ModelState(model, model_mode):
+        for x, y in _batches(data, batch_size):
+            if device is not None:
+                x, y = x.to(device), y.to(device)
+            if gen is None and seed is not None:
+                gen = torch.Generator(device=x.device).manual_seed(int(seed))
+            with torch.no_grad():
+                ok = _predict(model, x).eq(y)
+            clean += int(ok.sum())
+            for _ in range(restarts):
+                x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start,
+                            loss_fn=loss_fn, clamp=clamp, model_mode=None, generator=gen)
+                with torch.no_grad():
+                    ok &= _predict(model, x_adv).eq(y)
+            robust += int(ok.sum())
+            total += int(y.shape[0])
+    if total == 0:
+        raise ValueError("data is empty: no samples to evaluate")
+    attack = dict(eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start, restarts=restarts,
+                  clamp=clamp, model_mode=model_mode)
+    return RobustAccuracy(clean / total, robust / total, total, attack)
+
+
+def _predict(model, x):
+    out = model(x)
+    return out.argmax(1)
