@@ -69,21 +69,27 @@ def test_state_restored_exactly(seed, call, model_mode, hvp_mode):
     assert_restored(model, snap)
 
 
-def test_state_restored_after_exception(seed):
+@pytest.mark.parametrize("cache_graph", [False, None])
+def test_state_restored_after_exception(seed, cache_graph):
     g = torch.Generator().manual_seed(seed)
     model, data = net(g)
     model.eval()
     snap = snapshot(model)
     calls = []
+    if cache_graph is None:  # graphs are kept: loss_fn runs once per batch, so fail on the 2nd batch
+        (x, y), fail_at = data, 2
+        data = [(x[:6], y[:6]), (x[6:], y[6:])]
+    else:
+        fail_at = 3
 
     def failing_loss(out, y):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == fail_at:
             raise KeyboardInterrupt
         return CE(out, y)
 
     with pytest.raises(KeyboardInterrupt):
-        hessian.eigenvalues(model, failing_loss, data, model_mode="train")
+        hessian.eigenvalues(model, failing_loss, data, model_mode="train", cache_graph=cache_graph)
     assert_restored(model, snap)
 
 

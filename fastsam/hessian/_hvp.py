@@ -121,11 +121,23 @@ class HessianOperator:
     reuses the same RNG seed per batch (derived from ``seed``; fresh when None, rank 0's in a
     process group), so dropout masks are fixed and H is one fixed matrix; the global RNG state
     is left unchanged.
+
+    Graph reuse (``hvp_mode="double_backward"``): the first product of a batch runs its forward
+    and a ``create_graph`` backward once and keeps that first-order graph; every later product
+    of the batch is one backward through it (as PyHessian does for a single batch), instead of
+    forward + two backwards. Kept graphs are bounded by ``cache_bytes`` (bytes of the tensors the
+    graph saves, counted with saved-tensor hooks; default: half of the free device memory on a
+    GPU, a quarter of the available memory on the CPU): batches beyond the budget are recomputed
+    per product, as before, so memory stays bounded by the budget plus one batch's graph.
+    ``cache_graph=False`` recomputes every batch; ``cache_graph=True`` keeps every graph whatever
+    the budget. The graphs are freed when the ``with`` block exits. ``op.num_cached`` says how
+    many batches are kept.
     """
 
     def __init__(self, model: nn.Module, loss_fn, data, *, hvp_mode: str = "double_backward",
                  model_mode: str = "eval", distributed: Optional[bool] = None, process_group=None,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, cache_graph: Optional[bool] = None,
+                 cache_bytes: Optional[int] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -161,6 +173,23 @@ class HessianOperator:
         self.num_hvps = 0
         self._saved = None
         self._use_torch_func = False  # forward_over_reverse: eager forward AD until an op lacks it
+        if cache_graph is not None and not isinstance(cache_graph, bool):
+            raise ValueError(f"cache_graph must be True, False or None (automatic), got {cache_graph!r}")
+        if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
+                                        or cache_bytes < 0):
+            raise ValueError(f"cache_bytes must be a non-negative integer or None, got {cache_bytes!r}")
+        # double_backward: the first-order graph (gradients with create_graph) of each batch is
+        # built once and reused by every product, within a memory budget (see _graph_budget)
+        self.cache_graph = (self.hvp_mode == "double_backward") if cache_graph is None else cache_graph
+        if self.cache_graph and self.hvp_mode != "double_backward":
+            raise ValueError("cache_graph=True needs hvp_mode='double_backward' (forward-over-reverse "
+                             "cannot reuse a graph: every product pushes a new tangent through the forward)")
+        self._cache_bytes_arg = cache_bytes
+        self._cache_force = cache_graph is True
+        self._graphs: dict = {}
+        self._cached_bytes = 0
+        self._cache_full = False
+        self.cache_budget: Optional[int] = None
 
     # ------------------------------------------------------------------ distributed helpers
     def _comm_device(self):
@@ -204,6 +233,7 @@ class HessianOperator:
         return self
 
     def __exit__(self, *exc):
+        self._graphs, self._cached_bytes, self._cache_full = {}, 0, False
         s, self._saved = self._saved, None
         with torch.no_grad():
             for b, saved in s["buffers"]:
@@ -259,6 +289,12 @@ class HessianOperator:
         out = [torch.zeros_like(p) for p in self.params]
         fn = self._hvp_double_backward if self.hvp_mode == "double_backward" else self._hvp_fwd_rev
         for i, (batch, w) in enumerate(zip(self.batches, self.weights)):
+            if self.cache_graph and (i in self._graphs or not self._cache_full):
+                hv = self._hvp_cached(i, batch, vs)
+                for o, h in zip(out, hv):
+                    if h is not None:
+                        o.add_(h.detach(), alpha=w)
+                continue
             inputs, targets = _to(batch[0], self.device), _to(batch[1], self.device)
             try:
                 with self._seeded(i):
@@ -277,6 +313,70 @@ class HessianOperator:
         flat = self.all_reduce(flatten(out))
         self.num_hvps += 1
         return flat.to(v.dtype)
+
+    # ------------------------------------------------------------------ graph reuse
+    @property
+    def num_cached(self) -> int:
+        """How many batches' first-order graphs are kept for reuse."""
+        return len(self._graphs)
+
+    def _graph_budget(self) -> int:
+        if self._cache_bytes_arg is not None:
+            return self._cache_bytes_arg
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free // 2)
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024 // 4
+        except OSError:
+            pass
+        return 1 << 30  # 1 GiB when the available memory is unknown
+
+    def _first_order_graph(self, i, batch):
+        """(gradients with their graph, the matching parameter indices, bytes the graph saves)."""
+        inputs, targets = _to(batch[0], self.device), _to(batch[1], self.device)
+        skip = {p.untyped_storage().data_ptr() for p in self.params}
+        seen, total = set(), [0]
+
+        def pack(t):
+            try:
+                st = t.untyped_storage()
+                ptr = st.data_ptr()
+                if ptr not in seen and ptr not in skip:
+                    seen.add(ptr)
+                    total[0] += st.nbytes()
+            except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+                pass
+            return t
+
+        with torch.enable_grad(), self._seeded(i), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = self._check_loss(self.loss_fn(_call(self.model, inputs), targets))
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        keep = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
+        return [grads[j] for j in keep], keep, total[0]
+
+    def _hvp_cached(self, i, batch, vs):
+        entry = self._graphs.get(i)
+        if entry is None:
+            grads, keep, nbytes = self._first_order_graph(i, batch)
+            if self.cache_budget is None:
+                self.cache_budget = self._graph_budget()
+            fits = self._cache_force or self._cached_bytes + nbytes <= self.cache_budget
+            entry = (grads, keep)
+            if fits:
+                self._graphs[i] = entry
+                self._cached_bytes += nbytes
+            else:  # over budget: this batch and every later uncached one are recomputed per product
+                self._cache_full = True
+        grads, keep = entry
+        if not keep:  # the loss is at most linear in the parameters
+            return [None] * len(vs)
+        # d/dw (sum_j g_j . v_j) = H v: one backward through the kept first-order graph
+        return torch.autograd.grad(grads, self.params, grad_outputs=[vs[j] for j in keep],
+                                   retain_graph=i in self._graphs, allow_unused=True)
 
     def _hvp_double_backward(self, inputs, targets, vs):
         with torch.enable_grad():
@@ -380,7 +480,9 @@ def hvp(model: nn.Module, loss_fn, data, vector, *, hvp_mode: str = "double_back
     ``.grad`` are restored afterwards. ``seed`` fixes train-mode dropout masks (see
     :class:`HessianOperator`).
     """
+    # one product: nothing to reuse, so no graph is kept (memory as for a plain double backward)
     with HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, model_mode=model_mode,
-                         distributed=distributed, process_group=process_group, seed=seed) as op:
+                         distributed=distributed, process_group=process_group, seed=seed,
+                         cache_graph=False) as op:
         flat = op.from_params(vector).to(op.dtype)
         return [t.view(s) for t, s in zip(op.matvec(flat).split(op.sizes), op.shapes)]

@@ -68,13 +68,15 @@ def smooth(nodes, weights, sigma: Optional[float] = None, num_points: int = 1000
 def density(model: nn.Module, loss_fn, data, num_iter: int = 100, num_runs: int = 1, *,
             sigma: Optional[float] = None, num_points: int = 1000, seed: Optional[int] = None,
             hvp_mode: str = "double_backward", model_mode: str = "eval", dtype=None,
-            progress: bool = False, distributed: Optional[bool] = None, process_group=None) -> DensityResult:
+            progress: bool = False, distributed: Optional[bool] = None, process_group=None,
+            cache_graph: Optional[bool] = None, cache_bytes: Optional[int] = None) -> DensityResult:
     """SLQ spectral density of the Hessian of the sample-averaged loss.
 
     Each of ``num_runs`` runs does ``num_iter`` Lanczos steps (fewer if the Krylov space is
     exhausted; capped at n) from a normalised Rademacher vector; the eigenpairs (theta_j, s_j)
     of the tridiagonal matrix give nodes theta_j with weights s_j[0]^2. Costs
-    ``num_runs * num_iter`` products. Other keywords as in :func:`eigenvalues`.
+    ``num_runs * num_iter`` products.
+    Other keywords (``cache_graph``, ``cache_bytes``, ...) as in :func:`eigenvalues`.
     """
     check_positive_int("num_iter", num_iter)
     check_positive_int("num_runs", num_runs)
@@ -82,7 +84,8 @@ def density(model: nn.Module, loss_fn, data, num_iter: int = 100, num_runs: int 
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0):
         raise ValueError(f"sigma must be a positive number or None, got {sigma!r}")
     with HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, model_mode=model_mode,
-                         distributed=distributed, process_group=process_group, seed=seed) as op:
+                         distributed=distributed, process_group=process_group, seed=seed,
+                         cache_graph=cache_graph, cache_bytes=cache_bytes) as op:
         wdtype = check_dtype(dtype, op)
         seed = op.seed
         gen = generator(op.device, seed)

@@ -51,7 +51,8 @@ def eigenvalues(model: nn.Module, loss_fn, data, k: int = 1, method: str = "lanc
                 max_iter: Optional[int] = None, seed: Optional[int] = None, *,
                 hvp_mode: str = "double_backward", model_mode: str = "eval", dtype=None,
                 progress: bool = False, callback: Optional[Callable] = None,
-                distributed: Optional[bool] = None, process_group=None) -> EigenResult:
+                distributed: Optional[bool] = None, process_group=None, cache_graph: Optional[bool] = None,
+                cache_bytes: Optional[int] = None) -> EigenResult:
     """Top-k eigenvalues (largest algebraic first) of the Hessian of the sample-averaged loss.
 
     - ``data``: one ``(inputs, targets)`` batch or an iterable of batches (see ``HessianOperator``).
@@ -72,6 +73,9 @@ def eigenvalues(model: nn.Module, loss_fn, data, k: int = 1, method: str = "lanc
     - ``seed``: seeds the start vector and train-mode dropout masks (fresh when None; recorded
       in the result; rank 0's in a process group).
     - ``callback(info)``: called every step (see ``lanczos_eigs`` / ``power_eigs``); True stops.
+    - ``cache_graph`` / ``cache_bytes``: double backward keeps each batch's first-order graph and
+      reuses it for every product, within a memory budget (default automatic; see
+      ``HessianOperator``); ``cache_graph=False`` recomputes forward and backward per product.
     Warns if not converged within ``max_iter``.
     """
     check_positive_int("k", k)
@@ -79,7 +83,8 @@ def eigenvalues(model: nn.Module, loss_fn, data, k: int = 1, method: str = "lanc
     tol = check_tol(tol)
     check_positive_int("max_iter", max_iter, allow_none=True)
     with HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, model_mode=model_mode,
-                         distributed=distributed, process_group=process_group, seed=seed) as op:
+                         distributed=distributed, process_group=process_group, seed=seed,
+                         cache_graph=cache_graph, cache_bytes=cache_bytes) as op:
         if k > op.n:
             raise ValueError(f"k must be at most the number of trainable parameters ({op.n}), got {k}")
         wdtype = check_dtype(dtype, op)

@@ -53,18 +53,20 @@ def _std_error(samples: torch.Tensor) -> float:
 def trace(model: nn.Module, loss_fn, data, num_samples: int = 100, method: str = "hutch++",
           seed: Optional[int] = None, *, hvp_mode: str = "double_backward", model_mode: str = "eval",
           dtype=None, progress: bool = False, distributed: Optional[bool] = None,
-          process_group=None) -> TraceResult:
+          process_group=None, cache_graph: Optional[bool] = None, cache_bytes: Optional[int] = None) -> TraceResult:
     """Estimate tr(H) of the Hessian of the sample-averaged loss with ``num_samples`` products.
 
     ``method="hutchinson"``: mean of z^T H z over ``num_samples`` Rademacher vectors (>= 2).
     ``method="hutch++"`` (default): the same budget split in thirds (>= 3): sketch S (n x m/3),
     Q = orth(H S), exact tr(Q^T H Q), plus Hutchinson on (I - QQ^T) H (I - QQ^T); much lower
-    variance when the spectrum decays. Other keywords as in :func:`eigenvalues`.
+    variance when the spectrum decays.
+    Other keywords (``cache_graph``, ``cache_bytes``, ...) as in :func:`eigenvalues`.
     """
     check_choice("method", method, METHODS)
     check_positive_int("num_samples", num_samples, minimum=3 if method == "hutch++" else 2)
     with HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, model_mode=model_mode,
-                         distributed=distributed, process_group=process_group, seed=seed) as op:
+                         distributed=distributed, process_group=process_group, seed=seed,
+                         cache_graph=cache_graph, cache_bytes=cache_bytes) as op:
         wdtype = check_dtype(dtype, op)
         seed = op.seed
         gen = generator(op.device, seed)
