@@ -77,8 +77,8 @@ def symmetric_noise(y: np.ndarray, noise: float, num_classes: int, seed: int) ->
 
 def load(name: str, *, noise: float = 0.0, test_size: float = 0.2, noise_seed: int = 0, device="cpu",
          limit: Optional[int] = None) -> ImageData:
-    """Load ``name`` ("mnist5k" or "digits") with a fixed stratified split; ``limit`` keeps only
-    the first ``limit`` images (before splitting; for smoke tests)."""
+    """Load ``name`` ("mnist5k" or "digits") with a fixed stratified split; ``limit`` keeps a fixed
+    random subset of ``limit`` images (before splitting; for smoke tests)."""
     from sklearn.model_selection import train_test_split
     if name == "mnist5k":
         x, y = _read_mnist5k()
@@ -86,8 +86,9 @@ def load(name: str, *, noise: float = 0.0, test_size: float = 0.2, noise_seed: i
         x, y = _read_digits()
     else:
         raise ValueError(f"dataset must be one of {list(DATASETS)}, got {name!r}")
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
+    if limit is not None:  # a fixed random subset (mnist_5k.csv.gz is sorted by label)
+        keep = np.sort(np.random.RandomState(0).permutation(len(y))[:limit])
+        x, y = x[keep], y[keep]
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=test_size, stratify=y, random_state=0)
     ytr_noisy = symmetric_noise(ytr, noise, 10, noise_seed) if noise > 0 else ytr
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
