@@ -46,6 +46,19 @@ inline void check_list(const char* op, const char* name, at::TensorList list, at
   }
 }
 
+// The restore contract: `copies` is empty (nothing to restore) or holds a distinct
+// copy for every parameter.  A copy that is its parameter means restored and
+// unrestored tensors were mixed in one call; FusedSAM splits such lists, and no
+// kernel infers per call whether it restores.  Called by the real (CPU, CUDA)
+// kernels only: the meta kernels see fake tensors, which have no data pointer.
+inline void check_copies_distinct(const char* op, at::TensorList copies, at::TensorList params) {
+  for (size_t i = 0; i < copies.size(); ++i) {
+    TORCH_CHECK_VALUE(copies[i].numel() == 0 || copies[i].data_ptr() != params[i].data_ptr(), "fastsam::", op,
+                      ": copies[", i, "] is the parameter itself; pass no copies (nothing to restore) or a "
+                      "distinct copy for every parameter (split mixed lists into two calls)");
+  }
+}
+
 // A 0-d device-side scalar (scale, skip, grad_scale).
 inline void check_scalar(const char* op, const char* name, const at::Tensor& s, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(s.numel() == 1 && s.is_floating_point(), "fastsam::", op, ": '", name,

@@ -183,6 +183,7 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                           bool nesterov, double weight_decay, bool maximize, bool first,
                           const std::optional<at::Tensor>& grad_scale, const at::Tensor& skip) {
   check_restore_sgd_step(params, grads, copies, momentum_buffers, momentum, grad_scale, skip);
+  check_copies_distinct("restore_sgd_step", copies, params);
   if (params.empty()) return;
   const bool restore = !copies.empty();
   if (host_flag(skip)) {
@@ -244,6 +245,7 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                            bool maximize, const std::optional<at::Tensor>& grad_scale, const at::Tensor& skip) {
   check_restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip);
+  check_copies_distinct("restore_adam_step", copies, params);
   if (params.empty()) return;
   const bool restore = !copies.empty();
   if (host_flag(skip)) {

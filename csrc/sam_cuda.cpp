@@ -104,6 +104,7 @@ void restore_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
                            bool nesterov, double weight_decay, bool maximize, bool first,
                            const std::optional<at::Tensor>& grad_scale, const at::Tensor& skip) {
   check_restore_sgd_step(params, grads, copies, momentum_buffers, momentum, grad_scale, skip);
+  check_copies_distinct("restore_sgd_step", copies, params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto acc = acc_dtype(params[0].scalar_type());
@@ -113,7 +114,7 @@ void restore_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   // stand in for the (unread) buffers.
   PointerLists lists{params, grads, copies.empty() ? params : copies,
                      momentum == 0 ? params : momentum_buffers};
-  const cuda::SgdHostArgs args{lr, momentum, dampening, weight_decay, nesterov, maximize, first};
+  const cuda::SgdHostArgs args{lr, momentum, dampening, weight_decay, nesterov, maximize, first, !copies.empty()};
   cuda::restore_sgd_step(lists.view(), kernel_dtype(params[0].scalar_type()), args,
                          gs.defined() ? gs.data_ptr() : nullptr, sk.data_ptr(), stream_of(params[0]));
 }
@@ -123,6 +124,7 @@ void restore_adam_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                             double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                             bool maximize, const std::optional<at::Tensor>& grad_scale, const at::Tensor& skip) {
   check_restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip);
+  check_copies_distinct("restore_adam_step", copies, params);
   if (params.empty()) return;
   const bool steps_double = steps[0].scalar_type() == at::kDouble;
   for (const at::Tensor& s : steps) {
@@ -134,7 +136,8 @@ void restore_adam_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   const at::Tensor sk = device_scalar(skip, acc);
   const at::Tensor gs = grad_scale.has_value() ? device_scalar(*grad_scale, acc) : at::Tensor();
   PointerLists lists{params, grads, copies.empty() ? params : copies, exp_avgs, exp_avg_sqs, steps};
-  const cuda::AdamHostArgs args{lr, beta1, beta2, eps, weight_decay, decoupled, maximize, steps_double};
+  const cuda::AdamHostArgs args{lr, beta1, beta2, eps, weight_decay, decoupled, maximize, steps_double,
+                                !copies.empty()};
   cuda::restore_adam_step(lists.view(), kernel_dtype(params[0].scalar_type()), args,
                           gs.defined() ? gs.data_ptr() : nullptr, sk.data_ptr(), stream_of(params[0]));
 }

@@ -364,7 +364,7 @@ void copy(const HostLists& lists, int element_size, void* stream) {
 
 void restore_sgd_step(const HostLists& lists, DType dtype, const SgdHostArgs& h, const void* grad_scale,
                       const void* skip, void* stream) {
-  const bool restore = lists.n_tensors > 0 && lists.lists[2][0] != lists.lists[0][0];  // copies are not the params
+  const bool restore = h.restore;  // the caller says; a per-call guess from one tensor was wrong for mixed lists
   const bool has_momentum = h.momentum != 0;
   dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -380,7 +380,7 @@ void restore_sgd_step(const HostLists& lists, DType dtype, const SgdHostArgs& h,
 void restore_adam_step(const HostLists& lists, DType dtype, const AdamHostArgs& h, const void* grad_scale,
                        const void* skip, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
-  const bool restore = lists.n_tensors > 0 && lists.lists[2][0] != lists.lists[0][0];  // copies are not the params
+  const bool restore = h.restore;
   dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;

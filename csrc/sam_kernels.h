@@ -42,10 +42,11 @@ void copy(const HostLists& lists, int element_size, void* stream);
 struct SgdHostArgs {
   double lr, momentum, dampening, weight_decay;
   bool nesterov, maximize, first;
+  bool restore;  // copies hold distinct restore copies (else nothing to restore): told, never inferred
 };
 
-// lists: params, grads, copies, momentum buffers.  copies == params (same
-// pointers) means nothing to restore; with momentum == 0 the buffers are
+// lists: params, grads, copies, momentum buffers.  With restore false the
+// copies column is not read (pass params); with momentum == 0 the buffers are
 // never touched (pass any list, e.g. params).  grad_scale may be nullptr.
 void restore_sgd_step(const HostLists& lists, DType dtype, const SgdHostArgs& args, const void* grad_scale,
                       const void* skip, void* stream);
@@ -54,9 +55,10 @@ struct AdamHostArgs {
   double lr, beta1, beta2, eps, weight_decay;
   bool decoupled, maximize;
   bool steps_double;  // step counters are float64 (else float32)
+  bool restore;       // as in SgdHostArgs
 };
 
-// lists: params, grads, copies (== params: nothing to restore), exp_avgs,
+// lists: params, grads, copies (not read unless args.restore), exp_avgs,
 // exp_avg_sqs, steps (one 0-d counter per tensor, incremented unless skip).
 void restore_adam_step(const HostLists& lists, DType dtype, const AdamHostArgs& args, const void* grad_scale,
                        const void* skip, void* stream);

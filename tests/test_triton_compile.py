@@ -21,12 +21,15 @@ SCRIPT = textwrap.dedent("""
     from fastsam.kernels.triton import perturb, restore, restore_adam_step, restore_sgd_step, sq_norm
 
     TABLE = ["*i64", "*i32", "*i32"]
+    SUM = ["*fp32", "i32", "*fp32", "*fp32", "*fp32", "*fp32", "fp32", "fp32"]  # no table: the whole signature
     CASES = [  # kernel, runtime argument types after the table, constexprs
         (sq_norm._sq_norm_partials_kernel, ["*fp32"],
          dict(WEIGHTED=True, N_COLS=3, DTYPE=1, ALIGNED=True, BLOCK=2048)),
-        (sq_norm._sum_kernel, None, dict(BLOCK=1024)),
-        (perturb._perturb_kernel, ["*fp32", "*fp64"], dict(ADAPTIVE=True, DTYPE=2, ALIGNED=True, BLOCK=2048)),
-        (perturb._perturb_kernel, ["*fp32", "*fp32"], dict(ADAPTIVE=False, DTYPE=0, ALIGNED=False, BLOCK=2048)),
+        (sq_norm._sum_kernel, SUM, dict(N_ITERS=13, HAS_ACC=False, MODE=1, HAS_PREV=False, CLIP=False,
+                                        BLOCK=1024)),
+        (sq_norm._sum_kernel, SUM, dict(N_ITERS=1, HAS_ACC=True, MODE=2, HAS_PREV=True, CLIP=True, BLOCK=1024)),
+        (perturb._perturb_kernel, ["*fp64", "fp32"], dict(ADAPTIVE=True, DTYPE=2, ALIGNED=True, BLOCK=2048)),
+        (perturb._perturb_kernel, ["*fp32", "fp32"], dict(ADAPTIVE=False, DTYPE=0, ALIGNED=False, BLOCK=2048)),
         (restore._restore_kernel, [], dict(DTYPE=0, ALIGNED=True, BLOCK=2048)),
         (restore_sgd_step._restore_sgd_step_kernel, ["*fp32", "*fp32"] + ["fp32"] * 4,
          dict(HAS_GRAD_SCALE=True, MAXIMIZE=True, WEIGHT_DECAY=True, MOMENTUM=True, NESTEROV=True, FIRST=False,
@@ -42,7 +45,7 @@ SCRIPT = textwrap.dedent("""
               ALIGNED=True, BLOCK=2048)),
     ]
     for fn, types, consts in CASES:
-        types = iter(["*fp32", "i32", "*fp32"] if types is None else TABLE + types)
+        types = iter(types if types is SUM else TABLE + types)
         sig = {name: "constexpr" if name in consts else next(types) for name in fn.arg_names}
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
@@ -68,4 +71,4 @@ def test_kernels_compile_for_sm90():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stdout.count("compiled") == 9
+    assert out.stdout.count("compiled") == 10

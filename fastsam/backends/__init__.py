@@ -17,36 +17,48 @@ a module that exposes the same names, so the data path reads
 
 The ops (all tensors of one call share a device and a dtype; lists may be empty
 and tensors may have zero elements: both are no-ops).  Device-side scalars are
-0-d tensors on the bucket's device (float32, or float64 for float64 buckets);
-nothing here may synchronise with the host, except the foreach backend on the
-CPU, where there is no separate device to wait for:
+0-d tensors, or the 1-D *scalars* of a pass (``_common.py``: ``SKIP`` and
+``FACTOR`` slots), on the bucket's device (float32, or float64 for float64
+buckets); nothing here may synchronise with the host, except the foreach and
+cpp backends on the CPU, where there is no separate device to wait for:
 
-``grad_sq_norm(grads, params=None) -> Tensor``
+``grad_sq_norm(grads, params=None, *, accumulate=None, epilogue=None) -> Tensor``
     0-d sum of squares: sum(g**2), or sum((|w|*g)**2) when ``params`` is given
-    (the ASAM norm).  Accumulated in float32 (float64 for float64 input).
-    Non-finite gradients make the result inf/nan; FusedSAM reads that as the
-    non-finite flag.
-``perturb(params, grads, copies, scale, skip, adaptive)``
+    (the ASAM norm), plus ``accumulate`` (the total of the buckets before this
+    one).  Accumulated in float32 (float64 for float64 input).  Non-finite
+    gradients make the result inf/nan.  With ``epilogue`` (``_common.Epilogue``)
+    it also writes the pass's scalars: skip flag and 1/(||g||+eps) (first pass)
+    or skip flag and clip coefficient (second pass).
+``perturb(params, grads, copies, scalars, rho, adaptive)``
     ``copies <- params`` (an exact copy, used by the restore), then unless
-    ``skip`` (0-d, nonzero means skip) ``params <- params + scale * g``, with
-    ``scale * w**2 * g`` when ``adaptive``.  ``scale`` is the 0-d tensor
-    rho / (||g|| + eps).
+    ``scalars[SKIP]`` ``params <- params + rho * scalars[FACTOR] * g``, with
+    ``* w**2`` when ``adaptive``.
 ``restore(params, copies)``
     ``params <- copies``.
+
+**The restore contract** of the two fused steps below: ``copies`` is either
+empty (nothing to restore: the params themselves are read) or holds one
+distinct copy per parameter (``kernels/checks.py: check_copies``; a copy that
+is its parameter is an error).  FusedSAM splits a bucket whose parameters are
+of both kinds (a parameter without a first-pass gradient was not perturbed)
+into two calls (``fastsam/_buckets.py: restore_slices``); no backend infers
+per call whether it restores.
+
 ``restore_sgd_step(params, grads, copies, momentum_buffers, *, lr, momentum,
 dampening, nesterov, weight_decay, maximize, first, grad_scale, skip)``
-    ``params <- copies`` and, unless ``skip``, torch.optim.SGD's update of the
+    restore as above and, unless ``skip``, torch.optim.SGD's update of the
     restored params with ``grads * grad_scale`` (``grad_scale`` is None or a
     0-d tensor: the clipping coefficient).  ``first`` (Python bool) means the
     momentum buffers are fresh (torch initialises them to the gradient);
-    ``momentum_buffers`` is an empty list when momentum == 0.  ``copies`` may
-    be the ``params`` list itself (nothing to restore).
+    ``momentum_buffers`` is an empty list when momentum == 0.
 ``restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, *, lr,
 beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, skip)``
-    ``params <- copies`` and, unless ``skip``, torch.optim.Adam's update
+    restore as above and, unless ``skip``, torch.optim.Adam's update
     (AdamW's when ``decoupled``), amsgrad off.  ``steps`` are the per-tensor
     0-d step counters (float32/64, on the bucket's device); they are
     incremented unless ``skip``.
+
+Every op has one test suite run against every backend: tests/test_backend_ops.py.
 """
 from __future__ import annotations
 

@@ -1,32 +1,64 @@
-"""Checks shared by every backend."""
+"""What every backend shares: the list checks and the scalar epilogue in plain torch ops.
+
+The *scalars* of a pass are one 1-D tensor per device (float32; float64 when a
+float64 bucket is involved) with ``SKIP`` and ``FACTOR`` slots:
+
+first pass (``mode="perturb"``)
+    ``SKIP`` = 1.0 if the squared norm is not finite, ``FACTOR`` = 1 / (||g|| + eps);
+    the perturbation of a group is ``rho * FACTOR * g`` (ASAM: ``* w**2``).
+second pass (``mode="step"``)
+    ``SKIP`` = max(first pass's SKIP, 1.0 if not finite), ``FACTOR`` = the clip
+    coefficient min(max_norm / (||g_sam|| + 1e-6), 1) (1.0 without clipping).
+
+The triton backend computes the same epilogue inside its final reduction kernel;
+foreach and cpp compose it from torch ops (``sam_scalars`` below).
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 
+from ..kernels.checks import check_bucket, check_copies  # noqa: F401  (re-exported for the backends)
 
-def check_bucket(*lists: Optional[Sequence[torch.Tensor]]) -> None:
-    """All tensors of one call must share device and dtype, and lists must match in length.
+SKIP, FACTOR = 0, 1
+N_SCALARS = 2
+CLIP_EPS = 1e-6  # added to ||g_sam|| in the clip coefficient, as torch.nn.utils.clip_grad_norm_ does
 
-    The fused kernels take one device and one dtype per launch; mixing them is
-    a caller bug that would otherwise read memory of the wrong type.
-    """
-    lists = [ls for ls in lists if ls is not None]
-    if not lists or not lists[0]:
+
+class Epilogue(NamedTuple):
+    """What ``grad_sq_norm`` writes after the reduction (see the module docstring)."""
+
+    out: torch.Tensor                  # the pass's scalars, written
+    mode: str                          # "perturb" | "step"
+    eps: float = 1e-12                 # perturb: added to the norm
+    max_norm: Optional[float] = None   # step: clip to this norm
+    prev: Optional[torch.Tensor] = None  # step: the first pass's scalars (its SKIP is carried over)
+
+
+def new_scalars(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(N_SCALARS, dtype=dtype, device=device)
+
+
+def sam_scalars(sq: torch.Tensor, ep: Epilogue) -> None:
+    """The epilogue in torch ops: ``ep.out`` from the total squared norm ``sq`` (0-d)."""
+    sq = sq.to(ep.out.dtype)
+    bad = (~torch.isfinite(sq)).to(sq.dtype)
+    if ep.mode == "perturb":
+        ep.out[SKIP] = bad
+        ep.out[FACTOR] = 1.0 / (sq.sqrt() + ep.eps)
         return
-    n = len(lists[0])
-    ref = lists[0][0]
-    for ls in lists:
-        if len(ls) != n:
-            raise ValueError(f"tensor lists of one fused call must have equal lengths, got {n} and {len(ls)}")
-        for t in ls:
-            if t.device != ref.device:
-                raise ValueError(
-                    f"parameters on different devices in one fused call ({ref.device} and {t.device}); "
-                    "FusedSAM groups tensors by device, so this is a bug in the caller")
-            if t.dtype != ref.dtype:
-                raise ValueError(
-                    f"tensors of different dtypes in one fused call ({ref.dtype} and {t.dtype})")
-            if t.is_sparse:
-                raise ValueError("sparse tensors are not supported by the fused SAM kernels")
+    ep.out[SKIP] = bad if ep.prev is None else torch.maximum(ep.prev[SKIP].to(bad), bad)
+    if ep.max_norm is None:
+        ep.out[FACTOR] = 1.0
+    else:
+        ep.out[FACTOR] = torch.clamp(ep.max_norm / (sq.sqrt() + CLIP_EPS), max=1.0)
+
+
+def finish_norm(sq: torch.Tensor, accumulate: Optional[torch.Tensor], epilogue: Optional[Epilogue]) -> torch.Tensor:
+    """The tail of a composed ``grad_sq_norm``: add the running total, run the epilogue."""
+    if accumulate is not None:
+        sq = sq + accumulate  # 0-d tensors: promotes to the wider dtype
+    if epilogue is not None:
+        sam_scalars(sq, epilogue)
+    return sq

@@ -18,6 +18,7 @@ import torch
 
 from .. import _build
 from . import BackendUnavailable
+from ._common import FACTOR, SKIP, Epilogue, finish_norm
 
 Tensors = List[torch.Tensor]
 NAME = "cpp"
@@ -49,16 +50,18 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype in _DTYPES
 
 
-def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None) -> torch.Tensor:
+def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
+                 accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
     if not grads:  # no tensor to dispatch on
         return torch.zeros((), dtype=torch.float32)
-    return _fastsam_ops().grad_sq_norm.default(grads, [] if params is None else params)
+    sq = _fastsam_ops().grad_sq_norm.default(grads, [] if params is None else params)
+    return finish_norm(sq, accumulate, epilogue)  # the epilogue in torch ops (a few scalar launches)
 
 
-def perturb(params: Tensors, grads: Tensors, copies: Tensors, scale: torch.Tensor, skip: torch.Tensor,
+def perturb(params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Tensor, rho: float,
             adaptive: bool) -> None:
     if params:
-        _fastsam_ops().perturb.default(params, grads, copies, scale, skip, bool(adaptive))
+        _fastsam_ops().perturb.default(params, grads, copies, scalars[FACTOR] * rho, scalars[SKIP], bool(adaptive))
 
 
 def restore(params: Tensors, copies: Tensors) -> None:
@@ -72,9 +75,9 @@ def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_
                      skip: torch.Tensor) -> None:
     if not params:
         return
-    # An empty copies list tells the kernel there is nothing to restore.
+    # The restore contract: an empty copies list means nothing to restore.
     _fastsam_ops().restore_sgd_step.default(
-        params, grads, [] if copies is params else copies, momentum_buffers, float(lr), float(momentum),
+        params, grads, copies, momentum_buffers, float(lr), float(momentum),
         float(dampening), bool(nesterov), float(weight_decay), bool(maximize), bool(first), grad_scale, skip)
 
 
@@ -85,6 +88,6 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
     if not params:
         return
     _fastsam_ops().restore_adam_step.default(
-        params, grads, [] if copies is params else copies, exp_avgs, exp_avg_sqs, steps, float(lr),
+        params, grads, copies, exp_avgs, exp_avg_sqs, steps, float(lr),
         float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(maximize),
         grad_scale, skip)

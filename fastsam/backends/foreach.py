@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from ._common import check_bucket
+from ._common import FACTOR, SKIP, Epilogue, check_bucket, check_copies, finish_norm
 
 Tensors = List[torch.Tensor]
 NAME = "foreach"
@@ -40,31 +40,36 @@ def _masked_assign(dst: Tensors, new: Tensors, skip: torch.Tensor) -> None:
         d.copy_(torch.where(keep, d, n))
 
 
-def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None) -> torch.Tensor:
+def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
+                 accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
     check_bucket(grads, params)
+    if not grads:
+        return finish_norm(torch.zeros((), dtype=torch.float32), accumulate, epilogue)
     acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
     if params is not None:
         if grads[0].dtype != acc:  # |w|*g overflows 16 bits long before its square does in fp32
             params, grads = [p.to(acc) for p in params], [g.to(acc) for g in grads]
         grads = torch._foreach_mul(torch._foreach_abs(params), grads)
     norms = torch._foreach_norm(grads, 2, dtype=acc)
-    return torch.stack(norms).square().sum()
+    return finish_norm(torch.stack(norms).square().sum(), accumulate, epilogue)
 
 
-def perturb(params: Tensors, grads: Tensors, copies: Tensors, scale: torch.Tensor,
-            skip: torch.Tensor, adaptive: bool) -> None:
+def perturb(params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Tensor, rho: float,
+            adaptive: bool) -> None:
     check_bucket(params, grads, copies)
     if not params:
         return
     torch._foreach_copy_(copies, params)
+    skip = scalars[SKIP]
     host_skip = _host_skip(skip)
     if host_skip:
         return
+    scale = scalars[FACTOR] * rho  # in the scalars' dtype (fp32 or fp64), as every backend forms it
     if host_skip is not None and not adaptive:
         # CPU: read the scale on the host and add in one pass (no temporary e)
         torch._foreach_add_(params, grads, alpha=float(scale))
         return
-    e = torch._foreach_mul(grads, scale)  # scale stays fp32: as a 16-bit number rho/||g|| can underflow
+    e = torch._foreach_mul(grads, scale)
     if adaptive:  # e = scale * w^2 * g
         torch._foreach_mul_(e, params)
         torch._foreach_mul_(e, params)
@@ -92,10 +97,11 @@ def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_
                      lr: float, momentum: float, dampening: float, nesterov: bool,
                      weight_decay: float, maximize: bool, first: bool,
                      grad_scale: Optional[torch.Tensor], skip: torch.Tensor) -> None:
-    check_bucket(params, grads, copies, momentum_buffers or None)
+    check_bucket(params, grads, copies or None, momentum_buffers or None)
     if not params:
         return
-    if copies is not params:
+    if copies:
+        check_copies(params, copies)
         torch._foreach_copy_(params, copies)
     host_skip = _host_skip(skip)
     if host_skip:
@@ -136,10 +142,11 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
                       beta2: float, eps: float, weight_decay: float, decoupled: bool,
                       maximize: bool, grad_scale: Optional[torch.Tensor],
                       skip: torch.Tensor) -> None:
-    check_bucket(params, grads, copies, exp_avgs, exp_avg_sqs)
+    check_bucket(params, grads, copies or None, exp_avgs, exp_avg_sqs)
     if not params:
         return
-    if copies is not params:
+    if copies:
+        check_copies(params, copies)
         torch._foreach_copy_(params, copies)
     host_skip = _host_skip(skip)
     if host_skip:

@@ -8,11 +8,13 @@ nothing synchronises with the host.
 float32, float16 and bfloat16 (float32 arithmetic); FusedSAM hands float64
 buckets to foreach.
 
+This module decides what the kernels cannot do: a call whose tensors cannot
+be indexed flat (the launcher returns False/None) runs on the foreach backend.
 Under ``torch.compile`` the ops are called as the ``torch.library`` custom ops
-``fastsam::triton_*`` (opaque to the compiler); in eager mode the launchers
-are called directly, since the dispatcher costs more than the launch itself
-for lists of hundreds of tensors (~0.45 ms for two lists of 161 tensors on
-the CI machine, against ~0.17 ms for the whole call).
+``fastsam::triton_*`` defined here (opaque to the compiler); in eager mode the
+launchers are called directly, since the dispatcher costs more than the launch
+itself for lists of hundreds of tensors (~0.45 ms for two lists of 161
+tensors on the CI machine, against ~0.17 ms for the whole call).
 
 CUDA graphs: run one eager step before capturing (see
 fastsam/kernels/triton/multi_tensor.py).  On the CPU the backend runs only
@@ -24,6 +26,9 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+
+from . import foreach
+from ._common import Epilogue, sam_scalars
 
 try:
     from ..kernels import triton as _kernels
@@ -56,26 +61,80 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
+_MODES = {None: 0, "perturb": 1, "step": 2}
+
+
+# The ops: launcher first, foreach when the launcher declines.  The lists are validated
+# (check_bucket) when the kernels build their pointer table, i.e. on the first call with
+# these tensors, not on every call: see fastsam/kernels/triton/multi_tensor.py.
+
+def _grad_sq_norm(grads: Tensors, params: Tensors, accumulate: Optional[torch.Tensor],
+                  out: Optional[torch.Tensor], mode: int, eps: float, max_norm: Optional[float],
+                  prev: Optional[torch.Tensor]) -> torch.Tensor:
+    total = _kernels.sq_norm.sq_norm(grads, params, accumulate, out, mode, eps, max_norm, prev)
+    if total is None:
+        ep = None if mode == 0 else Epilogue(out, "perturb" if mode == 1 else "step", eps, max_norm, prev)
+        total = foreach.grad_sq_norm(grads, params or None, accumulate=accumulate, epilogue=ep)
+    return total
+
+
+def _perturb(params, grads, copies, scalars, rho, adaptive) -> None:
+    if not _kernels.perturb.perturb(params, grads, copies, scalars, rho, adaptive):
+        foreach.perturb(params, grads, copies, scalars, rho, adaptive)
+
+
+def _restore(params, copies) -> None:
+    if not _kernels.restore.restore(params, copies):
+        torch._foreach_copy_(params, copies)
+
+
+def _restore_sgd_step(params, grads, copies, momentum_buffers, grad_scale, skip, lr, momentum, dampening,
+                      nesterov, weight_decay, maximize, first) -> None:
+    if not _kernels.restore_sgd_step.restore_sgd_step(params, grads, copies, momentum_buffers, grad_scale, skip,
+                                                      lr, momentum, dampening, nesterov, weight_decay,
+                                                      maximize, first):
+        foreach.restore_sgd_step(params, grads, copies, momentum_buffers, lr=lr, momentum=momentum,
+                                 dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                                 maximize=maximize, first=first, grad_scale=grad_scale, skip=skip)
+
+
+def _restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip, lr, beta1, beta2,
+                       eps, weight_decay, decoupled, maximize) -> None:
+    if not _kernels.restore_adam_step.restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps,
+                                                        grad_scale, skip, lr, beta1, beta2, eps, weight_decay,
+                                                        decoupled, maximize):
+        foreach.restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1,
+                                  beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+                                  maximize=maximize, grad_scale=grad_scale, skip=skip)
+
+
+_EAGER = {"sq_norm": _grad_sq_norm, "perturb": _perturb, "restore": _restore,
+          "restore_sgd_step": _restore_sgd_step, "restore_adam_step": _restore_adam_step}
+
+
 def _call(name: str, *args):
     if torch.compiler.is_compiling():
         return getattr(torch.ops.fastsam, f"triton_{name}")(*args)
-    module = getattr(_kernels, name)
-    return getattr(module, name)(*args)
+    return _EAGER[name](*args)
 
 
-# The lists are validated (check_bucket) when the kernels build their pointer table, i.e. on the
-# first call with these tensors, not on every call: see fastsam/kernels/triton/multi_tensor.py.
-
-def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None) -> torch.Tensor:
+def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
+                 accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
     if not grads:
-        return torch.zeros((), dtype=torch.float32)
-    return _call("sq_norm", grads, params or [])
+        total = torch.zeros((), dtype=torch.float32) if accumulate is None else accumulate.clone()
+        if epilogue is not None:
+            sam_scalars(total, epilogue)
+        return total
+    if epilogue is None:
+        return _call("sq_norm", grads, params or [], accumulate, None, 0, 0.0, None, None)
+    return _call("sq_norm", grads, params or [], accumulate, epilogue.out, _MODES[epilogue.mode], epilogue.eps,
+                 epilogue.max_norm, epilogue.prev)
 
 
-def perturb(params: Tensors, grads: Tensors, copies: Tensors, scale: torch.Tensor,
-            skip: torch.Tensor, adaptive: bool) -> None:
+def perturb(params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Tensor, rho: float,
+            adaptive: bool) -> None:
     if params:
-        _call("perturb", params, grads, copies, scale, skip, bool(adaptive))
+        _call("perturb", params, grads, copies, scalars, float(rho), bool(adaptive))
 
 
 def restore(params: Tensors, copies: Tensors) -> None:
@@ -88,9 +147,8 @@ def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_
                      weight_decay: float, maximize: bool, first: bool,
                      grad_scale: Optional[torch.Tensor], skip: torch.Tensor) -> None:
     if params:
-        _call("restore_sgd_step", params, grads, [] if copies is params else copies, momentum_buffers,
-              grad_scale, skip, float(lr), float(momentum), float(dampening), bool(nesterov), float(weight_decay),
-              bool(maximize), bool(first))
+        _call("restore_sgd_step", params, grads, copies, momentum_buffers, grad_scale, skip, float(lr),
+              float(momentum), float(dampening), bool(nesterov), float(weight_decay), bool(maximize), bool(first))
 
 
 def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs: Tensors,
@@ -99,6 +157,49 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
                       maximize: bool, grad_scale: Optional[torch.Tensor],
                       skip: torch.Tensor) -> None:
     if params:
-        _call("restore_adam_step", params, grads, [] if copies is params else copies, exp_avgs, exp_avg_sqs,
-              steps, grad_scale, skip, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-              bool(decoupled), bool(maximize))
+        _call("restore_adam_step", params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip,
+              float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled),
+              bool(maximize))
+
+
+# ---------------------------------------------------------------- custom ops (torch.compile)
+if _kernels is not None:
+    T = List[torch.Tensor]
+
+    @torch.library.custom_op("fastsam::triton_sq_norm", mutates_args=("out",))
+    def _sq_norm_op(grads: T, params: T, accumulate: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                    epilogue: int, eps: float, max_norm: Optional[float],
+                    prev: Optional[torch.Tensor]) -> torch.Tensor:  # no argument may be called "mode"
+        return _grad_sq_norm(grads, params, accumulate, out, epilogue, eps, max_norm, prev).clone()
+
+    @_sq_norm_op.register_fake
+    def _(grads, params, accumulate, out, epilogue, eps, max_norm, prev):
+        return grads[0].new_empty((), dtype=torch.float32)
+
+    @torch.library.custom_op("fastsam::triton_perturb", mutates_args=("params", "copies"))
+    def _perturb_op(params: T, grads: T, copies: T, scalars: torch.Tensor, rho: float, adaptive: bool) -> None:
+        _perturb(params, grads, copies, scalars, rho, adaptive)
+
+    @torch.library.custom_op("fastsam::triton_restore", mutates_args=("params",))
+    def _restore_op(params: T, copies: T) -> None:
+        _restore(params, copies)
+
+    @torch.library.custom_op("fastsam::triton_restore_sgd_step", mutates_args=("params", "momentum_buffers"))
+    def _restore_sgd_step_op(params: T, grads: T, copies: T, momentum_buffers: T,
+                             grad_scale: Optional[torch.Tensor], skip: torch.Tensor, lr: float, momentum: float,
+                             dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
+                             first: bool) -> None:
+        _restore_sgd_step(params, grads, copies, momentum_buffers, grad_scale, skip, lr, momentum, dampening,
+                          nesterov, weight_decay, maximize, first)
+
+    @torch.library.custom_op("fastsam::triton_restore_adam_step",
+                             mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
+    def _restore_adam_step_op(params: T, grads: T, copies: T, exp_avgs: T, exp_avg_sqs: T, steps: T,
+                              grad_scale: Optional[torch.Tensor], skip: torch.Tensor, lr: float, beta1: float,
+                              beta2: float, eps: float, weight_decay: float, decoupled: bool,
+                              maximize: bool) -> None:
+        _restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip, lr, beta1,
+                           beta2, eps, weight_decay, decoupled, maximize)
+
+    for _op in (_perturb_op, _restore_op, _restore_sgd_step_op, _restore_adam_step_op):
+        _op.register_fake(lambda *args, **kwargs: None)

@@ -1,12 +1,15 @@
 """Triton multi-tensor kernels for the SAM step (used by ``fastsam.backends.triton``).
 
-One op per file (kernels, then the host launcher, then the ``torch.library``
-custom op that wraps it so that ``torch.compile`` treats the launch as one
-opaque op); ``multi_tensor`` holds the one launcher and the pointer tables
-shared by all of them.  Importing this package raises ImportError when triton
-is missing.
+One op per file (kernels, then the host launcher); ``multi_tensor`` holds the
+one launcher and the pointer tables shared by all of them.  This layer sits
+below the backends and never reaches back up: a launcher returns False (None
+for ``sq_norm``) when it cannot index a call's tensors flat, and
+fastsam/backends/triton.py decides the fallback and wraps the launchers as
+``torch.library`` custom ops.  Importing this package raises ImportError when
+triton is missing.
 
-Launches per call: ``sq_norm`` 2 (partials, then their sum), ``perturb`` 1,
+Launches per call: ``sq_norm`` 2 (partials, then their sum and the SAM scalar
+epilogue), ``perturb`` 1,
 ``restore`` 1, ``restore_sgd_step`` 1, ``restore_adam_step`` 1 (the step
 counters included), whatever the number of tensors.
 """
@@ -17,8 +20,7 @@ from .multi_tensor import BLOCK, DTYPE_IDS
 # (the variable is read when the kernels are decorated, i.e. at import).
 INTERPRETED = type(sq_norm._sq_norm_partials_kernel).__name__ == "InterpretedFunction"
 
-# Each op module ``x`` holds the plain launcher ``x.x`` and the custom op ``x.x_op``
-# (also reachable as ``torch.ops.fastsam.triton_x``).
+# Each op module ``x`` holds the launcher ``x.x``.
 OPS = ("sq_norm", "perturb", "restore", "restore_sgd_step", "restore_adam_step")
 
 __all__ = ["BLOCK", "DTYPE_IDS", "INTERPRETED", "OPS", "multi_tensor", *OPS]

@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...backends._common import check_bucket
+from ..checks import check_bucket, check_copies
 
 BLOCK = 2048
 NUM_WARPS = 8
@@ -200,8 +200,8 @@ _metas: "OrderedDict[tuple, Meta]" = OrderedDict()
 _held: dict = {}  # id -> object used while capturing a CUDA graph: never freed
 
 
-def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence[torch.Tensor]] = ()
-          ) -> Optional[Table]:
+def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence[torch.Tensor]] = (),
+          distinct_copies: bool = False) -> Optional[Table]:
     """The (cached) table for ``lists`` (element-wise lists of equal length) and ``extra_ptrs``
     (lists of one-element tensors whose addresses only are needed, e.g. Adam's step counters).
 
@@ -211,7 +211,8 @@ def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence
     The lists are validated (``check_bucket``: one device, one dtype, equal lengths, dense)
     when their table is built.  A hit means the same addresses and sizes on the same device
     and dtype as a validated call, so the per-tensor checks, which cost more host time than
-    the rest of the call, are not repeated.
+    the rest of the call, are not repeated.  ``distinct_copies``: ``lists[2]`` holds restore
+    copies, none of which may be its parameter (the restore contract), checked on a miss too.
     """
     first = lists[0]
     head = first[0]
@@ -220,15 +221,17 @@ def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence
     # channels_last in the next (a grad re-viewed by the user) must not reuse the table.
     key = (device, head.dtype, *[tuple(map(_data_ptr, ls)) for ls in lists],
            *[(ls[0].dtype, tuple(map(_data_ptr, ls))) for ls in extra_ptrs],
-           tuple(t.is_contiguous() for ls in lists for t in ls), tuple(map(_numel, first)))
+           tuple(t.is_contiguous() for ls in lists for t in ls), tuple(map(_numel, first)), distinct_copies)
     tab = _tables.get(key)
     if tab is None:
         check_bucket(*lists)
+        if distinct_copies:
+            check_copies(lists[0], lists[2])
         if not _flat_indexable(lists) or not all(_scalars_on(ls, device) for ls in extra_ptrs):
             return None
-        numels = key[-1]
+        numels = key[-2]
         meta = _cached(_metas, (device, numels), lambda: Meta(numels, device))
-        cols = [list(c) for c in key[2:2 + len(lists)]] + [list(c) for _, c in key[2 + len(lists):-2]]
+        cols = [list(c) for c in key[2:2 + len(lists)]] + [list(c) for _, c in key[2 + len(lists):-3]]
         tab = Table(cols + [list(numels)], len(lists), meta, device)
         _remember(_tables, key, tab)
     else:

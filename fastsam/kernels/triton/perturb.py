@@ -1,8 +1,9 @@
 """SAM's perturbation: copies <- w (exact), then w <- w + scale * g (ASAM: scale * w^2 * g).
 
 One pass, one launch: reads w and g, writes the copy and w (4 bytes x
-itemsize per element).  ``scale`` = rho / (||g|| + eps) and ``skip`` are 0-d
-device tensors read by every program, so nothing waits for the host.  The
+itemsize per element).  ``scale`` = rho * factor, with ``factor`` = 1 / (||g|| + eps)
+and ``skip`` read by every program from the first pass's scalars (device
+memory, written by the norm's epilogue), so nothing waits for the host.  The
 copy is stored exactly as loaded (bitwise); with ``skip`` nonzero w is not
 written at all (bitwise unchanged) while the copy is still made, as the
 restore that follows needs it.
@@ -34,11 +35,11 @@ def _perturb_chunk(row, offs, mask, kept, scale, ADAPTIVE: tl.constexpr, DTYPE: 
 
 
 @triton.jit
-def _perturb_kernel(table, blk_tensor, blk_chunk, scale_ptr, skip_ptr, ADAPTIVE: tl.constexpr,
+def _perturb_kernel(table, blk_tensor, blk_chunk, scalars_ptr, rho, ADAPTIVE: tl.constexpr,
                     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     _, row, chunk, numel, offs = locate(table, blk_tensor, blk_chunk, 4, BLOCK)
-    scale = tl.load(scale_ptr).to(tl.float32)
-    keep = keep_mask(skip_ptr, offs)
+    scale = (tl.load(scalars_ptr + 1) * rho).to(tl.float32)  # in the scalars' dtype, as every backend forms it
+    keep = keep_mask(scalars_ptr, offs)
     if (chunk + 1) * BLOCK <= numel:
         _perturb_chunk(row, offs, None, keep, scale, ADAPTIVE, DTYPE, ALIGNED)
     else:
@@ -47,22 +48,11 @@ def _perturb_kernel(table, blk_tensor, blk_chunk, scale_ptr, skip_ptr, ADAPTIVE:
 
 
 def perturb(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
-            scale: torch.Tensor, skip: torch.Tensor, adaptive: bool) -> None:
+            scalars: torch.Tensor, rho: float, adaptive: bool) -> bool:
+    """False (nothing done) when the layouts cannot be indexed flat: the backend falls back."""
     tab = mt.table([params, grads, copies])
     if tab is None:
-        from ...backends import foreach
-        foreach.perturb(params, grads, copies, scale, skip, adaptive)
-        return
-    mt.launch(_perturb_kernel, tab.n_blocks, *tab.args(), scale, skip, ADAPTIVE=adaptive,
+        return False
+    mt.launch(_perturb_kernel, tab.n_blocks, *tab.args(), scalars, float(rho), ADAPTIVE=adaptive,
               DTYPE=mt.DTYPE_IDS[params[0].dtype], ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
-
-
-@torch.library.custom_op("fastsam::triton_perturb", mutates_args=("params", "copies"))
-def perturb_op(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
-               scale: torch.Tensor, skip: torch.Tensor, adaptive: bool) -> None:
-    perturb(params, grads, copies, scale, skip, adaptive)
-
-
-@perturb_op.register_fake
-def _(params, grads, copies, scale, skip, adaptive):
-    return None
+    return True

@@ -25,20 +25,11 @@ def _restore_kernel(table, blk_tensor, blk_chunk, DTYPE: tl.constexpr, ALIGNED: 
         tl.store(dst, tl.load(src, mask=in_bounds), mask=in_bounds)
 
 
-def restore(params: List[torch.Tensor], copies: List[torch.Tensor]) -> None:
+def restore(params: List[torch.Tensor], copies: List[torch.Tensor]) -> bool:
+    """False (nothing done) when the layouts cannot be indexed flat: the backend falls back."""
     tab = mt.table([params, copies])
     if tab is None:
-        torch._foreach_copy_(params, copies)
-        return
+        return False
     mt.launch(_restore_kernel, tab.n_blocks, *tab.args(), DTYPE=mt.DTYPE_IDS[params[0].dtype],
               ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
-
-
-@torch.library.custom_op("fastsam::triton_restore", mutates_args=("params",))
-def restore_op(params: List[torch.Tensor], copies: List[torch.Tensor]) -> None:
-    restore(params, copies)
-
-
-@restore_op.register_fake
-def _(params, copies):
-    return None
+    return True

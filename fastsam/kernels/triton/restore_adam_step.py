@@ -113,34 +113,17 @@ def _log(beta: float) -> float:
 def restore_adam_step(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
                       exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor],
                       grad_scale: Optional[torch.Tensor], skip: torch.Tensor, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool) -> None:
-    """``copies`` empty: nothing to restore (the params are read in their place)."""
-    tab = mt.table([params, grads, copies or params, exp_avgs, exp_avg_sqs], extra_ptrs=[steps])
-    if tab is None:  # a layout the kernels cannot index flat, or step counters elsewhere
-        from ...backends import foreach
-        foreach.restore_adam_step(params, grads, copies or params, exp_avgs, exp_avg_sqs, steps, lr=lr,
-                                  beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                                  decoupled=decoupled, maximize=maximize, grad_scale=grad_scale, skip=skip)
-        return
+                      beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool) -> bool:
+    """``copies`` empty: nothing to restore (the params are read in their place).  False (nothing
+    done) when the layouts cannot be indexed flat or the step counters live elsewhere."""
+    tab = mt.table([params, grads, copies or params, exp_avgs, exp_avg_sqs], extra_ptrs=[steps],
+                   distinct_copies=bool(copies))
+    if tab is None:
+        return False
     mt.launch(_restore_adam_step_kernel, tab.n_blocks, *tab.args(), tab.meta.counters(), skip,
               skip if grad_scale is None else grad_scale, float(lr), _log(beta1), 1.0 - beta1, _log(beta2),
               float(beta2), 1.0 - beta2, float(eps), float(weight_decay), 1.0 - lr * weight_decay,
               HAS_GRAD_SCALE=grad_scale is not None, MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0,
               DECOUPLED=decoupled, DTYPE=mt.DTYPE_IDS[params[0].dtype], STEP_DTYPE=mt.DTYPE_IDS[steps[0].dtype],
               ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
-
-
-@torch.library.custom_op("fastsam::triton_restore_adam_step",
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
-def restore_adam_step_op(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
-                         exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor],
-                         grad_scale: Optional[torch.Tensor], skip: torch.Tensor, lr: float, beta1: float,
-                         beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool) -> None:
-    restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip, lr, beta1, beta2,
-                      eps, weight_decay, decoupled, maximize)
-
-
-@restore_adam_step_op.register_fake
-def _(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip, lr, beta1, beta2, eps,
-      weight_decay, decoupled, maximize):
-    return None
+    return True

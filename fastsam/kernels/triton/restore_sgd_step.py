@@ -73,35 +73,18 @@ def _restore_sgd_step_kernel(table, blk_tensor, blk_chunk, skip_ptr, grad_scale_
 def restore_sgd_step(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
                      momentum_buffers: List[torch.Tensor], grad_scale: Optional[torch.Tensor],
                      skip: torch.Tensor, lr: float, momentum: float, dampening: float, nesterov: bool,
-                     weight_decay: float, maximize: bool, first: bool) -> None:
-    """``copies`` empty: nothing to restore (the params are read in their place)."""
+                     weight_decay: float, maximize: bool, first: bool) -> bool:
+    """``copies`` empty: nothing to restore (the params are read in their place).  False (nothing
+    done) when the layouts cannot be indexed flat: the backend falls back."""
     has_momentum = momentum != 0
     lists = [params, grads, copies or params] + ([momentum_buffers] if has_momentum else [])
-    tab = mt.table(lists)
+    tab = mt.table(lists, distinct_copies=bool(copies))
     if tab is None:
-        from ...backends import foreach
-        foreach.restore_sgd_step(params, grads, copies or params, momentum_buffers, lr=lr, momentum=momentum,
-                                 dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
-                                 maximize=maximize, first=first, grad_scale=grad_scale, skip=skip)
-        return
+        return False
     mt.launch(_restore_sgd_step_kernel, tab.n_blocks, *tab.args(), skip,
               skip if grad_scale is None else grad_scale, float(lr), float(momentum), 1.0 - dampening,
               float(weight_decay),
               HAS_GRAD_SCALE=grad_scale is not None, MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0,
               MOMENTUM=has_momentum, NESTEROV=nesterov, FIRST=first, N_COLS=len(lists) + 1,
               DTYPE=mt.DTYPE_IDS[params[0].dtype], ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
-
-
-@torch.library.custom_op("fastsam::triton_restore_sgd_step", mutates_args=("params", "momentum_buffers"))
-def restore_sgd_step_op(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
-                        momentum_buffers: List[torch.Tensor], grad_scale: Optional[torch.Tensor],
-                        skip: torch.Tensor, lr: float, momentum: float, dampening: float, nesterov: bool,
-                        weight_decay: float, maximize: bool, first: bool) -> None:
-    restore_sgd_step(params, grads, copies, momentum_buffers, grad_scale, skip, lr, momentum, dampening,
-                     nesterov, weight_decay, maximize, first)
-
-
-@restore_sgd_step_op.register_fake
-def _(params, grads, copies, momentum_buffers, grad_scale, skip, lr, momentum, dampening, nesterov,
-      weight_decay, maximize, first):
-    return None
+    return True

@@ -1,15 +1,29 @@
-"""Global squared L2 norm of a bucket's gradients (or the ASAM norm ||w*g||^2).
+"""Global squared L2 norm of a bucket's gradients (or the ASAM norm ||w*g||^2), with the
+SAM scalar epilogue in the same launches.
 
 Two stages, two launches, no atomics, so the result is deterministic:
 stage 1 writes one float32 partial sum per program (per BLOCK-element chunk),
-stage 2 (one program) adds the partials in a fixed order.  Accumulation is in
-float32 for every input dtype.  A non-finite gradient (or a square that
-overflows float32) makes the result inf/nan: that is the non-finite flag.
+stage 2 (one program) adds the partials in a fixed order, adds the running
+total of the buckets before it on this device (``accumulate``), stores the
+total and, when asked, the pass's scalars (fastsam/backends/_common.py):
+
+first pass   skip = !isfinite(sq), factor = 1 / (sqrt(sq) + eps)
+second pass  skip = max(previous skip, !isfinite(sq)), factor = the clip
+             coefficient min(max_norm / (sqrt(sq) + 1e-6), 1) (1 without clipping)
+
+so a SAM step needs no scalar torch op between the kernels.  Accumulation is
+in float32 for every input dtype.  A non-finite gradient (or a square that
+overflows float32) makes the total inf/nan: that is the non-finite flag.
 Reads each gradient once (and each parameter once for the ASAM norm).
+
+Stage 2 loops over the partials with a constexpr trip count: under triton
+3.6's interpreter a loop bound taken from a kernel argument fails (the
+argument arrives as a 1-element array, which NumPy >= 2.4 refuses to turn
+into an int).  The count changes only with the bucket's sizes.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
@@ -19,6 +33,7 @@ from . import multi_tensor as mt
 from .multi_tensor import column, locate
 
 SUM_BLOCK = 1024  # stage 2: ResNet-50's ~12.6k partials in 13 iterations of one program
+MODE_NONE, MODE_PERTURB, MODE_STEP = 0, 1, 2
 
 
 @triton.jit
@@ -43,37 +58,59 @@ def _sq_norm_partials_kernel(table, blk_tensor, blk_chunk, partials, WEIGHTED: t
     tl.store(partials + tl.program_id(0), part)
 
 
-@triton.jit(do_not_specialize=["n"])
-def _sum_kernel(partials, n, out, BLOCK: tl.constexpr):
+@triton.jit
+def _sum_kernel(partials, n, total_ptr, acc_ptr, out_ptr, prev_ptr, eps, max_norm,
+                N_ITERS: tl.constexpr, HAS_ACC: tl.constexpr, MODE: tl.constexpr, HAS_PREV: tl.constexpr,
+                CLIP: tl.constexpr, BLOCK: tl.constexpr):
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    for i in range(N_ITERS):
+        offs = i * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(partials + offs, mask=offs < n, other=0.0)
-    tl.store(out, tl.sum(acc, axis=0))
+    sq = tl.sum(acc, axis=0)
+    if HAS_ACC:
+        sq = sq + tl.load(acc_ptr).to(tl.float32)
+    tl.store(total_ptr, sq)
+    if MODE != 0:
+        # The scalars are computed on a vector of 2 lanes (lane 0: skip, lane 1: factor)
+        # and stored once: the interpreter mishandles some scalar-only paths.
+        lane = tl.arange(0, 2)
+        sqv = tl.zeros([2], dtype=tl.float32) + sq
+        bad = tl.where(sqv == sqv, 0.0, 1.0)  # nan
+        bad = tl.where(tl.abs(sqv) == float("inf"), 1.0, bad)
+        norm = tl.sqrt_rn(sqv)
+        if MODE == 1:
+            factor = tl.div_rn(tl.zeros([2], dtype=tl.float32) + 1.0, norm + eps)
+        else:
+            if HAS_PREV:
+                bad = tl.maximum(bad, tl.load(prev_ptr + lane * 0).to(tl.float32))
+            if CLIP:
+                factor = tl.minimum(tl.div_rn(tl.zeros([2], dtype=tl.float32) + max_norm, norm + 1e-6), 1.0)  # 1e-6: _common.CLIP_EPS
+            else:
+                factor = tl.zeros([2], dtype=tl.float32) + 1.0
+        tl.store(out_ptr + lane, tl.where(lane == 0, bad, factor))
 
 
-def sq_norm(grads: List[torch.Tensor], params: List[torch.Tensor]) -> torch.Tensor:
-    """0-d float32 sum(g^2), or sum((w*g)^2) when ``params`` is not empty.  Two launches."""
+def sq_norm(grads: List[torch.Tensor], params: List[torch.Tensor], accumulate: Optional[torch.Tensor] = None,
+            out: Optional[torch.Tensor] = None, mode: int = MODE_NONE, eps: float = 0.0,
+            max_norm: Optional[float] = None, prev: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """0-d float32 sum(g^2) (sum((w*g)^2) when ``params`` is not empty), plus ``accumulate``;
+    with ``mode`` set, ``out`` (the pass's scalars, float32 [2]) is written too.  Two launches.
+
+    None when the layouts cannot be indexed flat: the caller (the backend) falls back.
+    """
     lists = [grads, params] if params else [grads]
     tab = mt.table(lists)
     if tab is None:
-        from ...backends import foreach
-        return foreach.grad_sq_norm(grads, params or None).to(torch.float32)
+        return None
     device = grads[0].device
     partials = torch.empty(tab.n_blocks, dtype=torch.float32, device=device)
-    out = torch.empty((), dtype=torch.float32, device=device)
+    total = torch.empty((), dtype=torch.float32, device=device)
     mt.launch(_sq_norm_partials_kernel, tab.n_blocks, *tab.args(), partials,
               WEIGHTED=bool(params), N_COLS=len(lists) + 1, DTYPE=mt.DTYPE_IDS[grads[0].dtype], ALIGNED=tab.aligned,
               BLOCK=mt.BLOCK)
-    mt.launch(_sum_kernel, 1, partials, tab.n_blocks, out, BLOCK=SUM_BLOCK, num_warps=4)
-    return out
-
-
-@torch.library.custom_op("fastsam::triton_sq_norm", mutates_args=())
-def sq_norm_op(grads: List[torch.Tensor], params: List[torch.Tensor]) -> torch.Tensor:
-    return sq_norm(grads, params)
-
-
-@sq_norm_op.register_fake
-def _(grads, params):
-    return grads[0].new_empty((), dtype=torch.float32)
+    mt.launch(_sum_kernel, 1, partials, tab.n_blocks, total,
+              total if accumulate is None else accumulate, total if out is None else out,
+              total if prev is None else prev, float(eps), float(max_norm or 0.0),
+              N_ITERS=triton.cdiv(tab.n_blocks, SUM_BLOCK), HAS_ACC=accumulate is not None, MODE=mode,
+              HAS_PREV=prev is not None, CLIP=max_norm is not None, BLOCK=SUM_BLOCK, num_warps=4)
+    return total

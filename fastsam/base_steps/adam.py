@@ -1,0 +1,42 @@
+"""torch.optim.Adam / AdamW (amsgrad off; weight decay coupled or decoupled; maximize)
+fused with the restore."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.optimizer import _get_scalar_dtype
+
+from ..backends._common import FACTOR, SKIP
+
+
+def handles(base: Optimizer) -> bool:
+    if type(base) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    return all(not g.get("differentiable", False) and not isinstance(g["lr"], torch.Tensor)
+               and not g.get("amsgrad", False) and not any(isinstance(b, torch.Tensor) for b in g["betas"])
+               for g in base.param_groups)
+
+
+def step(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: bool) -> None:
+    g = bucket.group
+    state = base.state
+    step_dtype = _get_scalar_dtype()
+    for p in bucket.keys:
+        st = state[p]
+        if "step" not in st:
+            st["step"] = torch.zeros((), dtype=step_dtype, device=p.device)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif st["step"].device != p.device:  # a CPU step counter left by torch's non-capturable Adam
+            st["step"] = st["step"].to(p.device)
+    decoupled = g.get("decoupled_weight_decay", type(base) is torch.optim.AdamW)
+    beta1, beta2 = g["betas"]
+    for s in slices:
+        sts = [state[k] for k in s.keys]
+        bucket.backend.restore_adam_step(
+            s.params, s.grads, s.copies, bucket.local([t["exp_avg"] for t in sts]),
+            bucket.local([t["exp_avg_sq"] for t in sts]), [t["step"] for t in sts], lr=g["lr"], beta1=beta1,
+            beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"], decoupled=decoupled,
+            maximize=g.get("maximize", False), grad_scale=scalars[FACTOR] if clip else None, skip=scalars[SKIP])

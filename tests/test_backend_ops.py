@@ -1,0 +1,396 @@
+"""The backend contract, op by op, on every backend that runs here (Liger-style: one suite).
+
+fastsam/backends/__init__.py states the contract; every op of every CPU
+backend (foreach; triton under the interpreter; cpp, the compiled CPU twin)
+is checked against a float64 reference written from it, on fresh random data:
+sizes 1, 7, 1023, 65537 and a random one, mixed shapes, zero-size tensors;
+fp32/fp16/bf16 and fp64 where the backend takes it.  Also: skipped steps
+leave params and state bitwise unchanged, copies are bit-exact, the restore
+contract (copies empty or one distinct copy per parameter) is enforced, the
+norm's SAM epilogue, empty lists are no-ops, channels_last works.
+
+Backend-specific behaviour (triton's tables and launch counts, the cpp
+extension's build, meta kernels and thread-count independence) is in
+tests/test_triton_internals.py and tests/test_cpp_internals.py.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastsam import backends
+from fastsam.backends._common import FACTOR, SKIP, Epilogue
+
+from .conftest import CPU_BACKENDS
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (rtol, atol) against the float64 reference: a few units in the last place of the
+# storage dtype for the one-pass kernels; foreach rounds every intermediate of
+# fp16/bf16 to the storage dtype: looser.
+TOL = {torch.float32: (2e-5, 2e-6), torch.float64: (1e-12, 1e-14),
+       torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+FOREACH_TOL = {**TOL, torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 6e-2)}
+
+
+# (backend, device): every CPU backend here; on a CUDA machine (the GPU check) the CUDA ones too.
+CASES = [(name, "cpu") for name in CPU_BACKENDS]
+if torch.cuda.is_available():
+    CASES += [(name, "cuda") for name in backends.available(torch.device("cuda"), build=True)]
+
+
+@pytest.fixture(params=CASES, ids=lambda c: c[0] if c[1] == "cpu" else f"{c[0]}-{c[1]}")
+def be(request):
+    """The backend module; the test's tensors are created on its device (torch's default device)."""
+    name, device = request.param
+    torch.set_default_device(device)
+    try:
+        yield backends.get(name)
+    finally:
+        torch.set_default_device(None)
+
+
+def _need(be, dtype):
+    if not be.supports(dtype):
+        pytest.skip(f"{be.NAME} does not take {dtype} (FusedSAM hands such buckets to foreach)")
+
+
+def _tol(be, dtype):
+    return (FOREACH_TOL if be.NAME == "foreach" else TOL)[dtype]
+
+
+def _shapes():
+    rand = int(torch.randint(2, 40000, ()))
+    return [(1,), (7,), (1023,), (65537,), (0,), (3, 5, 7), (rand,), (2, 0, 3), (33, 31)]
+
+
+def _like(shapes, dtype, scale=1.0, positive=False):
+    out = []
+    for s in shapes:
+        t = torch.randn(s, dtype=torch.float64) * scale
+        out.append((t.abs() + 0.1 if positive else t).to(dtype))
+    return out
+
+
+def _clone(ts):
+    return [t.clone() for t in ts]
+
+
+def _f64(ts):
+    return [t.double() for t in ts]
+
+
+def _bits(t):
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _assert_bitwise(a_list, b_list):
+    for a, b in zip(a_list, b_list):
+        assert torch.equal(_bits(a), _bits(b))
+
+
+def _assert_close(actual, expected, tol, what=""):
+    rtol, atol = tol
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a.double(), e.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}[{i}]: {m}")
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scalars(dtype, skip=0.0, factor=1.0):
+    return torch.tensor([skip, factor], dtype=_acc(dtype))
+
+
+def _flag(v, dtype=torch.float32):
+    return torch.tensor(float(v), dtype=_acc(dtype))
+
+
+# ------------------------------------------------------------------ grad norm and its epilogue
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_grad_sq_norm(be, seed, dtype, weighted):
+    _need(be, dtype)
+    shapes = _shapes()
+    g, w = _like(shapes, dtype), _like(shapes, dtype)
+    got = be.grad_sq_norm(g, w if weighted else None)
+    assert got.dim() == 0 and got.dtype == _acc(dtype)
+    ref = sum(((wi.double().abs() * gi.double()) if weighted else gi.double()).square().sum() for gi, wi in zip(g, w))
+    torch.testing.assert_close(got.double(), ref, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_grad_sq_norm_non_finite(be, seed, bad, weighted):
+    g = _like([(1023,), (65537,)], torch.float32)
+    g[1][40000] = bad
+    got = be.grad_sq_norm(g, _like([(1023,), (65537,)], torch.float32) if weighted else None)
+    assert not torch.isfinite(got)
+    if math.isnan(bad):
+        assert torch.isnan(got)
+
+
+def test_grad_sq_norm_of_zero_size_tensors_is_zero(be):
+    assert float(be.grad_sq_norm([torch.empty(0), torch.empty(3, 0)])) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_sq_norm_accumulates(be, seed, dtype):
+    _need(be, dtype)
+    a, b = _like(_shapes(), dtype), _like([(513,), (3, 3)], dtype)
+    first = be.grad_sq_norm(a)
+    both = be.grad_sq_norm(b, accumulate=first)
+    ref = sum(t.double().square().sum() for t in a + b)
+    torch.testing.assert_close(both.double(), ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("eps", [1e-12, 0.5])
+def test_epilogue_of_the_first_pass(be, seed, eps):
+    g = _like(_shapes(), torch.float32)
+    out = torch.full((2,), 7.0)
+    sq = be.grad_sq_norm(g, epilogue=Epilogue(out, "perturb", eps))
+    ref = sum(t.double().square().sum() for t in g)
+    assert float(out[SKIP]) == 0.0
+    torch.testing.assert_close(out[FACTOR].double(), 1 / (ref.sqrt() + eps), rtol=1e-5, atol=0)
+    torch.testing.assert_close(sq.double(), ref, rtol=1e-5, atol=0)
+    g[2][5] = math.nan
+    be.grad_sq_norm(g, epilogue=Epilogue(out, "perturb", eps))
+    assert float(out[SKIP]) == 1.0
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.5, 1e9])
+@pytest.mark.parametrize("prev_skip", [None, 0.0, 1.0])
+def test_epilogue_of_the_second_pass(be, seed, max_norm, prev_skip):
+    g = _like(_shapes(), torch.float32)
+    out = torch.full((2,), 7.0)
+    prev = None if prev_skip is None else torch.tensor([prev_skip, 123.0])
+    be.grad_sq_norm(g, epilogue=Epilogue(out, "step", max_norm=max_norm, prev=prev))
+    norm = sum(t.double().square().sum() for t in g).sqrt()
+    assert float(out[SKIP]) == (prev_skip or 0.0)
+    clip = 1.0 if max_norm is None else min(max_norm / (float(norm) + 1e-6), 1.0)
+    assert float(out[FACTOR]) == pytest.approx(clip, rel=1e-5)
+    g[0][0] = math.inf
+    be.grad_sq_norm(g, epilogue=Epilogue(out, "step", max_norm=max_norm, prev=prev))
+    assert float(out[SKIP]) == 1.0
+
+
+# ------------------------------------------------------------------ perturb / restore
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("skip", [False, True])
+def test_perturb(be, seed, dtype, adaptive, skip):
+    _need(be, dtype)
+    shapes = _shapes()
+    p, g = _like(shapes, dtype), _like(shapes, dtype)
+    p0 = _clone(p)
+    copies = [torch.full_like(t, 7.0) for t in p]
+    rho, factor = 0.05, 1 / 3.7
+    sc = _scalars(dtype, float(skip), factor)
+    be.perturb(p, g, copies, sc, rho, adaptive)
+    _assert_bitwise(copies, p0)  # the exact copy, whatever happens next
+    if skip:
+        _assert_bitwise(p, p0)
+        return
+    s = float(sc[FACTOR].double() * rho)
+    ref = [w + s * (w * w if adaptive else 1) * gi for w, gi in zip(_f64(p0), _f64(g))]
+    _assert_close(p, ref, _tol(be, dtype), "params")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_restore_is_exact(be, seed, dtype):
+    _need(be, dtype)
+    shapes = _shapes()
+    p, c = _like(shapes, dtype), _like(shapes, dtype)
+    be.restore(p, c)
+    _assert_bitwise(p, c)
+
+
+# ------------------------------------------------------------------ restore + SGD
+def _ref_sgd(p, g, bufs, *, lr, momentum, dampening, nesterov, weight_decay, maximize, first, gs):
+    """torch.optim.SGD in float64; the buffer is used as stored (rounded to the dtype), as torch does."""
+    dtype = p[0].dtype
+    out_p, out_b = [], []
+    for i, (w, gi) in enumerate(zip(_f64(p), _f64(g))):
+        d = gi * gs
+        if maximize:
+            d = -d
+        if weight_decay:
+            d = d + weight_decay * w
+        if momentum:
+            b = (d.clone() if first else bufs[i].double() * momentum + (1 - dampening) * d).to(dtype).double()
+            d = d + momentum * b if nesterov else b
+            out_b.append(b)
+        out_p.append(w - lr * d)
+    return out_p, out_b
+
+
+SGD_CASES = [
+    # momentum, dampening, nesterov, weight_decay, maximize, first
+    (0.0, 0.0, False, 0.0, False, False),
+    (0.0, 0.0, False, 5e-4, True, False),
+    (0.9, 0.0, False, 5e-4, False, False),
+    (0.9, 0.0, False, 5e-4, False, True),
+    (0.9, 0.0, True, 1e-2, False, False),
+    (0.9, 0.1, False, 0.0, True, False),
+    (0.5, 0.3, False, 1e-3, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SGD_CASES, ids=lambda c: "m{}_d{}_n{}_wd{}_max{}_first{}".format(*c))
+@pytest.mark.parametrize("restore_from,clip", [("copies", False), ("nothing", True)])
+def test_restore_sgd_step(be, seed, dtype, case, clip, restore_from):
+    _need(be, dtype)
+    momentum, dampening, nesterov, wd, maximize, first = case
+    shapes = _shapes()
+    p, g, c = _like(shapes, dtype), _like(shapes, dtype), _like(shapes, dtype)
+    bufs = _like(shapes, dtype) if momentum else []
+    src = _clone(c) if restore_from == "copies" else _clone(p)
+    kw = dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd,
+              maximize=maximize, first=first)
+    gs = _flag(0.37, dtype) if clip else None
+    b0 = _clone(bufs)
+    be.restore_sgd_step(p, g, c if restore_from == "copies" else [], bufs, grad_scale=gs, skip=_flag(0, dtype), **kw)
+    ref_p, ref_b = _ref_sgd(src, g, b0, gs=float(gs) if clip else 1.0, **kw)
+    _assert_close(p, ref_p, _tol(be, dtype), "params")
+    _assert_close(bufs, ref_b, _tol(be, dtype), "momentum_buffers")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("first", [False, True])
+def test_restore_sgd_step_skip_is_restore_only(be, seed, dtype, momentum, first):
+    _need(be, dtype)
+    shapes = _shapes()
+    p, g, c = _like(shapes, dtype), _like(shapes, dtype), _like(shapes, dtype)
+    bufs = _like(shapes, dtype) if momentum else []
+    b0 = _clone(bufs)
+    be.restore_sgd_step(p, g, c, bufs, lr=0.1, momentum=momentum, dampening=0.0, nesterov=False,
+                        weight_decay=1e-4, maximize=False, first=first, grad_scale=None, skip=_flag(1, dtype))
+    _assert_bitwise(p, c)  # restored, not stepped
+    _assert_bitwise(bufs, b0)
+
+
+# ------------------------------------------------------------------ restore + Adam
+def _ref_adam(p, g, m, v, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, gs):
+    """torch.optim.Adam/AdamW in float64; the moments are used as stored (rounded to the dtype)."""
+    dtype = p[0].dtype
+    out = ([], [], [])
+    for w, gi, mi, vi, s in zip(_f64(p), _f64(g), _f64(m), _f64(v), steps):
+        t = float(s) + 1
+        gi = gi * gs
+        if maximize:
+            gi = -gi
+        if weight_decay:
+            if decoupled:
+                w = w * (1 - lr * weight_decay)
+            else:
+                gi = gi + weight_decay * w
+        mi = (mi + (1 - beta1) * (gi - mi)).to(dtype).double()
+        vi = (vi * beta2 + (1 - beta2) * gi * gi).to(dtype).double()
+        denom = vi.sqrt() / math.sqrt(1 - beta2 ** t) + eps
+        w = w - lr / (1 - beta1 ** t) * mi / denom
+        for o, x in zip(out, (w, mi, vi)):
+            o.append(x)
+    return out
+
+
+ADAM_CASES = [(0.0, False, False), (1e-2, False, True), (1e-2, True, False)]  # weight_decay, decoupled, maximize
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ADAM_CASES, ids=lambda c: "wd{}_decoupled{}_max{}".format(*c))
+@pytest.mark.parametrize("restore_from,step_dtype,clip", [("copies", torch.float32, True),
+                                                           ("nothing", torch.float64, False)])
+def test_restore_adam_step(be, seed, dtype, case, clip, restore_from, step_dtype):
+    _need(be, dtype)
+    if be.NAME == "foreach" and dtype in (torch.float16, torch.bfloat16):
+        pytest.skip("fp16/bf16 foreach rounds exp_avg_sq before the sqrt (tiny v underflows to 0 there): "
+                    "covered end to end in tests/test_optim_parity.py")
+    wd, decoupled, maximize = case
+    shapes = _shapes()
+    p, g, c = _like(shapes, dtype), _like(shapes, dtype), _like(shapes, dtype)
+    m, v = _like(shapes, dtype, 0.1), _like(shapes, dtype, 0.01, positive=True)
+    steps = [torch.tensor(float(int(torch.randint(0, 20, ()))), dtype=step_dtype) for _ in shapes]
+    src = _clone(c) if restore_from == "copies" else _clone(p)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd, decoupled=decoupled, maximize=maximize)
+    gs = _flag(0.37, dtype) if clip else None
+    ref = _ref_adam(src, g, m, v, steps, gs=float(gs) if clip else 1.0, **kw)
+    old_steps = [float(s) for s in steps]
+    be.restore_adam_step(p, g, c if restore_from == "copies" else [], m, v, steps, grad_scale=gs,
+                         skip=_flag(0, dtype), **kw)
+    for what, got, exp in zip(("params", "exp_avgs", "exp_avg_sqs"), (p, m, v), ref):
+        _assert_close(got, exp, _tol(be, dtype), what)
+    assert [float(s) for s in steps] == [s + 1 for s in old_steps]
+    assert all(s.dtype == step_dtype for s in steps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_restore_adam_step_skip_is_restore_only(be, seed, dtype):
+    _need(be, dtype)
+    shapes = _shapes()
+    p, g, c = _like(shapes, dtype), _like(shapes, dtype), _like(shapes, dtype)
+    m, v = _like(shapes, dtype), _like(shapes, dtype, positive=True)
+    steps = [torch.tensor(3.0) for _ in shapes]
+    state0 = [_clone(x) for x in (m, v, steps)]
+    be.restore_adam_step(p, g, c, m, v, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                         decoupled=True, maximize=False, grad_scale=None, skip=_flag(1, dtype))
+    _assert_bitwise(p, c)
+    for now, before in zip((m, v, steps), state0):
+        _assert_bitwise(now, before)
+
+
+# ------------------------------------------------------------------ the restore contract, edge cases
+def test_copies_that_are_the_params_are_refused(be):
+    """Restored and unrestored tensors never share a call: a copy that is its own parameter is an error."""
+    p = [torch.randn(5), torch.randn(3)]
+    c = [torch.randn(5), p[1]]  # the second 'copy' is the parameter itself
+    g = _clone(p)
+    z = torch.tensor(0.0)
+    with pytest.raises(ValueError, match="parameter itself"):
+        be.restore_sgd_step(p, g, c, [], lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                            maximize=False, first=False, grad_scale=None, skip=z)
+    with pytest.raises(ValueError, match="parameter itself"):
+        be.restore_adam_step(p, g, c, _clone(p), _clone(p), [z.clone(), z.clone()], lr=0.1, beta1=0.9,
+                             beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False, maximize=False,
+                             grad_scale=None, skip=z)
+
+
+def test_empty_lists_and_zero_size_are_noops(be):
+    z = torch.tensor(0.0)
+    sc = torch.zeros(2)
+    be.perturb([], [], [], sc, 0.05, False)
+    be.restore([], [])
+    be.restore_sgd_step([], [], [], [], lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0,
+                        maximize=False, first=False, grad_scale=None, skip=z)
+    be.restore_adam_step([], [], [], [], [], [], lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                         decoupled=False, maximize=False, grad_scale=None, skip=z)
+    assert float(be.grad_sq_norm([])) == 0.0
+    e = [torch.empty(0), torch.empty(3, 0)]
+    be.perturb(e, _clone(e), _clone(e), sc, 0.05, True)
+    steps = [torch.tensor(1.0), torch.tensor(1.0)]
+    be.restore_adam_step(e, _clone(e), _clone(e), _clone(e), _clone(e), steps, lr=0.1, beta1=0.9, beta2=0.999,
+                         eps=1e-8, weight_decay=0.0, decoupled=False, maximize=False, grad_scale=None, skip=z)
+    assert [float(s) for s in steps] == [2.0, 2.0]  # a step was taken, on no elements
+
+
+def test_channels_last_tensors(be, seed):
+    p = [torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)]
+    g = [torch.randn_like(p[0])]
+    c = [torch.empty_like(p[0])]
+    p0 = _clone(p)
+    be.perturb(p, g, c, torch.tensor([0.0, 1.0]), 0.5, False)
+    torch.testing.assert_close(p[0], p0[0] + 0.5 * g[0])
+    _assert_bitwise(c, p0)
+
+
+def test_mixed_dtypes_in_one_call_raise_before_writing(be):
+    p = [torch.zeros(4), torch.zeros(5)]
+    before = _clone(p)
+    with pytest.raises(ValueError, match="different dtypes"):
+        be.perturb(p, [torch.ones(4), torch.ones(5, dtype=torch.float64)], _clone(p), torch.zeros(2), 0.1, False)
+    with pytest.raises(ValueError, match="equal lengths"):
+        be.restore(p, [torch.ones(4)])
+    _assert_bitwise(p, before)
