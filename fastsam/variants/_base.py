@@ -1,0 +1,66 @@
+"""What the two-pass variants share: a FusedSAM subclass with one more entry in its state dict."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..backends._common import SKIP
+from ..optim import FusedSAM
+
+
+class VariantSAM(FusedSAM):
+    """FusedSAM plus per-parameter variant buffers (``self.state[p][name]``) saved in ``state_dict()["variant"]``."""
+
+    _buffers: tuple = ()  # names of the per-parameter buffers that must survive a resume
+
+    def _variant_extra(self) -> Dict[str, Any]:
+        return {}
+
+    def _load_variant_extra(self, d: Dict[str, Any]) -> None:
+        pass
+
+    def _all_params(self) -> List[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _buf(self, key: torch.Tensor, name: str, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
+        st = self.state[key]
+        t = st.get(name)
+        if t is None or t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
+            t = torch.zeros_like(like) if zero else torch.empty_like(like)
+            st[name] = t
+        return t
+
+    def _first_skipped(self) -> bool:
+        """Whether this step's first pass was non-finite (reads the device flag: one host read)."""
+        run = getattr(self, "_run", None)  # FusedSAM keeps its per-run state there (older versions: on self)
+        scalars = getattr(run, "first_scalars", None) if run is not None else getattr(self, "_first_scalars", None)
+        if not scalars:
+            return False
+        return bool(next(iter(scalars.values()))[SKIP])
+
+    def state_dict(self) -> Dict[str, Any]:
+        d = super().state_dict()
+        bufs = {name: [self.state[p].get(name) if p in self.state else None for p in self._all_params()]
+                for name in self._buffers}
+        d["variant"] = {"class": type(self).__name__, "buffers": bufs, **self._variant_extra()}
+        return d
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        v: Optional[Dict[str, Any]] = state_dict.pop("variant", None)
+        if v is not None and v.get("class") != type(self).__name__:
+            raise ValueError(f"state_dict is a {v.get('class')} state dict, this optimizer is {type(self).__name__}")
+        super().load_state_dict(state_dict)
+        if v is None:
+            return
+        params = self._all_params()
+        for name, ts in v["buffers"].items():
+            if len(ts) != len(params):
+                raise ValueError(f"state_dict has {len(ts)} '{name}' buffers, this optimizer has {len(params)} parameters")
+            for p, t in zip(params, ts):
+                if t is None:
+                    self.state[p].pop(name, None)
+                else:
+                    self.state[p][name] = t.detach().to(device=p.device, dtype=p.dtype, copy=True)
+        self._load_variant_extra(v)

@@ -1,0 +1,87 @@
+"""GSAM (Zhuang et al., ICLR 2022, "Surrogate Gap Guided Sharpness-Aware Minimization").
+
+A SAM step whose update direction is the SAM gradient g_s minus alpha times
+the component of the first gradient g orthogonal to g_s (global over all
+parameters), as in juntang-zhuang/GSAM, gsam/gsam.py (``gradient_decompose``):
+
+    cos = <g, g_s> / (||g_s|| ||g|| + eps)
+    g_v = g - cos * ||g|| * g_s / (||g_s|| + eps)
+    d   = g_s - alpha * g_v                 (eps = perturb_eps, 1e-12 there too)
+
+The perturbation is SAM's/ASAM's (``perturb_weights``: rho / (||g|| + eps),
+ASAM's weighted norm).  The rho schedule of their code (gsam/scheduler.py:
+``ProportionScheduler``, rho_t - rho_min proportional to lr - lr_min) is
+``ProportionalRho``, optional: GSAM sets each group's rho from its lr before the
+perturbation.  alpha has no default in their code; 0.1 is ours (within the
+paper's range).  Everything else (closure, two-step form, non-finite skip,
+clipping of d, schedules, late phase, state_dict) is FusedSAM's.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from . import _ops
+from ._base import VariantSAM
+
+
+class ProportionalRho:
+    """rho = min_rho + (max_rho - min_rho) * (lr - min_lr) / (max_lr - min_lr) (constant max_rho if max_lr == min_lr)."""
+
+    def __init__(self, max_lr: float, min_lr: float, max_rho: float, min_rho: float = 0.0):
+        if not (max_lr > min_lr or (max_lr == min_lr and max_rho == min_rho)) or max_rho < min_rho:
+            raise ValueError("need max_lr > min_lr (or both and the rhos equal) and max_rho >= min_rho")
+        self.max_lr, self.min_lr, self.max_rho, self.min_rho = max_lr, min_lr, max_rho, min_rho
+
+    def __call__(self, lr: float) -> float:
+        if self.max_lr > self.min_lr:
+            return self.min_rho + (self.max_rho - self.min_rho) * (lr - self.min_lr) / (self.max_lr - self.min_lr)
+        return self.max_rho
+
+
+class GSAM(VariantSAM):
+    """``GSAM(params, base_optimizer, rho=0.05, adaptive=False, alpha=0.1, rho_schedule=None, **kwargs)``."""
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *, alpha: float = 0.1,
+                 rho_schedule: Optional[ProportionalRho] = None, **kwargs):
+        super().__init__(params, base_optimizer, rho, adaptive, **kwargs)
+        self.alpha = float(alpha)
+        self.rho_schedule = rho_schedule
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        if self.sam_active:
+            if self.rho_schedule is not None:
+                for g in self.param_groups:
+                    g["rho"] = max(float(self.rho_schedule(float(g["lr"]))), 0.0)
+            for b in self._buckets():
+                _ops.copy_([self._buf(k, "gsam_g", p) for k, p in zip(b.keys, b.params)], b.grads)
+        super().first_step(zero_grad)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        if self._pending is not None and self.alpha != 0:
+            self._decompose()
+        super().second_step(zero_grad)
+
+    def _decompose(self) -> None:
+        buckets = self._buckets()
+        if not buckets:
+            return
+        eps = self.perturb_eps
+        gs = [[self._buf(k, "gsam_g", p, zero=True) for k, p in zip(b.keys, b.params)] for b in buckets]
+        inner = _ops.total([_ops.dot(g, b.grads) for g, b in zip(gs, buckets)])
+        new = _ops.total([_ops.sq_norm(b.grads) for b in buckets]).sqrt()
+        old = _ops.total([_ops.sq_norm(g) for g in gs]).sqrt()
+        cosine = inner / (new * old + eps)
+        coef = -(cosine * old / (new + eps))
+        for g, b in zip(gs, buckets):
+            _ops.add_scaled_(g, b.grads, coef.to(b.device))   # g <- g_v (in place: g is not needed after)
+            _ops.sub_scaled_(b.grads, g, self.alpha)           # g_s <- g_s - alpha g_v
+
+    def _variant_extra(self) -> Dict[str, Any]:
+        return {"alpha": self.alpha}
+
+    def _load_variant_extra(self, d: Dict[str, Any]) -> None:
+        self.alpha = float(d["alpha"])
