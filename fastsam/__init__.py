@@ -7,10 +7,12 @@ sharpness (Hessian eigenvalues, trace, spectral density).
 """
 from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
 from .optim import FusedSAM
+from . import schedules
+from .variants import GSAM, FriendlySAM, LookSAM, MomentumSAM
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedSAM", "frozen_bn_stats", "disable_running_stats", "enable_running_stats", "hessian",
+__all__ = ["FusedSAM", "LookSAM", "MomentumSAM", "GSAM", "FriendlySAM", "schedules", "frozen_bn_stats", "disable_running_stats", "enable_running_stats", "hessian",
            "adversarial", "__version__"]
 
 
