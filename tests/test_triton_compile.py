@@ -32,17 +32,23 @@ SCRIPT = textwrap.dedent("""
         (perturb._perturb_kernel, ["*fp32", "fp32"], dict(ADAPTIVE=False, DTYPE=0, ALIGNED=False, BLOCK=2048)),
         (restore._restore_kernel, [], dict(DTYPE=0, ALIGNED=True, BLOCK=2048)),
         (restore_sgd_step._restore_sgd_step_kernel, ["*fp32", "*fp32"] + ["fp32"] * 4,
-         dict(HAS_GRAD_SCALE=True, MAXIMIZE=True, WEIGHT_DECAY=True, MOMENTUM=True, NESTEROV=True, FIRST=False,
-              N_COLS=5, DTYPE=1, ALIGNED=True, BLOCK=2048)),
+         dict(LR_PTR=False, HAS_GRAD_SCALE=True, MAXIMIZE=True, WEIGHT_DECAY=True, MOMENTUM=True, NESTEROV=True,
+              FIRST=False, N_COLS=5, DTYPE=1, ALIGNED=True, BLOCK=2048)),
+        (restore_sgd_step._restore_sgd_step_kernel, ["*fp32", "*fp32", "*fp32"] + ["fp32"] * 3,
+         dict(LR_PTR=True, HAS_GRAD_SCALE=False, MAXIMIZE=False, WEIGHT_DECAY=True, MOMENTUM=True, NESTEROV=False,
+              FIRST=False, N_COLS=5, DTYPE=0, ALIGNED=True, BLOCK=2048)),
         (restore_sgd_step._restore_sgd_step_kernel, ["*fp32", "*fp32"] + ["fp32"] * 4,
-         dict(HAS_GRAD_SCALE=False, MAXIMIZE=False, WEIGHT_DECAY=False, MOMENTUM=False, NESTEROV=False, FIRST=False,
-              N_COLS=4, DTYPE=0, ALIGNED=True, BLOCK=2048)),
+         dict(LR_PTR=False, HAS_GRAD_SCALE=False, MAXIMIZE=False, WEIGHT_DECAY=False, MOMENTUM=False,
+              NESTEROV=False, FIRST=False, N_COLS=4, DTYPE=0, ALIGNED=True, BLOCK=2048)),
         (restore_adam_step._restore_adam_step_kernel, ["*i32", "*fp32", "*fp32"] + ["fp32"] * 10,
-         dict(HAS_GRAD_SCALE=True, MAXIMIZE=True, WEIGHT_DECAY=True, DECOUPLED=True, DTYPE=2, STEP_DTYPE=3,
-              ALIGNED=True, BLOCK=2048)),
+         dict(LR_PTR=False, HAS_GRAD_SCALE=True, MAXIMIZE=True, WEIGHT_DECAY=True, DECOUPLED=True, DTYPE=2,
+              STEP_DTYPE=3, ALIGNED=True, BLOCK=2048)),
+        (restore_adam_step._restore_adam_step_kernel, ["*i32", "*fp32", "*fp32", "*fp32"] + ["fp32"] * 9,
+         dict(LR_PTR=True, HAS_GRAD_SCALE=False, MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=True, DTYPE=0,
+              STEP_DTYPE=0, ALIGNED=True, BLOCK=2048)),
         (restore_adam_step._restore_adam_step_kernel, ["*i32", "*fp32", "*fp32"] + ["fp32"] * 10,
-         dict(HAS_GRAD_SCALE=False, MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=False, DTYPE=0, STEP_DTYPE=0,
-              ALIGNED=True, BLOCK=2048)),
+         dict(LR_PTR=False, HAS_GRAD_SCALE=False, MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=False, DTYPE=0,
+              STEP_DTYPE=0, ALIGNED=True, BLOCK=2048)),
     ]
     for fn, types, consts in CASES:
         types = iter(types if types is SUM else TABLE + types)
@@ -71,4 +77,4 @@ def test_kernels_compile_for_sm90():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stdout.count("compiled") == 10
+    assert out.stdout.count("compiled") == 12

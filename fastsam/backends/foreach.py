@@ -134,7 +134,10 @@ def _sgd_update(params, grads, bufs, lr, momentum, dampening, nesterov, weight_d
             d_p = torch._foreach_add(d_p, bufs, alpha=momentum)
         else:
             d_p = bufs
-    torch._foreach_add_(params, d_p, alpha=-lr)
+    if isinstance(lr, torch.Tensor):  # capturable: the lr read on the device
+        torch._foreach_add_(params, torch._foreach_mul(d_p, -lr))
+    else:
+        torch._foreach_add_(params, d_p, alpha=-lr)
 
 
 def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs: Tensors,
@@ -168,6 +171,8 @@ def _adam_update(params, exp_avgs, exp_avg_sqs, grads, steps, lr, beta1, beta2, 
     # corrections computed on the device from the step tensors, as torch's
     # capturable path does, so no host read is needed on any device.
     g = _sam_grads(grads, grad_scale, maximize)
+    if isinstance(lr, torch.Tensor) and lr.device.type == "cpu":
+        lr = float(lr)  # free on the CPU; keeps the CPU path's host-side bias corrections exact
     if weight_decay != 0:
         if decoupled:
             torch._foreach_mul_(params, 1 - lr * weight_decay)

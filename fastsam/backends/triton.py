@@ -109,7 +109,8 @@ def _restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad
 
 
 _EAGER = {"sq_norm": _grad_sq_norm, "perturb": _perturb, "restore": _restore,
-          "restore_sgd_step": _restore_sgd_step, "restore_adam_step": _restore_adam_step}
+          "restore_sgd_step": _restore_sgd_step, "restore_adam_step": _restore_adam_step,
+          "restore_sgd_step_lr_tensor": _restore_sgd_step, "restore_adam_step_lr_tensor": _restore_adam_step}
 
 
 def _call(name: str, *args):
@@ -147,7 +148,8 @@ def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_
                      weight_decay: float, maximize: bool, first: bool,
                      grad_scale: Optional[torch.Tensor], skip: torch.Tensor) -> None:
     if params:
-        _call("restore_sgd_step", params, grads, copies, momentum_buffers, grad_scale, skip, float(lr),
+        _call("restore_sgd_step" if not isinstance(lr, torch.Tensor) else "restore_sgd_step_lr_tensor", params,
+              grads, copies, momentum_buffers, grad_scale, skip, lr if isinstance(lr, torch.Tensor) else float(lr),
               float(momentum), float(dampening), bool(nesterov), float(weight_decay), bool(maximize), bool(first))
 
 
@@ -157,8 +159,9 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
                       maximize: bool, grad_scale: Optional[torch.Tensor],
                       skip: torch.Tensor) -> None:
     if params:
-        _call("restore_adam_step", params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip,
-              float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled),
+        _call("restore_adam_step" if not isinstance(lr, torch.Tensor) else "restore_adam_step_lr_tensor", params,
+              grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip,
+              lr if isinstance(lr, torch.Tensor) else float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled),
               bool(maximize))
 
 
@@ -201,5 +204,25 @@ if _kernels is not None:
         _restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip, lr, beta1,
                            beta2, eps, weight_decay, decoupled, maximize)
 
-    for _op in (_perturb_op, _restore_op, _restore_sgd_step_op, _restore_adam_step_op):
+    # The same two steps with the lr in a 0-d device tensor (capturable; torch.library schemas
+    # have no float-or-tensor type).
+    @torch.library.custom_op("fastsam::triton_restore_sgd_step_lr_tensor", mutates_args=("params", "momentum_buffers"))
+    def _restore_sgd_step_lr_op(params: T, grads: T, copies: T, momentum_buffers: T,
+                                grad_scale: Optional[torch.Tensor], skip: torch.Tensor, lr: torch.Tensor,
+                                momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+                                maximize: bool, first: bool) -> None:
+        _restore_sgd_step(params, grads, copies, momentum_buffers, grad_scale, skip, lr, momentum, dampening,
+                          nesterov, weight_decay, maximize, first)
+
+    @torch.library.custom_op("fastsam::triton_restore_adam_step_lr_tensor",
+                             mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
+    def _restore_adam_step_lr_op(params: T, grads: T, copies: T, exp_avgs: T, exp_avg_sqs: T, steps: T,
+                                 grad_scale: Optional[torch.Tensor], skip: torch.Tensor, lr: torch.Tensor,
+                                 beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
+                                 maximize: bool) -> None:
+        _restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip, lr, beta1,
+                           beta2, eps, weight_decay, decoupled, maximize)
+
+    for _op in (_perturb_op, _restore_op, _restore_sgd_step_op, _restore_adam_step_op, _restore_sgd_step_lr_op,
+                _restore_adam_step_lr_op):
         _op.register_fake(lambda *args, **kwargs: None)

@@ -14,7 +14,7 @@ from ..backends._common import FACTOR, SKIP
 def handles(base: Optimizer) -> bool:
     if type(base) not in (torch.optim.Adam, torch.optim.AdamW):
         return False
-    return all(not g.get("differentiable", False) and not isinstance(g["lr"], torch.Tensor)
+    return all(not g.get("differentiable", False)
                and not g.get("amsgrad", False) and not any(isinstance(b, torch.Tensor) for b in g["betas"])
                for g in base.param_groups)
 

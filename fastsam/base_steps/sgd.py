@@ -11,7 +11,7 @@ from ..backends._common import FACTOR, SKIP
 
 def handles(base: Optimizer) -> bool:
     return type(base) is torch.optim.SGD and all(
-        not g.get("differentiable", False) and not isinstance(g["lr"], torch.Tensor) for g in base.param_groups)
+        not g.get("differentiable", False) for g in base.param_groups)
 
 
 def step(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: bool) -> None:

@@ -74,7 +74,7 @@ def _adam_chunk(row, offs, mask, kept, keep, grad_scale, one_minus_beta1, beta2,
 @triton.jit
 def _restore_adam_step_kernel(table, blk_tensor, blk_chunk, counters, skip_ptr, grad_scale_ptr, lr,
                               log_beta1, one_minus_beta1, log_beta2, beta2, one_minus_beta2, eps,
-                              weight_decay, decay, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                              weight_decay, decay, LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
                               WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, DTYPE: tl.constexpr,
                               STEP_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     t, row, chunk, numel, offs = locate(table, blk_tensor, blk_chunk, 7, BLOCK)
@@ -82,6 +82,9 @@ def _restore_adam_step_kernel(table, blk_tensor, blk_chunk, counters, skip_ptr, 
     step_ptr = column(row, 5, STEP_DTYPE, False)
     step = tl.load(step_ptr)
     t_new = step.to(tl.float32) + 1
+    if LR_PTR:  # capturable: the lr lives in a device tensor that schedulers update in place
+        lr = tl.load(lr).to(tl.float32)
+        decay = 1.0 - lr * weight_decay
     step_size = tl.div_rn(lr, _one_minus_pow(log_beta1, t_new))
     bc2_sqrt = tl.sqrt_rn(_one_minus_pow(log_beta2, t_new))
     grad_scale = 1.0
@@ -112,17 +115,20 @@ def _log(beta: float) -> float:
 
 def restore_adam_step(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
                       exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor],
-                      grad_scale: Optional[torch.Tensor], skip: torch.Tensor, lr: float, beta1: float,
+                      grad_scale: Optional[torch.Tensor], skip: torch.Tensor, lr, beta1: float,
                       beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool) -> bool:
     """``copies`` empty: nothing to restore (the params are read in their place).  False (nothing
-    done) when the layouts cannot be indexed flat or the step counters live elsewhere."""
+    done) when the layouts cannot be indexed flat or the step counters live elsewhere.  ``lr``: a
+    float, or a 0-d device tensor read by the kernel (capturable)."""
+    lr_ptr = isinstance(lr, torch.Tensor)
     tab = mt.table([params, grads, copies or params, exp_avgs, exp_avg_sqs], extra_ptrs=[steps],
                    distinct_copies=bool(copies))
     if tab is None:
         return False
     mt.launch(_restore_adam_step_kernel, tab.n_blocks, *tab.args(), tab.meta.counters(), skip,
-              skip if grad_scale is None else grad_scale, float(lr), _log(beta1), 1.0 - beta1, _log(beta2),
-              float(beta2), 1.0 - beta2, float(eps), float(weight_decay), 1.0 - lr * weight_decay,
+              skip if grad_scale is None else grad_scale, lr if lr_ptr else float(lr), _log(beta1), 1.0 - beta1,
+              _log(beta2), float(beta2), 1.0 - beta2, float(eps), float(weight_decay),
+              1.0 if lr_ptr else 1.0 - lr * weight_decay, LR_PTR=lr_ptr,
               HAS_GRAD_SCALE=grad_scale is not None, MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0,
               DECOUPLED=decoupled, DTYPE=mt.DTYPE_IDS[params[0].dtype], STEP_DTYPE=mt.DTYPE_IDS[steps[0].dtype],
               ALIGNED=tab.aligned, BLOCK=mt.BLOCK)

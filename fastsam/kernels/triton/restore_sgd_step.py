@@ -52,12 +52,14 @@ def _sgd_chunk(row, offs, mask, kept, keep, grad_scale, lr, momentum, one_minus_
 
 @triton.jit
 def _restore_sgd_step_kernel(table, blk_tensor, blk_chunk, skip_ptr, grad_scale_ptr, lr, momentum,
-                             one_minus_dampening, weight_decay, HAS_GRAD_SCALE: tl.constexpr,
+                             one_minus_dampening, weight_decay, LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                              MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
                              NESTEROV: tl.constexpr, FIRST: tl.constexpr, N_COLS: tl.constexpr,
                              DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     _, row, chunk, numel, offs = locate(table, blk_tensor, blk_chunk, N_COLS, BLOCK)
     keep = keep_mask(skip_ptr, offs)
+    if LR_PTR:  # capturable: the lr lives in a device tensor that schedulers update in place
+        lr = tl.load(lr).to(tl.float32)
     grad_scale = 1.0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
@@ -72,18 +74,20 @@ def _restore_sgd_step_kernel(table, blk_tensor, blk_chunk, skip_ptr, grad_scale_
 
 def restore_sgd_step(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
                      momentum_buffers: List[torch.Tensor], grad_scale: Optional[torch.Tensor],
-                     skip: torch.Tensor, lr: float, momentum: float, dampening: float, nesterov: bool,
+                     skip: torch.Tensor, lr, momentum: float, dampening: float, nesterov: bool,
                      weight_decay: float, maximize: bool, first: bool) -> bool:
-    """``copies`` empty: nothing to restore (the params are read in their place).  False (nothing
-    done) when the layouts cannot be indexed flat: the backend falls back."""
+    """``copies`` empty: nothing to restore (the params are read in their place).  ``lr``: a float,
+    or a 0-d device tensor read by the kernel (capturable).  False (nothing done) when the layouts
+    cannot be indexed flat: the backend falls back."""
+    lr_ptr = isinstance(lr, torch.Tensor)
     has_momentum = momentum != 0
     lists = [params, grads, copies or params] + ([momentum_buffers] if has_momentum else [])
     tab = mt.table(lists, distinct_copies=bool(copies))
     if tab is None:
         return False
     mt.launch(_restore_sgd_step_kernel, tab.n_blocks, *tab.args(), skip,
-              skip if grad_scale is None else grad_scale, float(lr), float(momentum), 1.0 - dampening,
-              float(weight_decay),
+              skip if grad_scale is None else grad_scale, lr if lr_ptr else float(lr), float(momentum),
+              1.0 - dampening, float(weight_decay), LR_PTR=lr_ptr,
               HAS_GRAD_SCALE=grad_scale is not None, MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0,
               MOMENTUM=has_momentum, NESTEROV=nesterov, FIRST=first, N_COLS=len(lists) + 1,
               DTYPE=mt.DTYPE_IDS[params[0].dtype], ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
