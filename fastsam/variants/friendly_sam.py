@@ -11,8 +11,9 @@ batch gradients (the "full gradient" component), as in nblt/F-SAM, utils.py
 then SAM's second pass and base step (the base optimizer steps with the
 gradient at w + e).  Defaults sigma=1, lmbda=0.95 (train.py's defaults; their
 run.sh uses 0.6 on CIFAR-100).  The EMA updates only on SAM steps (steps a
-schedule skips do not see it) and not on a skipped (non-finite) step; the
-finiteness of g is read on the host once per SAM step.
+schedule skips do not see it) and not on a skipped (non-finite, first or
+second pass) step: the new EMA goes to a second buffer, swapped in once the
+step is taken.  The finiteness of g is read on the host once per SAM step.
 """
 from __future__ import annotations
 
@@ -38,22 +39,36 @@ class FriendlySAM(VariantSAM):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
+        self._next_m = None
         if self.sam_active:
             buckets = self._buckets()
             if buckets and bool(torch.isfinite(_ops.total([_ops.sq_norm(b.grads) for b in buckets]))):
+                nxt = []
                 for b in buckets:
-                    have = [k for k in b.keys if "fsam_m" in self.state[k]]
-                    if len(have) != len(b.keys):  # first step of these parameters: m = g, d = g
-                        for k, p, g in zip(b.keys, b.params, b.grads):
-                            if "fsam_m" not in self.state[k]:
-                                self.state[k]["fsam_m"] = g.clone()
+                    if any("fsam_m" not in self.state[k] for k in b.keys):  # first step: m = g, d = g
+                        nxt.extend((k, g.clone()) for k, g in zip(b.keys, b.grads))
                         continue
                     ms = [self.state[k]["fsam_m"] for k in b.keys]
-                    old = torch._foreach_mul(ms, self.sigma)  # sigma * m_old
-                    _ops.ema_(ms, b.grads, self.lmbda)        # m <- lmbda m + (1 - lmbda) g
-                    torch._foreach_sub_(b.grads, old)         # d = g - sigma m_old (in the gradient, as theirs)
-            # non-finite g: FusedSAM skips the perturbation and the step; m is left as it was
+                    new = [self._buf(k, "fsam_m_next", p) for k, p in zip(b.keys, b.params)]
+                    _ops.copy_(new, ms)
+                    _ops.ema_(new, b.grads, self.lmbda)            # m' = lmbda m + (1 - lmbda) g
+                    _ops.sub_scaled_(b.grads, ms, self.sigma)      # d = g - sigma m (in the gradient, as theirs)
+                    nxt.extend(zip(b.keys, new))
+                self._next_m = nxt
+            # non-finite g: FusedSAM skips the perturbation and the step; m stays as it was
         super().first_step(zero_grad)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        nxt, self._next_m = getattr(self, "_next_m", None), None
+        super().second_step(zero_grad)
+        if nxt and not self.last_step_skipped:  # the new EMA takes effect only on a step taken
+            for k, m in nxt:
+                st = self.state[k]
+                old = st.get("fsam_m")
+                st["fsam_m"] = m
+                if old is not None and old is not m:
+                    st["fsam_m_next"] = old  # reused as next step's buffer (a swap, no copy)
 
     def _variant_extra(self) -> Dict[str, Any]:
         return {"sigma": self.sigma, "lmbda": self.lmbda}

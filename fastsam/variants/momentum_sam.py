@@ -84,6 +84,7 @@ class MomentumSAM(Optimizer):
                 out.setdefault((gi, p.device, p.dtype), []).append(p)
         return out
 
+    @torch.no_grad()
     def _restore(self) -> None:
         if not self.perturbed:
             return
@@ -92,6 +93,7 @@ class MomentumSAM(Optimizer):
             _ops.copy_(ps, [self.state[p]["msam_w"] for p in ps])
         self.perturbed = False
 
+    @torch.no_grad()
     def _perturb(self, inv: Optional[torch.Tensor] = None) -> None:
         """w~ = w - rho * inv * v, with inv = 1 / (||v|| + eps) unless given (a resume)."""
         lists = self._lists(False)
