@@ -85,17 +85,26 @@ class Plan:
     def __init__(self, backend_for: Callable[[torch.device], Any]):
         self._backend_for = backend_for
         self._cache: Dict[Tuple, List[Bucket]] = {}
+        self._layout: Optional[Tuple] = None
 
     def clear(self) -> None:
         self._cache.clear()
+        self._layout = None
 
-    def buckets(self, param_groups: List[Dict[str, Any]], base_state: Dict) -> List[Bucket]:
-        """Buckets of the params that have a gradient now, with their gradients filled in."""
-        # The cache key names every parameter with a gradient and its dtype, device and
-        # layout: a replaced parameter, or one moved/cast/converted to channels_last
-        # through p.data, builds new buckets (and new restore copies).
-        mask = tuple((id(p), p.dtype, p.device, p.is_contiguous()) if p.grad is not None else None
-                     for g in param_groups for p in g["params"])
+    def buckets(self, param_groups: List[Dict[str, Any]], base_state: Dict, recheck: bool = True) -> List[Bucket]:
+        """Buckets of the params that have a gradient now, with their gradients filled in.
+
+        ``recheck=False`` (a step's second pass) reuses the first pass's record of every
+        parameter's identity, dtype, device and layout and looks only at which parameters
+        have a gradient: half the host cost of the key, since nothing casts ``p.data``
+        between the two passes of one step.
+        """
+        flat = [p for g in param_groups for p in g["params"]]
+        if recheck or self._layout is None or len(self._layout) != len(flat):
+            # A replaced parameter, or one moved/cast/converted to channels_last through
+            # p.data, builds new buckets (and new restore copies).
+            self._layout = tuple([(id(p), p.dtype, p.device, p.is_contiguous()) for p in flat])
+        mask = (tuple([p.grad is None for p in flat]), self._layout)
         buckets = self._cache.get(mask)
         if buckets is None:
             buckets = self._build(param_groups)
@@ -186,13 +195,18 @@ def restore_slices(perturbed: List[Bucket], buckets: List[Bucket]) -> Dict[int, 
 # ---------------------------------------------------------------- the norms and scalars
 def pass_scalars(buckets: List[Bucket], mode: str, *, weighted: bool, eps: float = 1e-12,
                  max_norm: Optional[float] = None, prev: Optional[Dict[torch.device, torch.Tensor]] = None,
-                 skip_hook: Optional[Callable[[torch.Tensor], None]] = None) -> Dict[torch.device, torch.Tensor]:
+                 skip_hook: Optional[Callable[[torch.Tensor], None]] = None,
+                 inv_scale: Optional[torch.Tensor] = None,
+                 found_inf: Optional[torch.Tensor] = None) -> Dict[torch.device, torch.Tensor]:
     """The scalars of one pass (fastsam/backends/_common.py) on every device of ``buckets``.
 
     The usual case, one device and plain tensors, is one ``grad_sq_norm`` call per bucket,
     each adding its predecessor's total, the last one writing the epilogue: no scalar torch
     op in between (the triton backend: two launches per bucket).  Several devices or FSDP2
-    shards combine the partial sums on the first bucket's device first.
+    shards combine the partial sums on the first bucket's device first.  A GradScaler's
+    ``inv_scale``/``found_inf`` (second pass) are folded into the epilogue; it then runs in
+    torch ops after the chained norms (a few scalar launches, no further pass over the
+    gradients), since the triton kernel's in-kernel epilogue does not take them.
     """
     acc = torch.float64 if any(b.dtype == torch.float64 for b in buckets) else torch.float32
     main = buckets[0].device
@@ -200,12 +214,16 @@ def pass_scalars(buckets: List[Bucket], mode: str, *, weighted: bool, eps: float
              and all((b.dtype == torch.float64) == (acc == torch.float64) for b in buckets))
     out = new_scalars(main, acc)
     prev_main = None if prev is None else _on(prev, main)
-    ep = Epilogue(out, mode, eps, max_norm, prev_main)
+    ep = Epilogue(out, mode, eps, max_norm, prev_main, inv_scale, found_inf)
+    scaled = inv_scale is not None or found_inf is not None
     if chain:
         total = None
         for i, b in enumerate(buckets):
+            last = i == len(buckets) - 1 and not scaled
             total = b.backend.grad_sq_norm(b.grads, b.params if weighted and b.group["adaptive"] else None,
-                                           accumulate=total, epilogue=ep if i == len(buckets) - 1 else None)
+                                           accumulate=total, epilogue=ep if last else None)
+        if scaled:
+            sam_scalars(total, ep)
     else:
         partial: Dict[Optional[Tuple], torch.Tensor] = {}  # local sums, per kind of sharding
         for b in buckets:

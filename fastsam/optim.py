@@ -22,16 +22,49 @@ the fused paths.
 from __future__ import annotations
 
 import math
+import numbers
+import os
+import warnings
+import weakref
+from itertools import chain
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import backends, base_steps
 from ._buckets import Bucket, Plan, copies_for, pass_scalars, restore_slices
 from .backends._common import SKIP
 
 PERTURBATION_MODES = ("local", "global")
+CLOSURE_CONVENTIONS = ("auto", "sam", "torch")
+_LEGACY_KEYS = ("old_p", "e_w")  # restore copies other SAM classes keep in their state
+
+
+class _RunState:
+    """All of FusedSAM's mutable per-step state, in one object.
+
+    Frameworks wrap optimizers in objects that copy the optimizer's ``__dict__``
+    (Lightning's ``LightningOptimizer``); attribute writes made through such a
+    wrapper land on the wrapper.  FusedSAM therefore never rebinds per-step
+    attributes: it mutates this one shared object, which the wrapper's copied
+    ``__dict__`` references too.
+    """
+
+    def __init__(self) -> None:
+        self.num_steps = 0                 # completed optimizer steps (SAM or plain)
+        self.pending = None                # buckets perturbed by first_step, or None
+        self.first_scalars = None          # the first pass's scalars, per device
+        self.decision = None               # (num_steps, the schedule's answer for that step)
+        self.sam_active_override = None    # opt.sam_active = True/False
+        self.skip_flag = None              # last step's skip flag (0-d device tensor)
+        self.opt_called = False            # LR schedulers' "an optimizer step happened"
+        self.grad_scale = None             # set by torch.amp.GradScaler.step for one step
+        self.scaler_found_inf = None       # likewise
+        self.in_step = False               # inside step(): hooks fire there, not in first/second_step
+        self.pre_hooks_fired = False       # this step's pre hooks already ran (first_step)
+        self.last_grads = None             # [(weakref(grad), version)] when the last step ended
 
 
 class FusedSAM(Optimizer):
@@ -57,12 +90,16 @@ class FusedSAM(Optimizer):
             L2 norm before the base step.  The first gradient is never
             clipped: the perturbation uses only its direction g/||g||, which
             clipping does not change.
-        backend: "auto" | "foreach" | "triton" | "cuda" | "cpp"; the
-            ``FASTSAM_BACKEND`` environment variable takes precedence.  The
-            choice is visible as ``opt.backend``.
+        backend: "auto" | "foreach" | "triton" | "cuda" | "cpp".  An explicit
+            name always wins; the ``FASTSAM_BACKEND`` environment variable is
+            consulted only for "auto" (it then names the backend).  The choice
+            is visible as ``opt.backend``.
         sam_start_step: late-phase SAM: plain base-optimizer steps until this
             many steps have been taken, SAM from then on.  ``None``: SAM from
-            the start.  ``opt.sam_active`` overrides it when set.
+            the start.  ``opt.sam_active`` overrides it when set.  Any integral
+            number (``int``, ``numpy.int64``, a 0-d integer tensor) >= 0; ``rho``
+            likewise any real number (``numpy.float32``, a 0-d tensor) >= 0,
+            stored as a Python float.
         schedule: decides per step whether it is a SAM step (fastsam.schedules: every
             k-th step, random switching, adaptive switching, ...): an object with
             ``decide(opt) -> bool``, asked once per step before its first pass's
@@ -73,28 +110,56 @@ class FusedSAM(Optimizer):
         perturbation: "local" (default) | "global": under DDP, whether the
             perturbation uses each rank's own gradient (m-sharpness, as the
             original SAM) or the all-reduced one; see fastsam.distributed.
+        closure_convention: what ``step(closure)`` expects of the closure.
+            "sam": the caller has run the first forward+backward; the closure
+            runs the second (the widely used SAM class's contract).  "torch":
+            the closure runs a whole forward+backward from scratch and FusedSAM
+            calls it for both passes (torch.optim's convention, as LBFGS and
+            Lightning's automatic optimization use it).  "auto" (default):
+            "sam" when new gradients were computed since the last step, else
+            "torch" (no gradient at all, or the very gradients the last step
+            ended with: nobody ran a first pass).
         **kwargs: passed to ``base_optimizer``.
 
     Non-finite gradients (first or second pass) skip the perturbation and
     the step: the parameters and the optimizer state stay bitwise unchanged,
-    and ``opt.found_inf`` (a 0-d device tensor, 1.0 when skipped) says so.
+    and ``opt.skip_flag`` (a 0-d device tensor, 1.0 when skipped; also readable
+    as ``opt.found_inf`` outside a GradScaler step) and ``opt.last_step_skipped``
+    (a bool, reads the device) say so.
+
+    ``torch.amp.GradScaler``: ``scaler.step(opt)`` works (the class sets
+    ``_step_supports_amp_scaling``): the scaler hands over its scale and inf
+    flag, and the second pass's fused step unscales the SAM gradient (the clip
+    norm is the unscaled one) and skips on inf inside its scalars: no extra
+    pass, no host synchronisation.  The first pass needs no unscale (g/||g|| does
+    not depend on the loss scale), only its non-finite check.
+
+    Step hooks (``register_step_pre_hook``/``register_step_post_hook``) fire
+    once per optimizer step in every form: in ``step()`` around the whole step;
+    in the two-step form the pre hooks at ``first_step`` (or at ``second_step``
+    when no ``first_step`` ran, e.g. while SAM is inactive) and the post hooks
+    at the end of ``second_step``.  Return values of pre hooks are ignored there.
     """
+
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler.step hands over grad_scale/found_inf
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
                  perturb_eps: float = 1e-12, max_grad_norm: Optional[float] = None, backend: str = "auto",
                  sam_start_step: Optional[int] = None, perturbation: str = "local", schedule: Any = None,
-                 **kwargs):
+                 closure_convention: str = "auto", **kwargs):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(
                 "base_optimizer must be a torch.optim.Optimizer subclass (the class, e.g. torch.optim.SGD, "
                 f"not an instance); got {base_optimizer!r}")
-        _check_rho(rho)
+        self._run = _RunState()
+        rho = _check_rho(rho)
         if not perturb_eps > 0:
             raise ValueError(f"perturb_eps must be positive, got {perturb_eps}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
-        if sam_start_step is not None and (not isinstance(sam_start_step, int) or sam_start_step < 0):
-            raise ValueError(f"sam_start_step must be a non-negative int or None, got {sam_start_step!r}")
+        sam_start_step = _check_start(sam_start_step)
+        if closure_convention not in CLOSURE_CONVENTIONS:
+            raise ValueError(f"closure_convention must be one of {CLOSURE_CONVENTIONS}, got {closure_convention!r}")
         if schedule is not None and not callable(getattr(schedule, "decide", None)):
             raise TypeError(f"schedule must have a decide(opt) -> bool method, got {schedule!r}")
         if perturbation not in PERTURBATION_MODES:
@@ -105,68 +170,156 @@ class FusedSAM(Optimizer):
         defaults = dict(rho=rho, adaptive=adaptive, **kwargs)
         super().__init__(params, defaults)
         for g in self.param_groups:
-            _check_rho(g["rho"])
+            g["rho"] = _check_rho(g["rho"])
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
+        self.__dict__.pop("_own_param_groups", None)  # from now on param_groups are the base optimizer's
         self.defaults.update(self.base_optimizer.defaults)
 
         self.perturb_eps = perturb_eps
         self.max_grad_norm = max_grad_norm
         self.sam_start_step = sam_start_step
         self.schedule = schedule
-        self._decision: Optional[tuple] = None  # (num_steps, the schedule's answer for that step)
         self.perturbation = perturbation
-        self.num_steps = 0  # completed optimizer steps (SAM or plain)
-        self._sam_active_override: Optional[bool] = None
+        self.closure_convention = closure_convention
         self._requested_backend = backend
         self._backends: Dict[torch.device, Any] = {}
         self._plan = Plan(self._backend_for)
-        self._pending: Optional[List[Bucket]] = None  # buckets perturbed by first_step
-        self._first_scalars: Optional[Dict[torch.device, torch.Tensor]] = None  # first pass's, per device
         # Set by fastsam.distributed for per-rank ("local") perturbation under DDP: the
         # ranks' first gradients differ, so the skip flag is all-reduced (MAX, in place,
         # on the device) before the perturbation, or one rank would skip while others step.
         self._skip_hook: Optional[Callable[[torch.Tensor], None]] = None
-        self.found_inf: Optional[torch.Tensor] = None
         first = next((p for g in self.param_groups for p in g["params"]), None)
         self.backend = self._backend_for(first.device).NAME if first is not None else "foreach"
+
+    # ------------------------------------------------------------------ shared state
+    # Every per-step value lives in self._run (see _RunState): these properties keep
+    # the public names while writes through a wrapper reach the optimizer.
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """The base optimizer's param groups (one list, also after ``load_state_dict``)."""
+        d = self.__dict__
+        return d["base_optimizer"].param_groups if "base_optimizer" in d else d.setdefault("_own_param_groups", [])
+
+    @param_groups.setter
+    def param_groups(self, value: List[Dict[str, Any]]) -> None:
+        d = self.__dict__
+        if "base_optimizer" in d:
+            d["base_optimizer"].param_groups = value
+        else:
+            d["_own_param_groups"] = value
+
+    @property
+    def num_steps(self) -> int:
+        """Completed optimizer steps, SAM or plain (settable, e.g. when migrating a run)."""
+        return self._run.num_steps
+
+    @num_steps.setter
+    def num_steps(self, value: int) -> None:
+        self._run.num_steps = int(value)
+
+    @property
+    def _opt_called(self) -> bool:  # written by LR schedulers' step wrapper and by second_step
+        return self._run.opt_called
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self._run.opt_called = value
+
+    @property
+    def grad_scale(self) -> torch.Tensor:
+        """The loss scale a ``torch.amp.GradScaler`` hands over for one ``scaler.step(opt)``."""
+        if self._run.grad_scale is None:
+            raise AttributeError("grad_scale")  # getattr(opt, "grad_scale", default) as the scaler reads it
+        return self._run.grad_scale
+
+    @grad_scale.setter
+    def grad_scale(self, value: Optional[torch.Tensor]) -> None:
+        self._run.grad_scale = value
+
+    @grad_scale.deleter
+    def grad_scale(self) -> None:
+        self._run.grad_scale = None
+
+    @property
+    def found_inf(self) -> Optional[torch.Tensor]:
+        """During ``scaler.step(opt)``: the scaler's inf flag.  Otherwise the last step's
+        skip flag (the name FusedSAM used before it took GradScaler's; prefer ``skip_flag``)."""
+        if self._run.scaler_found_inf is not None:
+            return self._run.scaler_found_inf
+        return self._run.skip_flag
+
+    @found_inf.setter
+    def found_inf(self, value: Optional[torch.Tensor]) -> None:
+        self._run.scaler_found_inf = value
+
+    @found_inf.deleter
+    def found_inf(self) -> None:
+        self._run.scaler_found_inf = None
+
+    @property
+    def skip_flag(self) -> Optional[torch.Tensor]:
+        """The last step's skip flag: a 0-d device tensor, 1.0 when that step was skipped for
+        non-finite gradients (or a GradScaler's inf), None before the first step.  Read-only."""
+        return self._run.skip_flag
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """True when the last step was skipped for non-finite gradients (reads the device flag)."""
+        flag = self._run.skip_flag
+        return flag is not None and bool(flag)
 
     # ------------------------------------------------------------------ switches
     @property
     def sam_active(self) -> bool:
         """Whether the next step is a SAM step (settable; overrides ``sam_start_step``)."""
-        if self._sam_active_override is not None:
-            return self._sam_active_override
+        run = self._run
+        if run.sam_active_override is not None:
+            return run.sam_active_override
         if self.schedule is not None:  # asked once per step: both passes of a step see one answer
-            if self._decision is None or self._decision[0] != self.num_steps:
-                self._decision = (self.num_steps, bool(self.schedule.decide(self)))
-            return self._decision[1]
-        return self.sam_start_step is None or self.num_steps >= self.sam_start_step
+            if run.decision is None or run.decision[0] != run.num_steps:
+                run.decision = (run.num_steps, bool(self.schedule.decide(self)))
+            return run.decision[1]
+        return self.sam_start_step is None or run.num_steps >= self.sam_start_step
 
     @sam_active.setter
     def sam_active(self, value: Optional[bool]) -> None:
-        self._sam_active_override = None if value is None else bool(value)
+        self._run.sam_active_override = None if value is None else bool(value)
 
     @property
-    def last_step_skipped(self) -> bool:
-        """True when the last SAM step was skipped for non-finite gradients (reads the device flag)."""
-        return self.found_inf is not None and bool(self.found_inf)
+    def _sam_active_override(self) -> Optional[bool]:
+        return self._run.sam_active_override
+
+    @property
+    def _pending(self):
+        return self._run.pending
+
+    @property
+    def sam_start_step(self) -> Optional[int]:
+        return self._run_settings.get("sam_start_step")
+
+    @sam_start_step.setter
+    def sam_start_step(self, value) -> None:
+        self._run_settings["sam_start_step"] = _check_start(value)
+
+    @property
+    def _run_settings(self) -> Dict[str, Any]:
+        return self._run.__dict__.setdefault("settings", {})
 
     # ------------------------------------------------------------------ grouping
     def _backend_for(self, device: torch.device):
         mod = self._backends.get(device)
         if mod is None:
-            mod = backends.get(backends.resolve(self._requested_backend, device))
+            mod = backends.get(_resolve_backend(self._requested_backend, device))
             self._backends[device] = mod
         return mod
 
-    def _buckets(self) -> List[Bucket]:
-        return self._plan.buckets(self.param_groups, self.base_optimizer.state)
+    def _buckets(self, recheck: bool = True) -> List[Bucket]:
+        return self._plan.buckets(self.param_groups, self.base_optimizer.state, recheck)
 
     # ------------------------------------------------------------------ SAM steps
     # torch.compiler.disable: a compiled training step graph-breaks around the
     # SAM steps instead of tracing them; dynamo would drop the attribute writes
-    # (self._pending) that tie first_step to second_step.  The kernels inside
+    # (the pending buckets) that tie first_step to second_step.  The kernels inside
     # are opaque custom ops anyway.
     @torch.compiler.disable
     @torch.no_grad()
@@ -174,10 +327,18 @@ class FusedSAM(Optimizer):
         """Perturb the parameters: w <- w + e (keeps an exact copy of w for the restore).
 
         Does nothing (besides ``zero_grad``) while SAM is inactive: the next
-        ``second_step`` is then a plain base-optimizer step.
+        ``second_step`` is then a plain base-optimizer step.  A second
+        ``first_step`` before ``second_step`` raises (it would perturb w + e
+        again and lose w); ``load_state_dict`` or ``undo_first_step()`` undo a
+        pending perturbation.
         """
-        self._pending = None
-        self._first_scalars = None
+        run = self._run
+        if run.pending:
+            raise RuntimeError(
+                "first_step() called twice without second_step(): the parameters are already perturbed "
+                "(w + e); call second_step() (or step()) to finish this step, or undo_first_step() to return to w")
+        self._fire_pre_hooks()
+        run.first_scalars = None
         if self.sam_active:
             buckets = self._buckets()
             if buckets:
@@ -188,10 +349,21 @@ class FusedSAM(Optimizer):
                 for b in buckets:
                     b.backend.perturb(b.params, b.grads, copies_for(b, self.state), scalars[b.device],
                                       b.group["rho"] * scale, bool(b.group["adaptive"]))
-                self._first_scalars = scalars
-            self._pending = buckets  # the cached bucket list: the same object if the grad pattern holds
+                run.first_scalars = scalars
+            run.pending = buckets  # the cached bucket list: the same object if the grad pattern holds
         if zero_grad:
             self.zero_grad()
+
+    @torch.no_grad()
+    def undo_first_step(self) -> None:
+        """Restore w after ``first_step`` without taking a step (nothing happens if nothing is pending)."""
+        run = self._run
+        if run.pending is not None:
+            for b in run.pending:
+                b.backend.restore(b.params, b.copies)
+        run.pending = None
+        run.first_scalars = None
+        run.pre_hooks_fired = False
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -201,34 +373,63 @@ class FusedSAM(Optimizer):
         While SAM is inactive this is the base optimizer's step on the current
         gradient (nothing to restore), with the same non-finite skip and
         ``max_grad_norm`` clipping as SAM steps: one more read of the gradient,
-        no host synchronisation on the fused paths.
+        no host synchronisation on the fused paths.  Under ``scaler.step(opt)``
+        (torch.amp.GradScaler) the gradient is unscaled inside the same fused step.
         """
-        self.found_inf = None
-        if self._pending is None:
+        run = self._run
+        self._fire_pre_hooks()
+        if run.pending is None:
             if self.sam_active:
+                run.pre_hooks_fired = False
                 raise RuntimeError("second_step() called without first_step(): SAM is active, so call "
                                    "first_step() after the first backward pass")
-            self._first_scalars = None
+            run.first_scalars = None
             self._update([])
         else:
-            self._update(self._pending)
-            self._pending = None
-        self.num_steps += 1
-        self._opt_called = True  # tells LR schedulers an optimizer step happened
+            pending, run.pending = run.pending, None
+            self._update(pending)
+        run.first_scalars = None
+        run.num_steps += 1
+        run.opt_called = True  # tells LR schedulers an optimizer step happened
         if zero_grad:
             self.zero_grad()
+        run.last_grads = _grad_marks(self.param_groups)
+        run.pre_hooks_fired = False
+        if not run.in_step:
+            self._fire_post_hooks()
+
+    def _fire_pre_hooks(self) -> None:
+        run = self._run
+        if run.in_step or run.pre_hooks_fired:
+            return
+        run.pre_hooks_fired = True
+        for hook in chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+            hook(self, (), {})
+
+    def _fire_post_hooks(self) -> None:
+        for hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
+            hook(self, (), {})
 
     def _update(self, perturbed: List[Bucket]) -> None:
-        buckets = self._buckets()
+        run = self._run
+        buckets = self._buckets(recheck=not perturbed)  # a SAM step's first pass checked the layouts
         slices = restore_slices(perturbed, buckets)
         if not buckets:
+            run.skip_flag = None
             return
+        # GradScaler (scaler.step(opt)): the SAM gradient is unscaled and the scaler's inf
+        # flag folded into this pass's scalars (FACTOR and SKIP), on the device.
+        inv_scale = found = None
+        if run.grad_scale is not None:
+            inv_scale = run.grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+        if run.scaler_found_inf is not None:
+            found = run.scaler_found_inf
         # The SAM gradient is read once more: its norm for clipping, and the non-finite
         # check that keeps a bad second pass from corrupting w.
-        clip = self.max_grad_norm is not None
+        clip = self.max_grad_norm is not None or inv_scale is not None
         scalars = pass_scalars(buckets, "step", weighted=False, max_norm=self.max_grad_norm,
-                               prev=self._first_scalars)
-        self.found_inf = scalars[buckets[0].device][SKIP]
+                               prev=run.first_scalars, inv_scale=inv_scale, found_inf=found)
+        run.skip_flag = scalars[buckets[0].device][SKIP]
         adapter = base_steps.for_optimizer(self.base_optimizer)
         if adapter is None:
             base_steps.generic.step_all(self.base_optimizer, buckets, slices, scalars, clip)
@@ -238,39 +439,96 @@ class FusedSAM(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
-        """One SAM step; the caller has already run the first forward+backward.
+        """One optimizer step.
 
-        ``closure`` must run the second forward and backward (it is called
-        with grad enabled) and may return the loss, which is returned.  While
-        SAM is inactive this is the base optimizer's step (see
-        ``second_step``) and the closure is never called.
+        - After ``first_step()`` (a perturbation is pending): ``second_step()``; a
+          closure, if given, is called first for the second pass.  This is how
+          ``scaler.step(opt)`` and frameworks that step without a closure
+          (Hugging Face Trainer, Lightning manual optimization) finish a SAM step.
+        - ``step(closure)``, SAM contract (the caller has run the first
+          forward+backward): the closure runs the second pass; returns its loss
+          (the loss at w + e).
+        - ``step(closure)``, torch contract (``closure_convention="torch"``, or
+          "auto" and no new gradient since the last step): the closure runs a
+          whole forward+backward; FusedSAM calls it at w and again at w + e and
+          returns the first loss (the loss at w, as torch optimizers do).
+        - While SAM is inactive: the base optimizer's step (see ``second_step``).
+          Under the SAM contract the closure is not called and ``None`` is
+          returned (no loss was computed by this call); under the torch contract
+          the closure is called once and its loss returned.
         """
+        run = self._run
+        run.in_step = True
+        try:
+            return self._step(closure)
+        finally:
+            run.in_step = False
+            run.pre_hooks_fired = False
+
+    def _step(self, closure):
+        run = self._run
+        if run.pending is not None:  # finishing a step begun with first_step()
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self.second_step()
+            return loss
+        torch_convention = closure is not None and (
+            self.closure_convention == "torch"
+            or (self.closure_convention == "auto" and _grads_unchanged(self.param_groups, run.last_grads)))
+        first_loss = None
+        if torch_convention:
+            with torch.enable_grad():
+                first_loss = closure()
         if not self.sam_active:
             self.first_step()  # records that no perturbation is pending
             self.second_step()
-            return None
+            return first_loss
         if closure is None:
-            raise RuntimeError(
-                "FusedSAM.step() needs a closure that runs the second forward and backward pass while SAM "
-                "is active; pass step(closure) or call first_step() and second_step() yourself")
+            msg = ("FusedSAM.step() was called without a closure and without first_step() while SAM is active: "
+                   "a SAM step needs a second forward+backward pass at w + e.  Pass step(closure) or call "
+                   "first_step() after the first backward and step()/second_step() after the second.")
+            if run.grad_scale is not None or run.scaler_found_inf is not None:
+                msg += ("  This call came from a GradScaler's step() without a closure, which is what "
+                        "Lightning's precision='16-mixed' automatic optimization does (it runs the training "
+                        "closure itself, so no second pass is possible there): use manual optimization "
+                        "(self.automatic_optimization = False; manual_backward, opt.first_step(), "
+                        "manual_backward, opt.step(); see examples/lightning_manual.py), or "
+                        "precision='bf16-mixed' / '32' with automatic optimization.")
+            raise RuntimeError(msg)
         self.first_step(zero_grad=True)
         with torch.enable_grad():
             loss = closure()
         self.second_step()
-        return loss
+        return first_loss if torch_convention else loss
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> Dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; FusedSAM
         # needs its base optimizer and settings too.  Caches are rebuilt.
         st = dict(self.__dict__)
-        st.update(_plan=Plan(None), _backends={}, _pending=None, _first_scalars=None, _skip_hook=None)
+        run = _RunState()
+        old = self._run
+        run.num_steps, run.sam_active_override, run.decision = old.num_steps, old.sam_active_override, old.decision
+        run.opt_called = old.opt_called
+        run.__dict__["settings"] = dict(self._run_settings)
+        st.update(_plan=Plan(None), _backends={}, _skip_hook=None, _run=run)
         return st
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        state = dict(state)
+        legacy = {k: state.pop(k) for k in ("num_steps", "_pending", "_first_scalars", "_decision",
+                                            "_sam_active_override", "found_inf", "param_groups",
+                                            "sam_start_step", "_opt_called") if k in state}
         self.__dict__.update(state)
+        if "_run" not in self.__dict__:  # pickled by an older FusedSAM
+            self._run = _RunState()
+            self._run.num_steps = int(legacy.get("num_steps", 0))
+            self._run.sam_active_override = legacy.get("_sam_active_override")
+            self._run_settings["sam_start_step"] = legacy.get("sam_start_step")
+        self.__dict__.setdefault("closure_convention", "auto")
         self._plan = Plan(self._backend_for)
-        self.param_groups = self.base_optimizer.param_groups
 
     # ------------------------------------------------------------------ bookkeeping
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -282,7 +540,7 @@ class FusedSAM(Optimizer):
         group = dict(param_group)
         group.setdefault("rho", self.defaults["rho"])
         group.setdefault("adaptive", self.defaults["adaptive"])
-        _check_rho(group["rho"])
+        group["rho"] = _check_rho(group["rho"])
         self.base_optimizer.add_param_group(group)
         self._plan.clear()
 
@@ -295,7 +553,7 @@ class FusedSAM(Optimizer):
                 "num_steps": self.num_steps,
                 "sam_start_step": self.sam_start_step,
                 "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
-                "sam_active_override": self._sam_active_override,
+                "sam_active_override": self._run.sam_active_override,
                 "perturb_eps": self.perturb_eps,
                 "max_grad_norm": self.max_grad_norm,
                 "perturbation": self.perturbation,
@@ -303,13 +561,20 @@ class FusedSAM(Optimizer):
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if self._pending is not None:  # between first_step and second_step: undo the perturbation first
-            for b in self._pending:
-                b.backend.restore(b.params, b.copies)
-            self._pending = None
+        """Load ``state_dict()``'s dict.  A plain ``{"state", "param_groups"}`` dict (a
+        checkpoint of the widely used SAM class, of pytorch_optimizer's SAM, or of a
+        plain base optimizer) loads as the base optimizer's state with a warning: such
+        checkpoints hold no FusedSAM step count or late-phase settings (``num_steps``
+        stays as it is; set it to resume a ``sam_start_step`` schedule), and the SAM
+        classes' restore copies (``old_p``) are dropped."""
+        self.undo_first_step()  # between first_step and second_step: undo the perturbation first
+        legacy = isinstance(state_dict, dict) and set(state_dict) == {"state", "param_groups"}
+        if legacy:
+            state_dict = _from_legacy(state_dict)
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "sam"}:
             raise ValueError("state_dict is not a FusedSAM state dict (expected the keys 'base' and 'sam' "
-                             "written by FusedSAM.state_dict())")
+                             "written by FusedSAM.state_dict(), or a plain {'state', 'param_groups'} "
+                             "optimizer state dict)")
         base = state_dict["base"]
         mine = self.base_optimizer.param_groups
         theirs = base.get("param_groups", [])
@@ -322,20 +587,85 @@ class FusedSAM(Optimizer):
             self.base_optimizer.load_state_dict(base)
         except ValueError as exc:
             raise ValueError(f"state_dict does not fit this optimizer's parameters: {exc}") from exc
-        self.param_groups = self.base_optimizer.param_groups
+        for g in self.base_optimizer.param_groups:  # a plain checkpoint's groups may lack the SAM options
+            g["rho"] = _check_rho(g.get("rho", self.defaults["rho"]))
+            g.setdefault("adaptive", self.defaults["adaptive"])
+        run = self._run
+        run.decision = None
+        self._plan.clear()
+        if legacy:
+            empty = not base["state"]
+            warnings.warn(
+                "FusedSAM.load_state_dict: loaded a plain {'state', 'param_groups'} state dict (another SAM "
+                "class's or a base optimizer's) as the base optimizer's state.  It lacks FusedSAM's step count "
+                f"(num_steps stays {run.num_steps}), sam_start_step/schedule and the SAM settings"
+                + ("; it holds no base-optimizer state either (momentum, Adam moments: the widely used SAM "
+                   "class does not save them), so those start from zero" if empty else "")
+                + ".", UserWarning, stacklevel=2)
+            return
         sam = state_dict["sam"]
-        self.num_steps = int(sam["num_steps"])
+        run.num_steps = int(sam["num_steps"])
         self.sam_start_step = sam["sam_start_step"]
         if sam.get("schedule") is not None and hasattr(self.schedule, "load_state_dict"):
             self.schedule.load_state_dict(sam["schedule"])
-        self._decision = None
-        self._sam_active_override = sam["sam_active_override"]
+        run.sam_active_override = sam["sam_active_override"]
         self.perturb_eps = sam["perturb_eps"]
         self.max_grad_norm = sam["max_grad_norm"]
         self.perturbation = sam["perturbation"]
-        self._plan.clear()
 
 
-def _check_rho(rho) -> None:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+def _from_legacy(sd: Dict[str, Any]) -> Dict[str, Any]:
+    state = {}
+    for k, v in sd["state"].items():
+        kept = {n: t for n, t in v.items() if n not in _LEGACY_KEYS}
+        if kept:
+            state[k] = kept
+    return {"base": {"state": state, "param_groups": sd["param_groups"]}, "sam": None}
+
+
+def _check_rho(rho) -> float:
+    """rho as a Python float: any real number (numpy scalars, 0-d tensors included), finite, >= 0."""
+    if torch.is_tensor(rho):
+        if rho.numel() != 1 or rho.is_complex() or rho.dtype == torch.bool:
+            raise ValueError(f"rho must be a finite number >= 0, got a tensor of shape {tuple(rho.shape)}")
+        rho = rho.item()
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho) or rho < 0:
         raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    return float(rho)
+
+
+def _check_start(step) -> Optional[int]:
+    """sam_start_step as a Python int (numpy integers, 0-d integer tensors included) or None."""
+    if step is None:
+        return None
+    if torch.is_tensor(step) and step.numel() == 1 and not step.is_floating_point() and step.dtype != torch.bool:
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(f"sam_start_step must be a non-negative integer or None, got {step!r}")
+    return int(step)
+
+
+def _resolve_backend(requested: str, device: torch.device) -> str:
+    """An explicit backend name wins; ``FASTSAM_BACKEND`` is consulted only for "auto"."""
+    if requested == "auto":
+        return backends.resolve("auto", device)  # reads FASTSAM_BACKEND
+    ok, why = backends.get(requested).is_available(device)
+    if not ok:
+        raise backends.BackendUnavailable(f"backend {requested!r} cannot run on {device}: {why}")
+    return requested
+
+
+def _grad_marks(param_groups) -> list:
+    """Which gradient tensors exist now, and their versions (see _grads_unchanged)."""
+    return [(weakref.ref(p.grad), p.grad._version) for g in param_groups for p in g["params"] if p.grad is not None]
+
+
+def _grads_unchanged(param_groups, marks) -> bool:
+    """True when no backward ran since the last step: no gradient at all, or exactly the
+    gradient tensors (same objects, same versions) the last step ended with."""
+    grads = [p.grad for g in param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return True
+    if marks is None or len(marks) != len(grads):
+        return False
+    return all(ref() is t and t._version == v for (ref, v), t in zip(marks, grads))

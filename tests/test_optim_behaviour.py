@@ -263,6 +263,10 @@ def test_load_state_dict_with_other_layout_raises():
     with pytest.raises(ValueError, match="layout"):
         b.load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="FusedSAM state dict"):
+        b.load_state_dict({"params": [], "momentum": 0.9})
+    # a plain optimizer state dict (another SAM class's, a base optimizer's) loads, with a warning
+    # (tests/test_integrations_optim.py tests the migration)
+    with pytest.warns(UserWarning, match="lacks FusedSAM's step count"):
         b.load_state_dict(torch.optim.SGD(torch.nn.Linear(3, 3).parameters(), lr=0.1).state_dict())
 
 

@@ -9,6 +9,9 @@ first pass (``mode="perturb"``)
 second pass (``mode="step"``)
     ``SKIP`` = max(first pass's SKIP, 1.0 if not finite), ``FACTOR`` = the clip
     coefficient min(max_norm / (||g_sam|| + 1e-6), 1) (1.0 without clipping).
+    With a GradScaler's ``inv_scale`` (1/loss scale) and ``found_inf``: ``SKIP``
+    also takes ``found_inf``, ``FACTOR`` = inv_scale * the clip coefficient of the
+    unscaled norm ||g_sam|| * inv_scale (the fused step multiplies the gradient by it).
 
 The triton backend computes the same epilogue inside its final reduction kernel;
 foreach and cpp compose it from torch ops (``sam_scalars`` below).
@@ -34,6 +37,8 @@ class Epilogue(NamedTuple):
     eps: float = 1e-12                 # perturb: added to the norm
     max_norm: Optional[float] = None   # step: clip to this norm
     prev: Optional[torch.Tensor] = None  # step: the first pass's scalars (its SKIP is carried over)
+    inv_scale: Optional[torch.Tensor] = None  # step: GradScaler's 1/scale (0-d), folded into FACTOR
+    found_inf: Optional[torch.Tensor] = None  # step: GradScaler's inf flag (0-d), folded into SKIP
 
 
 def new_scalars(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -48,11 +53,17 @@ def sam_scalars(sq: torch.Tensor, ep: Epilogue) -> None:
         ep.out[SKIP] = bad
         ep.out[FACTOR] = 1.0 / (sq.sqrt() + ep.eps)
         return
+    if ep.found_inf is not None:
+        bad = torch.maximum(bad, (ep.found_inf.to(device=bad.device, dtype=bad.dtype) != 0).to(bad.dtype))
     ep.out[SKIP] = bad if ep.prev is None else torch.maximum(ep.prev[SKIP].to(bad), bad)
+    inv = None if ep.inv_scale is None else ep.inv_scale.to(device=sq.device, dtype=torch.float32)
     if ep.max_norm is None:
-        ep.out[FACTOR] = 1.0
-    else:
+        ep.out[FACTOR] = 1.0 if inv is None else inv
+    elif inv is None:
         ep.out[FACTOR] = torch.clamp(ep.max_norm / (sq.sqrt() + CLIP_EPS), max=1.0)
+    else:  # the clip norm is the unscaled one; inv * coefficient in fp32, as the fused steps use FACTOR
+        norm = sq.sqrt() * inv.to(sq.dtype)
+        ep.out[FACTOR] = inv * torch.clamp(ep.max_norm / (norm + CLIP_EPS), max=1.0).float()
 
 
 def finish_norm(sq: torch.Tensor, accumulate: Optional[torch.Tensor], epilogue: Optional[Epilogue]) -> torch.Tensor:
