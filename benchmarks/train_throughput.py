@@ -50,8 +50,8 @@ from reference_sam import ReferenceSAM  # noqa: E402
 
 from fastsam import FusedSAM, backends, frozen_bn_stats  # noqa: E402
 
-COLUMNS = ["model", "variant", "batch", "images/s", "median step (ms)", "step-time ratio vs SGD",
-           "whole-run ratio vs SGD", "peak memory (MiB)"]
+COLUMNS = ["model", "variant", "batch", "images/s", "median step (ms)", "step-time ratio vs SGD", "p25-p75",
+           "whole-run ratio vs SGD", "90% CI", "passes/step", "check", "peak memory (MiB)"]
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4  # small lr: the fixed random batch must not diverge
 
 
@@ -61,6 +61,52 @@ class Variant:
     kind: str  # "sgd" | "reference" | "fused" | "late"
     backend: Optional[str] = None
     times: List[float] = field(default_factory=list)
+    rounds: List[float] = field(default_factory=list)  # total time of each interleaved round's block
+
+
+def paired_spread(v: "Variant", sgd: "Variant", n_boot: int = 2000, seed: int = 0) -> Dict[str, float]:
+    """Ratios to SGD from the interleaved rounds, paired round by round (drift cancels).
+
+    step: median and p25/p75 of the per-round ratios (block time / SGD's block time in the same
+    round); whole: total/total, with a 90% bootstrap interval over rounds (resampled in pairs)."""
+    import random
+    per = [a / b for a, b in zip(v.rounds, sgd.rounds) if b > 0]
+    rng = random.Random(seed)
+    n = len(v.rounds)
+    boots = []
+    for _ in range(n_boot if n > 1 else 0):
+        idx = [rng.randrange(n) for _ in range(n)]
+        den = sum(sgd.rounds[i] for i in idx)
+        if den > 0:
+            boots.append(sum(v.rounds[i] for i in idx) / den)
+    return {"round_ratio_median": _common.percentile(per, 0.5) if per else math.nan,
+            "round_ratio_p25": _common.percentile(per, 0.25) if per else math.nan,
+            "round_ratio_p75": _common.percentile(per, 0.75) if per else math.nan,
+            "whole_ci_lo": _common.percentile(boots, 0.05) if boots else math.nan,
+            "whole_ci_hi": _common.percentile(boots, 0.95) if boots else math.nan,
+            "rounds": n}
+
+
+def predicted_passes(v: "Variant", sam_frac: float) -> float:
+    """Forward+backward passes per step: what the ratio to SGD should be when the passes dominate."""
+    return {"sgd": 1.0, "reference": 2.0, "fused": 2.0}.get(v.kind, 1.0 + sam_frac)
+
+
+def ratio_check(ratio: float, lo: float, hi: float, passes: float, tol: float) -> str:
+    """'ok', or a warning when the ratio (or its interval) is outside what the pass count allows.
+
+    A SAM step runs ``passes`` forward+backward passes plus an optimizer step at least as costly as
+    SGD's, so its ratio cannot be far below ``passes`` (unless the optimizer step dominates, which
+    it does not for these models): below passes * (1 - tol) is noise, not a result.  An interval
+    wider than 2 * tol * passes is too noisy to read."""
+    if passes == 1.0 and ratio == 1.0:
+        return "baseline"
+    msg = []
+    if ratio < passes * (1 - tol):
+        msg.append(f"WARNING below {passes:.2f} passes")
+    if not math.isnan(lo) and hi - lo > 2 * tol * passes:
+        msg.append("WARNING noisy (wide interval)")
+    return "; ".join(msg) or "ok"
 
 
 def available_backends(device: torch.device, only: Optional[List[str]] = None) -> List[str]:
@@ -202,7 +248,9 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
             step = steps[v.name]
             for _ in range(args.block):
                 timer.time(step)
-            v.times += timer.collect()
+            block = timer.collect()
+            v.times += block
+            v.rounds.append(float(sum(block)))
     for v in variants:
         last_loss[v.name] = float(steps[v.name]().detach())  # an untimed extra step: is the run still finite?
 
@@ -210,6 +258,9 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
     rows = []
     for v in variants:
         s = _common.summarize(v.times)
+        spread = paired_spread(v, variants[0])
+        passes = predicted_passes(v, n_sam_late / n_timed)
+        whole = s["total_s"] / sgd["total_s"]
         rows.append({
             "model": name if width_div == 1 else f"{name} (width/{width_div})",
             "variant": v.name, "backend": v.backend, "batch": batch,
@@ -218,6 +269,8 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
             "step_ratio_vs_sgd": s["median_s"] / sgd["median_s"],
             "whole_run_ratio_vs_sgd": s["total_s"] / sgd["total_s"],
             "peak_memory_mib": memory.get(v.name, math.nan),
+            **spread, "predicted_passes": passes,
+            "check": ratio_check(whole, spread["whole_ci_lo"], spread["whole_ci_hi"], passes, args.ratio_tol),
             "timed_steps": s["n"], "sam_steps": n_sam_late if v.kind == "late" else (0 if v.kind == "sgd" else s["n"]),
             "loss_after": last_loss[v.name],
             "step_times_ms": [t * 1e3 for t in v.times],
@@ -229,7 +282,9 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
 
 def table_rows(results: List[Dict]) -> List[List]:
     return [[r["model"], r["variant"], r["batch"], round(r["images_per_s"], 1), r["median_step_ms"],
-             r["step_ratio_vs_sgd"], r["whole_run_ratio_vs_sgd"], r["peak_memory_mib"]]
+             r["step_ratio_vs_sgd"], f"{r['round_ratio_p25']:.2f}-{r['round_ratio_p75']:.2f}",
+             r["whole_run_ratio_vs_sgd"], f"{r['whole_ci_lo']:.2f}-{r['whole_ci_hi']:.2f}",
+             f"{r['predicted_passes']:.2f}", r["check"], r["peak_memory_mib"]]
             for res in results for r in res["rows"]]
 
 
@@ -278,8 +333,11 @@ def parse_args(argv=None):
     p.add_argument("--memory-steps", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="CI smoke test: tiny model, 2 timed steps")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's). On a CPU shared with other jobs use 1: "
-                        "oversubscribed OpenMP threads spin and slow every step down by 10x or more")
+                   help="torch CPU threads (default on the CPU: 1; on a GPU: torch's). On a CPU shared with "
+                        "other jobs more threads than free cores spin and make the timings noise")
+    p.add_argument("--ratio-tol", type=float, default=0.1,
+                   help="warn when a ratio is below predicted passes x (1 - tol), or its interval wider than "
+                        "2 x tol x passes")
     p.add_argument("--out-dir", default=_common.RESULTS_DIR)
     args = p.parse_args(argv)
 
@@ -289,7 +347,8 @@ def parse_args(argv=None):
     elif gpu:
         defaults = dict(batch_cifar=128, width_div=1, steps=50, warmup=10, block=10)
     else:
-        defaults = dict(models="resnet18,wrn16_8", batch_cifar=16, width_div=4, steps=20, warmup=2, block=5)
+        # 12 interleaved rounds of 3 steps: enough pairs for a median and an interval per ratio
+        defaults = dict(models="resnet18,wrn16_8", batch_cifar=16, width_div=4, steps=36, warmup=3, block=3)
     for k, v in defaults.items():
         if getattr(args, k) is None or (k == "memory_steps" and args.quick):
             setattr(args, k, v)
@@ -299,8 +358,11 @@ def parse_args(argv=None):
 def main(argv=None) -> Dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads is None and device.type == "cpu":
+        args.threads = 1  # a shared CPU: one thread, or oversubscribed OpenMP threads make the ratios noise
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"[train_throughput] torch threads: {torch.get_num_threads()}", file=sys.stderr)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     info = _common.machine_info(device)
@@ -329,16 +391,26 @@ def main(argv=None) -> Dict:
           f"Synthetic data, {args.dtype}{', channels-last' if args.channels_last else ''}; "
           f"{args.warmup} warm-up + {results[0]['rows'][0]['timed_steps'] if results else 0} timed steps per "
           f"variant, interleaved in blocks of {args.block}; rho {args.rho}; late phase = SAM on the last "
-          f"{sam_frac} of the timed steps. Total wall time {time.perf_counter() - t_start:.0f} s.", "",
+          f"{sam_frac} of the timed steps; {torch.get_num_threads()} torch thread(s). Total wall time {time.perf_counter() - t_start:.0f} s.", "",
           f"Command: `python benchmarks/train_throughput.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
           table, ""]
+    warn = [f"- {r['model']} {r['variant']}: {r['check']} (whole-run ratio {r['whole_run_ratio_vs_sgd']:.3f}, "
+            f"90% CI {r['whole_ci_lo']:.2f}-{r['whole_ci_hi']:.2f}, predicted {r['predicted_passes']:.2f} passes)"
+            for res in results for r in res["rows"] if "WARNING" in r["check"]]
+    if warn:
+        md += ["Ratio warnings (rerun with more --steps, fewer --threads, or on a quiet machine):", *warn, ""]
+        for w in warn:
+            print(w, file=sys.stderr)
     tgt = targets(results, args)
     if tgt:
         md += ["Targets (issue 7):", *tgt, ""]
     if notes:
         md += ["Notes:", *notes, ""]
     md += ["images/s: batch x timed steps / total timed time. Ratios against SGD in this run (median step "
-           "time; whole-run = total time). Peak memory: CUDA max_memory_allocated of the variant alone "
+           "time, with p25-p75 of the per-round ratios; whole-run = total time, with a 90% bootstrap interval "
+           "over the interleaved rounds, resampled in pairs). passes/step: forward+backward passes per step, the "
+           "ratio expected when they dominate; check: a warning when the ratio falls below it by more than "
+           f"{args.ratio_tol:.0%} or its interval is too wide. Peak memory: CUDA max_memory_allocated of the variant alone "
            "(model, grads, optimizer state, activations); CPU: peak RSS growth of a forked one-thread "
            "process running the variant alone."]
     text = "\n".join(md)
