@@ -197,16 +197,20 @@ class FusedSAM(Optimizer):
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
         """The base optimizer's param groups (one list, also after ``load_state_dict``)."""
-        d = self.__dict__
-        return d["base_optimizer"].param_groups if "base_optimizer" in d else d.setdefault("_own_param_groups", [])
+        try:
+            base = self.base_optimizer  # through a wrapper's __getattr__ too (LightningOptimizer)
+        except AttributeError:  # inside Optimizer.__init__, before the base optimizer exists
+            return self.__dict__.setdefault("_own_param_groups", [])
+        return base.param_groups
 
     @param_groups.setter
     def param_groups(self, value: List[Dict[str, Any]]) -> None:
-        d = self.__dict__
-        if "base_optimizer" in d:
-            d["base_optimizer"].param_groups = value
-        else:
-            d["_own_param_groups"] = value
+        try:
+            base = self.base_optimizer
+        except AttributeError:
+            self.__dict__["_own_param_groups"] = value
+            return
+        base.param_groups = value
 
     @property
     def num_steps(self) -> int:

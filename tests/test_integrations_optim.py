@@ -30,24 +30,36 @@ def _two_step(model, opt, x, y, steps):
         opt.second_step(zero_grad=True)
 
 
-def _wrap(opt):
-    """What lightning.pytorch.core.optimizer.LightningOptimizer does: a dynamic subclass
-    whose __dict__ is a copy of the optimizer's."""
-    cls = type("Wrapped" + type(opt).__name__, (type(opt),), {})
+class _Delegating:
+    def __getattr__(self, item):
+        return getattr(self._optimizer, item)
+
+
+def _wrap(opt, style="copy"):
+    """What Lightning's LightningOptimizer does: a dynamic subclass of the optimizer's class
+    whose __dict__ is a copy of the optimizer's (Lightning < 2.x.y), or one that holds the
+    optimizer and delegates missing attributes to it (lightning 2.6)."""
+    if style == "copy":
+        cls = type("Wrapped" + type(opt).__name__, (type(opt),), {})
+        w = object.__new__(cls)
+        w.__dict__ = {k: v for k, v in opt.__dict__.items() if k not in ("step", "__del__")}
+        return w
+    cls = type("Wrapped" + type(opt).__name__, (_Delegating, type(opt)), {})
     w = object.__new__(cls)
-    w.__dict__ = {k: v for k, v in opt.__dict__.items() if k not in ("step", "__del__")}
+    w._optimizer = opt
     return w
 
 
 # ------------------------------------------------------------------ wrapper-safe state
-def test_writes_through_a_dict_copying_wrapper_reach_the_optimizer():
+@pytest.mark.parametrize("style", ["copy", "delegate"])
+def test_writes_through_a_wrapper_reach_the_optimizer(style):
     x, y = _batch()
     ref = _model()
     ref_opt = FusedSAM(ref.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, sam_start_step=2)
     _two_step(ref, ref_opt, x, y, 4)
     model = _model()
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, sam_start_step=2)
-    w = _wrap(opt)
+    w = _wrap(opt, style)
     _two_step(model, w, x, y, 4)
     assert opt.num_steps == w.num_steps == 4
     assert opt.state_dict()["sam"]["num_steps"] == 4
@@ -60,10 +72,11 @@ def test_writes_through_a_dict_copying_wrapper_reach_the_optimizer():
         assert torch.equal(p, q)
 
 
-def test_param_groups_stay_the_base_optimizers_after_load_through_a_wrapper():
+@pytest.mark.parametrize("style", ["copy", "delegate"])
+def test_param_groups_stay_the_base_optimizers_after_load_through_a_wrapper(style):
     model = _model()
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
-    w = _wrap(opt)
+    w = _wrap(opt, style)
     sd = opt.state_dict()
     opt.load_state_dict(sd)  # torch's load_state_dict replaces base.param_groups with a new list
     assert w.param_groups is opt.param_groups is opt.base_optimizer.param_groups
