@@ -118,3 +118,20 @@ def test_nonfinite_leaves_params(cls, where):
         assert all(torch.equal(opt.state[x]["fsam_m"], m) for x, m in zip(p, ms))
     drive(opt, p, 2, start=4)
     assert all(torch.isfinite(x).all() for x in p)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls", [GSAM, FriendlySAM])
+def test_float32_on_every_backend(cls, backend):
+    """float32 buckets run on the backend itself (float64 falls back to foreach on triton)."""
+    base = torch.optim.SGD
+    p = make_params(dtype=torch.float32)
+    opt = cls(groups(p, base), base, backend=backend, **base_kwargs(base))
+    if cls is GSAM:
+        ref = RefGSAM(p, base, 0.1, **base_kwargs(base))
+    else:
+        ref = RefFSAM(p, base, 1.0, 0.95, **base_kwargs(base))
+    drive(opt, p, 10)
+    for t in range(10):
+        ref.step(t)
+    close(p, ref.params, 1e-4)

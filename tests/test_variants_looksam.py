@@ -84,3 +84,15 @@ def test_looksam_nonfinite_leaves_params(where, t):
     assert all(torch.equal(opt.state[x]["looksam_gv"], v) for x, v in zip(p, gv))
     drive(opt, p, 2, start=t + 1)
     assert all(torch.isfinite(x).all() for x in p)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_looksam_float32_on_every_backend(backend):
+    base = torch.optim.SGD
+    p = make_params(dtype=torch.float32)
+    opt = LookSAM(groups(p, base), base, k=3, backend=backend, **base_kwargs(base))
+    ref = RefLookSAM(p, base, 3, 0.7, **base_kwargs(base))
+    drive(opt, p, 10)
+    for t in range(10):
+        ref.step(t)
+    close(p, ref.params, 1e-4)
