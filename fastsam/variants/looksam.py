@@ -118,15 +118,27 @@ class LookSAM(VariantSAM):
         for gv in gvs:
             _ops.scale_(gv, inv)
         self.has_gv = True
+        self.__dict__.pop("_gv_lists", None)
 
     def _reuse(self) -> None:
         buckets = self._buckets()
         if not buckets:
             return
-        gnorm = _ops.total([_ops.sq_norm(b.grads) for b in buckets]).sqrt()
+        cache = self.__dict__.setdefault("_gv_lists", {})
+        gvs = []
         for b in buckets:
-            gv = [self._buf(k, "looksam_gv", p, zero=True) for k, p in zip(b.keys, b.params)]
-            _ops.add_scaled_(b.grads, gv, gnorm.to(b.device), alpha=self.alpha)
+            hit = cache.get(id(b))
+            if hit is None or hit[0] is not b:  # the bucket object is kept alive in the entry: ids stay unique
+                hit = cache[id(b)] = (b, [self._buf(k, "looksam_gv", p, zero=True) for k, p in zip(b.keys, b.params)])
+            gvs.append(hit[1])
+        gnorm = _ops.total([_ops.sq_norm(b.grads) for b in buckets]).sqrt()
+        if gnorm.device.type == "cpu":  # a host scalar is free on the CPU: one launch per bucket
+            a = self.alpha * float(gnorm)
+            for b, gv in zip(buckets, gvs):
+                torch._foreach_add_(b.grads, gv, alpha=a)
+        else:
+            for b, gv in zip(buckets, gvs):
+                _ops.add_scaled_(b.grads, gv, gnorm.to(b.device), alpha=self.alpha)
         self.reuse_steps += 1
 
     # ------------------------------------------------------------------ state
@@ -136,4 +148,5 @@ class LookSAM(VariantSAM):
 
     def _load_variant_extra(self, d: Dict[str, Any]) -> None:
         self.k, self.alpha, self.has_gv = int(d["k"]), float(d["alpha"]), bool(d["has_gv"])
+        self.__dict__.pop("_gv_lists", None)  # the buffers were replaced
         self.full_steps, self.reuse_steps = int(d["full_steps"]), int(d["reuse_steps"])

@@ -96,28 +96,46 @@ class MomentumSAM(Optimizer):
     @torch.no_grad()
     def _perturb(self, inv: Optional[torch.Tensor] = None) -> None:
         """w~ = w - rho * inv * v, with inv = 1 / (||v|| + eps) unless given (a resume)."""
-        lists = self._lists(False)
-        with_v = {key: [p for p in ps if self.direction in self.base_optimizer.state.get(p, {})]
-                  for key, ps in lists.items()}
-        if not any(with_v.values()):
+        plan = self._perturb_plan()
+        if not plan:
             return
         if inv is None:
-            sq = _ops.total([_ops.sq_norm([self.base_optimizer.state[p][self.direction] for p in ps])
-                             for ps in with_v.values() if ps])
+            sq = _ops.total([_ops.sq_norm(vs) for _, _, vs, _ in plan])
             inv = 1.0 / (sq.sqrt() + self.perturb_eps)
         self.inv_norm = inv
-        for (gi, _, _), ps in with_v.items():
+        host = inv.device.type == "cpu"
+        s = float(inv) if host else None  # a host scalar is free on the CPU: one launch per list
+        for gi, ps, vs, ws in plan:
+            rho = self.param_groups[gi]["rho"]
+            _ops.copy_(ws, ps)
+            if host:
+                torch._foreach_add_(ps, vs, alpha=-rho * s)
+            else:
+                _ops.add_scaled_(ps, vs, inv.to(ps[0].device), alpha=-rho)
+        self.perturbed = True
+
+    def _perturb_plan(self):
+        """[(group index, params, direction buffers, copies)] per (group, device, dtype), cached while the
+        parameters with a buffer stay the same (buffers and copies are kept in place)."""
+        bstate = self.base_optimizer.state
+        params = [p for g in self.param_groups for p in g["params"]]
+        key = tuple(id(bstate[p][self.direction]) if self.direction in bstate.get(p, {}) else 0 for p in params)
+        hit = self.__dict__.get("_plan_cache")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        plan = []
+        for (gi, _, _), ps in self._lists(False).items():
+            ps = [p for p in ps if self.direction in bstate.get(p, {})]
             if not ps:
                 continue
             for p in ps:
                 c = self.state[p].get("msam_w")
                 if c is None or c.shape != p.shape or c.dtype != p.dtype:
-                    self.state[p]["msam_w"] = c = torch.empty_like(p)
-            _ops.copy_([self.state[p]["msam_w"] for p in ps], ps)
-            rho = self.param_groups[gi]["rho"]
-            _ops.add_scaled_(ps, [self.base_optimizer.state[p][self.direction] for p in ps],
-                             inv.to(ps[0].device), alpha=-rho)
-        self.perturbed = True
+                    self.state[p]["msam_w"] = torch.empty_like(p)
+            plan.append((gi, ps, [bstate[p][self.direction] for p in ps],
+                         [self.state[p]["msam_w"] for p in ps]))
+        self._plan_cache = (key, plan)
+        return plan
 
     def _next_active(self) -> bool:
         if self.schedule is not None:
