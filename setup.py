@@ -40,8 +40,13 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "numpy", "ninja", "tqdm", "scikit-learn", "matplotlib", "mlxtend"],
+        "test": ["pytest>=7", "pytest-benchmark", "numpy", "ninja", "tqdm", "scikit-learn", "matplotlib", "mlxtend",
+                 "lightning==2.6.6", "transformers==5.24.0", "accelerate==1.15.0"],
         "bench": ["numpy", "ninja", "tqdm", "matplotlib", "scikit-learn", "pytest-benchmark", "mlxtend"],
+        # fastsam.integrations (pip install fastsam[lightning] / fastsam[transformers]); the "test" extra pins
+        # the versions tests/test_integrations_*.py run against (pip keeps the CPU torch already installed)
+        "lightning": ["lightning>=2.2"],
+        "transformers": ["transformers>=4.46", "accelerate>=0.26"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
