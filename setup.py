@@ -35,12 +35,12 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fastsam", "fastsam.*"]),
     python_requires=">=3.9",
-    install_requires=[
-        "torch>=2.4",
-        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
-    ],
+    # No triton here: a CPU install cannot use it, and on Linux the CUDA builds of torch already
+    # bring the triton they were built with (a separate pin could only disagree with it).  The
+    # test extra has it for the interpreter tests.
+    install_requires=["torch>=2.4"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "numpy", "ninja", "tqdm", "scikit-learn", "matplotlib", "mlxtend",
+        "test": ["pytest>=7", "pytest-benchmark", "triton; platform_system == 'Linux'", "numpy", "ninja", "tqdm", "scikit-learn", "matplotlib", "mlxtend",
                  "lightning==2.6.6", "transformers==5.24.0", "accelerate==1.15.0"],
         "bench": ["numpy", "ninja", "tqdm", "matplotlib", "scikit-learn", "pytest-benchmark", "mlxtend"],
         # fastsam.integrations (pip install fastsam[lightning] / fastsam[transformers]); the "test" extra pins
