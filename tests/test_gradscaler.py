@@ -14,20 +14,24 @@ BASES = [
 ]
 
 
+DEVICE = {"device": "cpu", "backend": "foreach"}  # switched by the CUDA test below
+
+
 def _setup(base, kw, seed=0, **sam):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-    opt = FusedSAM(model.parameters(), base, rho=0.05, backend="foreach", **sam, **kw)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(DEVICE["device"])
+    opt = FusedSAM(model.parameters(), base, rho=0.05, backend=DEVICE["backend"], **sam, **kw)
     return model, opt
 
 
 def _data(n=4, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+    return [(torch.randn(8, 6, generator=g).to(DEVICE["device"]), torch.randint(0, 3, (8,), generator=g).to(DEVICE["device"]))
+            for _ in range(n)]
 
 
 def _loss(model, x, y, poison=False):
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(DEVICE["device"], dtype=torch.float16):
         out = model(x)
     loss = torch.nn.functional.cross_entropy(out.float(), y)
     return loss * float("inf") if poison else loss
@@ -35,7 +39,7 @@ def _loss(model, x, y, poison=False):
 
 def _run(form, base, kw, data, poison_at=None, **sam):
     model, opt = _setup(base, kw, **sam)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler(DEVICE["device"], init_scale=2.0 ** 10)
     scales = []
     for i, (x, y) in enumerate(data):
         poison = i == poison_at
@@ -137,3 +141,22 @@ def test_scaler_without_first_step_names_the_recipe():
     scaler.scale(_loss(model, x, y)).backward()
     with pytest.raises(RuntimeError, match="16-mixed.*manual optimization"):
         scaler.step(opt)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["foreach", "triton", "cuda"])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_cuda_scaler_step_equals_manual_unscale(backend, clip, monkeypatch):
+    from fastsam import backends
+    if not backends.get(backend).is_available(torch.device("cuda"))[0]:
+        pytest.skip(f"{backend} unavailable")
+    monkeypatch.setitem(DEVICE, "device", "cuda")
+    monkeypatch.setitem(DEVICE, "backend", backend)
+    for base, kw in BASES[:2]:
+        data = _data()
+        ref, _, _ = _run("manual", base, kw, data, max_grad_norm=clip)
+        got, opt, _ = _run("step", base, kw, data, max_grad_norm=clip)
+        for p, q in zip(ref.parameters(), got.parameters()):
+            assert torch.equal(p, q), (base, (p - q).abs().max())
+        got, opt, _ = _run("step", base, kw, data, poison_at=2, max_grad_norm=clip)
+        assert opt.num_steps == len(data)
