@@ -23,8 +23,7 @@ def step(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: boo
     g = bucket.group
     state = base.state
     step_dtype = _get_scalar_dtype()
-    for p in bucket.keys:
-        st = state[p]
+    for p, st in zip(bucket.keys, bucket.states(state)):
         if "step" not in st:
             st["step"] = torch.zeros((), dtype=step_dtype, device=p.device)
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -34,7 +33,7 @@ def step(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: boo
     decoupled = g.get("decoupled_weight_decay", type(base) is torch.optim.AdamW)
     beta1, beta2 = g["betas"]
     for s in slices:
-        sts = [state[k] for k in s.keys]
+        sts = bucket.states(state) if s.keys is bucket.keys else [state[k] for k in s.keys]
         bucket.backend.restore_adam_step(
             s.params, s.grads, s.copies, bucket.local([t["exp_avg"] for t in sts]),
             bucket.local([t["exp_avg_sq"] for t in sts]), [t["step"] for t in sts], lr=g["lr"], beta1=beta1,
