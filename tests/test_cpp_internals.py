@@ -8,7 +8,6 @@ cpp equal those on foreach.
 """
 from __future__ import annotations
 
-import math  # noqa: F401
 
 import pytest
 import torch

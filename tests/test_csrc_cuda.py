@@ -28,6 +28,12 @@ TOL = {torch.float32: (2e-5, 2e-6), torch.float64: (1e-12, 1e-14), torch.float16
 CHUNK = 65536
 
 
+
+def _sc(scale, skip):
+    """The pass's scalars (skip flag, factor) for a perturbation of exactly ``scale`` (rho = 1)."""
+    scale = torch.as_tensor(scale)
+    return torch.stack([torch.as_tensor(skip).to(device=scale.device, dtype=scale.dtype), scale])
+
 def _dev():
     return torch.device("cuda", torch.cuda.current_device())
 
@@ -131,7 +137,7 @@ def test_perturb(dev, dtype, adaptive, skip, misaligned, seed):
     p0 = _clone(p)
     c = [torch.full_like(t, 3.0) for t in p]
     scale = torch.tensor(0.0137, device=dev)
-    cuda.perturb(p, g, c, scale, _flag(skip, dev), adaptive)
+    cuda.perturb(p, g, c, _sc(scale, _flag(skip, dev)), 1.0, adaptive)
     _assert_bitwise(c, p0)
     if skip:
         _assert_bitwise(p, p0)
@@ -139,13 +145,13 @@ def test_perturb(dev, dtype, adaptive, skip, misaligned, seed):
     for name in _others(dev) + ["cpp"]:
         if name == "cpp":
             q, qc = [t.cpu() for t in p0], [torch.empty_like(t.cpu()) for t in p0]
-            cpp.perturb(q, [t.cpu() for t in g], qc, scale.cpu(), _flag(False, "cpu"), adaptive)
+            cpp.perturb(q, [t.cpu() for t in g], qc, _sc(scale.cpu(), _flag(False, "cpu")), 1.0, adaptive)
         else:
             mod = backends.get(name)
             if not mod.supports(dtype):
                 continue
             q, qc = _clone(p0), [torch.empty_like(t) for t in p0]
-            mod.perturb(q, g, qc, scale, _flag(False, dev), adaptive)
+            mod.perturb(q, g, qc, _sc(scale, _flag(False, dev)), 1.0, adaptive)
         _close(p, q, TOL[dtype], f"params vs {name}")
 
 
@@ -242,7 +248,7 @@ def test_no_host_synchronisation(dev, seed):
     torch.cuda.set_sync_debug_mode("error")
     try:
         sq = cuda.grad_sq_norm(g, p)
-        cuda.perturb(p, g, c, scale * sq, skip, True)
+        torch.ops.fastsam.perturb(p, g, c, scale * sq, skip, True)
         cuda.restore_sgd_step(p, g, c, b, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0,
                               maximize=False, first=False, grad_scale=gs, skip=skip)
         cuda.restore_adam_step(p, g, c, m, v, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
@@ -260,7 +266,7 @@ def test_cuda_graph_capture(dev, seed):
 
     def step(p, c, b):
         sq = cuda.grad_sq_norm(g)
-        cuda.perturb(p, g, c, 0.05 / (sq.sqrt() + 1e-12), skip, False)
+        torch.ops.fastsam.perturb(p, g, c, 0.05 / (sq.sqrt() + 1e-12), skip, False)
         cuda.restore_sgd_step(p, g, c, b, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False,
                               weight_decay=0.0, maximize=False, first=False, grad_scale=gs, skip=skip)
 
@@ -300,7 +306,7 @@ def test_huge_tensor_past_int32(dev, seed):
     torch.testing.assert_close(sq.double(), ref, rtol=1e-4, atol=0)
     tail = slice(n - 1000, n)
     p_tail = p[tail].clone()
-    cuda.perturb([p], [g], [c], torch.tensor(0.5, device=dev), _flag(False, dev), False)
+    cuda.perturb([p], [g], [c], _sc(torch.tensor(0.5, device=dev), _flag(False, dev)), 1.0, False)
     assert torch.equal(c[tail], p_tail)
     torch.testing.assert_close(p[tail].float(), (p_tail.float() + 0.5 * g[tail].float()).half().float(),
                                rtol=1e-3, atol=1e-3)

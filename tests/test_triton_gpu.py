@@ -3,7 +3,7 @@
 CUDA-graph capture of a whole SAM training step, torch.compile of one, a
 tensor over 2**31 elements, the kernels the GPU really runs (torch.profiler),
 and no host synchronisation (torch.cuda.set_sync_debug_mode).  The op-level
-and launch-count suites (test_triton_ops.py, test_triton_launches.py) run on
+and launch-count suites (test_backend_ops.py / test_triton_internals.py, test_triton_launches.py) run on
 the GPU too when there is one: they pick the device themselves.
 """
 import copy
@@ -23,6 +23,12 @@ BASES = {
 KERNELS = ("_sq_norm_partials_kernel", "_sum_kernel", "_perturb_kernel", "_restore_kernel",
            "_restore_sgd_step_kernel", "_restore_adam_step_kernel")
 
+
+
+def _sc(scale, skip):
+    """The pass's scalars (skip flag, factor) for a perturbation of exactly ``scale`` (rho = 1)."""
+    scale = torch.as_tensor(scale)
+    return torch.stack([torch.as_tensor(skip).to(device=scale.device, dtype=scale.dtype), scale])
 
 def _model():
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).cuda()
@@ -95,7 +101,7 @@ def test_compiled_function_calling_the_ops():
     data = [[torch.randn(s, device="cuda") for s in shapes] for _ in range(3)]
 
     def update(params, grads, copies, bufs, scale, skip):
-        tb.perturb(params, grads, copies, scale, skip, True)
+        tb.perturb(params, grads, copies, _sc(scale, skip), 1.0, True)
         tb.restore_sgd_step(params, grads, copies, bufs, lr=0.1, momentum=0.9, dampening=0.0, nesterov=True,
                             weight_decay=1e-3, maximize=False, first=False, grad_scale=None, skip=skip)
         return tb.grad_sq_norm(grads, params)
@@ -154,7 +160,7 @@ def test_tensor_over_2_31_elements():
     g[0] = 1.0
     p[tail] = 2.0
     assert tb.grad_sq_norm([g]).item() == 1 + sum(i * i for i in range(1, 8))
-    tb.perturb([p], [g], [c], torch.tensor(0.5, device="cuda"), torch.zeros((), device="cuda"), False)
+    tb.perturb([p], [g], [c], _sc(torch.tensor(0.5, device="cuda"), torch.zeros((), device="cuda")), 1.0, False)
     assert c[tail].tolist() == [2.0] * 7 and c[0].item() == 0.0
     assert p[tail].tolist() == [2.0 + 0.5 * i for i in range(1, 8)] and p[0].item() == 0.5
     tb.restore_sgd_step([p], [g], [c], [], lr=1.0, momentum=0.0, dampening=0.0, nesterov=False,
@@ -167,7 +173,7 @@ def test_tensor_over_2_31_elements():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_ops_match_foreach_on_the_gpu(dtype):
     """Compiled kernels (not the interpreter) against foreach: odd sizes, multi-chunk tensors,
-    an unaligned view, every op.  The full matrix runs under the interpreter in test_triton_ops.py."""
+    an unaligned view, every op.  The full matrix runs under the interpreter in test_backend_ops.py / test_triton_internals.py."""
     from fastsam.backends import foreach
     from fastsam.backends import triton as tb
     torch.manual_seed(0)
@@ -196,7 +202,7 @@ def test_ops_match_foreach_on_the_gpu(dtype):
     for mod in (tb, foreach):
         p, c, b, m, v = ([t.clone() for t in ts] for ts in (params, copies, bufs, exp_avgs, exp_avg_sqs))
         steps = [torch.full((), 4.0, device="cuda") for _ in p]
-        mod.perturb(p, grads, c, scale, zero, True)
+        mod.perturb(p, grads, c, _sc(scale, zero), 1.0, True)
         mod.restore_sgd_step(p, grads, c, b, lr=0.1, momentum=0.9, dampening=0.1, nesterov=False,
                              weight_decay=1e-3, maximize=False, first=False, grad_scale=scale, skip=zero)
         p2 = [t.clone() for t in p]
