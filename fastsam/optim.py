@@ -21,6 +21,7 @@ the fused paths.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -293,6 +294,10 @@ class FusedSAM(Optimizer):
     def _sam_active_override(self) -> Optional[bool]:
         return self._run.sam_active_override
 
+    @_sam_active_override.setter
+    def _sam_active_override(self, value: Optional[bool]) -> None:  # fastsam.cuda_graphs saves/restores it
+        self._run.sam_active_override = value
+
     @property
     def _pending(self):
         return self._run.pending
@@ -478,8 +483,16 @@ class FusedSAM(Optimizer):
                     loss = closure()
             self.second_step()
             return loss
+        lit = _lightning_closure(closure)
+        if lit is not None and getattr(lit, "_zero_grad_fn", True) is None and getattr(lit, "_backward_fn", None):
+            raise RuntimeError(
+                "FusedSAM under Lightning's automatic optimization with accumulate_grad_batches > 1: Lightning "
+                "runs the earlier micro-batches without the optimizer, so SAM's second pass (at w + e) could "
+                "only see the last one.  Use manual optimization: accumulate the first pass over the "
+                "micro-batches, opt.first_step(zero_grad=True), the second pass over the same micro-batches, "
+                "opt.step() (README, 'Frameworks and AMP')")
         torch_convention = closure is not None and (
-            self.closure_convention == "torch"
+            self.closure_convention == "torch" or lit is not None  # Lightning's closure: a whole forward+backward
             or (self.closure_convention == "auto" and _grads_unchanged(self.param_groups, run.last_grads)))
         first_loss = None
         if torch_convention:
@@ -657,6 +670,22 @@ def _resolve_backend(requested: str, device: torch.device) -> str:
     if not ok:
         raise backends.BackendUnavailable(f"backend {requested!r} cannot run on {device}: {why}")
     return requested
+
+
+def _lightning_closure(closure):
+    """Lightning's automatic-optimization closure object inside ``closure`` (it comes wrapped in
+    functools.partial by the precision plugin), or None."""
+    seen = 0
+    stack = [closure]
+    while stack and seen < 16:
+        c = stack.pop()
+        seen += 1
+        t = type(c)
+        if t.__name__ == "Closure" and t.__module__.split(".")[0] in ("lightning", "pytorch_lightning"):
+            return c
+        if isinstance(c, functools.partial):
+            stack.extend([c.func, *c.args])
+    return None
 
 
 def _grad_marks(param_groups) -> list:

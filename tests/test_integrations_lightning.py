@@ -127,6 +127,12 @@ def test_automatic_optimization_is_sam(sam_start_step):
     _same(m.net, _reference(4, sam_start_step))
 
 
+def test_automatic_accumulation_names_the_recipe():
+    m = Auto(sched=False)
+    with pytest.raises(RuntimeError, match="accumulate_grad_batches.*manual optimization"):
+        _fit(m, 2, accumulate_grad_batches=2)
+
+
 def test_automatic_bf16():
     m = Auto(sched=False)
     trainer = _fit(m, 3, precision="bf16-mixed")
