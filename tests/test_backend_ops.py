@@ -24,6 +24,7 @@ from fastsam import backends
 from fastsam.backends._common import FACTOR, SKIP, Epilogue
 
 from .conftest import CPU_BACKENDS
+from .tensor_lists import assert_bitwise as _assert_bitwise, assert_close as _assert_close, clone as _clone
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (rtol, atol) against the float64 reference: a few units in the last place of the
@@ -73,27 +74,8 @@ def _like(shapes, dtype, scale=1.0, positive=False):
     return out
 
 
-def _clone(ts):
-    return [t.clone() for t in ts]
-
-
 def _f64(ts):
     return [t.double() for t in ts]
-
-
-def _bits(t):
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def _assert_bitwise(a_list, b_list):
-    for a, b in zip(a_list, b_list):
-        assert torch.equal(_bits(a), _bits(b))
-
-
-def _assert_close(actual, expected, tol, what=""):
-    rtol, atol = tol
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        torch.testing.assert_close(a.double(), e.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}[{i}]: {m}")
 
 
 def _acc(dtype):

@@ -15,6 +15,7 @@ import torch
 from fastsam.backends import cpp
 
 from .reference import train_mlp_with_fused_sam
+from .tensor_lists import assert_bitwise as _assert_bitwise, assert_close as _assert_close, clone as _clone
 
 CPU = torch.device("cpu")
 AVAILABLE, WHY = cpp.is_available(CPU)
@@ -23,25 +24,6 @@ needs_ext = pytest.mark.skipif(not AVAILABLE, reason=f"cpp backend unavailable: 
 
 def _like(shapes, dtype=torch.float32):
     return [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
-
-
-def _clone(ts):
-    return [t.clone() for t in ts]
-
-
-def _bits(t):
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def _assert_bitwise(a_list, b_list):
-    for a, b in zip(a_list, b_list):
-        assert torch.equal(_bits(a), _bits(b))
-
-
-def _assert_close(actual, expected, tol, what=""):
-    rtol, atol = tol
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        torch.testing.assert_close(a.double(), e.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}[{i}]: {m}")
 
 
 def test_extension_builds():
