@@ -121,25 +121,32 @@ def test_compiled_function_calling_the_ops():
 @pytest.mark.parametrize("base", sorted(BASES))
 def test_steady_state_step_neither_synchronises_nor_copies(base):
     """After a warm-up step: no host synchronisation, no host-to-device copy (the tables are cached),
-    and exactly 6 of the backend's kernels on the GPU."""
+    and at most 6 kernels on the GPU for first_step + second_step together, counting every kernel
+    the profiler sees in the two windows (ours and any torch op's), not only the backend's."""
     model, _, opt, _ = _pair(base)
     x, y = _data()
     for _ in range(2):
         _train_step(model, opt, x, y)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            opt.first_step(zero_grad=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.second_step(zero_grad=True)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+
+    def profiled(fn):
         torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    ours = [n for n in names if any(k in n for k in KERNELS)]
-    assert len(ours) == 6, ours
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    first = profiled(lambda: opt.first_step(zero_grad=True))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    second = profiled(lambda: opt.second_step(zero_grad=True))
+    names = first + second
+    kernels = [n for n in names if "Memcpy" not in n and "Memset" not in n]
+    ours = [n for n in kernels if any(k in n for k in KERNELS)]
+    assert len(kernels) <= 6 and len(ours) == len(kernels), (first, second)
     # the grads of the second backward usually reuse the first one's blocks; a miss may upload a table,
     # but the only host-to-device copies allowed are such table uploads (a few KB)
     assert sum("HtoD" in n for n in names) <= 4, names
