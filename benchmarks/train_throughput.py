@@ -323,9 +323,9 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--width-div", type=int, default=None,
                    help="divide the CIFAR models' channel counts (default 1 on GPU, 4 on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 50 GPU, 20 CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 10 GPU, 2 CPU)")
-    p.add_argument("--block", type=int, default=None, help="steps per variant per round (default 10 GPU, 5 CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 50 GPU, 60 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 10 GPU, 3 CPU)")
+    p.add_argument("--block", type=int, default=None, help="steps per variant per round (default 10 GPU, 3 CPU)")
     p.add_argument("--late-frac", type=float, default=0.1, help="fraction of timed steps with SAM (late phase)")
     p.add_argument("--rho", type=float, default=0.05)
     p.add_argument("--backends", default=None, help="comma list to restrict the FusedSAM backends")
@@ -347,8 +347,8 @@ def parse_args(argv=None):
     elif gpu:
         defaults = dict(batch_cifar=128, width_div=1, steps=50, warmup=10, block=10)
     else:
-        # 12 interleaved rounds of 3 steps: enough pairs for a median and an interval per ratio
-        defaults = dict(models="resnet18,wrn16_8", batch_cifar=16, width_div=4, steps=36, warmup=3, block=3)
+        # 20 interleaved rounds of 3 steps: enough pairs for a median and an interval per ratio (~2 min)
+        defaults = dict(models="resnet18,wrn16_8", batch_cifar=16, width_div=4, steps=60, warmup=3, block=3)
     for k, v in defaults.items():
         if getattr(args, k) is None or (k == "memory_steps" and args.quick):
             setattr(args, k, v)
