@@ -45,9 +45,8 @@ def _eager_step(model, opt, x, y):
 def test_tensor_lr_with_a_scheduler_equals_float_lr(seed, backend, base, kw):
     model = _model()
     twin = copy.deepcopy(model)
-    opt = FusedSAM(model.parameters(), base, rho=0.05, backend=backend, sam_start_step=3, **kw)
+    opt = FusedSAM(model.parameters(), base, rho=0.05, backend=backend, sam_start_step=3, capturable=True, **kw)
     ref = FusedSAM(twin.parameters(), base, rho=0.05, backend=backend, sam_start_step=3, **kw)
-    make_capturable(opt)
     lr = opt.param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor) and lr.dim() == 0 and lr.dtype == torch.float32
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt, ref)]
