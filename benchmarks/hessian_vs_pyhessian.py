@@ -45,7 +45,7 @@ import models  # noqa: E402
 from fastsam import hessian  # noqa: E402
 
 
-def mnist_cnn(width: int = 8, num_classes: int = 10) -> nn.Module:
+def mnist_cnn(width: int = 16, num_classes: int = 10) -> nn.Module:
     """The CNN of the MNIST-5k late-phase experiments (benchmarks/late_phase_mnist.py)."""
     from late_phase_mnist import MnistCNN
     return MnistCNN(width=width, num_classes=num_classes)

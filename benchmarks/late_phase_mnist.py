@@ -534,12 +534,13 @@ def report_adv(a, res, info, wall):
 
 def describe(a):
     model = "WRN-16-8" if a.dataset == "cifar10" else f"CNN width {a.width}"
+    hess = "" if a.experiment != "sweep" else (
+        f"; λmax (Lanczos tol {a.final_tol}) and trace (Hutch++ {a.trace_samples} HVPs) of the training loss on the "
+        f"first {a.hessian_samples} training images in batches of {a.hessian_batch}, train mode")
     return (f"{a.dataset} ({a.n_train} train / {a.n_test} test, symmetric label noise {a.label_noise:g} on the "
             f"training labels), {model}, {a.epochs} epochs, batch {a.batch_size}, lr {a.lr} x0.1 at epoch "
             f"{a.milestone}, momentum 0.9, wd {a.weight_decay}, label smoothing {a.label_smoothing}, rho {a.rho} "
-            f"(FusedSAM(SGD), foreach); λmax (Lanczos tol {a.final_tol}) and trace (Hutch++ {a.trace_samples} HVPs) "
-            f"of the training loss on the first {a.hessian_samples} training images in batches of "
-            f"{a.hessian_batch}, train mode")
+            f"(FusedSAM(SGD), foreach)" + hess)
 
 
 def plot_sweep(a, res, path):
