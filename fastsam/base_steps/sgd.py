@@ -28,7 +28,7 @@ def step(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: boo
             continue
         dicts = bucket.states(state) if s.keys is bucket.keys else [state[k] for k in s.keys]
         bufs = [d.get("momentum_buffer") for d in dicts]
-        if None not in bufs:  # every step after the first: one call (``in`` compares by identity first)
+        if all(x is not None for x in bufs):  # every step after the first: one call (not ``None in``: == on tensors)
             call(s.params, s.grads, s.copies, bucket.local(bufs), first=False, **kw)
             continue
         # torch initialises a momentum buffer to the first gradient; params whose
