@@ -174,7 +174,7 @@ def test_checkpoint_resume_bitwise_across_the_switch(tmp_path):
     with torch.no_grad():  # different weights before the restore: the checkpoint must bring them back
         for p in resumed.parameters():
             p.add_(1.0)
-    trainer = _trainer(6, enable_checkpointing=True)
+    trainer = _trainer(6, enable_checkpointing=True, default_root_dir=tmp_path / "resumed")  # not the cwd
     trainer.fit(resumed, _data(), ckpt_path=str(path))
     assert trainer.global_step == trainer.optimizers[0].num_steps == 6
     assert resumed.forwards == 3 * 1 + 3 * 2 - 2  # steps 3..6: step 3 inactive, 4..6 SAM
