@@ -56,11 +56,11 @@ from fastsam import FusedSAM, adversarial, frozen_bn_stats, hessian  # noqa: E40
 # Chosen before any late-SAM result was seen (benchmarks/NOTES.md, issue 13 section, says why).
 DEFAULTS = {
     "mnist5k": dict(width=16, epochs=20, milestone=10, lr=0.01, batch_size=64, weight_decay=5e-4, rho=0.05,
-                    label_noise=0.25, switches=[0, 5, 10, 15, 18, 20], phase_epoch=15, hessian_samples=1000,
+                    label_noise=0.25, switches=[0, 10, 15, 18, 20], phase_epoch=15, hessian_samples=1000,
                     hessian_batch=250, phase_samples=500, trace_samples=30, eps=0.1, at_alpha=0.05, at_steps=3,
                     eval_alpha=0.025, eval_steps=10, at_epochs=[20, 10, 5, 2]),
     "digits": dict(width=16, epochs=20, milestone=10, lr=0.01, batch_size=32, weight_decay=5e-4, rho=0.05,
-                   label_noise=0.25, switches=[0, 5, 10, 15, 18, 20], phase_epoch=15, hessian_samples=1000,
+                   label_noise=0.25, switches=[0, 10, 15, 18, 20], phase_epoch=15, hessian_samples=1000,
                    hessian_batch=250, phase_samples=500, trace_samples=30, eps=0.1, at_alpha=0.05, at_steps=3,
                    eval_alpha=0.025, eval_steps=10, at_epochs=[20, 10, 5, 2]),
     # the paper's second script: 160 epochs, lr 0.01, batch 128, wd 1e-4, decay at 80, SAM from 150;
