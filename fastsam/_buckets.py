@@ -249,7 +249,10 @@ def pass_scalars(buckets: List[Bucket], mode: str, *, weighted: bool, eps: float
             total = sq if total is None else total + sq
         sam_scalars(total, ep)
     if skip_hook is not None:
-        skip_hook(out[SKIP])
+        # A standalone flag: collectives get a tensor of their own, not a view into the scalars.
+        flag = out[SKIP].clone()
+        skip_hook(flag)
+        out[SKIP] = flag
     scalars = {main: out}
     for b in buckets:
         if b.device not in scalars:
