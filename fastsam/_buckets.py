@@ -113,10 +113,8 @@ class Plan:
         between the two passes of one step.
         """
         flat = [p for g in param_groups for p in g["params"]]
-        if recheck or self._layout is None or len(self._layout) != len(flat):
-            # A replaced parameter, or one moved/cast/converted to channels_last through
-            # p.data, builds new buckets (and new restore copies).
-            self._layout = tuple([(id(p), p.dtype, p.device, p.is_contiguous()) for p in flat])
+        if recheck or self._layout is None or len(self._layout[0]) != len(flat):
+            self._layout = _fingerprint(flat)
         mask = (tuple([p.grad is None for p in flat]), self._layout)
         buckets = self._cache.get(mask)
         if buckets is None:
@@ -288,6 +286,23 @@ def _reduce_over_shards(total: torch.Tensor, shard: Optional[Tuple]) -> torch.Te
 
 
 # ---------------------------------------------------------------- checks and state
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _fingerprint(flat: List[torch.Tensor]) -> Tuple:
+    """What makes cached buckets stale: a replaced parameter (its identity), or one moved, cast
+    or re-laid-out through ``p.data`` (``model.double()``, ``.cuda()``, ``.to(memory_format=...)``
+    all give the parameter new storage, so its data pointer changes).  Two tuples of ints built
+    by C-level maps: a third of the cost of a (id, dtype, device, layout) tuple per parameter,
+    which was a fifth of a SAM step's host time.  Tensors without storage of their own (DTensor
+    parameters) are described by dtype, device and layout instead."""
+    try:
+        return tuple(map(id, flat)), tuple(map(_data_ptr, flat))
+    except RuntimeError:
+        return tuple(map(id, flat)), tuple([(p.dtype, p.device, p.is_contiguous()) for p in flat])
+
+
+
 def _check_param(p: torch.Tensor, gi: int, pi: int) -> None:
     if p.grad.is_sparse:
         raise RuntimeError(f"FusedSAM does not support sparse gradients (param group {gi}, parameter {pi}); "
