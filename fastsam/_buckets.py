@@ -18,6 +18,7 @@ order: what one backend call sees.  This module
 """
 from __future__ import annotations
 
+import collections
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -48,19 +49,23 @@ class Bucket:
     keys: Tensors = field(default_factory=list)
     shard: Optional[Tuple] = None
     copies: Optional[Tensors] = None  # the restore copies, looked up once per bucket
-    _states: Optional[Tuple[Any, list]] = None  # (the state mapping, its per-parameter dicts)
+    _states: Optional[Tuple[Any, int, list]] = None  # (state mapping, its version, per-parameter dicts)
 
     def states(self, state: Dict) -> list:
         """The base optimizer's per-parameter state dicts of ``keys``, in order.
 
-        Looked up once per state mapping: hashing a tensor key runs Python code (~0.25 us),
-        which at 1,000 parameters was the largest host cost of a fused step.  A new mapping
-        (``load_state_dict`` replaces it) is looked up anew; the dicts themselves are the
-        optimizer's, so values written into them are seen.
+        Looked up again only when the mapping changed (a new mapping, or a TrackedState whose
+        keys were cleared, deleted or replaced): hashing a tensor key runs Python code (~0.25
+        us), which at 1,000 parameters was the largest host cost of a fused step.  The dicts
+        themselves are the optimizer's, so values written into them are seen.  An untracked
+        mapping is looked up every time.
         """
-        if self._states is None or self._states[0] is not state:
-            self._states = (state, [state[k] for k in self.keys])
-        return self._states[1]
+        version = getattr(state, "version", None)
+        if (version is None or self._states is None or self._states[0] is not state
+                or self._states[1] != version):
+            dicts = [state[k] for k in self.keys]  # may insert fresh dicts: read the version after
+            self._states = (state, getattr(state, "version", None), dicts)
+        return self._states[2]
 
     def local(self, state: Tensors) -> Tensors:
         """Optimizer-state tensors as the kernels see them: the local shards of DTensors."""
@@ -76,6 +81,67 @@ class Bucket:
 
     def whole(self, copies: Tensors) -> "Slice":
         return Slice(self.params, self.grads, self.keys, copies)
+
+
+class TrackedState(collections.defaultdict):
+    """The base optimizer's ``state`` mapping, counting changes to its keys.
+
+    ``Bucket.states`` caches the per-parameter state dicts; this counter tells it when the
+    mapping was cleared, an entry deleted or replaced (``state[p] = {}``), so that a reset
+    state is seen.  Writes *into* a parameter's dict need no tracking: the cache holds the
+    dicts themselves.  FusedSAM installs it in place of the base optimizer's defaultdict
+    (again whenever something, e.g. ``load_state_dict``, replaces the mapping).
+    """
+
+    __slots__ = ("version",)
+
+    def __init__(self, *args):
+        super().__init__(dict, *args)
+        self.version = 0
+
+    def __reduce__(self):  # pickles/deep-copies as the plain defaultdict torch.optim expects
+        return (_tracked_from_items, (list(self.items()),))
+
+    def __setitem__(self, key, value):
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.version += 1
+        super().__delitem__(key)
+
+    def clear(self):
+        self.version += 1
+        super().clear()
+
+    def pop(self, *args):
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self.version += 1
+        return super().popitem()
+
+    def update(self, *args, **kwargs):
+        self.version += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        self.version += 1
+        return super().setdefault(key, default)
+
+
+def _tracked_from_items(items):
+    return TrackedState(items)
+
+
+def tracked(base) -> "TrackedState":
+    """``base.state`` as a TrackedState (installed on first use and after any replacement)."""
+    state = base.state
+    if type(state) is not TrackedState:
+        state = TrackedState(state)
+        base.state = state
+    return state
 
 
 class Slice(NamedTuple):
@@ -115,7 +181,7 @@ class Plan:
         flat = [p for g in param_groups for p in g["params"]]
         if recheck or self._layout is None or len(self._layout[0]) != len(flat):
             self._layout = _fingerprint(flat)
-        mask = (tuple([p.grad is None for p in flat]), self._layout)
+        mask = (tuple([p.grad is None for p in flat]), self._layout, tuple(map(id, param_groups)))
         buckets = self._cache.get(mask)
         if buckets is None:
             buckets = self._build(param_groups)
@@ -287,6 +353,7 @@ def _reduce_over_shards(total: torch.Tensor, shard: Optional[Tuple]) -> torch.Te
 
 # ---------------------------------------------------------------- checks and state
 _data_ptr = torch.Tensor.data_ptr
+_stride = torch.Tensor.stride
 
 
 def _fingerprint(flat: List[torch.Tensor]) -> Tuple:
@@ -296,8 +363,8 @@ def _fingerprint(flat: List[torch.Tensor]) -> Tuple:
     by C-level maps: a third of the cost of a (id, dtype, device, layout) tuple per parameter,
     which was a fifth of a SAM step's host time.  Tensors without storage of their own (DTensor
     parameters) are described by dtype, device and layout instead."""
-    try:
-        return tuple(map(id, flat)), tuple(map(_data_ptr, flat))
+    try:  # strides too: p.data = p.data.t() keeps the storage but not the layout
+        return tuple(map(id, flat)), tuple(map(_data_ptr, flat)), tuple(map(_stride, flat))
     except RuntimeError:
         return tuple(map(id, flat)), tuple([(p.dtype, p.device, p.is_contiguous()) for p in flat])
 

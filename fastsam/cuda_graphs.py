@@ -9,8 +9,11 @@ For a replayed SAM step to follow an LR scheduler and the late-phase switch:
   (``fill_``), and the fused kernels (triton, foreach) read it on the device.
   Adam's step counters already live on the device.  The other hyperparameters
   (momentum, betas, weight decay, rho, eps) stay Python numbers baked into the
-  graph: ``CapturedSAMStep`` checks before every replay that they have not
-  changed since the capture and raises if they have (recapture instead).
+  graph, as are ``max_grad_norm``, ``perturb_eps`` and a schedule's rho multiplier:
+  ``CapturedSAMStep`` checks before every replay that none of them changed since
+  the capture and raises if one did (build a new one).  ``OneCycleLR`` and
+  ``CyclicLR`` with ``cycle_momentum=True`` change the momentum every step and
+  are refused that way.  Step hooks run while capturing only.
 - **the switch** (``sam_start_step``, ``schedule``, ``opt.sam_active``) is a
   host-side decision made per step: ``CapturedSAMStep`` holds one graph of a
   SAM step (two passes) and one of a plain step (one pass) and replays the one
@@ -86,6 +89,7 @@ class CapturedSAMStep:
         self._graphs: Dict[bool, torch.cuda.CUDAGraph] = {}
         self._baked: Dict[bool, list] = {}
         self._loss: Dict[bool, torch.Tensor] = {}
+        self._flags: Dict[bool, Optional[torch.Tensor]] = {}  # each graph's skip flag (device memory)
         self._x: Optional[torch.Tensor] = None
         self._y: Optional[torch.Tensor] = None
 
@@ -104,7 +108,12 @@ class CapturedSAMStep:
         return loss.detach()
 
     def _hyper(self) -> list:
-        return [{k: g[k] for k in _BAKED if k in g} for g in self.opt.param_groups]
+        """What the graph bakes in besides the lr: the groups' other hyperparameters and the
+        optimizer's own settings (clipping, perturb_eps, a schedule's rho multiplier)."""
+        opt = self.opt
+        scale = getattr(opt.schedule, "rho_scale", None)
+        return [{k: g[k] for k in _BAKED if k in g} for g in opt.param_groups] + [
+            (opt.max_grad_norm, opt.perturb_eps, None if scale is None else float(scale(opt)))]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         opt = self.opt
@@ -127,6 +136,7 @@ class CapturedSAMStep:
         graph.replay()
         opt.num_steps += 1  # what second_step counts in the eager loop
         opt._opt_called = True
+        opt._run.skip_flag = self._flags[sam]  # this graph's flag, rewritten by the replay
         return self._loss[sam]
 
     def _capture(self, sam: bool) -> torch.cuda.CUDAGraph:
@@ -144,4 +154,5 @@ class CapturedSAMStep:
             opt.num_steps = steps  # capturing ran no step
         self._graphs[sam] = graph
         self._baked[sam] = self._hyper()
+        self._flags[sam] = opt._run.skip_flag
         return graph

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import os
 import warnings
 import weakref
 from itertools import chain
@@ -35,7 +34,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import backends, base_steps
-from ._buckets import Bucket, Plan, copies_for, pass_scalars, restore_slices
+from ._buckets import Bucket, Plan, copies_for, pass_scalars, restore_slices, tracked
 from .backends._common import SKIP
 
 PERTURBATION_MODES = ("local", "global")
@@ -332,7 +331,7 @@ class FusedSAM(Optimizer):
         return mod
 
     def _buckets(self, recheck: bool = True) -> List[Bucket]:
-        return self._plan.buckets(self.param_groups, self.base_optimizer.state, recheck)
+        return self._plan.buckets(self.param_groups, tracked(self.base_optimizer), recheck)
 
     # ------------------------------------------------------------------ SAM steps
     # torch.compiler.disable: a compiled training step graph-breaks around the
