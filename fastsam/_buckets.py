@@ -49,6 +49,7 @@ class Bucket:
     keys: Tensors = field(default_factory=list)
     shard: Optional[Tuple] = None
     copies: Optional[Tensors] = None  # the restore copies, looked up once per bucket
+    index: List[int] = field(default_factory=list)  # positions of the parameters in the flat parameter list
     _states: Optional[Tuple[Any, int, list]] = None  # (state mapping, its version, per-parameter dicts)
 
     def states(self, state: Dict) -> list:
@@ -181,7 +182,8 @@ class Plan:
         flat = [p for g in param_groups for p in g["params"]]
         if recheck or self._layout is None or len(self._layout[0]) != len(flat):
             self._layout = _fingerprint(flat)
-        mask = (tuple([p.grad is None for p in flat]), self._layout, tuple(map(id, param_groups)))
+        grads = [p.grad for p in flat]
+        mask = (tuple([g is None for g in grads]), self._layout, tuple(map(id, param_groups)))
         buckets = self._cache.get(mask)
         if buckets is None:
             buckets = self._build(param_groups)
@@ -193,14 +195,16 @@ class Plan:
                 b.params = [p.to_local() for p in b.keys]
                 b.grads = [p.grad.to_local() for p in b.keys]
             else:
-                b.grads = [p.grad for p in b.params]
+                b.grads = [grads[i] for i in b.index]
         return buckets
 
-    def _build(self, param_groups: List[Dict[str, Any]]) -> List[Bucket]:
-        buckets: List[Bucket] = []
+    def _build(self, param_groups: List[Dict[str, Any]]) -> "Buckets":
+        buckets = Buckets()
+        flat_i = -1
         for gi, group in enumerate(param_groups):
             by_key: Dict[Tuple, Bucket] = {}
             for pi, p in enumerate(group["params"]):
+                flat_i += 1
                 if p.grad is None:
                     continue
                 _check_param(p, gi, pi)
@@ -213,7 +217,9 @@ class Plan:
                     by_key[key] = Bucket(group, [], mod, shard=shard)
                 by_key[key].params.append(p)
                 by_key[key].keys.append(p)
+                by_key[key].index.append(flat_i)
             buckets.extend(by_key.values())
+        buckets.info = _pass_info(buckets) if buckets else None
         return buckets
 
 
@@ -285,10 +291,7 @@ def pass_scalars(buckets: List[Bucket], mode: str, *, weighted: bool, eps: float
     torch ops after the chained norms (a few scalar launches, no further pass over the
     gradients), since the triton kernel's in-kernel epilogue does not take them.
     """
-    acc = torch.float64 if any(b.dtype == torch.float64 for b in buckets) else torch.float32
-    main = buckets[0].device
-    chain = (all(b.device == main and b.shard is None and b.backend is buckets[0].backend for b in buckets)
-             and all((b.dtype == torch.float64) == (acc == torch.float64) for b in buckets))
+    acc, main, chain = getattr(buckets, "info", None) or _pass_info(buckets)
     out = new_scalars(main, acc)
     prev_main = None if prev is None else _on(prev, main)
     ep = Epilogue(out, mode, eps, max_norm, prev_main, inv_scale, found_inf)
@@ -324,6 +327,21 @@ def pass_scalars(buckets: List[Bucket], mode: str, *, weighted: bool, eps: float
     return scalars
 
 
+class Buckets(list):
+    """The bucket list of one gradient pattern, with what ``pass_scalars`` decides from it."""
+
+    __slots__ = ("info",)
+
+
+def _pass_info(buckets: List[Bucket]) -> Tuple[torch.dtype, torch.device, bool]:
+    """(accumulation dtype, main device, whether the norms can chain on one device)."""
+    acc = torch.float64 if any(b.dtype == torch.float64 for b in buckets) else torch.float32
+    main = buckets[0].device
+    chain = (all(b.device == main and b.shard is None and b.backend is buckets[0].backend for b in buckets)
+             and all((b.dtype == torch.float64) == (acc == torch.float64) for b in buckets))
+    return acc, main, chain
+
+
 def _on(scalars: Dict[torch.device, torch.Tensor], device: torch.device) -> torch.Tensor:
     s = scalars.get(device)
     if s is None:
@@ -353,7 +371,7 @@ def _reduce_over_shards(total: torch.Tensor, shard: Optional[Tuple]) -> torch.Te
 
 # ---------------------------------------------------------------- checks and state
 _data_ptr = torch.Tensor.data_ptr
-_stride = torch.Tensor.stride
+_is_contiguous = torch.Tensor.is_contiguous
 
 
 def _fingerprint(flat: List[torch.Tensor]) -> Tuple:
@@ -363,8 +381,8 @@ def _fingerprint(flat: List[torch.Tensor]) -> Tuple:
     by C-level maps: a third of the cost of a (id, dtype, device, layout) tuple per parameter,
     which was a fifth of a SAM step's host time.  Tensors without storage of their own (DTensor
     parameters) are described by dtype, device and layout instead."""
-    try:  # strides too: p.data = p.data.t() keeps the storage but not the layout
-        return tuple(map(id, flat)), tuple(map(_data_ptr, flat)), tuple(map(_stride, flat))
+    try:  # the layout too: p.data = p.data.t() keeps the storage but not the layout
+        return tuple(map(id, flat)), tuple(map(_data_ptr, flat)), tuple(map(_is_contiguous, flat))
     except RuntimeError:
         return tuple(map(id, flat)), tuple([(p.dtype, p.device, p.is_contiguous()) for p in flat])
 
