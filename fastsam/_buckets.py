@@ -6,7 +6,7 @@ order: what one backend call sees.  This module
 - builds the buckets of the parameters that have a gradient now (``Plan``),
   cached on the gradient pattern, and makes the base optimizer's state follow
   parameters cast or moved through ``p.data``;
-- keeps the restore copies of a bucket (``Plan.copies``);
+- keeps the restore copies of a bucket (``copies_for``);
 - states the **restore contract** (``restore_slices``): after the first pass,
   every parameter of a second-pass bucket is either *perturbed* (it has a copy
   of w to restore from) or *fresh* (it had no first gradient: nothing to
@@ -67,6 +67,10 @@ class Bucket:
             dicts = [state[k] for k in self.keys]  # may insert fresh dicts: read the version after
             self._states = (state, getattr(state, "version", None), dicts)
         return self._states[2]
+
+    def states_of(self, state: Dict, s: "Slice") -> list:
+        """The state dicts of a slice's parameters: the cached list for the whole bucket."""
+        return self.states(state) if s.keys is self.keys else [state[k] for k in s.keys]
 
     def local(self, state: Tensors) -> Tensors:
         """Optimizer-state tensors as the kernels see them: the local shards of DTensors."""
@@ -174,10 +178,10 @@ class Plan:
     def buckets(self, param_groups: List[Dict[str, Any]], base_state: Dict, recheck: bool = True) -> List[Bucket]:
         """Buckets of the params that have a gradient now, with their gradients filled in.
 
-        ``recheck=False`` (a step's second pass) reuses the first pass's record of every
-        parameter's identity, dtype, device and layout and looks only at which parameters
-        have a gradient: half the host cost of the key, since nothing casts ``p.data``
-        between the two passes of one step.
+        ``recheck=False`` (a step's second pass) reuses the first pass's fingerprint of the
+        parameters (identity, storage, layout: ``_fingerprint``) and looks only at which
+        parameters have a gradient, since nothing casts ``p.data`` between the two passes of
+        one step.
         """
         flat = [p for g in param_groups for p in g["params"]]
         if recheck or self._layout is None or len(self._layout[0]) != len(flat):

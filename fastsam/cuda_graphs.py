@@ -53,7 +53,7 @@ def make_capturable(opt) -> None:
     CPU is fine; ``cuda`` is not capturable with a changing lr): use backend="triton".
     """
     for gi, g in enumerate(opt.param_groups):
-        params = [p for p in g["params"]]
+        params = g["params"]
         if not params:
             continue
         dev = params[0].device
@@ -102,9 +102,7 @@ class CapturedSAMStep:
             opt.first_step(zero_grad=True)
             with frozen_bn_stats(self.model):
                 self.loss_fn(self.model(x), y).backward()
-            opt.second_step(zero_grad=False)
-        else:
-            opt.second_step(zero_grad=False)
+        opt.second_step(zero_grad=False)
         return loss.detach()
 
     def _hyper(self) -> list:

@@ -119,6 +119,12 @@ def _call(name: str, *args):
     return _EAGER[name](*args)
 
 
+def _lr_op(name: str, lr):
+    """The op for this lr: a float goes in as a number, a 0-d device tensor (capturable) as a
+    pointer the kernel reads, through the op's ``_lr_tensor`` twin (a schema has no float-or-tensor)."""
+    return (f"{name}_lr_tensor", lr) if isinstance(lr, torch.Tensor) else (name, float(lr))
+
+
 def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
                  accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
     if not grads:
@@ -148,9 +154,9 @@ def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_
                      weight_decay: float, maximize: bool, first: bool,
                      grad_scale: Optional[torch.Tensor], skip: torch.Tensor) -> None:
     if params:
-        _call("restore_sgd_step" if not isinstance(lr, torch.Tensor) else "restore_sgd_step_lr_tensor", params,
-              grads, copies, momentum_buffers, grad_scale, skip, lr if isinstance(lr, torch.Tensor) else float(lr),
-              float(momentum), float(dampening), bool(nesterov), float(weight_decay), bool(maximize), bool(first))
+        name, lr = _lr_op("restore_sgd_step", lr)
+        _call(name, params, grads, copies, momentum_buffers, grad_scale, skip, lr, float(momentum), float(dampening),
+              bool(nesterov), float(weight_decay), bool(maximize), bool(first))
 
 
 def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs: Tensors,
@@ -159,10 +165,9 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
                       maximize: bool, grad_scale: Optional[torch.Tensor],
                       skip: torch.Tensor) -> None:
     if params:
-        _call("restore_adam_step" if not isinstance(lr, torch.Tensor) else "restore_adam_step_lr_tensor", params,
-              grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip,
-              lr if isinstance(lr, torch.Tensor) else float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled),
-              bool(maximize))
+        name, lr = _lr_op("restore_adam_step", lr)
+        _call(name, params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip, lr, float(beta1),
+              float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(maximize))
 
 
 # ---------------------------------------------------------------- custom ops (torch.compile)

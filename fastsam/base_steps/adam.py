@@ -33,7 +33,7 @@ def step(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: boo
     decoupled = g.get("decoupled_weight_decay", type(base) is torch.optim.AdamW)
     beta1, beta2 = g["betas"]
     for s in slices:
-        sts = bucket.states(state) if s.keys is bucket.keys else [state[k] for k in s.keys]
+        sts = bucket.states_of(state, s)
         bucket.backend.restore_adam_step(
             s.params, s.grads, s.copies, bucket.local([t["exp_avg"] for t in sts]),
             bucket.local([t["exp_avg_sq"] for t in sts]), [t["step"] for t in sts], lr=g["lr"], beta1=beta1,

@@ -26,7 +26,7 @@ def step(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: boo
         if g["momentum"] == 0:
             call(s.params, s.grads, s.copies, [], first=False, **kw)
             continue
-        dicts = bucket.states(state) if s.keys is bucket.keys else [state[k] for k in s.keys]
+        dicts = bucket.states_of(state, s)
         bufs = [d.get("momentum_buffer") for d in dicts]
         if all(x is not None for x in bufs):  # every step after the first: one call (not ``None in``: == on tensors)
             call(s.params, s.grads, s.copies, bucket.local(bufs), first=False, **kw)
