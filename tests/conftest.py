@@ -58,3 +58,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path):
+    """CIFAR-10's python batches in the standard layout under tmp_path/cifar-10-batches-py:
+    4 images per batch (5 training batches, 1 test batch), labels 0..3."""
+    import pickle
+
+    import numpy as np
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": list(range(4))}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+    return root

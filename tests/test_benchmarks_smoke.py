@@ -77,21 +77,11 @@ def test_late_phase_tiny(tmp_path):
     assert data["runs"]["late-sam"][0]["sam_steps"] > 0 and data["runs"]["sgd"][0]["sam_steps"] == 0
 
 
-def test_cifar10_loader_and_augmentation(tmp_path):
+def test_cifar10_loader_and_augmentation(tmp_path, fake_cifar10):
     """The CIFAR-10 path without the data: fake python-pickle batches in the standard layout."""
-    import pickle
-
-    import numpy as np
     import torch
     from late_phase import crop_flip, load_cifar10
 
-    root = tmp_path / "cifar-10-batches-py"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": list(range(4))}
-        with open(root / name, "wb") as f:
-            pickle.dump(batch, f)
     data = load_cifar10(str(tmp_path), torch.device("cpu"))
     assert data.train_x.shape == (20, 3, 32, 32) and data.test_x.shape == (4, 3, 32, 32)
     assert data.train_y.tolist() == list(range(4)) * 5

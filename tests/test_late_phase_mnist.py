@@ -103,21 +103,10 @@ def test_hessian_vs_pyhessian_tiny(tmp_path):
     assert (tmp_path / "hessian_vs_pyhessian_cpu.md").stat().st_size > 0
 
 
-def test_cifar10_path_without_the_data(tmp_path):
+def test_cifar10_path_without_the_data(tmp_path, fake_cifar10):
     """The CIFAR-10 path: fake python batches -> [0, 1] pixels, noise on the training labels only,
     the WRN-16-8 behind a normalisation layer."""
-    import pickle
-
-    import numpy as np
-
     import late_phase_mnist as lp
-    root = tmp_path / "cifar-10-batches-py"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": list(range(4))}
-        with open(root / name, "wb") as f:
-            pickle.dump(batch, f)
     a = lp.parse_args(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--device", "cpu",
                        "--label-noise", "0.5"])
     assert (a.epochs, a.milestone, a.lr, a.batch_size, a.switches[-2:]) == (160, 80, 0.01, 128, [155, 160])
