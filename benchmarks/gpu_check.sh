@@ -61,14 +61,15 @@ raise SystemExit(0 if ok else 1)"
 # 2. every op of every backend on the device against float64 references (the contract suite), the
 #    restore contract end to end (mixed copies on cuda and triton, CPU+GPU parameters), launch counts
 #    (<= 6 per SAM step, every torch op counted), capture of a whole training step with a scheduler
-#    across the late-phase switch, triton internals, torch.compile, >2^31 elements
+#    across the late-phase switch, triton internals, torch.compile, >2^31 elements, the SAM family
+#    on CUDA vs float64 on the CPU, with no host synchronisation in their steps
 if [ "$DRY" = 1 ]; then
   step tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_triton_launches.py \
     tests/test_restore_contract.py tests/test_capturable.py -k "not 300"
 else
   step tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_backend_ops.py -k "cuda" \
     tests/test_restore_contract.py tests/test_capturable.py tests/test_triton_launches.py \
-    tests/test_triton_internals.py tests/test_triton_gpu.py tests/test_csrc_cuda.py
+    tests/test_triton_internals.py tests/test_triton_gpu.py tests/test_csrc_cuda.py tests/test_variants_gpu.py
 fi
 
 # 3. host cost of a SAM step vs torch's fused SGD step (161 and 1,000 tensors)
@@ -87,12 +88,13 @@ else
   step optimizer_step 60 python benchmarks/optimizer_step.py --device cuda --repeats 50 --out-dir "$OUT"
 fi
 
-# 5. training throughput (the README's main job), CIFAR models at batch 128, fp32
+# 5. training throughput (the README's main job), CIFAR models at batch 128, fp32, with the SAM
+#    family's rows (issue 11's cost targets: interval, LookSAM, MomentumSAM, GSAM, FriendlySAM)
 if [ "$DRY" = 1 ]; then
-  step train_throughput 120 python benchmarks/train_throughput.py --device cpu --quick --out-dir "$OUT"
+  step train_throughput 120 python benchmarks/train_throughput.py --device cpu --quick --family --out-dir "$OUT"
 else
-  step train_throughput 120 python benchmarks/train_throughput.py --device cuda --models resnet18,wrn16_8 \
-    --steps 30 --warmup 5 --out-dir "$OUT"
+  step train_throughput 150 python benchmarks/train_throughput.py --device cuda --models resnet18,wrn16_8 \
+    --family --steps 30 --warmup 5 --out-dir "$OUT"
 fi
 
 echo

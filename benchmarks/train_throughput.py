@@ -17,6 +17,9 @@ Variants (all SGD with momentum 0.9 underneath, rho 0.05):
   fusedsam-<b>     FusedSAM with backend b, for each backend that runs on the device
   late-phase-<b>   FusedSAM(sam_start_step=...): plain steps, SAM on the last --late-frac of the
                    timed steps; its ratio is whole-run time over SGD's whole-run time
+  with --family    the SAM family on the default backend: interval-k5 (FusedSAM, schedule
+                   Interval(5)), looksam-k5, momentum-sam (one pass, step() without closure),
+                   gsam, friendly-sam (issue 11's cost targets, ratios to SGD in the same run)
 SAM's second pass runs under fastsam.frozen_bn_stats (BatchNorm statistics from the first pass).
 
 Columns: images/s = batch * timed steps / total timed time; median step time; step-time ratio =
@@ -48,7 +51,8 @@ import _common  # noqa: E402
 import models  # noqa: E402
 from reference_sam import ReferenceSAM  # noqa: E402
 
-from fastsam import FusedSAM, backends, frozen_bn_stats  # noqa: E402
+from fastsam import FriendlySAM, FusedSAM, GSAM, LookSAM, MomentumSAM, backends, frozen_bn_stats  # noqa: E402
+from fastsam.schedules import Interval  # noqa: E402
 
 COLUMNS = ["model", "variant", "batch", "images/s", "median step (ms)", "step-time ratio vs SGD", "p25-p75",
            "whole-run ratio vs SGD", "90% CI", "passes/step", "check", "peak memory (MiB)"]
@@ -58,10 +62,11 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4  # small lr: the fixed random batch
 @dataclass
 class Variant:
     name: str
-    kind: str  # "sgd" | "reference" | "fused" | "late"
+    kind: str  # "sgd" | "reference" | "fused" | "late" | a FAMILY name
     backend: Optional[str] = None
     times: List[float] = field(default_factory=list)
     rounds: List[float] = field(default_factory=list)  # total time of each interleaved round's block
+    second_passes: List[int] = field(default_factory=lambda: [0])  # closure calls (counted, the family's rows)
 
 
 def paired_spread(v: "Variant", sgd: "Variant", n_boot: int = 2000, seed: int = 0) -> Dict[str, float]:
@@ -87,8 +92,30 @@ def paired_spread(v: "Variant", sgd: "Variant", n_boot: int = 2000, seed: int = 
             "rounds": n}
 
 
+# The SAM family (--family): name -> (constructor(params, backend, rho, **sgd kwargs), passes per step,
+# predicted before any run; "one-pass": step() without a closure, the single pass is the perturbed one).
+def _backend_kw(cls, backend):
+    import inspect
+    return {"backend": backend} if "backend" in inspect.signature(cls).parameters or issubclass(cls, FusedSAM) else {}
+
+
+FAMILY = {
+    "interval-k5": (lambda ps, b, rho, **kw: FusedSAM(ps, torch.optim.SGD, rho=rho, backend=b, schedule=Interval(5),
+                                                      **kw), 1.2),
+    "looksam-k5": (lambda ps, b, rho, **kw: LookSAM(ps, torch.optim.SGD, rho=rho, backend=b, k=5, alpha=0.7, **kw),
+                   1.2),
+    "momentum-sam": (lambda ps, b, rho, **kw: MomentumSAM(ps, torch.optim.SGD, rho=0.3,
+                                                         **_backend_kw(MomentumSAM, b), **kw), 1.0),
+    "gsam": (lambda ps, b, rho, **kw: GSAM(ps, torch.optim.SGD, rho=rho, backend=b, alpha=0.1, **kw), 2.0),
+    "friendly-sam": (lambda ps, b, rho, **kw: FriendlySAM(ps, torch.optim.SGD, rho=rho, backend=b, sigma=1.0,
+                                                         lmbda=0.95, **kw), 2.0),
+}
+
+
 def predicted_passes(v: "Variant", sam_frac: float) -> float:
     """Forward+backward passes per step: what the ratio to SGD should be when the passes dominate."""
+    if v.kind in FAMILY:
+        return FAMILY[v.kind][1]
     return {"sgd": 1.0, "reference": 2.0, "fused": 2.0}.get(v.kind, 1.0 + sam_frac)
 
 
@@ -116,7 +143,7 @@ def available_backends(device: torch.device, only: Optional[List[str]] = None) -
             if (n != "triton" or device.type == "cuda") and (not only or n in only)]
 
 
-def make_variants(device: torch.device, only: Optional[List[str]]) -> List[Variant]:
+def make_variants(device: torch.device, only: Optional[List[str]], family: bool = False) -> List[Variant]:
     names = available_backends(device, only)
     late_backend = backends.resolve("auto", device)
     if late_backend not in names and names:
@@ -124,6 +151,8 @@ def make_variants(device: torch.device, only: Optional[List[str]]) -> List[Varia
     vs = [Variant("sgd", "sgd"), Variant("reference-sam", "reference")]
     vs += [Variant(f"fusedsam-{b}", "fused", b) for b in names]
     vs.append(Variant(f"late-phase-{late_backend}", "late", late_backend))
+    if family:
+        vs += [Variant(f"{n}-{late_backend}", n, late_backend) for n in FAMILY]
     return vs
 
 
@@ -134,11 +163,13 @@ def make_optimizer(kind: str, model: torch.nn.Module, backend: Optional[str], rh
         return torch.optim.SGD(model.parameters(), **kw)
     if kind == "reference":
         return ReferenceSAM(model.parameters(), torch.optim.SGD, rho=rho, **kw)
+    if kind in FAMILY:
+        return FAMILY[kind][0](model.parameters(), backend, rho, **kw)
     return FusedSAM(model.parameters(), torch.optim.SGD, rho=rho, backend=backend,
                     sam_start_step=sam_start_step, **kw)
 
 
-def make_step(kind: str, model, opt, x, y, autocast) -> Callable[[], torch.Tensor]:
+def make_step(kind: str, model, opt, x, y, autocast, counter: Optional[List[int]] = None) -> Callable[[], torch.Tensor]:
     """One training step. SAM variants pass the second pass as a closure: FusedSAM never calls it
     while SAM is inactive (late phase), so those steps cost one forward+backward."""
     def forward_backward():
@@ -147,7 +178,7 @@ def make_step(kind: str, model, opt, x, y, autocast) -> Callable[[], torch.Tenso
         loss.backward()
         return loss
 
-    if kind == "sgd":
+    if kind in ("sgd", "momentum-sam"):  # one pass (MomentumSAM's is taken at the perturbed weights)
         def step():
             opt.zero_grad(set_to_none=True)
             loss = forward_backward()
@@ -156,6 +187,8 @@ def make_step(kind: str, model, opt, x, y, autocast) -> Callable[[], torch.Tenso
         return step
 
     def second_pass():
+        if counter is not None:
+            counter[0] += 1
         with frozen_bn_stats(model):
             return forward_backward()
 
@@ -207,7 +240,7 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
     dtype = {"fp32": None, "bf16": torch.bfloat16}[args.dtype]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
-    variants = make_variants(device, only_backends)
+    variants = make_variants(device, only_backends, args.family)
     n_blocks = max(1, math.ceil(args.steps / args.block))
     n_timed = n_blocks * args.block
     n_sam_late = max(1, round(args.late_frac * n_timed))
@@ -228,7 +261,7 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
         opts[v.name] = opt = make_optimizer(v.kind, model, v.backend, args.rho, sam_start_step=start)
         if v.kind == "late":
             opt.sam_active = True  # warm up the SAM path too; released below
-        steps[v.name] = make_step(v.kind, model, opt, x, y, autocast)
+        steps[v.name] = make_step(v.kind, model, opt, x, y, autocast, v.second_passes)
 
     timer = _common.StepTimer(device)
     for _ in range(args.warmup):  # interleaved too, so every variant sees the same warm machine
@@ -236,6 +269,7 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
             steps[v.name]()
     timer.collect()
     for v in variants:
+        v.second_passes[0] = 0  # count the timed steps' second passes only
         if v.kind == "late":
             opts[v.name].sam_active = None  # from here sam_start_step decides: SAM on the last steps
     if device.type == "cuda":
@@ -251,6 +285,7 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
             block = timer.collect()
             v.times += block
             v.rounds.append(float(sum(block)))
+    counted = {v.name: v.second_passes[0] for v in variants}
     for v in variants:
         last_loss[v.name] = float(steps[v.name]().detach())  # an untimed extra step: is the run still finite?
 
@@ -260,6 +295,8 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
         s = _common.summarize(v.times)
         spread = paired_spread(v, variants[0])
         passes = predicted_passes(v, n_sam_late / n_timed)
+        if v.kind in FAMILY:  # where a schedule decides, the check uses the passes this window ran
+            passes = 1.0 + counted[v.name] / max(s["n"], 1)
         whole = s["total_s"] / sgd["total_s"]
         rows.append({
             "model": name if width_div == 1 else f"{name} (width/{width_div})",
@@ -271,7 +308,9 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
             "peak_memory_mib": memory.get(v.name, math.nan),
             **spread, "predicted_passes": passes,
             "check": ratio_check(whole, spread["whole_ci_lo"], spread["whole_ci_hi"], passes, args.ratio_tol),
-            "timed_steps": s["n"], "sam_steps": n_sam_late if v.kind == "late" else (0 if v.kind == "sgd" else s["n"]),
+            "predicted_passes_before_run": predicted_passes(v, n_sam_late / n_timed),
+            "timed_steps": s["n"], "sam_steps": (n_sam_late if v.kind == "late" else 0 if v.kind == "sgd"
+                                            else None if v.kind in FAMILY else s["n"]),
             "loss_after": last_loss[v.name],
             "step_times_ms": [t * 1e3 for t in v.times],
         })
@@ -286,6 +325,33 @@ def table_rows(results: List[Dict]) -> List[List]:
              r["whole_run_ratio_vs_sgd"], f"{r['whole_ci_lo']:.2f}-{r['whole_ci_hi']:.2f}",
              f"{r['predicted_passes']:.2f}", r["check"], r["peak_memory_mib"]]
             for res in results for r in res["rows"]]
+
+
+def family_targets(results: List[Dict]) -> List[str]:
+    """Issue 11's cost targets for the SAM family rows (whole-run ratios to SGD in the same run)."""
+    lines = []
+    for res in results:
+        rows = {r["variant"]: r for r in res["rows"]}
+        for r in res["rows"]:
+            kind = r["variant"].rsplit("-", 1)[0]
+            if kind not in FAMILY:
+                continue
+            ratio, passes = r["whole_run_ratio_vs_sgd"], r["predicted_passes"]
+            if kind == "momentum-sam":
+                bound, what = 1.05, "<= 1.05"
+            elif kind == "looksam-k5":
+                bound, what = 1.3, "<= 1.3"
+            elif kind == "interval-k5":
+                bound, what = passes + 0.03, f"<= 1 + f + 0.03 = {passes + 0.03:.3f}"
+            else:
+                fused = rows.get(f"fusedsam-{r['backend']}")
+                if fused is None:
+                    continue
+                bound = 1.03 * fused["whole_run_ratio_vs_sgd"]
+                what = f"<= 1.03 x fusedsam-{r['backend']} = {bound:.3f}"
+            lines.append(f"- {res['model']} {r['variant']}: whole-run ratio {ratio:.3f} ({what}): "
+                         f"{'met' if ratio <= bound else 'NOT met'}")
+    return lines
 
 
 def targets(results: List[Dict], args) -> List[str]:
@@ -329,6 +395,8 @@ def parse_args(argv=None):
     p.add_argument("--late-frac", type=float, default=0.1, help="fraction of timed steps with SAM (late phase)")
     p.add_argument("--rho", type=float, default=0.05)
     p.add_argument("--backends", default=None, help="comma list to restrict the FusedSAM backends")
+    p.add_argument("--family", action="store_true",
+                   help="also time the SAM family (interval, LookSAM, MomentumSAM, GSAM, FriendlySAM)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--memory-steps", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="CI smoke test: tiny model, 2 timed steps")
@@ -384,7 +452,8 @@ def main(argv=None) -> Dict:
         results.append(bench_model(name, args, device, only))
 
     tag = _common.device_tag(device) + ("" if args.dtype == "fp32" else f"_{args.dtype}") \
-        + ("_cl" if args.channels_last else "") + ("_quick" if args.quick else "")
+        + ("_cl" if args.channels_last else "") + ("_family" if args.family else "") \
+        + ("_quick" if args.quick else "")
     table = _common.markdown_table(COLUMNS, table_rows(results))
     sam_frac = f"{args.late_frac:.0%}"
     md = [f"# Training throughput ({tag})", "", _common.machine_line(info), "",
@@ -404,6 +473,10 @@ def main(argv=None) -> Dict:
     tgt = targets(results, args)
     if tgt:
         md += ["Targets (issue 7):", *tgt, ""]
+    ftgt = family_targets(results) if args.family else []
+    if ftgt:
+        md += ["SAM family cost targets (issue 11; passes/step of the schedule rows = counted closure calls):",
+               *ftgt, ""]
     if notes:
         md += ["Notes:", *notes, ""]
     md += ["images/s: batch x timed steps / total timed time. Ratios against SGD in this run (median step "
@@ -416,7 +489,7 @@ def main(argv=None) -> Dict:
     text = "\n".join(md)
     print(text)
     data = {"machine": info, "config": {k: v for k, v in vars(args).items()}, "columns": COLUMNS,
-            "results": results, "targets": tgt, "notes": notes}
+            "results": results, "targets": tgt, "family_targets": ftgt, "notes": notes}
     paths = _common.write_results(args.out_dir, f"train_throughput_{tag}", data, text)
     print(f"\nwrote {', '.join(paths)}", file=sys.stderr)
     return data

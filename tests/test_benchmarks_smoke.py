@@ -55,6 +55,21 @@ def test_train_throughput_quick(tmp_path):
             assert math.isfinite(row["peak_memory_mib"]), row["variant"]
 
 
+def test_train_throughput_family_quick(tmp_path):
+    """--family adds the SAM family's rows; their passes/step are the closure calls counted."""
+    _run("train_throughput.py", "--quick", "--family", "--threads", 1, "--no-memory", "--backends", "foreach",
+         "--out-dir", tmp_path)
+    data = json.loads((tmp_path / "train_throughput_cpu_family_quick.json").read_text())
+    rows = {r["variant"].rsplit("-", 1)[0]: r for r in data["results"][0]["rows"]}
+    assert set(rows) >= {"interval-k5", "looksam-k5", "momentum-sam", "gsam", "friendly-sam"}
+    assert rows["momentum-sam"]["predicted_passes"] == 1.0  # one pass per step, no closure
+    assert rows["gsam"]["predicted_passes"] == 2.0 and rows["friendly-sam"]["predicted_passes"] == 2.0
+    assert 1.0 <= rows["looksam-k5"]["predicted_passes"] <= 2.0
+    for r in rows.values():
+        assert math.isfinite(r["loss_after"]) and r["whole_run_ratio_vs_sgd"] > 0
+    assert len(data["family_targets"]) == 5
+
+
 def test_late_phase_tiny(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
