@@ -1,11 +1,14 @@
 """Late-phase SAM and late-phase adversarial training on real images (issue 13).
 
-    python benchmarks/late_phase_mnist.py --experiment sweep         # (a) + (b) + (d): MNIST-5k, 3 seeds, ~10 min
-    python benchmarks/late_phase_mnist.py --experiment adversarial   # (c): MNIST-5k, 3 seeds, ~10 min
+    python benchmarks/late_phase_mnist.py --experiment sweep         # (a): MNIST-5k, 3 seeds, 2 jobs, ~10 min
+    python benchmarks/late_phase_mnist.py --experiment phases        # (b) + (d): MNIST-5k, 3 seeds, 2 jobs, ~9 min
+    python benchmarks/late_phase_mnist.py --experiment adversarial   # (c): MNIST-5k, 3 seeds, 2 jobs, ~10 min
     python benchmarks/late_phase_mnist.py --experiment sweep --dataset digits
     python benchmarks/late_phase_mnist.py --experiment sweep --label-noise 0      # clean labels
-    # CIFAR-10 on a GPU (the paper's second script; data = a folder with the python batches):
+    python benchmarks/late_phase_mnist.py --experiment sweep --switches 0 5 10 15 18 20   # + t = 5 (~12 min)
+    # CIFAR-10 on a GPU (the paper's second script; data = a folder with the python batches; 1 job):
     python benchmarks/late_phase_mnist.py --experiment sweep --dataset cifar10 --data-dir DIR --device cuda
+    python benchmarks/late_phase_mnist.py --experiment phases --dataset cifar10 --data-dir DIR --device cuda
     python benchmarks/late_phase_mnist.py --experiment adversarial --dataset cifar10 --data-dir DIR --device cuda
 
 Experiments (every run of a seed shares its initial weights and data order):
@@ -14,16 +17,23 @@ sweep   (a) switch-point sweep: one SGD trunk per seed, checkpointed (model, Fus
         order RNG) at every switch epoch t; from each checkpoint SAM (``opt.sam_active = True``)
         runs to the end. t = 0 is full SAM, t = E is SGD. Final test accuracy, λmax (Lanczos) and
         Hessian trace (Hutch++) of the training loss on a fixed training subset, train mode.
-        (b) the two phases after the switch at ``--phase-epoch``: at log-spaced steps after the
+phases  (b) the two phases after the switch at ``--phase-epoch``: at log-spaced steps after the
         switch, for late SAM and for the SGD trunk (continued SGD from the same weights): the
         distance from the switch weights, the distance between the two runs, λmax and the
         training loss of the subset; an exponential fit of the separation over the first epoch
         after the switch (the escape rate); and the training loss along the straight lines
         SGD -> late SAM and SGD -> full SAM (final weights, ``--interp-points`` points).
-        (d) reverse check: SAM -> SGD from the full-SAM run's checkpoint at ``--phase-epoch``.
+        (d) reverse check: SAM -> SGD from the full-SAM run's checkpoint at ``--phase-epoch``;
+        SGD, full SAM and the reverse run measured as in (a) (SGD and full SAM are the sweep's
+        t = E and t = 0 runs, bitwise: recording does not touch the training).
 adversarial (c) standard training, full adversarial training (PGD, L-inf, random start), and
         standard -> AT for the last t epochs for each t of ``--at-epochs`` (branched from the
         standard run's checkpoints); clean and robust test accuracy (PGD-k, no random start).
+
+Each experiment is a list of tasks (one training run, one final measurement, ...), each a pure
+function of its inputs, run ``--jobs`` at a time in spawned worker processes of ``--threads``
+torch threads: the numbers do not depend on ``--jobs`` (tests/test_late_phase_mnist.py checks
+it bitwise on a tiny run). Default: 2 jobs on a CPU, 1 on a GPU.
 
 Schedule (as the paper's CIFAR script): SGD momentum 0.9, one step decay x0.1 (half-way), the
 late phase entirely at the decayed learning rate, label smoothing 0.1. SAM: FusedSAM(SGD) with
@@ -180,16 +190,16 @@ def lam_max(model, crit, batches, tol, seed=0):
     return float(r.eigenvalues[0])
 
 
-class Checkpoint:
-    def __init__(self, model, opt, gen):
-        self.model = copy.deepcopy(model.state_dict())
-        self.opt = copy.deepcopy(opt.state_dict())
-        self.gen = gen.get_state()
+def checkpoint(model, opt, gen) -> dict:
+    """Model, FusedSAM state and data-order RNG: a plain dict (it travels between processes)."""
+    return {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
+            "gen": gen.get_state()}
 
-    def restore(self, model, opt, gen):
-        model.load_state_dict(self.model)
-        opt.load_state_dict(copy.deepcopy(self.opt))
-        gen.set_state(self.gen)
+
+def restore(ck: dict, model, opt, gen):
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(copy.deepcopy(ck["opt"]))
+    gen.set_state(ck["gen"])
 
 
 class Progress:
@@ -200,13 +210,13 @@ class Progress:
         self.done += 1
         el = time.perf_counter() - self.t0
         eta = el / self.done * (self.total - self.done)
-        print(f"[{self.label} {self.done}/{self.total} epoch-units, {el:.0f} s, ETA {eta:.0f} s] {msg}",
+        print(f"[{self.label} {self.done}/{self.total} epochs, {el:.0f} s, ETA {eta:.0f} s] {msg}",
               file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- training
 def train_epochs(a, d, model, opt, gen, crit, start, end, *, sam: bool, attack: Optional[dict] = None,
-                 save_at=(), on_step=None, progress=None, label=""):
+                 save_at=(), on_step=None, progress=None):
     """Epochs [start, end) with SAM on or off (or adversarial training); returns checkpoints taken at
     the start of the epochs in ``save_at``. ``on_step(global_step)`` is called after every step."""
     opt.sam_active = sam
@@ -215,7 +225,7 @@ def train_epochs(a, d, model, opt, gen, crit, start, end, *, sam: bool, attack: 
     ckpts = {}
     for epoch in range(start, end):
         if epoch in save_at:
-            ckpts[epoch] = Checkpoint(model, opt, gen)
+            ckpts[epoch] = checkpoint(model, opt, gen)
         for g in opt.param_groups:
             g["lr"] = lr_at(a, epoch)
         perm = torch.randperm(n, generator=gen)
@@ -238,14 +248,13 @@ def train_epochs(a, d, model, opt, gen, crit, start, end, *, sam: bool, attack: 
                     l2.backward()
                 return l2
             opt.step(closure)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(epoch * spe + b + 1)
-        if progress is not None:
-            progress.epoch(f"{label} epoch {epoch + 1}/{a.epochs} loss {statistics.mean(losses):.4f} "
-                           f"test {accuracy(model, d.test_x, d.test_y):.2f}%")
+        if progress is not None:  # the loss only: a test pass per epoch would cost 10-15% of an SGD epoch
+            progress.epoch(f"epoch {epoch + 1}/{a.epochs} loss {statistics.mean(losses):.4f}")
     if end in save_at:
-        ckpts[end] = Checkpoint(model, opt, gen)
+        ckpts[end] = checkpoint(model, opt, gen)
     return ckpts
 
 
@@ -299,97 +308,273 @@ def interpolate(model_a_state, w_a, w_b, model, crit, batches, alphas):
     return out
 
 
-# ----------------------------------------------------------------------------- (a), (b), (d)
-def run_sweep(a, d, seed, hb, pb, progress):
-    crit = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
-    spe = len(d.train_x) // a.batch_size
-    E, P = a.epochs, a.phase_epoch
-    phase_step0 = P * spe
-    rec_steps = log_steps(a.phase_steps if a.phase_steps else (E - P) * spe)
-    rec_set = set(phase_step0 + s for s in rec_steps)
+# ----------------------------------------------------------------------------- tasks
+# Every experiment is a list of tasks (train one run; measure one final model; ...), each a pure
+# function of (args, seed, its inputs): the same numbers whether the tasks run one after another in
+# this process (--jobs 1) or in --jobs worker processes of --threads torch threads each.
+_SETUP: Dict[tuple, tuple] = {}
 
-    def recorder(model, store, w0_holder):
-        def on_step(gs):
-            if gs in rec_set:
-                w = flat(model)
-                store["step"].append(gs - phase_step0)
-                store["w"].append(w)
-                store["distance"].append(float((w - w0_holder[0]).norm()))
-                store["lambda_max"].append(lam_max(model, crit, pb, a.phase_tol))
-                store["train_loss"].append(subset_loss(model, crit, pb))
-        return on_step
 
+def setup(a):
+    """(data, Hessian batches, phase batches), loaded once per process."""
+    key = (a.dataset, a.data_dir, a.device, a.label_noise, a.limit, a.hessian_samples, a.hessian_batch,
+           a.phase_samples)
+    if key not in _SETUP:
+        d = load_data(a)
+        m, hbs = min(a.hessian_samples, len(d.train_x)), a.hessian_batch
+        hb = [(d.train_x[i:min(i + hbs, m)], d.train_y[i:min(i + hbs, m)]) for i in range(0, m, hbs)]
+        mp = min(a.phase_samples, len(d.train_x))
+        pb = [(d.train_x[i:min(i + hbs, mp)], d.train_y[i:min(i + hbs, mp)]) for i in range(0, mp, hbs)]
+        _SETUP[key] = (d, hb, pb)
+    return _SETUP[key]
+
+
+def criterion(a):
+    return nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
+
+
+class Task:
+    """``fn(a, *args(results))`` once the tasks named in ``deps`` are done; ``cost`` (about SGD
+    epochs) only for the ETA. ``fn`` returns a dict; its "seconds" and "parts" are the timings."""
+
+    def __init__(self, name, fn, args=(), deps=(), cost=1.0):
+        self.name, self.fn, self.deps, self.cost = name, fn, tuple(deps), float(cost)
+        self.args = args if callable(args) else (lambda res, _a=tuple(args): _a)
+
+
+def _worker_init(threads):
+    torch.set_num_threads(threads)
+
+
+def _timed(fn, a, *args):
+    t0 = time.perf_counter()
+    out = fn(a, *args)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def run_tasks(a, tasks: List[Task], label: str) -> Dict[str, dict]:
+    """Run the tasks, ``a.jobs`` at a time (worker processes, spawned), in list order as their
+    dependencies allow; progress (tasks and an ETA from the costs) on stderr."""
+    total = sum(t.cost for t in tasks)
+    res: Dict[str, dict] = {}
+    t0 = time.perf_counter()
+    done_cost = [0.0]
+
+    def report(t):
+        done_cost[0] += t.cost
+        el = time.perf_counter() - t0
+        eta = el / done_cost[0] * (total - done_cost[0]) if done_cost[0] else math.nan
+        r = res[t.name]
+        extra = f", test {r['test_acc']:.2f}%" if "test_acc" in r else ""
+        print(f"[{label}: {len(res)}/{len(tasks)} tasks, {el:.0f} s, ETA {eta:.0f} s] {t.name} done in "
+              f"{r['seconds']:.0f} s{extra}", file=sys.stderr, flush=True)
+
+    if a.jobs <= 1:
+        for t in tasks:
+            missing = [d for d in t.deps if d not in res]
+            if missing:
+                raise RuntimeError(f"task {t.name} listed before its dependencies {missing}")
+            res[t.name] = _timed(t.fn, a, *t.args(res))
+            report(t)
+        return res
+    import concurrent.futures as cf
+    import multiprocessing
+    todo = list(tasks)
+    running = {}
+    with cf.ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=_worker_init, initargs=(a.threads,)) as ex:
+        while todo or running:
+            for t in [t for t in todo if all(d in res for d in t.deps)]:
+                running[ex.submit(_timed, t.fn, a, *t.args(res))] = t
+                todo.remove(t)
+            if not running:
+                raise RuntimeError(f"tasks {[t.name for t in todo]} wait on dependencies that are not tasks")
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for f in finished:
+                t = running.pop(f)
+                res[t.name] = f.result()
+                report(t)
+    return res
+
+
+def train_task(a, seed, start, end, sam, ck=None, save_at=(), record=False, label=""):
+    """One run of a seed: from the initial weights (start 0, ``ck`` None) or from a checkpoint at
+    epoch ``start``, SAM on or off to ``end``. ``record``: from epoch ``a.phase_epoch`` on (or from
+    ``start`` if later), at log-spaced steps after the switch, the weights, their distance from the
+    switch weights, λmax and the loss of the phase subset."""
+    d, _, pb = setup(a)
+    crit = criterion(a)
     model = build_model(a, d, seed)
     opt = make_opt(a, model)
     gen = torch.Generator().manual_seed(seed)
-    init = Checkpoint(model, opt, gen)
-    # SGD trunk, checkpointed at every switch epoch; records the phase trajectory after P
-    sgd_rec = {"step": [], "w": [], "distance": [], "lambda_max": [], "train_loss": []}
-    w_p = [None]
-    saves = set(t for t in a.switches if 0 < t < E) | {P}
-    ck = train_epochs(a, d, model, opt, gen, crit, 0, P, sam=False, save_at=saves, progress=progress,
-                      label=f"seed {seed} SGD")
-    w_p[0] = flat(model)
-    ck.update(train_epochs(a, d, model, opt, gen, crit, P, E, sam=False, save_at=saves,
-                           on_step=recorder(model, sgd_rec, w_p), progress=progress, label=f"seed {seed} SGD"))
-    runs = {E: {**final_measures(a, model, crit, d, hb), "switch": E}}
-    w_sgd, sgd_state = flat(model), copy.deepcopy(model.state_dict())
-    finals = {E: w_sgd}
-    late_rec = None
-    rev = None
+    if ck is not None:
+        restore(ck, model, opt, gen)
+    spe = len(d.train_x) // a.batch_size
+    P = a.phase_epoch
+    prog = Progress(end - start, f"seed {seed} {label}")
+    parts = {"record_s": 0.0}
+    out = {"seed": seed, "start": start, "end": end, "sam": sam}
+    if not record:
+        ckpts = train_epochs(a, d, model, opt, gen, crit, start, end, sam=sam, save_at=set(save_at), progress=prog)
+    else:
+        step0 = P * spe
+        rec_set = set(step0 + s for s in log_steps(a.phase_steps if a.phase_steps else (a.epochs - P) * spe))
+        rec = {"step": [], "w": [], "distance": [], "lambda_max": [], "train_loss": []}
+        ckpts = train_epochs(a, d, model, opt, gen, crit, start, P, sam=sam, save_at=set(save_at), progress=prog) \
+            if start < P else {}
+        w_p = flat(model)
+
+        def on_step(gs):
+            if gs in rec_set:
+                t1 = time.perf_counter()
+                w = flat(model)
+                rec["step"].append(gs - step0)
+                rec["w"].append(w)
+                rec["distance"].append(float((w - w_p).norm()))
+                rec["lambda_max"].append(lam_max(model, crit, pb, a.phase_tol))
+                rec["train_loss"].append(subset_loss(model, crit, pb))
+                parts["record_s"] += time.perf_counter() - t1
+        ckpts.update(train_epochs(a, d, model, opt, gen, crit, max(start, P), end, sam=sam, save_at=set(save_at),
+                                  on_step=on_step, progress=prog))
+        out.update(record=rec, w_switch=w_p)
+    out.update(state=copy.deepcopy(model.state_dict()), ckpts=ckpts, test_acc=accuracy(model, d.test_x, d.test_y),
+               parts=parts)
+    return out
+
+
+def measure_task(a, seed, state, switch):
+    """Final test accuracy, clean-label training accuracy, loss, λmax and trace of a trained model."""
+    d, hb, _ = setup(a)
+    model = build_model(a, d, seed)
+    model.load_state_dict(state)
+    return {**final_measures(a, model, criterion(a), d, hb), "switch": switch}
+
+
+def _train_cost(a, start, end, sam, record=False):
+    c = (end - start) * (2.0 if sam else 1.0)
+    return c + (14 * 3.5 if record else 0.0)  # a phase record: 14 λmax of the phase subset ~ 3.5 SGD epochs each
+
+
+_MEASURE_COST = 35.0  # final_measures ~ 35 SGD epochs (Lanczos tol 1e-3 + 30-product Hutch++, 4 batches)
+
+
+# ----------------------------------------------------------------------------- (a)
+def sweep_tasks(a, seed) -> List[Task]:
+    """One SGD trunk per seed, checkpointed at every switch epoch; SAM from each checkpoint to the
+    end (t = 0 from the initial weights); each final model measured."""
+    E = a.epochs
+    inner = sorted(t for t in a.switches if 0 < t < E)
+    k = f"s{seed}"
+    tasks = [Task(f"{k} SGD", train_task, (seed, 0, E, False, None, inner, False, "SGD"), cost=_train_cost(a, 0, E, 0))]
     for t in sorted(a.switches):
         if t >= E:
             continue
-        model = build_model(a, d, seed)
-        opt = make_opt(a, model)
-        gen = torch.Generator()
-        (init if t == 0 else ck[t]).restore(model, opt, gen)
-        on_step, rec = None, None
-        if t == P:
-            rec = {"step": [], "w": [], "distance": [], "lambda_max": [], "train_loss": []}
-            on_step = recorder(model, rec, w_p)
-        ck_sam = train_epochs(a, d, model, opt, gen, crit, t, E, sam=True, on_step=on_step,
-                              save_at={P} if (t == 0 and a.reverse) else (), progress=progress,
-                              label=f"seed {seed} SAM from {t}")
-        runs[t] = {**final_measures(a, model, crit, d, hb), "switch": t}
-        finals[t] = flat(model)
-        if rec is not None:
-            late_rec = rec
-        if t == 0 and a.reverse and P in ck_sam:  # (d) SAM -> SGD for the last E - P epochs
-            m2 = build_model(a, d, seed)
-            o2 = make_opt(a, m2)
-            g2 = torch.Generator()
-            ck_sam[P].restore(m2, o2, g2)
-            train_epochs(a, d, m2, o2, g2, crit, P, E, sam=False, progress=progress, label=f"seed {seed} SAM->SGD")
-            rev = {**final_measures(a, m2, crit, d, hb), "switch": P}
-    # (b) separation, fits, interpolation
-    phases = None
-    if late_rec is not None:
-        sep = [float((ws - wl).norm()) for ws, wl in zip(sgd_rec["w"], late_rec["w"])]
-        first = [i for i, s in enumerate(late_rec["step"]) if s <= spe]
-        r_sep, r2_sep = fit_rate([late_rec["step"][i] for i in first], [sep[i] for i in first])
-        r_sam, r2_sam = fit_rate([late_rec["step"][i] for i in first], [late_rec["distance"][i] for i in first])
-        r_sgd, r2_sgd = fit_rate([sgd_rec["step"][i] for i in first], [sgd_rec["distance"][i] for i in first])
-        alphas = [a.interp_lo + i * (a.interp_hi - a.interp_lo) / (a.interp_points - 1) for i in range(a.interp_points)]
-        base = build_model(a, d, seed)
-        interp = {"alpha": alphas,
-                  "sgd_to_late_sam": interpolate(sgd_state, w_sgd, finals[P], base, crit, hb, alphas)}
-        if 0 in finals:
-            interp["sgd_to_full_sam"] = interpolate(sgd_state, w_sgd, finals[0], base, crit, hb, alphas)
-        for r in (sgd_rec, late_rec):
-            r.pop("w")
-        phases = {"sgd": sgd_rec, "late_sam": late_rec, "separation": sep,
-                  "fit_first_epoch": {"separation_rate": r_sep, "separation_r2": r2_sep, "late_sam_distance_rate": r_sam,
-                                      "late_sam_distance_r2": r2_sam, "sgd_distance_rate": r_sgd,
-                                      "sgd_distance_r2": r2_sgd, "fit_steps": [late_rec["step"][i] for i in first]},
-                  "interpolation": interp}
-    return {"seed": seed, "runs": runs, "reverse": rev, "phases": phases}
+        if t == 0:
+            tasks.append(Task(f"{k} SAM from 0", train_task, (seed, 0, E, True, None, (), False, "SAM from 0"),
+                              cost=_train_cost(a, 0, E, 1)))
+        else:
+            tasks.append(Task(f"{k} SAM from {t}", train_task,
+                              lambda res, t=t: (seed, t, E, True, res[f"{k} SGD"]["ckpts"][t], (), False,
+                                                f"SAM from {t}"),
+                              deps=[f"{k} SGD"], cost=_train_cost(a, t, E, 1)))
+    for t in sorted(a.switches):
+        src = f"{k} SGD" if t >= E else f"{k} SAM from {t}"
+        tasks.append(Task(f"{k} measure t={t}", measure_task, lambda res, src=src, t=t: (seed, res[src]["state"], t),
+                          deps=[src], cost=_MEASURE_COST))
+    return tasks
+
+
+def sweep_seed(a, seed, res):
+    k = f"s{seed}"
+    runs = {t: res[f"{k} measure t={t}"] for t in sorted(a.switches)}
+    return {"seed": seed, "runs": runs}
+
+
+# ----------------------------------------------------------------------------- (b), (d)
+def interp_task(a, seed, sgd, late, full):
+    """Separation and escape-rate fits of the two records; the loss along SGD -> late SAM and
+    SGD -> full SAM (final weights)."""
+    d, hb, _ = setup(a)
+    crit = criterion(a)
+    spe = len(d.train_x) // a.batch_size
+    srec, lrec = sgd["record"], late["record"]
+    sep = [float((ws - wl).norm()) for ws, wl in zip(srec["w"], lrec["w"])]
+    first = [i for i, s in enumerate(lrec["step"]) if s <= spe]
+    r_sep, r2_sep = fit_rate([lrec["step"][i] for i in first], [sep[i] for i in first])
+    r_sam, r2_sam = fit_rate([lrec["step"][i] for i in first], [lrec["distance"][i] for i in first])
+    r_sgd, r2_sgd = fit_rate([srec["step"][i] for i in first], [srec["distance"][i] for i in first])
+    alphas = [a.interp_lo + i * (a.interp_hi - a.interp_lo) / (a.interp_points - 1) for i in range(a.interp_points)]
+    base = build_model(a, d, seed)
+    w_sgd = _flat_state(base, sgd["state"])
+    interp = {"alpha": alphas,
+              "sgd_to_late_sam": interpolate(sgd["state"], w_sgd, _flat_state(base, late["state"]), base, crit, hb,
+                                             alphas)}
+    if full is not None:
+        interp["sgd_to_full_sam"] = interpolate(sgd["state"], w_sgd, _flat_state(base, full["state"]), base, crit,
+                                                hb, alphas)
+    strip = lambda r: {k: v for k, v in r.items() if k != "w"}  # noqa: E731
+    return {"sgd": strip(srec), "late_sam": strip(lrec), "separation": sep,
+            "fit_first_epoch": {"separation_rate": r_sep, "separation_r2": r2_sep, "late_sam_distance_rate": r_sam,
+                                "late_sam_distance_r2": r2_sam, "sgd_distance_rate": r_sgd,
+                                "sgd_distance_r2": r2_sgd, "fit_steps": [lrec["step"][i] for i in first]},
+            "interpolation": interp}
+
+
+def _flat_state(model, state):
+    m = copy.deepcopy(model)
+    m.load_state_dict(state)
+    return flat(m)
+
+
+def phases_tasks(a, seed) -> List[Task]:
+    """(b) SGD to the end and late SAM from its checkpoint at P, both recorded after P; full SAM
+    (for the SGD -> full SAM line and (d)); (d) SAM -> SGD from full SAM's checkpoint at P. The
+    final models of SGD, full SAM and the reverse run are measured."""
+    E, P = a.epochs, a.phase_epoch
+    k = f"s{seed}"
+    tasks = [Task(f"{k} SGD (recorded)", train_task, (seed, 0, E, False, None, (P,), True, "SGD"),
+                  cost=_train_cost(a, 0, E, 0, True)),
+             Task(f"{k} SAM from 0", train_task, (seed, 0, E, True, None, (P,) if a.reverse else (), False,
+                                                  "SAM from 0"), cost=_train_cost(a, 0, E, 1)),
+             Task(f"{k} SAM from {P} (recorded)", train_task,
+                  lambda res: (seed, P, E, True, res[f"{k} SGD (recorded)"]["ckpts"][P], (), True, f"SAM from {P}"),
+                  deps=[f"{k} SGD (recorded)"], cost=_train_cost(a, P, E, 1, True))]
+    if a.reverse:
+        tasks.append(Task(f"{k} SAM->SGD from {P}", train_task,
+                          lambda res: (seed, P, E, False, res[f"{k} SAM from 0"]["ckpts"][P], (), False,
+                                       f"SAM->SGD from {P}"),
+                          deps=[f"{k} SAM from 0"], cost=_train_cost(a, P, E, 0)))
+    tasks.append(Task(f"{k} interpolation", interp_task,
+                      lambda res: (seed, res[f"{k} SGD (recorded)"], res[f"{k} SAM from {P} (recorded)"],
+                                   res[f"{k} SAM from 0"]),
+                      deps=[f"{k} SGD (recorded)", f"{k} SAM from {P} (recorded)", f"{k} SAM from 0"],
+                      cost=2 * a.interp_points * 0.15))
+    for name, src, sw in (("SGD", f"{k} SGD (recorded)", E), ("full SAM", f"{k} SAM from 0", 0),
+                          ("reverse", f"{k} SAM->SGD from {P}", P)):
+        if name == "reverse" and not a.reverse:
+            continue
+        tasks.append(Task(f"{k} measure {name}", measure_task, lambda res, src=src, sw=sw: (seed, res[src]["state"], sw),
+                          deps=[src], cost=_MEASURE_COST))
+    return tasks
+
+
+def phases_seed(a, seed, res):
+    k = f"s{seed}"
+    return {"seed": seed, "sgd": res[f"{k} measure SGD"], "full_sam": res[f"{k} measure full SAM"],
+            "reverse": res.get(f"{k} measure reverse"), "phases": res[f"{k} interpolation"]}
 
 
 # ----------------------------------------------------------------------------- (c)
-def run_adversarial(a, d, seed, progress):
-    crit = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
+def adversarial_task(a, seed):
+    d, _, _ = setup(a)
+    return run_adversarial(a, d, seed)
+
+
+def run_adversarial(a, d, seed):
+    crit = criterion(a)
     E = a.epochs
+
     def atk(t):  # the training attack; its random starts are seeded per run
         return {"eps": a.eps, "alpha": a.at_alpha, "steps": a.at_steps,
                 "gen": torch.Generator(device=d.train_x.device).manual_seed(10_000 + 1000 * seed + t)}
@@ -402,10 +587,10 @@ def run_adversarial(a, d, seed, progress):
     model = build_model(a, d, seed)
     opt = make_opt(a, model)
     gen = torch.Generator().manual_seed(seed)
-    init = Checkpoint(model, opt, gen)
+    init = checkpoint(model, opt, gen)
     starts = sorted(set(E - t for t in a.at_epochs if 0 < t < E))
-    ck = train_epochs(a, d, model, opt, gen, crit, 0, E, sam=False, save_at=set(starts), progress=progress,
-                      label=f"seed {seed} standard")
+    ck = train_epochs(a, d, model, opt, gen, crit, 0, E, sam=False, save_at=set(starts),
+                      progress=Progress(E, f"seed {seed} standard"))
     out = {0: evaluate(model)}  # key: AT epochs at the end
     for t in sorted(set(a.at_epochs), reverse=True):
         if t <= 0:
@@ -414,9 +599,9 @@ def run_adversarial(a, d, seed, progress):
         opt = make_opt(a, model)
         gen = torch.Generator()
         s = max(0, E - t)
-        (init if s == 0 else ck[s]).restore(model, opt, gen)
-        train_epochs(a, d, model, opt, gen, crit, s, E, sam=False, attack=atk(t), progress=progress,
-                     label=f"seed {seed} AT last {min(t, E)}")
+        restore(init if s == 0 else ck[s], model, opt, gen)
+        train_epochs(a, d, model, opt, gen, crit, s, E, sam=False, attack=atk(t),
+                     progress=Progress(E - s, f"seed {seed} AT last {min(t, E)}"))
         out[min(t, E)] = evaluate(model)
     return {"seed": seed, "runs": out}
 
@@ -432,7 +617,28 @@ def ms(xs):
     return f"{m:.2f} ± {s:.2f}" if abs(m) >= 1 else f"{m:.3g} ± {s:.2g}"
 
 
-def report_sweep(a, res, info, wall):
+def _timing_line(a, tasks_info, wall):
+    """Where the time went: CPU seconds inside the tasks by part, and the wall time."""
+    parts = {"training": 0.0, "phase records (λmax + loss of the phase subset)": 0.0,
+             "final measurements (accuracy, λmax, trace)": 0.0, "interpolation and fits": 0.0,
+             "training and PGD evaluation": 0.0}
+    for name, sec, rec in tasks_info:
+        if "measure" in name:
+            parts["final measurements (accuracy, λmax, trace)"] += sec
+        elif "interpolation" in name:
+            parts["interpolation and fits"] += sec
+        elif rec is not None:
+            parts["phase records (λmax + loss of the phase subset)"] += rec
+            parts["training"] += sec - rec
+        else:
+            parts["training and PGD evaluation" if a.experiment == "adversarial" else "training"] += sec
+    busy = sum(parts.values())
+    shown = ", ".join(f"{k} {v:.0f} s ({100 * v / busy:.0f}%)" for k, v in parts.items() if v > 0) if busy else "-"
+    return (f"Wall time {wall:.0f} s with --jobs {a.jobs} (worker processes of {a.threads} torch thread(s)); "
+            f"time inside the tasks {busy:.0f} s: {shown}.")
+
+
+def report_sweep(a, res, info, wall, timing):
     E = a.epochs
     rows = []
     for t in sorted({t for r in res for t in r["runs"]}):
@@ -441,14 +647,8 @@ def report_sweep(a, res, info, wall):
         rows.append([t, label, E - t, ms([x["test_acc"] for x in rs]), ms([x["train_acc_clean_labels"] for x in rs]),
                      ms([x["train_loss_subset"] for x in rs]), ms([x["lambda_max"] for x in rs]),
                      ms([x["trace"] for x in rs])])
-    rev = [r["reverse"] for r in res if r["reverse"]]
-    if rev:
-        rows.append([a.phase_epoch, f"SAM → SGD from epoch {a.phase_epoch} (reverse)", a.phase_epoch,
-                     ms([x["test_acc"] for x in rev]), ms([x["train_acc_clean_labels"] for x in rev]),
-                     ms([x["train_loss_subset"] for x in rev]), ms([x["lambda_max"] for x in rev]),
-                     ms([x["trace"] for x in rev])])
     md = [f"# Late-phase SAM switch-point sweep: {a.dataset}", "", _common.machine_line(info), "",
-          f"Setup: {describe(a)}. Values: mean ± std over seeds {a.seeds}. Total wall time {wall:.0f} s.", "",
+          f"Setup: {describe(a)}. Values: mean ± std over seeds {a.seeds}. {timing}", "",
           f"Command: `python benchmarks/late_phase_mnist.py {' '.join(a.argv)}`", "",
           "## (a) Switch point t (SAM from epoch t to the end)", "",
           _common.markdown_table(["t", "run", "SAM epochs", "test acc (%)", "train acc, clean labels (%)",
@@ -464,9 +664,40 @@ def report_sweep(a, res, info, wall):
         dl = [r["runs"][t]["lambda_max"] - r["runs"][E]["lambda_max"] for r in res]
         dl0 = [r["runs"][t]["lambda_max"] - r["runs"][0]["lambda_max"] for r in res if 0 in r["runs"]]
         md.append(f"- t={t}: acc − SGD {ms(da)}, acc − SAM {ms(db)}; λmax − SGD {ms(dl)}, λmax − SAM {ms(dl0)}")
+    md += ["", f"The two phases after the switch and the reverse check: `--experiment phases` "
+               f"(late_phase_{a.dataset}_phases{a.tag_s}.md).", "",
+           f"Plot: late_phase_{a.dataset}_sweep{a.tag_s}.png"]
+    return "\n".join(md)
+
+
+def report_phases(a, res, info, wall, timing):
+    P, E = a.phase_epoch, a.epochs
+    md = [f"# Late-phase SAM: the two phases after the switch, and the reverse check: {a.dataset}", "",
+          _common.machine_line(info), "",
+          f"Setup: {describe(a)}. Values: mean ± std over seeds {a.seeds}. {timing}", "",
+          f"Command: `python benchmarks/late_phase_mnist.py {' '.join(a.argv)}`", ""]
+    rows = []
+    for key, label, sam_ep in (("sgd", "SGD", 0), ("full_sam", "full SAM", E),
+                               ("reverse", f"SAM → SGD from epoch {P} (reverse)", P)):
+        rs = [r[key] for r in res if r.get(key)]
+        if rs:
+            rows.append([label, sam_ep, ms([x["test_acc"] for x in rs]), ms([x["train_acc_clean_labels"] for x in rs]),
+                         ms([x["train_loss_subset"] for x in rs]), ms([x["lambda_max"] for x in rs]),
+                         ms([x["trace"] for x in rs])])
+    md += ["## Final models (the same runs as the sweep's t = E and t = 0; SGD → SAM from "
+           f"epoch {P} is the sweep's t = {P} row)", "",
+           _common.markdown_table(["run", "SAM epochs", "test acc (%)", "train acc, clean labels (%)",
+                                   "train loss (subset)", "λmax", "Hessian trace"], rows), ""]
+    if any(r.get("reverse") for r in res):
+        md.append("Paired per seed, the reverse run minus full SAM / minus SGD: test accuracy "
+                  f"{ms([r['reverse']['test_acc'] - r['full_sam']['test_acc'] for r in res])} / "
+                  f"{ms([r['reverse']['test_acc'] - r['sgd']['test_acc'] for r in res])}; λmax "
+                  f"{ms([r['reverse']['lambda_max'] - r['full_sam']['lambda_max'] for r in res])} / "
+                  f"{ms([r['reverse']['lambda_max'] - r['sgd']['lambda_max'] for r in res])}.")
+        md.append("")
     ph = [r["phases"] for r in res if r["phases"]]
     if ph:
-        md += ["", f"## (b) The two phases after the switch at epoch {a.phase_epoch}", "",
+        md += [f"## (b) The two phases after the switch at epoch {a.phase_epoch}", "",
                "Exponential fits log y = c + r·step over the first epoch after the switch "
                f"(steps {ph[0]['fit_first_epoch']['fit_steps']}):", ""]
         f = [p["fit_first_epoch"] for p in ph]
@@ -501,11 +732,11 @@ def report_sweep(a, res, info, wall):
             md.append(f"- Linear path {name} ({len(al)} points, α ∈ [{al[0]:.2f}, {al[-1]:.2f}]): loss at α=0 "
                       f"{ms([e[0] for e in ends])}, at α=1 {ms([e[1] for e in ends])}, barrier (max over α∈[0,1] "
                       f"minus the larger end) {ms(inner)}.")
-    md += ["", f"Plot: late_phase_{a.dataset}_sweep{a.tag_s}.png"]
+    md += ["", f"Plot: late_phase_{a.dataset}_phases{a.tag_s}.png"]
     return "\n".join(md)
 
 
-def report_adv(a, res, info, wall):
+def report_adv(a, res, info, wall, timing):
     E = a.epochs
     rows = []
     for t in sorted({t for r in res for t in r["runs"]}):
@@ -517,7 +748,7 @@ def report_adv(a, res, info, wall):
           f"random start, model in train mode (BN statistics of the attack passes discarded). Evaluation: "
           f"L∞ PGD-{a.eval_steps}, ε={a.eps:.4g}, step {a.eval_alpha:.4g}, no random start, eval mode, "
           f"{a.n_test} test images; robust = correct on the clean and the attacked image. "
-          f"Mean ± std over seeds {a.seeds}. Wall time {wall:.0f} s.", "",
+          f"Mean ± std over seeds {a.seeds}. {timing}", "",
           f"Command: `python benchmarks/late_phase_mnist.py {' '.join(a.argv)}`", "",
           _common.markdown_table(["AT epochs t", "run", "clean test acc (%)", "robust test acc (%)"], rows), "",
           "Paired per seed, robust accuracy minus full AT's:", ""]
@@ -534,9 +765,13 @@ def report_adv(a, res, info, wall):
 
 def describe(a):
     model = "WRN-16-8" if a.dataset == "cifar10" else f"CNN width {a.width}"
-    hess = "" if a.experiment != "sweep" else (
+    hess = "" if a.experiment == "adversarial" else (
         f"; λmax (Lanczos tol {a.final_tol}) and trace (Hutch++ {a.trace_samples} HVPs) of the training loss on the "
         f"first {a.hessian_samples} training images in batches of {a.hessian_batch}, train mode")
+    if a.experiment == "phases":
+        hess += (f"; after the switch at epoch {a.phase_epoch}: λmax (tol {a.phase_tol}) and loss of the first "
+                 f"{a.phase_samples} training images at 14 log-spaced steps; {a.interp_points} interpolation points, "
+                 f"α ∈ [{a.interp_lo:g}, {a.interp_hi:g}]")
     return (f"{a.dataset} ({a.n_train} train / {a.n_test} test, symmetric label noise {a.label_noise:g} on the "
             f"training labels), {model}, {a.epochs} epochs, batch {a.batch_size}, lr {a.lr} x0.1 at epoch "
             f"{a.milestone}, momentum 0.9, wd {a.weight_decay}, label smoothing {a.label_smoothing}, rho {a.rho} "
@@ -550,20 +785,27 @@ def plot_sweep(a, res, path):
     import numpy as np
     E = a.epochs
     ts = sorted({t for r in res for t in r["runs"]})
-    fig, ax = plt.subplots(2, 3, figsize=(16, 8.5))
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     for j, (key, lab) in enumerate((("test_acc", "test accuracy (%)"), ("lambda_max", "λmax"), ("trace", "Hessian trace"))):
         v = np.array([[r["runs"][t][key] for t in ts] for r in res], dtype=float)
-        ax[0, j].errorbar(ts, v.mean(0), yerr=v.std(0, ddof=1) if len(res) > 1 else None, marker="o", capsize=3)
-        rev = [r["reverse"][key] for r in res if r["reverse"]]
-        if rev:
-            ax[0, j].errorbar([a.phase_epoch], [np.mean(rev)], yerr=[np.std(rev, ddof=1)] if len(rev) > 1 else None,
-                              marker="s", color="tab:purple", ls="none", label=f"SAM → SGD at {a.phase_epoch}")
-            ax[0, j].legend(fontsize=8)
-        ax[0, j].set_xlabel(f"switch epoch t (SAM from t to {E}; 0 = full SAM, {E} = SGD)")
-        ax[0, j].set_ylabel(lab)
-        ax[0, j].axvline(a.milestone, color="gray", ls=":", lw=1)
-    ph = [r["phases"] for r in res if r["phases"]]
-    if ph:
+        ax[j].errorbar(ts, v.mean(0), yerr=v.std(0, ddof=1) if len(res) > 1 else None, marker="o", capsize=3)
+        ax[j].set_xlabel(f"switch epoch t (SAM from t to {E}; 0 = full SAM, {E} = SGD)")
+        ax[j].set_ylabel(lab)
+        ax[j].axvline(a.milestone, color="gray", ls=":", lw=1)
+    fig.suptitle(describe(a), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_phases(a, res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, axs = plt.subplots(1, 4, figsize=(21, 4.8))
+    ph = [r["phases"] for r in res]
+    if True:
         steps = ph[0]["late_sam"]["step"]
 
         def band(axis, vals, label, color):
@@ -573,34 +815,45 @@ def plot_sweep(a, res, path):
             if len(v) > 1:
                 s = v.std(0, ddof=1)
                 axis.fill_between(steps, m - s, m + s, color=color, alpha=0.2)
-        band(ax[1, 0], [p["sgd"]["distance"] for p in ph], "SGD: ‖w − w_switch‖", "tab:blue")
-        band(ax[1, 0], [p["late_sam"]["distance"] for p in ph], "late SAM: ‖w − w_switch‖", "tab:green")
-        band(ax[1, 0], [p["separation"] for p in ph], "‖w_lateSAM − w_SGD‖", "tab:red")
-        ax[1, 0].set_xscale("log")
-        ax[1, 0].set_yscale("log")
-        ax[1, 0].set_xlabel(f"steps after the switch at epoch {a.phase_epoch}")
-        ax[1, 0].legend(fontsize=8)
-        band(ax[1, 1], [p["sgd"]["lambda_max"] for p in ph], "SGD λmax", "tab:blue")
-        band(ax[1, 1], [p["late_sam"]["lambda_max"] for p in ph], "late SAM λmax", "tab:green")
-        ax2 = ax[1, 1].twinx()
+        band(axs[0], [p["sgd"]["distance"] for p in ph], "SGD: ‖w − w_switch‖", "tab:blue")
+        band(axs[0], [p["late_sam"]["distance"] for p in ph], "late SAM: ‖w − w_switch‖", "tab:green")
+        band(axs[0], [p["separation"] for p in ph], "‖w_lateSAM − w_SGD‖", "tab:red")
+        axs[0].set_xscale("log")
+        axs[0].set_yscale("log")
+        axs[0].set_xlabel(f"steps after the switch at epoch {a.phase_epoch}")
+        axs[0].legend(fontsize=8)
+        band(axs[1], [p["sgd"]["lambda_max"] for p in ph], "SGD λmax", "tab:blue")
+        band(axs[1], [p["late_sam"]["lambda_max"] for p in ph], "late SAM λmax", "tab:green")
+        ax2 = axs[1].twinx()
         for p_key, c in (("sgd", "tab:blue"), ("late_sam", "tab:green")):
             v = np.array([p[p_key]["train_loss"] for p in ph]).mean(0)
             ax2.plot(steps, v, ls="--", color=c)
         ax2.set_ylabel("train loss of the subset (dashed)")
-        ax[1, 1].set_xscale("log")
-        ax[1, 1].set_xlabel("steps after the switch")
-        ax[1, 1].set_ylabel("λmax (solid)")
-        ax[1, 1].legend(fontsize=8, loc="upper left")
+        axs[1].set_xscale("log")
+        axs[1].set_xlabel("steps after the switch")
+        axs[1].set_ylabel("λmax (solid)")
+        axs[1].legend(fontsize=8, loc="upper left")
         it = [p["interpolation"] for p in ph]
         for key, c, lab in (("sgd_to_late_sam", "tab:green", "SGD → late SAM"),
                             ("sgd_to_full_sam", "tab:red", "SGD → full SAM")):
             if key in it[0]:
                 v = np.array([x[key] for x in it])
-                ax[1, 2].plot(it[0]["alpha"], v.mean(0), marker=".", color=c, label=lab)
-        ax[1, 2].set_xlabel("α (0: SGD solution, 1: the other)")
-        ax[1, 2].set_ylabel("train loss of the subset")
-        ax[1, 2].set_yscale("log")
-        ax[1, 2].legend(fontsize=8)
+                axs[2].plot(it[0]["alpha"], v.mean(0), marker=".", color=c, label=lab)
+        axs[2].set_xlabel("α (0: SGD solution, 1: the other)")
+        axs[2].set_ylabel("train loss of the subset")
+        axs[2].set_yscale("log")
+        axs[2].legend(fontsize=8)
+    # (d): the final models, SGD / full SAM / reverse
+    keys = [(k, lab) for k, lab in (("sgd", "SGD"), ("full_sam", "full SAM"), ("reverse", f"SAM → SGD at {a.phase_epoch}"))
+            if all(r.get(k) for r in res)]
+    for j, (k, lab) in enumerate(keys):
+        lam = [r[k]["lambda_max"] for r in res]
+        acc = statistics.mean(r[k]["test_acc"] for r in res)
+        axs[3].bar(j, np.mean(lam), yerr=np.std(lam, ddof=1) if len(lam) > 1 else None, capsize=3,
+                   color=("tab:blue", "tab:red", "tab:purple")[j])
+        axs[3].text(j, np.mean(lam), f"{acc:.2f}%", ha="center", va="bottom", fontsize=8)
+    axs[3].set_xticks(range(len(keys)), [lab for _, lab in keys], fontsize=8)
+    axs[3].set_ylabel("final λmax (bar), test accuracy (label)")
     fig.suptitle(describe(a), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -627,10 +880,13 @@ def plot_adv(a, res, path):
 
 
 # ----------------------------------------------------------------------------- main
+EXPERIMENTS = ("sweep", "phases", "adversarial")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experiment", choices=["sweep", "adversarial"], default="sweep")
+    p.add_argument("--experiment", choices=EXPERIMENTS, default="sweep")
     p.add_argument("--dataset", choices=sorted(DEFAULTS), default="mnist5k")
     p.add_argument("--data-dir", default=None, help="cifar10: the folder with data_batch_1 ... test_batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -644,7 +900,7 @@ def parse_args(argv=None):
     p.add_argument("--switches", type=int, nargs="+", default=None, help="switch epochs t (0 = SAM, E = SGD)")
     p.add_argument("--at-epochs", type=int, nargs="+", default=None, help="AT epochs at the end (E = full AT)")
     p.add_argument("--phase-steps", type=int, default=None, help="record the phases up to this many steps")
-    p.add_argument("--no-reverse", dest="reverse", action="store_false")
+    p.add_argument("--no-reverse", dest="reverse", action="store_false", help="phases: skip the reverse check (d)")
     p.add_argument("--phase-tol", type=float, default=1e-2)
     p.add_argument("--final-tol", type=float, default=1e-3)
     p.add_argument("--interp-points", type=int, default=25)
@@ -653,7 +909,10 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--num-seeds", type=int, default=3)
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke tests)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="worker processes (default: min(2, CPU cores) on the CPU, 1 on a GPU); the results do not "
+                        "depend on it")
     p.add_argument("--out-dir", default=_common.RESULTS_DIR)
     p.add_argument("--tag", default="")
     a = p.parse_args(argv)
@@ -662,15 +921,15 @@ def parse_args(argv=None):
             setattr(a, k, v)
     if a.seeds is None:
         a.seeds = list(range(a.num_seeds))
+    if a.jobs is None:
+        a.jobs = 1 if torch.device(a.device).type != "cpu" else max(1, min(2, os.cpu_count() or 1))
     if a.dataset == "cifar10" and not a.data_dir:
         p.error("--dataset cifar10 needs --data-dir")
     if a.interp_points < 2:
         p.error("--interp-points must be >= 2")
-    if a.experiment == "sweep" and not 0 < a.phase_epoch < a.epochs:
+    if a.experiment == "phases" and not 0 < a.phase_epoch < a.epochs:
         p.error("--phase-epoch must be in 1..epochs-1")
     a.switches = sorted(set(min(max(t, 0), a.epochs) for t in a.switches) | {0, a.epochs})
-    if a.phase_epoch not in a.switches:
-        a.switches = sorted(set(a.switches) | {a.phase_epoch})
     a.argv = list(sys.argv[1:] if argv is None else argv)
     a.tag_s = f"_{a.tag}" if a.tag else ""
     return a
@@ -682,39 +941,42 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     info = _common.machine_info(device)
+    info["jobs"] = a.jobs
     t0 = time.perf_counter()
-    d = load_data(a)
+    d, _, _ = setup(a)
     a.n_train, a.n_test = len(d.train_x), len(d.test_x)
-    m, hbs = min(a.hessian_samples, a.n_train), a.hessian_batch
-    hb = [(d.train_x[i:min(i + hbs, m)], d.train_y[i:min(i + hbs, m)]) for i in range(0, m, hbs)]
-    mp = min(a.phase_samples, a.n_train)
-    pb = [(d.train_x[i:min(i + hbs, mp)], d.train_y[i:min(i + hbs, mp)]) for i in range(0, mp, hbs)]
     print(_common.machine_line(info), file=sys.stderr)
-    print(describe(a), file=sys.stderr)
+    print(describe(a) + f"; {a.jobs} job(s)", file=sys.stderr)
     E = a.epochs
-    res = []
     if a.experiment == "sweep":
-        per_seed = E + sum(E - t for t in a.switches if t < E) + (E - a.phase_epoch if a.reverse else 0)
-        prog = Progress(len(a.seeds) * per_seed, "sweep")
-        for s in a.seeds:
-            res.append(run_sweep(a, d, s, hb, pb, prog))
+        tasks = [t for s in a.seeds for t in sweep_tasks(a, s)]
+    elif a.experiment == "phases":
+        tasks = [t for s in a.seeds for t in phases_tasks(a, s)]
     else:
-        prog = Progress(len(a.seeds) * (E + sum(min(t, E) for t in set(a.at_epochs) if t > 0)), "adversarial")
-        for s in a.seeds:
-            res.append(run_adversarial(a, d, s, prog))
+        cost = E + sum(min(t, E) for t in set(a.at_epochs) if t > 0) * (1 + a.at_steps)
+        tasks = [Task(f"s{s} adversarial", adversarial_task, (s,), cost=cost) for s in a.seeds]
+    done = run_tasks(a, tasks, a.experiment)
+    if a.experiment == "sweep":
+        res = [sweep_seed(a, s, done) for s in a.seeds]
+    elif a.experiment == "phases":
+        res = [phases_seed(a, s, done) for s in a.seeds]
+    else:
+        res = [{k: v for k, v in done[f"s{s} adversarial"].items() if k != "seconds"} for s in a.seeds]
     wall = time.perf_counter() - t0
+    tasks_info = [(t.name, done[t.name]["seconds"], done[t.name].get("parts", {}).get("record_s")
+                   if "record" in done[t.name] else None) for t in tasks]
+    timing = _timing_line(a, tasks_info, wall)
     stem = f"late_phase_{a.dataset}_{a.experiment}{a.tag_s}"
     os.makedirs(a.out_dir, exist_ok=True)
     png = os.path.join(a.out_dir, stem + ".png")
-    if a.experiment == "sweep":
-        text = report_sweep(a, res, info, wall)
-        plot_sweep(a, res, png)
-    else:
-        text = report_adv(a, res, info, wall)
-        plot_adv(a, res, png)
+    report, plot = {"sweep": (report_sweep, plot_sweep), "phases": (report_phases, plot_phases),
+                    "adversarial": (report_adv, plot_adv)}[a.experiment]
+    text = report(a, res, info, wall, timing)
+    plot(a, res, png)
     print(text)
     cfg = {k: v for k, v in vars(a).items()}
-    out = {"machine": info, "config": cfg, "experiment": a.experiment, "seeds": res, "wall_s": wall}
+    out = {"machine": info, "config": cfg, "experiment": a.experiment, "seeds": res, "wall_s": wall,
+           "tasks": [{"name": n, "seconds": sec, "record_s": rec} for n, sec, rec in tasks_info]}
     paths = _common.write_results(a.out_dir, stem, out, text) + [png]
     print("wrote " + ", ".join(paths), file=sys.stderr)
     return out

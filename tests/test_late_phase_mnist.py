@@ -36,32 +36,100 @@ def _keep_threads():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("dataset", _datasets())
-def test_sweep_phases_reverse_tiny(tmp_path, dataset):
+PHASE = ["--switches", "0", "1", "2", "--phase-epoch", "1", "--interp-points", "3"]
+TIMING = {"seconds", "hessian_s", "record_s"}
+
+
+def _numbers(x):
+    """The results without the timings (which differ from run to run)."""
+    if isinstance(x, dict):
+        return {k: _numbers(v) for k, v in x.items() if k not in TIMING}
+    if isinstance(x, list):
+        return [_numbers(v) for v in x]
+    return x
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Tiny sweep and phases runs (one job), per data set: {dataset: {experiment: (out dir, json)}}."""
     import late_phase_mnist
-    out = late_phase_mnist.main(["--experiment", "sweep", "--dataset", dataset, *TINY, "--switches", "0", "1", "2",
-                                 "--phase-epoch", "1", "--interp-points", "3", "--out-dir", str(tmp_path)])
-    stem = tmp_path / f"late_phase_{dataset}_sweep"
+    runs = {}
+    for dataset in _datasets():
+        runs[dataset] = {}
+        for exp in ("sweep", "phases"):
+            out = tmp_path_factory.mktemp(f"{dataset}_{exp}")
+            late_phase_mnist.main(["--experiment", exp, "--dataset", dataset, *TINY, *PHASE, "--jobs", "1",
+                                   "--out-dir", str(out)])
+            runs[dataset][exp] = (out, json.loads((out / f"late_phase_{dataset}_{exp}.json").read_text()))
+    return runs
+
+
+@pytest.mark.parametrize("dataset", _datasets())
+def test_sweep_tiny(tiny_runs, dataset):
+    out, data = tiny_runs[dataset]["sweep"]
+    stem = f"late_phase_{dataset}_sweep"
     for ext in ("json", "md", "png"):
-        assert (tmp_path / f"{stem.name}.{ext}").stat().st_size > 0
-    seeds = json.loads((tmp_path / f"{stem.name}.json").read_text())["seeds"]
+        assert (out / f"{stem}.{ext}").stat().st_size > 0
+    seeds = data["seeds"]
     assert len(seeds) == 2
     for s in seeds:
-        assert set(s["runs"]) == {"0", "1", "2"}
-        assert s["reverse"] is not None
+        assert set(s["runs"]) == {"0", "1", "2"} and "phases" not in s and "reverse" not in s
+        assert all(r["switch"] == int(t) for t, r in s["runs"].items())
+    assert {t["name"] for t in data["tasks"]} >= {"s0 SGD", "s0 SAM from 1", "s1 measure t=2"}
+    text = (out / f"{stem}.md").read_text()
+    assert "(a) Switch point" in text and "(b) The two phases" not in text and "Wall time" in text
+
+
+@pytest.mark.parametrize("dataset", _datasets())
+def test_phases_reverse_tiny(tiny_runs, dataset):
+    out, data = tiny_runs[dataset]["phases"]
+    stem = f"late_phase_{dataset}_phases"
+    for ext in ("json", "md", "png"):
+        assert (out / f"{stem}.{ext}").stat().st_size > 0
+    seeds = data["seeds"]
+    assert len(seeds) == 2
+    for s in seeds:
+        assert s["reverse"]["switch"] == 1 and s["sgd"]["switch"] == 2 and s["full_sam"]["switch"] == 0
         ph = s["phases"]
         assert len(ph["interpolation"]["alpha"]) == 3 and len(ph["interpolation"]["sgd_to_full_sam"]) == 3
         assert len(ph["late_sam"]["step"]) == len(ph["sgd"]["step"]) == len(ph["separation"]) > 0
         assert all(v > 0 for v in ph["late_sam"]["distance"])
-    assert out["seeds"][0]["runs"][2]["switch"] == 2  # SGD (t = E)
-    text = (tmp_path / f"{stem.name}.md").read_text()
-    assert "(a) Switch point" in text and "(b) The two phases" in text and "reverse" in text
+        assert "w" not in ph["late_sam"]
+    text = (out / f"{stem}.md").read_text()
+    assert "(b) The two phases" in text and "reverse" in text and "(a) Switch point" not in text
+
+
+def test_phases_are_the_sweeps_runs(tiny_runs):
+    """Recording the phases does not touch the training: the phases experiment's SGD and full SAM
+    are the sweep's t = E and t = 0, bitwise."""
+    for runs in tiny_runs.values():
+        sweep, phases = runs["sweep"][1]["seeds"], runs["phases"][1]["seeds"]
+        for a, b in zip(sweep, phases):
+            assert _numbers(a["runs"]["2"]) == _numbers(b["sgd"])
+            assert _numbers(a["runs"]["0"]) == _numbers(b["full_sam"])
+
+
+def test_results_do_not_depend_on_jobs(tiny_runs, tmp_path):
+    """Two worker processes give the same numbers, bitwise, as one process."""
+    import late_phase_mnist
+    out = late_phase_mnist.main(["--experiment", "phases", "--dataset", "digits", *TINY, *PHASE, "--jobs", "2",
+                                 "--out-dir", str(tmp_path)])
+    assert out["config"]["jobs"] == 2
+    two = json.loads((tmp_path / "late_phase_digits_phases.json").read_text())
+    assert _numbers(two["seeds"]) == _numbers(tiny_runs["digits"]["phases"][1]["seeds"])
+
+
+def test_default_jobs():
+    import late_phase_mnist as lp
+    assert lp.parse_args([]).jobs == max(1, min(2, os.cpu_count() or 1))
+    assert lp.parse_args(["--device", "cuda"]).jobs == 1
+    assert lp.parse_args(["--jobs", "3"]).jobs == 3
 
 
 def test_adversarial_tiny(tmp_path):
     import late_phase_mnist
     late_phase_mnist.main(["--experiment", "adversarial", "--dataset", "digits", *TINY, "--at-epochs", "2", "1",
-                           "--eval-steps", "2", "--at-steps", "1", "--out-dir", str(tmp_path)])
+                           "--eval-steps", "2", "--at-steps", "1", "--jobs", "1", "--out-dir", str(tmp_path)])
     data = json.loads((tmp_path / "late_phase_digits_adversarial.json").read_text())
     for s in data["seeds"]:
         assert set(s["runs"]) == {"0", "1", "2"}
