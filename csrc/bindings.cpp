@@ -47,6 +47,17 @@ void restore_adam_step_meta(at::TensorList params, at::TensorList grads, at::Ten
   check_restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip);
 }
 
+at::Tensor dot_sq_norms_meta(at::TensorList xs, at::TensorList ys, const std::optional<at::Tensor>& accumulate) {
+  check_dot_sq_norms(xs, ys, accumulate);
+  if (xs.empty()) return at::empty({3}, at::TensorOptions().dtype(at::kFloat).device(at::kMeta));
+  const auto acc = xs[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::empty({3}, xs[0].options().dtype(acc));
+}
+
+void axpby_meta(at::TensorList xs, at::TensorList ys, const at::Tensor& coefs, at::TensorList out) {
+  check_axpby(xs, ys, coefs, out);
+}
+
 }  // namespace
 }  // namespace fastsam
 
@@ -63,9 +74,14 @@ TORCH_LIBRARY_FRAGMENT(fastsam, m) {
   m.def("restore_adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] copies, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, "
         "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor skip) -> ()");
+  // The variants' ops.  axpby writes `out`, or `xs` in place when `out` is empty.
+  m.def("dot_sq_norms(Tensor[] xs, Tensor[] ys, Tensor? accumulate) -> Tensor");
+  m.def("axpby(Tensor(a!)[] xs, Tensor[] ys, Tensor coefs, Tensor(b!)[] out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastsam, Meta, m) {
+  m.impl("dot_sq_norms", &fastsam::dot_sq_norms_meta);
+  m.impl("axpby", &fastsam::axpby_meta);
   m.impl("grad_sq_norm", &fastsam::grad_sq_norm_meta);
   m.impl("perturb", &fastsam::perturb_meta);
   m.impl("restore", &fastsam::restore_meta);

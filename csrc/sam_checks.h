@@ -151,4 +151,37 @@ inline void check_restore_adam_step(at::TensorList params, at::TensorList grads,
   check_scalar(op, "skip", skip, params[0]);
 }
 
+// The variants' ops: two lists (x, y) of one dtype, shape and layout; axpby's
+// coefficients [a, b, skip, ...] a 1-D floating tensor on their device; `out`
+// empty (in place into xs) or a third such list.
+inline void check_dot_sq_norms(at::TensorList xs, at::TensorList ys, const std::optional<at::Tensor>& accumulate) {
+  const char* op = "dot_sq_norms";
+  check_dtype(op, xs);
+  check_list(op, "xs", xs, xs, false);
+  check_list(op, "ys", ys, xs, false);
+  if (accumulate.has_value()) {
+    TORCH_CHECK_VALUE(accumulate->dim() == 1 && accumulate->numel() == 3 && accumulate->is_floating_point(),
+                      "fastsam::", op, ": 'accumulate' must be a (3,) floating-point tensor, got shape ",
+                      accumulate->sizes(), " and dtype ", accumulate->scalar_type());
+    if (!xs.empty()) {
+      TORCH_CHECK_VALUE(accumulate->device() == xs[0].device(), "fastsam::", op, ": 'accumulate' is on ",
+                        accumulate->device(), " but the tensors are on ", xs[0].device());
+    }
+  }
+}
+
+inline void check_axpby(at::TensorList xs, at::TensorList ys, const at::Tensor& coefs, at::TensorList out) {
+  const char* op = "axpby";
+  check_dtype(op, xs);
+  check_list(op, "xs", xs, xs, false);
+  check_list(op, "ys", ys, xs, false);
+  check_list(op, "out", out, xs, true);
+  if (xs.empty()) return;
+  TORCH_CHECK_VALUE(coefs.dim() == 1 && coefs.numel() >= 3 && coefs.is_floating_point(), "fastsam::", op,
+                    ": 'coefs' must be a 1-D floating-point tensor [a, b, skip, ...], got shape ", coefs.sizes(),
+                    " and dtype ", coefs.scalar_type());
+  TORCH_CHECK_VALUE(coefs.device() == xs[0].device(), "fastsam::", op, ": 'coefs' is on ", coefs.device(),
+                    " but the tensors are on ", xs[0].device(), " (device-side scalars live on the tensors' device)");
+}
+
 }  // namespace fastsam

@@ -277,10 +277,84 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   for (size_t i = 0; i < n_tensors; ++i) write_step(steps[i], new_step[i]);
 }
 
+// ---------------------------------------------------------------- the variants' ops
+template <typename T, typename acc_t>
+void dot_chunk(const T* __restrict__ x, const T* __restrict__ y, int64_t n, acc_t* out3) {
+  acc_t xy[kLanes] = {}, xx[kLanes] = {}, yy[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) dot_sq_norms_terms<acc_t>(acc_t(x[j + l]), acc_t(y[j + l]), xy[l], xx[l], yy[l]);
+  }
+  acc_t a = 0, b = 0, c = 0;
+  for (; j < n; ++j) dot_sq_norms_terms<acc_t>(acc_t(x[j]), acc_t(y[j]), a, b, c);
+  for (int l = 0; l < kLanes; ++l) {
+    a += xy[l];
+    b += xx[l];
+    c += yy[l];
+  }
+  out3[0] = a;
+  out3[1] = b;
+  out3[2] = c;
+}
+
+at::Tensor dot_sq_norms_cpu(at::TensorList xs, at::TensorList ys, const std::optional<at::Tensor>& accumulate) {
+  check_dot_sq_norms(xs, ys, accumulate);
+  if (xs.empty()) return accumulate.has_value() ? accumulate->clone() : at::zeros({3}, at::kFloat);
+  const auto chunks = make_chunks(xs);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "fastsam_dot_sq_norms", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Two stages as the norm: three partials per chunk, then fixed-order sums.
+    std::vector<acc_t> partial(3 * chunks.size());
+    for_each_chunk(chunks, [&](int64_t i, const Chunk& c) {
+      dot_chunk<scalar_t, acc_t>(ptr<scalar_t>(xs[c.tensor], c.begin), ptr<scalar_t>(ys[c.tensor], c.begin),
+                                 c.end - c.begin, &partial[3 * i]);
+    });
+    acc_t total[3] = {0, 0, 0};
+    for (size_t i = 0; i < chunks.size(); ++i)
+      for (int k = 0; k < 3; ++k) total[k] += partial[3 * i + k];
+    out = at::empty({3}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    acc_t* o = out.data_ptr<acc_t>();
+    if (accumulate.has_value()) {
+      const at::Tensor prev = accumulate->to(at::kDouble).contiguous();  // the previous total, read on the host
+      const double* pv = prev.data_ptr<double>();
+      for (int k = 0; k < 3; ++k) total[k] = total[k] + acc_t(pv[k]);
+    }
+    for (int k = 0; k < 3; ++k) o[k] = total[k];
+  });
+  return out;
+}
+
+// `out` may be `x` or `y` (no restrict on it): each element is read before it is written.
+template <typename T, typename acc_t>
+void axpby_chunk(const T* x, const T* y, T* out, int64_t n, acc_t a, acc_t b) {
+  for (int64_t j = 0; j < n; ++j) out[j] = T(axpby_element<acc_t>(acc_t(x[j]), acc_t(y[j]), a, b));
+}
+
+void axpby_cpu(at::TensorList xs, at::TensorList ys, const at::Tensor& coefs, at::TensorList out) {
+  check_axpby(xs, ys, coefs, out);
+  if (xs.empty()) return;
+  const at::Tensor c = coefs.to(at::kDouble).contiguous();  // a, b, skip read on the host
+  const double* cv = c.data_ptr<double>();
+  if (cv[2] != 0) return;
+  at::TensorList dst = out.empty() ? xs : out;
+  const auto chunks = make_chunks(xs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "fastsam_axpby", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t a = acc_t(cv[0]), b = acc_t(cv[1]);
+    for_each_chunk(chunks, [&](int64_t, const Chunk& ch) {
+      axpby_chunk<scalar_t, acc_t>(ptr<scalar_t>(xs[ch.tensor], ch.begin), ptr<scalar_t>(ys[ch.tensor], ch.begin),
+                                   ptr<scalar_t>(dst[ch.tensor], ch.begin), ch.end - ch.begin, a, b);
+    });
+  });
+}
+
 }  // namespace
 }  // namespace fastsam
 
 TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
+  m.impl("dot_sq_norms", &fastsam::dot_sq_norms_cpu);
+  m.impl("axpby", &fastsam::axpby_cpu);
   m.impl("grad_sq_norm", &fastsam::grad_sq_norm_cpu);
   m.impl("perturb", &fastsam::perturb_cpu);
   m.impl("restore", &fastsam::restore_cpu);

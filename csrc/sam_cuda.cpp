@@ -142,10 +142,35 @@ void restore_adam_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                           gs.defined() ? gs.data_ptr() : nullptr, sk.data_ptr(), stream_of(params[0]));
 }
 
+at::Tensor dot_sq_norms_cuda(at::TensorList xs, at::TensorList ys, const std::optional<at::Tensor>& accumulate) {
+  check_dot_sq_norms(xs, ys, accumulate);
+  if (xs.empty()) return accumulate.has_value() ? accumulate->clone() : at::zeros({3}, at::kFloat);
+  const c10::cuda::CUDAGuard guard(xs[0].device());
+  const auto acc = acc_dtype(xs[0].scalar_type());
+  PointerLists lists{xs, ys};
+  at::Tensor scratch = at::empty({cuda::dot_sq_norms_scratch(lists.view())}, xs[0].options().dtype(acc));
+  at::Tensor out = at::empty({3}, xs[0].options().dtype(acc));
+  const at::Tensor prev = accumulate.has_value() ? accumulate->to(acc).contiguous() : at::Tensor();
+  cuda::dot_sq_norms(lists.view(), kernel_dtype(xs[0].scalar_type()), scratch.data_ptr(),
+                     prev.defined() ? prev.data_ptr() : nullptr, out.data_ptr(), stream_of(out));
+  return out;
+}
+
+void axpby_cuda(at::TensorList xs, at::TensorList ys, const at::Tensor& coefs, at::TensorList out) {
+  check_axpby(xs, ys, coefs, out);
+  if (xs.empty()) return;
+  const c10::cuda::CUDAGuard guard(xs[0].device());
+  const at::Tensor c = coefs.to(acc_dtype(xs[0].scalar_type())).contiguous();  // on the device: no sync
+  PointerLists lists{xs, ys, out.empty() ? xs : out};
+  cuda::axpby(lists.view(), kernel_dtype(xs[0].scalar_type()), c.data_ptr(), stream_of(xs[0]));
+}
+
 }  // namespace
 }  // namespace fastsam
 
 TORCH_LIBRARY_IMPL(fastsam, CUDA, m) {
+  m.impl("dot_sq_norms", &fastsam::dot_sq_norms_cuda);
+  m.impl("axpby", &fastsam::axpby_cuda);
   m.impl("grad_sq_norm", &fastsam::grad_sq_norm_cuda);
   m.impl("perturb", &fastsam::perturb_cuda);
   m.impl("restore", &fastsam::restore_cuda);

@@ -300,6 +300,55 @@ struct IncrementStepFunctor {
   }
 };
 
+// ---------------------------------------------------------------- the variants' ops
+// Stage 1 of dot_sq_norms: three partial sums per chunk, rows of `n_total` in `partials`.
+template <typename T>
+struct DotSqNormsFunctor {
+  __device__ void operator()(const TensorListMeta<2>& meta, acc_type<T>* partials, int64_t n_total) const {
+    using acc_t = acc_type<T>;
+    acc_t xy = 0, xx = 0, yy = 0;
+    const auto op = [&](T (&x)[2]) { dot_sq_norms_terms<acc_t>(to_acc(x[0]), to_acc(x[1]), xy, xx, yy); };
+    for_each_element<T, 2>(meta, bit(0) | bit(1), 0u, op);
+    xy = block_sum(xy);
+    __syncthreads();  // block_sum's shared scratch is reused by the next call
+    xx = block_sum(xx);
+    __syncthreads();
+    yy = block_sum(yy);
+    if (threadIdx.x == 0) {
+      const int64_t i = meta.block_offset + blockIdx.x;
+      partials[i] = xy;
+      partials[n_total + i] = xx;
+      partials[2 * n_total + i] = yy;
+    }
+  }
+};
+
+// Stage 2: one block sums each row in a fixed order and adds the previous total.
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlockSize)
+    dot_sq_norms_sum_kernel(const acc_t* partials, int64_t n, const acc_t* accumulate, acc_t* out) {
+  for (int k = 0; k < 3; ++k) {
+    acc_t sum = 0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += partials[k * n + i];
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) out[k] = accumulate == nullptr ? sum : sum + accumulate[k];
+    __syncthreads();
+  }
+}
+
+// out <- a x + b y (lists x, y, out; out may be x or y), nothing written when skip.
+template <typename T>
+struct AxpbyFunctor {
+  __device__ void operator()(const TensorListMeta<3>& meta, const acc_type<T>* coefs) const {
+    using acc_t = acc_type<T>;
+    if (coefs[2] != acc_t(0)) return;
+    const acc_t a = coefs[0], b = coefs[1];
+    for_each_element<T, 3>(meta, bit(0) | bit(1), bit(2), [=](T (&x)[3]) {
+      x[2] = from_acc<T>(axpby_element<acc_t>(to_acc(x[0]), to_acc(x[1]), a, b));
+    });
+  }
+};
+
 // ---------------------------------------------------------------- dispatch
 template <typename F>
 void dispatch(DType dtype, const F& f) {
@@ -399,6 +448,32 @@ void restore_adam_step(const HostLists& lists, DType dtype, const AdamHostArgs& 
       multi_tensor_apply<1>("restore_adam_step", steps, s, IncrementStepFunctor<float, acc_t>(),
                             static_cast<const acc_t*>(skip));
     }
+  });
+}
+
+int64_t dot_sq_norms_scratch(const HostLists& lists) { return 3 * total_chunks(lists); }
+
+void dot_sq_norms(const HostLists& lists, DType dtype, void* scratch, const void* accumulate, void* out,
+                  void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  dispatch(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using acc_t = acc_type<T>;
+    auto* partials = static_cast<acc_t*>(scratch);
+    const int64_t n = total_chunks(lists);
+    multi_tensor_apply<2>("dot_sq_norms", lists, s, DotSqNormsFunctor<T>(), partials, n);
+    dot_sq_norms_sum_kernel<acc_t><<<1, kBlockSize, 0, s>>>(partials, n, static_cast<const acc_t*>(accumulate),
+                                                            static_cast<acc_t*>(out));
+    check_launch("dot_sq_norms");
+  });
+}
+
+void axpby(const HostLists& lists, DType dtype, const void* coefs, void* stream) {
+  dispatch(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using acc_t = acc_type<T>;
+    multi_tensor_apply<3>("axpby", lists, static_cast<cudaStream_t>(stream), AxpbyFunctor<T>(),
+                          static_cast<const acc_t*>(coefs));
   });
 }
 

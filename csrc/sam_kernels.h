@@ -63,5 +63,17 @@ struct AdamHostArgs {
 void restore_adam_step(const HostLists& lists, DType dtype, const AdamHostArgs& args, const void* grad_scale,
                        const void* skip, void* stream);
 
+// The variants' ops.  dot_sq_norms: lists x, y; `scratch` holds
+// dot_sq_norms_scratch(lists) elements of the op-math type (three partials per
+// chunk); out[0..2] = [sum x*y, sum x^2, sum y^2] (+ accumulate[0..2] when not
+// nullptr, op-math type).  Two stages, deterministic.
+int64_t dot_sq_norms_scratch(const HostLists& lists);
+void dot_sq_norms(const HostLists& lists, DType dtype, void* scratch, const void* accumulate, void* out,
+                  void* stream);
+
+// lists: x, y, out (out may be x or y).  coefs: [a, b, skip] in the op-math type;
+// out <- a x + b y unless skip != 0 (then nothing is written).
+void axpby(const HostLists& lists, DType dtype, const void* coefs, void* stream);
+
 }  // namespace cuda
 }  // namespace fastsam

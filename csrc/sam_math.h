@@ -132,4 +132,19 @@ FASTSAM_HD void adam_element(acc_t& w, acc_t g, acc_t& m, acc_t& v, const AdamAr
   w = w + step_size * (m / denom);
 }
 
+// The variants' update (fastsam/backends/__init__.py: axpby): a * x + b * y, two products
+// and one sum in acc_t (nvcc may contract it into one FMA; the CPU build does not).
+template <typename acc_t>
+FASTSAM_HD acc_t axpby_element(acc_t x, acc_t y, acc_t a, acc_t b) {
+  return a * x + b * y;
+}
+
+// The variants' reduction (dot_sq_norms): the three running sums of one element.
+template <typename acc_t>
+FASTSAM_HD void dot_sq_norms_terms(acc_t x, acc_t y, acc_t& xy, acc_t& xx, acc_t& yy) {
+  xy += x * y;
+  xx += x * x;
+  yy += y * y;
+}
+
 }  // namespace fastsam

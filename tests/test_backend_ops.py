@@ -376,3 +376,194 @@ def test_mixed_dtypes_in_one_call_raise_before_writing(be):
     with pytest.raises(ValueError, match="equal lengths"):
         be.restore(p, [torch.ones(4)])
     _assert_bitwise(p, before)
+
+
+# ------------------------------------------------------------------ the variants' ops
+def _ref_dot(xs, ys):
+    x, y = _f64(xs), _f64(ys)
+    return [sum((a * b).sum() for a, b in zip(x, y)), sum((a * a).sum() for a in x), sum((b * b).sum() for b in y)]
+
+
+def _assert_dot(got, xs, ys, dtype, acc=None):
+    """Each entry within a float32 (float64) accumulation error of the float64 reference; the dot
+    product's error is relative to sum |x y| (its own cancellation is not the kernel's)."""
+    ref = _ref_dot(xs, ys)
+    scale = [sum((a.double() * b.double()).abs().sum() for a, b in zip(xs, ys)), ref[1], ref[2]]
+    if acc is not None:
+        ref = [r + float(a) for r, a in zip(ref, acc)]
+        scale = [s + abs(float(a)) for s, a in zip(scale, acc)]
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5  # as the norm test: float32 sums of 65k terms
+    assert got.shape == (3,) and got.dtype == _acc(dtype)
+    for k in range(3):
+        assert abs(float(got[k]) - float(ref[k])) <= rtol * float(scale[k]) + 1e-30, (k, float(got[k]), float(ref[k]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dot_sq_norms(be, seed, dtype):
+    _need(be, dtype)
+    shapes = _shapes()
+    xs, ys = _like(shapes, dtype), _like(shapes, dtype, 3.0)
+    _assert_dot(be.dot_sq_norms(xs, ys), xs, ys, dtype)
+    _assert_dot(be.dot_sq_norms(xs, xs), xs, xs, dtype)  # the same list twice: <x, x> = ||x||^2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dot_sq_norms_accumulates(be, seed, dtype):
+    _need(be, dtype)
+    shapes = _shapes()
+    a, b = _like(shapes, dtype), _like([(513,), (3, 3)], dtype)
+    c, d = _like(shapes, dtype), _like([(513,), (3, 3)], dtype)
+    first = be.dot_sq_norms(a, c)
+    both = be.dot_sq_norms(b, d, accumulate=first)
+    _assert_dot(both, a + b, c + d, dtype)
+    _assert_dot(be.dot_sq_norms([], [], accumulate=first), a, c, dtype)  # empty lists: the running total
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_dot_sq_norms_non_finite(be, seed, bad):
+    xs, ys = _like([(1023,), (65537,)], torch.float32), _like([(1023,), (65537,)], torch.float32)
+    xs[1][40000] = bad
+    got = be.dot_sq_norms(xs, ys)
+    assert not torch.isfinite(got[0]) and not torch.isfinite(got[1]) and torch.isfinite(got[2])
+    if math.isnan(bad):
+        assert torch.isnan(got[0]) and torch.isnan(got[1])
+
+
+def test_dot_sq_norms_empty_and_zero_size(be):
+    got = be.dot_sq_norms([], [])
+    assert got.shape == (3,) and got.dtype == torch.float32 and not got.any()
+    e = [torch.empty(0), torch.empty(3, 0)]
+    got = be.dot_sq_norms(e, _clone(e))
+    assert got.shape == (3,) and not got.any()
+    acc = torch.tensor([1.0, 2.0, 3.0])
+    assert be.dot_sq_norms(e, _clone(e), accumulate=acc).tolist() == [1.0, 2.0, 3.0]
+
+
+def _coefs(a, b, skip, dtype):
+    return torch.tensor([a, b, skip], dtype=_acc(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("into", ["xs", "ys", "new", "default"])
+def test_axpby(be, seed, dtype, into):
+    _need(be, dtype)
+    shapes = _shapes()
+    xs, ys = _like(shapes, dtype), _like(shapes, dtype)
+    a, b = float(torch.randn(())), float(torch.randn(()))
+    c = _coefs(a, b, 0.0, dtype)
+    ca, cb = float(c[0].double()), float(c[1].double())  # the coefficients as the kernels see them
+    ref = [ca * x + cb * y for x, y in zip(_f64(xs), _f64(ys))]
+    y0 = _clone(ys)
+    if into == "default":
+        be.axpby(xs, ys, c)
+        got = xs
+    elif into == "xs":
+        be.axpby(xs, ys, c, out=xs)
+        got = xs
+    elif into == "ys":
+        be.axpby(xs, ys, c, out=ys)
+        got = ys
+    else:
+        got = [torch.full_like(x, 7.0) for x in xs]
+        x0 = _clone(xs)
+        be.axpby(xs, ys, c, out=got)
+        _assert_bitwise(xs, x0)  # the inputs are left alone
+    _assert_close(got, ref, _tol(be, dtype), "out")
+    if into != "ys":
+        _assert_bitwise(ys, y0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("into", ["xs", "ys", "new"])
+def test_axpby_skip_writes_nothing(be, seed, dtype, into):
+    """The skip flag (coefs[2] != 0) leaves every list bitwise unchanged, non-finite input included."""
+    _need(be, dtype)
+    shapes = _shapes()
+    xs, ys = _like(shapes, dtype), _like(shapes, dtype)
+    xs[3][5] = math.nan
+    ys[6][0] = math.inf
+    new = [torch.full_like(x, 7.0) for x in xs]
+    before = [_clone(t) for t in (xs, ys, new)]
+    out = {"xs": xs, "ys": ys, "new": new}[into]
+    be.axpby(xs, ys, _coefs(0.5, -2.0, 1.0, dtype), out=out)
+    be.axpby(xs, ys, _coefs(math.nan, math.inf, -3.0, dtype), out=out)  # any nonzero flag, any coefficient
+    for now, then in zip((xs, ys, new), before):
+        _assert_bitwise(now, then)
+
+
+def test_axpby_non_finite_propagates(be, seed):
+    xs, ys = _like([(1023,), (65537,)], torch.float32), _like([(1023,), (65537,)], torch.float32)
+    xs[1][40000] = math.inf
+    ys[0][3] = math.nan
+    be.axpby(xs, ys, _coefs(1.0, 0.0, 0.0, torch.float32))
+    assert torch.isinf(xs[1][40000]) and torch.isnan(xs[0][3])  # 0 * nan is nan: only the flag masks
+    assert torch.isfinite(xs[1][:40000]).all()
+
+
+def test_axpby_with_coefficients_from_dot_sq_norms(be, seed):
+    """The variants' pattern: coefficients computed on the device from the reduction, never on the host:
+    y <- y - (<x, y> / ||x||^2) x makes y orthogonal to x."""
+    shapes = _shapes()
+    xs, ys = _like(shapes, torch.float32), _like(shapes, torch.float32)
+    r = be.dot_sq_norms(xs, ys)
+    coefs = torch.stack([-r[0] / r[1], torch.ones_like(r[0]), torch.zeros_like(r[0])])
+    be.axpby(xs, ys, coefs, out=ys)
+    r2 = be.dot_sq_norms(xs, ys)
+    assert abs(float(r2[0])) <= 1e-5 * math.sqrt(float(r2[1]) * float(r2[2]))
+
+
+def test_variant_ops_empty_and_zero_size_are_noops(be):
+    c = torch.tensor([2.0, 3.0, 0.0])
+    be.axpby([], [], c)
+    be.axpby([], [], c, out=[])
+    e = [torch.empty(0), torch.empty(3, 0)]
+    be.axpby(e, _clone(e), c)
+    be.axpby(e, _clone(e), c, out=_clone(e))
+    assert [t.shape for t in e] == [(0,), (3, 0)]
+
+
+def test_variant_ops_on_channels_last_and_strided_views(be, seed):
+    """Dense non-contiguous (channels_last): every backend.  Non-dense views: foreach, and triton
+    through its foreach fallback; the compiled kernels refuse them (FusedSAM's buckets hold dense
+    tensors only)."""
+    xs = [torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last), torch.randn(6, 4)[:, ::2]]
+    ys = [torch.randn_like(xs[0]), torch.randn(6, 4)[:, 1::2]]
+    ref = [2.0 * x.double() - y.double() for x, y in zip(xs, ys)]
+    c = torch.tensor([2.0, -1.0, 0.0])
+    if be.NAME in ("cpp", "cuda"):
+        with pytest.raises((ValueError, RuntimeError), match="strides|dense"):
+            be.dot_sq_norms(xs, ys)
+        xs, ys, ref = xs[:1], ys[:1], ref[:1]
+    _assert_dot(be.dot_sq_norms(xs, ys), xs, ys, torch.float32)
+    be.axpby(xs, ys, c)
+    _assert_close(xs, ref, TOL[torch.float32], "out")
+
+
+def test_variant_ops_refuse_mixed_lists_before_writing(be):
+    xs = [torch.zeros(4), torch.zeros(5)]
+    before = _clone(xs)
+    with pytest.raises(ValueError, match="different dtypes"):
+        be.axpby(xs, [torch.ones(4), torch.ones(5, dtype=torch.float64)], torch.tensor([1.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="equal lengths|tensors but"):
+        be.dot_sq_norms(xs, [torch.ones(4)])
+    _assert_bitwise(xs, before)
+
+
+def test_variant_ops_do_not_synchronise(be, seed):
+    """On CUDA the coefficients stay on the device: no host synchronisation (sync debug mode)."""
+    if torch.get_default_device().type != "cuda":
+        pytest.skip("host synchronisation is a CUDA question (the CPU backends may read on the host)")
+    shapes = _shapes()
+    xs, ys = _like(shapes, torch.float32), _like(shapes, torch.float32)
+    be.dot_sq_norms(xs, ys)
+    be.axpby(xs, ys, torch.tensor([1.0, 0.5, 0.0]))  # warm-up: triton's tables, the extension's load
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        r = be.dot_sq_norms(xs, ys)
+        r = be.dot_sq_norms(xs, ys, accumulate=r)
+        coefs = torch.stack([torch.ones_like(r[0]), -r[0] / r[1], (r[2] != r[2]).float()])
+        be.axpby(xs, ys, coefs)
+        be.axpby(xs, ys, coefs, out=ys)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -58,6 +58,25 @@ beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, skip)``
     0-d step counters (float32/64, on the bucket's device); they are
     incremented unless ``skip``.
 
+**The variants' ops** (LookSAM, GSAM, FriendlySAM: fastsam/variants/): the per-element
+math beyond SAM's, with coefficients that stay on the device.
+
+``dot_sq_norms(xs, ys, *, accumulate=None) -> Tensor``
+    shape (3,): ``[sum <x, y>, sum ||x||**2, sum ||y||**2]`` over the lists, in one
+    pass over both, accumulated in float32 (float64 for float64 input), plus
+    ``accumulate`` (a (3,) tensor: the total of the buckets before this one).  Empty
+    lists: zeros (float32, on the CPU) or a copy of ``accumulate``.  Non-finite input
+    makes the affected entries inf/nan.
+``axpby(xs, ys, coefs, *, out=None)``
+    ``out <- coefs[0] * x + coefs[1] * y`` element-wise, computed in float32 (float64
+    for float64 lists) and rounded once to the lists' dtype; ``out`` defaults to
+    ``xs`` (in place) and may be ``xs`` or ``ys`` (element-wise aliasing) or a third
+    list.  Nothing at all is written when ``coefs[2] != 0`` (the skip flag).
+    ``coefs``: a 1-D floating tensor of >= 3 elements on the lists' device (float32,
+    float64 for float64 lists), so that coefficients computed on the device (from
+    ``dot_sq_norms``) never cross to the host.  0 * inf is nan: a zero coefficient
+    does not mask a non-finite input (use the skip flag for that).
+
 Every op has one test suite run against every backend: tests/test_backend_ops.py.
 """
 from __future__ import annotations

@@ -53,7 +53,7 @@ def supports(dtype: torch.dtype) -> bool:
 def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
                  accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
     if not grads:  # no tensor to dispatch on
-        return torch.zeros((), dtype=torch.float32)
+        return finish_norm(torch.zeros((), dtype=torch.float32), accumulate, epilogue)
     sq = _fastsam_ops().grad_sq_norm.default(grads, [] if params is None else params)
     return finish_norm(sq, accumulate, epilogue)  # the epilogue in torch ops (a few scalar launches)
 
@@ -91,3 +91,14 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
         params, grads, copies, exp_avgs, exp_avg_sqs, steps, float(lr),
         float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(maximize),
         grad_scale, skip)
+
+
+def dot_sq_norms(xs: Tensors, ys: Tensors, *, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if not xs:
+        return torch.zeros(3, dtype=torch.float32) if accumulate is None else accumulate.clone()
+    return _fastsam_ops().dot_sq_norms.default(xs, ys, accumulate)
+
+
+def axpby(xs: Tensors, ys: Tensors, coefs: torch.Tensor, *, out: Optional[Tensors] = None) -> None:
+    if xs:  # an empty ``out`` tells the operator to write xs in place
+        _fastsam_ops().axpby.default(xs, ys, coefs, [] if out is None or out is xs else out)

@@ -13,7 +13,7 @@ import torch
 
 from .. import _build
 from .cpp import (  # noqa: F401  - the same operators serve both devices
-    grad_sq_norm, perturb, restore, restore_adam_step, restore_sgd_step, supports)
+    axpby, dot_sq_norms, grad_sq_norm, perturb, restore, restore_adam_step, restore_sgd_step, supports)
 
 NAME = "cuda"
 

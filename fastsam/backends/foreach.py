@@ -207,3 +207,59 @@ def _adam_update(params, exp_avgs, exp_avg_sqs, grads, steps, lr, beta1, beta2, 
     torch._foreach_div_(denom, torch._foreach_mul(bc2, bc1))
     torch._foreach_add_(denom, torch._foreach_mul(torch._foreach_reciprocal(bc1), eps))
     torch._foreach_addcdiv_(params, exp_avgs, denom)
+
+
+# ---------------------------------------------------------------- the variants' ops
+def dot_sq_norms(xs: Tensors, ys: Tensors, *, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[<x, y>, ||x||^2, ||y||^2] in a fixed number of multi-tensor launches (no per-tensor loop,
+    except the cast of 16-bit lists to float32): the dot product is the L1 norm of the positive
+    products minus that of the negative ones (same-sign sums, each as accurate as a norm; the one
+    subtraction is the dot product's own cancellation)."""
+    check_bucket(xs, ys)
+    if not xs:
+        return torch.zeros(3, dtype=torch.float32) if accumulate is None else accumulate.clone()
+    acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    if xs[0].dtype != acc:  # products of 16-bit values round (and underflow) in 16 bits: cast first
+        xs, ys = [x.to(acc) for x in xs], [y.to(acc) for y in ys]
+    n = len(xs)
+    prods = torch._foreach_mul(xs, ys)
+    neg = torch._foreach_clamp_max(prods, 0.0)
+    torch._foreach_sub_(prods, neg)  # the positive parts (exact: p - min(p, 0))
+    l1 = torch.stack(torch._foreach_norm(prods + neg, 1, dtype=acc)).view(2, n).sum(1)
+    l2 = torch.stack(torch._foreach_norm(list(xs) + list(ys), 2, dtype=acc)).view(2, n).square().sum(1)
+    out = torch.cat([(l1[0] - l1[1]).view(1), l2])
+    if accumulate is not None:
+        out = out + accumulate
+    return out
+
+
+def axpby(xs: Tensors, ys: Tensors, coefs: torch.Tensor, *, out: Optional[Tensors] = None) -> None:
+    """out <- coefs[0] x + coefs[1] y unless coefs[2] (see the contract).  On the CPU the
+    coefficients are read on the host; elsewhere the update is computed into temporaries and
+    assigned under the skip mask (one ``where`` per tensor, sync-free)."""
+    check_bucket(xs, ys, out)
+    if not xs:
+        return
+    if out is None:
+        out = xs
+    if coefs.device.type == "cpu":
+        a, b, skip = coefs[:3].tolist()
+        if skip != 0:
+            return
+        if out is xs:
+            if a != 1.0:
+                torch._foreach_mul_(xs, a)
+            torch._foreach_add_(xs, ys, alpha=b)
+        elif out is ys:
+            if b != 1.0:
+                torch._foreach_mul_(ys, b)
+            torch._foreach_add_(ys, xs, alpha=a)
+        else:  # a third list (it may still share tensors with xs or ys): temporaries first
+            new = torch._foreach_mul(xs, a)
+            torch._foreach_add_(new, ys, alpha=b)
+            torch._foreach_copy_(out, new)
+        return
+    c = coefs.to(torch.float64 if xs[0].dtype == torch.float64 else torch.float32)
+    new = torch._foreach_mul(xs, c[0])
+    torch._foreach_add_(new, torch._foreach_mul(ys, c[1]))
+    _masked_assign(out, new, c[2] != 0)

@@ -108,7 +108,19 @@ def _restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad
                                   maximize=maximize, grad_scale=grad_scale, skip=skip)
 
 
-_EAGER = {"sq_norm": _grad_sq_norm, "perturb": _perturb, "restore": _restore,
+def _dot_sq_norms(xs, ys, accumulate) -> torch.Tensor:
+    total = _kernels.dot_sq_norms.dot_sq_norms(xs, ys, accumulate)
+    if total is None:
+        total = foreach.dot_sq_norms(xs, ys, accumulate=accumulate)
+    return total
+
+
+def _axpby(xs, ys, coefs, out) -> None:
+    if not _kernels.axpby.axpby(xs, ys, coefs, out):
+        foreach.axpby(xs, ys, coefs, out=out)
+
+
+_EAGER = {"dot_sq_norms": _dot_sq_norms, "axpby": _axpby, "sq_norm": _grad_sq_norm, "perturb": _perturb, "restore": _restore,
           "restore_sgd_step": _restore_sgd_step, "restore_adam_step": _restore_adam_step,
           "restore_sgd_step_lr_tensor": _restore_sgd_step, "restore_adam_step_lr_tensor": _restore_adam_step}
 
@@ -170,6 +182,17 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
               float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(maximize))
 
 
+def dot_sq_norms(xs: Tensors, ys: Tensors, *, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if not xs:
+        return torch.zeros(3, dtype=torch.float32) if accumulate is None else accumulate.clone()
+    return _call("dot_sq_norms", xs, ys, accumulate)
+
+
+def axpby(xs: Tensors, ys: Tensors, coefs: torch.Tensor, *, out: Optional[Tensors] = None) -> None:
+    if xs:
+        _call("axpby", xs, ys, coefs.contiguous(), xs if out is None else out)
+
+
 # ---------------------------------------------------------------- custom ops (torch.compile)
 if _kernels is not None:
     T = List[torch.Tensor]
@@ -183,6 +206,19 @@ if _kernels is not None:
     @_sq_norm_op.register_fake
     def _(grads, params, accumulate, out, epilogue, eps, max_norm, prev):
         return grads[0].new_empty((), dtype=torch.float32)
+
+    @torch.library.custom_op("fastsam::triton_dot_sq_norms", mutates_args=())
+    def _dot_sq_norms_op(xs: T, ys: T, accumulate: Optional[torch.Tensor]) -> torch.Tensor:
+        return _dot_sq_norms(xs, ys, accumulate).clone()
+
+    @_dot_sq_norms_op.register_fake
+    def _(xs, ys, accumulate):
+        return xs[0].new_empty((3,), dtype=torch.float32)
+
+    # ``out`` may hold the tensors of ``xs`` (in place): the op is called with out=xs then.
+    @torch.library.custom_op("fastsam::triton_axpby", mutates_args=("out",))
+    def _axpby_op(xs: T, ys: T, coefs: torch.Tensor, out: T) -> None:
+        _axpby(xs, ys, coefs, out)
 
     @torch.library.custom_op("fastsam::triton_perturb", mutates_args=("params", "copies"))
     def _perturb_op(params: T, grads: T, copies: T, scalars: torch.Tensor, rho: float, adaptive: bool) -> None:
@@ -228,6 +264,6 @@ if _kernels is not None:
         _restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip, lr, beta1,
                            beta2, eps, weight_decay, decoupled, maximize)
 
-    for _op in (_perturb_op, _restore_op, _restore_sgd_step_op, _restore_adam_step_op, _restore_sgd_step_lr_op,
+    for _op in (_axpby_op, _perturb_op, _restore_op, _restore_sgd_step_op, _restore_adam_step_op, _restore_sgd_step_lr_op,
                 _restore_adam_step_lr_op):
         _op.register_fake(lambda *args, **kwargs: None)

@@ -11,9 +11,10 @@ triton is missing.
 Launches per call: ``sq_norm`` 2 (partials, then their sum and the SAM scalar
 epilogue), ``perturb`` 1,
 ``restore`` 1, ``restore_sgd_step`` 1, ``restore_adam_step`` 1 (the step
-counters included), whatever the number of tensors.
+counters included); the variants' ``dot_sq_norms`` 2 (partials, then their sums) and
+``axpby`` 1; whatever the number of tensors.
 """
-from . import multi_tensor, perturb, restore, restore_adam_step, restore_sgd_step, sq_norm
+from . import axpby, dot_sq_norms, multi_tensor, perturb, restore, restore_adam_step, restore_sgd_step, sq_norm
 from .multi_tensor import BLOCK, DTYPE_IDS
 
 # Kernels decorated while TRITON_INTERPRET=1 was set run in the interpreter on CPU tensors
@@ -21,6 +22,6 @@ from .multi_tensor import BLOCK, DTYPE_IDS
 INTERPRETED = type(sq_norm._sq_norm_partials_kernel).__name__ == "InterpretedFunction"
 
 # Each op module ``x`` holds the launcher ``x.x``.
-OPS = ("sq_norm", "perturb", "restore", "restore_sgd_step", "restore_adam_step")
+OPS = ("sq_norm", "perturb", "restore", "restore_sgd_step", "restore_adam_step", "dot_sq_norms", "axpby")
 
 __all__ = ["BLOCK", "DTYPE_IDS", "INTERPRETED", "OPS", "multi_tensor", *OPS]
