@@ -7,6 +7,7 @@ import torch
 from fastsam import FusedSAM, FriendlySAM, GSAM, LookSAM, MomentumSAM
 from fastsam.schedules import Adaptive, Interval, LatePhase, RandomSwitch
 
+from .conftest import CPU_BACKENDS
 from .test_variants_common import drive, groups, make_params, resume_check, roundtrip, loss_at
 
 BASE = torch.optim.SGD
@@ -78,6 +79,50 @@ def test_adaptive_follows_ae_sam_statistics():
         if t >= 1 and x >= mu - 0.3 * math.sqrt(var):
             expect.append(t)
     assert calls == expect and 0 < len(calls) < 25 and sched.sam_steps == len(calls)
+
+
+def _ae_sam(norms, delta, c, warmup=1):
+    """AE-SAM's decisions from the float64 squared norms, written from the paper's update (reference)."""
+    mu, var, out, margin = norms[0], 0.0, [], math.inf
+    for i, x in enumerate(norms):
+        if i:
+            old = mu
+            mu = delta * old + (1 - delta) * x
+            var = delta * var + delta * (1 - delta) * (x - old) ** 2
+        thr = mu + c * math.sqrt(var)
+        out.append(i + 1 > warmup and x >= thr)
+        if i + 1 > warmup:
+            margin = min(margin, abs(x - thr) / x)
+    return out, margin
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cls", ["FusedSAM", "MomentumSAM"])
+def test_adaptive_decisions_equal_the_reference_on_every_backend(cls, dtype, backend):
+    """The norm now comes from the optimizer's buckets (the backend's fused norm on cpp/triton): the
+    decisions are the reference's, from float64 norms of the same gradients, step for step."""
+    p = make_params(dtype=dtype)
+    sched = Adaptive(delta=0.8, c=0.0)
+    if cls == "FusedSAM":
+        opt = FusedSAM(groups(p, BASE), BASE, rho=0.05, schedule=sched, backend=backend, **KW)
+    else:
+        opt = MomentumSAM(groups(p, BASE), BASE, rho=0.05, schedule=sched, backend=backend, **KW)
+    norms, got = [], []
+    for t in range(30):
+        loss_at(p, t).backward()
+        norms.append(sum(float(x.grad.double().pow(2).sum()) for x in p))
+        if cls == "FusedSAM":
+            calls = []
+            opt.step(lambda t=t: (calls.append(t), loss_at(p, t).backward()))
+            got.append(bool(calls))
+        else:
+            opt.step()                 # decides, after step t, whether step t + 1's gradient is taken at w~
+            got.append(opt.perturbed)
+        opt.zero_grad()
+    expect, margin = _ae_sam(norms, 0.8, 0.0)
+    assert got == expect and 3 < sum(got) < 27 and sched.sam_steps == sum(got)
+    assert margin > 1e-5, "no decision is a near-tie that rounding could flip (the test means what it says)"
 
 
 @pytest.mark.parametrize("make", [lambda: Interval(3, 1.5), lambda: RandomSwitch(0.5, seed=3),
