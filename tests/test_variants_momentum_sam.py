@@ -148,6 +148,16 @@ def test_unperturbed_round_trip_is_bitwise(backend):
     assert not all(torch.equal(a, b) for a, b in zip(at, w))
 
 
+def test_step_inside_unperturbed_is_not_undone_on_exit():
+    p = make_params()
+    opt = make(p, "sgd", "foreach")
+    drive(opt, p, 3)
+    with opt.unperturbed():
+        drive(opt, p, [3])             # a step whose gradient is taken at w; it perturbs again
+        inside = [x.detach().clone() for x in p]
+    assert opt.perturbed and all(torch.equal(a, b) for a, b in zip(inside, p))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", ["sgd-nesterov", "adamw"])

@@ -235,14 +235,15 @@ class MomentumSAM(Optimizer):
 
     @contextlib.contextmanager
     def unperturbed(self) -> Iterator[None]:
-        """Weights at w inside the block, back at w~ (bitwise) after it."""
-        was, applied, scalars = self._perturbed, self._applied, self._dir_scalars
+        """Weights at w inside the block, back at w~ (bitwise) after it.  A ``step()`` taken inside
+        the block (its gradient then taken at w) leaves the weights where that step put them."""
+        was, applied, scalars, n = self._perturbed, self._applied, self._dir_scalars, self.num_steps
         with torch.no_grad():
             self._restore()
         try:
             yield
         finally:
-            if was is not None:
+            if was is not None and self._perturbed is None and self.num_steps == n:
                 with torch.no_grad():
                     self._apply(applied[0], scalars, applied[1])
                 self._perturbed = was
