@@ -47,17 +47,26 @@ def grads_at(params, t):
     return [p.grad for p in ps]
 
 
-def drive(opt, params, steps, start=0, counter=None, poison=None):
-    """``steps`` steps of ``opt.step(closure)``; ``poison``: {t: ("first"|"second", value)}."""
+def drive(opt, params, steps, start=0, counter=None, poison=None, drop=None):
+    """``steps`` steps of ``opt.step(closure)``; ``poison``: {t: ("first"|"second", value)};
+    ``drop``: {t: parameter indices whose gradients are removed (None) in both passes of step t}."""
     poison = poison or {}
+    drop = drop or {}
+
+    def dropped(t):
+        for i in drop.get(t, ()):
+            params[i].grad = None
+
     for t in range(start, start + steps):
         where, val = poison.get(t, (None, None))
         loss_at(params, t, val if where == "first" else None).backward()
+        dropped(t)
 
         def closure(t=t, where=where, val=val):
             if counter is not None:
                 counter.append(t)
             loss_at(params, t, val if where == "second" else None).backward()
+            dropped(t)
 
         opt.step(closure)
         opt.zero_grad()
@@ -106,17 +115,24 @@ class RefBase:
                 yield g, p
 
     def perturb(self, d):
-        """w <- w + rho_group * d / (||d|| + 1e-12); returns the old weights."""
-        norm = math.sqrt(sum(float((x * x).sum()) for x in d))
+        """w <- w + rho_group * d / (||d|| + 1e-12) (entries None: no gradient, not moved); returns
+        the old weights."""
+        norm = math.sqrt(sum(float((x * x).sum()) for x in d if x is not None))
         old = [p.clone() for p in self.params]
         for (g, p), x in zip(self.items(), d):
-            p.add_(x * (g["rho"] / (norm + 1e-12)))
+            if x is not None:
+                p.add_(x * (g["rho"] / (norm + 1e-12)))
         return old
 
     def base_step(self, direction):
         for p, x in zip(self.params, direction):
-            p.grad = x.clone()
+            p.grad = None if x is None else x.clone()
         self.base.step()
+
+
+def grads_without(params, t, drop=()):
+    """grads_at with the gradients of the parameters ``drop`` (indices) removed (None)."""
+    return [None if i in drop else g for i, g in enumerate(grads_at(params, t))]
 
 
 def close(a, b, tol=1e-10):

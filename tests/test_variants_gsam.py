@@ -135,3 +135,26 @@ def test_float32_on_every_backend(cls, backend):
     for t in range(10):
         ref.step(t)
     close(p, ref.params, 1e-4)
+
+
+@pytest.mark.parametrize("device_scalars", [False, True])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls", [GSAM, FriendlySAM])
+def test_device_scalars_match_reference(cls, backend, device_scalars, monkeypatch):
+    """The coefficients by the device formulas (CUDA's path: no host read), run here on CPU tensors
+    (fastsam/variants/_ops.py: HOST_SCALARS), against the same references."""
+    from fastsam.variants import _ops
+    monkeypatch.setattr(_ops, "HOST_SCALARS", not device_scalars)
+    base = torch.optim.AdamW
+    p = make_params()
+    if cls is GSAM:
+        opt = GSAM(groups(p, base), base, rho=0.05, alpha=0.3, backend=backend, **base_kwargs(base))
+        ref = RefGSAM(p, base, 0.3, rho=0.05, **base_kwargs(base))
+    else:
+        opt = FriendlySAM(groups(p, base), base, rho=0.05, sigma=1.0, lmbda=0.6, backend=backend,
+                          **base_kwargs(base))
+        ref = RefFSAM(p, base, 1.0, 0.6, rho=0.05, **base_kwargs(base))
+    drive(opt, p, 10)
+    for t in range(10):
+        ref.step(t)
+    close(p, ref.params)

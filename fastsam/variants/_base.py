@@ -5,7 +5,6 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..backends._common import SKIP
 from ..optim import FusedSAM
 
 
@@ -30,14 +29,6 @@ class VariantSAM(FusedSAM):
             t = torch.zeros_like(like) if zero else torch.empty_like(like)
             st[name] = t
         return t
-
-    def _first_skipped(self) -> bool:
-        """Whether this step's first pass was non-finite (reads the device flag: one host read)."""
-        run = getattr(self, "_run", None)  # FusedSAM keeps its per-run state there (older versions: on self)
-        scalars = getattr(run, "first_scalars", None) if run is not None else getattr(self, "_first_scalars", None)
-        if not scalars:
-            return False
-        return bool(next(iter(scalars.values()))[SKIP])
 
     def state_dict(self) -> Dict[str, Any]:
         d = super().state_dict()

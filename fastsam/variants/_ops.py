@@ -1,44 +1,151 @@
-"""The per-element math of the SAM variants, in the multi-tensor (torch._foreach_*) style.
+"""The variants' math over the buckets of a step, through each bucket's backend.
 
-Each function takes the tensor lists of one bucket (one device, one dtype;
-``fastsam/_buckets.py``) and issues a fixed number of multi-tensor launches,
-whatever the tensor count.  Reductions return 0-d tensors on the bucket's
-device, accumulated in float32 (float64 for float64 input); nothing here
-synchronises with the host.  The variants combine the 0-d results of several
-buckets with ``total``.
+LookSAM, GSAM and FriendlySAM need, beyond SAM's ops, a dot product between the two
+gradients with both norms and a linear combination of two tensor lists.  These are the
+backend ops ``dot_sq_norms`` and ``axpby`` (fastsam/backends/__init__.py), one fused pass
+each in every backend (foreach, triton, cpp, cuda); this module runs them over all
+buckets of a step (``b.backend.<op>(...)``) and forms their coefficients.
+
+Reductions chain their running total from bucket to bucket on one device (the
+``accumulate`` argument) when the buckets share device, backend and accumulation dtype
+(``_buckets._pass_info``), else add per-bucket results on the first bucket's device.
+
+Coefficients (``coefs`` = [a, b, skip]) are formed where the reduction lives:
+
+* on the CPU, on the host in Python floats (reading a CPU tensor costs nothing, and ten
+  scalar torch ops would cost ~40 us a step);
+* elsewhere, with scalar torch ops on the device: nothing is read by the host.
+
+``HOST_SCALARS = False`` forces the device formulas on the CPU too, so that the tests run
+the code path of CUDA devices (tests/test_variants_*.py do).
+
+The foreach helpers at the end (``sq_norm``, ``total``, ``copy_``, ``add_scaled_``) are
+what MomentumSAM uses.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .._buckets import _pass_info
+from ..backends._common import SKIP
+
 Tensors = List[torch.Tensor]
+HOST_SCALARS = True  # form coefficients on the host when the reduction is on the CPU (see the docstring)
 
 
-def _acc(ts: Sequence[torch.Tensor]) -> torch.dtype:
-    return torch.float64 if ts[0].dtype == torch.float64 else torch.float32
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def on_host(t: torch.Tensor) -> bool:
+    """Whether ``t``'s coefficients are formed on the host (a CPU tensor, unless HOST_SCALARS is off)."""
+    return HOST_SCALARS and t.device.type == "cpu"
+
+
+def _info(buckets):
+    return getattr(buckets, "info", None) or _pass_info(buckets)
+
+
+def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """As fastsam._buckets._to: asynchronous except towards the CPU (whose readers are the host)."""
+    return t.to(device=device, dtype=dtype, non_blocking=device.type != "cpu")
+
+
+# ---------------------------------------------------------------- reductions over the buckets
+def dot_sq_norms(buckets, xs: Sequence[Tensors], ys: Sequence[Tensors]) -> torch.Tensor:
+    """(3,) [<x, y>, ||x||^2, ||y||^2] over all buckets (``xs[i]``/``ys[i]`` are bucket i's lists),
+    on the first bucket's device."""
+    acc, main, chain = _info(buckets)
+    if chain:
+        total = None
+        for b, x, y in zip(buckets, xs, ys):
+            total = b.backend.dot_sq_norms(x, y, accumulate=total)
+        return total
+    total = None
+    for b, x, y in zip(buckets, xs, ys):
+        part = _to(b.backend.dot_sq_norms(x, y), main, acc)
+        total = part if total is None else total + part
+    return total
+
+
+def sq_norm_over(buckets, lists: Sequence[Tensors], extra: Sequence = ()) -> torch.Tensor:
+    """0-d sum of squares over bucket i's ``lists[i]`` (and over ``extra``: (backend, list)
+    pairs outside the buckets), on the first bucket's device."""
+    acc, main, chain = _info(buckets)
+    total = None
+    if chain:
+        for b, ts in zip(buckets, lists):
+            total = b.backend.grad_sq_norm(ts, accumulate=total)
+    else:
+        for b, ts in zip(buckets, lists):
+            part = _to(b.backend.grad_sq_norm(ts), main, acc)
+            total = part if total is None else total + part
+    for backend, ts in extra:
+        part = _to(backend.grad_sq_norm(ts), main, acc)
+        total = part if total is None else total + part
+    return total
+
+
+def axpby(buckets, xs: Sequence[Tensors], ys: Sequence[Tensors], coefs: torch.Tensor,
+          out: Optional[Sequence[Tensors]] = None) -> None:
+    """``out[i] <- coefs[0] xs[i] + coefs[1] ys[i]`` per bucket unless ``coefs[2]`` (out: in place)."""
+    per = CoefsOn(coefs)
+    for i, (b, x, y) in enumerate(zip(buckets, xs, ys)):
+        if x:
+            b.backend.axpby(x, y, per(b.device, b.dtype), out=None if out is None else out[i])
+
+
+class CoefsOn:
+    """``coefs`` on each bucket's device in its accumulation dtype (converted once per pair)."""
+
+    def __init__(self, coefs: torch.Tensor):
+        self.coefs = coefs
+        self._by: Dict = {}
+
+    def __call__(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        acc = _acc(dtype)
+        c = self.coefs
+        if c.device == device and c.dtype == acc:
+            return c
+        key = (device, acc)
+        hit = self._by.get(key)
+        if hit is None:
+            hit = self._by[key] = _to(c, device, acc)
+        return hit
+
+
+def coefs(a, b, skip, like: torch.Tensor) -> torch.Tensor:
+    """[a, b, skip] as a 1-D tensor on ``like``'s device and dtype: Python floats (host) or 0-d
+    device tensors (one stack, no host read)."""
+    if all(isinstance(v, (int, float)) for v in (a, b, skip)):
+        return torch.tensor([a, b, skip], dtype=like.dtype, device=like.device)
+    vals = [v.to(like.dtype) if torch.is_tensor(v) else torch.full((), v, dtype=like.dtype, device=like.device)
+            for v in (a, b, skip)]
+    return torch.stack(vals)
+
+
+def skip_of(scalars: Optional[Dict[torch.device, torch.Tensor]], like: torch.Tensor):
+    """A pass's skip flag (``run.first_scalars``) for coefficients made like ``like``: a float on the
+    host path, a 0-d tensor on ``like``'s device otherwise; 0.0 when there are no scalars."""
+    if not scalars:
+        return 0.0
+    s = scalars.get(like.device)
+    if s is None:
+        s = next(iter(scalars.values()))
+    if on_host(like) and s.device.type == "cpu":
+        return float(s[SKIP])
+    return _to(s[SKIP], like.device, like.dtype)
+
+
+# ---------------------------------------------------------------- foreach helpers (MomentumSAM)
 def sq_norm(xs: Tensors) -> torch.Tensor:
-    """sum_i ||x_i||^2 (0-d)."""
+    """sum_i ||x_i||^2 (0-d), foreach."""
     if not xs:
         return torch.zeros(())
     norms = torch._foreach_norm(xs)
-    return torch.stack(norms).to(_acc(xs)).pow(2).sum()
-
-
-def dot(xs: Tensors, ys: Tensors) -> torch.Tensor:
-    """sum_i <x_i, y_i> (0-d) in five multi-tensor launches, no per-tensor loop: the sum of the
-    positive products minus that of the negative ones, each an L1 norm (same-sign sums, so each
-    is as accurate as a norm; the one subtraction is the dot product's own cancellation)."""
-    if not xs:
-        return torch.zeros(())
-    acc = _acc(xs)
-    prods = torch._foreach_mul(xs, ys)
-    pos = torch._foreach_norm(torch._foreach_clamp_min(prods, 0.0), 1, dtype=acc)
-    neg = torch._foreach_norm(torch._foreach_clamp_max(prods, 0.0), 1, dtype=acc)
-    return torch.stack(pos).sum() - torch.stack(neg).sum()
+    return torch.stack(norms).to(_acc(xs[0].dtype)).pow(2).sum()
 
 
 def total(parts: Sequence[torch.Tensor], device: Optional[torch.device] = None) -> torch.Tensor:
@@ -62,30 +169,3 @@ def add_scaled_(xs: Tensors, ys: Tensors, scale: torch.Tensor, alpha: float = 1.
     if xs:
         s = (scale * alpha).to(xs[0].dtype) if scale.device == xs[0].device else (scale * alpha).to(xs[0])
         torch._foreach_add_(xs, torch._foreach_mul(ys, s))
-
-
-def axpy_into(out: Tensors, xs: Tensors, ys: Tensors, scale: torch.Tensor) -> None:
-    """out <- x + scale * y (``scale`` a 0-d tensor)."""
-    if out:
-        s = scale.to(device=xs[0].device, dtype=xs[0].dtype)
-        torch._foreach_copy_(out, xs)
-        torch._foreach_add_(out, torch._foreach_mul(ys, s))
-
-
-def scale_(xs: Tensors, scale: torch.Tensor) -> None:
-    """x <- scale * x (``scale`` a 0-d tensor)."""
-    if xs:
-        torch._foreach_mul_(xs, scale.to(device=xs[0].device, dtype=xs[0].dtype))
-
-
-def ema_(ms: Tensors, xs: Tensors, decay: float) -> None:
-    """m <- decay * m + (1 - decay) * x (FriendlySAM's order: scale, then add)."""
-    if ms:
-        torch._foreach_mul_(ms, decay)
-        torch._foreach_add_(ms, xs, alpha=1.0 - decay)
-
-
-def sub_scaled_(xs: Tensors, ys: Tensors, alpha: float) -> None:
-    """x <- x - alpha * y (a Python float alpha)."""
-    if xs:
-        torch._foreach_add_(xs, ys, alpha=-alpha)

@@ -10,10 +10,17 @@ batch gradients (the "full gradient" component), as in nblt/F-SAM, utils.py
 
 then SAM's second pass and base step (the base optimizer steps with the
 gradient at w + e).  Defaults sigma=1, lmbda=0.95 (train.py's defaults; their
-run.sh uses 0.6 on CIFAR-100).  The EMA updates only on SAM steps (steps a
-schedule skips do not see it) and not on a skipped (non-finite, first or
-second pass) step: the new EMA goes to a second buffer, swapped in once the
-step is taken.  The finiteness of g is read on the host once per SAM step.
+run.sh uses 0.6 on CIFAR-100).  The rule is per parameter, as theirs: a
+parameter without an EMA yet (the first SAM step, or its first gradient) starts
+it with m = g and perturbs with its plain g, while the others of the same step
+use theirs.  The EMA updates only on SAM steps (steps a schedule skips do not
+see it) and not on a skipped (non-finite, first or second pass) step.
+
+Through each bucket's backend (``axpby``): the new EMA goes to a scratch buffer
+and d into the gradient (two passes), and second_step commits m <- m' with one
+axpby masked by the second pass's skip flag (which folds in the first's): no
+host read, except on a step where some parameter gets its first EMA (whether
+it has one is host state; see ``_commit``).
 """
 from __future__ import annotations
 
@@ -39,39 +46,97 @@ class FriendlySAM(VariantSAM):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        self._next_m = None
+        self._pending_m = None
         if self.sam_active:
             buckets = self._buckets()
-            if buckets and bool(torch.isfinite(_ops.total([_ops.sq_norm(b.grads) for b in buckets]))):
-                nxt = []
-                for b in buckets:
-                    if any("fsam_m" not in self.state[k] for k in b.keys):  # first step: m = g, d = g
-                        nxt.extend((k, g.clone()) for k, g in zip(b.keys, b.grads))
-                        continue
-                    ms = [self.state[k]["fsam_m"] for k in b.keys]
-                    new = [self._buf(k, "fsam_m_next", p) for k, p in zip(b.keys, b.params)]
-                    _ops.copy_(new, ms)
-                    _ops.ema_(new, b.grads, self.lmbda)            # m' = lmbda m + (1 - lmbda) g
-                    _ops.sub_scaled_(b.grads, ms, self.sigma)      # d = g - sigma m (in the gradient, as theirs)
-                    nxt.extend(zip(b.keys, new))
-                self._next_m = nxt
-            # non-finite g: FusedSAM skips the perturbation and the step; m stays as it was
+            if buckets:
+                self._pending_m = self._ema(buckets)
         super().first_step(zero_grad)
+
+    def _fsam_plan(self, b) -> tuple:
+        """(indices with an EMA, their m, their m' scratch buffers, indices without one) of a bucket,
+        cached per bucket object (kept alive in the entry) until a parameter gets its first EMA or
+        the state is loaded."""
+        cache = self.__dict__.setdefault("_fsam_plans", {})
+        hit = cache.get(id(b))
+        if hit is None or hit[0] is not b:
+            has = [i for i, k in enumerate(b.keys) if "fsam_m" in self.state[k]]
+            new = [i for i, k in enumerate(b.keys) if "fsam_m" not in self.state[k]]
+            ms = [self.state[b.keys[i]]["fsam_m"] for i in has]
+            nexts = [self._buf(b.keys[i], "fsam_m_next", b.params[i]) for i in has]
+            hit = cache[id(b)] = (b, has, ms, nexts, new)
+        return hit
+
+    def _ema(self, buckets) -> list:
+        """Per parameter, as nblt/F-SAM's first_step: with an EMA m, d = g - sigma m (in the
+        gradient) and m' = lmbda m + (1 - lmbda) g into a scratch buffer (two axpby, g read before
+        it is overwritten); without one, m' = g and d = g.  Nothing is read by the host."""
+        pending = []
+        for b in buckets:
+            _, has, ms, nexts, new = self._fsam_plan(b)
+            if has:
+                g = b.grads if len(has) == len(b.keys) else [b.grads[i] for i in has]
+                like = self._coef_like(b)
+                b.backend.axpby(ms, g, self._const(like, self.lmbda, 1.0 - self.lmbda), out=nexts)
+                b.backend.axpby(g, ms, self._const(like, 1.0, -self.sigma))
+            fresh = [(b.keys[i], b.grads[i].clone()) for i in new]
+            pending.append((b, ms, nexts, fresh))
+        return pending
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        nxt, self._next_m = getattr(self, "_next_m", None), None
+        pending, self._pending_m = getattr(self, "_pending_m", None), None
         super().second_step(zero_grad)
-        if nxt and not self.last_step_skipped:  # the new EMA takes effect only on a step taken
-            for k, m in nxt:
-                st = self.state[k]
-                old = st.get("fsam_m")
-                st["fsam_m"] = m
-                if old is not None and old is not m:
-                    st["fsam_m_next"] = old  # reused as next step's buffer (a swap, no copy)
+        if pending:
+            self._commit(pending)
+
+    def _commit(self, pending: list) -> None:
+        """m <- m' unless the step was skipped (first or second pass): one masked axpby per bucket
+        with the second pass's skip flag, on the device.  Parameters getting their first EMA are
+        the one host read: whether m exists is host state (it picks the code path above), so on
+        such a step (the first SAM step, or a parameter's first gradient) the flag is read once."""
+        flag = self._run.skip_flag
+        fresh_taken = None
+        for b, ms, nexts, fresh in pending:
+            if ms:
+                like = self._coef_like(b)
+                if flag is None:
+                    c = self._const(like, 0.0, 1.0)
+                elif _ops.on_host(like) and flag.device.type == "cpu":
+                    c = self._const(like, 0.0, 1.0, float(flag))
+                else:
+                    c = torch.cat([self._const(like, 0.0, 1.0)[:2], flag.to(like).view(1)])
+                b.backend.axpby(ms, nexts, c)
+            if fresh:
+                if fresh_taken is None:
+                    fresh_taken = flag is None or not bool(flag)  # the host read (see the docstring)
+                if fresh_taken:
+                    for k, m in fresh:
+                        self.state[k]["fsam_m"] = m
+                    self.__dict__.pop("_fsam_plans", None)
+
+    def _coef_like(self, b) -> torch.Tensor:
+        """A 0-d tensor of the bucket's device and accumulation dtype (what its coefficients are made of)."""
+        key = (b.device, b.dtype)
+        likes = self.__dict__.setdefault("_fsam_likes", {})
+        t = likes.get(key)
+        if t is None:
+            t = likes[key] = torch.zeros((), device=b.device,
+                                         dtype=torch.float64 if b.dtype == torch.float64 else torch.float32)
+        return t
+
+    def _const(self, like: torch.Tensor, a: float, b: float, skip: float = 0.0) -> torch.Tensor:
+        """[a, b, skip] on like's device and dtype, made once per value."""
+        consts = self.__dict__.setdefault("_fsam_consts", {})
+        key = (like.device, like.dtype, a, b, skip)
+        c = consts.get(key)
+        if c is None:
+            c = consts[key] = _ops.coefs(a, b, skip, like)
+        return c
 
     def _variant_extra(self) -> Dict[str, Any]:
         return {"sigma": self.sigma, "lmbda": self.lmbda}
 
     def _load_variant_extra(self, d: Dict[str, Any]) -> None:
         self.sigma, self.lmbda = float(d["sigma"]), float(d["lmbda"])
+        self.__dict__.pop("_fsam_plans", None)  # the buffers were replaced

@@ -15,9 +15,14 @@ ASAM's weighted norm).  The rho schedule of their code (gsam/scheduler.py:
 perturbation.  alpha has no default in their code; 0.1 is ours (within the
 paper's range).  Everything else (closure, two-step form, non-finite skip,
 clipping of d, schedules, late phase, state_dict) is FusedSAM's.
+
+Cost beyond SAM: one copy of g (first pass), one fused read of (g_s, g) for the dot
+product and both norms, one axpby pass writing d into g_s (the backends' ``dot_sq_norms``
+and ``axpby``); no host synchronisation (fastsam/variants/_ops.py).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional
 
 import torch
@@ -55,8 +60,9 @@ class GSAM(VariantSAM):
             if self.rho_schedule is not None:
                 for g in self.param_groups:
                     g["rho"] = max(float(self.rho_schedule(float(g["lr"]))), 0.0)
-            for b in self._buckets():
-                _ops.copy_([self._buf(k, "gsam_g", p) for k, p in zip(b.keys, b.params)], b.grads)
+            if self.alpha != 0:  # keep g for the decomposition in second_step (one copy pass)
+                for b in self._buckets():
+                    b.backend.restore([self._buf(k, "gsam_g", p) for k, p in zip(b.keys, b.params)], b.grads)
         super().first_step(zero_grad)
 
     @torch.no_grad()
@@ -66,19 +72,28 @@ class GSAM(VariantSAM):
         super().second_step(zero_grad)
 
     def _decompose(self) -> None:
-        buckets = self._buckets()
+        """g_s <- (1 - alpha c) g_s - alpha g with c = -cos * ||g|| / (||g_s|| + eps): their
+        g_s - alpha (g + c g_s) in one axpby, after one dot_sq_norms of (g_s, g).  The
+        coefficients stay on the device (on the CPU: formed on the host, where reading is free).
+        No skip flag here: a non-finite g or g_s makes d non-finite, and the second pass's norm
+        skips the step (its scalars also carry the first pass's flag)."""
+        buckets = self._buckets(recheck=False)
         if not buckets:
             return
-        eps = self.perturb_eps
+        eps, alpha = self.perturb_eps, self.alpha
         gs = [[self._buf(k, "gsam_g", p, zero=True) for k, p in zip(b.keys, b.params)] for b in buckets]
-        inner = _ops.total([_ops.dot(g, b.grads) for g, b in zip(gs, buckets)])
-        new = _ops.total([_ops.sq_norm(b.grads) for b in buckets]).sqrt()
-        old = _ops.total([_ops.sq_norm(g) for g in gs]).sqrt()
-        cosine = inner / (new * old + eps)
-        coef = -(cosine * old / (new + eps))
-        for g, b in zip(gs, buckets):
-            _ops.add_scaled_(g, b.grads, coef.to(b.device))   # g <- g_v (in place: g is not needed after)
-            _ops.sub_scaled_(b.grads, g, self.alpha)           # g_s <- g_s - alpha g_v
+        grads = [b.grads for b in buckets]
+        r = _ops.dot_sq_norms(buckets, grads, gs)  # [<g_s, g>, ||g_s||^2, ||g||^2]
+        if _ops.on_host(r):
+            inner, new_sq, old_sq = r.tolist()
+            new, old = math.sqrt(new_sq), math.sqrt(old_sq)
+            coef = -((inner / (new * old + eps)) * old / (new + eps))
+            c = _ops.coefs(1.0 - alpha * coef, -alpha, 0.0, r)
+        else:
+            new, old = r[1].sqrt(), r[2].sqrt()
+            coef = -((r[0] / (new * old + eps)) * old / (new + eps))
+            c = _ops.coefs(1.0 - alpha * coef, -alpha, 0.0, r)
+        _ops.axpby(buckets, grads, gs, c)
 
     def _variant_extra(self) -> Dict[str, Any]:
         return {"alpha": self.alpha}

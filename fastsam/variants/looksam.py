@@ -4,7 +4,7 @@ Every k-th step (steps start, start + k, ...) is a full SAM step: g at w, g_s
 at w + e, and the part of g_s orthogonal to g, one global projection over all
 parameters,
 
-    g_v = g_s - (<g, g_s> / (||g||^2 + 1e-12)) g,      stored normalised: g_v / ||g_v||,
+    g_v = g_s - (<g, g_s> / (||g||^2 + 1e-12)) g,      stored with ||g_v||^2 (a device scalar),
 
 and the base optimizer steps with g_s.  The k - 1 steps in between never call
 the closure (one forward/backward) and step with
@@ -23,15 +23,30 @@ there.
 ``schedule=`` (fastsam.schedules) replaces the every-k rule for the full SAM
 steps; ``sam_start_step`` delays everything (plain steps before it, no
 reuse).  Non-finite gradients skip the step (parameters bitwise unchanged)
-and leave the stored g_v as it was.  On a full SAM step the finiteness of the
-second gradient is read on the host once (once per k steps on a GPU).
+and leave the stored g_v as it was.
+
+The math runs through each bucket's backend (``dot_sq_norms``, ``axpby``,
+``grad_sq_norm``: fastsam/variants/_ops.py): a full step adds a copy of g, one
+fused read of (g_s, g), one axpby writing g_v and one norm of g_v; a reuse step
+one norm of g and one axpby into g.  No host synchronisation: the skip flag of
+the g_v update is formed on the device from the first pass's flag and the
+finiteness of the three sums, and g_v is stored unnormalised with its squared
+norm, so nothing decides on the host whether it was written.
+
+Parameters whose gradients come and go: g_v belongs to the last full step.  A
+parameter without a gradient on a full step gets g_v = 0 there (unless that
+step is skipped), so reuse steps never apply a stale g_v to it; one without a
+g_v yet reuses with g_v = 0 (its plain gradient).  ||g_v|| is over the
+parameters of the full step, ||g|| over those with a gradient now.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import math
+from typing import Any, Dict, List, Optional
 
 import torch
 
+from .. import backends
 from . import _ops
 from ._base import VariantSAM
 
@@ -80,9 +95,9 @@ class LookSAM(VariantSAM):
     # ------------------------------------------------------------------ steps
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        if self.sam_active:  # keep g for the projection in second_step
+        if self.sam_active:  # keep g for the projection in second_step (one copy pass)
             for b in self._buckets():
-                _ops.copy_([self._buf(k, "looksam_g", p) for k, p in zip(b.keys, b.params)], b.grads)
+                b.backend.restore([self._buf(k, "looksam_g", p) for k, p in zip(b.keys, b.params)], b.grads)
         super().first_step(zero_grad)
 
     @torch.no_grad()
@@ -98,55 +113,130 @@ class LookSAM(VariantSAM):
         return (self.has_gv and self._sam_active_override is None
                 and self.num_steps >= (self.sam_start_step or 0) and self.alpha != 0)
 
+    def _gv_lists(self, buckets) -> List[List[torch.Tensor]]:
+        """Each bucket's g_v buffers (zero for a parameter that has none yet), cached per bucket
+        object (kept alive in the entry, so ids stay unique)."""
+        cache = self.__dict__.setdefault("_gv_cache", {})
+        out = []
+        for b in buckets:
+            hit = cache.get(id(b))
+            if hit is None or hit[0] is not b:
+                hit = cache[id(b)] = (b, [self._buf(k, "looksam_gv", p, zero=True) for k, p in zip(b.keys, b.params)])
+            out.append(hit[1])
+        return out
+
     def _store_gv(self) -> None:
-        buckets = self._buckets()
+        """g_v <- g_s - (<g, g_s> / (||g||^2 + 1e-12)) g, unnormalised, and ||g_v||^2 kept as a
+        device scalar (``self._gv_sq``): one dot_sq_norms of (g_s, g), one axpby writing g_v,
+        one norm of g_v.  A skipped step (first pass non-finite, or any of the three sums) writes
+        nothing: the skip flag of the axpby is formed on the device (no host read), and a
+        ``where`` on the same flag keeps the old ||g_v||^2, so both stay bitwise as they were.
+
+        The parameters' rule: g_v is this step's; a parameter that has a stored g_v but no
+        gradient on this full step gets g_v = 0 (under the same skip flag), so the steps until
+        the next full one reuse nothing stale for it (its reuse steps use the plain gradient).
+        """
+        buckets = self._buckets(recheck=False)
         if not buckets:
             return
         gs = [[self._buf(k, "looksam_g", p, zero=True) for k, p in zip(b.keys, b.params)] for b in buckets]
-        inner = _ops.total([_ops.dot(g, b.grads) for g, b in zip(gs, buckets)])
-        gsq = _ops.total([_ops.sq_norm(g) for g in gs])
-        ssq = _ops.total([_ops.sq_norm(b.grads) for b in buckets])
-        if self._first_skipped() or not bool(torch.isfinite(inner + gsq + ssq)):
-            return  # the step is skipped; g_v stays as it was
-        coef = -inner / (gsq + 1e-12)
-        gvs = []
-        for g, b in zip(gs, buckets):
-            gv = [self._buf(k, "looksam_gv", p) for k, p in zip(b.keys, b.params)]
-            _ops.axpy_into(gv, b.grads, g, coef)
-            gvs.append(gv)
-        inv = 1.0 / (_ops.total([_ops.sq_norm(gv) for gv in gvs]).sqrt() + self.perturb_eps)
-        for gv in gvs:
-            _ops.scale_(gv, inv)
+        grads = [b.grads for b in buckets]
+        gvs = self._gv_lists(buckets)
+        r = _ops.dot_sq_norms(buckets, grads, gs)  # [<g_s, g>, ||g_s||^2, ||g||^2]
+        first = self._run.first_scalars
+        if _ops.on_host(r):
+            inner, ssq, gsq = r.tolist()
+            skip = 1.0 if _ops.skip_of(first, r) != 0 or not math.isfinite(inner + ssq + gsq) else 0.0
+            c = _ops.coefs(1.0, -inner / (gsq + 1e-12), skip, r)
+        else:
+            bad = (~torch.isfinite(r.sum())).to(r.dtype)
+            first_skip = _ops.skip_of(first, r)
+            skip = bad if isinstance(first_skip, float) and first_skip == 0.0 else torch.maximum(bad, first_skip)
+            c = _ops.coefs(1.0, -r[0] / (r[2] + 1e-12), skip, r)
+        _ops.axpby(buckets, grads, gs, c, out=gvs)
+        stale = self._stale_gv(buckets, c)
+        gv_sq = _ops.sq_norm_over(buckets, gvs, stale)
+        old = self.__dict__.get("_gv_sq")
+        if old is not None:  # skipped: the old value itself (the re-read may add in another order)
+            if isinstance(skip, float):
+                gv_sq = old if skip != 0 else gv_sq
+            else:
+                gv_sq = torch.where(skip != 0, old.to(gv_sq), gv_sq)
+        self._gv_sq = gv_sq
         self.has_gv = True
-        self.__dict__.pop("_gv_lists", None)
+
+    def _stale_gv(self, buckets, c: torch.Tensor) -> list:
+        """(backend, g_v list) of the parameters with a stored g_v and no gradient on this full step,
+        zeroed under the step's skip flag; [] in the usual case (the same bucket list as at the
+        last full step, checked by identity)."""
+        if self.__dict__.get("_full_buckets") is buckets:
+            stale = self.__dict__["_full_stale"]
+            return self._zero_stale(stale, c) if stale else stale  # again: the last full step may have skipped
+        present = {id(k) for b in buckets for k in b.keys}
+        groups: Dict[tuple, List[torch.Tensor]] = {}
+        for p in self._all_params():
+            gv = self.state[p].get("looksam_gv") if p in self.state else None
+            if gv is not None and id(p) not in present:
+                groups.setdefault((gv.device, gv.dtype), []).append(gv)
+        stale = []
+        for (device, dtype), ts in groups.items():
+            be = self._backend_for(device)
+            if not be.supports(dtype):
+                be = backends.get("foreach")
+            stale.append((be, ts))
+        self.__dict__["_full_buckets"], self.__dict__["_full_stale"] = buckets, stale
+        return stale if not stale else self._zero_stale(stale, c)
+
+    def _zero_stale(self, stale: list, c: torch.Tensor) -> list:
+        per = _ops.CoefsOn(c)
+        for be, ts in stale:
+            zero = torch.zeros(3, dtype=per(ts[0].device, ts[0].dtype).dtype, device=ts[0].device)
+            zero[2:] = per(ts[0].device, ts[0].dtype)[2]  # [0, 0, skip]
+            be.axpby(ts, ts, zero)
+        return stale
 
     def _reuse(self) -> None:
+        """g <- g + alpha ||g|| / (||g_v|| + eps) g_v: one norm of g, one axpby (no host read on a
+        device; on the CPU the coefficient is formed on the host)."""
         buckets = self._buckets()
         if not buckets:
             return
-        cache = self.__dict__.setdefault("_gv_lists", {})
-        gvs = []
-        for b in buckets:
-            hit = cache.get(id(b))
-            if hit is None or hit[0] is not b:  # the bucket object is kept alive in the entry: ids stay unique
-                hit = cache[id(b)] = (b, [self._buf(k, "looksam_gv", p, zero=True) for k, p in zip(b.keys, b.params)])
-            gvs.append(hit[1])
-        gnorm = _ops.total([_ops.sq_norm(b.grads) for b in buckets]).sqrt()
-        if gnorm.device.type == "cpu":  # a host scalar is free on the CPU: one launch per bucket
-            a = self.alpha * float(gnorm)
-            for b, gv in zip(buckets, gvs):
-                torch._foreach_add_(b.grads, gv, alpha=a)
+        gvs = self._gv_lists(buckets)
+        grads = [b.grads for b in buckets]
+        gsq = _ops.sq_norm_over(buckets, grads)
+        gv_sq = self._gv_sq_on(gsq.device)
+        eps, alpha = self.perturb_eps, self.alpha
+        if _ops.on_host(gsq) and gv_sq.device.type == "cpu":
+            v = float(gv_sq)
+            scale = alpha * math.sqrt(float(gsq)) / (math.sqrt(v) + eps) if v > 0 else 0.0
+            c = _ops.coefs(1.0, scale, 0.0, gsq.reshape(1))
         else:
-            for b, gv in zip(buckets, gvs):
-                _ops.add_scaled_(b.grads, gv, gnorm.to(b.device), alpha=self.alpha)
+            gv_sq = gv_sq.to(gsq.dtype)
+            scale = torch.where(gv_sq > 0, alpha * gsq.sqrt() / (gv_sq.sqrt() + eps), torch.zeros_like(gsq))
+            c = _ops.coefs(1.0, scale, 0.0, gsq.reshape(1))
+        _ops.axpby(buckets, grads, gvs, c)
         self.reuse_steps += 1
+
+    def _gv_sq_on(self, device: torch.device) -> torch.Tensor:
+        gv_sq = self.__dict__.get("_gv_sq")
+        if gv_sq is None:
+            gv_sq = self._gv_sq = torch.zeros((), device=device)
+        elif gv_sq.device != device:
+            gv_sq = self._gv_sq = gv_sq.to(device)
+        return gv_sq
 
     # ------------------------------------------------------------------ state
     def _variant_extra(self) -> Dict[str, Any]:
+        gv_sq = self.__dict__.get("_gv_sq")
         return {"k": self.k, "alpha": self.alpha, "has_gv": self.has_gv, "full_steps": self.full_steps,
-                "reuse_steps": self.reuse_steps}
+                "reuse_steps": self.reuse_steps, "gv_sq": None if gv_sq is None else gv_sq.clone()}
 
     def _load_variant_extra(self, d: Dict[str, Any]) -> None:
         self.k, self.alpha, self.has_gv = int(d["k"]), float(d["alpha"]), bool(d["has_gv"])
-        self.__dict__.pop("_gv_lists", None)  # the buffers were replaced
+        for name in ("_gv_cache", "_full_buckets", "_full_stale"):  # the buffers were replaced
+            self.__dict__.pop(name, None)
         self.full_steps, self.reuse_steps = int(d["full_steps"]), int(d["reuse_steps"])
+        if "gv_sq" in d:
+            self._gv_sq = None if d["gv_sq"] is None else d["gv_sq"].clone()
+        else:  # a state dict of the earlier LookSAM, which stored g_v normalised: ||g_v|| ~ 1
+            self._gv_sq = torch.ones((), dtype=torch.float64) if self.has_gv else None
