@@ -347,9 +347,9 @@ def _worker_init(threads):
 
 
 def _timed(fn, a, *args):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn(a, *args)
-    out["seconds"] = time.perf_counter() - t0
+    out["seconds"], out["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     return out
 
 
@@ -459,39 +459,13 @@ def _train_cost(a, start, end, sam, record=False):
 _MEASURE_COST = 35.0  # final_measures ~ 35 SGD epochs (Lanczos tol 1e-3 + 30-product Hutch++, 4 batches)
 
 
-# ----------------------------------------------------------------------------- (a)
-def sweep_tasks(a, seed) -> List[Task]:
-    """One SGD trunk per seed, checkpointed at every switch epoch; SAM from each checkpoint to the
-    end (t = 0 from the initial weights); each final model measured."""
-    E = a.epochs
-    inner = sorted(t for t in a.switches if 0 < t < E)
-    k = f"s{seed}"
-    tasks = [Task(f"{k} SGD", train_task, (seed, 0, E, False, None, inner, False, "SGD"), cost=_train_cost(a, 0, E, 0))]
-    for t in sorted(a.switches):
-        if t >= E:
-            continue
-        if t == 0:
-            tasks.append(Task(f"{k} SAM from 0", train_task, (seed, 0, E, True, None, (), False, "SAM from 0"),
-                              cost=_train_cost(a, 0, E, 1)))
-        else:
-            tasks.append(Task(f"{k} SAM from {t}", train_task,
-                              lambda res, t=t: (seed, t, E, True, res[f"{k} SGD"]["ckpts"][t], (), False,
-                                                f"SAM from {t}"),
-                              deps=[f"{k} SGD"], cost=_train_cost(a, t, E, 1)))
-    for t in sorted(a.switches):
-        src = f"{k} SGD" if t >= E else f"{k} SAM from {t}"
-        tasks.append(Task(f"{k} measure t={t}", measure_task, lambda res, src=src, t=t: (seed, res[src]["state"], t),
-                          deps=[src], cost=_MEASURE_COST))
-    return tasks
-
-
+# ----------------------------------------------------------------------------- (a), (b), (d)
 def sweep_seed(a, seed, res):
     k = f"s{seed}"
     runs = {t: res[f"{k} measure t={t}"] for t in sorted(a.switches)}
     return {"seed": seed, "runs": runs}
 
 
-# ----------------------------------------------------------------------------- (b), (d)
 def interp_task(a, seed, sgd, late, full):
     """Separation and escape-rate fits of the two records; the loss along SGD -> late SAM and
     SGD -> full SAM (final weights)."""
@@ -527,41 +501,58 @@ def _flat_state(model, state):
     return flat(m)
 
 
-def phases_tasks(a, seed) -> List[Task]:
-    """(b) SGD to the end and late SAM from its checkpoint at P, both recorded after P; full SAM
-    (for the SGD -> full SAM line and (d)); (d) SAM -> SGD from full SAM's checkpoint at P. The
-    final models of SGD, full SAM and the reverse run are measured."""
+def late_sam_tasks(a, seed, exps) -> List[Task]:
+    """The runs of one seed for the experiments ``exps`` (sweep and/or phases), each run once when
+    both are asked for. sweep (a): one SGD trunk, checkpointed at every switch epoch; SAM from each
+    checkpoint to the end (t = 0 from the initial weights); every final model measured. phases
+    (b): the trunk and SAM from its checkpoint at P recorded after P (recording does not touch the
+    training: the same runs, bitwise, as the sweep's); full SAM, for the SGD -> full SAM line and
+    (d): SAM -> SGD from full SAM's checkpoint at P; SGD, full SAM and the reverse run measured."""
     E, P = a.epochs, a.phase_epoch
+    sweep, phases = "sweep" in exps, "phases" in exps
+    rev = phases and a.reverse
     k = f"s{seed}"
-    tasks = [Task(f"{k} SGD (recorded)", train_task, (seed, 0, E, False, None, (P,), True, "SGD"),
-                  cost=_train_cost(a, 0, E, 0, True)),
-             Task(f"{k} SAM from 0", train_task, (seed, 0, E, True, None, (P,) if a.reverse else (), False,
-                                                  "SAM from 0"), cost=_train_cost(a, 0, E, 1)),
-             Task(f"{k} SAM from {P} (recorded)", train_task,
-                  lambda res: (seed, P, E, True, res[f"{k} SGD (recorded)"]["ckpts"][P], (), True, f"SAM from {P}"),
-                  deps=[f"{k} SGD (recorded)"], cost=_train_cost(a, P, E, 1, True))]
-    if a.reverse:
+    trunk = f"{k} SGD"
+    starts = sorted(t for t in a.switches if t < E) if sweep else [0]
+    if phases and P not in starts:
+        starts.append(P)
+    saves = sorted(set(t for t in starts if t > 0))
+    tasks = [Task(trunk, train_task, (seed, 0, E, False, None, saves, phases, "SGD"),
+                  cost=_train_cost(a, 0, E, False, phases))]
+    for t in sorted(starts):
+        rec = phases and t == P
+        if t == 0:
+            tasks.append(Task(f"{k} SAM from 0", train_task, (seed, 0, E, True, None, (P,) if rev else (), False,
+                                                              "SAM from 0"), cost=_train_cost(a, 0, E, True)))
+        else:
+            tasks.append(Task(f"{k} SAM from {t}", train_task,
+                              lambda res, t=t, rec=rec: (seed, t, E, True, res[trunk]["ckpts"][t], (), rec,
+                                                         f"SAM from {t}"),
+                              deps=[trunk], cost=_train_cost(a, t, E, True, rec)))
+    if rev:
         tasks.append(Task(f"{k} SAM->SGD from {P}", train_task,
                           lambda res: (seed, P, E, False, res[f"{k} SAM from 0"]["ckpts"][P], (), False,
                                        f"SAM->SGD from {P}"),
-                          deps=[f"{k} SAM from 0"], cost=_train_cost(a, P, E, 0)))
-    tasks.append(Task(f"{k} interpolation", interp_task,
-                      lambda res: (seed, res[f"{k} SGD (recorded)"], res[f"{k} SAM from {P} (recorded)"],
-                                   res[f"{k} SAM from 0"]),
-                      deps=[f"{k} SGD (recorded)", f"{k} SAM from {P} (recorded)", f"{k} SAM from 0"],
-                      cost=2 * a.interp_points * 0.15))
-    for name, src, sw in (("SGD", f"{k} SGD (recorded)", E), ("full SAM", f"{k} SAM from 0", 0),
-                          ("reverse", f"{k} SAM->SGD from {P}", P)):
-        if name == "reverse" and not a.reverse:
-            continue
-        tasks.append(Task(f"{k} measure {name}", measure_task, lambda res, src=src, sw=sw: (seed, res[src]["state"], sw),
+                          deps=[f"{k} SAM from 0"], cost=_train_cost(a, P, E, False)))
+    if phases:
+        deps = [trunk, f"{k} SAM from {P}", f"{k} SAM from 0"]
+        tasks.append(Task(f"{k} interpolation", interp_task, lambda res: (seed, *(res[d] for d in deps)), deps=deps,
+                          cost=2 * a.interp_points * 0.15))
+    measured = sorted(a.switches) if sweep else [0, E]
+    for t in measured:
+        src = trunk if t >= E else f"{k} SAM from {t}"
+        tasks.append(Task(f"{k} measure t={t}", measure_task, lambda res, src=src, t=t: (seed, res[src]["state"], t),
                           deps=[src], cost=_MEASURE_COST))
+    if rev:
+        tasks.append(Task(f"{k} measure reverse", measure_task,
+                          lambda res: (seed, res[f"{k} SAM->SGD from {P}"]["state"], P),
+                          deps=[f"{k} SAM->SGD from {P}"], cost=_MEASURE_COST))
     return tasks
 
 
 def phases_seed(a, seed, res):
     k = f"s{seed}"
-    return {"seed": seed, "sgd": res[f"{k} measure SGD"], "full_sam": res[f"{k} measure full SAM"],
+    return {"seed": seed, "sgd": res[f"{k} measure t={a.epochs}"], "full_sam": res[f"{k} measure t=0"],
             "reverse": res.get(f"{k} measure reverse"), "phases": res[f"{k} interpolation"]}
 
 
@@ -617,7 +608,7 @@ def ms(xs):
     return f"{m:.2f} ± {s:.2f}" if abs(m) >= 1 else f"{m:.3g} ± {s:.2g}"
 
 
-def _timing_line(a, tasks_info, wall):
+def _timing_line(a, tasks_info, wall, cpu):
     """Where the time went: CPU seconds inside the tasks by part, and the wall time."""
     parts = {"training": 0.0, "phase records (λmax + loss of the phase subset)": 0.0,
              "final measurements (accuracy, λmax, trace)": 0.0, "interpolation and fits": 0.0,
@@ -631,11 +622,13 @@ def _timing_line(a, tasks_info, wall):
             parts["phase records (λmax + loss of the phase subset)"] += rec
             parts["training"] += sec - rec
         else:
-            parts["training and PGD evaluation" if a.experiment == "adversarial" else "training"] += sec
+            parts["training and PGD evaluation" if "adversarial" in name else "training"] += sec
     busy = sum(parts.values())
     shown = ", ".join(f"{k} {v:.0f} s ({100 * v / busy:.0f}%)" for k, v in parts.items() if v > 0) if busy else "-"
-    return (f"Wall time {wall:.0f} s with --jobs {a.jobs} (worker processes of {a.threads} torch thread(s)); "
-            f"time inside the tasks {busy:.0f} s: {shown}.")
+    return (f"Wall time {wall:.0f} s with --jobs {a.jobs} (worker processes of {a.threads} torch thread(s)), "
+            f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; wall time inside the tasks "
+            f"{busy:.0f} s: {shown}; CPU time of the tasks {cpu:.0f} s (on an otherwise idle machine the wall time "
+            f"would be about that / jobs).")
 
 
 def report_sweep(a, res, info, wall, timing):
@@ -886,7 +879,8 @@ EXPERIMENTS = ("sweep", "phases", "adversarial")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experiment", choices=EXPERIMENTS, default="sweep")
+    p.add_argument("--experiment", nargs="+", choices=EXPERIMENTS, default=["sweep"],
+                   help="one or more; sweep and phases together train and measure their common runs once")
     p.add_argument("--dataset", choices=sorted(DEFAULTS), default="mnist5k")
     p.add_argument("--data-dir", default=None, help="cifar10: the folder with data_batch_1 ... test_batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -927,7 +921,9 @@ def parse_args(argv=None):
         p.error("--dataset cifar10 needs --data-dir")
     if a.interp_points < 2:
         p.error("--interp-points must be >= 2")
-    if a.experiment == "phases" and not 0 < a.phase_epoch < a.epochs:
+    a.experiments = list(dict.fromkeys(a.experiment))
+    a.experiment = a.experiments[0]  # the one being reported (main sets each in turn)
+    if "phases" in a.experiments and not 0 < a.phase_epoch < a.epochs:
         p.error("--phase-epoch must be in 1..epochs-1")
     a.switches = sorted(set(min(max(t, 0), a.epochs) for t in a.switches) | {0, a.epochs})
     a.argv = list(sys.argv[1:] if argv is None else argv)
@@ -936,6 +932,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """Runs the experiments; returns the output dict of the last one (one per experiment written)."""
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -946,39 +943,44 @@ def main(argv=None):
     d, _, _ = setup(a)
     a.n_train, a.n_test = len(d.train_x), len(d.test_x)
     print(_common.machine_line(info), file=sys.stderr)
-    print(describe(a) + f"; {a.jobs} job(s)", file=sys.stderr)
+    print(describe(a) + f"; experiments {a.experiments}, {a.jobs} job(s)", file=sys.stderr)
     E = a.epochs
-    if a.experiment == "sweep":
-        tasks = [t for s in a.seeds for t in sweep_tasks(a, s)]
-    elif a.experiment == "phases":
-        tasks = [t for s in a.seeds for t in phases_tasks(a, s)]
-    else:
+    late = [e for e in a.experiments if e in ("sweep", "phases")]
+    tasks = [t for s in a.seeds for t in late_sam_tasks(a, s, late)] if late else []
+    if "adversarial" in a.experiments:
         cost = E + sum(min(t, E) for t in set(a.at_epochs) if t > 0) * (1 + a.at_steps)
-        tasks = [Task(f"s{s} adversarial", adversarial_task, (s,), cost=cost) for s in a.seeds]
-    done = run_tasks(a, tasks, a.experiment)
-    if a.experiment == "sweep":
-        res = [sweep_seed(a, s, done) for s in a.seeds]
-    elif a.experiment == "phases":
-        res = [phases_seed(a, s, done) for s in a.seeds]
-    else:
-        res = [{k: v for k, v in done[f"s{s} adversarial"].items() if k != "seconds"} for s in a.seeds]
+        tasks += [Task(f"s{s} adversarial", adversarial_task, (s,), cost=cost) for s in a.seeds]
+    done = run_tasks(a, tasks, "+".join(a.experiments))
     wall = time.perf_counter() - t0
     tasks_info = [(t.name, done[t.name]["seconds"], done[t.name].get("parts", {}).get("record_s")
                    if "record" in done[t.name] else None) for t in tasks]
-    timing = _timing_line(a, tasks_info, wall)
-    stem = f"late_phase_{a.dataset}_{a.experiment}{a.tag_s}"
+    timing = _timing_line(a, tasks_info, wall, sum(done[t.name]["cpu_seconds"] for t in tasks))
+    if len(a.experiments) > 1:
+        timing = f"Run together with {' and '.join(a.experiments)} (common runs once): " + timing
     os.makedirs(a.out_dir, exist_ok=True)
-    png = os.path.join(a.out_dir, stem + ".png")
-    report, plot = {"sweep": (report_sweep, plot_sweep), "phases": (report_phases, plot_phases),
-                    "adversarial": (report_adv, plot_adv)}[a.experiment]
-    text = report(a, res, info, wall, timing)
-    plot(a, res, png)
-    print(text)
-    cfg = {k: v for k, v in vars(a).items()}
-    out = {"machine": info, "config": cfg, "experiment": a.experiment, "seeds": res, "wall_s": wall,
-           "tasks": [{"name": n, "seconds": sec, "record_s": rec} for n, sec, rec in tasks_info]}
-    paths = _common.write_results(a.out_dir, stem, out, text) + [png]
-    print("wrote " + ", ".join(paths), file=sys.stderr)
+    out = None
+    for exp in a.experiments:
+        a.experiment = exp
+        if exp == "sweep":
+            res = [sweep_seed(a, s, done) for s in a.seeds]
+        elif exp == "phases":
+            res = [phases_seed(a, s, done) for s in a.seeds]
+        else:
+            res = [{k: v for k, v in done[f"s{s} adversarial"].items() if k not in ("seconds", "cpu_seconds")}
+                   for s in a.seeds]
+        stem = f"late_phase_{a.dataset}_{exp}{a.tag_s}"
+        png = os.path.join(a.out_dir, stem + ".png")
+        report, plot = {"sweep": (report_sweep, plot_sweep), "phases": (report_phases, plot_phases),
+                        "adversarial": (report_adv, plot_adv)}[exp]
+        text = report(a, res, info, wall, timing)
+        plot(a, res, png)
+        print(text)
+        cfg = {k: v for k, v in vars(a).items()}
+        out = {"machine": info, "config": cfg, "experiment": exp, "seeds": res, "wall_s": wall,
+               "tasks": [{"name": n, "seconds": sec, "record_s": rec, "cpu_seconds": done[n]["cpu_seconds"]}
+                         for n, sec, rec in tasks_info]}
+        paths = _common.write_results(a.out_dir, stem, out, text) + [png]
+        print("wrote " + ", ".join(paths), file=sys.stderr)
     return out
 
 

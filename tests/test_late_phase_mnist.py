@@ -37,7 +37,7 @@ def _keep_threads():
 
 
 PHASE = ["--switches", "0", "1", "2", "--phase-epoch", "1", "--interp-points", "3"]
-TIMING = {"seconds", "hessian_s", "record_s"}
+TIMING = {"seconds", "cpu_seconds", "hessian_s", "record_s"}
 
 
 def _numbers(x):
@@ -117,6 +117,22 @@ def test_results_do_not_depend_on_jobs(tiny_runs, tmp_path):
     assert out["config"]["jobs"] == 2
     two = json.loads((tmp_path / "late_phase_digits_phases.json").read_text())
     assert _numbers(two["seeds"]) == _numbers(tiny_runs["digits"]["phases"][1]["seeds"])
+
+
+def test_sweep_and_phases_together(tiny_runs, tmp_path):
+    """Both experiments in one run share their common runs (trained and measured once) and give
+    the numbers of the separate runs."""
+    import late_phase_mnist
+    out = late_phase_mnist.main(["--experiment", "sweep", "phases", "--dataset", "digits", *TINY, *PHASE,
+                                 "--jobs", "1", "--out-dir", str(tmp_path)])
+    names = [t["name"] for t in out["tasks"]]
+    assert len(names) == len(set(names)) and names.count("s0 SGD") == 1 and names.count("s0 measure t=0") == 1
+    separate = sum(len(tiny_runs["digits"][e][1]["tasks"]) for e in ("sweep", "phases"))
+    assert len(names) < separate
+    for exp in ("sweep", "phases"):
+        data = json.loads((tmp_path / f"late_phase_digits_{exp}.json").read_text())
+        assert _numbers(data["seeds"]) == _numbers(tiny_runs["digits"][exp][1]["seeds"])
+        assert "Run together with sweep and phases" in (tmp_path / f"late_phase_digits_{exp}.md").read_text()
 
 
 def test_default_jobs():
