@@ -18,10 +18,12 @@ SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastsam.kernels.triton import perturb, restore, restore_adam_step, restore_sgd_step, sq_norm
+    from fastsam.kernels.triton import (axpby, dot_sq_norms, perturb, restore, restore_adam_step, restore_sgd_step,
+                                        sq_norm)
 
     TABLE = ["*i64", "*i32", "*i32"]
     SUM = ["*fp32", "i32", "*fp32", "*fp32", "*fp32", "*fp32", "fp32", "fp32"]  # no table: the whole signature
+    DOT_SUM = ["*fp32", "i32", "*fp32", "*fp32"]  # likewise
     CASES = [  # kernel, runtime argument types after the table, constexprs
         (sq_norm._sq_norm_partials_kernel, ["*fp32"],
          dict(WEIGHTED=True, N_COLS=3, DTYPE=1, ALIGNED=True, BLOCK=2048)),
@@ -49,15 +51,21 @@ SCRIPT = textwrap.dedent("""
         (restore_adam_step._restore_adam_step_kernel, ["*i32", "*fp32", "*fp32"] + ["fp32"] * 10,
          dict(LR_PTR=False, HAS_GRAD_SCALE=False, MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=False, DTYPE=0,
               STEP_DTYPE=0, ALIGNED=True, BLOCK=2048)),
+        (dot_sq_norms._dot_sq_norms_partials_kernel, ["*fp32", "i32"], dict(DTYPE=1, ALIGNED=True, BLOCK=2048)),
+        (dot_sq_norms._dot_sq_norms_partials_kernel, ["*fp32", "i32"], dict(DTYPE=0, ALIGNED=False, BLOCK=2048)),
+        (dot_sq_norms._dot_sq_norms_sum_kernel, DOT_SUM, dict(N_ITERS=13, HAS_ACC=True, BLOCK=1024)),
+        (axpby._axpby_kernel, ["*fp32"], dict(DTYPE=0, ALIGNED=True, BLOCK=2048)),
+        (axpby._axpby_kernel, ["*fp32"], dict(DTYPE=2, ALIGNED=True, BLOCK=2048)),
     ]
+    NO_VECTOR_STORE = ("_sq_norm_partials_kernel", "_dot_sq_norms_partials_kernel")  # one float per program
     for fn, types, consts in CASES:
-        types = iter(types if types is SUM else TABLE + types)
+        types = iter(types if types is SUM or types is DOT_SUM else TABLE + types)
         sig = {name: "constexpr" if name in consts else next(types) for name in fn.arg_names}
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
         ptx = compiled.asm["ptx"]
         assert "cubin" in compiled.asm, fn.__name__
-        if consts.get("ALIGNED") and fn.__name__ != "_sq_norm_partials_kernel":
+        if consts.get("ALIGNED") and fn.__name__ not in NO_VECTOR_STORE:
             assert "st.global.v4" in ptx, fn.__name__
         if consts.get("ALIGNED"):
             assert "ld.global.v4" in ptx, fn.__name__
@@ -77,4 +85,4 @@ def test_kernels_compile_for_sm90():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stdout.count("compiled") == 12
+    assert out.stdout.count("compiled") == 17

@@ -149,3 +149,95 @@ def test_the_counter_sees_torch_ops(launches):
     launches.clear()
     torch.ones(3, device=DEVICE).sqrt()
     assert launches == ["aten.ones", "aten.sqrt"] or launches == ["aten.sqrt"] or "aten.sqrt" in launches
+
+
+# ------------------------------------------------------------------ the variants' ops and steps
+def test_variant_ops_launch_a_fixed_number_of_kernels(launches):
+    """dot_sq_norms: 2 launches (partials, sums), axpby: 1, for 3 tensors and for 300."""
+    for n in (3, 300):
+        xs, ys = _params(n), _params(n)
+        with torch.utils._python_dispatch._disable_current_modes():
+            xs, ys = [x.detach() for x in xs], [y.detach() for y in ys]
+            coefs = torch.tensor([1.0, -0.5, 0.0], device=DEVICE)
+        for _ in range(2):  # the second call: tables cached
+            launches.clear()
+            r = tb.dot_sq_norms(xs, ys)
+            tb.dot_sq_norms(xs, ys, accumulate=r)
+            tb.axpby(xs, ys, coefs)
+            tb.axpby(xs, ys, coefs, out=ys)
+        assert launches == ["_dot_sq_norms_partials_kernel", "_dot_sq_norms_sum_kernel"] * 2 + ["_axpby_kernel"] * 2, \
+            launches
+
+
+def _variant(name, params):
+    from fastsam import FriendlySAM, GSAM, LookSAM
+    kw = dict(lr=0.05, momentum=0.9)
+    if name == "gsam":
+        return GSAM(params, torch.optim.SGD, alpha=0.3, backend="triton", **kw)
+    if name == "friendly":
+        return FriendlySAM(params, torch.optim.SGD, backend="triton", **kw)
+    return LookSAM(params, torch.optim.SGD, k=2, backend="triton", **kw)
+
+
+def _variant_step_launches(opt, params, launches, steps):
+    """Launches and torch ops of each of ``steps`` step(closure) calls after two warm-up steps (the
+    closure sets the second gradients; nothing outside the optimizer is counted)."""
+    with torch.utils._python_dispatch._disable_current_modes():
+        values = [[torch.randn_like(p) for p in params] for _ in range(2)]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+
+    def set_grads(i):
+        mode = torch.utils._python_dispatch._disable_current_modes()
+        with mode:
+            for p, v in zip(params, values[i]):
+                p.grad.copy_(v)
+
+    counts = []
+    for s in range(2 + steps):
+        set_grads(0)
+        launches.clear()
+        opt.first_step() if opt.sam_active else None
+        n_first = list(launches)
+        launches.clear()
+
+        # the second pass's gradients set outside the count
+        if opt._pending is not None:
+            set_grads(1)
+        launches.clear()
+        opt.second_step()
+        if s >= 2:
+            counts.append(len(n_first) + len(launches))
+    return counts
+
+
+@pytest.mark.parametrize("name", ["gsam", "friendly", "looksam"])
+def test_variant_step_launch_count_is_independent_of_the_tensor_count(name, launches):
+    """A variant's step (triton kernels plus every scalar torch op that forms its coefficients on the
+    device) takes the same number of launches for 3 tensors as for 300.  Under the interpreter the
+    coefficients of CPU tensors are formed on the host (fastsam/variants/_ops.py): HOST_SCALARS off
+    counts the device formulas that run on a GPU."""
+    from fastsam.variants import _ops
+    old = _ops.HOST_SCALARS
+    _ops.HOST_SCALARS = False
+    try:
+        counts = {}
+        for n in (3, 40):  # the interpreter: ~5 ms per program and launch, so 40 tensors, not 300
+            params = _params(n)
+            opt = _variant(name, params)
+            counts[n] = _variant_step_launches(opt, params, launches, 2)
+    finally:
+        _ops.HOST_SCALARS = old
+    assert counts[3] == counts[40], counts
+    assert max(counts[3]) <= VARIANT_BUDGET[name], counts
+
+
+# Launches per step of one bucket, the device formulas' scalar torch ops included (measured on a
+# 3- and a 40-tensor bucket, equal): FusedSAM's 6 plus
+#   GSAM: copy of g, dot_sq_norms (2), axpby, 14 scalar ops forming the coefficients: 24;
+#   FriendlySAM: two axpby, the commit's axpby and one cat (the skip flag into its coefficients): 10;
+#   LookSAM (k=2): full step copy of g, dot_sq_norms (2), axpby, norm of g_v (2), ~10 scalar ops
+#   (the skip flag, the projection coefficient, the where keeping ||g_v||^2): 24 or so; a reuse
+#   step 4 + norm of g (2), axpby and ~6 scalar ops.
+# The scalar ops are the next thing to fuse (an epilogue of dot_sq_norms' sum kernel, as sq_norm has).
+VARIANT_BUDGET = {"gsam": 24, "friendly": 10, "looksam": 25}
