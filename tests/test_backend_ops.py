@@ -571,3 +571,14 @@ def test_variant_ops_do_not_synchronise(be, seed):
         be.axpby(xs, ys, coefs, out=ys)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_foreach_dot_sq_norms_multi_tensor_form(seed, dtype):
+    """The foreach backend's form for non-CPU devices (no flat copies), run here on CPU tensors."""
+    from fastsam.backends import foreach
+    shapes = _shapes()
+    xs, ys = _like(shapes, dtype), _like(shapes, dtype, 3.0)
+    for x, y in ((xs, ys), (xs, xs)):
+        got = foreach._dot_sq_norms_multi(x, y, _acc(dtype))
+        _assert_dot(got, x, y, dtype, foreach=True)

@@ -211,26 +211,39 @@ def _adam_update(params, exp_avgs, exp_avg_sqs, grads, steps, lr, beta1, beta2, 
 
 # ---------------------------------------------------------------- the variants' ops
 def dot_sq_norms(xs: Tensors, ys: Tensors, *, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[<x, y>, ||x||^2, ||y||^2] in a fixed number of multi-tensor launches (no per-tensor loop,
-    except the cast of 16-bit lists to float32): the dot product is the L1 norm of the positive
-    products minus that of the negative ones (same-sign sums, each as accurate as a norm; the one
-    subtraction is the dot product's own cancellation)."""
+    """[<x, y>, ||x||^2, ||y||^2].  CPU: both lists flattened into one buffer each (one cat) and
+    three dot products: a CPU foreach norm loops over the tensors (~2.5 us each), which made the
+    multi-tensor form ~4x slower there.  Elsewhere a fixed number of multi-tensor launches without
+    the two flat copies (the memory of a large model): ``_dot_sq_norms_multi``."""
     check_bucket(xs, ys)
     if not xs:
         return torch.zeros(3, dtype=torch.float32) if accumulate is None else accumulate.clone()
     acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-    if xs[0].dtype != acc:  # products of 16-bit values round (and underflow) in 16 bits: cast first
-        xs, ys = [x.to(acc) for x in xs], [y.to(acc) for y in ys]
-    n = len(xs)
-    prods = torch._foreach_mul(xs, ys)
-    neg = torch._foreach_clamp_max(prods, 0.0)
-    torch._foreach_sub_(prods, neg)  # the positive parts (exact: p - min(p, 0))
-    l1 = torch.stack(torch._foreach_norm(prods + neg, 1, dtype=acc)).view(2, n).sum(1)
-    l2 = torch.stack(torch._foreach_norm(list(xs) + list(ys), 2, dtype=acc)).view(2, n).square().sum(1)
-    out = torch.cat([(l1[0] - l1[1]).view(1), l2])
+    out = (_dot_sq_norms_flat if xs[0].device.type == "cpu" else _dot_sq_norms_multi)(xs, ys, acc)
     if accumulate is not None:
         out = out + accumulate
     return out
+
+
+def _dot_sq_norms_flat(xs: Tensors, ys: Tensors, acc: torch.dtype) -> torch.Tensor:
+    xf = torch.cat([x.reshape(-1) for x in xs]).to(acc)
+    yf = torch.cat([y.reshape(-1) for y in ys]).to(acc)
+    return torch.stack([torch.dot(xf, yf), torch.dot(xf, xf), torch.dot(yf, yf)])
+
+
+def _dot_sq_norms_multi(xs: Tensors, ys: Tensors, acc: torch.dtype) -> torch.Tensor:
+    """One norm call: the products x*y split into their positive and negative parts, x*x and y*y,
+    all summed as L1 norms (same-sign sums, each as accurate as a norm; the one subtraction is the
+    dot product's own cancellation).  16-bit lists are cast to float32 first (one op per tensor)."""
+    if xs[0].dtype != acc:  # products of 16-bit values round (and underflow) in 16 bits
+        xs, ys = [x.to(acc) for x in xs], [y.to(acc) for y in ys]
+    n = len(xs)
+    pos = torch._foreach_mul(xs, ys)
+    neg = torch._foreach_clamp_max(pos, 0.0)
+    torch._foreach_sub_(pos, neg)  # the positive parts (exact: p - min(p, 0))
+    sums = torch.stack(torch._foreach_norm(pos + neg + torch._foreach_mul(xs, xs) + torch._foreach_mul(ys, ys), 1,
+                                           dtype=acc)).view(4, n).sum(1)
+    return torch.cat([(sums[0] - sums[1]).view(1), sums[2:]])
 
 
 def axpby(xs: Tensors, ys: Tensors, coefs: torch.Tensor, *, out: Optional[Tensors] = None) -> None:

@@ -60,10 +60,12 @@ class GSAM(VariantSAM):
             if self.rho_schedule is not None:
                 for g in self.param_groups:
                     g["rho"] = max(float(self.rho_schedule(float(g["lr"]))), 0.0)
-            if self.alpha != 0:  # keep g for the decomposition in second_step (one copy pass)
-                for b in self._buckets():
-                    b.backend.restore([self._buf(k, "gsam_g", p) for k, p in zip(b.keys, b.params)], b.grads)
-        super().first_step(zero_grad)
+        super().first_step(False)
+        if self._pending and self.alpha != 0:  # keep g for the decomposition (one copy pass; the
+            for b in self._pending:            # perturbation moved w, not the gradients)
+                b.backend.restore(self._bufs(b, "gsam_g"), b.grads)
+        if zero_grad:
+            self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -81,7 +83,7 @@ class GSAM(VariantSAM):
         if not buckets:
             return
         eps, alpha = self.perturb_eps, self.alpha
-        gs = [[self._buf(k, "gsam_g", p, zero=True) for k, p in zip(b.keys, b.params)] for b in buckets]
+        gs = [self._bufs(b, "gsam_g", zero=True) for b in buckets]
         grads = [b.grads for b in buckets]
         r = _ops.dot_sq_norms(buckets, grads, gs)  # [<g_s, g>, ||g_s||^2, ||g||^2]
         if _ops.on_host(r):

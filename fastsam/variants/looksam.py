@@ -95,10 +95,12 @@ class LookSAM(VariantSAM):
     # ------------------------------------------------------------------ steps
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        if self.sam_active:  # keep g for the projection in second_step (one copy pass)
-            for b in self._buckets():
-                b.backend.restore([self._buf(k, "looksam_g", p) for k, p in zip(b.keys, b.params)], b.grads)
-        super().first_step(zero_grad)
+        super().first_step(False)
+        if self._pending:  # a full step: keep g for the projection (one copy pass; the perturbation
+            for b in self._pending:  # moved w, not the gradients)
+                b.backend.restore(self._bufs(b, "looksam_g"), b.grads)
+        if zero_grad:
+            self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -114,16 +116,8 @@ class LookSAM(VariantSAM):
                 and self.num_steps >= (self.sam_start_step or 0) and self.alpha != 0)
 
     def _gv_lists(self, buckets) -> List[List[torch.Tensor]]:
-        """Each bucket's g_v buffers (zero for a parameter that has none yet), cached per bucket
-        object (kept alive in the entry, so ids stay unique)."""
-        cache = self.__dict__.setdefault("_gv_cache", {})
-        out = []
-        for b in buckets:
-            hit = cache.get(id(b))
-            if hit is None or hit[0] is not b:
-                hit = cache[id(b)] = (b, [self._buf(k, "looksam_gv", p, zero=True) for k, p in zip(b.keys, b.params)])
-            out.append(hit[1])
-        return out
+        """Each bucket's g_v buffers (zero for a parameter that has none yet)."""
+        return [self._bufs(b, "looksam_gv", zero=True) for b in buckets]
 
     def _store_gv(self) -> None:
         """g_v <- g_s - (<g, g_s> / (||g||^2 + 1e-12)) g, unnormalised, and ||g_v||^2 kept as a
@@ -139,7 +133,7 @@ class LookSAM(VariantSAM):
         buckets = self._buckets(recheck=False)
         if not buckets:
             return
-        gs = [[self._buf(k, "looksam_g", p, zero=True) for k, p in zip(b.keys, b.params)] for b in buckets]
+        gs = [self._bufs(b, "looksam_g", zero=True) for b in buckets]
         grads = [b.grads for b in buckets]
         gvs = self._gv_lists(buckets)
         r = _ops.dot_sq_norms(buckets, grads, gs)  # [<g_s, g>, ||g_s||^2, ||g||^2]
@@ -233,7 +227,7 @@ class LookSAM(VariantSAM):
 
     def _load_variant_extra(self, d: Dict[str, Any]) -> None:
         self.k, self.alpha, self.has_gv = int(d["k"]), float(d["alpha"]), bool(d["has_gv"])
-        for name in ("_gv_cache", "_full_buckets", "_full_stale"):  # the buffers were replaced
+        for name in ("_full_buckets", "_full_stale"):  # the buffers were replaced
             self.__dict__.pop(name, None)
         self.full_steps, self.reuse_steps = int(d["full_steps"]), int(d["reuse_steps"])
         if "gv_sq" in d:
