@@ -1,6 +1,7 @@
 """The triton backend: multi-tensor Triton kernels (fastsam/kernels/triton/), the GPU default.
 
-Each op is one launch over all tensors of the bucket (the norm: two), so a
+Each op is one launch over all tensors of the bucket (the norm and the variants'
+dot_sq_norms: two), so a
 SAM step over SGD or Adam takes 6 launches per (device, dtype) bucket
 whatever the number of tensors (7 in the rare SGD step where some momentum
 buffers exist and others are new: FusedSAM makes two restore_sgd_step calls);
