@@ -27,8 +27,17 @@ else
   DEV=cuda
 fi
 status=0
+# The whole script stays under the device tool's 600 s per command: each step's cap is cut to what
+# is left of BUDGET_S (a step with under 15 s left is not started and counts as failed).
+BUDGET_S=${GPU_CHECK_BUDGET_S:-$([ "$DRY" = 1 ] && echo 1200 || echo 560)}
 step() {  # step NAME TIMEOUT CMD...: run, append to the log, show its tail, remember failures
   local name=$1 limit=$2; shift 2
+  local left=$((BUDGET_S - SECONDS))
+  if [ "$left" -lt 15 ]; then
+    echo "=== $name not started: ${left}s of the ${BUDGET_S}s budget left" | tee -a "$LOG"
+    echo "=== $name rc=budget" | tee -a "$LOG"; status=1; return
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   echo "=== $name ($(date +%T), cap ${limit}s)" | tee -a "$LOG"
   timeout "$limit" "$@" > "$OUT/.step.log" 2>&1
   local rc=$?
@@ -67,9 +76,11 @@ if [ "$DRY" = 1 ]; then
   step tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_triton_launches.py \
     tests/test_restore_contract.py tests/test_capturable.py -k "not 300"
 else
-  step tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_backend_ops.py -k "cuda" \
-    tests/test_restore_contract.py tests/test_capturable.py tests/test_triton_launches.py \
-    tests/test_triton_internals.py tests/test_triton_gpu.py tests/test_csrc_cuda.py tests/test_variants_gpu.py
+  # the contract suite filtered to its CUDA cases (the -k applies to every file of one pytest call)
+  step tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_backend_ops.py -k "cuda"
+  step tests_gpu 180 python -m pytest -q -p no:cacheprovider tests/test_restore_contract.py \
+    tests/test_capturable.py tests/test_triton_launches.py tests/test_triton_internals.py tests/test_triton_gpu.py \
+    tests/test_csrc_cuda.py tests/test_variants_gpu.py
 fi
 
 # 3. host cost of a SAM step vs torch's fused SGD step (161 and 1,000 tensors)
