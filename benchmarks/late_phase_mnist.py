@@ -1,14 +1,17 @@
 """Late-phase SAM and late-phase adversarial training on real images (issue 13).
 
-    python benchmarks/late_phase_mnist.py --experiment sweep         # (a): MNIST-5k, 3 seeds, 2 jobs, ~10 min
-    python benchmarks/late_phase_mnist.py --experiment phases        # (b) + (d): MNIST-5k, 3 seeds, 2 jobs, ~9 min
-    python benchmarks/late_phase_mnist.py --experiment adversarial   # (c): MNIST-5k, 3 seeds, 2 jobs, ~10 min
+    # MNIST-5k, 3 seeds, 2 worker processes; each ~1,200 s of CPU time (~10 min on an idle 2-core
+    # machine, ~20 min with other jobs on it: benchmarks/NOTES.md, issue 13)
+    python benchmarks/late_phase_mnist.py --experiment sweep         # (a)
+    python benchmarks/late_phase_mnist.py --experiment phases        # (b) + (d)
+    python benchmarks/late_phase_mnist.py --experiment adversarial   # (c)
     python benchmarks/late_phase_mnist.py --experiment sweep --dataset digits
     python benchmarks/late_phase_mnist.py --experiment sweep --label-noise 0      # clean labels
-    python benchmarks/late_phase_mnist.py --experiment sweep --switches 0 5 10 15 18 20   # + t = 5 (~12 min)
+    python benchmarks/late_phase_mnist.py --experiment sweep --switches 0 5 10 15 18 20   # + t = 5 (+15 SAM epochs)
     # CIFAR-10 on a GPU (the paper's second script; data = a folder with the python batches; 1 job):
     python benchmarks/late_phase_mnist.py --experiment sweep --dataset cifar10 --data-dir DIR --device cuda
     python benchmarks/late_phase_mnist.py --experiment phases --dataset cifar10 --data-dir DIR --device cuda
+    python benchmarks/late_phase_mnist.py --experiment sweep phases ...   # both, common runs once
     python benchmarks/late_phase_mnist.py --experiment adversarial --dataset cifar10 --data-dir DIR --device cuda
 
 Experiments (every run of a seed shares its initial weights and data order):
