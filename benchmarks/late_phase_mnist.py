@@ -52,6 +52,7 @@ import math
 import os
 import statistics
 import sys
+import textwrap
 import time
 from typing import Dict, List, Optional
 
@@ -630,8 +631,8 @@ def _timing_line(a, tasks_info, wall, cpu):
     shown = ", ".join(f"{k} {v:.0f} s ({100 * v / busy:.0f}%)" for k, v in parts.items() if v > 0) if busy else "-"
     return (f"Wall time {wall:.0f} s with --jobs {a.jobs} (worker processes of {a.threads} torch thread(s)), "
             f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; wall time inside the tasks "
-            f"{busy:.0f} s: {shown}; CPU time of the tasks {cpu:.0f} s (on an otherwise idle machine the wall time "
-            f"would be about that / jobs).")
+            f"{busy:.0f} s: {shown}; CPU time of the tasks {cpu:.0f} s (an otherwise idle machine needs at "
+            f"least that / jobs, more where the last tasks leave workers idle).")
 
 
 def report_sweep(a, res, info, wall, timing):
@@ -788,7 +789,7 @@ def plot_sweep(a, res, path):
         ax[j].set_xlabel(f"switch epoch t (SAM from t to {E}; 0 = full SAM, {E} = SGD)")
         ax[j].set_ylabel(lab)
         ax[j].axvline(a.milestone, color="gray", ls=":", lw=1)
-    fig.suptitle(describe(a), fontsize=8)
+    fig.suptitle(textwrap.fill(describe(a), 230), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -840,8 +841,8 @@ def plot_phases(a, res, path):
         axs[2].set_yscale("log")
         axs[2].legend(fontsize=8)
     # (d): the final models, SGD / full SAM / reverse
-    keys = [(k, lab) for k, lab in (("sgd", "SGD"), ("full_sam", "full SAM"), ("reverse", f"SAM → SGD at {a.phase_epoch}"))
-            if all(r.get(k) for r in res)]
+    keys = [(k, lab) for k, lab in (("sgd", "SGD"), ("full_sam", "full SAM"),
+                                    ("reverse", f"SAM → SGD at {a.phase_epoch}")) if all(r.get(k) for r in res)]
     for j, (k, lab) in enumerate(keys):
         lam = [r[k]["lambda_max"] for r in res]
         acc = statistics.mean(r[k]["test_acc"] for r in res)
@@ -850,7 +851,7 @@ def plot_phases(a, res, path):
         axs[3].text(j, np.mean(lam), f"{acc:.2f}%", ha="center", va="bottom", fontsize=8)
     axs[3].set_xticks(range(len(keys)), [lab for _, lab in keys], fontsize=8)
     axs[3].set_ylabel("final λmax (bar), test accuracy (label)")
-    fig.suptitle(describe(a), fontsize=8)
+    fig.suptitle(textwrap.fill(describe(a), 230), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
