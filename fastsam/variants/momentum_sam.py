@@ -240,9 +240,13 @@ class MomentumSAM(Optimizer):
         was, applied, scalars, n = self._perturbed, self._applied, self._dir_scalars, self.num_steps
         with torch.no_grad():
             self._restore()
+        # state_dict() inside the block saves the suspended perturbation (a checkpoint written
+        # here resumes at w~, as one written outside the block)
+        self._suspended = (was, applied, scalars, n) if was is not None else None
         try:
             yield
         finally:
+            self._suspended = None
             if was is not None and self._perturbed is None and self.num_steps == n:
                 with torch.no_grad():
                     self._apply(applied[0], scalars, applied[1])
@@ -265,20 +269,25 @@ class MomentumSAM(Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def state_dict(self) -> Dict[str, Any]:
-        """The base optimizer's state, the settings, and w (the unperturbed weights) while perturbed."""
+        """The base optimizer's state, the settings, and w (the unperturbed weights) while perturbed
+        (also inside ``unperturbed()``, where the perturbation is only suspended)."""
         params = self._flat()
+        perturbed, applied, dir_scalars = self._perturbed, self._applied, self._dir_scalars
+        sus = self.__dict__.get("_suspended")
+        if perturbed is None and sus is not None and sus[3] == self.num_steps:  # inside unperturbed()
+            perturbed, applied, dir_scalars = sus[0], sus[1], sus[2]
         w: Dict[int, torch.Tensor] = {}
-        for b in self._perturbed or ():
+        for b in perturbed or ():
             w.update(zip(map(id, b.keys), b.copies))
-        sc = None if self._dir_scalars is None else next(iter(self._dir_scalars.values()))
+        sc = None if dir_scalars is None else next(iter(dir_scalars.values()))
         return {
             "base": self.base_optimizer.state_dict(),
             "msam": {
                 "num_steps": self.num_steps,
-                "perturbed": self.perturbed,
+                "perturbed": perturbed is not None,
                 "inv_norm": None if sc is None else sc[FACTOR].clone(),
                 "scalars": None if sc is None else sc.clone(),  # skip flag and 1/(||v||+eps)
-                "rho": None if self._applied is None else list(self._applied[1]),
+                "rho": None if applied is None else list(applied[1]),
                 "w": [w.get(id(p)) for p in params],
                 "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
                 "sam_start_step": self.sam_start_step,
