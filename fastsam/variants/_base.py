@@ -30,15 +30,41 @@ class VariantSAM(FusedSAM):
             st[name] = t
         return t
 
-    def _bufs(self, b, name: str, zero: bool = False) -> List[torch.Tensor]:
-        """Bucket ``b``'s buffers ``name`` (``_buf`` per parameter), cached per bucket object (kept
-        alive in the entry, so ids stay unique; a new gradient pattern is a new bucket object) and
-        dropped by ``load_state_dict``: 11 ``_buf`` lookups were ~20 us a step."""
-        cache = self.__dict__.setdefault("_bufs_cache", {})
-        hit = cache.get((id(b), name))
-        if hit is None or hit[0] is not b:
-            hit = cache[(id(b), name)] = (b, [self._buf(k, name, p, zero) for k, p in zip(b.keys, b.params)])
+    def _bucket_cache(self, b, kind: str) -> dict:
+        """A dict stored on the bucket object ``b`` itself (so it dies with the bucket when the
+        gradient pattern changes and ``Plan`` builds new ones: nothing here keeps old buckets, or
+        their gradients, alive), valid until ``_drop_bucket_caches(kind)`` (a token per kind)."""
+        tokens = self.__dict__.setdefault("_bucket_tokens", {})
+        tok = tokens.get(kind)
+        if tok is None:
+            tok = tokens[kind] = object()
+        slots = b.__dict__.setdefault("_variant_caches", {})
+        hit = slots.get(kind)
+        if hit is None or hit[0] is not tok:
+            hit = slots[kind] = (tok, {})
         return hit[1]
+
+    def _drop_bucket_caches(self, kind: str) -> None:
+        self.__dict__.get("_bucket_tokens", {}).pop(kind, None)
+
+    def _bufs(self, b, name: str, zero: bool = False) -> List[torch.Tensor]:
+        """Bucket ``b``'s buffers ``name`` (``_buf`` per parameter), cached on the bucket object
+        (``_bucket_cache``) and dropped by ``load_state_dict``: 11 ``_buf`` lookups were ~20 us a step."""
+        cache = self._bucket_cache(b, "bufs")
+        hit = cache.get(name)
+        if hit is None:
+            hit = cache[name] = [self._buf(k, name, p, zero) for k, p in zip(b.keys, b.params)]
+        return hit
+
+    # Caches that hold buckets (whose .backend is a module) or are keyed by their identity:
+    # dropped when pickled or deep-copied, rebuilt lazily.
+    _unpickled: tuple = ("_bucket_tokens", "_pending_m", "_full_buckets", "_full_stale")
+
+    def __getstate__(self) -> Dict[str, Any]:
+        st = super().__getstate__()
+        for name in self._unpickled:
+            st.pop(name, None)
+        return st
 
     def state_dict(self) -> Dict[str, Any]:
         d = super().state_dict()
@@ -53,7 +79,7 @@ class VariantSAM(FusedSAM):
         if v is not None and v.get("class") != type(self).__name__:
             raise ValueError(f"state_dict is a {v.get('class')} state dict, this optimizer is {type(self).__name__}")
         super().load_state_dict(state_dict)
-        self.__dict__.pop("_bufs_cache", None)  # the buffers are replaced below
+        self._drop_bucket_caches("bufs")  # the buffers are replaced below
         if v is None:
             return
         params = self._all_params()

@@ -55,16 +55,16 @@ class FriendlySAM(VariantSAM):
 
     def _fsam_plan(self, b) -> tuple:
         """(indices with an EMA, their m, their m' scratch buffers, indices without one) of a bucket,
-        cached per bucket object (kept alive in the entry) until a parameter gets its first EMA or
+        cached on the bucket object (``_bucket_cache``) until a parameter gets its first EMA or
         the state is loaded."""
-        cache = self.__dict__.setdefault("_fsam_plans", {})
-        hit = cache.get(id(b))
-        if hit is None or hit[0] is not b:
+        cache = self._bucket_cache(b, "fsam_plan")
+        hit = cache.get("plan")
+        if hit is None:
             has = [i for i, k in enumerate(b.keys) if "fsam_m" in self.state[k]]
             new = [i for i, k in enumerate(b.keys) if "fsam_m" not in self.state[k]]
             ms = [self.state[b.keys[i]]["fsam_m"] for i in has]
             nexts = [self._buf(b.keys[i], "fsam_m_next", b.params[i]) for i in has]
-            hit = cache[id(b)] = (b, has, ms, nexts, new)
+            hit = cache["plan"] = (has, ms, nexts, new)  # not b itself: no cycle, it dies unreferenced
         return hit
 
     def _ema(self, buckets) -> list:
@@ -73,7 +73,7 @@ class FriendlySAM(VariantSAM):
         it is overwritten); without one, m' = g and d = g.  Nothing is read by the host."""
         pending = []
         for b in buckets:
-            _, has, ms, nexts, new = self._fsam_plan(b)
+            has, ms, nexts, new = self._fsam_plan(b)
             if has:
                 g = b.grads if len(has) == len(b.keys) else [b.grads[i] for i in has]
                 like = self._coef_like(b)
@@ -113,7 +113,7 @@ class FriendlySAM(VariantSAM):
                 if fresh_taken:
                     for k, m in fresh:
                         self.state[k]["fsam_m"] = m
-                    self.__dict__.pop("_fsam_plans", None)
+                    self._drop_bucket_caches("fsam_plan")
 
     def _coef_like(self, b) -> torch.Tensor:
         """A 0-d tensor of the bucket's device and accumulation dtype (what its coefficients are made of)."""
@@ -139,4 +139,4 @@ class FriendlySAM(VariantSAM):
 
     def _load_variant_extra(self, d: Dict[str, Any]) -> None:
         self.sigma, self.lmbda = float(d["sigma"]), float(d["lmbda"])
-        self.__dict__.pop("_fsam_plans", None)  # the buffers were replaced
+        self._drop_bucket_caches("fsam_plan")  # the buffers were replaced
