@@ -172,5 +172,40 @@ def test_looksam_skipped_full_step_with_a_changed_pattern_keeps_gv(where, scalar
     assert all(torch.equal(a, b) for a, b in zip(before, p))
     assert all(torch.equal(opt.state[x]["looksam_gv"], v) for x, v in zip(p, gv))
     assert torch.equal(opt._gv_sq, gv_sq)
+    # the run where step 3's g_v was never computed: steps 0-2, then only the step count advances
+    # (all a skipped step leaves behind: parameters, g_v, ||g_v||^2 and SGD's momentum unchanged)
+    p_ref = make_params()
+    ref = LookSAM(groups(p_ref, base), base, k=3, **base_kwargs(base))
+    drive(ref, p_ref, 3)
+    ref.num_steps += 1
+    assert opt.num_steps == ref.num_steps == 4
+    reuses = opt.reuse_steps
     drive(opt, p, 2, start=4)
+    drive(ref, p_ref, 2, start=4)
+    assert opt.reuse_steps == reuses + 2  # steps 4 and 5 are reuse steps, with the step-0 g_v
     assert all(torch.isfinite(x).all() for x in p)
+    assert all(torch.equal(a, b) for a, b in zip(p, p_ref))
+
+
+def test_looksam_finite_sums_that_overflow_float32_are_not_a_skip():
+    """The device formula's finiteness check looks at the entries of [<g_s, g>, ||g_s||^2, ||g||^2],
+    not their float32 sum: 1.1e19^2 + (1.1e19^2 + 3e18^2) + 1.1e19^2 is finite in float64 (the host
+    path) but overflows float32, which flagged a finite full step as non-finite (g_v left at 0)."""
+    got = {}
+    for host in (True, False):
+        old = _ops.HOST_SCALARS
+        _ops.HOST_SCALARS = host
+        try:
+            p = torch.zeros(2, dtype=torch.float32, requires_grad=True)
+            opt = LookSAM([p], torch.optim.SGD, rho=0.05, k=5, lr=1e-30, backend="foreach")
+            p.grad = torch.tensor([1.1e19, 0.0])
+            opt.first_step()
+            p.grad = torch.tensor([1.1e19, 3.0e18])
+            opt.second_step()
+        finally:
+            _ops.HOST_SCALARS = old
+        assert not opt.last_step_skipped
+        got[host] = (opt.state[p]["looksam_gv"].clone(), float(opt._gv_sq))
+    for gv, gv_sq in got.values():
+        assert gv[1] > 2.9e18 and math.isfinite(gv_sq) and gv_sq > 8.9e36
+    assert torch.equal(got[True][0], got[False][0])

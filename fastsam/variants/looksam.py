@@ -143,7 +143,10 @@ class LookSAM(VariantSAM):
             skip = 1.0 if _ops.skip_of(first, r) != 0 or not math.isfinite(inner + ssq + gsq) else 0.0
             c = _ops.coefs(1.0, -inner / (gsq + 1e-12), skip, r)
         else:
-            bad = (r.sum() * 0 != 0).to(r.dtype)  # 1 if inf/nan (0 * inf is nan): fewer ops than isfinite
+            # 1 if an entry is inf/nan (0 * inf is nan): fewer ops than isfinite.  Not r.sum() * 0:
+            # a sum of finite entries may itself overflow (the host path checks the entries' sum in
+            # float64, where it does not)
+            bad = ((r * 0).sum() != 0).to(r.dtype)
             first_skip = _ops.skip_of(first, r)
             skip = bad if isinstance(first_skip, float) and first_skip == 0.0 else torch.maximum(bad, first_skip)
             c = _ops.coefs(1.0, -r[0] / (r[2] + 1e-12), skip, r)
