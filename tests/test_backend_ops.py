@@ -16,6 +16,7 @@ tests/test_triton_internals.py and tests/test_cpp_internals.py.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -28,11 +29,11 @@ from .tensor_lists import assert_bitwise as _assert_bitwise, assert_close as _as
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (rtol, atol) against the float64 reference: a few units in the last place of the
-# storage dtype for the one-pass kernels; foreach rounds every intermediate of
-# fp16/bf16 to the storage dtype: looser.
+# storage dtype.  foreach is held to the same: its fp16/bf16 axpby computes in float32 and
+# rounds once (the contract; it used to round a * x before the add, 6e-2 off in bf16).
 TOL = {torch.float32: (2e-5, 2e-6), torch.float64: (1e-12, 1e-14),
        torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
-FOREACH_TOL = {**TOL, torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 6e-2)}
+FOREACH_TOL = TOL
 
 
 # (backend, device): every CPU backend here; on a CUDA machine (the GPU check) the CUDA ones too.
@@ -445,6 +446,28 @@ def test_dot_sq_norms_empty_and_zero_size(be):
 
 def _coefs(a, b, skip, dtype):
     return torch.tensor([a, b, skip], dtype=_acc(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("into", ["xs", "new"])
+def test_axpby_16bit_is_computed_in_float32_and_rounded_once(be, dtype, into):
+    """The contract for 16-bit lists: a x + b y in float32, one rounding to the storage dtype.  All
+    but a few elements (ties and float32's own rounding) equal that value; rounding a x to 16 bits
+    before the add (foreach did) left ~30% of bf16 elements off."""
+    _need(be, dtype)
+    if be.NAME == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the Triton interpreter's float32 -> bfloat16 cast truncates (half the elements one ulp "
+                    "off): a property of the interpreter, not of the kernel; checked on a GPU")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100_000, generator=g).to(dtype)
+    y = torch.randn(100_000, generator=g).to(dtype)
+    c = _coefs(0.7123, -1.337, 0.0, dtype)
+    ref = (c[0] * x.float() + c[1] * y.float()).to(dtype)
+    xs, ys = [x.clone()], [y.clone()]
+    out = xs if into == "xs" else [torch.empty_like(x)]
+    be.axpby(xs, ys, c, out=out)
+    off = int((out[0] != ref).sum())
+    assert off <= 20, f"{off} of {x.numel()} elements are not the once-rounded float32 value"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -255,6 +255,22 @@ def axpby(xs: Tensors, ys: Tensors, coefs: torch.Tensor, *, out: Optional[Tensor
         return
     if out is None:
         out = xs
+    acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    if xs[0].dtype != acc:  # 16-bit lists: computed in float32 and rounded once (the contract), not
+        # a * x rounded to 16 bits before the add
+        if coefs.device.type == "cpu":
+            a, b, skip = coefs[:3].tolist()
+            if skip != 0:
+                return
+            new = torch._foreach_mul([x.to(acc) for x in xs], a)
+            torch._foreach_add_(new, [y.to(acc) for y in ys], alpha=b)
+            torch._foreach_copy_(out, new)
+            return
+        c = coefs.to(acc)
+        new = torch._foreach_mul([x.to(acc) for x in xs], c[0])
+        torch._foreach_add_(new, torch._foreach_mul([y.to(acc) for y in ys], c[1]))
+        _masked_assign(out, new, c[2] != 0)
+        return
     if coefs.device.type == "cpu":
         a, b, skip = coefs[:3].tolist()
         if skip != 0:
