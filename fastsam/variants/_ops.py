@@ -19,8 +19,8 @@ Coefficients (``coefs`` = [a, b, skip]) are formed where the reduction lives:
 ``HOST_SCALARS = False`` forces the device formulas on the CPU too, so that the tests run
 the code path of CUDA devices (tests/test_variants_*.py do).
 
-The foreach helpers at the end (``sq_norm``, ``total``, ``copy_``, ``add_scaled_``) are
-what MomentumSAM uses.
+MomentumSAM does not use this module: it calls its buckets' backends directly
+(fastsam/variants/momentum_sam.py).
 """
 from __future__ import annotations
 
@@ -138,34 +138,3 @@ def skip_of(scalars: Optional[Dict[torch.device, torch.Tensor]], like: torch.Ten
         return float(s[SKIP])
     return _to(s[SKIP], like.device, like.dtype)
 
-
-# ---------------------------------------------------------------- foreach helpers (MomentumSAM)
-def sq_norm(xs: Tensors) -> torch.Tensor:
-    """sum_i ||x_i||^2 (0-d), foreach."""
-    if not xs:
-        return torch.zeros(())
-    norms = torch._foreach_norm(xs)
-    return torch.stack(norms).to(_acc(xs[0].dtype)).pow(2).sum()
-
-
-def total(parts: Sequence[torch.Tensor], device: Optional[torch.device] = None) -> torch.Tensor:
-    """The sum of per-bucket 0-d results, on ``device`` (the first part's by default)."""
-    device = parts[0].device if device is None else device
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
-    out = parts[0].to(device=device, dtype=dtype)
-    for p in parts[1:]:
-        out = out + p.to(device=device, dtype=dtype)
-    return out
-
-
-def copy_(dst: Tensors, src: Tensors) -> None:
-    """dst <- src."""
-    if dst:
-        torch._foreach_copy_(dst, src)
-
-
-def add_scaled_(xs: Tensors, ys: Tensors, scale: torch.Tensor, alpha: float = 1.0) -> None:
-    """x <- x + alpha * scale * y (``scale`` a 0-d tensor)."""
-    if xs:
-        s = (scale * alpha).to(xs[0].dtype) if scale.device == xs[0].device else (scale * alpha).to(xs[0])
-        torch._foreach_add_(xs, torch._foreach_mul(ys, s))
