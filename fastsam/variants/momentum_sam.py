@@ -53,7 +53,7 @@ from torch.optim import Optimizer
 from .. import backends, base_steps
 from .._buckets import Bucket, Buckets, Plan, _to, copies_for, pass_scalars, restore_slices, tracked
 from ..backends._common import FACTOR, SKIP, new_scalars
-from ..optim import _check_start, _resolve_backend
+from ..optim import FusedSAM, _check_start
 
 _DIRECTION = {torch.optim.SGD: "momentum_buffer", torch.optim.Adam: "exp_avg", torch.optim.AdamW: "exp_avg"}
 
@@ -105,16 +105,10 @@ class MomentumSAM(Optimizer):
         self.backend = self._backend_for(first.device).NAME if first is not None else "foreach"
 
     # ------------------------------------------------------------------ helpers
-    def _backend_for(self, device: torch.device):
-        mod = self._backends.get(device)
-        if mod is None:
-            mod = backends.get(_resolve_backend(self._requested_backend, device))
-            self._backends[device] = mod
-        return mod
-
-    def _buckets(self, recheck: bool = True) -> List[Bucket]:
-        """The buckets of the parameters with a gradient now (cached; schedules read the norm through them)."""
-        return self._plan.buckets(self.param_groups, tracked(self.base_optimizer), recheck)
+    # FusedSAM's own: the backend per device (self._requested_backend, self._backends) and the cached
+    # buckets of the parameters with a gradient now (schedules read the norm through them)
+    _backend_for = FusedSAM._backend_for
+    _buckets = FusedSAM._buckets
 
     @property
     def perturbed(self) -> bool:
