@@ -57,7 +57,6 @@ import time
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +129,6 @@ def load_data(a):
         raw = lambda x: (x * std + mean).clamp(0, 1)  # noqa: E731 - back to [0, 1] pixels
         ytr = d.train_y
         if a.label_noise > 0:
-            import numpy as np
             ytr = torch.from_numpy(datasets.symmetric_noise(ytr.cpu().numpy(), a.label_noise, 10, 0)).to(ytr.device)
         out = datasets.ImageData(raw(d.train_x), ytr, raw(d.test_x), d.test_y, d.train_y, 0.0, 1.0, 10, "cifar10")
         out.augment = crop_flip
@@ -775,6 +773,15 @@ def describe(a):
             f"(FusedSAM(SGD), foreach)" + hess)
 
 
+def _save(fig, path, title=None):
+    import matplotlib.pyplot as plt
+    if title:
+        fig.suptitle(textwrap.fill(title, 230), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_sweep(a, res, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -789,10 +796,7 @@ def plot_sweep(a, res, path):
         ax[j].set_xlabel(f"switch epoch t (SAM from t to {E}; 0 = full SAM, {E} = SGD)")
         ax[j].set_ylabel(lab)
         ax[j].axvline(a.milestone, color="gray", ls=":", lw=1)
-    fig.suptitle(textwrap.fill(describe(a), 230), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, describe(a))
 
 
 def plot_phases(a, res, path):
@@ -802,44 +806,43 @@ def plot_phases(a, res, path):
     import numpy as np
     fig, axs = plt.subplots(1, 4, figsize=(21, 4.8))
     ph = [r["phases"] for r in res]
-    if True:
-        steps = ph[0]["late_sam"]["step"]
+    steps = ph[0]["late_sam"]["step"]
 
-        def band(axis, vals, label, color):
-            v = np.array(vals, dtype=float)
-            m = v.mean(0)
-            axis.plot(steps, m, marker="o", ms=3, color=color, label=label)
-            if len(v) > 1:
-                s = v.std(0, ddof=1)
-                axis.fill_between(steps, m - s, m + s, color=color, alpha=0.2)
-        band(axs[0], [p["sgd"]["distance"] for p in ph], "SGD: ‖w − w_switch‖", "tab:blue")
-        band(axs[0], [p["late_sam"]["distance"] for p in ph], "late SAM: ‖w − w_switch‖", "tab:green")
-        band(axs[0], [p["separation"] for p in ph], "‖w_lateSAM − w_SGD‖", "tab:red")
-        axs[0].set_xscale("log")
-        axs[0].set_yscale("log")
-        axs[0].set_xlabel(f"steps after the switch at epoch {a.phase_epoch}")
-        axs[0].legend(fontsize=8)
-        band(axs[1], [p["sgd"]["lambda_max"] for p in ph], "SGD λmax", "tab:blue")
-        band(axs[1], [p["late_sam"]["lambda_max"] for p in ph], "late SAM λmax", "tab:green")
-        ax2 = axs[1].twinx()
-        for p_key, c in (("sgd", "tab:blue"), ("late_sam", "tab:green")):
-            v = np.array([p[p_key]["train_loss"] for p in ph]).mean(0)
-            ax2.plot(steps, v, ls="--", color=c)
-        ax2.set_ylabel("train loss of the subset (dashed)")
-        axs[1].set_xscale("log")
-        axs[1].set_xlabel("steps after the switch")
-        axs[1].set_ylabel("λmax (solid)")
-        axs[1].legend(fontsize=8, loc="upper left")
-        it = [p["interpolation"] for p in ph]
-        for key, c, lab in (("sgd_to_late_sam", "tab:green", "SGD → late SAM"),
-                            ("sgd_to_full_sam", "tab:red", "SGD → full SAM")):
-            if key in it[0]:
-                v = np.array([x[key] for x in it])
-                axs[2].plot(it[0]["alpha"], v.mean(0), marker=".", color=c, label=lab)
-        axs[2].set_xlabel("α (0: SGD solution, 1: the other)")
-        axs[2].set_ylabel("train loss of the subset")
-        axs[2].set_yscale("log")
-        axs[2].legend(fontsize=8)
+    def band(axis, vals, label, color):
+        v = np.array(vals, dtype=float)
+        m = v.mean(0)
+        axis.plot(steps, m, marker="o", ms=3, color=color, label=label)
+        if len(v) > 1:
+            s = v.std(0, ddof=1)
+            axis.fill_between(steps, m - s, m + s, color=color, alpha=0.2)
+    band(axs[0], [p["sgd"]["distance"] for p in ph], "SGD: ‖w − w_switch‖", "tab:blue")
+    band(axs[0], [p["late_sam"]["distance"] for p in ph], "late SAM: ‖w − w_switch‖", "tab:green")
+    band(axs[0], [p["separation"] for p in ph], "‖w_lateSAM − w_SGD‖", "tab:red")
+    axs[0].set_xscale("log")
+    axs[0].set_yscale("log")
+    axs[0].set_xlabel(f"steps after the switch at epoch {a.phase_epoch}")
+    axs[0].legend(fontsize=8)
+    band(axs[1], [p["sgd"]["lambda_max"] for p in ph], "SGD λmax", "tab:blue")
+    band(axs[1], [p["late_sam"]["lambda_max"] for p in ph], "late SAM λmax", "tab:green")
+    ax2 = axs[1].twinx()
+    for p_key, c in (("sgd", "tab:blue"), ("late_sam", "tab:green")):
+        v = np.array([p[p_key]["train_loss"] for p in ph]).mean(0)
+        ax2.plot(steps, v, ls="--", color=c)
+    ax2.set_ylabel("train loss of the subset (dashed)")
+    axs[1].set_xscale("log")
+    axs[1].set_xlabel("steps after the switch")
+    axs[1].set_ylabel("λmax (solid)")
+    axs[1].legend(fontsize=8, loc="upper left")
+    it = [p["interpolation"] for p in ph]
+    for key, c, lab in (("sgd_to_late_sam", "tab:green", "SGD → late SAM"),
+                        ("sgd_to_full_sam", "tab:red", "SGD → full SAM")):
+        if key in it[0]:
+            v = np.array([x[key] for x in it])
+            axs[2].plot(it[0]["alpha"], v.mean(0), marker=".", color=c, label=lab)
+    axs[2].set_xlabel("α (0: SGD solution, 1: the other)")
+    axs[2].set_ylabel("train loss of the subset")
+    axs[2].set_yscale("log")
+    axs[2].legend(fontsize=8)
     # (d): the final models, SGD / full SAM / reverse
     keys = [(k, lab) for k, lab in (("sgd", "SGD"), ("full_sam", "full SAM"),
                                     ("reverse", f"SAM → SGD at {a.phase_epoch}")) if all(r.get(k) for r in res)]
@@ -851,10 +854,7 @@ def plot_phases(a, res, path):
         axs[3].text(j, np.mean(lam), f"{acc:.2f}%", ha="center", va="bottom", fontsize=8)
     axs[3].set_xticks(range(len(keys)), [lab for _, lab in keys], fontsize=8)
     axs[3].set_ylabel("final λmax (bar), test accuracy (label)")
-    fig.suptitle(textwrap.fill(describe(a), 230), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, describe(a))
 
 
 def plot_adv(a, res, path):
@@ -871,9 +871,7 @@ def plot_adv(a, res, path):
     ax.set_xlabel(f"epochs of adversarial training at the end (0 = standard, {a.epochs} = full AT)")
     ax.set_ylabel("test accuracy (%)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
