@@ -15,21 +15,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
-from late_phase_mnist import MnistCNN  # noqa: E402
+from _step_bench import KW, cnn_problem, interleaved_ms, report  # noqa: E402
 
 from fastsam import FusedSAM, MomentumSAM, backends  # noqa: E402
 
-KW = dict(lr=1e-4, momentum=0.9, weight_decay=5e-4)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -59,18 +55,7 @@ def main(argv=None):
     ap.add_argument("--old", default=None, help="a git revision: also time MomentumSAM as it was there")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    model = MnistCNN(16, 10, 1)
-    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-
-    def fresh():
-        ps = [p.detach().clone().requires_grad_() for p in model.parameters()]
-        for p, g in zip(ps, grads):
-            p.grad = g.clone()
-        return ps
-
+    grads, fresh = cnn_problem()
     cpu_backends = [b for b in ("foreach", "cpp") if b in backends.available(torch.device("cpu"))]
     opts = {"torch SGD": torch.optim.SGD(fresh(), **KW)}
     for b in cpu_backends:
@@ -88,32 +73,11 @@ def main(argv=None):
             return lambda: (o.first_step(), o.second_step())
         return o.step
 
-    fns = {k: stepper(k, o) for k, o in opts.items()}
-    for f in fns.values():  # warm-up: buffers, buckets, caches
-        for _ in range(5):
-            f()
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(a.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for k in order:
-            f = fns[k]
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                f()
-            times[k].append((time.perf_counter() - t0) / a.steps * 1e3)
-    info = _common.machine_info(torch.device("cpu"))
-    print(_common.machine_line(info))
-    print(f"load average {os.getloadavg()[0]:.2f} at the end; {len(grads)} tensors, "
-          f"{sum(g.numel() for g in grads)} elements; {a.rounds} rounds x {a.steps} steps, {a.threads} thread(s)")
-    print(f"{'method':28s} {'ms/step':>8s} {'p10-p90':>13s} {'x torch SGD':>12s} {'ratio p10-p90':>14s}")
-    ref = times["torch SGD"]
-    for k in names:
-        ts = sorted(times[k])
-        ratios = sorted(t / s for t, s in zip(times[k], ref))
-        print(f"{k:28s} {statistics.median(ts):8.3f} {_common.percentile(ts, 0.1):6.3f}-{_common.percentile(ts, 0.9):6.3f}"
-              f" {statistics.median(ratios):12.2f} {_common.percentile(ratios, 0.1):6.2f}-"
-              f"{_common.percentile(ratios, 0.9):.2f}")
+    # warm-up: buffers, buckets, caches
+    times = interleaved_ms({k: stepper(k, o) for k, o in opts.items()}, a.rounds, a.steps, warmup=5)
+    report(times, lambda k: "torch SGD", "x torch SGD", 28,
+           f"{len(grads)} tensors, {sum(g.numel() for g in grads)} elements; {a.rounds} rounds x {a.steps} "
+           f"steps, {a.threads} thread(s)")
 
 
 if __name__ == "__main__":

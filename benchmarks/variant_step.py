@@ -19,22 +19,18 @@ import argparse
 import importlib
 import importlib.util
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
-from late_phase_mnist import MnistCNN  # noqa: E402
+from _step_bench import KW, cnn_problem, interleaved_ms, report  # noqa: E402
 
 import fastsam  # noqa: E402
 from fastsam import FriendlySAM, FusedSAM, GSAM, LookSAM, backends  # noqa: E402
 
-KW = dict(lr=1e-4, momentum=0.9, weight_decay=5e-4)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = ("__init__.py", "_base.py", "_ops.py", "gsam.py", "looksam.py", "friendly_sam.py")
 
@@ -67,18 +63,7 @@ def main(argv=None):
     ap.add_argument("--old", default=None, help="a git revision: also time the variants as they were there")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    model = MnistCNN(16, 10, 1)
-    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-
-    def fresh():
-        ps = [p.detach().clone().requires_grad_() for p in model.parameters()]
-        for p, g in zip(ps, grads):
-            p.grad = g.clone()
-        return ps
-
+    grads, fresh = cnn_problem()
     cpu_backends = [b for b in ("foreach", "cpp") if b in backends.available(torch.device("cpu"))]
     classes = {"GSAM": GSAM, "FriendlySAM": FriendlySAM, "LookSAM": LookSAM}
     old = dict(zip(("GSAM", "FriendlySAM", "LookSAM"), _old_variants(a.old))) if a.old else {}
@@ -101,34 +86,12 @@ def main(argv=None):
             o.second_step()
         return step
 
-    fns = {k: stepper(k) for k in opts}
-    for f in fns.values():  # warm-up: buffers, buckets, caches (two LookSAM cycles)
-        for _ in range(10):
-            f()
-    times = {k: [] for k in fns}
-    names = list(fns)
     steps = -(-a.steps // 5) * 5  # whole LookSAM cycles
-    for r in range(a.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for k in order:
-            f = fns[k]
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                f()
-            times[k].append((time.perf_counter() - t0) / steps * 1e3)
-    info = _common.machine_info(torch.device("cpu"))
-    print(_common.machine_line(info))
-    print(f"load average {os.getloadavg()[0]:.2f} at the end; {len(grads)} tensors, "
-          f"{sum(g.numel() for g in grads)} elements; {a.rounds} rounds x {steps} steps, {a.threads} thread(s); "
-          f"fastsam at {fastsam.__file__}")
-    print(f"{'method':34s} {'ms/step':>8s} {'p10-p90':>13s} {'x FusedSAM':>11s} {'ratio p10-p90':>14s}")
-    for k in names:
-        ref = times[f"FusedSAM {k.split()[1]}"]
-        ts = sorted(times[k])
-        ratios = sorted(t / s for t, s in zip(times[k], ref))
-        print(f"{k:34s} {statistics.median(ts):8.3f} {_common.percentile(ts, 0.1):6.3f}-"
-              f"{_common.percentile(ts, 0.9):6.3f} {statistics.median(ratios):11.2f} "
-              f"{_common.percentile(ratios, 0.1):6.2f}-{_common.percentile(ratios, 0.9):.2f}")
+    # warm-up: buffers, buckets, caches (two LookSAM cycles)
+    times = interleaved_ms({k: stepper(k) for k in opts}, a.rounds, steps, warmup=10)
+    report(times, lambda k: f"FusedSAM {k.split()[1]}", "x FusedSAM", 34,
+           f"{len(grads)} tensors, {sum(g.numel() for g in grads)} elements; {a.rounds} rounds x {steps} steps, "
+           f"{a.threads} thread(s); fastsam at {fastsam.__file__}")
 
 
 if __name__ == "__main__":
