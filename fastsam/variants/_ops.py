@@ -54,34 +54,32 @@ def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tens
 
 
 # ---------------------------------------------------------------- reductions over the buckets
+def _sum_over(buckets, reduce, lists: Sequence[Sequence[Tensors]]) -> Optional[torch.Tensor]:
+    """The total of ``reduce(*lists_of_bucket_i, accumulate=...)`` over the buckets, on the first
+    bucket's device: chained through ``accumulate`` where the buckets allow it, else per-bucket
+    results added on the main device."""
+    acc, main, chain = _info(buckets)
+    total = None
+    for b, *ts in zip(buckets, *lists):
+        if chain:
+            total = reduce(b)(*ts, accumulate=total)
+        else:
+            part = _to(reduce(b)(*ts), main, acc)
+            total = part if total is None else total + part
+    return total
+
+
 def dot_sq_norms(buckets, xs: Sequence[Tensors], ys: Sequence[Tensors]) -> torch.Tensor:
     """(3,) [<x, y>, ||x||^2, ||y||^2] over all buckets (``xs[i]``/``ys[i]`` are bucket i's lists),
     on the first bucket's device."""
-    acc, main, chain = _info(buckets)
-    if chain:
-        total = None
-        for b, x, y in zip(buckets, xs, ys):
-            total = b.backend.dot_sq_norms(x, y, accumulate=total)
-        return total
-    total = None
-    for b, x, y in zip(buckets, xs, ys):
-        part = _to(b.backend.dot_sq_norms(x, y), main, acc)
-        total = part if total is None else total + part
-    return total
+    return _sum_over(buckets, lambda b: b.backend.dot_sq_norms, (xs, ys))
 
 
 def sq_norm_over(buckets, lists: Sequence[Tensors], extra: Sequence = ()) -> torch.Tensor:
     """0-d sum of squares over bucket i's ``lists[i]`` (and over ``extra``: (backend, list)
     pairs outside the buckets), on the first bucket's device."""
-    acc, main, chain = _info(buckets)
-    total = None
-    if chain:
-        for b, ts in zip(buckets, lists):
-            total = b.backend.grad_sq_norm(ts, accumulate=total)
-    else:
-        for b, ts in zip(buckets, lists):
-            part = _to(b.backend.grad_sq_norm(ts), main, acc)
-            total = part if total is None else total + part
+    acc, main, _ = _info(buckets)
+    total = _sum_over(buckets, lambda b: b.backend.grad_sq_norm, (lists,))
     for backend, ts in extra:
         part = _to(backend.grad_sq_norm(ts), main, acc)
         total = part if total is None else total + part
