@@ -215,16 +215,20 @@ class Plan:
                 shard = _shard_key(p, gi, pi)
                 key = (p.device, p.dtype, shard)
                 if key not in by_key:
-                    mod = self._backend_for(p.device)
-                    if not mod.supports(p.dtype):
-                        mod = backends.get("foreach")
-                    by_key[key] = Bucket(group, [], mod, shard=shard)
+                    by_key[key] = Bucket(group, [], backend_of(self._backend_for, p.device, p.dtype), shard=shard)
                 by_key[key].params.append(p)
                 by_key[key].keys.append(p)
                 by_key[key].index.append(flat_i)
             buckets.extend(by_key.values())
         buckets.info = _pass_info(buckets) if buckets else None
         return buckets
+
+
+def backend_of(backend_for: Callable[[torch.device], Any], device: torch.device, dtype: torch.dtype):
+    """The backend for tensors of ``device`` and ``dtype``: ``backend_for(device)``, or foreach for a
+    dtype that backend does not support."""
+    mod = backend_for(device)
+    return mod if mod.supports(dtype) else backends.get("foreach")
 
 
 def copies_for(b: Bucket, sam_state: Dict) -> Tensors:

@@ -160,17 +160,12 @@ class FusedSAM(Optimizer):
         rho = _check_rho(rho)
         if not perturb_eps > 0:
             raise ValueError(f"perturb_eps must be positive, got {perturb_eps}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        _check_options(max_grad_norm, schedule, backend)
         sam_start_step = _check_start(sam_start_step)
         if closure_convention not in CLOSURE_CONVENTIONS:
             raise ValueError(f"closure_convention must be one of {CLOSURE_CONVENTIONS}, got {closure_convention!r}")
-        if schedule is not None and not callable(getattr(schedule, "decide", None)):
-            raise TypeError(f"schedule must have a decide(opt) -> bool method, got {schedule!r}")
         if perturbation not in PERTURBATION_MODES:
             raise ValueError(f"perturbation must be one of {PERTURBATION_MODES}, got {perturbation!r}")
-        if backend != "auto" and backend not in backends.BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {backends.BACKENDS}, got {backend!r}")
 
         defaults = dict(rho=rho, adaptive=adaptive, **kwargs)
         super().__init__(params, defaults)
@@ -660,6 +655,16 @@ def _check_rho(rho) -> float:
     if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho) or rho < 0:
         raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
     return float(rho)
+
+
+def _check_options(max_grad_norm, schedule, backend) -> None:
+    """The constructor options FusedSAM shares with MomentumSAM."""
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+    if schedule is not None and not callable(getattr(schedule, "decide", None)):
+        raise TypeError(f"schedule must have a decide(opt) -> bool method, got {schedule!r}")
+    if backend != "auto" and backend not in backends.BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {backends.BACKENDS}, got {backend!r}")
 
 
 def _check_start(step) -> Optional[int]:

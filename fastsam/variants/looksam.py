@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .. import backends
+from .._buckets import backend_of
 from . import _ops
 from ._base import VariantSAM
 
@@ -177,10 +177,7 @@ class LookSAM(VariantSAM):
                 groups.setdefault((gv.device, gv.dtype), []).append(gv)
         stale = []
         for (device, dtype), ts in groups.items():
-            be = self._backend_for(device)
-            if not be.supports(dtype):
-                be = backends.get("foreach")
-            stale.append((be, ts))
+            stale.append((backend_of(self._backend_for, device, dtype), ts))
         self.__dict__["_full_buckets"], self.__dict__["_full_stale"] = buckets, stale
         return stale if not stale else self._zero_stale(stale, c)
 

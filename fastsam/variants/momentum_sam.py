@@ -50,10 +50,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch.optim import Optimizer
 
-from .. import backends, base_steps
-from .._buckets import Bucket, Buckets, Plan, _to, copies_for, pass_scalars, restore_slices, tracked
+from .. import base_steps
+from .._buckets import (Bucket, Buckets, Plan, _to, backend_of, copies_for, pass_scalars, restore_slices,
+                        tracked)
 from ..backends._common import FACTOR, SKIP, new_scalars
-from ..optim import FusedSAM, _check_start
+from ..optim import FusedSAM, _check_options, _check_start
 
 _DIRECTION = {torch.optim.SGD: "momentum_buffer", torch.optim.Adam: "exp_avg", torch.optim.AdamW: "exp_avg"}
 
@@ -76,12 +77,7 @@ class MomentumSAM(Optimizer):
             raise ValueError(f"rho must be >= 0, got {rho!r}")
         if kind == "momentum_buffer" and not kwargs.get("momentum", 0):
             raise ValueError("MomentumSAM with SGD needs momentum > 0 (the perturbation follows the momentum buffer)")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
-        if schedule is not None and not callable(getattr(schedule, "decide", None)):
-            raise TypeError(f"schedule must have a decide(opt) -> bool method, got {schedule!r}")
-        if backend != "auto" and backend not in backends.BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {backends.BACKENDS}, got {backend!r}")
+        _check_options(max_grad_norm, schedule, backend)
         super().__init__(params, dict(rho=rho, **kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -352,8 +348,7 @@ class MomentumSAM(Optimizer):
                     continue
                 k = (p.device, p.dtype)
                 if k not in by:
-                    mod = self._backend_for(p.device)
-                    by[k] = Bucket(g, [], mod if mod.supports(p.dtype) else backends.get("foreach"))
+                    by[k] = Bucket(g, [], backend_of(self._backend_for, p.device, p.dtype))
                 by[k].params.append(p)
                 by[k].keys.append(p)
             out.extend(by.values())
