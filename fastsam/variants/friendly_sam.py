@@ -121,8 +121,7 @@ class FriendlySAM(VariantSAM):
         likes = self.__dict__.setdefault("_fsam_likes", {})
         t = likes.get(key)
         if t is None:
-            t = likes[key] = torch.zeros((), device=b.device,
-                                         dtype=torch.float64 if b.dtype == torch.float64 else torch.float32)
+            t = likes[key] = torch.zeros((), device=b.device, dtype=_ops._acc(b.dtype))
         return t
 
     def _const(self, like: torch.Tensor, a: float, b: float, skip: float = 0.0) -> torch.Tensor:
