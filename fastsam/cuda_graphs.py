@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from . import _checks
 from .bn import frozen_bn_stats
 
 CAPTURABLE_BACKENDS = ("triton", "foreach")
@@ -58,7 +59,7 @@ def make_capturable(opt) -> None:
             continue
         dev = params[0].device
         if dev.type == "cuda":
-            name = opt._backend_for(dev).NAME
+            name = opt.backend_for(dev).NAME
             if name not in CAPTURABLE_BACKENDS:
                 raise ValueError(f"capturable=True needs backend 'triton' or 'foreach' for CUDA parameters; "
                                  f"param group {gi} runs on {name!r}, whose kernels take the lr as a host number")
@@ -81,9 +82,14 @@ class CapturedSAMStep:
 
     def __init__(self, model: torch.nn.Module, opt, loss_fn: Callable[[Any, Any], torch.Tensor], *,
                  warmup: int = 3):
+        devices = {p.device.type for g in opt.param_groups for p in g["params"]}
+        if devices != {"cuda"} or not torch.cuda.is_available():
+            raise ValueError("CapturedSAMStep replays CUDA graphs: every parameter must be on a CUDA device "
+                             f"(found {sorted(devices)}); on other devices call the eager step")
         if not any(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups):
             raise ValueError("opt is not capturable: build it with capturable=True or call "
                              "fastsam.cuda_graphs.make_capturable(opt) first")
+        warmup = _checks.integer("warmup", warmup, lo=1)
         self.model, self.opt, self.loss_fn, self.warmup = model, opt, loss_fn, warmup
         self._eager: Dict[bool, int] = {True: 0, False: 0}
         self._graphs: Dict[bool, torch.cuda.CUDAGraph] = {}
@@ -132,25 +138,23 @@ class CapturedSAMStep:
                                f"({self._baked[sam]} -> {self._hyper()}); the graph would replay the old value: "
                                "build a new CapturedSAMStep")
         graph.replay()
-        opt.num_steps += 1  # what second_step counts in the eager loop
-        opt._opt_called = True
-        opt._run.skip_flag = self._flags[sam]  # this graph's flag, rewritten by the replay
+        opt.finish_step(self._flags[sam])  # what second_step counts in the eager loop; the flag the replay rewrote
         return self._loss[sam]
 
     def _capture(self, sam: bool) -> torch.cuda.CUDAGraph:
         opt = self.opt
-        steps, override = opt.num_steps, opt._sam_active_override
+        steps = opt.num_steps
         opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        opt.sam_active = sam  # the capture records this kind of step whatever the schedule says
         try:
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph):
-                self._loss[sam] = self._run(self._x, self._y, sam)
+            # the capture records this kind of step whatever the schedule says
+            with opt.sam_forced(sam):
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph):
+                    self._loss[sam] = self._run(self._x, self._y, sam)
+                self._flags[sam] = opt.skip_flag
         finally:
-            opt._sam_active_override = override
             opt.num_steps = steps  # capturing ran no step
         self._graphs[sam] = graph
         self._baked[sam] = self._hyper()
-        self._flags[sam] = opt._run.skip_flag
         return graph

@@ -107,10 +107,10 @@ def first_pass(model: torch.nn.Module, opt: FusedSAM) -> Iterator[None]:
             "perturbation='local' cannot run under FSDP2: each rank holds only a shard of the weights, so all "
             "ranks see one perturbation; build FusedSAM with perturbation='global'")
     if not (local and _is_ddp(model)):
-        opt._skip_hook = None
+        opt.skip_reducer = None
         yield
         return
-    opt._skip_hook = functools.partial(_all_reduce_max, group=model.process_group)
+    opt.skip_reducer = functools.partial(_all_reduce_max, group=model.process_group)
     with model.no_sync():
         yield
     # A forward inside no_sync() tells DDP to skip the buffer broadcast at the

@@ -26,9 +26,9 @@ resumed run makes the same decisions as an uninterrupted one.
   moving mean mu and variance s2 of the squared stochastic gradient norm
   x = ||g||^2 (mu <- delta mu + (1-delta) x, s2 <- delta s2 + delta (1-delta) (x - mu_old)^2);
   SAM when x >= mu + c_t sqrt(s2), c_t linear from ``c`` to ``c_end``.
-  Costs one gradient norm per step, through the optimizer's cached buckets and its
-  backend's fused norm, and a host read of that one number (the decision whether to
-  run the second pass is taken on the host).
+  Costs one gradient norm per step, which the optimizer hands over
+  (``opt.grad_sq_norm()``: its backends' fused norm), and a host read of that one
+  number (the decision whether to run the second pass is taken on the host).
 
 A schedule sees the optimizer only through ``num_steps`` and (Adaptive) the
 parameters' ``.grad``: any object with those works.
@@ -154,24 +154,12 @@ class RandomSwitch:
 def grad_sq_norm(opt) -> float:
     """||g||^2 over every parameter with a gradient, read on the host (one number).
 
-    On FusedSAM, its variants and MomentumSAM with a compiled backend (cpp, triton, cuda): the
-    optimizer's own cached buckets, one fused ``grad_sq_norm`` backend call per bucket chained
-    on the device (cpp: one C++ call per bucket; no Python loop over the parameters), then one
-    host read.  Otherwise (the foreach backend, buckets on several devices or sharded, any
-    other object with ``param_groups``): foreach norms per (device, dtype), as before."""
-    buckets = getattr(opt, "_buckets", None)
-    if buckets is not None:
-        bs = buckets()
-        if not bs:
-            return 0.0
-        info = getattr(bs, "info", None)
-        # one device, one compiled backend, plain tensors: chain the partial sums (the foreach
-        # backend's norm is the same foreach ops as below plus its list checks: measured slower)
-        if info is not None and info[2] and bs[0].backend.NAME != "foreach":
-            total = None
-            for b in bs:
-                total = b.backend.grad_sq_norm(b.grads, accumulate=total)
-            return float(total)
+    A fastsam optimizer hands it over through its backends' fused norms
+    (``opt.grad_sq_norm()``); any other object with ``param_groups`` gets foreach norms per
+    (device, dtype)."""
+    norm = getattr(opt, "grad_sq_norm", None)
+    if callable(norm):
+        return float(norm())
     lists: Dict[Any, list] = {}
     for g in opt.param_groups:
         for p in g["params"]:

@@ -62,7 +62,7 @@ def test_writes_through_a_wrapper_reach_the_optimizer(style):
     w = _wrap(opt, style)
     _two_step(model, w, x, y, 4)
     assert opt.num_steps == w.num_steps == 4
-    assert opt.state_dict()["sam"]["num_steps"] == 4
+    assert opt.state_dict()["fastsam"]["num_steps"] == 4
     assert opt.skip_flag is w.skip_flag is not None
     w.sam_active = False
     assert opt.sam_active is False
@@ -255,7 +255,7 @@ def test_legacy_sam_checkpoint_loads_with_a_warning():
     sd = old.state_dict()
     assert set(sd) == {"state", "param_groups"}
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.3, momentum=0.9)
-    with pytest.warns(UserWarning, match="lacks FusedSAM's step count.*does not save them"):
+    with pytest.warns(UserWarning, match="lacks fastsam's step count.*does not save them"):
         opt.load_state_dict(sd)
     assert opt.param_groups[0]["rho"] == 0.07 and opt.param_groups[0]["lr"] == 0.1
     assert not any("old_p" in st for st in opt.base_optimizer.state.values())
@@ -269,7 +269,7 @@ def test_plain_base_optimizer_checkpoint_keeps_momentum():
     _loss(model, x, y).backward()
     sgd.step()
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.02)
-    with pytest.warns(UserWarning, match="lacks FusedSAM's step count") as rec:
+    with pytest.warns(UserWarning, match="lacks fastsam's step count") as rec:
         opt.load_state_dict(sgd.state_dict())
     assert "does not save them" not in str(rec[0].message)
     assert opt.param_groups[0]["rho"] == 0.02  # the SAM options default to the constructor's

@@ -262,11 +262,11 @@ def test_load_state_dict_with_other_layout_raises():
     b = FusedSAM(torch.nn.Linear(3, 3).parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="layout"):
         b.load_state_dict(a.state_dict())
-    with pytest.raises(ValueError, match="FusedSAM state dict"):
+    with pytest.raises(ValueError, match="not a state dict of this optimizer"):
         b.load_state_dict({"params": [], "momentum": 0.9})
     # a plain optimizer state dict (another SAM class's, a base optimizer's) loads, with a warning
     # (tests/test_integrations_optim.py tests the migration)
-    with pytest.warns(UserWarning, match="lacks FusedSAM's step count"):
+    with pytest.warns(UserWarning, match="lacks fastsam's step count"):
         b.load_state_dict(torch.optim.SGD(torch.nn.Linear(3, 3).parameters(), lr=0.1).state_dict())
 
 
@@ -425,7 +425,7 @@ def test_sparse_gradient_raises():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     opt = FusedSAM(emb.parameters(), torch.optim.SGD, lr=0.1)
     emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(RuntimeError, match="sparse"):
+    with pytest.raises(ValueError, match="param group 0, parameter 0: has a torch.sparse_coo gradient"):
         opt.first_step()
 
 
@@ -570,14 +570,6 @@ def _saved(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return buf
-
-
-def test_complex_parameters_raise_a_clear_error():
-    p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
-    p.grad = torch.randn_like(p)
-    opt = FusedSAM([p], torch.optim.SGD, lr=0.1)
-    with pytest.raises(RuntimeError, match="complex"):
-        opt.first_step()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

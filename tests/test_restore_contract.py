@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastsam import FusedSAM, backends
-from fastsam._buckets import _to
+from fastsam.core.buckets import to_device as _to
 
 from .conftest import CPU_BACKENDS
 from .reference import ReferenceSAM

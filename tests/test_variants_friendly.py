@@ -70,9 +70,9 @@ def test_mixed_initialised_parameters_match_the_per_parameter_rule(base, backend
         ref.step(t, DROPS.get(t, ()))
         close(p, ref.params)
         for i, x in enumerate(p):
-            assert ("fsam_m" in opt.state[x]) == (i in ref.m), (t, i)
+            assert ("fsam_m" in opt.core.sam_state[x]) == (i in ref.m), (t, i)
             if i in ref.m:
-                close([opt.state[x]["fsam_m"]], [ref.m[i]])
+                close([opt.core.sam_state[x]["fsam_m"]], [ref.m[i]])
 
 
 def test_first_ema_of_a_parameter_is_its_gradient():
@@ -80,10 +80,10 @@ def test_first_ema_of_a_parameter_is_its_gradient():
     p = make_params()
     opt = FriendlySAM(groups(p, base), base, **base_kwargs(base))
     drive(opt, p, 1, drop={0: {2}})
-    assert "fsam_m" not in opt.state[p[2]] and "fsam_m" in opt.state[p[0]]
+    assert "fsam_m" not in opt.core.sam_state[p[2]] and "fsam_m" in opt.core.sam_state[p[0]]
     g = grads_without([x.detach() for x in p], 1)[2]
     drive(opt, p, 1, start=1)
-    assert torch.equal(opt.state[p[2]]["fsam_m"], g)
+    assert torch.equal(opt.core.sam_state[p[2]]["fsam_m"], g)
 
 
 @pytest.mark.parametrize("where", ["first", "second"])
@@ -94,15 +94,15 @@ def test_skipped_step_commits_nothing(where, scalars):
     p = make_params()
     opt = FriendlySAM(groups(p, base), base, max_grad_norm=5.0, **base_kwargs(base))
     drive(opt, p, 2, drop={0: {2}, 1: {2}})
-    ms = {i: opt.state[x]["fsam_m"].clone() for i, x in enumerate(p) if "fsam_m" in opt.state[x]}
+    ms = {i: opt.core.sam_state[x]["fsam_m"].clone() for i, x in enumerate(p) if "fsam_m" in opt.core.sam_state[x]}
     assert set(ms) == {0, 1, 3, 4}
     before = [x.detach().clone() for x in p]
     drive(opt, p, 1, start=2, poison={2: (where, float("inf"))})
     assert all(torch.equal(a, b) for a, b in zip(before, p))
-    assert "fsam_m" not in opt.state[p[2]]
-    assert all(torch.equal(opt.state[p[i]]["fsam_m"], m) for i, m in ms.items())
+    assert "fsam_m" not in opt.core.sam_state[p[2]]
+    assert all(torch.equal(opt.core.sam_state[p[i]]["fsam_m"], m) for i, m in ms.items())
     drive(opt, p, 1, start=3)
-    assert "fsam_m" in opt.state[p[2]]
+    assert "fsam_m" in opt.core.sam_state[p[2]]
     assert all(torch.isfinite(x).all() for x in p)
 
 
@@ -116,5 +116,5 @@ def test_device_scalars_match_host_scalars(backend, monkeypatch):
         p = make_params(dtype=torch.float32)
         opt = FriendlySAM(groups(p, base), base, backend=backend, **base_kwargs(base))
         drive(opt, p, 6, drop={0: {2}}, poison={3: ("second", float("nan"))})
-        out.append([x.detach().clone() for x in p] + [opt.state[x]["fsam_m"].clone() for x in p])
+        out.append([x.detach().clone() for x in p] + [opt.core.sam_state[x]["fsam_m"].clone() for x in p])
     assert all(torch.equal(a, b) for a, b in zip(*out))

@@ -111,11 +111,11 @@ def test_nonfinite_leaves_params(cls, where):
     opt = cls(groups(p, base), base, max_grad_norm=5.0, **base_kwargs(base))
     drive(opt, p, 3)
     before = [x.detach().clone() for x in p]
-    ms = [opt.state[x]["fsam_m"].clone() for x in p] if cls is FriendlySAM else None
+    ms = [opt.core.sam_state[x]["fsam_m"].clone() for x in p] if cls is FriendlySAM else None
     drive(opt, p, 1, start=3, poison={3: (where, float("inf"))})
     assert all(torch.equal(a, b) for a, b in zip(before, p))
     if cls is FriendlySAM:
-        assert all(torch.equal(opt.state[x]["fsam_m"], m) for x, m in zip(p, ms))
+        assert all(torch.equal(opt.core.sam_state[x]["fsam_m"], m) for x, m in zip(p, ms))
     drive(opt, p, 2, start=4)
     assert all(torch.isfinite(x).all() for x in p)
 

@@ -88,10 +88,10 @@ def test_looksam_nonfinite_leaves_params(where, t):
     opt = LookSAM(groups(p, base), base, k=3, **base_kwargs(base))
     drive(opt, p, t)
     before = [x.detach().clone() for x in p]
-    gv = [opt.state[x]["looksam_gv"].clone() for x in p]
+    gv = [opt.core.sam_state[x]["looksam_gv"].clone() for x in p]
     drive(opt, p, 1, start=t, poison={t: (where, float("nan"))})
     assert all(torch.equal(a, b) for a, b in zip(before, p))
-    assert all(torch.equal(opt.state[x]["looksam_gv"], v) for x, v in zip(p, gv))
+    assert all(torch.equal(opt.core.sam_state[x]["looksam_gv"], v) for x, v in zip(p, gv))
     drive(opt, p, 2, start=t + 1)
     assert all(torch.isfinite(x).all() for x in p)
 
@@ -152,8 +152,8 @@ def test_looksam_parameters_with_changing_gradients(base, backend, scalars):
     p2 = make_params()
     opt2 = LookSAM(groups(p2, base), base, rho=0.05, k=3, alpha=0.7, backend=backend, **base_kwargs(base))
     drive(opt2, p2, 4, drop=DROPS)
-    assert not opt2.state[p2[1]]["looksam_gv"].any()  # zeroed on the full step it had no gradient
-    assert opt2.state[p2[0]]["looksam_gv"].any()
+    assert not opt2.core.sam_state[p2[1]]["looksam_gv"].any()  # zeroed on the full step it had no gradient
+    assert opt2.core.sam_state[p2[0]]["looksam_gv"].any()
 
 
 @pytest.mark.parametrize("where", ["first", "second"])
@@ -165,13 +165,13 @@ def test_looksam_skipped_full_step_with_a_changed_pattern_keeps_gv(where, scalar
     p = make_params()
     opt = LookSAM(groups(p, base), base, k=3, **base_kwargs(base))
     drive(opt, p, 3)
-    gv = [opt.state[x]["looksam_gv"].clone() for x in p]
-    gv_sq = opt._gv_sq.clone()
+    gv = [opt.core.sam_state[x]["looksam_gv"].clone() for x in p]
+    gv_sq = opt.core.ext.gv_sq.clone()
     before = [x.detach().clone() for x in p]
     drive(opt, p, 1, start=3, poison={3: (where, float("nan"))}, drop={3: {1}})
     assert all(torch.equal(a, b) for a, b in zip(before, p))
-    assert all(torch.equal(opt.state[x]["looksam_gv"], v) for x, v in zip(p, gv))
-    assert torch.equal(opt._gv_sq, gv_sq)
+    assert all(torch.equal(opt.core.sam_state[x]["looksam_gv"], v) for x, v in zip(p, gv))
+    assert torch.equal(opt.core.ext.gv_sq, gv_sq)
     # the run where step 3's g_v was never computed: steps 0-2, then only the step count advances
     # (all a skipped step leaves behind: parameters, g_v, ||g_v||^2 and SGD's momentum unchanged)
     p_ref = make_params()
@@ -205,7 +205,7 @@ def test_looksam_finite_sums_that_overflow_float32_are_not_a_skip():
         finally:
             _ops.HOST_SCALARS = old
         assert not opt.last_step_skipped
-        got[host] = (opt.state[p]["looksam_gv"].clone(), float(opt._gv_sq))
+        got[host] = (opt.core.sam_state[p]["looksam_gv"].clone(), float(opt.core.ext.gv_sq))
     for gv, gv_sq in got.values():
         assert gv[1] > 2.9e18 and math.isfinite(gv_sq) and gv_sq > 8.9e36
     assert torch.equal(got[True][0], got[False][0])

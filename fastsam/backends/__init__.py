@@ -134,23 +134,36 @@ def available(device: torch.device, build: bool = False) -> list:
 
 
 def resolve(requested: str, device: torch.device) -> str:
-    """Pick the backend name for parameters on ``device``.
+    """Pick the backend name for parameters on ``device``: the one rule, used by every optimizer.
 
-    ``FASTSAM_BACKEND`` in the environment takes precedence over ``requested``.
-    "auto" prefers compiled code: on CUDA "cuda" (the csrc/ extension, when it
-    is built) then "triton" then "foreach"; on the CPU "cpp" (the csrc/ CPU
-    twin, when it is built) then "foreach".  "auto" never starts a compile;
-    naming "cuda" or "cpp" explicitly builds the extension on first use.
+    An explicit name (anything but "auto") always wins, and raises BackendUnavailable when that
+    backend cannot run on ``device``.  For "auto", the ``FASTSAM_BACKEND`` environment variable,
+    when set, names the backend (checked like an explicit name, the variable named in errors);
+    otherwise "auto" prefers compiled code: on CUDA "cuda" (the csrc/ extension, when it is
+    built) then "triton" then "foreach"; on the CPU "cpp" (the csrc/ CPU twin, when it is
+    built) then "foreach".  "auto" never starts a compile; naming "cuda" or "cpp" explicitly
+    builds the extension on first use.
     """
-    name = os.environ.get(ENV_VAR) or requested
-    if name == "auto":
-        order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
-        for cand in order:
-            if _usable(cand, device):
-                return cand
-        return "foreach"
-    mod = get(name)
-    ok, why = mod.is_available(device)
+    if requested != "auto":
+        if requested not in _MODULES:
+            raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {requested!r}")
+        return _checked(requested, device, f"backend {requested!r}")
+    env = os.environ.get(ENV_VAR)
+    if env:
+        if env not in ("auto",) + BACKENDS:
+            raise ValueError(f"the environment variable {ENV_VAR} must be one of 'auto', "
+                             f"{', '.join(map(repr, BACKENDS))}; got {env!r}")
+        if env != "auto":
+            return _checked(env, device, f"backend {env!r} (from the environment variable {ENV_VAR})")
+    order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+    for cand in order:
+        if _usable(cand, device):
+            return cand
+    return "foreach"
+
+
+def _checked(name: str, device: torch.device, what: str) -> str:
+    ok, why = get(name).is_available(device)
     if not ok:
-        raise BackendUnavailable(f"backend {name!r} cannot run on {device}: {why}")
+        raise BackendUnavailable(f"{what} cannot run on {device}: {why}")
     return name

@@ -9,10 +9,13 @@ An adapter is a module with
 
 ``handles(base: Optimizer) -> bool``
     whether every param group's options are ones the fused step implements;
-``step(base, bucket, slices, scalars, clip)``
-    restore and update the parameters of ``slices`` (fastsam._buckets.Slice:
-    each either restores from distinct copies or restores nothing) with the
-    second pass's ``scalars`` (skip flag; clip coefficient used when ``clip``).
+``prepare(base, bucket, slices, scalars, clip, tx)``
+    create the state the update needs (registering its undo with ``tx``, a
+    fastsam.core.txn.Transaction) and register the writes that restore and
+    update the parameters of ``slices`` (fastsam.core.buckets.Slice: each
+    either restores from distinct copies or restores nothing) with the second
+    pass's ``scalars`` (skip flag; clip coefficient used when ``clip``).  The
+    core commits them, all or nothing.
 
 A new base optimizer is a new module here and one line in ``ADAPTERS``.
 """

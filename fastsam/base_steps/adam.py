@@ -19,7 +19,9 @@ def handles(base: Optimizer) -> bool:
                for g in base.param_groups)
 
 
-def step(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: bool) -> None:
+def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: bool, tx) -> None:
+    """Create the moments and step counters this step needs (undone with the step) and register
+    one fused restore + update write per slice with ``tx``."""
     g = bucket.group
     state = base.state
     step_dtype = _get_scalar_dtype()
@@ -28,14 +30,20 @@ def step(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: boo
             st["step"] = torch.zeros((), dtype=step_dtype, device=p.device)
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            tx.on_undo(lambda st=st: [st.pop(k, None) for k in ("step", "exp_avg", "exp_avg_sq")])
         elif st["step"].device != p.device:  # a CPU step counter left by torch's non-capturable Adam
-            st["step"] = st["step"].to(p.device)
+            old, st["step"] = st["step"], st["step"].to(p.device)
+            tx.on_undo(lambda st=st, old=old: st.__setitem__("step", old))
     decoupled = g.get("decoupled_weight_decay", type(base) is torch.optim.AdamW)
     beta1, beta2 = g["betas"]
     for s in slices:
         sts = bucket.states_of(state, s)
-        bucket.backend.restore_adam_step(
-            s.params, s.grads, s.copies, bucket.local([t["exp_avg"] for t in sts]),
-            bucket.local([t["exp_avg_sq"] for t in sts]), [t["step"] for t in sts], lr=g["lr"], beta1=beta1,
-            beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"], decoupled=decoupled,
-            maximize=g.get("maximize", False), grad_scale=scalars[FACTOR] if clip else None, skip=scalars[SKIP])
+        m, v = bucket.view([t["exp_avg"] for t in sts]), bucket.view([t["exp_avg_sq"] for t in sts])
+        steps = [t["step"] for t in sts]
+
+        def run(s=s, m=m, v=v, steps=steps):
+            bucket.backend.restore_adam_step(
+                s.params, s.grads, s.copies, m, v, steps, lr=g["lr"], beta1=beta1, beta2=beta2, eps=g["eps"],
+                weight_decay=g["weight_decay"], decoupled=decoupled, maximize=g.get("maximize", False),
+                grad_scale=scalars[FACTOR] if clip else None, skip=scalars[SKIP])
+        tx.write(run, s.params + m + v + steps, backend=bucket.backend)

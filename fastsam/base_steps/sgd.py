@@ -14,7 +14,9 @@ def handles(base: Optimizer) -> bool:
         not g.get("differentiable", False) for g in base.param_groups)
 
 
-def step(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: bool) -> None:
+def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: bool, tx) -> None:
+    """Create the momentum buffers this step needs (undone with the step) and register one fused
+    restore + update write per slice with ``tx``."""
     g = bucket.group
     state = base.state
     skip = scalars[SKIP]
@@ -22,22 +24,26 @@ def step(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: boo
               weight_decay=g["weight_decay"], maximize=g.get("maximize", False),
               grad_scale=scalars[FACTOR] if clip else None, skip=skip)
     call = bucket.backend.restore_sgd_step
+
+    def write(s, bufs, first):
+        tx.write(lambda: call(s.params, s.grads, s.copies, bufs, first=first, **kw), s.params + bufs,
+                 backend=bucket.backend)
+
     for s in slices:
         if g["momentum"] == 0:
-            call(s.params, s.grads, s.copies, [], first=False, **kw)
+            write(s, [], False)
             continue
         dicts = bucket.states_of(state, s)
         bufs = [d.get("momentum_buffer") for d in dicts]
         if all(x is not None for x in bufs):  # every step after the first: one call (not ``None in``: == on tensors)
-            call(s.params, s.grads, s.copies, bucket.local(bufs), first=False, **kw)
+            write(s, bucket.view(bufs), False)
             continue
         # torch initialises a momentum buffer to the first gradient; params whose
         # buffers exist and fresh ones go in separate calls.
         old = [i for i, x in enumerate(bufs) if x is not None]
         new = [i for i, x in enumerate(bufs) if x is None]
         if old:
-            sub = s.take(old)
-            call(sub.params, sub.grads, sub.copies, bucket.local([bufs[i] for i in old]), first=False, **kw)
+            write(s.take(old), bucket.view([bufs[i] for i in old]), False)
         sub = s.take(new)
         # A skipped first step must leave the state as torch would: no buffer yet.
         # Reading the flag is free on the CPU; elsewhere the kernels keep a skipped
@@ -46,9 +52,11 @@ def step(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: boo
         # parameter's first step, is the flag read on the host.
         if (bucket.device.type == "cpu" or g["dampening"] != 0) and bool(skip):
             if sub.copies:
-                bucket.backend.restore(sub.params, sub.copies)
+                tx.write(lambda sub=sub: bucket.backend.restore(sub.params, sub.copies), sub.params,
+                         backend=bucket.backend)
             continue
         for k in sub.keys:  # a DTensor for a DTensor parameter, as torch.optim.SGD keeps it
-            state[k]["momentum_buffer"] = torch.zeros_like(k, memory_format=torch.preserve_format)
-        fresh = bucket.local([state[k]["momentum_buffer"] for k in sub.keys])
-        call(sub.params, sub.grads, sub.copies, fresh, first=True, **kw)
+            d = state[k]
+            d["momentum_buffer"] = torch.zeros_like(k, memory_format=torch.preserve_format)
+            tx.on_undo(lambda d=d: d.pop("momentum_buffer", None))
+        write(sub, bucket.view([state[k]["momentum_buffer"] for k in sub.keys]), True)

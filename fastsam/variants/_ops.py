@@ -8,7 +8,8 @@ buckets of a step (``b.backend.<op>(...)``) and forms their coefficients.
 
 Reductions chain their running total from bucket to bucket on one device (the
 ``accumulate`` argument) when the buckets share device, backend and accumulation dtype
-(``_buckets._pass_info``), else add per-bucket results on the first bucket's device.
+(``fastsam.core.pass_info``), else add per-bucket results on the first bucket's device,
+all-reduced over FSDP2 shards as the core's norms are.
 
 Coefficients (``coefs`` = [a, b, skip]) are formed where the reduction lives:
 
@@ -18,9 +19,6 @@ Coefficients (``coefs`` = [a, b, skip]) are formed where the reduction lives:
 
 ``HOST_SCALARS = False`` forces the device formulas on the CPU too, so that the tests run
 the code path of CUDA devices (tests/test_variants_*.py do).
-
-MomentumSAM does not use this module: it calls its buckets' backends directly
-(fastsam/variants/momentum_sam.py).
 """
 from __future__ import annotations
 
@@ -28,14 +26,14 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .._buckets import _pass_info
 from ..backends._common import SKIP
+from ..core.buckets import pass_info, reduce_over_shards, to_device
 
 Tensors = List[torch.Tensor]
 HOST_SCALARS = True  # form coefficients on the host when the reduction is on the CPU (see the docstring)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -45,27 +43,28 @@ def on_host(t: torch.Tensor) -> bool:
 
 
 def _info(buckets):
-    return getattr(buckets, "info", None) or _pass_info(buckets)
-
-
-def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """As fastsam._buckets._to: asynchronous except towards the CPU (whose readers are the host)."""
-    return t.to(device=device, dtype=dtype, non_blocking=device.type != "cpu")
+    return getattr(buckets, "info", None) or pass_info(buckets)
 
 
 # ---------------------------------------------------------------- reductions over the buckets
 def _sum_over(buckets, reduce, lists: Sequence[Sequence[Tensors]]) -> Optional[torch.Tensor]:
     """The total of ``reduce(*lists_of_bucket_i, accumulate=...)`` over the buckets, on the first
     bucket's device: chained through ``accumulate`` where the buckets allow it, else per-bucket
-    results added on the main device."""
+    results added on the main device, the local sums of sharded buckets all-reduced first."""
     acc, main, chain = _info(buckets)
-    total = None
-    for b, *ts in zip(buckets, *lists):
-        if chain:
+    if chain:
+        total = None
+        for b, *ts in zip(buckets, *lists):
             total = reduce(b)(*ts, accumulate=total)
-        else:
-            part = _to(reduce(b)(*ts), main, acc)
-            total = part if total is None else total + part
+        return total
+    partial: Dict = {}
+    for b, *ts in zip(buckets, *lists):
+        part = to_device(reduce(b)(*ts), main, acc)
+        partial[b.shard] = partial[b.shard] + part if b.shard in partial else part
+    total = None
+    for shard, part in partial.items():  # bucket order: the same on every rank
+        part = reduce_over_shards(part, shard)
+        total = part if total is None else total + part
     return total
 
 
@@ -81,7 +80,7 @@ def sq_norm_over(buckets, lists: Sequence[Tensors], extra: Sequence = ()) -> tor
     acc, main, _ = _info(buckets)
     total = _sum_over(buckets, lambda b: b.backend.grad_sq_norm, (lists,))
     for backend, ts in extra:
-        part = _to(backend.grad_sq_norm(ts), main, acc)
+        part = to_device(backend.grad_sq_norm(ts), main, acc)
         total = part if total is None else total + part
     return total
 
@@ -103,14 +102,14 @@ class CoefsOn:
         self._by: Dict = {}
 
     def __call__(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        acc = _acc(dtype)
+        acc = acc_dtype(dtype)
         c = self.coefs
         if c.device == device and c.dtype == acc:
             return c
         key = (device, acc)
         hit = self._by.get(key)
         if hit is None:
-            hit = self._by[key] = _to(c, device, acc)
+            hit = self._by[key] = to_device(c, device, acc)
         return hit
 
 
@@ -134,5 +133,5 @@ def skip_of(scalars: Optional[Dict[torch.device, torch.Tensor]], like: torch.Ten
         s = next(iter(scalars.values()))
     if on_host(like) and s.device.type == "cpu":
         return float(s[SKIP])
-    return _to(s[SKIP], like.device, like.dtype)
+    return to_device(s[SKIP], like.device, like.dtype)
 

@@ -16,11 +16,14 @@ it with m = g and perturbs with its plain g, while the others of the same step
 use theirs.  The EMA updates only on SAM steps (steps a schedule skips do not
 see it) and not on a skipped (non-finite, first or second pass) step.
 
-Through each bucket's backend (``axpby``): the new EMA goes to a scratch buffer
-and d into the gradient (two passes), and second_step commits m <- m' with one
-axpby masked by the second pass's skip flag (which folds in the first's): no
-host read, except on a step where some parameter gets its first EMA (whether
-it has one is host state; see ``_commit``).
+Through each bucket's backend (``axpby``): d goes to a scratch buffer (one pass;
+``p.grad`` keeps g), and the step commits the EMA from m and d,
+
+    m <- (lmbda + (1 - lmbda) sigma) m + (1 - lmbda) d      (= lmbda m + (1 - lmbda) g)
+
+with one axpby masked by the second pass's skip flag (which folds in the first's):
+no host read, except on a step where some parameter gets its first EMA (whether
+it has one is host state; see ``FriendlySAMStep.commit``).
 """
 from __future__ import annotations
 
@@ -28,114 +31,144 @@ from typing import Any, Dict
 
 import torch
 
+from .. import _checks
+from ..core.engine import Extension
+from ..core.state import Checked, Shared
+from ..optim import FusedSAM
 from . import _ops
-from ._base import VariantSAM
 
 
-class FriendlySAM(VariantSAM):
-    """``FriendlySAM(params, base_optimizer, rho=0.05, adaptive=False, sigma=1.0, lmbda=0.95, **kwargs)``."""
+class FriendlySAMSettings(Checked):
+    CHECKS = {"sigma": lambda v: _checks.real("sigma", v),
+              "lmbda": lambda v: _checks.real("lmbda", v, lo=0, hi=1)}
 
-    _buffers = ("fsam_m",)
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *, sigma: float = 1.0,
-                 lmbda: float = 0.95, **kwargs):
-        if not 0.0 <= lmbda <= 1.0:
-            raise ValueError(f"lmbda must be in [0, 1], got {lmbda!r}")
-        super().__init__(params, base_optimizer, rho, adaptive, **kwargs)
-        self.sigma, self.lmbda = float(sigma), float(lmbda)
+class FriendlySAMStep(Extension):
+    """FriendlySAM's additions to the core step: the perturbation direction d (first pass) and the
+    EMA committed with the step."""
 
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        self._pending_m = None
-        if self.sam_active:
-            buckets = self._buckets()
-            if buckets:
-                self._pending_m = self._ema(buckets)
-        super().first_step(zero_grad)
+    name = "FriendlySAM"
+    buffers = ("fsam_m",)
 
-    def _fsam_plan(self, b) -> tuple:
-        """(indices with an EMA, their m, their m' scratch buffers, indices without one) of a bucket,
-        cached on the bucket object (``_bucket_cache``) until a parameter gets its first EMA or
-        the state is loaded."""
-        cache = self._bucket_cache(b, "fsam_plan")
-        hit = cache.get("plan")
-        if hit is None:
-            has = [i for i, k in enumerate(b.keys) if "fsam_m" in self.state[k]]
-            new = [i for i, k in enumerate(b.keys) if "fsam_m" not in self.state[k]]
-            ms = [self.state[b.keys[i]]["fsam_m"] for i in has]
-            nexts = [self._buf(b.keys[i], "fsam_m_next", b.params[i]) for i in has]
-            hit = cache["plan"] = (has, ms, nexts, new)  # not b itself: no cycle, it dies unreferenced
-        return hit
+    def __init__(self, sigma: float, lmbda: float) -> None:
+        self.settings = FriendlySAMSettings(sigma=sigma, lmbda=lmbda)
+        self.token = object()  # renewed whenever some parameter gets its first EMA: the plans are stale
 
-    def _ema(self, buckets) -> list:
-        """Per parameter, as nblt/F-SAM's first_step: with an EMA m, d = g - sigma m (in the
-        gradient) and m' = lmbda m + (1 - lmbda) g into a scratch buffer (two axpby, g read before
-        it is overwritten); without one, m' = g and d = g.  Nothing is read by the host."""
+    def forget(self) -> None:
+        self.token = object()
+
+    def _plan(self, core, b) -> tuple:
+        """(indices with an EMA, their m, their d buffers, indices without one) of bucket ``b``,
+        cached on the bucket until a parameter gets its first EMA or the state is loaded."""
+        hit = b.scratch.get("fsam")
+        if hit is None or hit[0] is not self.token:
+            has = [i for i, k in enumerate(b.keys) if "fsam_m" in core.sam_state.get(k, {})]
+            new = [i for i, k in enumerate(b.keys) if "fsam_m" not in core.sam_state.get(k, {})]
+            ms = [core.sam_state[b.keys[i]]["fsam_m"] for i in has]
+            ds = [core.buffer(b.keys[i], "fsam_d", b.params[i]) for i in has]
+            hit = b.scratch["fsam"] = (self.token, has, ms, ds, new)
+        return hit[1:]
+
+    def first_gradient(self, core, buckets, tx) -> None:
+        """Per parameter, as nblt/F-SAM's first_step: with an EMA m, d = g - sigma m (into a scratch
+        buffer, the perturbation's direction); without one, d = g and its EMA starts at g once the
+        step commits.  Nothing is read by the host."""
         pending = []
+        sigma = self.settings.sigma
         for b in buckets:
-            has, ms, nexts, new = self._fsam_plan(b)
+            has, ms, ds, new = self._plan(core, b)
             if has:
                 g = b.grads if len(has) == len(b.keys) else [b.grads[i] for i in has]
-                like = self._coef_like(b)
-                b.backend.axpby(ms, g, self._const(like, self.lmbda, 1.0 - self.lmbda), out=nexts)
-                b.backend.axpby(g, ms, self._const(like, 1.0, -self.sigma))
-            fresh = [(b.keys[i], b.grads[i].clone()) for i in new]
-            pending.append((b, ms, nexts, fresh))
-        return pending
-
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        pending, self._pending_m = getattr(self, "_pending_m", None), None
-        super().second_step(zero_grad)
-        if pending:
-            self._commit(pending)
-
-    def _commit(self, pending: list) -> None:
-        """m <- m' unless the step was skipped (first or second pass): one masked axpby per bucket
-        with the second pass's skip flag, on the device.  Parameters getting their first EMA are
-        the one host read: whether m exists is host state (it picks the code path above), so on
-        such a step (the first SAM step, or a parameter's first gradient) the flag is read once."""
-        flag = self._run.skip_flag
-        fresh_taken = None
-        for b, ms, nexts, fresh in pending:
-            if ms:
-                like = self._coef_like(b)
-                if flag is None:
-                    c = self._const(like, 0.0, 1.0)
-                elif _ops.on_host(like) and flag.device.type == "cpu":
-                    c = self._const(like, 0.0, 1.0, float(flag))
+                b.backend.axpby(g, ms, _const(b, 1.0, -sigma), out=ds)
+                if len(has) == len(b.keys):
+                    direction = list(ds)
                 else:
-                    c = torch.cat([self._const(like, 0.0, 1.0)[:2], flag.to(like).view(1)])
-                b.backend.axpby(ms, nexts, c)
+                    direction = list(b.grads)
+                    for i, d in zip(has, ds):
+                        direction[i] = d
+                b.grads = direction
+            fresh = [(b.keys[i], b.grads[i].clone()) for i in new]
+            pending.append((b, ms, ds, fresh))
+        variant = core.run.variant
+        variant["fsam"] = pending
+        tx.on_undo(lambda: variant.pop("fsam", None))
+
+    def commit(self, core, pending, buckets, scalars, tx) -> None:
+        """m <- a m + b d unless the step was skipped (first or second pass): one masked axpby per
+        bucket with the second pass's skip flag, on the device.  Parameters getting their first EMA
+        are the one host read: whether m exists is host state, so on such a step (the first SAM step,
+        or a parameter's first gradient) the flag is read once."""
+        data = core.run.variant.get("fsam")
+        if pending is None or not data:
+            return
+        lmbda, sigma = self.settings.lmbda, self.settings.sigma
+        flag = None if scalars is None else next(iter(scalars.values()))[0]
+        fresh_taken = None
+        for b, ms, ds, fresh in data:
+            if ms:
+                like = _like(b)
+                a, bb = lmbda + (1.0 - lmbda) * sigma, 1.0 - lmbda
+                if flag is None:
+                    c = _const(b, a, bb)
+                elif _ops.on_host(like) and flag.device.type == "cpu":
+                    c = _const(b, a, bb, float(flag))
+                else:  # the skip flag joins the coefficients on the device: one op, no host read
+                    c = torch.cat([_const(b, a, bb)[:2], flag.to(like).view(1)])
+                tx.write(lambda b=b, ms=ms, ds=ds, c=c: b.backend.axpby(ms, ds, c), ms, backend=b.backend)
             if fresh:
                 if fresh_taken is None:
                     fresh_taken = flag is None or not bool(flag)  # the host read (see the docstring)
                 if fresh_taken:
                     for k, m in fresh:
-                        self.state[k]["fsam_m"] = m
-                    self._drop_bucket_caches("fsam_plan")
+                        st = core.sam_state.setdefault(k, {})
+                        st["fsam_m"] = m
+                        tx.on_undo(lambda st=st: st.pop("fsam_m", None))
+                    token = self.token
+                    self.token = object()
+                    tx.on_undo(lambda token=token: setattr(self, "token", token))
 
-    def _coef_like(self, b) -> torch.Tensor:
-        """A 0-d tensor of the bucket's device and accumulation dtype (what its coefficients are made of)."""
-        key = (b.device, b.dtype)
-        likes = self.__dict__.setdefault("_fsam_likes", {})
-        t = likes.get(key)
-        if t is None:
-            t = likes[key] = torch.zeros((), device=b.device, dtype=_ops._acc(b.dtype))
-        return t
+    def finished(self, core, sam: bool) -> None:
+        core.run.variant.pop("fsam", None)
 
-    def _const(self, like: torch.Tensor, a: float, b: float, skip: float = 0.0) -> torch.Tensor:
-        """[a, b, skip] on like's device and dtype, made once per value."""
-        consts = self.__dict__.setdefault("_fsam_consts", {})
-        key = (like.device, like.dtype, a, b, skip)
-        c = consts.get(key)
-        if c is None:
-            c = consts[key] = _ops.coefs(a, b, skip, like)
-        return c
+    def undone(self, core) -> None:
+        core.run.variant.pop("fsam", None)
 
-    def _variant_extra(self) -> Dict[str, Any]:
-        return {"sigma": self.sigma, "lmbda": self.lmbda}
+    def state_dict(self) -> Dict[str, Any]:
+        return {"sigma": self.settings.sigma, "lmbda": self.settings.lmbda}
 
-    def _load_variant_extra(self, d: Dict[str, Any]) -> None:
-        self.sigma, self.lmbda = float(d["sigma"]), float(d["lmbda"])
-        self._drop_bucket_caches("fsam_plan")  # the buffers were replaced
+    def load_state_dict(self, d: Dict[str, Any]):
+        values = self.settings.checked({k: d[k] for k in ("sigma", "lmbda") if k in d})
+
+        def apply() -> None:
+            for k, v in values.items():
+                setattr(self.settings, k, v)
+            self.forget()
+        return apply
+
+
+def _const(b, a: float, bb: float, skip: float = 0.0) -> torch.Tensor:
+    """[a, bb, skip] on the bucket's device in its accumulation dtype, made once per value."""
+    consts = b.scratch.setdefault("fsam_consts", {})
+    c = consts.get((a, bb, skip))
+    if c is None:
+        c = consts[(a, bb, skip)] = _ops.coefs(a, bb, skip, _like(b))
+    return c
+
+
+def _like(b) -> torch.Tensor:
+    """A 0-d tensor of the bucket's device and accumulation dtype (what its coefficients are made of)."""
+    hit = b.scratch.get("fsam_like")
+    if hit is None:
+        hit = b.scratch["fsam_like"] = torch.zeros((), device=b.device, dtype=_ops.acc_dtype(b.dtype))
+    return hit
+
+
+class FriendlySAM(FusedSAM):
+    """``FriendlySAM(params, base_optimizer, rho=0.05, adaptive=False, sigma=1.0, lmbda=0.95, **kwargs)``."""
+
+    sigma = Shared("extension_settings", "FriendlySAM's sigma: how much of the gradients' EMA d removes.")
+    lmbda = Shared("extension_settings", "FriendlySAM's EMA factor, in [0, 1].")
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *, sigma: float = 1.0,
+                 lmbda: float = 0.95, **kwargs):
+        super().__init__(params, base_optimizer, rho, adaptive, extension=FriendlySAMStep(sigma, lmbda), **kwargs)

@@ -17,8 +17,9 @@ paper's range).  Everything else (closure, two-step form, non-finite skip,
 clipping of d, schedules, late phase, state_dict) is FusedSAM's.
 
 Cost beyond SAM: one copy of g (first pass), one fused read of (g_s, g) for the dot
-product and both norms, one axpby pass writing d into g_s (the backends' ``dot_sq_norms``
-and ``axpby``); no host synchronisation (fastsam/variants/_ops.py).
+product and both norms, one axpby pass writing d over the copy of g (the backends'
+``dot_sq_norms`` and ``axpby``); no host synchronisation (fastsam/variants/_ops.py).
+The base optimizer steps with d; ``p.grad`` is left holding g_s.
 """
 from __future__ import annotations
 
@@ -27,16 +28,22 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .. import _checks
+from ..core.engine import Extension
+from ..core.state import Checked, Shared
+from ..optim import FusedSAM
 from . import _ops
-from ._base import VariantSAM
 
 
 class ProportionalRho:
     """rho = min_rho + (max_rho - min_rho) * (lr - min_lr) / (max_lr - min_lr) (constant max_rho if max_lr == min_lr)."""
 
     def __init__(self, max_lr: float, min_lr: float, max_rho: float, min_rho: float = 0.0):
+        max_lr, min_lr = _checks.real("max_lr", max_lr, lo=0), _checks.real("min_lr", min_lr, lo=0)
+        max_rho, min_rho = _checks.real("max_rho", max_rho, lo=0), _checks.real("min_rho", min_rho, lo=0)
         if not (max_lr > min_lr or (max_lr == min_lr and max_rho == min_rho)) or max_rho < min_rho:
-            raise ValueError("need max_lr > min_lr (or both and the rhos equal) and max_rho >= min_rho")
+            raise _checks.ArgumentError("ProportionalRho needs max_lr > min_lr (or both equal and the rhos "
+                                        "equal) and max_rho >= min_rho")
         self.max_lr, self.min_lr, self.max_rho, self.min_rho = max_lr, min_lr, max_rho, min_rho
 
     def __call__(self, lr: float) -> float:
@@ -45,60 +52,80 @@ class ProportionalRho:
         return self.max_rho
 
 
-class GSAM(VariantSAM):
-    """``GSAM(params, base_optimizer, rho=0.05, adaptive=False, alpha=0.1, rho_schedule=None, **kwargs)``."""
+def _check_rho_schedule(fn: Any) -> Any:
+    if fn is not None and not callable(fn):
+        raise _checks.ArgumentError(f"rho_schedule must be callable (lr -> rho) or None, got {fn!r}")
+    return fn
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *, alpha: float = 0.1,
-                 rho_schedule: Optional[ProportionalRho] = None, **kwargs):
-        super().__init__(params, base_optimizer, rho, adaptive, **kwargs)
-        self.alpha = float(alpha)
-        self.rho_schedule = rho_schedule
 
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        if self.sam_active:
-            if self.rho_schedule is not None:
-                for g in self.param_groups:
-                    g["rho"] = max(float(self.rho_schedule(float(g["lr"]))), 0.0)
-        super().first_step(False)
-        if self._pending and self.alpha != 0:  # keep g for the decomposition (one copy pass; the
-            for b in self._pending:            # perturbation moved w, not the gradients)
-                b.backend.restore(self._bufs(b, "gsam_g"), b.grads)
-        if zero_grad:
-            self.zero_grad()
+class GSAMSettings(Checked):
+    CHECKS = {"alpha": lambda v: _checks.real("alpha", v, lo=0), "rho_schedule": _check_rho_schedule}
 
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        if self._pending is not None and self.alpha != 0:
-            self._decompose()
-        super().second_step(zero_grad)
 
-    def _decompose(self) -> None:
-        """g_s <- (1 - alpha c) g_s - alpha g with c = -cos * ||g|| / (||g_s|| + eps): their
-        g_s - alpha (g + c g_s) in one axpby, after one dot_sq_norms of (g_s, g).  The
+class GSAMStep(Extension):
+    """GSAM's additions to the core step: the rho schedule and a copy of g (first pass), the
+    decomposed direction d (second pass, into the copy of g: the base step reads it there,
+    ``p.grad`` keeps g_s)."""
+
+    name = "GSAM"
+
+    def __init__(self, alpha: float, rho_schedule: Optional[ProportionalRho]) -> None:
+        self.settings = GSAMSettings(alpha=alpha, rho_schedule=rho_schedule)
+
+    def first_gradient(self, core, buckets, tx) -> None:
+        schedule = self.settings.rho_schedule
+        if schedule is not None:
+            for gi, g in enumerate(core.base.param_groups):
+                old = g["rho"]
+                lr = g["lr"]
+                g["rho"] = _checks.real(f"rho of param group {gi} (from rho_schedule)",
+                                        max(float(schedule(float(lr))), 0.0), lo=0)
+                tx.on_undo(lambda g=g, old=old: g.__setitem__("rho", old))
+        if self.settings.alpha != 0:  # keep g for the decomposition (scratch: the gradients stay the user's)
+            for b in buckets:
+                b.backend.restore(core.buffers(b, "gsam_g"), b.grads)
+
+    def sam_gradient(self, core, pending, buckets, tx) -> None:
+        """d = (1 - alpha c) g_s - alpha g with c = -cos * ||g|| / (||g_s|| + eps): their g_s - alpha
+        (g + c g_s) in one axpby into the copy of g, after one dot_sq_norms of (g_s, g).  The
         coefficients stay on the device (on the CPU: formed on the host, where reading is free).
         No skip flag here: a non-finite g or g_s makes d non-finite, and the second pass's norm
         skips the step (its scalars also carry the first pass's flag)."""
-        buckets = self._buckets(recheck=False)
-        if not buckets:
+        alpha = self.settings.alpha
+        if alpha == 0 or not pending.buckets or not buckets:
             return
-        eps, alpha = self.perturb_eps, self.alpha
-        gs = [self._bufs(b, "gsam_g", zero=True) for b in buckets]
+        eps = core.settings.perturb_eps
+        gs = [core.buffers(b, "gsam_g", zero=True) for b in buckets]
         grads = [b.grads for b in buckets]
         r = _ops.dot_sq_norms(buckets, grads, gs)  # [<g_s, g>, ||g_s||^2, ||g||^2]
         if _ops.on_host(r):
             inner, new_sq, old_sq = r.tolist()
             new, old = math.sqrt(new_sq), math.sqrt(old_sq)
             coef = -((inner / (new * old + eps)) * old / (new + eps))
-            c = _ops.coefs(1.0 - alpha * coef, -alpha, 0.0, r)
         else:
             new, old = r[1].sqrt(), r[2].sqrt()
             coef = -((r[0] / (new * old + eps)) * old / (new + eps))
-            c = _ops.coefs(1.0 - alpha * coef, -alpha, 0.0, r)
-        _ops.axpby(buckets, grads, gs, c)
+        c = _ops.coefs(1.0 - alpha * coef, -alpha, 0.0, r)
+        _ops.axpby(buckets, grads, gs, c, out=gs)
+        for b, d in zip(buckets, gs):
+            b.grads = d
 
-    def _variant_extra(self) -> Dict[str, Any]:
-        return {"alpha": self.alpha}
+    def state_dict(self) -> Dict[str, Any]:
+        return {"alpha": self.settings.alpha}
 
-    def _load_variant_extra(self, d: Dict[str, Any]) -> None:
-        self.alpha = float(d["alpha"])
+    def load_state_dict(self, d: Dict[str, Any]):
+        values = self.settings.checked({k: d[k] for k in ("alpha",) if k in d})
+        return lambda: [setattr(self.settings, k, v) for k, v in values.items()]
+
+
+class GSAM(FusedSAM):
+    """``GSAM(params, base_optimizer, rho=0.05, adaptive=False, alpha=0.1, rho_schedule=None, **kwargs)``.
+
+    ``p.grad`` keeps the SAM gradient g_s after a step; the base optimizer steps with d."""
+
+    alpha = Shared("extension_settings", "GSAM's alpha: how much of g's component orthogonal to g_s is removed.")
+    rho_schedule = Shared("extension_settings", "rho as a function of the lr (ProportionalRho), or None.")
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *, alpha: float = 0.1,
+                 rho_schedule: Optional[ProportionalRho] = None, **kwargs):
+        super().__init__(params, base_optimizer, rho, adaptive, extension=GSAMStep(alpha, rho_schedule), **kwargs)

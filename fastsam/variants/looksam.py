@@ -28,7 +28,8 @@ and leave the stored g_v as it was.
 The math runs through each bucket's backend (``dot_sq_norms``, ``axpby``,
 ``grad_sq_norm``: fastsam/variants/_ops.py): a full step adds a copy of g, one
 fused read of (g_s, g), one axpby writing g_v and one norm of g_v; a reuse step
-one norm of g and one axpby into g.  No host synchronisation: the skip flag of
+one norm of g and one axpby into the copy buffer of g, which the base step reads
+(``p.grad`` keeps the plain gradient).  No host synchronisation: the skip flag of
 the g_v update is formed on the device from the first pass's flag and the
 finiteness of the three sums, and g_v is stored unnormalised with its squared
 norm, so nothing decides on the host whether it was written.
@@ -46,18 +47,20 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .._buckets import backend_of
+from .. import _checks
+from ..core.buckets import backend_of
+from ..core.engine import Extension
+from ..core.state import Checked, Shared
+from ..optim import FusedSAM
 from . import _ops
-from ._base import VariantSAM
 
 
 class EveryK:
     """Full SAM on steps start, start + k, start + 2k, ... (LookSAM's rule)."""
 
     def __init__(self, k: int, start: int = 0):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
-        self.k, self.start = k, start
+        self.k = _checks.integer("k", k, lo=1)
+        self.start = _checks.integer("start", start, lo=0)
 
     def decide(self, opt) -> bool:
         t = opt.num_steps - self.start
@@ -67,170 +70,216 @@ class EveryK:
         return {"k": self.k, "start": self.start}
 
     def load_state_dict(self, d: Dict[str, Any]) -> None:
-        self.k, self.start = int(d["k"]), int(d["start"])
+        k, start = _checks.integer("k", d["k"], lo=1), _checks.integer("start", d["start"], lo=0)
+        self.k, self.start = k, start
 
 
-class LookSAM(VariantSAM):
-    """LookSAM: full SAM every k-th step, the stored orthogonal direction reused in between.
+class LookSAMSettings(Checked):
+    CHECKS = {"alpha": lambda v: _checks.real("alpha", v, lo=0)}
 
-    ``LookSAM(params, base_optimizer, rho=0.05, adaptive=False, k=5, alpha=0.7, **FusedSAM options, **base_kwargs)``.
-    Use ``step(closure)``: the closure runs only on the full SAM steps.
-    """
 
-    _buffers = ("looksam_gv",)
+class LookSAMStep(Extension):
+    """LookSAM's additions to the core step: a copy of g on full steps (first pass), g_v stored
+    after the base step of a full step, and the reuse direction on the steps in between."""
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *, k: int = 5,
-                 alpha: float = 0.7, schedule: Any = None, sam_start_step: Optional[int] = None, **kwargs):
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
-        if schedule is None:
-            schedule = EveryK(k, sam_start_step or 0)
-        super().__init__(params, base_optimizer, rho, adaptive, schedule=schedule, sam_start_step=sam_start_step,
-                         **kwargs)
-        self.k, self.alpha = k, float(alpha)
+    name = "LookSAM"
+    buffers = ("looksam_gv",)
+    transient = ("full_buckets", "full_stale")
+
+    def __init__(self, alpha: float, k: int) -> None:
+        self.settings = LookSAMSettings(alpha=alpha)
+        self.k = k
         self.has_gv = False
+        self.gv_sq: Optional[torch.Tensor] = None  # ||g_v||^2 of the stored g_v (a device scalar)
         self.full_steps = 0   # full SAM steps taken (closure calls)
         self.reuse_steps = 0  # one-pass steps that used g_v
+        self.forget()
 
-    # ------------------------------------------------------------------ steps
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        super().first_step(False)
-        if self._pending:  # a full step: keep g for the projection (one copy pass; the perturbation
-            for b in self._pending:  # moved w, not the gradients)
-                b.backend.restore(self._bufs(b, "looksam_g"), b.grads)
-        if zero_grad:
-            self.zero_grad()
+    def forget(self) -> None:
+        self.full_buckets: Any = None  # the bucket list of the last full step, and its stale g_v
+        self.full_stale: list = []
 
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        if self._pending is not None:
-            self._store_gv()
-            self.full_steps += 1
-        elif self._reuses():
-            self._reuse()
-        super().second_step(zero_grad)
+    # ------------------------------------------------------------------ hooks
+    def first_gradient(self, core, buckets, tx) -> None:
+        for b in buckets:  # keep g for the projection (scratch: the gradients stay the user's)
+            b.backend.restore(core.buffers(b, "looksam_g", zero=True), b.grads)
 
-    def _reuses(self) -> bool:
-        return (self.has_gv and self._sam_active_override is None
-                and self.num_steps >= (self.sam_start_step or 0) and self.alpha != 0)
-
-    def _gv_lists(self, buckets) -> List[List[torch.Tensor]]:
-        """Each bucket's g_v buffers (zero for a parameter that has none yet)."""
-        return [self._bufs(b, "looksam_gv", zero=True) for b in buckets]
-
-    def _store_gv(self) -> None:
-        """g_v <- g_s - (<g, g_s> / (||g||^2 + 1e-12)) g, unnormalised, and ||g_v||^2 kept as a
-        device scalar (``self._gv_sq``): one dot_sq_norms of (g_s, g), one axpby writing g_v,
-        one norm of g_v.  A skipped step (first pass non-finite, or any of the three sums) writes
-        nothing: the skip flag of the axpby is formed on the device (no host read), and a
-        ``where`` on the same flag keeps the old ||g_v||^2, so both stay bitwise as they were.
+    def commit(self, core, pending, buckets, scalars, tx) -> None:
+        """On a full step: g_v <- g_s - (<g, g_s> / (||g||^2 + 1e-12)) g, unnormalised, with
+        ||g_v||^2 kept as a device scalar: one dot_sq_norms of (g_s, g) now, and one axpby writing
+        g_v plus one norm of g_v as the step's write.  A skipped step (first pass non-finite, or
+        any of the three sums) writes nothing: the skip flag of the axpby is formed on the device
+        (no host read), and a ``where`` on the same flag keeps the old ||g_v||^2.
 
         The parameters' rule: g_v is this step's; a parameter that has a stored g_v but no
         gradient on this full step gets g_v = 0 (under the same skip flag), so the steps until
-        the next full one reuse nothing stale for it (its reuse steps use the plain gradient).
-        """
-        buckets = self._buckets(recheck=False)
-        if not buckets:
+        the next full one reuse nothing stale for it."""
+        if pending is None or not buckets:
             return
-        gs = [self._bufs(b, "looksam_g", zero=True) for b in buckets]
+        gs = [core.buffers(b, "looksam_g", zero=True) for b in buckets]
         grads = [b.grads for b in buckets]
-        gvs = self._gv_lists(buckets)
+        gvs = [core.buffers(b, "looksam_gv", zero=True) for b in buckets]
         r = _ops.dot_sq_norms(buckets, grads, gs)  # [<g_s, g>, ||g_s||^2, ||g||^2]
-        first = self._run.first_scalars
+        first = pending.scalars
         if _ops.on_host(r):
             inner, ssq, gsq = r.tolist()
             skip = 1.0 if _ops.skip_of(first, r) != 0 or not math.isfinite(inner + ssq + gsq) else 0.0
             c = _ops.coefs(1.0, -inner / (gsq + 1e-12), skip, r)
         else:
             # 1 if an entry is inf/nan (0 * inf is nan): fewer ops than isfinite.  Not r.sum() * 0:
-            # a sum of finite entries may itself overflow (the host path checks the entries' sum in
-            # float64, where it does not)
+            # a sum of finite entries may itself overflow.
             bad = ((r * 0).sum() != 0).to(r.dtype)
             first_skip = _ops.skip_of(first, r)
             skip = bad if isinstance(first_skip, float) and first_skip == 0.0 else torch.maximum(bad, first_skip)
             c = _ops.coefs(1.0, -r[0] / (r[2] + 1e-12), skip, r)
-        _ops.axpby(buckets, grads, gs, c, out=gvs)
-        stale = self._stale_gv(buckets, c)
-        gv_sq = _ops.sq_norm_over(buckets, gvs, stale)
-        old = self.__dict__.get("_gv_sq")
-        if old is not None:  # skipped: the old value itself (the re-read may add in another order)
-            if isinstance(skip, float):
-                gv_sq = old if skip != 0 else gv_sq
-            else:
-                gv_sq = torch.where(skip != 0, old.to(gv_sq), gv_sq)
-        self._gv_sq = gv_sq
-        self.has_gv = True
+        stale = self._stale_gv(core, buckets)
+        written = [t for ts in gvs for t in ts] + [t for _, ts in stale for t in ts]
+        before = (self.gv_sq, self.has_gv)
 
-    def _stale_gv(self, buckets, c: torch.Tensor) -> list:
-        """(backend, g_v list) of the parameters with a stored g_v and no gradient on this full step,
-        zeroed under the step's skip flag; [] in the usual case (the same bucket list as at the
-        last full step, checked by identity)."""
-        if self.__dict__.get("_full_buckets") is buckets:
-            stale = self.__dict__["_full_stale"]
-            return self._zero_stale(stale, c) if stale else stale  # again: the last full step may have skipped
-        present = {id(k) for b in buckets for k in b.keys}
-        groups: Dict[tuple, List[torch.Tensor]] = {}
-        for p in self._all_params():
-            gv = self.state[p].get("looksam_gv") if p in self.state else None
-            if gv is not None and id(p) not in present:
-                groups.setdefault((gv.device, gv.dtype), []).append(gv)
-        stale = []
-        for (device, dtype), ts in groups.items():
-            stale.append((backend_of(self._backend_for, device, dtype), ts))
-        self.__dict__["_full_buckets"], self.__dict__["_full_stale"] = buckets, stale
-        return stale if not stale else self._zero_stale(stale, c)
+        def store() -> None:
+            tx.on_undo(lambda: self._set(*before))
+            _ops.axpby(buckets, grads, gs, c, out=gvs)
+            self._zero_stale(stale, c)
+            gv_sq = _ops.sq_norm_over(buckets, gvs, stale)
+            old = before[0]
+            if old is not None:  # skipped: the old value itself (the re-read may add in another order)
+                if isinstance(skip, float):
+                    gv_sq = old if skip != 0 else gv_sq
+                else:
+                    gv_sq = torch.where(skip != 0, old.to(gv_sq), gv_sq)
+            self._set(gv_sq, True)
+        tx.write(store, written, single=False)
 
-    def _zero_stale(self, stale: list, c: torch.Tensor) -> list:
-        per = _ops.CoefsOn(c)
-        for be, ts in stale:
-            zero = torch.zeros(3, dtype=per(ts[0].device, ts[0].dtype).dtype, device=ts[0].device)
-            zero[2:] = per(ts[0].device, ts[0].dtype)[2]  # [0, 0, skip]
-            be.axpby(ts, ts, zero)
-        return stale
-
-    def _reuse(self) -> None:
-        """g <- g + alpha ||g|| / (||g_v|| + eps) g_v: one norm of g, one axpby (no host read on a
-        device; on the CPU the coefficient is formed on the host)."""
-        buckets = self._buckets()
+    def plain_gradient(self, core, buckets, tx) -> None:
+        """A reuse step: the base step's gradient is g + alpha ||g|| / (||g_v|| + eps) g_v, written
+        into the copy buffer of g (one norm of g, one axpby; on the CPU the coefficient is formed
+        on the host)."""
+        core.run.variant["looksam_reused"] = False
+        run, alpha = core.run, self.settings.alpha
+        start = core.settings.sam_start_step or 0
+        if not (self.has_gv and run.sam_active_override is None and run.num_steps >= start and alpha != 0):
+            return
         if not buckets:
             return
-        gvs = self._gv_lists(buckets)
+        gvs = [core.buffers(b, "looksam_gv", zero=True) for b in buckets]
         grads = [b.grads for b in buckets]
+        out = [core.buffers(b, "looksam_g", zero=True) for b in buckets]
         gsq = _ops.sq_norm_over(buckets, grads)
         gv_sq = self._gv_sq_on(gsq.device)
-        eps, alpha = self.perturb_eps, self.alpha
+        eps = core.settings.perturb_eps
         if _ops.on_host(gsq) and gv_sq.device.type == "cpu":
             v = float(gv_sq)
             scale = alpha * math.sqrt(float(gsq)) / (math.sqrt(v) + eps) if v > 0 else 0.0
-            c = _ops.coefs(1.0, scale, 0.0, gsq.reshape(1))
         else:
             gv_sq = gv_sq.to(gsq.dtype)
             scale = torch.where(gv_sq > 0, alpha * gsq.sqrt() / (gv_sq.sqrt() + eps), torch.zeros_like(gsq))
-            c = _ops.coefs(1.0, scale, 0.0, gsq.reshape(1))
-        _ops.axpby(buckets, grads, gvs, c)
-        self.reuse_steps += 1
+        c = _ops.coefs(1.0, scale, 0.0, gsq.reshape(1))
+        _ops.axpby(buckets, grads, gvs, c, out=out)
+        for b, g in zip(buckets, out):
+            b.grads = g
+        core.run.variant["looksam_reused"] = True
+
+    def finished(self, core, sam: bool) -> None:
+        if sam:
+            self.full_steps += 1
+        elif core.run.variant.pop("looksam_reused", False):
+            self.reuse_steps += 1
+
+    # ------------------------------------------------------------------ helpers
+    def _set(self, gv_sq: Optional[torch.Tensor], has_gv: bool) -> None:
+        self.gv_sq, self.has_gv = gv_sq, has_gv
+
+    def _stale_gv(self, core, buckets) -> list:
+        """(backend, g_v list) of the parameters with a stored g_v and no gradient on this full step;
+        [] in the usual case (the same bucket list as at the last full step, checked by identity)."""
+        if self.full_buckets is buckets:
+            return self.full_stale
+        present = {id(k) for b in buckets for k in b.keys}
+        groups: Dict[tuple, List[torch.Tensor]] = {}
+        for g in core.base.param_groups:
+            for p in g["params"]:
+                gv = core.sam_state.get(p, {}).get("looksam_gv")
+                if gv is not None and id(p) not in present:
+                    groups.setdefault((gv.device, gv.dtype), []).append(gv)
+        stale = [(backend_of(core.backend_for, device, dtype), ts) for (device, dtype), ts in groups.items()]
+        self.full_buckets, self.full_stale = buckets, stale
+        return stale
+
+    @staticmethod
+    def _zero_stale(stale: list, c: torch.Tensor) -> None:
+        per = _ops.CoefsOn(c)
+        for be, ts in stale:
+            coef = per(ts[0].device, ts[0].dtype)
+            zero = torch.zeros(3, dtype=coef.dtype, device=ts[0].device)
+            zero[2:] = coef[2]  # [0, 0, skip]
+            be.axpby(ts, ts, zero)
 
     def _gv_sq_on(self, device: torch.device) -> torch.Tensor:
-        gv_sq = self.__dict__.get("_gv_sq")
+        gv_sq = self.gv_sq
         if gv_sq is None:
-            gv_sq = self._gv_sq = torch.zeros((), device=device)
+            gv_sq = self.gv_sq = torch.zeros((), device=device)
         elif gv_sq.device != device:
-            gv_sq = self._gv_sq = gv_sq.to(device)
+            gv_sq = self.gv_sq = gv_sq.to(device)
         return gv_sq
 
     # ------------------------------------------------------------------ state
-    def _variant_extra(self) -> Dict[str, Any]:
-        gv_sq = self.__dict__.get("_gv_sq")
-        return {"k": self.k, "alpha": self.alpha, "has_gv": self.has_gv, "full_steps": self.full_steps,
-                "reuse_steps": self.reuse_steps, "gv_sq": None if gv_sq is None else gv_sq.clone()}
+    def state_dict(self) -> Dict[str, Any]:
+        return {"alpha": self.settings.alpha, "has_gv": self.has_gv, "full_steps": self.full_steps,
+                "reuse_steps": self.reuse_steps, "gv_sq": None if self.gv_sq is None else self.gv_sq.clone()}
 
-    def _load_variant_extra(self, d: Dict[str, Any]) -> None:
-        self.k, self.alpha, self.has_gv = int(d["k"]), float(d["alpha"]), bool(d["has_gv"])
-        for name in ("_full_buckets", "_full_stale"):  # the buffers were replaced
-            self.__dict__.pop(name, None)
-        self.full_steps, self.reuse_steps = int(d["full_steps"]), int(d["reuse_steps"])
+    def load_state_dict(self, d: Dict[str, Any]):
+        if not d:  # a FusedSAM state dict: LookSAM starts without g_v
+            return lambda: self._load(self.settings.alpha, False, 0, 0, None)
+        alpha = _checks.real("alpha", d["alpha"], lo=0)
+        has_gv = _checks.flag("has_gv", d["has_gv"])
+        full = _checks.integer("full_steps", d["full_steps"], lo=0)
+        reuse = _checks.integer("reuse_steps", d["reuse_steps"], lo=0)
         if "gv_sq" in d:
-            self._gv_sq = None if d["gv_sq"] is None else d["gv_sq"].clone()
-        else:  # a state dict of the earlier LookSAM, which stored g_v normalised: ||g_v|| ~ 1
-            self._gv_sq = torch.ones((), dtype=torch.float64) if self.has_gv else None
+            gv_sq = d["gv_sq"]
+            if gv_sq is not None and (not torch.is_tensor(gv_sq) or gv_sq.numel() != 1):
+                raise ValueError(f"LookSAM state: gv_sq must be a one-element tensor or None, got {gv_sq!r}")
+            gv_sq = None if gv_sq is None else gv_sq.detach().clone().reshape(())
+        else:  # LookSAM's first layout stored g_v normalised: ||g_v|| ~ 1
+            gv_sq = torch.ones((), dtype=torch.float64) if has_gv else None
+        return lambda: self._load(alpha, has_gv, full, reuse, gv_sq)
+
+    def _load(self, alpha, has_gv, full, reuse, gv_sq) -> None:
+        self.settings.alpha = alpha
+        self.has_gv, self.full_steps, self.reuse_steps, self.gv_sq = has_gv, full, reuse, gv_sq
+        self.forget()
+
+
+class LookSAM(FusedSAM):
+    """LookSAM: full SAM every k-th step, the stored orthogonal direction reused in between.
+
+    ``LookSAM(params, base_optimizer, rho=0.05, adaptive=False, k=5, alpha=0.7, **FusedSAM options, **base_kwargs)``.
+    Use ``step(closure)``: the closure runs only on the full SAM steps.
+    """
+
+    alpha = Shared("extension_settings", "LookSAM's alpha: the weight of the reused direction g_v.")
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *, k: int = 5,
+                 alpha: float = 0.7, schedule: Any = None, sam_start_step: Optional[int] = None, **kwargs):
+        k = _checks.integer("k", k, lo=1)
+        if schedule is None:
+            start = _checks.integer("sam_start_step", sam_start_step, lo=0, none=True)
+            schedule = EveryK(k, start or 0)
+        super().__init__(params, base_optimizer, rho, adaptive, schedule=schedule, sam_start_step=sam_start_step,
+                         extension=LookSAMStep(alpha, k), **kwargs)
+
+    @property
+    def k(self) -> int:
+        """Every k-th step is a full SAM step (the period of the default schedule)."""
+        return self.core.ext.k
+
+    @property
+    def has_gv(self) -> bool:
+        return self.core.ext.has_gv
+
+    @property
+    def full_steps(self) -> int:
+        return self.core.ext.full_steps
+
+    @property
+    def reuse_steps(self) -> int:
+        return self.core.ext.reuse_steps

@@ -1,44 +1,47 @@
-"""The bucket machinery behind FusedSAM: grouping, state conforming, restore copies, norms.
+"""Buckets: the tensors of one step grouped for the backends, and what is computed over them.
 
-A *bucket* is the tensors of one param group on one (device, dtype), in group
+A *bucket* is the tensors of one param group on one (device, dtype, backend), in group
 order: what one backend call sees.  This module
 
-- builds the buckets of the parameters that have a gradient now (``Plan``),
-  cached on the gradient pattern, and makes the base optimizer's state follow
-  parameters cast or moved through ``p.data``;
+- builds the buckets of the parameters that have a gradient now (``Plan``), cached on
+  the gradient pattern, checks the parameters and their gradients when it builds them,
+  and makes the base optimizer's state follow parameters cast or moved through ``p.data``;
 - keeps the restore copies of a bucket (``copies_for``);
-- states the **restore contract** (``restore_slices``): after the first pass,
-  every parameter of a second-pass bucket is either *perturbed* (it has a copy
-  of w to restore from) or *fresh* (it had no first gradient: nothing to
-  restore).  A backend call gets one kind only, ``copies`` either a distinct
-  copy per parameter or empty; no backend infers it;
-- forms each pass's scalars (``pass_scalars``): the global (optionally ASAM
-  weighted) squared norm over all buckets and the SAM epilogue
-  (fastsam/backends/_common.py), on the device, across devices and FSDP2 shards.
+- states the **restore contract** (``restore_slices``): after the first pass, every
+  parameter of a second-pass bucket is either *perturbed* (it has a copy of w to restore
+  from) or *fresh* (it had no first gradient: nothing to restore).  A backend call gets
+  one kind only, ``copies`` either a distinct copy per parameter or empty;
+- forms each pass's scalars (``pass_scalars``): the global (optionally ASAM weighted)
+  squared norm over all buckets and the SAM epilogue (fastsam/backends/_common.py), on
+  the device, across devices and FSDP2 shards.
+
+Complex parameters are handled as torch's optimizers handle them: the kernels see
+``torch.view_as_real`` views of the parameter, its gradient and its state.
 """
 from __future__ import annotations
 
 import collections
+import operator
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from . import backends
-from .backends._common import SKIP, Epilogue, new_scalars, sam_scalars
+from .. import backends
+from ..backends._common import SKIP, Epilogue, new_scalars, sam_scalars
 
 Tensors = List[torch.Tensor]
 
 
-@dataclass
+@dataclass(eq=False)
 class Bucket:
-    """The tensors of one param group on one (device, dtype), in group order.
+    """The tensors of one param group on one (device, dtype, backend), in group order.
 
-    ``params``/``grads`` are what the kernels see, ``keys`` the parameters the
-    optimizer state is keyed by: the same tensors, except for DTensor
-    parameters (FSDP2, tensor parallel), whose kernels see the local shards.
-    ``shard`` is None for plain tensors, else (device mesh, mesh dims the
+    ``params``/``grads`` are what the kernels see, ``keys`` the parameters the optimizer
+    state is keyed by: the same tensors, except for DTensor parameters (FSDP2, tensor
+    parallel), whose kernels see the local shards, and complex parameters, whose kernels
+    see real views.  ``shard`` is None for plain tensors, else (device mesh, mesh dims the
     parameters are sharded on): the dims over which sums of squares add up.
     """
 
@@ -48,33 +51,41 @@ class Bucket:
     grads: Tensors = field(default_factory=list)
     keys: Tensors = field(default_factory=list)
     shard: Optional[Tuple] = None
+    complex: bool = False
     copies: Optional[Tensors] = None  # the restore copies, looked up once per bucket
     index: List[int] = field(default_factory=list)  # positions of the parameters in the flat parameter list
-    _states: Optional[Tuple[Any, int, list]] = None  # (state mapping, its version, per-parameter dicts)
+    span: Optional[Tuple[int, int]] = None  # (start, stop) when ``index`` is one contiguous range
+    states_cache: Optional[Tuple[Any, int, list]] = None  # (state mapping, its version, per-parameter dicts)
+    scratch: Dict[str, Any] = field(default_factory=dict)  # per-bucket caches of the variants; die with the bucket
 
     def states(self, state: Dict) -> list:
         """The base optimizer's per-parameter state dicts of ``keys``, in order.
 
         Looked up again only when the mapping changed (a new mapping, or a TrackedState whose
-        keys were cleared, deleted or replaced): hashing a tensor key runs Python code (~0.25
-        us), which at 1,000 parameters was the largest host cost of a fused step.  The dicts
-        themselves are the optimizer's, so values written into them are seen.  An untracked
-        mapping is looked up every time.
+        keys were cleared, deleted or replaced): hashing a tensor key runs Python code, which
+        at a thousand parameters would be the largest host cost of a fused step.  The dicts
+        themselves are the optimizer's, so values written into them are seen.
         """
         version = getattr(state, "version", None)
-        if (version is None or self._states is None or self._states[0] is not state
-                or self._states[1] != version):
+        hit = self.states_cache
+        if version is None or hit is None or hit[0] is not state or hit[1] != version:
             dicts = [state[k] for k in self.keys]  # may insert fresh dicts: read the version after
-            self._states = (state, getattr(state, "version", None), dicts)
-        return self._states[2]
+            hit = self.states_cache = (state, getattr(state, "version", None), dicts)
+        return hit[2]
 
     def states_of(self, state: Dict, s: "Slice") -> list:
         """The state dicts of a slice's parameters: the cached list for the whole bucket."""
         return self.states(state) if s.keys is self.keys else [state[k] for k in s.keys]
 
-    def local(self, state: Tensors) -> Tensors:
-        """Optimizer-state tensors as the kernels see them: the local shards of DTensors."""
-        return state if self.shard is None else [_local(t) for t in state]
+    def view(self, tensors: Sequence[torch.Tensor]) -> Tensors:
+        """State tensors (or gradients) of this bucket's parameters as the kernels see them: the local
+        shards of DTensors, real views of complex tensors."""
+        out = list(tensors)
+        if self.shard is not None:
+            out = [local_view(t) for t in out]
+        if self.complex:
+            out = [torch.view_as_real(t) if t.is_complex() else t for t in out]
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -83,6 +94,10 @@ class Bucket:
     @property
     def dtype(self) -> torch.dtype:
         return self.params[0].dtype
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
 
     def whole(self, copies: Tensors) -> "Slice":
         return Slice(self.params, self.grads, self.keys, copies)
@@ -94,7 +109,7 @@ class TrackedState(collections.defaultdict):
     ``Bucket.states`` caches the per-parameter state dicts; this counter tells it when the
     mapping was cleared, an entry deleted or replaced (``state[p] = {}``), so that a reset
     state is seen.  Writes *into* a parameter's dict need no tracking: the cache holds the
-    dicts themselves.  FusedSAM installs it in place of the base optimizer's defaultdict
+    dicts themselves.  The core installs it in place of the base optimizer's defaultdict
     (again whenever something, e.g. ``load_state_dict``, replaces the mapping).
     """
 
@@ -159,34 +174,56 @@ class Slice(NamedTuple):
     copies: Tensors
 
     def take(self, ids: Sequence[int]) -> "Slice":
-        pick = lambda ts: [ts[i] for i in ids]  # noqa: E731
+        def pick(ts):
+            return [ts[i] for i in ids]
         return Slice(pick(self.params), pick(self.grads), pick(self.keys), pick(self.copies) if self.copies else [])
+
+    def with_grads(self, grads: Tensors) -> "Slice":
+        return self._replace(grads=grads)
+
+
+class Buckets(list):
+    """The bucket list of one gradient pattern, with what ``pass_scalars`` decides from it."""
+
+    __slots__ = ("info",)
+
+
+_grad_of = operator.attrgetter("grad")
 
 
 class Plan:
     """Buckets of the parameters with a gradient, cached on the gradient pattern."""
 
     def __init__(self, backend_for: Callable[[torch.device], Any]):
-        self._backend_for = backend_for
-        self._cache: Dict[Tuple, List[Bucket]] = {}
+        self.backend_for = backend_for
+        self._cache: Dict[Tuple, Buckets] = {}
         self._layout: Optional[Tuple] = None
 
     def clear(self) -> None:
         self._cache.clear()
         self._layout = None
 
-    def buckets(self, param_groups: List[Dict[str, Any]], base_state: Dict, recheck: bool = True) -> List[Bucket]:
+    def release(self) -> None:
+        """Drop the cached buckets' references to gradients (called when a step ends, so that
+        ``zero_grad()`` frees them)."""
+        for buckets in self._cache.values():
+            for b in buckets:
+                b.grads = []
+
+    def buckets(self, param_groups: List[Dict[str, Any]], base_state: Dict, recheck: bool = True) -> Buckets:
         """Buckets of the params that have a gradient now, with their gradients filled in.
 
         ``recheck=False`` (a step's second pass) reuses the first pass's fingerprint of the
         parameters (identity, storage, layout: ``_fingerprint``) and looks only at which
         parameters have a gradient, since nothing casts ``p.data`` between the two passes of
-        one step.
+        one step.  The gradients themselves are checked by the backends, before anything is
+        written (the backend contract), and described parameter by parameter by
+        ``describe_problem`` when a backend refuses them.
         """
         flat = [p for g in param_groups for p in g["params"]]
         if recheck or self._layout is None or len(self._layout[0]) != len(flat):
             self._layout = _fingerprint(flat)
-        grads = [p.grad for p in flat]
+        grads = list(map(_grad_of, flat))
         mask = (tuple([g is None for g in grads]), self._layout, tuple(map(id, param_groups)))
         buckets = self._cache.get(mask)
         if buckets is None:
@@ -197,30 +234,46 @@ class Plan:
         for b in buckets:
             if b.shard is not None:  # DTensors: the kernels work on the local shards
                 b.params = [p.to_local() for p in b.keys]
-                b.grads = [p.grad.to_local() for p in b.keys]
+                b.grads = b.view([p.grad.to_local() for p in b.keys])
+            elif b.complex:
+                b.grads = b.view([grads[i] for i in b.index])
+            elif b.span is not None:
+                b.grads = grads[b.span[0]:b.span[1]]
             else:
                 b.grads = [grads[i] for i in b.index]
         return buckets
 
-    def _build(self, param_groups: List[Dict[str, Any]]) -> "Buckets":
+    def _build(self, param_groups: List[Dict[str, Any]]) -> Buckets:
         buckets = Buckets()
         flat_i = -1
+        foreach = backends.get("foreach")
         for gi, group in enumerate(param_groups):
             by_key: Dict[Tuple, Bucket] = {}
             for pi, p in enumerate(group["params"]):
                 flat_i += 1
                 if p.grad is None:
                     continue
-                _check_param(p, gi, pi)
-                shard = _shard_key(p, gi, pi)
-                key = (p.device, p.dtype, shard)
-                if key not in by_key:
-                    by_key[key] = Bucket(group, [], backend_of(self._backend_for, p.device, p.dtype), shard=shard)
-                by_key[key].params.append(p)
-                by_key[key].keys.append(p)
-                by_key[key].index.append(flat_i)
+                problem = param_problem(p)
+                if problem:
+                    raise ValueError(f"{param_label(group, gi, pi)} {problem}")
+                shard = _shard_key(p, group, gi, pi)
+                view = torch.view_as_real(p) if p.is_complex() else p
+                backend = backend_of(self.backend_for, p.device, view.dtype)
+                if backend.NAME != "foreach" and not _plain_layout(view):
+                    backend = foreach  # compiled kernels index a tensor as one flat array
+                key = (p.device, view.dtype, shard, backend.NAME)
+                b = by_key.get(key)
+                if b is None:
+                    b = by_key[key] = Bucket(group, [], backend, shard=shard)
+                b.complex = b.complex or p.is_complex()
+                b.params.append(view)
+                b.keys.append(p)
+                b.index.append(flat_i)
             buckets.extend(by_key.values())
-        buckets.info = _pass_info(buckets) if buckets else None
+        for b in buckets:
+            if b.index == list(range(b.index[0], b.index[0] + len(b.index))):
+                b.span = (b.index[0], b.index[0] + len(b.index))
+        buckets.info = pass_info(buckets) if buckets else None
         return buckets
 
 
@@ -231,12 +284,16 @@ def backend_of(backend_for: Callable[[torch.device], Any], device: torch.device,
     return mod if mod.supports(dtype) else backends.get("foreach")
 
 
+def _plain_layout(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or t.numel() <= 1
+
+
 def copies_for(b: Bucket, sam_state: Dict) -> Tensors:
-    """The bucket's restore copies (kept in FusedSAM's own state under "sam_copy")."""
+    """The bucket's restore copies (kept in the core's own per-parameter state under "sam_copy")."""
     if b.copies is None:
         out = []
         for k, p in zip(b.keys, b.params):
-            st = sam_state[k]
+            st = sam_state.setdefault(k, {})
             c = st.get("sam_copy")
             if (c is None or c.shape != p.shape or c.dtype != p.dtype or c.device != p.device
                     or c.stride() != p.stride()):
@@ -248,25 +305,34 @@ def copies_for(b: Bucket, sam_state: Dict) -> Tensors:
 
 
 # ---------------------------------------------------------------- the restore contract
-def restore_slices(perturbed: List[Bucket], buckets: List[Bucket]) -> Dict[int, List[Slice]]:
+class Lone(NamedTuple):
+    """Perturbed parameters without a second gradient: restored, and not stepped."""
+
+    backend: Any
+    params: Tensors
+    copies: Tensors
+
+
+def restore_slices(perturbed: List[Bucket], buckets: List[Bucket]) -> Tuple[Dict[int, List[Slice]], List[Lone]]:
     """For each second-pass bucket (by id), the slices of one kind: perturbed parameters with
-    their copies, fresh ones without.  Perturbed parameters that got no second gradient are
-    restored here (they take no base step).
+    their copies, fresh ones without; and the perturbed parameters that got no second
+    gradient (to be restored only).  Writes nothing.
 
     ``perturbed`` are first_step's buckets (their ``params``/``copies`` as perturbed);
     usually the very same list as ``buckets``, when one slice per bucket suffices.
     """
     if buckets is perturbed:
-        return {id(b): [b.whole(b.copies)] for b in buckets}
+        return {id(b): [b.whole(b.copies)] for b in buckets}, []
     copy_of: Dict[int, torch.Tensor] = {}  # keyed by the parameters (DTensor views are renewed)
     for b in perturbed:
         for k, c in zip(b.keys, b.copies):
             copy_of[id(k)] = c
     stepped = {id(k) for b in buckets for k in b.keys}
-    for b in perturbed:  # perturbed, no second gradient: restore only
-        lone = [i for i, k in enumerate(b.keys) if id(k) not in stepped]
-        if lone:
-            b.backend.restore([b.params[i] for i in lone], [b.copies[i] for i in lone])
+    lone = []
+    for b in perturbed:
+        ids = [i for i, k in enumerate(b.keys) if id(k) not in stepped]
+        if ids:
+            lone.append(Lone(b.backend, [b.params[i] for i in ids], [b.copies[i] for i in ids]))
     out: Dict[int, List[Slice]] = {}
     for b in buckets:
         restored = [i for i, k in enumerate(b.keys) if id(k) in copy_of]
@@ -280,47 +346,50 @@ def restore_slices(perturbed: List[Bucket], buckets: List[Bucket]) -> Dict[int, 
             s = whole.take(restored)
             slices.append(s._replace(copies=[copy_of[id(k)] for k in s.keys]))
         out[id(b)] = slices
-    return out
+    return out, lone
 
 
 # ---------------------------------------------------------------- the norms and scalars
-def pass_scalars(buckets: List[Bucket], mode: str, *, weighted: bool, eps: float = 1e-12,
-                 max_norm: Optional[float] = None, prev: Optional[Dict[torch.device, torch.Tensor]] = None,
+def pass_scalars(buckets: List[Bucket], mode: str, *, weighted: bool, grads: Optional[List[Tensors]] = None,
+                 eps: float = 1e-12, max_norm: Optional[float] = None,
+                 prev: Optional[Dict[torch.device, torch.Tensor]] = None,
                  skip_hook: Optional[Callable[[torch.Tensor], None]] = None,
                  inv_scale: Optional[torch.Tensor] = None,
                  found_inf: Optional[torch.Tensor] = None) -> Dict[torch.device, torch.Tensor]:
     """The scalars of one pass (fastsam/backends/_common.py) on every device of ``buckets``.
 
-    The usual case, one device and plain tensors, is one ``grad_sq_norm`` call per bucket,
-    each adding its predecessor's total, the last one writing the epilogue: no scalar torch
-    op in between (the triton backend: two launches per bucket).  Several devices or FSDP2
-    shards combine the partial sums on the first bucket's device first.  A GradScaler's
-    ``inv_scale``/``found_inf`` (second pass) are folded into the epilogue; it then runs in
-    torch ops after the chained norms (a few scalar launches, no further pass over the
-    gradients), since the triton kernel's in-kernel epilogue does not take them.
+    ``grads[i]`` (default: bucket i's gradients) are the tensors whose norm is taken: a
+    variant's direction or update gradient where it replaces the gradient.  The usual case,
+    one device and plain tensors, is one ``grad_sq_norm`` call per bucket, each adding its
+    predecessor's total, the last one writing the epilogue: no scalar torch op in between.
+    Several devices or FSDP2 shards combine the partial sums on the first bucket's device
+    first.  A GradScaler's ``inv_scale``/``found_inf`` (second pass) are folded into the
+    epilogue, which then runs in torch ops after the chained norms, since the triton kernel's
+    in-kernel epilogue does not take them.  Reads only: nothing is written but the scalars.
     """
-    acc, main, chain = getattr(buckets, "info", None) or _pass_info(buckets)
+    acc, main, chain = getattr(buckets, "info", None) or pass_info(buckets)
+    lists = grads if grads is not None else [b.grads for b in buckets]
     out = new_scalars(main, acc)
-    prev_main = None if prev is None else _on(prev, main)
+    prev_main = None if prev is None else scalars_on(prev, main)
     ep = Epilogue(out, mode, eps, max_norm, prev_main, inv_scale, found_inf)
     scaled = inv_scale is not None or found_inf is not None
     if chain:
         total = None
-        for i, b in enumerate(buckets):
+        for i, (b, gs) in enumerate(zip(buckets, lists)):
             last = i == len(buckets) - 1 and not scaled
-            total = b.backend.grad_sq_norm(b.grads, b.params if weighted and b.group["adaptive"] else None,
+            total = b.backend.grad_sq_norm(gs, b.params if weighted and b.group["adaptive"] else None,
                                            accumulate=total, epilogue=ep if last else None)
         if scaled:
             sam_scalars(total, ep)
     else:
         partial: Dict[Optional[Tuple], torch.Tensor] = {}  # local sums, per kind of sharding
-        for b in buckets:
-            sq = b.backend.grad_sq_norm(b.grads, b.params if weighted and b.group["adaptive"] else None)
-            sq = _to(sq, main, acc)
+        for b, gs in zip(buckets, lists):
+            sq = b.backend.grad_sq_norm(gs, b.params if weighted and b.group["adaptive"] else None)
+            sq = to_device(sq, main, acc)
             partial[b.shard] = partial[b.shard] + sq if b.shard in partial else sq
         total = None
         for shard, sq in partial.items():  # bucket order: the same on every rank
-            sq = _reduce_over_shards(sq, shard)
+            sq = reduce_over_shards(sq, shard)
             total = sq if total is None else total + sq
         sam_scalars(total, ep)
     if skip_hook is not None:
@@ -331,17 +400,19 @@ def pass_scalars(buckets: List[Bucket], mode: str, *, weighted: bool, eps: float
     scalars = {main: out}
     for b in buckets:
         if b.device not in scalars:
-            scalars[b.device] = _to(out, b.device, out.dtype)
+            scalars[b.device] = to_device(out, b.device, out.dtype)
     return scalars
 
 
-class Buckets(list):
-    """The bucket list of one gradient pattern, with what ``pass_scalars`` decides from it."""
+def new_scalars_like(buckets: List[Bucket], saved: torch.Tensor) -> torch.Tensor:
+    """A pass's scalars on the first bucket's device (in the buckets' accumulation dtype), holding ``saved``."""
+    acc, main, _ = pass_info(buckets)
+    out = new_scalars(main, acc)
+    out.copy_(saved)
+    return out
 
-    __slots__ = ("info",)
 
-
-def _pass_info(buckets: List[Bucket]) -> Tuple[torch.dtype, torch.device, bool]:
+def pass_info(buckets: List[Bucket]) -> Tuple[torch.dtype, torch.device, bool]:
     """(accumulation dtype, main device, whether the norms can chain on one device)."""
     acc = torch.float64 if any(b.dtype == torch.float64 for b in buckets) else torch.float32
     main = buckets[0].device
@@ -350,26 +421,27 @@ def _pass_info(buckets: List[Bucket]) -> Tuple[torch.dtype, torch.device, bool]:
     return acc, main, chain
 
 
-def _on(scalars: Dict[torch.device, torch.Tensor], device: torch.device) -> torch.Tensor:
+def scalars_on(scalars: Dict[torch.device, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A pass's scalars on ``device`` (copied from another device if they are not there)."""
     s = scalars.get(device)
     if s is None:
         s = next(iter(scalars.values()))
-        s = _to(s, device, s.dtype)
+        s = to_device(s, device, s.dtype)
     return s
 
 
-def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``t`` on ``device``: asynchronous only where the destination is a device whose stream
     orders the copy before its readers.  A copy to the CPU blocks, since the CPU backends read
     such values on the host (a non-blocking CUDA->CPU copy may not have landed yet)."""
     return t.to(device=device, dtype=dtype, non_blocking=device.type != "cpu")
 
 
-def _reduce_over_shards(total: torch.Tensor, shard: Optional[Tuple]) -> torch.Tensor:
+def reduce_over_shards(total: torch.Tensor, shard: Optional[Tuple]) -> torch.Tensor:
     """Plain tensors (``shard`` None, DDP included): the sum is already whole.  Sharded
     DTensors (FSDP2): all-reduced (SUM, on the device) over each mesh dim the parameters
-    are sharded on, so every rank perturbs with the norm of the whole gradient and takes
-    the same skip decision."""
+    are sharded on, so every rank uses the norm of the whole gradient and takes the same
+    skip decision."""
     if shard is not None:
         mesh, dims = shard
         for d in dims:
@@ -385,27 +457,49 @@ _is_contiguous = torch.Tensor.is_contiguous
 def _fingerprint(flat: List[torch.Tensor]) -> Tuple:
     """What makes cached buckets stale: a replaced parameter (its identity), or one moved, cast
     or re-laid-out through ``p.data`` (``model.double()``, ``.cuda()``, ``.to(memory_format=...)``
-    all give the parameter new storage, so its data pointer changes).  Two tuples of ints built
-    by C-level maps: a third of the cost of a (id, dtype, device, layout) tuple per parameter,
-    which was a fifth of a SAM step's host time.  Tensors without storage of their own (DTensor
-    parameters) are described by dtype, device and layout instead."""
+    all give the parameter new storage, so its data pointer changes).  Tuples of ints built by
+    C-level maps, the cheapest description found.  Tensors without storage of their own
+    (DTensor parameters) are described by dtype, device and layout instead."""
     try:  # the layout too: p.data = p.data.t() keeps the storage but not the layout
         return tuple(map(id, flat)), tuple(map(_data_ptr, flat)), tuple(map(_is_contiguous, flat))
     except RuntimeError:
         return tuple(map(id, flat)), tuple([(p.dtype, p.device, p.is_contiguous()) for p in flat])
 
 
+def param_label(group: Dict[str, Any], gi: int, pi: int) -> str:
+    """How error messages name a parameter: its group and index, and its name where the optimizer
+    was given named parameters."""
+    names = group.get("param_names")
+    name = f" ({names[pi]!r})" if names is not None and pi < len(names) else ""
+    return f"param group {gi}, parameter {pi}{name}:"
 
-def _check_param(p: torch.Tensor, gi: int, pi: int) -> None:
-    if p.grad.is_sparse:
-        raise RuntimeError(f"FusedSAM does not support sparse gradients (param group {gi}, parameter {pi}); "
-                           "SAM needs a dense global gradient norm")
-    if p.is_complex():
-        raise RuntimeError(f"FusedSAM does not support complex parameters (param group {gi}, parameter {pi}); "
-                           "pass torch.view_as_real(p) views or keep complex parameters out of FusedSAM")
-    if p.grad.dtype != p.dtype or p.grad.device != p.device:
-        raise RuntimeError(f"gradient of param group {gi}, parameter {pi} has dtype/device "
-                           f"{p.grad.dtype}/{p.grad.device} but the parameter is {p.dtype}/{p.device}")
+
+def param_problem(p: torch.Tensor) -> str:
+    """Why ``p`` and its gradient cannot take a SAM step, or "" if they can."""
+    g = p.grad
+    if g is None:
+        return ""
+    if not (p.is_floating_point() or p.is_complex()):
+        return (f"has dtype {p.dtype} and a gradient; SAM perturbs and steps floating-point (or complex) "
+                "parameters only")
+    if g.layout != torch.strided:
+        return (f"has a {g.layout} gradient; SAM needs a dense gradient (its global norm and the "
+                "perturbation read every element)")
+    if g.dtype != p.dtype or g.device != p.device:
+        return f"has a gradient of dtype/device {g.dtype}/{g.device}, the parameter is {p.dtype}/{p.device}"
+    if g.shape != p.shape:
+        return f"has a gradient of shape {tuple(g.shape)}, the parameter's is {tuple(p.shape)}"
+    return ""
+
+
+def describe_problem(param_groups: List[Dict[str, Any]]) -> Optional[str]:
+    """The first parameter whose gradient no backend can take, named, or None."""
+    for gi, group in enumerate(param_groups):
+        for pi, p in enumerate(group["params"]):
+            problem = param_problem(p)
+            if problem:
+                return f"{param_label(group, gi, pi)} {problem}"
+    return None
 
 
 def _conform_state(buckets: List[Bucket], state: Dict) -> None:
@@ -426,25 +520,27 @@ def _conform_state(buckets: List[Bucket], state: Dict) -> None:
 
 def _dtensor_type():
     """DTensor's class once torch.distributed.tensor is imported, else None (no DTensor
-    exists before; importing it here would add ~1.5 s to ``import fastsam``)."""
+    exists before; importing it here would make ``import fastsam`` much slower)."""
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_view(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard; any other tensor as it is."""
     dt = _dtensor_type()
     return t.to_local() if dt is not None and isinstance(t, dt) else t
 
 
-def _shard_key(p: torch.Tensor, gi: int, pi: int) -> Optional[Tuple]:
+def _shard_key(p: torch.Tensor, group: Dict[str, Any], gi: int, pi: int) -> Optional[Tuple]:
     """None for a plain tensor; (mesh, sharded mesh dims) for a DTensor parameter."""
     dt = _dtensor_type()
     if dt is None or not isinstance(p, dt):
         return None
+    label = param_label(group, gi, pi)
     if not isinstance(p.grad, dt) or p.grad.placements != p.placements:
-        raise RuntimeError(
-            f"DTensor parameter (param group {gi}, parameter {pi}) with placements {p.placements} has a "
-            f"gradient placed {getattr(p.grad, 'placements', 'as a plain tensor')}; FusedSAM needs the "
-            "gradient sharded like its parameter (as FSDP2 leaves it)")
+        raise ValueError(
+            f"{label} a DTensor parameter placed {p.placements} has a gradient placed "
+            f"{getattr(p.grad, 'placements', 'as a plain tensor')}; SAM needs the gradient sharded like its "
+            "parameter (as FSDP2 leaves it)")
     if any(pl.is_partial() for pl in p.placements):
-        raise RuntimeError(f"DTensor parameter (param group {gi}, parameter {pi}) has a Partial placement")
+        raise ValueError(f"{label} a DTensor parameter with a Partial placement")
     return (p.device_mesh, tuple(d for d, pl in enumerate(p.placements) if pl.is_shard()))
