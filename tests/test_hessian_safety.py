@@ -11,7 +11,7 @@ from torch import nn
 
 import fastsam.hessian as hessian
 
-from .test_hessian import dense_hessian, softmax_regression
+from .test_hessian import Quadratic, dense_hessian, mean_loss, softmax_regression
 from .test_hessian_api import assert_restored, net, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -142,6 +142,23 @@ def test_nan_loss_through_torch_func_fallback(seed):
     assert_restored(model, snap)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 4 Lanczos steps need not converge
+def test_gradients_written_by_loss_fn_are_put_back(seed):
+    """.grad comes back bitwise even when user code writes it in place during the call (a loss
+    that runs its own backward, a hook)."""
+    g = torch.Generator().manual_seed(seed)
+    model, data = net(g)
+    model[0].weight.grad = torch.randn(6, 4, generator=g)
+    snap = snapshot(model)
+
+    def loss_fn(out, y):
+        model[0].weight.grad.add_(1.0)
+        return CE(out, y)
+
+    hessian.eigenvalues(model, loss_fn, data, k=1, max_iter=4, cache_graph=False)
+    assert_restored(model, snap)
+
+
 def test_hvp_vector_must_be_finite():
     model, data = net(torch.Generator().manual_seed(0))
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -253,3 +270,22 @@ def test_trace_estimator_equals_its_definition(seed, method, num_samples):
     assert torch.allclose(got.samples, forms, rtol=1e-9, atol=1e-12 * scale), msg
     assert got.trace == pytest.approx(exact + mean, rel=1e-9, abs=1e-12 * scale), msg
     assert got.std_error == pytest.approx(se, rel=1e-7, abs=1e-12 * scale), msg
+
+
+def test_slq_weights_are_the_quadrature_of_the_start_vector(seed):
+    """Lanczos quadrature with k nodes is exact for polynomials of degree <= 2k - 1: per run,
+    sum_j w_j theta_j^p = v0^T A^p v0 / v0^T v0 for p = 0..2k-1, with v0 that run's Rademacher
+    start vector (drawn in order from the seeded generator) and w_j the squared first components."""
+    g = torch.Generator().manual_seed(seed)
+    eigs = torch.linspace(-1.0, 2.0, 12, dtype=F64) + 0.05 * torch.rand(12, generator=g, dtype=F64)
+    model = Quadratic(eigs.tolist(), g)
+    A = model.A
+    k, runs = 4, 3
+    d = hessian.density(model, mean_loss, (torch.zeros(2, 1), torch.zeros(2)), num_iter=k, num_runs=runs, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    for r, (nodes, weights) in enumerate(zip(d.nodes, d.weights)):
+        v0 = _rademacher((12,), gen)
+        for p in range(2 * k):
+            want = float(v0 @ torch.linalg.matrix_power(A, p) @ v0) / float(v0 @ v0)
+            got = float((weights * nodes ** p).sum())
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-12 * 2.1 ** p), f"seed={seed} run {r} moment {p}"
