@@ -343,8 +343,8 @@ class HessianOperator:
         if not bool(torch.isfinite(v).all()):
             raise ArgumentError("v must be finite: it has NaN or infinite entries")
         raise FloatingPointError(
-            "the Hessian-vector product is not finite although every loss is (the second derivative "
-            f"overflows in {self.dtype}; a float64 model or smaller inputs avoid it)")
+            "the Hessian-vector product is not finite although every loss is: the second derivative is "
+            f"infinite at these weights (a point such as sqrt(0)) or overflows in {self.dtype} (try float64)")
 
     # ------------------------------------------------------------------ graph reuse
     @property
