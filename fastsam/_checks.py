@@ -93,10 +93,14 @@ def flag(name: str, value: Any, *, none: bool = False) -> Optional[bool]:
     raise ArgumentError(f"{name} must be a bool{' or None' if none else ''}, got {_describe(value)}")
 
 
-def choice(name: str, value: Any, options: Sequence[str], *, env: Optional[str] = None) -> str:
-    """``value`` if it is one of ``options`` (strings)."""
+def choice(name: str, value: Any, options: Sequence[str], *, env: Optional[str] = None,
+           none: bool = False) -> Optional[str]:
+    """``value`` if it is one of ``options`` (strings); ``None`` passes when ``none``."""
+    if value is None and none:
+        return None
     if not isinstance(value, str) or value not in options:
-        raise ArgumentError(f"{_where(name, env)} must be one of {', '.join(map(repr, options))}, got {value!r}")
+        raise ArgumentError(f"{_where(name, env)} must be one of {', '.join(map(repr, options))}"
+                            f"{' or None' if none else ''}, got {value!r}")
     return value
 
 

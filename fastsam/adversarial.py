@@ -18,6 +18,11 @@ What every attack guarantees:
   (``torch.autograd.grad``), never accumulating into parameters.
 - ``generator`` (a ``torch.Generator`` on ``x``'s device) makes the random start reproducible;
   without it the global RNG is used.
+- ``x`` must be finite and, with ``clamp``, inside it: clamping an input from outside the range
+  would move it past any eps, so that is an error (``clamp=None`` for unbounded inputs such as
+  normalised images). A loss whose input gradient is not finite raises ``FloatingPointError``.
+  Every setting is checked (``ValueError`` naming it) before the model runs; Python, NumPy and
+  0-d tensor scalars are accepted alike. A call that raises leaves the model as it was.
 
 Untargeted attacks (default) ascend ``loss_fn(model(x_adv), y)``; ``targeted=True`` descends the
 loss towards the labels ``y`` (then the target classes). The loss is summed over the batch, so
@@ -27,57 +32,65 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Tuple, Union
+from typing import Callable, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import ArgumentError, choice, flag, integer, real
+
 __all__ = ["pgd", "fgsm", "robust_accuracy", "RobustAccuracy", "NORMS", "MODEL_MODES"]
 
 NORMS = ("linf", "l2")
 MODEL_MODES = ("eval", "train", None)
-_TINY = 1e-12
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _number(name: str, value: Any, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
+def _check_attack(eps, alpha, steps, norm, random_start, loss_fn, clamp, model_mode, *, alpha_none=False):
+    """The attack's settings as plain Python values (every number through fastsam._checks)."""
+    eps = real("eps", eps, lo=0)
+    alpha = real("alpha", alpha, lo=0, none=alpha_none)
+    steps = integer("steps", steps, lo=0)
+    norm = choice("norm", norm, NORMS)
+    random_start = flag("random_start", random_start)
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
+    if clamp is not None:
+        if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
+            raise ArgumentError(f"clamp must be None or a (low, high) pair, got {clamp!r}")
+        clamp = (real("clamp[0]", clamp[0]), real("clamp[1]", clamp[1]))
+        if not clamp[0] < clamp[1]:
+            raise ArgumentError(f"clamp must satisfy low < high, got {clamp!r}")
+    model_mode = choice("model_mode", model_mode, ("eval", "train"), none=True)
+    return eps, alpha, steps, norm, random_start, clamp, model_mode
 
 
-def _check_common(model, x, y, eps, norm, clamp, loss_fn, model_mode):
+def _check_batch(model, x, y):
     if not isinstance(model, nn.Module) and not callable(model):
         raise TypeError(f"model must be a torch.nn.Module or a callable, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got "
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"x must have a non-empty leading batch dimension, got shape {tuple(x.shape)}")
+        raise ArgumentError(f"x must have a non-empty leading batch dimension, got shape {tuple(x.shape)}")
     if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"y must be a tensor with the batch size of x ({x.shape[0]}), got "
-                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
-    eps = _number("eps", eps)
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
-    if clamp is not None:
-        if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
-            raise ValueError(f"clamp must be None or a (low, high) pair, got {clamp!r}")
-        lo, hi = clamp
-        for n, v in (("clamp[0]", lo), ("clamp[1]", hi)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{n} must be a finite number, got {v!r}")
-        if not lo < hi:
-            raise ValueError(f"clamp must satisfy low < high, got {clamp!r}")
-        clamp = (float(lo), float(hi))
-    if not callable(loss_fn):
-        raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
-    if model_mode not in MODEL_MODES:
-        raise ValueError(f"model_mode must be one of {list(MODEL_MODES)}, got {model_mode!r}")
-    return eps, clamp
+        raise ArgumentError(f"y must be a tensor with the batch size of x ({x.shape[0]}), got "
+                            f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+
+
+def _check_inputs(x: torch.Tensor, clamp) -> None:
+    """x finite and inside ``clamp``: clamping an input from outside the range would move it
+    arbitrarily far, past any eps (one host read)."""
+    lo_x, hi_x = torch.stack(torch.aminmax(x.detach())).tolist()
+    if not (math.isfinite(lo_x) and math.isfinite(hi_x)):
+        raise ArgumentError(f"x must be finite, got values in [{lo_x}, {hi_x}]")
+    if clamp is not None and (lo_x < clamp[0] or hi_x > clamp[1]):
+        away = max(clamp[0] - lo_x, hi_x - clamp[1])
+        raise ArgumentError(
+            f"x has values in [{lo_x:g}, {hi_x:g}], outside clamp=({clamp[0]:g}, {clamp[1]:g}): the attack "
+            f"would move them up to {away:g} to honour clamp, whatever eps; pass clamp=None or the "
+            "inputs' own range (e.g. the range of normalised images)")
 
 
 # ----------------------------------------------------------------------------- model state
@@ -112,14 +125,15 @@ class _ModelState:
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     """L2 norm of each sample, shaped (N, 1, 1, ...) for broadcasting."""
-    return t.flatten(1).norm(dim=1).clamp_min(_TINY).view(-1, *([1] * (t.dim() - 1)))
+    # the dtype's smallest normal: a zero gradient steps by 0, not 0/0, in float16 too
+    return t.flatten(1).norm(dim=1).clamp_min(torch.finfo(t.dtype).tiny).view(-1, *([1] * (t.dim() - 1)))
 
 
 def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     if norm == "linf":
         return delta.clamp(-eps, eps)
     n = delta.flatten(1).norm(dim=1).view(-1, *([1] * (delta.dim() - 1)))
-    return delta * torch.where(n > eps, eps / n.clamp_min(_TINY), torch.ones_like(n))
+    return delta * torch.where(n > eps, eps / n.clamp_min(torch.finfo(n.dtype).tiny), torch.ones_like(n))
 
 
 def _random_start(x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
@@ -148,22 +162,26 @@ def pgd(model: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha:
     gradient (``norm="linf"``) or its unit-L2 input gradient (``norm="l2"``), then projects onto
     the ``eps``-ball around ``x`` and into ``clamp``. ``random_start``: start from a uniform point
     of the ball (clamped), else from ``x``. ``eps=0`` or ``steps=0`` (without random start)
-    returns ``x`` (clamped). See the module docstring for what is restored.
+    returns a copy of ``x``. See the module docstring for what is checked and restored.
     """
-    eps, clamp = _check_common(model, x, y, eps, norm, clamp, loss_fn, model_mode)
-    alpha = _number("alpha", alpha)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    eps, alpha, steps, norm, random_start, clamp, model_mode = _check_attack(
+        eps, alpha, steps, norm, random_start, loss_fn, clamp, model_mode)
+    targeted = flag("targeted", targeted)
+    _check_batch(model, x, y)
+    if generator is not None and (not isinstance(generator, torch.Generator)
+                                  or generator.device.type != x.device.type):
+        got = generator.device if isinstance(generator, torch.Generator) else type(generator).__name__
+        raise ArgumentError(f"generator must be a torch.Generator on x's device ({x.device}) or None, got {got}")
+    _check_inputs(x, clamp)
     x0 = x.detach()
     if random_start and eps > 0:
         x_adv = _clamp(x0 + _random_start(x0, eps, norm, generator), clamp)
     else:
-        x_adv = _clamp(x0.clone(), clamp)
+        x_adv = x0.clone()
     if eps == 0 or steps == 0 or alpha == 0:
-        return x_adv.detach()
+        return x_adv
     sign = -1.0 if targeted else 1.0
+    finite = torch.ones((), dtype=torch.bool, device=x.device)  # read once, after the last step
     with _ModelState(model, model_mode), torch.enable_grad():
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
@@ -172,12 +190,16 @@ def pgd(model: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha:
                 raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
             (g,) = torch.autograd.grad(loss.sum(), x_adv)
             with torch.no_grad():
+                finite &= torch.isfinite(g).all()  # sign(NaN) is 0: a NaN gradient would pass as no step
                 if norm == "linf":
                     step = g.sign()
                 else:
                     step = g / _per_sample_norm(g)
                 delta = _project(x_adv + sign * alpha * step - x0, eps, norm)
                 x_adv = _clamp(x0 + delta, clamp)
+    if not bool(finite):
+        raise FloatingPointError("the input gradient of loss_fn(model(x_adv), y) was not finite (a NaN or "
+                                 "infinite loss, or NaN model outputs): no adversarial example to return")
     return x_adv.detach()
 
 
@@ -240,15 +262,18 @@ def robust_accuracy(model: Callable, data: Union[Tuple[torch.Tensor, torch.Tenso
     device). ``seed`` seeds the random starts (a private generator; the global RNG is untouched).
     Predictions are taken in ``model_mode``; the model's state is restored as in :func:`pgd`.
     """
-    eps = _number("eps", eps)
+    # every setting is checked before the first batch is read
+    eps, alpha, steps, norm, random_start, clamp, model_mode = _check_attack(
+        eps, alpha, steps, norm, random_start, loss_fn, clamp, model_mode, alpha_none=True)
     if alpha is None:
         alpha = eps if steps == 1 else eps / 4
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    restarts = integer("restarts", restarts, lo=1)
     if restarts > 1 and not random_start:
-        raise ValueError("restarts > 1 needs random_start=True (the restarts would be identical)")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        raise ArgumentError("restarts > 1 needs random_start=True (the restarts would be identical)")
+    batch_size = integer("batch_size", batch_size, lo=1, none=True)
+    seed = integer("seed", seed, lo=-(2 ** 63), hi=2 ** 64 - 1, none=True)  # torch.Generator's range
+    if not isinstance(model, nn.Module) and not callable(model):
+        raise TypeError(f"model must be a torch.nn.Module or a callable, got {type(model).__name__}")
     if device is None and isinstance(model, nn.Module):
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else None
@@ -259,7 +284,7 @@ def robust_accuracy(model: Callable, data: Union[Tuple[torch.Tensor, torch.Tenso
             if device is not None:
                 x, y = x.to(device), y.to(device)
             if gen is None and seed is not None:
-                gen = torch.Generator(device=x.device).manual_seed(int(seed))
+                gen = torch.Generator(device=x.device).manual_seed(seed)
             with torch.no_grad():
                 ok = _predict(model, x).eq(y)
             clean += int(ok.sum())
@@ -271,7 +296,7 @@ def robust_accuracy(model: Callable, data: Union[Tuple[torch.Tensor, torch.Tenso
             robust += int(ok.sum())
             total += int(y.shape[0])
     if total == 0:
-        raise ValueError("data is empty: no samples to evaluate")
+        raise ArgumentError("data is empty: no samples to evaluate")
     attack = dict(eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start, restarts=restarts,
                   clamp=clamp, model_mode=model_mode)
     return RobustAccuracy(clean / total, robust / total, total, attack)

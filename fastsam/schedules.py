@@ -32,59 +32,119 @@ resumed run makes the same decisions as an uninterrupted one.
 
 A schedule sees the optimizer only through ``num_steps`` and (Adaptive) the
 parameters' ``.grad``: any object with those works.
+
+Settings (``k``, ``p``, ``delta``, ...) read as plain attributes and are checked
+whenever they are set: in the constructor, on assignment (``sched.k = 4``) and
+in ``load_state_dict``, which checks the whole state dict before it changes
+anything.  Numbers may be Python, NumPy or 0-d tensor scalars and are stored as
+Python numbers; a bad value raises ``ValueError`` naming the setting.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
+from ._checks import ArgumentError, integer, real
+
 __all__ = ["LatePhase", "Interval", "RandomSwitch", "Adaptive"]
 
-
-def _check_int(name: str, v: Any, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+_SEED_RANGE = dict(lo=-(2 ** 63), hi=2 ** 64 - 1)  # torch.Generator.manual_seed's
 
 
-def _check_prob(name: str, v: Any) -> None:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {v!r}")
+class _Setting:
+    """A schedule's setting, read as a plain attribute and checked whenever it is set (the
+    constructor, an assignment such as ``sched.k = 4``, ``load_state_dict``), so a schedule
+    never holds a value its ``decide`` would misread.  ``check(name, value)`` returns the
+    stored value; the owner's ``_consistent(**changed)`` checks relations between settings."""
+
+    def __init__(self, check: Callable[[str, Any], Any]):
+        self.check = check
+
+    def __set_name__(self, owner, name):
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.slot)
+
+    def __set__(self, obj, value):
+        v = self.check(self.name, value)
+        obj._consistent(**{self.name: v})
+        setattr(obj, self.slot, v)
 
 
-class LatePhase:
+def _fraction_steps(total_steps: Any) -> int:
+    return integer("total_steps", total_steps, lo=0)
+
+
+class _Schedule:
+    _SETTINGS: tuple = ()  # the settings, in constructor order
+    _STATE: Dict[str, Callable[[str, Any], Any]] = {}  # other state_dict entries and their checks
+    _SHOWN: tuple = ()     # other attributes the repr shows
+
+    def _consistent(self, **changed) -> None:
+        """Relations between settings, with ``changed`` in place of the current values."""
+
+    def _checked_state(self, d: Any) -> Dict[str, Any]:
+        """``d``'s settings and state entries, each checked as its setter would, naming
+        ``state_dict[key]``; nothing is assigned here, so a bad state dict changes nothing."""
+        kind = type(self).__name__
+        checks = {n: getattr(type(self), n).check for n in self._SETTINGS}
+        checks.update(self._STATE)
+        if not isinstance(d, Mapping):
+            raise ArgumentError(f"{kind}.load_state_dict takes a dict, got {type(d).__name__}")
+        missing = [k for k in checks if k not in d]
+        if missing:
+            raise ArgumentError(f"{kind} state_dict has no {', '.join(map(repr, missing))} "
+                                f"(not a {kind} state dict?)")
+        values = {k: check(f"{kind} state_dict[{k!r}]", d[k]) for k, check in checks.items()}
+        self._consistent(**{n: values[n] for n in self._SETTINGS})
+        return values
+
+    def _assign(self, values: Dict[str, Any]) -> None:
+        """Checked values in place, settings past their setters (they are checked together)."""
+        for k, v in values.items():
+            setattr(self, "_" + k if k in self._SETTINGS else k, v)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {k: getattr(self, k) for k in (*self._SETTINGS, *self._STATE)}
+
+    def load_state_dict(self, d: Dict[str, Any]) -> None:
+        self._assign(self._checked_state(d))
+
+    def __repr__(self) -> str:
+        shown = self._SETTINGS + self._SHOWN
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in shown)})"
+
+
+class LatePhase(_Schedule):
     """SAM on steps ``start``, ``start + 1``, ...; plain base steps before."""
 
+    _SETTINGS = ("start",)
+    start = _Setting(lambda n, v: integer(n, v, lo=0))
+
     def __init__(self, start: int):
-        _check_int("start", start, 0)
         self.start = start
 
     def decide(self, opt) -> bool:
         return opt.num_steps >= self.start
 
     def sam_fraction(self, total_steps: int) -> float:
+        total_steps = _fraction_steps(total_steps)
         return max(total_steps - self.start, 0) / total_steps if total_steps else 0.0
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"start": self.start}
 
-    def load_state_dict(self, d: Dict[str, Any]) -> None:
-        self.start = int(d["start"])
-
-    def __repr__(self) -> str:
-        return f"LatePhase(start={self.start})"
-
-
-class Interval:
+class Interval(_Schedule):
     """SAM on every k-th step (Composer's ``interval``: steps k-1, 2k-1, ...), rho times ``rho_multiplier``."""
 
+    _SETTINGS = ("k", "rho_multiplier", "start")
+    k = _Setting(lambda n, v: integer(n, v, lo=1))
+    rho_multiplier = _Setting(lambda n, v: real(n, v, lo=0))
+    start = _Setting(lambda n, v: integer(n, v, lo=0))
+
     def __init__(self, k: int, rho_multiplier: float = 1.0, start: int = 0):
-        _check_int("k", k, 1)
-        _check_int("start", start, 0)
-        if not (isinstance(rho_multiplier, (int, float)) and math.isfinite(rho_multiplier) and rho_multiplier >= 0):
-            raise ValueError(f"rho_multiplier must be a finite number >= 0, got {rho_multiplier!r}")
-        self.k, self.rho_multiplier, self.start = k, float(rho_multiplier), start
+        self.k, self.rho_multiplier, self.start = k, rho_multiplier, start
 
     def decide(self, opt) -> bool:
         t = opt.num_steps - self.start
@@ -94,37 +154,51 @@ class Interval:
         return self.rho_multiplier
 
     def sam_fraction(self, total_steps: int) -> float:
+        total_steps = _fraction_steps(total_steps)
         n = max(total_steps - self.start, 0)
         return (n // self.k) / total_steps if total_steps else 0.0
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"k": self.k, "rho_multiplier": self.rho_multiplier, "start": self.start}
 
-    def load_state_dict(self, d: Dict[str, Any]) -> None:
-        self.k, self.rho_multiplier, self.start = int(d["k"]), float(d["rho_multiplier"]), int(d["start"])
-
-    def __repr__(self) -> str:
-        return f"Interval(k={self.k}, rho_multiplier={self.rho_multiplier}, start={self.start})"
+def _needs_total_steps(end_name: str, end: Any, total_steps: Any) -> None:
+    if end is not None and total_steps is None:
+        raise ArgumentError(f"{end_name}={end!r} needs total_steps (the steps over which it is reached); "
+                            f"set total_steps first, or {end_name}=None for a constant schedule")
 
 
-class RandomSwitch:
+class RandomSwitch(_Schedule):
     """RST: a SAM step with probability p_t (constant, or linear from ``p`` to ``p_end`` over ``total_steps``).
 
     The Bernoulli draws come from a private ``torch.Generator`` seeded with
     ``seed``; its state is in ``state_dict()``, so a resumed run draws the same.
-    The decision is drawn once per step (asked again for the same step, the
-    optimizer reuses its answer).
+    Setting ``seed`` reseeds that generator.  The decision is drawn once per step
+    (asked again for the same step, the optimizer reuses its answer).
     """
+
+    _SETTINGS = ("p", "p_end", "total_steps")
+    _STATE = {"seed": lambda n, v: integer(n, v, **_SEED_RANGE)}
+    _SHOWN = ("seed",)
+    p = _Setting(lambda n, v: real(n, v, lo=0, hi=1))
+    p_end = _Setting(lambda n, v: real(n, v, lo=0, hi=1, none=True))
+    total_steps = _Setting(lambda n, v: integer(n, v, lo=1, none=True))
 
     def __init__(self, p: float = 0.5, p_end: Optional[float] = None, total_steps: Optional[int] = None,
                  seed: int = 0):
-        _check_prob("p", p)
-        if p_end is not None:
-            _check_prob("p_end", p_end)
-            _check_int("total_steps", total_steps, 1)
-        self.p, self.p_end, self.total_steps, self.seed = float(p), p_end, total_steps, int(seed)
+        self._p_end = self._total_steps = None  # read by _consistent before they are set
+        self.p, self.total_steps, self.p_end = p, total_steps, p_end
         self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(self.seed)
+        self.seed = seed
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: Any) -> None:
+        self._seed = self._STATE["seed"]("seed", value)
+        self.generator.manual_seed(self._seed)
+
+    def _consistent(self, **changed) -> None:
+        _needs_total_steps("p_end", changed.get("p_end", self.p_end), changed.get("total_steps", self.total_steps))
 
     def probability(self, t: int) -> float:
         if self.p_end is None:
@@ -137,18 +211,21 @@ class RandomSwitch:
         return u < self.probability(opt.num_steps)
 
     def sam_fraction(self, total_steps: int) -> float:
+        total_steps = _fraction_steps(total_steps)
         return sum(self.probability(t) for t in range(total_steps)) / total_steps if total_steps else 0.0
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"p": self.p, "p_end": self.p_end, "total_steps": self.total_steps, "seed": self.seed,
-                "generator": self.generator.get_state()}
+        return {**super().state_dict(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, d: Dict[str, Any]) -> None:
-        self.p, self.p_end, self.total_steps, self.seed = float(d["p"]), d["p_end"], d["total_steps"], int(d["seed"])
+        values = self._checked_state(d)
+        try:  # on a scratch generator first: a malformed state must not reach ours
+            torch.Generator(device="cpu").set_state(d["generator"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise ArgumentError(f"RandomSwitch state_dict['generator'] must be a CPU torch.Generator state "
+                                f"(generator.get_state()): {e}") from None
+        self._assign(values)
         self.generator.set_state(d["generator"])
-
-    def __repr__(self) -> str:
-        return f"RandomSwitch(p={self.p}, p_end={self.p_end}, total_steps={self.total_steps}, seed={self.seed})"
 
 
 def grad_sq_norm(opt) -> float:
@@ -172,28 +249,37 @@ def grad_sq_norm(opt) -> float:
     return total
 
 
-class Adaptive:
+class Adaptive(_Schedule):
     """AE-SAM: SAM when ||g||^2 >= mu + c_t * std, from moving statistics of ||g||^2.
 
     ``delta`` is the moving-average factor; ``c`` (and ``c_end`` with
     ``total_steps``: linear in between) the threshold in standard deviations.
     ``warmup`` steps (default 1) only collect statistics and are SGD steps.
     A non-finite norm leaves the statistics unchanged and is not a SAM step
-    (the optimizer skips that step anyway).
+    (the optimizer skips that step anyway).  ``mean``, ``var``, ``count`` and
+    ``sam_steps`` are the statistics (state, restored by ``load_state_dict``).
     """
+
+    _SETTINGS = ("delta", "c", "c_end", "total_steps", "warmup")
+    delta = _Setting(lambda n, v: real(n, v, lo=0, hi=1, hi_open=True))
+    c = _Setting(lambda n, v: real(n, v))
+    c_end = _Setting(lambda n, v: real(n, v, none=True))
+    total_steps = _Setting(lambda n, v: integer(n, v, lo=1, none=True))
+    warmup = _Setting(lambda n, v: integer(n, v, lo=0))
+    _STATE = {"mean": lambda n, v: real(n, v), "var": lambda n, v: real(n, v, lo=0),
+              "count": lambda n, v: integer(n, v, lo=0), "sam_steps": lambda n, v: integer(n, v, lo=0)}
 
     def __init__(self, delta: float = 0.9, c: float = 0.0, c_end: Optional[float] = None,
                  total_steps: Optional[int] = None, warmup: int = 1):
-        if not 0.0 <= delta < 1.0:
-            raise ValueError(f"delta must be in [0, 1), got {delta!r}")
-        if c_end is not None:
-            _check_int("total_steps", total_steps, 1)
-        _check_int("warmup", warmup, 0)
-        self.delta, self.c, self.c_end, self.total_steps, self.warmup = float(delta), float(c), c_end, total_steps, warmup
+        self._c_end = self._total_steps = None  # read by _consistent before they are set
+        self.delta, self.c, self.total_steps, self.c_end, self.warmup = delta, c, total_steps, c_end, warmup
         self.mean = 0.0
         self.var = 0.0
         self.count = 0
         self.sam_steps = 0
+
+    def _consistent(self, **changed) -> None:
+        _needs_total_steps("c_end", changed.get("c_end", self.c_end), changed.get("total_steps", self.total_steps))
 
     def threshold_c(self, t: int) -> float:
         if self.c_end is None:
@@ -216,16 +302,9 @@ class Adaptive:
         self.sam_steps += int(sam)
         return sam
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"delta": self.delta, "c": self.c, "c_end": self.c_end, "total_steps": self.total_steps,
-                "warmup": self.warmup, "mean": self.mean, "var": self.var, "count": self.count,
-                "sam_steps": self.sam_steps}
-
     def load_state_dict(self, d: Dict[str, Any]) -> None:
-        for k in ("delta", "c", "mean", "var"):
-            setattr(self, k, float(d[k]))
-        self.c_end, self.total_steps = d["c_end"], d["total_steps"]
-        self.warmup, self.count, self.sam_steps = int(d["warmup"]), int(d["count"]), int(d["sam_steps"])
-
-    def __repr__(self) -> str:
-        return f"Adaptive(delta={self.delta}, c={self.c}, c_end={self.c_end}, total_steps={self.total_steps})"
+        values = self._checked_state(d)
+        if values["sam_steps"] > values["count"]:
+            raise ArgumentError(f"Adaptive state_dict['sam_steps'] ({values['sam_steps']}) cannot exceed "
+                                f"state_dict['count'] ({values['count']})")
+        self._assign(values)

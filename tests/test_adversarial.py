@@ -120,8 +120,10 @@ def test_attack_increases_loss_and_clamps():
     with torch.no_grad():
         assert float(ce(m(x_adv), y)) > float(ce(m(x), y))
     assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
-    x_lo = adversarial.pgd(m, x, y, eps=0.3, alpha=0.05, steps=3, clamp=(0.2, 0.6))
+    x_mid = 0.2 + 0.4 * x  # inputs inside the narrower range
+    x_lo = adversarial.pgd(m, x_mid, y, eps=0.3, alpha=0.05, steps=3, clamp=(0.2, 0.6))
     assert bool((x_lo >= torch.tensor(0.2)).all()) and bool((x_lo <= torch.tensor(0.6)).all())
+    assert float((x_lo - x_mid).abs().max()) <= 0.3 + 1e-6
 
 
 def test_determinism_with_generator():
@@ -163,7 +165,7 @@ def test_robust_accuracy_linear():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(eps=-0.1), "eps must be >= 0"),
-    (dict(eps=float("nan")), "eps must be a finite number"),
+    (dict(eps=float("nan")), "eps must be a finite real number"),
     (dict(alpha=-1.0), "alpha must be >= 0"),
     (dict(steps=-1), "steps must be an integer >= 0"),
     (dict(steps=2.5), "steps must be an integer >= 0"),

@@ -183,11 +183,17 @@ def test_perturb(be, seed, dtype, adaptive, skip):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_restore_is_exact(be, seed, dtype):
+    """params take the copies' bits (signed zeros, infinities and NaN too); the copies stay as they were."""
     _need(be, dtype)
     shapes = _shapes()
     p, c = _like(shapes, dtype), _like(shapes, dtype)
+    special = torch.tensor([-0.0, float("inf"), float("-inf"), float("nan")], dtype=dtype)
+    c[3][:4] = special
+    p[3][:4] = special.flip(0)
+    c0 = _clone(c)
     be.restore(p, c)
-    _assert_bitwise(p, c)
+    _assert_bitwise(p, c0)
+    _assert_bitwise(c, c0)
 
 
 # ------------------------------------------------------------------ restore + SGD

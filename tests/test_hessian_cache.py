@@ -98,9 +98,9 @@ def test_cache_errors():
     m, batches, _ = setup()
     with pytest.raises(ValueError, match="cache_graph=True needs hvp_mode='double_backward'"):
         hessian.HessianOperator(m, CE, batches, hvp_mode="forward_over_reverse", cache_graph=True)
-    with pytest.raises(ValueError, match="cache_graph must be True, False or None"):
+    with pytest.raises(ValueError, match="cache_graph must be a bool or None"):
         hessian.HessianOperator(m, CE, batches, cache_graph="yes")
-    with pytest.raises(ValueError, match="cache_bytes must be a non-negative integer"):
+    with pytest.raises(ValueError, match="cache_bytes must be an integer >= 0"):
         hessian.HessianOperator(m, CE, batches, cache_bytes=-1)
     # forward-over-reverse never caches (nothing to reuse) and still works
     with hessian.HessianOperator(m, CE, batches, hvp_mode="forward_over_reverse") as op:

@@ -9,7 +9,10 @@
     hv = hessian.hvp(model, loss_fn, (x, y), vector)                 # parameter-shaped
 
 The operator is the Hessian of the loss averaged over all samples of ``data`` (and over all
-ranks of an initialised process group). The model's mode, buffers and ``.grad`` are restored.
+ranks of an initialised process group). The model's mode, buffers and ``.grad`` are restored,
+also when a call raises. A loss that is not finite on some batch, or a product that is not,
+raises ``FloatingPointError`` naming the batch; arguments are checked (``ValueError`` naming
+the argument) before ``data`` is read.
 """
 from ._hvp import HVP_MODES, MODEL_MODES, HessianOperator, hvp, unflatten
 from .density import DensityResult, density

@@ -7,13 +7,13 @@ manager: entering it puts the model into the requested mode, leaving it restores
 from __future__ import annotations
 
 import secrets
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._util import check_choice
+from .._checks import ArgumentError, choice, flag, integer
 
 HVP_MODES = ("double_backward", "forward_over_reverse")
 MODEL_MODES = ("train", "eval")
@@ -138,15 +138,28 @@ class HessianOperator:
                  model_mode: str = "eval", distributed: Optional[bool] = None, process_group=None,
                  seed: Optional[int] = None, cache_graph: Optional[bool] = None,
                  cache_bytes: Optional[int] = None):
+        # every argument is checked before ``data`` (perhaps a one-shot iterable) is consumed and
+        # before the first collective, so a bad call changes nothing and deadlocks no rank
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
-        self.model, self.loss_fn = model, loss_fn
-        self.hvp_mode = check_choice("hvp_mode", hvp_mode, HVP_MODES)
-        self.model_mode = check_choice("model_mode", model_mode, MODEL_MODES)
-        self.batches = as_batches(data)
+        self.hvp_mode = choice("hvp_mode", hvp_mode, HVP_MODES)
+        self.model_mode = choice("model_mode", model_mode, MODEL_MODES)
+        seed = integer("seed", seed, none=True)
+        cache_graph = flag("cache_graph", cache_graph, none=True)
+        cache_bytes = integer("cache_bytes", cache_bytes, lo=0, none=True)
+        distributed = flag("distributed", distributed, none=True)
+        if cache_graph and self.hvp_mode != "double_backward":
+            raise ArgumentError("cache_graph=True needs hvp_mode='double_backward' (forward-over-reverse "
+                                "cannot reuse a graph: every product pushes a new tangent through the forward)")
+        if distributed is None:
+            distributed = dist.is_available() and dist.is_initialized()
+        if distributed and not (dist.is_available() and dist.is_initialized()):
+            raise ArgumentError("distributed=True but no torch.distributed process group is initialised")
         named = trainable_parameters(model)
+        self.model, self.loss_fn = model, loss_fn
+        self.batches = as_batches(data)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.shapes = [p.shape for p in self.params]
@@ -154,18 +167,12 @@ class HessianOperator:
         self.n = sum(self.sizes)
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
-        if distributed is None:
-            distributed = dist.is_available() and dist.is_initialized()
-        if distributed and not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("distributed=True but no torch.distributed process group is initialised")
         self.distributed, self.group = bool(distributed), process_group
         self.rank = dist.get_rank(process_group) if self.distributed else 0
         local = sum(batch_size(b) for b in self.batches)
         self.num_samples = int(self.all_reduce(torch.tensor([float(local)], dtype=torch.float64,
                                                             device=self._comm_device())).item())
         self.weights = [batch_size(b) / self.num_samples for b in self.batches]
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
         self.seed = self.broadcast_seed(seed)  # rank 0's; solvers seed their probe vectors with it
         # per-batch RNG seeds for train-mode randomness (dropout), decorrelated from self.seed
         self._rng_seeds = [(self.seed * 6364136223846793005 + 1442695040888963407 * (i + 1)) % 2 ** 63
@@ -173,17 +180,10 @@ class HessianOperator:
         self.num_hvps = 0
         self._saved = None
         self._use_torch_func = False  # forward_over_reverse: eager forward AD until an op lacks it
-        if cache_graph is not None and not isinstance(cache_graph, bool):
-            raise ValueError(f"cache_graph must be True, False or None (automatic), got {cache_graph!r}")
-        if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
-                                        or cache_bytes < 0):
-            raise ValueError(f"cache_bytes must be a non-negative integer or None, got {cache_bytes!r}")
+        self._losses: List[Tuple[int, torch.Tensor]] = []  # (batch, loss) since the last finiteness check
         # double_backward: the first-order graph (gradients with create_graph) of each batch is
         # built once and reused by every product, within a memory budget (see _graph_budget)
         self.cache_graph = (self.hvp_mode == "double_backward") if cache_graph is None else cache_graph
-        if self.cache_graph and self.hvp_mode != "double_backward":
-            raise ValueError("cache_graph=True needs hvp_mode='double_backward' (forward-over-reverse "
-                             "cannot reuse a graph: every product pushes a new tangent through the forward)")
         self._cache_bytes_arg = cache_bytes
         self._cache_force = cache_graph is True
         self._graphs: dict = {}
@@ -251,27 +251,32 @@ class HessianOperator:
         return [c.view(s).to(self.dtype) for c, s in zip(v.split(self.sizes), self.shapes)]
 
     def from_params(self, vector) -> torch.Tensor:
-        """A parameter-shaped list/tuple (or flat tensor) as a flat tensor on the device."""
+        """A parameter-shaped list/tuple (or flat tensor) of finite floats as a flat tensor on the device."""
         if isinstance(vector, torch.Tensor):
             if vector.dim() != 1 or vector.numel() != self.n:
-                raise ValueError(f"vector must be a flat tensor with {self.n} entries or a list shaped "
-                                 f"like the trainable parameters, got a tensor of shape {tuple(vector.shape)}")
-            return vector.to(self.device)
-        if not isinstance(vector, (list, tuple)) or len(vector) != len(self.params):
-            raise ValueError(f"vector must be a list of {len(self.params)} tensors shaped like the trainable "
-                             f"parameters (or a flat tensor with {self.n} entries)")
-        for i, (v, p) in enumerate(zip(vector, self.params)):
-            if not isinstance(v, torch.Tensor) or v.shape != p.shape:
-                raise ValueError(f"vector[{i}] must have shape {tuple(p.shape)} (parameter {self.names[i]!r}), "
-                                 f"got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
-        return flatten(v.to(self.device) for v in vector)
+                raise ArgumentError(f"vector must be a flat tensor with {self.n} entries or a list shaped "
+                                    f"like the trainable parameters, got a tensor of shape {tuple(vector.shape)}")
+            flat = vector.to(self.device)
+        else:
+            if not isinstance(vector, (list, tuple)) or len(vector) != len(self.params):
+                raise ArgumentError(f"vector must be a list of {len(self.params)} tensors shaped like the "
+                                    f"trainable parameters (or a flat tensor with {self.n} entries)")
+            for i, (v, p) in enumerate(zip(vector, self.params)):
+                if not isinstance(v, torch.Tensor) or v.shape != p.shape:
+                    raise ArgumentError(f"vector[{i}] must have shape {tuple(p.shape)} (parameter {self.names[i]!r}),"
+                                        f" got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+            flat = flatten(v.to(self.device) for v in vector)
+        if not flat.is_floating_point() or not bool(torch.isfinite(flat).all()):
+            raise ArgumentError(f"vector must hold finite floating-point numbers, got dtype {flat.dtype}"
+                                f"{'' if not flat.is_floating_point() else ' with NaN or infinite entries'}")
+        return flat
 
     # ------------------------------------------------------------------ products
-    def _check_loss(self, loss):
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError("loss_fn must return a scalar tensor (mean reduction), got "
-                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
-        return loss.reshape(())
+    def _loss(self, i, outputs, targets):
+        """loss_fn's scalar on batch ``i``, noted for the finiteness check of the product."""
+        loss = _scalar_loss(self.loss_fn(outputs, targets))
+        self._losses.append((i, loss.detach()))
+        return loss
 
     def _seeded(self, i):
         if self.model_mode != "train":
@@ -280,14 +285,19 @@ class HessianOperator:
         return _SeededRng(self._rng_seeds[i], devices)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """H @ v for a flat vector ``v`` (length ``n``); the result has ``v``'s dtype."""
+        """H @ v for a flat vector ``v`` (length ``n``); the result has ``v``'s dtype.
+
+        Raises ``FloatingPointError`` (the model's state is restored when the ``with`` block
+        exits) when ``loss_fn`` is not finite on some batch or the product is not finite."""
         if self._saved is None:
             raise RuntimeError("HessianOperator.matvec must be called inside its `with` block")
-        if v.dim() != 1 or v.numel() != self.n:
-            raise ValueError(f"v must be a flat tensor with {self.n} entries, got shape {tuple(v.shape)}")
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() != 1 or v.numel() != self.n:
+            raise ArgumentError(f"v must be a flat floating-point tensor with {self.n} entries, got "
+                                f"{_describe(v)}")
         vs = self.split(v.to(self.device))
         out = [torch.zeros_like(p) for p in self.params]
         fn = self._hvp_double_backward if self.hvp_mode == "double_backward" else self._hvp_fwd_rev
+        self._losses = []
         for i, (batch, w) in enumerate(zip(self.batches, self.weights)):
             if self.cache_graph and (i in self._graphs or not self._cache_full):
                 hv = self._hvp_cached(i, batch, vs)
@@ -298,21 +308,43 @@ class HessianOperator:
             inputs, targets = _to(batch[0], self.device), _to(batch[1], self.device)
             try:
                 with self._seeded(i):
-                    hv = fn(inputs, targets, vs)
+                    hv = fn(i, inputs, targets, vs)
             except NotImplementedError:
                 # an op without a forward-AD formula for its backward: use torch.func, whose jvp
                 # decomposes such ops, for this and every later product (same seed, same masks)
                 if fn != self._hvp_fwd_rev or self._use_torch_func:
                     raise
                 self._use_torch_func = True
+                self._losses = [(j, loss) for j, loss in self._losses if j != i]
                 with self._seeded(i):
-                    hv = fn(inputs, targets, vs)
+                    hv = fn(i, inputs, targets, vs)
             for o, h in zip(out, hv):
                 if h is not None:
                     o.add_(h.detach(), alpha=w)
-        flat = self.all_reduce(flatten(out))
+        # the count of non-finite losses travels with the product's all-reduce, so every rank
+        # reads the same verdict (one host read per product; the solvers read one anyway)
+        bad = torch.zeros(1, dtype=out[0].dtype, device=self.device)
+        for _, loss in self._losses:
+            bad += (~torch.isfinite(loss)).to(bad.dtype)
+        flat = self.all_reduce(flatten([*out, bad]))
+        bad_losses, bad_product = torch.stack([flat[-1] > 0, ~torch.isfinite(flat[:-1]).all()]).tolist()
+        if bad_losses or bad_product:
+            self._raise_nonfinite(v, bad_losses)
         self.num_hvps += 1
-        return flat.to(v.dtype)
+        return flat[:-1].to(v.dtype)
+
+    def _raise_nonfinite(self, v, bad_losses):
+        if bad_losses:
+            local = [(i, float(loss)) for i, loss in self._losses if not bool(torch.isfinite(loss))]
+            where = ", ".join(f"data batch {i} (loss {x})" for i, x in local) or "another rank's data"
+            raise FloatingPointError(
+                f"loss_fn is not finite on {where}{f' of rank {self.rank}' if self.distributed and local else ''}: "
+                "the Hessian is undefined there (check the data, the model's weights and loss_fn)")
+        if not bool(torch.isfinite(v).all()):
+            raise ArgumentError("v must be finite: it has NaN or infinite entries")
+        raise FloatingPointError(
+            "the Hessian-vector product is not finite although every loss is: the second derivative is "
+            f"infinite at these weights (a point such as sqrt(0)) or overflows in {self.dtype} (try float64)")
 
     # ------------------------------------------------------------------ graph reuse
     @property
@@ -350,10 +382,12 @@ class HessianOperator:
                     total[0] += st.nbytes()
             except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
                 pass
-            return t
+            # detached: a saved output that held its own grad_fn would be a reference cycle through
+            # C++ that gc cannot break (pytorch/pytorch#115255); unpacking restores the grad_fn
+            return t.detach()
 
         with torch.enable_grad(), self._seeded(i), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self._check_loss(self.loss_fn(_call(self.model, inputs), targets))
+            loss = self._loss(i, _call(self.model, inputs), targets)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         keep = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
         return [grads[j] for j in keep], keep, total[0]
@@ -378,21 +412,21 @@ class HessianOperator:
         return torch.autograd.grad(grads, self.params, grad_outputs=[vs[j] for j in keep],
                                    retain_graph=i in self._graphs, allow_unused=True)
 
-    def _hvp_double_backward(self, inputs, targets, vs):
+    def _hvp_double_backward(self, i, inputs, targets, vs):
         with torch.enable_grad():
-            loss = self._check_loss(self.loss_fn(_call(self.model, inputs), targets))
+            loss = self._loss(i, _call(self.model, inputs), targets)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             terms = [(g * v).sum() for g, v in zip(grads, vs) if g is not None and g.requires_grad]
             if not terms:  # the loss is at most linear in the parameters
                 return [None] * len(vs)
             return torch.autograd.grad(torch.stack(terms).sum(), self.params, allow_unused=True)
 
-    def _hvp_fwd_rev(self, inputs, targets, vs):
+    def _hvp_fwd_rev(self, i, inputs, targets, vs):
         if self._use_torch_func:
-            return self._hvp_fwd_rev_func(inputs, targets, vs)
-        return self._hvp_fwd_rev_eager(inputs, targets, vs)
+            return self._hvp_fwd_rev_func(i, inputs, targets, vs)
+        return self._hvp_fwd_rev_eager(i, inputs, targets, vs)
 
-    def _hvp_fwd_rev_eager(self, inputs, targets, vs):
+    def _hvp_fwd_rev_eager(self, i, inputs, targets, vs):
         """Forward-over-reverse with eager forward AD: parameters as dual tensors (tangent = v),
         one forward, one plain backward (no ``create_graph``); the gradients' tangents are H v.
 
@@ -407,13 +441,13 @@ class HessianOperator:
         with torch.enable_grad(), fwAD.dual_level():
             duals = {n: fwAD.make_dual(p, t) for n, p, t in zip(self.names, primals, vs)}
             out = functional_call(self.model, duals, args, kwargs, strict=False)
-            loss = self._check_loss(self.loss_fn(out, targets))
+            loss = self._loss(i, out, targets)
             del out, duals
             grads = torch.autograd.grad(loss, primals, allow_unused=True)
             del loss
             return [None if g is None else fwAD.unpack_dual(g).tangent for g in grads]
 
-    def _hvp_fwd_rev_func(self, inputs, targets, vs):
+    def _hvp_fwd_rev_func(self, i, inputs, targets, vs):
         from torch.func import functional_call, grad, jvp
         model = self.model
         primals = {n: p.detach() for n, p in zip(self.names, self.params)}
@@ -425,8 +459,8 @@ class HessianOperator:
         args, kwargs = _call_args(inputs)
 
         def loss_of(p):
-            out = functional_call(model, (p, others), args, kwargs)
-            return self._check_loss(self.loss_fn(out, targets))
+            loss = _scalar_loss(self.loss_fn(functional_call(model, (p, others), args, kwargs), targets))
+            return loss, loss.detach()  # the loss leaves the transforms as jvp's aux output
 
         # torch.func cannot mutate captured buffers: in train mode BatchNorm uses batch statistics
         # either way, so stop it from updating running statistics during the transform.
@@ -435,11 +469,25 @@ class HessianOperator:
         for m in bns:
             m.track_running_stats = False
         try:
-            _, hv = jvp(grad(loss_of), (primals,), (tangents,))
+            _, hv, loss = jvp(grad(loss_of, has_aux=True), (primals,), (tangents,), has_aux=True)
+            self._losses.append((i, loss))
         finally:
             for m in bns:
                 m.track_running_stats = True
         return [hv[n] for n in self.names]
+
+
+def _scalar_loss(loss):
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError("loss_fn must return a scalar tensor (mean reduction), got "
+                         f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
+    return loss.reshape(())
+
+
+def _describe(v):
+    if isinstance(v, torch.Tensor):
+        return f"a tensor of shape {tuple(v.shape)} and dtype {v.dtype}"
+    return type(v).__name__
 
 
 class _NullCtx:

@@ -1,38 +1,23 @@
-"""Small shared helpers: argument checks, random probe vectors, progress bars."""
+"""Small shared helpers: the dtype and callback checks, random probe vectors, progress bars."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import torch
 
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
+from .._checks import ArgumentError
 
 
-def check_positive_int(name: str, value: Any, minimum: int = 1, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def check_tol(tol: Any) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
-    return float(tol)
-
-
-def check_dtype(dtype, op) -> torch.dtype:
-    """The working dtype of the solver's vectors: the parameter dtype unless given."""
-    if dtype is None:
-        return op.dtype
-    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+def check_dtype(dtype) -> Optional[torch.dtype]:
+    """The solver's working dtype (``None``: the parameters' dtype, known once the operator exists)."""
+    if dtype is not None and dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise ArgumentError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     return dtype
+
+
+def check_callback(callback) -> None:
+    if callback is not None and not callable(callback):
+        raise ArgumentError(f"callback must be callable as callback(info) or None, got {type(callback).__name__}")
 
 
 def generator(device: torch.device, seed: int) -> torch.Generator:

@@ -8,8 +8,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .._checks import flag, integer, real
 from ._hvp import HessianOperator
-from ._util import Progress, check_dtype, check_positive_int, generator, rademacher
+from ._util import Progress, check_dtype, generator, rademacher
 from .lanczos import run_lanczos, tridiagonal
 
 
@@ -78,15 +79,15 @@ def density(model: nn.Module, loss_fn, data, num_iter: int = 100, num_runs: int 
     ``num_runs * num_iter`` products.
     Other keywords (``cache_graph``, ``cache_bytes``, ...) as in :func:`eigenvalues`.
     """
-    check_positive_int("num_iter", num_iter)
-    check_positive_int("num_runs", num_runs)
-    check_positive_int("num_points", num_points, minimum=2)
-    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0):
-        raise ValueError(f"sigma must be a positive number or None, got {sigma!r}")
+    num_iter = integer("num_iter", num_iter, lo=1)
+    num_runs = integer("num_runs", num_runs, lo=1)
+    num_points = integer("num_points", num_points, lo=2)
+    sigma = real("sigma", sigma, lo=0, lo_open=True, none=True)
+    dtype, progress = check_dtype(dtype), flag("progress", progress)
     with HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, model_mode=model_mode,
                          distributed=distributed, process_group=process_group, seed=seed,
                          cache_graph=cache_graph, cache_bytes=cache_bytes) as op:
-        wdtype = check_dtype(dtype, op)
+        wdtype = dtype or op.dtype
         seed = op.seed
         gen = generator(op.device, seed)
         nodes, weights = [], []

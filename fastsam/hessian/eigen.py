@@ -8,8 +8,9 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-from ._hvp import HessianOperator
-from ._util import check_choice, check_dtype, check_positive_int, check_tol
+from .._checks import ArgumentError, choice, flag, integer, real
+from ._hvp import HessianOperator, trainable_parameters
+from ._util import check_callback, check_dtype
 from .lanczos import lanczos_eigs
 from .power import power_eigs
 
@@ -78,25 +79,30 @@ def eigenvalues(model: nn.Module, loss_fn, data, k: int = 1, method: str = "lanc
       ``HessianOperator``); ``cache_graph=False`` recomputes forward and backward per product.
     Warns if not converged within ``max_iter``.
     """
-    check_positive_int("k", k)
-    check_choice("method", method, METHODS)
-    tol = check_tol(tol)
-    check_positive_int("max_iter", max_iter, allow_none=True)
+    k = integer("k", k, lo=1)
+    choice("method", method, METHODS)
+    tol = real("tol", tol, lo=0, lo_open=True)
+    max_iter = integer("max_iter", max_iter, lo=1, none=True)
+    dtype, progress = check_dtype(dtype), flag("progress", progress)
+    check_callback(callback)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    n = sum(p.numel() for _, p in trainable_parameters(model))
+    if k > n:
+        raise ArgumentError(f"k must be at most the number of trainable parameters ({n}), got {k}")
+    if method == "lanczos":
+        steps = max_iter if max_iter is not None else min(n, max(100, 20 * k))
+        if steps < k:
+            raise ArgumentError(f"max_iter must be >= k for method='lanczos', got {max_iter}")
+    else:
+        steps = max_iter if max_iter is not None else 1000
     with HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, model_mode=model_mode,
                          distributed=distributed, process_group=process_group, seed=seed,
                          cache_graph=cache_graph, cache_bytes=cache_bytes) as op:
-        if k > op.n:
-            raise ValueError(f"k must be at most the number of trainable parameters ({op.n}), got {k}")
-        wdtype = check_dtype(dtype, op)
+        wdtype = dtype or op.dtype
         seed = op.seed
-        if method == "lanczos":
-            steps = max_iter if max_iter is not None else min(op.n, max(100, 20 * k))
-            if steps < k:
-                raise ValueError(f"max_iter must be >= k for method='lanczos', got {max_iter}")
-            out = lanczos_eigs(op, k, tol, steps, seed, wdtype, callback=callback, progress=progress)
-        else:
-            steps = max_iter if max_iter is not None else 1000
-            out = power_eigs(op, k, tol, steps, seed, wdtype, callback=callback, progress=progress)
+        solve = lanczos_eigs if method == "lanczos" else power_eigs
+        out = solve(op, k, tol, steps, seed, wdtype, callback=callback, progress=progress)
         values, vectors, residuals, converged, num_iter, shift = out
         result = EigenResult(values, vectors, op.num_hvps, residuals, converged, num_iter, seed, method,
                              list(op.names), list(op.shapes), shift)

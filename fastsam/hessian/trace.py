@@ -8,8 +8,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._checks import choice, flag, integer
 from ._hvp import HessianOperator
-from ._util import Progress, check_choice, check_dtype, check_positive_int, generator, rademacher
+from ._util import Progress, check_dtype, generator, rademacher
 
 METHODS = ("hutch++", "hutchinson")
 
@@ -62,12 +63,13 @@ def trace(model: nn.Module, loss_fn, data, num_samples: int = 100, method: str =
     variance when the spectrum decays.
     Other keywords (``cache_graph``, ``cache_bytes``, ...) as in :func:`eigenvalues`.
     """
-    check_choice("method", method, METHODS)
-    check_positive_int("num_samples", num_samples, minimum=3 if method == "hutch++" else 2)
+    choice("method", method, METHODS)
+    num_samples = integer("num_samples", num_samples, lo=3 if method == "hutch++" else 2)
+    dtype, progress = check_dtype(dtype), flag("progress", progress)
     with HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, model_mode=model_mode,
                          distributed=distributed, process_group=process_group, seed=seed,
                          cache_graph=cache_graph, cache_bytes=cache_bytes) as op:
-        wdtype = check_dtype(dtype, op)
+        wdtype = dtype or op.dtype
         seed = op.seed
         gen = generator(op.device, seed)
         with Progress(progress, num_samples, method, op.rank) as bar:

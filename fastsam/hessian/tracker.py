@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from ._util import check_positive_int
+from .._checks import ArgumentError, integer
 from .eigen import eigenvalues
 
 
@@ -26,8 +26,8 @@ class SharpnessTracker:
 
     def __init__(self, model: nn.Module, loss_fn, data, every: int = 1, k: int = 1, **kwargs: Any):
         self.model, self.loss_fn, self.data = model, loss_fn, data
-        self.every = check_positive_int("every", every)
-        self.k = check_positive_int("k", k)
+        self.every = integer("every", every, lo=1)
+        self.k = integer("k", k, lo=1)
         self.kwargs = kwargs
         self.count = 0
         self.history: List[Dict[str, Any]] = []
@@ -60,5 +60,10 @@ class SharpnessTracker:
         return {"count": self.count, "history": [dict(h) for h in self.history]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.count = int(state["count"])
-        self.history = [dict(h) for h in state["history"]]
+        if not isinstance(state, dict) or "count" not in state or not isinstance(state.get("history"), list):
+            raise ArgumentError("state must be a SharpnessTracker state_dict (a dict with 'count' and a list "
+                                "'history')")
+        count = integer("state['count']", state["count"], lo=0)
+        if not all(isinstance(h, dict) for h in state["history"]):
+            raise ArgumentError("state['history'] must be a list of dicts")
+        self.count, self.history = count, [dict(h) for h in state["history"]]
