@@ -52,6 +52,9 @@ class Bucket:
     keys: Tensors = field(default_factory=list)
     shard: Optional[Tuple] = None
     complex: bool = False
+    home: Any = None  # the backend resolved for the bucket; ``backend`` falls back to foreach for a pass
+    dense_only: bool = False  # ``home`` reads every tensor as one flat array laid out like its parameter
+    strided: bool = False     # some parameter is dense but not contiguous (channels_last)
     copies: Optional[Tensors] = None  # the restore copies, looked up once per bucket
     index: List[int] = field(default_factory=list)  # positions of the parameters in the flat parameter list
     span: Optional[Tuple[int, int]] = None  # (start, stop) when ``index`` is one contiguous range
@@ -241,6 +244,10 @@ class Plan:
                 b.grads = grads[b.span[0]:b.span[1]]
             else:
                 b.grads = [grads[i] for i in b.index]
+            if b.dense_only:  # a gradient laid out unlike its parameter: this pass runs on foreach
+                laid_out = (all(g.stride() == p.stride() for g, p in zip(b.grads, b.params)) if b.strided
+                            else all(map(_is_contiguous, b.grads)))
+                b.backend = b.home if laid_out else backends.get("foreach")
         return buckets
 
     def _build(self, param_groups: List[Dict[str, Any]]) -> Buckets:
@@ -259,13 +266,15 @@ class Plan:
                 shard = _shard_key(p, group, gi, pi)
                 view = torch.view_as_real(p) if p.is_complex() else p
                 backend = backend_of(self.backend_for, p.device, view.dtype)
-                if backend.NAME != "foreach" and not _plain_layout(view):
+                if backend.NAME != "foreach" and not _dense(view):
                     backend = foreach  # compiled kernels index a tensor as one flat array
                 key = (p.device, view.dtype, shard, backend.NAME)
                 b = by_key.get(key)
                 if b is None:
-                    b = by_key[key] = Bucket(group, [], backend, shard=shard)
+                    b = by_key[key] = Bucket(group, [], backend, shard=shard, home=backend,
+                                             dense_only=backend.NAME in _DENSE_ONLY)
                 b.complex = b.complex or p.is_complex()
+                b.strided = b.strided or not _is_contiguous(view)
                 b.params.append(view)
                 b.keys.append(p)
                 b.index.append(flat_i)
@@ -284,8 +293,15 @@ def backend_of(backend_for: Callable[[torch.device], Any], device: torch.device,
     return mod if mod.supports(dtype) else backends.get("foreach")
 
 
-def _plain_layout(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or t.numel() <= 1
+# Backends whose kernels take only tensors laid out like their parameter (the triton backend
+# checks that itself and hands such calls to foreach).
+_DENSE_ONLY = ("cpp", "cuda")
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Dense in one of the layouts torch makes (contiguous, channels-last): one flat array."""
+    return (t.numel() <= 1 or t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+            or t.is_contiguous(memory_format=torch.channels_last_3d))
 
 
 def copies_for(b: Bucket, sam_state: Dict) -> Tensors:

@@ -111,30 +111,26 @@ class Transaction:
         writes = self.writes if self.ordered else sorted(self.writes, key=lambda w: w.size)
         self.writes = []
         try:
-            for i, w in enumerate(writes):
-                if w.undo is None and not (i == len(writes) - 1 and w.single):
-                    self._done.append(self.snapshots.take(w.tensors, w.backend))
-                w.run()
-                if w.undo is not None:  # registered once it ran: a write that raises wrote nothing
-                    self._done.append(w.undo)
+            with torch.no_grad():
+                self._run(writes)
         except BaseException:
             self.rollback()
             raise
+
+    def _run(self, writes: List[Write]) -> None:
+        for i, w in enumerate(writes):
+            if w.undo is None and not (i == len(writes) - 1 and w.single):
+                self._done.append(self.snapshots.take(w.tensors, w.backend))
+            w.run()
+            if w.undo is not None:  # registered once it ran: a write that raises wrote nothing
+                self._done.append(w.undo)
 
     def rollback(self) -> None:
         """Undo every write that ran and every Python-level change, newest first."""
         done, self._done = self._done, []
         undo, self._undo = self._undo, []
-        for fn in reversed(done):
-            fn()
+        with torch.no_grad():
+            for fn in reversed(done):
+                fn()
         for fn in reversed(undo):
             fn()
-
-
-def guarded(tx: Transaction, fn: Callable[[], None]) -> None:
-    """Run ``fn`` (which prepares ``tx``); on any exception roll back what it registered and re-raise."""
-    try:
-        fn()
-    except BaseException:
-        tx.rollback()
-        raise

@@ -18,10 +18,14 @@ def check_bucket(*lists: Optional[Sequence[torch.Tensor]]) -> None:
         return
     n = len(lists[0])
     ref = lists[0][0]
+    first = lists[0]
     for ls in lists:
         if len(ls) != n:
             raise ValueError(f"tensor lists of one fused call must have equal lengths, got {n} and {len(ls)}")
-        for t in ls:
+        for t, r in zip(ls, first):
+            if t.shape != r.shape:  # the ops are element-wise over the lists: a mismatch reads out of bounds
+                raise ValueError(f"tensors of one element-wise fused call have shapes {tuple(t.shape)} and "
+                                 f"{tuple(r.shape)}")
             if t.device != ref.device:
                 raise ValueError(
                     f"parameters on different devices in one fused call ({ref.device} and {t.device}); "

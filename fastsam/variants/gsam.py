@@ -17,9 +17,10 @@ paper's range).  Everything else (closure, two-step form, non-finite skip,
 clipping of d, schedules, late phase, state_dict) is FusedSAM's.
 
 Cost beyond SAM: one copy of g (first pass), one fused read of (g_s, g) for the dot
-product and both norms, one axpby pass writing d over the copy of g (the backends'
-``dot_sq_norms`` and ``axpby``); no host synchronisation (fastsam/variants/_ops.py).
-The base optimizer steps with d; ``p.grad`` is left holding g_s.
+product and both norms, one axpby pass writing d (the backends' ``dot_sq_norms`` and
+``axpby``); no host synchronisation (fastsam/variants/_ops.py).  Memory beyond SAM: the
+copy of g and d, one parameter-sized buffer each.  The base optimizer steps with d;
+``p.grad`` is left holding g_s.
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ class GSAMSettings(Checked):
 
 class GSAMStep(Extension):
     """GSAM's additions to the core step: the rho schedule and a copy of g (first pass), the
-    decomposed direction d (second pass, into the copy of g: the base step reads it there,
-    ``p.grad`` keeps g_s)."""
+    decomposed direction d (second pass, into a scratch buffer of its own, which the base step
+    reads: ``p.grad`` keeps g_s, and the copy of g survives a failed second step for its retry)."""
 
     name = "GSAM"
 
@@ -106,8 +107,9 @@ class GSAMStep(Extension):
             new, old = r[1].sqrt(), r[2].sqrt()
             coef = -((r[0] / (new * old + eps)) * old / (new + eps))
         c = _ops.coefs(1.0 - alpha * coef, -alpha, 0.0, r)
-        _ops.axpby(buckets, grads, gs, c, out=gs)
-        for b, d in zip(buckets, gs):
+        ds = [core.buffers(b, "gsam_d") for b in buckets]  # not over g: a failed step is retried from it
+        _ops.axpby(buckets, grads, gs, c, out=ds)
+        for b, d in zip(buckets, ds):
             b.grads = d
 
     def state_dict(self) -> Dict[str, Any]:
