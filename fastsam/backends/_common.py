@@ -101,7 +101,7 @@ def _host_scalars(sq: torch.Tensor, ep: Epilogue) -> None:
             else:  # torch's max_norm / t is reciprocal(t) * max_norm
                 clip = min(r(r(1.0 / r(norm + r(CLIP_EPS))) * r(ep.max_norm)), 1.0)
             factor = clip if inv is None else _round32(inv * _round32(clip))
-    try:  # a NumPy view writes both slots without dispatching two torch ops (~3 us each)
+    try:  # a NumPy view writes both slots without dispatching two torch ops
         out = ep.out.numpy()
         out[SKIP] = bad
         out[FACTOR] = factor

@@ -34,16 +34,24 @@ class Write:
     """One write of a commit: ``run()`` overwrites ``tensors`` (and nothing else); ``backend``,
     where given, is the backend whose ``restore`` op copies them for a snapshot."""
 
-    __slots__ = ("run", "tensors", "undo", "single", "size", "backend")
+    __slots__ = ("run", "tensors", "undo", "single", "backend", "_size")
 
     def __init__(self, run: Callable[[], None], tensors: Sequence[torch.Tensor], *,
-                 undo: Optional[Callable[[], None]] = None, single: bool = True, backend: Any = None):
+                 undo: Optional[Callable[[], None]] = None, single: bool = True, backend: Any = None,
+                 size: Optional[int] = None):
         self.run = run
-        self.tensors = list(tensors)
+        self.tensors = tensors
         self.undo = undo          # exact inverse, replaces the snapshot
         self.single = single      # one backend call: when it raises, it wrote nothing
         self.backend = backend
-        self.size = sum(t.numel() * t.element_size() for t in self.tensors)
+        self._size = size
+
+    @property
+    def size(self) -> int:
+        """Bytes written (what orders the commit): given by the caller, or counted when first needed."""
+        if self._size is None:
+            self._size = sum(t.numel() * t.element_size() for t in self.tensors)
+        return self._size
 
 
 class Snapshots:
@@ -98,8 +106,11 @@ class Transaction:
         self._done: List[Callable[[], None]] = []   # the undo of each write that ran, in order
 
     def write(self, run: Callable[[], None], tensors: Sequence[torch.Tensor], *,
-              undo: Optional[Callable[[], None]] = None, single: bool = True, backend: Any = None) -> None:
-        self.writes.append(Write(run, tensors, undo=undo, single=single, backend=backend))
+              undo: Optional[Callable[[], None]] = None, single: bool = True, backend: Any = None,
+              size: Optional[int] = None) -> None:
+        """Register a write; ``tensors`` are what it overwrites (snapshotted unless it runs last or
+        has an exact ``undo``), ``size`` their bytes where the caller knows them."""
+        self.writes.append(Write(run, tensors, undo=undo, single=single, backend=backend, size=size))
 
     def on_undo(self, fn: Callable[[], None]) -> None:
         """Register the inverse of a Python-level change just made (run in reverse order on failure)."""
@@ -108,7 +119,9 @@ class Transaction:
     def commit(self) -> None:
         """Run the writes (the largest last, unless ``ordered``); on any exception, undo what
         ran, then the Python-level changes, and re-raise."""
-        writes = self.writes if self.ordered else sorted(self.writes, key=lambda w: w.size)
+        writes = self.writes
+        if not self.ordered and len(writes) > 1 and any(w.undo is None for w in writes):
+            writes = sorted(writes, key=lambda w: w.size)
         self.writes = []
         try:
             with torch.no_grad():

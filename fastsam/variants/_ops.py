@@ -13,8 +13,8 @@ all-reduced over FSDP2 shards as the core's norms are.
 
 Coefficients (``coefs`` = [a, b, skip]) are formed where the reduction lives:
 
-* on the CPU, on the host in Python floats (reading a CPU tensor costs nothing, and ten
-  scalar torch ops would cost ~40 us a step);
+* on the CPU, on the host in Python floats (reading a CPU tensor costs nothing, and a
+  dozen scalar torch ops cost more host time than the step's kernels on small models);
 * elsewhere, with scalar torch ops on the device: nothing is read by the host.
 
 ``HOST_SCALARS = False`` forces the device formulas on the CPU too, so that the tests run
