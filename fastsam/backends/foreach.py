@@ -44,7 +44,7 @@ def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
                  accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
     check_bucket(grads, params)
     if not grads:
-        return finish_norm(torch.zeros((), dtype=torch.float32), accumulate, epilogue)
+        return finish_norm(torch.zeros((), dtype=torch.float32, device="cpu"), accumulate, epilogue)
     acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
     if params is not None:
         if grads[0].dtype != acc:  # |w|*g overflows 16 bits long before its square does in fp32
@@ -217,7 +217,7 @@ def dot_sq_norms(xs: Tensors, ys: Tensors, *, accumulate: Optional[torch.Tensor]
     the two flat copies (the memory of a large model): ``_dot_sq_norms_multi``."""
     check_bucket(xs, ys)
     if not xs:
-        return torch.zeros(3, dtype=torch.float32) if accumulate is None else accumulate.clone()
+        return torch.zeros(3, dtype=torch.float32, device="cpu") if accumulate is None else accumulate.clone()
     acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
     out = (_dot_sq_norms_flat if xs[0].device.type == "cpu" else _dot_sq_norms_multi)(xs, ys, acc)
     if accumulate is not None:

@@ -233,4 +233,4 @@ class LookSAM(VariantSAM):
         if "gv_sq" in d:
             self._gv_sq = None if d["gv_sq"] is None else d["gv_sq"].clone()
         else:  # a state dict of the earlier LookSAM, which stored g_v normalised: ||g_v|| ~ 1
-            self._gv_sq = torch.ones((), dtype=torch.float64) if self.has_gv else None
+            self._gv_sq = torch.ones((), dtype=torch.float64, device="cpu") if self.has_gv else None

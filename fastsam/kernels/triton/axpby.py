@@ -46,6 +46,8 @@ def axpby(xs: List[torch.Tensor], ys: List[torch.Tensor], coefs: torch.Tensor, o
     tab = mt.table([xs, ys, out])
     if tab is None:
         return False
-    mt.launch(_axpby_kernel, tab.n_blocks, *tab.args(), coefs, DTYPE=mt.DTYPE_IDS[xs[0].dtype],
-              ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
+    # No contraction of a * x + b * y into an FMA: the contract's separately rounded float32
+    # products and sum (fastsam/backends/__init__.py: axpby), as torch computes them.
+    mt.launch_parts(_axpby_kernel, tab, coefs, DTYPE=mt.DTYPE_IDS[xs[0].dtype], BLOCK=mt.BLOCK,
+                    enable_fp_fusion=False)
     return True
