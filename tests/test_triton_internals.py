@@ -150,6 +150,17 @@ def test_a_mixed_bucket_keeps_vector_accesses_for_its_aligned_tensors(seed, monk
     assert [(n, al) for n, al, _ in seen] == [(5, True), (3, False)]
 
 
+def test_axpby_is_launched_without_fp_fusion(monkeypatch):
+    """The contract's separately rounded a x + b y: the launcher asks for a kernel compiled without
+    FMA contraction (tests/test_triton_compile.py checks the PTX of such a kernel)."""
+    seen = []
+    real = mt.launch
+    monkeypatch.setattr(mt, "launch", lambda k, n, *a, **kw: (seen.append(kw), real(k, n, *a, **kw)))
+    xs = [torch.randn(7, device=DEVICE)]
+    tb.axpby(xs, _clone(xs), torch.tensor([1.0, 2.0, 0.0], device=DEVICE))
+    assert seen and all(kw.get("enable_fp_fusion") is False for kw in seen)
+
+
 def test_block_map_parts_list_each_tensor_once():
     """Meta with an alignment mask: the aligned tensors' programs first, then the others', each tensor's
     chunks in order, and the counters are per tensor (the original index)."""

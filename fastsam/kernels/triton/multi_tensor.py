@@ -23,10 +23,9 @@ caps one bucket at 8.8e12 elements.
 BLOCK = 2048 with 8 warps: 8 elements per thread and stream, two 16-byte
 vector accesses each in fp32.  The registers and spills of every kernel
 variant, as ptxas reports them for sm_90, are printed by
-tests/test_triton_compile.py, which fails on any spill or stack use; an SM
-holds 65536 registers, so a kernel of 8 warps using at most 64 registers
-per thread lets 4 programs share an SM.  Not timed on a GPU yet: sweep BLOCK
-1024..4096 x 4/8 warps there.
+tests/test_triton_compile.py, which fails on any spill or stack use (an SM
+holds 65536 registers: 256 / registers-per-thread programs of 8 warps fit on
+it).  Not timed on a GPU yet: sweep BLOCK 1024..4096 x 4/8 warps there.
 
 Alignment.  16-byte vector loads and stores need every address of a tensor's
 lists to be a multiple of 16 bytes; a view at an odd offset (DDP's gradient
