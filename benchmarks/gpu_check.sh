@@ -11,8 +11,9 @@
 # Environment: PYTHON (interpreter, default python3), GPU_CHECK_BUDGET_S (the GPU run's budget),
 # GPU_CHECK_STEPS (space-separated names: run only these; the others are reported as not run).
 #
-# A step is one line: `step NAME CAP_S "GPU command" "dry-run command"`, run in order; the most
-# informative steps come first.  Its cap is a wall-clock limit on the GPU only (timeout), cut to
+# A step is one statement: `step NAME CAP_S "GPU command" "dry-run command"`, run in order; the
+# most informative steps come first, and each test step has its own cap, so that one timing out
+# leaves the others' reports.  Its cap is a wall-clock limit on the GPU only (timeout), cut to
 # what is left of the budget; a step with under 15 s left is not started.  The extension build
 # runs in the background from the start (`start_step`/`finish_step`), alongside the triton
 # contract cases, which do not need it; if it fails, every later step runs with FASTSAM_NO_JIT=1,
@@ -148,7 +149,7 @@ if ! finish_step build_extension && [ -n "${BG_PID[build_extension]:-}" ]; then
 fi
 
 # The same suite on the cuda backend (dry run: the CPU twin, whose conftest would build it).
-step contract_cuda 45 \
+step contract_cuda 30 \
   "$PYTEST tests/test_backend_ops.py -k 'cuda-cuda'" \
   "$PYTEST tests/test_backend_ops.py -k 'cpp and axpby_rounds'"
 
@@ -156,25 +157,32 @@ step contract_cuda 45 \
 
 # The restore contract end to end, launch counts (<= 6 per SAM step, every torch op counted),
 # capture of whole training steps (a scheduler across the late-phase switch; a step over thousands
-# of tensors), triton internals, >2^31 elements, the cuda kernels against foreach and the CPU twin,
-# the SAM family on CUDA vs float64 on the CPU, no host synchronisation in their steps.
-step tests_gpu 80 \
-  "$PYTEST tests/test_restore_contract.py tests/test_capturable.py tests/test_triton_launches.py tests/test_triton_internals.py tests/test_triton_gpu.py tests/test_csrc_cuda.py tests/test_variants_gpu.py -k 'not inductor'" \
+# of tensors), triton internals (a bucket of mixed alignment), >2^31 elements, no host
+# synchronisation in a steady step.
+step tests_triton 60 \
+  "$PYTEST tests/test_restore_contract.py tests/test_capturable.py tests/test_triton_launches.py tests/test_triton_internals.py tests/test_triton_gpu.py -k 'not inductor'" \
   "$PYTEST tests/test_triton_launches.py tests/test_restore_contract.py tests/test_capturable.py -k 'not 300'"
 
+# The cuda kernels against foreach, the CPU twin and triton: chunk and launch boundaries,
+# misaligned views, skips, capture, >2^31 elements.
+step tests_cuda 25 "$PYTEST tests/test_csrc_cuda.py" "$PYTEST tests/test_csrc_cuda.py"
+
+# The SAM family on every CUDA backend against float64 on the CPU, and without host synchronisation.
+step tests_variants 30 "$PYTEST tests/test_variants_gpu.py" "$PYTEST tests/test_variants_gpu.py"
+
 # Optimizer-side benchmark, every backend vs the reference (ResNet-18 / ResNet-50 parameter sets).
-step optimizer_step 35 \
+step optimizer_step 30 \
   "$PY benchmarks/optimizer_step.py --device cuda --repeats 50 --out-dir '$OUT'" \
   "$PY benchmarks/optimizer_step.py --device cpu --param-sets resnet18_cifar --repeats 2 --warmup 1 --out-dir '$OUT' --tag dryrun"
 
 # Host cost of a SAM step vs torch's fused SGD step (161 and 1,000 tensors).
-step host_cost 25 \
+step host_cost 20 \
   "$PY benchmarks/host_cost.py --device cuda --out-dir '$OUT'" \
   "$PY benchmarks/host_cost.py --device cpu --sizes 20 --repeats 2 --block 2 --backends foreach --out-dir '$OUT' --tag dryrun"
 
 # Training throughput (the README's main job), CIFAR models at batch 128, fp32, with the SAM
 # family's rows (interval, LookSAM, MomentumSAM, GSAM, FriendlySAM).
-step train_throughput 50 \
+step train_throughput 45 \
   "$PY benchmarks/train_throughput.py --device cuda --models resnet18,wrn16_8 --family --steps 30 --warmup 5 --out-dir '$OUT'" \
   "$PY benchmarks/train_throughput.py --device cpu --quick --family --out-dir '$OUT'"
 

@@ -4,14 +4,15 @@
 the summary then reports the failed build with its first error line, the later step still runs and
 reports, and the build is attempted once, not again by the test collection of a later step."""
 import os
+import re
 import subprocess
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
-STEPS = ("build_extension", "contract_triton", "contract_cuda", "tests_gpu", "optimizer_step", "host_cost",
-         "train_throughput", "inductor")
+STEPS = ("build_extension", "contract_triton", "contract_cuda", "tests_triton", "tests_cuda", "tests_variants",
+         "optimizer_step", "host_cost", "train_throughput", "inductor")
 BUILDING = "fastsam: building the C++ extension"
 
 
@@ -58,3 +59,24 @@ def test_a_failed_build_is_reported_and_not_retried(tmp_path):
     assert log.count(BUILDING) == 1, log[-6000:]
     callers = set(calls.read_text().split())
     assert len(callers) == 1, f"{len(callers)} processes tried to build the extension"
+
+
+def test_step_caps_fit_the_budget_with_margin():
+    """On the GPU the steps' caps, in the script's order (a background step overlapping the steps
+    until it is waited for), add up to less than the budget, and the budget leaves room for the
+    script's own seconds within the 8 minutes a GPU session gives the call (600 s per command)."""
+    text = open(SCRIPT).read()
+    budget = int(re.search(r"BUDGET_S=\$\{GPU_CHECK_BUDGET_S:-(\d+)\}", text).group(1))
+    t, background, names = 0, {}, []
+    for kind, name, cap in re.findall(r"^(?:if ! )?(start_step|finish_step|step) (\w+)(?: (\d+))?\b", text, re.M):
+        if kind == "finish_step":
+            t = max(t, background.pop(name))
+        elif cap:
+            names.append(name)
+            if kind == "start_step":
+                background[name] = t + int(cap)
+            else:
+                t += int(cap)
+    assert sorted(names) == sorted(STEPS) and not background, (names, background)
+    assert t <= budget - 15, f"caps add up to {t} s on the critical path, budget {budget} s"
+    assert budget <= 8 * 60 - 20
