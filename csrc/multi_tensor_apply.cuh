@@ -160,32 +160,48 @@ FASTSAM_WALK int64_t walk_block(const TensorListMeta<depth>& meta, int block, in
     ptrs[d] = static_cast<T*>(meta.addresses[d][slot]) + offset;
     if ((load | store) >> d & 1u) aligned &= reinterpret_cast<uintptr_t>(ptrs[d]) % (ILP * sizeof(T)) == 0;
   }
-  const int64_t n_vec = aligned ? n - n % ILP : 0;  // the ragged tail (n % ILP elements) is scalar
   T x[ILP][depth];
-  using V = Vec<T, ILP>;
-  int64_t vectorised = 0;
-  for (int64_t i = tid; (i + 1) * ILP <= n_vec; i += nthreads, vectorised += ILP) {
-    FASTSAM_UNROLL
-    for (int d = 0; d < depth; ++d) {
-      if (load >> d & 1u) {
-        const V v = reinterpret_cast<const V*>(ptrs[d])[i];
-        FASTSAM_UNROLL
-        for (int k = 0; k < ILP; ++k) x[k][d] = v.v[k];
+  if (aligned) {
+    using V = Vec<T, ILP>;
+    const int64_t n_vec = n - n % ILP;
+    int64_t vectorised = 0;
+    for (int64_t i = tid; (i + 1) * ILP <= n_vec; i += nthreads, vectorised += ILP) {
+      FASTSAM_UNROLL
+      for (int d = 0; d < depth; ++d) {
+        if (load >> d & 1u) {
+          const V v = reinterpret_cast<const V*>(ptrs[d])[i];
+          FASTSAM_UNROLL
+          for (int k = 0; k < ILP; ++k) x[k][d] = v.v[k];
+        }
+      }
+      FASTSAM_UNROLL
+      for (int k = 0; k < ILP; ++k) op(x[k]);
+      FASTSAM_UNROLL
+      for (int d = 0; d < depth; ++d) {
+        if (store >> d & 1u) {
+          V v;
+          FASTSAM_UNROLL
+          for (int k = 0; k < ILP; ++k) v.v[k] = x[k][d];
+          reinterpret_cast<V*>(ptrs[d])[i] = v;
+        }
       }
     }
-    FASTSAM_UNROLL
-    for (int k = 0; k < ILP; ++k) op(x[k]);
-    FASTSAM_UNROLL
-    for (int d = 0; d < depth; ++d) {
-      if (store >> d & 1u) {
-        V v;
-        FASTSAM_UNROLL
-        for (int k = 0; k < ILP; ++k) v.v[k] = x[k][d];
-        reinterpret_cast<V*>(ptrs[d])[i] = v;
-      }
+    // the ragged tail, fewer than ILP <= nthreads elements: one per thread (an ILP-wide loop
+    // here, live next to the vector loop, cost registers: ptxas gave the 16-bit perturb 80)
+    const int64_t j = n_vec + tid;
+    if (j < n) {
+      FASTSAM_UNROLL
+      for (int d = 0; d < depth; ++d)
+        if (load >> d & 1u) x[0][d] = ptrs[d][j];
+      op(x[0]);
+      FASTSAM_UNROLL
+      for (int d = 0; d < depth; ++d)
+        if (store >> d & 1u) ptrs[d][j] = x[0][d];
     }
+    return vectorised;
   }
-  for (int64_t base = n_vec; base < n; base += nthreads * ILP) {
+  // a misaligned pointer: scalar accesses, ILP elements in flight per thread
+  for (int64_t base = 0; base < n; base += nthreads * ILP) {
     FASTSAM_UNROLL
     for (int k = 0; k < ILP; ++k) {
       const int64_t j = base + tid + k * nthreads;
@@ -206,7 +222,7 @@ FASTSAM_WALK int64_t walk_block(const TensorListMeta<depth>& meta, int block, in
       }
     }
   }
-  return vectorised;
+  return 0;
 }
 
 #if defined(__CUDACC__)
