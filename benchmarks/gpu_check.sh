@@ -74,13 +74,15 @@ cap_for() {
   [ "$CAP" -le "$left" ] || CAP=$left
 }
 
+_cap_text() { if [ "$1" = 0 ]; then echo none; else echo "${1}s"; fi; }
+
 declare -A BG_PID BG_T0 BG_CAP
 start_step() {  # start_step NAME CAP GPU_CMD DRY_CMD: run in the background
   local name=$1 cmd=$3
   cap_for "$name" "$2" || return 0
   local cap=$CAP
   [ "$DRY" = 1 ] && cmd=$4
-  echo "=== $name started in the background ($(date +%T), cap ${cap/#0/none}s)" | tee -a "$LOG"
+  echo "=== $name started in the background ($(date +%T), cap $(_cap_text "$cap"))" | tee -a "$LOG"
   timeout "$cap" bash -c "$cmd" > "$OUT/.$name.log" 2>&1 &
   BG_PID[$name]=$! BG_T0[$name]=$SECONDS BG_CAP[$name]=$cap
 }
@@ -111,7 +113,7 @@ step() {  # step NAME CAP GPU_CMD DRY_CMD
   cap_for "$name" "$2" || return 0
   local cap=$CAP
   [ "$DRY" = 1 ] && cmd=$4
-  echo "=== $name ($(date +%T), cap ${cap/#0/none}s)" | tee -a "$LOG"
+  echo "=== $name ($(date +%T), cap $(_cap_text "$cap"))" | tee -a "$LOG"
   local t0=$SECONDS
   timeout "$cap" bash -c "$cmd" > "$OUT/.$name.log" 2>&1
   _finish "$name" $? "$t0" "$cap"

@@ -6,6 +6,7 @@ reports, and the build is attempted once, not again by the test collection of a 
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -32,7 +33,7 @@ def _run(out_dir, **env):
 
 @pytest.mark.skipif(not os.path.exists("/bin/bash"), reason="needs bash")
 def test_gpu_check_dry_run(tmp_path):
-    res, log, rows = _run(tmp_path, PYTHON=os.environ.get("PYTHON", "python3"))
+    res, log, rows = _run(tmp_path, PYTHON=sys.executable)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:] + log[-4000:]
     assert list(rows) == [STEPS[1], STEPS[0], *STEPS[2:]], rows  # the build is recorded when waited for
     assert all(r[0] == "passed" for r in rows.values()), rows
@@ -49,7 +50,7 @@ def test_a_failed_build_is_reported_and_not_retried(tmp_path):
     cxx = tmp_path / "broken_cxx"
     cxx.write_text(f"#!/bin/sh\necho $PPID >> {calls}\nexit 1\n")
     cxx.chmod(0o755)
-    res, log, rows = _run(tmp_path / "out", PYTHON=os.environ.get("PYTHON", "python3"), CXX=str(cxx),
+    res, log, rows = _run(tmp_path / "out", PYTHON=sys.executable, CXX=str(cxx),
                           FASTSAM_CACHE_DIR=str(tmp_path / "empty_cache"),
                           GPU_CHECK_STEPS="build_extension contract_cuda")
     assert res.returncode != 0
