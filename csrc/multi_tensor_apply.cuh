@@ -12,9 +12,17 @@
 // one chunk of kChunkSize elements of one tensor; the functor never sees the
 // packing.  Adding an op means writing a functor, not touching this file.
 //
-// Only CUDA headers here, and the host packing (pack_launches) is plain C++:
-// the kernels are compiled without torch's headers (the torch binding is
-// sam_cuda.cpp), and the packing is tested on the CPU.
+// Each block walks its chunk with 16-byte vector loads and stores when every
+// pointer it touches is 16-byte aligned (4 fp32, 8 fp16/bf16, 2 fp64 per
+// access: the ILP), all but the chunk's last n % ILP elements (its ragged
+// tail, scalar); with a misaligned pointer, with a scalar grid-stride loop that
+// still keeps ILP elements in flight per thread.  The decision is per chunk:
+// a tensor whose length is not a multiple of the ILP is vectorised all the same.
+//
+// Only CUDA headers here, and the host packing (pack_launches) and the chunk
+// walk (walk_block) are plain C++: the kernels are compiled without torch's
+// headers (the torch binding is sam_cuda.cpp), and tests/test_csrc_launcher.py
+// runs both on the CPU, every thread of every block in turn.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -110,7 +118,121 @@ void pack_launches(const HostLists& lists, const Launch& launch) {
   }
 }
 
+// ---------------------------------------------------------------- the chunk walk
 #if defined(__CUDACC__)
+#define FASTSAM_WALK __host__ __device__ __forceinline__
+#define FASTSAM_UNROLL _Pragma("unroll")
+#else
+#define FASTSAM_WALK inline
+#define FASTSAM_UNROLL
+#endif
+
+constexpr int kVecBytes = 16;
+template <typename T>
+constexpr int ilp() {
+  return kVecBytes / static_cast<int>(sizeof(T));
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// Thread `tid` of `nthreads` runs `op` on its share of block `block`'s chunk,
+// ILP elements per access (a vector of ILP * sizeof(T) bytes, which the
+// pointers must be aligned to for the vector path).
+// `op` gets the element of every list as raw storage, x[list], and updates it
+// in place; lists in `load` are read first, lists in `store` written back (bit
+// masks by list).  The list index of every access is a compile-time constant
+// once the loops over lists are unrolled, so x stays in registers.  Returns how
+// many elements this thread took on the vector path (what the CPU test checks).
+template <typename T, int depth, int ILP = ilp<T>(), typename Op>
+FASTSAM_WALK int64_t walk_block(const TensorListMeta<depth>& meta, int block, int64_t tid, int64_t nthreads,
+                                unsigned load, unsigned store, const Op& op) {
+  const int slot = meta.block_to_tensor[block];
+  const int64_t offset = static_cast<int64_t>(meta.block_to_chunk[block]) * kChunkSize;
+  const int64_t size = meta.sizes[slot];
+  const int64_t n = size - offset < kChunkSize ? size - offset : kChunkSize;
+  T* ptrs[depth];
+  bool aligned = true;
+  FASTSAM_UNROLL
+  for (int d = 0; d < depth; ++d) {
+    ptrs[d] = static_cast<T*>(meta.addresses[d][slot]) + offset;
+    if ((load | store) >> d & 1u) aligned &= reinterpret_cast<uintptr_t>(ptrs[d]) % (ILP * sizeof(T)) == 0;
+  }
+  T x[ILP][depth];
+  if (aligned) {
+    using V = Vec<T, ILP>;
+    const int64_t n_vec = n - n % ILP;
+    int64_t vectorised = 0;
+    for (int64_t i = tid; (i + 1) * ILP <= n_vec; i += nthreads, vectorised += ILP) {
+      FASTSAM_UNROLL
+      for (int d = 0; d < depth; ++d) {
+        if (load >> d & 1u) {
+          const V v = reinterpret_cast<const V*>(ptrs[d])[i];
+          FASTSAM_UNROLL
+          for (int k = 0; k < ILP; ++k) x[k][d] = v.v[k];
+        }
+      }
+      FASTSAM_UNROLL
+      for (int k = 0; k < ILP; ++k) op(x[k]);
+      FASTSAM_UNROLL
+      for (int d = 0; d < depth; ++d) {
+        if (store >> d & 1u) {
+          V v;
+          FASTSAM_UNROLL
+          for (int k = 0; k < ILP; ++k) v.v[k] = x[k][d];
+          reinterpret_cast<V*>(ptrs[d])[i] = v;
+        }
+      }
+    }
+    // the ragged tail, fewer than ILP <= nthreads elements: one per thread (an ILP-wide loop
+    // here, live next to the vector loop, cost registers: ptxas gave the 16-bit perturb 80)
+    const int64_t j = n_vec + tid;
+    if (j < n) {
+      FASTSAM_UNROLL
+      for (int d = 0; d < depth; ++d)
+        if (load >> d & 1u) x[0][d] = ptrs[d][j];
+      op(x[0]);
+      FASTSAM_UNROLL
+      for (int d = 0; d < depth; ++d)
+        if (store >> d & 1u) ptrs[d][j] = x[0][d];
+    }
+    return vectorised;
+  }
+  // a misaligned pointer: scalar accesses, ILP elements in flight per thread
+  for (int64_t base = 0; base < n; base += nthreads * ILP) {
+    FASTSAM_UNROLL
+    for (int k = 0; k < ILP; ++k) {
+      const int64_t j = base + tid + k * nthreads;
+      if (j < n) {
+        FASTSAM_UNROLL
+        for (int d = 0; d < depth; ++d)
+          if (load >> d & 1u) x[k][d] = ptrs[d][j];
+      }
+    }
+    FASTSAM_UNROLL
+    for (int k = 0; k < ILP; ++k) {
+      const int64_t j = base + tid + k * nthreads;
+      if (j < n) {
+        op(x[k]);
+        FASTSAM_UNROLL
+        for (int d = 0; d < depth; ++d)
+          if (store >> d & 1u) ptrs[d][j] = x[k][d];
+      }
+    }
+  }
+  return 0;
+}
+
+#if defined(__CUDACC__)
+// The walk of this block's chunk by this thread (16-byte vectors unless told).
+template <typename T, int depth, int ILP = ilp<T>(), typename Op>
+__device__ __forceinline__ void for_each_element(const TensorListMeta<depth>& meta, unsigned load, unsigned store,
+                                                 const Op& op) {
+  walk_block<T, depth, ILP>(meta, blockIdx.x, threadIdx.x, blockDim.x, load, store, op);
+}
+
 template <typename Functor, int depth, typename... Args>
 __global__ void __launch_bounds__(kBlockSize)
     multi_tensor_kernel(TensorListMeta<depth> meta, Functor functor, Args... args) {

@@ -2,13 +2,13 @@
 // multi_tensor_apply.cuh, with the per-element math of sam_math.h (shared
 // with the CPU twin).  CUDA headers only: compiled by nvcc without torch.
 //
-// Each block handles one chunk of one tensor.  When every pointer the op
-// touches is 16-byte aligned and the tensor's length is a multiple of the
-// vector width, the chunk is walked with 16-byte loads and stores (4 fp32,
-// 8 fp16/bf16, 2 fp64 per access: the ILP); otherwise with a scalar
-// grid-stride loop that still keeps ILP elements in flight per thread.
-// Math is done in float (double for fp64) and cast back explicitly; copies
-// move the storage bits untouched.
+// Each block handles one chunk of one tensor, walked by for_each_element
+// (multi_tensor_apply.cuh: vector accesses where the pointers allow, a scalar
+// ragged tail).  Math is done in float (double for fp64) and cast back
+// explicitly; copies move the storage bits untouched.  Every element access
+// x[list] uses a compile-time list index (a run-time index would put the
+// elements in local memory): tests/test_csrc_nvcc.py fails on any stack or
+// spill that ptxas reports.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "multi_tensor_apply.cuh"
@@ -61,91 +62,23 @@ struct RoundToStorage {
   __device__ __forceinline__ acc_type<T> operator()(acc_type<T> x) const { return to_acc(from_acc<T>(x)); }
 };
 
-constexpr int kVecBytes = 16;
-template <typename T>
-constexpr int ilp() {
-  return kVecBytes / static_cast<int>(sizeof(T));
-}
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
 template <typename T>
 struct Tag {
   using type = T;
 };
 
-// ---------------------------------------------------------------- chunk walker
-// Runs `op` on each element of this block's chunk.  `op` gets the element of
-// every list as raw storage, x[list], and updates it in place; lists in
-// `load` are read first, lists in `store` written back (bit masks by list).
-template <typename T, int depth, typename Op>
-__device__ __forceinline__ void for_each_element(const TensorListMeta<depth>& meta, unsigned load, unsigned store,
-                                                 const Op& op) {
-  constexpr int ILP = ilp<T>();
-  const int slot = meta.block_to_tensor[blockIdx.x];
-  const int64_t offset = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
-  const int64_t size = meta.sizes[slot];
-  const int64_t n = size - offset < kChunkSize ? size - offset : kChunkSize;
-  T* ptrs[depth];
-  bool vectorised = size % ILP == 0;
-#pragma unroll
-  for (int d = 0; d < depth; ++d) {
-    ptrs[d] = static_cast<T*>(meta.addresses[d][slot]) + offset;
-    if ((load | store) >> d & 1u) vectorised &= reinterpret_cast<uintptr_t>(ptrs[d]) % kVecBytes == 0;
-  }
-  T x[ILP][depth];
-  if (vectorised) {
-    using V = Vec<T, ILP>;
-    for (int64_t i = threadIdx.x; i * ILP < n; i += blockDim.x) {
-#pragma unroll
-      for (int d = 0; d < depth; ++d) {
-        if (load >> d & 1u) {
-          const V v = reinterpret_cast<const V*>(ptrs[d])[i];
-#pragma unroll
-          for (int k = 0; k < ILP; ++k) x[k][d] = v.v[k];
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < ILP; ++k) op(x[k]);
-#pragma unroll
-      for (int d = 0; d < depth; ++d) {
-        if (store >> d & 1u) {
-          V v;
-#pragma unroll
-          for (int k = 0; k < ILP; ++k) v.v[k] = x[k][d];
-          reinterpret_cast<V*>(ptrs[d])[i] = v;
-        }
-      }
-    }
-    return;
-  }
-  for (int64_t base = 0; base < n; base += static_cast<int64_t>(blockDim.x) * ILP) {
-#pragma unroll
-    for (int k = 0; k < ILP; ++k) {
-      const int64_t j = base + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-      if (j < n) {
-#pragma unroll
-        for (int d = 0; d < depth; ++d)
-          if (load >> d & 1u) x[k][d] = ptrs[d][j];
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < ILP; ++k) {
-      const int64_t j = base + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-      if (j < n) {
-        op(x[k]);
-#pragma unroll
-        for (int d = 0; d < depth; ++d)
-          if (store >> d & 1u) ptrs[d][j] = x[k][d];
-      }
-    }
+constexpr unsigned bit(int list) { return 1u << list; }
+
+// f(source) with the list the step reads the restored parameter from as a compile-time
+// constant (decltype(source)::value): kCopy when restoring, else kParam.
+template <int kCopy, int kParam, typename F>
+__device__ __forceinline__ void with_source(bool restore, const F& f) {
+  if (restore) {
+    f(std::integral_constant<int, kCopy>{});
+  } else {
+    f(std::integral_constant<int, kParam>{});
   }
 }
-
-constexpr unsigned bit(int list) { return 1u << list; }
 
 // ---------------------------------------------------------------- grad norm
 template <typename acc_t>
@@ -224,30 +157,32 @@ struct SgdFunctor {
                              const acc_type<T>* skip) const {
     using acc_t = acc_type<T>;
     const bool skipped = *skip != acc_t(0);
-    const int src = restore ? kCopy : kParam;
     if (skipped) {  // restore only; buffers untouched
       if (restore) for_each_element<T, 4>(meta, bit(kCopy), bit(kParam), [](T (&x)[4]) { x[kParam] = x[kCopy]; });
       return;
     }
     const acc_t gs = signed_grad_scale(grad_scale == nullptr ? acc_t(1) : *grad_scale, maximize);
-    const unsigned load = bit(src) | bit(kGrad) | (has_momentum && !a.first ? bit(kBuf) : 0u);
-    const unsigned store = bit(kParam) | (has_momentum ? bit(kBuf) : 0u);
-    if (has_momentum) {
-      for_each_element<T, 4>(meta, load, store, [=](T (&x)[4]) {
-        acc_t w = to_acc(x[src]);
-        acc_t b = a.first ? acc_t(0) : to_acc(x[kBuf]);
-        sgd_element<acc_t, true>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), b, a, RoundToStorage<T>());
-        x[kParam] = from_acc<T>(w);
-        x[kBuf] = from_acc<T>(b);
-      });
-    } else {
-      for_each_element<T, 4>(meta, load, store, [=](T (&x)[4]) {
-        acc_t w = to_acc(x[src]);
-        acc_t unused = 0;
-        sgd_element<acc_t, false>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), unused, a, RoundToStorage<T>());
-        x[kParam] = from_acc<T>(w);
-      });
-    }
+    with_source<kCopy, kParam>(restore, [&](auto source) {
+      constexpr int src = decltype(source)::value;
+      const unsigned load = bit(src) | bit(kGrad) | (has_momentum && !a.first ? bit(kBuf) : 0u);
+      const unsigned store = bit(kParam) | (has_momentum ? bit(kBuf) : 0u);
+      if (has_momentum) {
+        for_each_element<T, 4>(meta, load, store, [=](T (&x)[4]) {
+          acc_t w = to_acc(x[src]);
+          acc_t b = a.first ? acc_t(0) : to_acc(x[kBuf]);
+          sgd_element<acc_t, true>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), b, a, RoundToStorage<T>());
+          x[kParam] = from_acc<T>(w);
+          x[kBuf] = from_acc<T>(b);
+        });
+      } else {
+        for_each_element<T, 4>(meta, load, store, [=](T (&x)[4]) {
+          acc_t w = to_acc(x[src]);
+          acc_t unused = 0;
+          sgd_element<acc_t, false>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), unused, a, RoundToStorage<T>());
+          x[kParam] = from_acc<T>(w);
+        });
+      }
+    });
   }
 };
 
@@ -264,7 +199,6 @@ struct AdamFunctor {
                              const acc_type<T>* grad_scale, const acc_type<T>* skip) const {
     using acc_t = acc_type<T>;
     const bool skipped = *skip != acc_t(0);
-    const int src = restore ? kCopy : kParam;
     if (skipped) {
       if (restore) for_each_element<T, 6>(meta, bit(kCopy), bit(kParam), [](T (&x)[6]) { x[kParam] = x[kCopy]; });
       return;
@@ -277,16 +211,22 @@ struct AdamFunctor {
     const acc_t ss = static_cast<acc_t>(step_size);
     const acc_t bc2 = static_cast<acc_t>(bc2_sqrt);
     const acc_t gs = signed_grad_scale(grad_scale == nullptr ? acc_t(1) : *grad_scale, maximize);
-    const unsigned load = bit(src) | bit(kGrad) | bit(kExpAvg) | bit(kExpAvgSq);
     const unsigned store = bit(kParam) | bit(kExpAvg) | bit(kExpAvgSq);
-    for_each_element<T, 6>(meta, load, store, [=](T (&x)[6]) {
-      acc_t w = to_acc(x[src]);
-      acc_t m = to_acc(x[kExpAvg]);
-      acc_t v = to_acc(x[kExpAvgSq]);
-      adam_element<acc_t>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), m, v, a, ss, bc2, RoundToStorage<T>());
-      x[kParam] = from_acc<T>(w);
-      x[kExpAvg] = from_acc<T>(m);
-      x[kExpAvgSq] = from_acc<T>(v);
+    // At most 4 elements per access: with 8 (16-bit types in 16-byte vectors) ptxas needs more
+    // than the 128 registers a 512-thread block may use and spills (tests/test_csrc_nvcc.py).
+    constexpr int kIlp = ilp<T>() < 4 ? ilp<T>() : 4;
+    with_source<kCopy, kParam>(restore, [&](auto source) {
+      constexpr int src = decltype(source)::value;
+      const unsigned load = bit(src) | bit(kGrad) | bit(kExpAvg) | bit(kExpAvgSq);
+      for_each_element<T, 6, kIlp>(meta, load, store, [=](T (&x)[6]) {
+        acc_t w = to_acc(x[src]);
+        acc_t m = to_acc(x[kExpAvg]);
+        acc_t v = to_acc(x[kExpAvgSq]);
+        adam_element<acc_t>(w, sam_grad<acc_t>(to_acc(x[kGrad]), gs), m, v, a, ss, bc2, RoundToStorage<T>());
+        x[kParam] = from_acc<T>(w);
+        x[kExpAvg] = from_acc<T>(m);
+        x[kExpAvgSq] = from_acc<T>(v);
+      });
     });
   }
 };

@@ -133,10 +133,26 @@ FASTSAM_HD void adam_element(acc_t& w, acc_t g, acc_t& m, acc_t& v, const AdamAr
 }
 
 // The variants' update (fastsam/backends/__init__.py: axpby): a * x + b * y, two products
-// and one sum in acc_t (nvcc may contract it into one FMA; the CPU build does not).
+// and one sum in acc_t, each rounded: never an FMA, so that every backend gives torch's
+// separately rounded result bit for bit.  nvcc contracts a * x + b * y unless told, so the
+// device code rounds each operation explicitly (an __fmul_rn is never fused); the CPU build
+// targets no FMA instruction (fastsam/_build.py: no -march), so g++ keeps them apart; the
+// bitwise axpby test of tests/test_backend_ops.py fails for any backend that fuses.
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+#else
+template <typename acc_t>
+inline acc_t mul_rn(acc_t a, acc_t b) { return a * b; }
+template <typename acc_t>
+inline acc_t add_rn(acc_t a, acc_t b) { return a + b; }
+#endif
+
 template <typename acc_t>
 FASTSAM_HD acc_t axpby_element(acc_t x, acc_t y, acc_t a, acc_t b) {
-  return a * x + b * y;
+  return add_rn(mul_rn(a, x), mul_rn(b, y));
 }
 
 // The variants' reduction (dot_sq_norms): the three running sums of one element.

@@ -284,10 +284,66 @@ def nvcc_check(nvcc: Optional[str] = None, archs=CUDA_ARCHS, keep_going: bool = 
     return failures
 
 
+def nvcc_ptx(nvcc: Optional[str] = None, arch: str = "90", src: str = "sam_kernels.cu") -> str:
+    """The PTX of ``csrc/<src>`` for compute_<arch>, with the flags of the real build."""
+    nvcc = nvcc or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "k.ptx")
+        cmd = [nvcc, "-ptx", os.path.join(CSRC, src), "-o", out, "-std=c++17", *TORCH_NVCC_DEFINES, *NVCC_FLAGS,
+               f"-arch=compute_{arch}"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"$ {' '.join(cmd)}\n{res.stdout}{res.stderr}")
+        with open(out) as f:
+            return f.read()
+
+
+def ptxas_usage(nvcc: Optional[str] = None, arch: str = "90", src: str = "sam_kernels.cu") -> dict:
+    """Per-kernel resources of ``csrc/<src>`` for sm_<arch>, as ``nvcc -Xptxas -v`` reports them
+    (the flags of the real build, object thrown away): {kernel (demangled): {"registers",
+    "stack", "spill_stores", "spill_loads"}}.  Raises RuntimeError if the compile fails."""
+    import re
+    import shutil
+
+    nvcc = nvcc or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, "-c", os.path.join(CSRC, src), "-o", os.path.join(tmp, "k.o"), "-Xcompiler", "-fPIC",
+               "-std=c++17", *TORCH_NVCC_DEFINES, *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}",
+               "-Xptxas", "-v"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"$ {' '.join(cmd)}\n{res.stdout}{res.stderr}")
+    usage: dict = {}
+    name = None
+    for line in res.stderr.splitlines():
+        m = re.search(r"Function properties for (\S+)", line) or re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            name = m.group(1)
+            usage.setdefault(name, {})
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and name:
+            usage[name].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            usage[name]["registers"] = int(m.group(1))
+    kernels = {k: v for k, v in usage.items() if "registers" in v}  # entries, not device functions
+    demangle = shutil.which("c++filt")
+    if demangle and kernels:
+        names = subprocess.run([demangle], input="\n".join(kernels), capture_output=True, text=True).stdout.split("\n")
+        kernels = dict(zip(names, kernels.values()))
+    return kernels
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["nvcc-check"]:
         errs = nvcc_check(keep_going=True)
         print("\n".join(errs) or f"nvcc-check: every csrc/*.cu compiles for sm_{', sm_'.join(CUDA_ARCHS)}")
         sys.exit(1 if errs else 0)
-    print("usage: python fastsam/_build.py nvcc-check", file=sys.stderr)
+    if sys.argv[1:2] == ["ptxas-usage"]:
+        for kernel, u in sorted(ptxas_usage(arch=(sys.argv[2:] or ["90"])[0]).items()):
+            print(f"{u['registers']:4d} regs {u.get('stack', 0):4d} B stack {u.get('spill_stores', 0):4d}/"
+                  f"{u.get('spill_loads', 0):<4d} B spilled  {kernel}")
+        sys.exit(0)
+    print("usage: python fastsam/_build.py nvcc-check | ptxas-usage [ARCH]", file=sys.stderr)
     sys.exit(2)

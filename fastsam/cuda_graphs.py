@@ -50,14 +50,24 @@ _BAKED = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "
 def make_capturable(opt) -> None:
     """Move every group's lr into a 0-d float32 tensor on its parameters' device (in place).
 
-    Raises ValueError when a backend of ``opt`` reads the lr on the host (``cpp`` on the
+    The kernels read the lr where they run, and one tensor lives on one device, so every
+    parameter of a group must be on the same device: a group that spans devices (two GPUs,
+    or a GPU and the CPU) raises ValueError; split it into one param group per device.
+    Raises ValueError too when a backend of ``opt`` reads the lr on the host (``cpp`` on the
     CPU is fine; ``cuda`` is not capturable with a changing lr): use backend="triton".
+    Every group is checked before any lr moves: an error leaves ``opt`` as it was.
     """
+    moves = []
     for gi, g in enumerate(opt.param_groups):
         params = g["params"]
         if not params:
             continue
         dev = params[0].device
+        others = sorted({str(p.device) for p in params if p.device != dev})
+        if others:
+            raise ValueError(f"capturable=True needs each param group on one device (its lr tensor is read "
+                             f"there); param group {gi} spans {dev} and {', '.join(others)}: split it into one "
+                             "group per device")
         if dev.type == "cuda":
             name = opt.backend_for(dev).NAME
             if name not in CAPTURABLE_BACKENDS:
@@ -65,10 +75,12 @@ def make_capturable(opt) -> None:
                                  f"param group {gi} runs on {name!r}, whose kernels take the lr as a host number")
         lr = g["lr"]
         if not isinstance(lr, torch.Tensor):
-            g["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=dev)
+            moves.append((g, float(lr), dev))
         elif lr.device != dev or lr.dim() != 0:
             raise ValueError(f"param group {gi}: a tensor lr must be 0-d on {dev}, got shape "
                              f"{tuple(lr.shape)} on {lr.device}")
+    for g, lr, dev in moves:
+        g["lr"] = torch.tensor(lr, dtype=torch.float32, device=dev)
 
 
 class CapturedSAMStep:

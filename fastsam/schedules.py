@@ -207,7 +207,7 @@ class RandomSwitch(_Schedule):
         return self.p + (self.p_end - self.p) * frac
 
     def decide(self, opt) -> bool:
-        u = torch.rand((), generator=self.generator, dtype=torch.float64).item()
+        u = torch.rand((), generator=self.generator, dtype=torch.float64, device="cpu").item()
         return u < self.probability(opt.num_steps)
 
     def sam_fraction(self, total_steps: int) -> float:

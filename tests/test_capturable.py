@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastsam import FusedSAM
+from fastsam.backends import _common
 from fastsam.cuda_graphs import CapturedSAMStep, make_capturable
 
 from .conftest import CPU_BACKENDS
@@ -40,9 +41,15 @@ def _eager_step(model, opt, x, y):
     return loss.detach()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+# foreach a second time through the path of CUDA tensors (the lr, skip flags and Adam's bias
+# corrections read on the device: fastsam/backends/_common.py, HOST_READS), which a capturable
+# FusedSAM on a GPU takes
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["foreach-devicepath"])
 @pytest.mark.parametrize("base,kw", BASES, ids=["SGD", "AdamW"])
-def test_tensor_lr_with_a_scheduler_equals_float_lr(seed, backend, base, kw):
+def test_tensor_lr_with_a_scheduler_equals_float_lr(seed, backend, base, kw, monkeypatch):
+    if backend == "foreach-devicepath":
+        monkeypatch.setattr(_common, "HOST_READS", False)
+        backend = "foreach"
     model = _model()
     twin = copy.deepcopy(model)
     opt = FusedSAM(model.parameters(), base, rho=0.05, backend=backend, sam_start_step=3, capturable=True, **kw)
@@ -73,6 +80,17 @@ def test_capturable_refuses_what_it_cannot_honour():
     opt.param_groups[0]["lr"] = torch.tensor([0.1, 0.2])
     with pytest.raises(ValueError, match="0-d"):
         make_capturable(opt)
+
+
+def test_capturable_refuses_a_group_spanning_devices():
+    """One lr tensor cannot be on two devices: a group with parameters on two devices is refused,
+    naming both, and no group's lr has moved (meta stands in for the second device here)."""
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3, device="meta"))]
+    opt = FusedSAM([{"params": [torch.nn.Parameter(torch.randn(2))]}, {"params": params}], torch.optim.SGD,
+                   lr=0.1, backend="foreach")
+    with pytest.raises(ValueError, match=r"param group 1 spans cpu and meta"):
+        make_capturable(opt)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1], "nothing moved"
 
 
 @pytest.mark.gpu

@@ -12,11 +12,18 @@
   guard headers (no ATen/cuda, so no cusparse.h/cublas).  What stays
   unchecked here: linking against libc10_cuda/libcudart and running.
 
+* every kernel of csrc/sam_kernels.cu, for sm_80 and sm_90, uses no stack and
+  spills nothing, as ``nvcc -Xptxas -v`` reports (local memory costs a memory
+  round trip per access in a memory-bound kernel); the table is printed.
+* the axpby kernels contain no fused multiply-add (the backend contract rounds
+  each product and the sum: fastsam/backends/__init__.py).
+
 Skipped only when nvcc (or torch's include dir) is not found.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -46,6 +53,29 @@ def test_nvcc_check_fails_on_a_broken_kernel(tmp_path, monkeypatch):
     monkeypatch.setattr(_build, "CSRC", str(tmp_path))
     failures = _build.nvcc_check(nvcc=NVCC, archs=("80",))
     assert failures and "perturb_element" in failures[0]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME)")
+@pytest.mark.parametrize("arch", _build.CUDA_ARCHS)
+def test_no_kernel_uses_stack_or_spills(arch):
+    usage = _build.ptxas_usage(nvcc=NVCC, arch=arch)
+    entries = _build.nvcc_ptx(nvcc=NVCC, arch=arch).count(".entry ")
+    for kernel, u in sorted(usage.items()):
+        print(f"sm_{arch} {u['registers']:4d} regs {u.get('stack', '?'):>4} B stack "
+              f"{u.get('spill_stores', '?')}/{u.get('spill_loads', '?')} B spilled  {kernel[:150]}")
+    assert entries and len(usage) == entries, f"ptxas reported {len(usage)} of the {entries} kernels"
+    bad = [k for k, u in usage.items() if (u["stack"], u["spill_stores"], u["spill_loads"]) != (0, 0, 0)]
+    assert not bad, "kernels with local memory (stack or spills):\n" + "\n".join(f"{usage[k]} {k}" for k in bad)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME)")
+def test_axpby_kernels_contain_no_fused_multiply_add():
+    ptx = _build.nvcc_ptx(nvcc=NVCC)
+    kernels = [e for e in ptx.split(".entry ")[1:] if "AxpbyFunctor" in e.split("(")[0]]
+    assert len(kernels) == 4, "one axpby kernel per dtype"
+    for body in kernels:
+        assert not re.search(r"\bfma\.", body), body.split("(")[0]
+        assert re.search(r"\bmul\.rn\.f(32|64)", body), body.split("(")[0]
 
 
 def test_cuda_binding_syntax_checks_against_torch_headers():

@@ -4,7 +4,9 @@ CUDA-graph capture of a whole SAM training step, torch.compile of one, a
 tensor over 2**31 elements, the kernels the GPU really runs (torch.profiler),
 and no host synchronisation (torch.cuda.set_sync_debug_mode).  The op-level
 and launch-count suites (test_backend_ops.py / test_triton_internals.py, test_triton_launches.py) run on
-the GPU too when there is one: they pick the device themselves.
+the GPU too when there is one: they pick the device themselves.  The tests that compile with
+inductor have "inductor" in their names: benchmarks/gpu_check.sh runs them in a step of their own
+(a cold inductor cache takes a while).
 """
 import copy
 
@@ -80,8 +82,50 @@ def test_cuda_graph_capture_replays_like_eager(base):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_groups,n_tensors", [(4, 3000), (16, 700)], ids=["4x3000", "16x700"])
+def test_cuda_graph_capture_of_a_step_over_thousands_of_tensors(n_groups, n_tensors):
+    """Every table of a step is new while capturing (the gradients come from the graph's pool): the
+    pinned arena reserved by the eager steps holds them all (tests/test_triton_internals.py
+    simulates the same on the CPU).  The gradients are slices of one buffer (the backward of a cat),
+    so the buckets also mix aligned and unaligned tensors."""
+    torch.manual_seed(0)
+    groups = [[torch.nn.Parameter(torch.randn(1 + (j % 3), device="cuda")) for j in range(n_tensors)]
+              for _ in range(n_groups)]
+    twin = [[torch.nn.Parameter(p.detach().clone()) for p in g] for g in groups]
+
+    def loss(gs):
+        flat = torch.cat([p.reshape(-1) for g in gs for p in g])
+        return (flat.sin() * flat).sum()
+
+    def step(gs, opt):
+        loss(gs).backward()
+        opt.first_step(zero_grad=True)
+        loss(gs).backward()
+        opt.second_step(zero_grad=True)
+
+    opt, ref = (FusedSAM([{"params": g} for g in gs], torch.optim.SGD, lr=0.05, momentum=0.9, backend="triton")
+                for gs in (groups, twin))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(groups, opt)
+            step(twin, ref)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(groups, opt)
+    for _ in range(2):
+        graph.replay()
+        step(twin, ref)
+    torch.cuda.synchronize()
+    for g, h in zip(groups, twin):
+        for p, q in zip(g, h):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("base", sorted(BASES))
-def test_torch_compile_of_a_training_step_matches_eager(base):
+def test_inductor_compile_of_a_training_step_matches_eager(base):
     model, ref_model, opt, ref_opt = _pair(base)
     x, y = _data()
     torch._dynamo.reset()
@@ -94,7 +138,7 @@ def test_torch_compile_of_a_training_step_matches_eager(base):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_function_calling_the_ops():
+def test_inductor_compiled_function_calling_the_ops():
     """The torch.library custom ops under inductor (mutable lists, a returned norm)."""
     from fastsam.backends import triton as tb
     shapes = [(1000,), (33, 7), (5,)]

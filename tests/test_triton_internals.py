@@ -85,13 +85,139 @@ def test_unaligned_views(seed):
     flat, gflat = torch.randn(1 + 4097 + 9, device=DEVICE), torch.randn(1 + 4097 + 9, device=DEVICE)
     params, grads = [flat[1:4098], flat[4098:]], [gflat[1:4098], gflat[4098:]]
     tab = mt.table([params, grads])
-    assert tab is not None and not tab.aligned
+    assert tab is not None and [p.aligned for p in tab.meta.parts] == [False]
     expect = sum((g.double() ** 2).sum() for g in grads).item()
     assert abs(tb.grad_sq_norm(grads).item() - expect) <= 1e-5 * expect
     before = flat.clone()
     tb.perturb(params, grads, [torch.empty_like(p) for p in params], _scalars(1.0), 2.0, False)
     assert flat[0] == before[0]
     torch.testing.assert_close(flat[1:], before[1:] + 2 * gflat[1:])
+
+
+def _views(flat, sizes, offset):
+    """Consecutive views of ``flat`` from element ``offset`` on, one per size."""
+    out, at = [], offset
+    for n in sizes:
+        out.append(flat[at:at + n])
+        at += n
+    return out
+
+
+def test_a_mixed_bucket_keeps_vector_accesses_for_its_aligned_tensors(seed, monkeypatch):
+    """One unaligned view (a DDP gradient bucket's, say) among aligned tensors: the aligned tensors run
+    in a launch with ALIGNED=True, the view in its own launch without; every op gives foreach's
+    results (the reductions' partials of the two parts land in one ordered sum; Adam's step
+    counters are per tensor, whichever part a tensor is in)."""
+    from fastsam.backends import foreach
+    sizes = [5000, 3, 2 * mt.BLOCK + 17, 700]  # tensor 2 (three programs) is the unaligned one
+
+    def bucket():
+        lists = [[torch.randn(n, device=DEVICE) for n in sizes] for _ in range(5)]
+        for ls in lists:  # the same values, tensor 2 as a view at an odd offset into a flat buffer
+            flat = torch.empty(1 + sizes[2], device=DEVICE)
+            flat[1:].copy_(ls[2])
+            ls[2] = flat[1:]
+        return lists
+
+    params, grads, copies, m, v = bucket()
+    v = [t.abs() for t in v]
+    seen = []
+    real = mt.launch
+    monkeypatch.setattr(mt, "launch", lambda k, n, *a, **kw: (seen.append((n, kw.get("ALIGNED"), a[1])),
+                                                              real(k, n, *a, **kw)))
+    tab = mt.table([params, grads])
+    assert [(p.n_blocks, p.aligned) for p in tab.meta.parts] == [(3 + 1 + 1, True), (3, False)]
+    assert set(tab.meta.parts[0].blk_tensor[:5].tolist()) == {0, 1, 3}
+    assert set(tab.meta.parts[1].blk_tensor[:3].tolist()) == {2}
+    got_sq, want_sq = tb.grad_sq_norm(grads, params), foreach.grad_sq_norm(grads, params)
+    assert [(n, al) for n, al, _ in seen] == [(5, True), (3, False), (1, None)]
+    assert abs(got_sq.item() - want_sq.item()) <= 1e-5 * want_sq.item()
+    torch.testing.assert_close(tb.dot_sq_norms(params, grads), foreach.dot_sq_norms(params, grads),
+                               rtol=1e-5, atol=0)
+    runs = []
+    for mod in (tb, foreach):
+        p, c, mm, vv = _clone(params), _clone(copies), _clone(m), _clone(v)
+        steps = [torch.tensor(3.0, device=DEVICE) for _ in p]
+        mod.perturb(p, grads, c, _scalars(0.3), 0.5, True)
+        mod.restore_adam_step(p, grads, c, mm, vv, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                              weight_decay=1e-2, decoupled=True, maximize=False, grad_scale=None, skip=_scalar(0.0))
+        mod.axpby(p, grads, torch.tensor([0.5, -2.0, 0.0], device=DEVICE))
+        runs.append(p + c + mm + vv + steps)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    seen.clear()
+    tb.restore(params, copies)
+    assert [(n, al) for n, al, _ in seen] == [(5, True), (3, False)]
+
+
+def test_axpby_is_launched_without_fp_fusion(monkeypatch):
+    """The contract's separately rounded a x + b y: the launcher asks for a kernel compiled without
+    FMA contraction (tests/test_triton_compile.py checks the PTX of such a kernel)."""
+    seen = []
+    real = mt.launch
+    monkeypatch.setattr(mt, "launch", lambda k, n, *a, **kw: (seen.append(kw), real(k, n, *a, **kw)))
+    xs = [torch.randn(7, device=DEVICE)]
+    tb.axpby(xs, _clone(xs), torch.tensor([1.0, 2.0, 0.0], device=DEVICE))
+    assert seen and all(kw.get("enable_fp_fusion") is False for kw in seen)
+
+
+def test_block_map_parts_list_each_tensor_once():
+    """Meta with an alignment mask: the aligned tensors' programs first, then the others', each tensor's
+    chunks in order, and the counters are per tensor (the original index)."""
+    sizes = [5, 3 * mt.BLOCK, 0, mt.BLOCK + 1, 7]
+    aligned = (True, False, True, False, True)
+    meta = mt.Meta(sizes, torch.device("cpu"), aligned)
+    rows = [(p.aligned, list(zip(p.blk_tensor[:p.n_blocks].tolist(), p.blk_chunk[:p.n_blocks].tolist())))
+            for p in meta.parts]
+    assert rows == [(True, [(0, 0), (2, 0), (4, 0)]), (False, [(1, 0), (1, 1), (1, 2), (3, 0), (3, 1)])]
+    assert [p.start for p in meta.parts] == [0, 3] and meta.n_blocks == 8 and meta.counters().numel() == 5
+
+
+def test_table_cache_key_holds_every_lists_dtype():
+    """The same addresses seen with another dtype in a later list are a new call to validate, not a hit:
+    the kernel would read the memory as the first list's type."""
+    a, b = [torch.randn(5, device=DEVICE)], [torch.randn(5, device=DEVICE)]
+    assert mt.table([a, b]) is not None
+    with pytest.raises(ValueError, match="dtypes"):
+        mt.table([a, [b[0].view(torch.int32)]])
+
+
+BUCKETS = [(4, 3000), (8, 1500), (16, 700)]
+
+
+@pytest.mark.parametrize("n_buckets,n_tensors", BUCKETS, ids=[f"{b}x{t}" for b, t in BUCKETS])
+def test_capture_arena_holds_a_whole_step(n_buckets, n_tensors, monkeypatch):
+    """The capture arena simulated on the CPU: tables are 'uploaded' from plain memory standing for
+    pinned memory, and a flag stands for the stream's capture state.  An eager SAM step with SGD
+    momentum over several buckets of many tensors, then the same step 'captured' with gradients
+    at new addresses (the graph pool's): every table holding gradients is rebuilt from the arena
+    at once.  The arena must hold them all."""
+    capturing = [False]
+    monkeypatch.setattr(mt, "UPLOAD_DEVICE_TYPES", ("cpu", "cuda"))
+    monkeypatch.setattr(mt, "is_capturing", lambda: capturing[0])
+    monkeypatch.setattr(mt, "pin", lambda host: host.clone())
+    monkeypatch.setattr(mt, "arena", mt.CaptureArena(alloc=lambda n: torch.empty(n, dtype=torch.int64)))
+    cpu = torch.device("cpu")
+    buckets = [[[torch.empty(1 + (j + b) % 3, device=cpu) for j in range(n_tensors)] for _ in range(3)]
+               for b in range(n_buckets)]  # params, copies, momentum buffers
+
+    alive = []  # every gradient stays allocated, so that the captured step's are at new addresses
+
+    def step():
+        for params, copies, bufs in buckets:
+            grads = [torch.empty_like(p) for p in params]  # the first pass's gradients
+            grads2 = [torch.empty_like(p) for p in params]  # the second pass's
+            alive.append((grads, grads2))
+            for lists in ([grads], [params, grads, copies], [grads2]):  # norm, perturb, norm
+                mt.table(lists)
+            mt.table([params, grads2, copies, bufs], distinct_copies=True)  # restore + SGD
+
+    step()
+    taken = []
+    monkeypatch.setattr(mt.arena, "take", lambda n, real=mt.arena.take: taken.append(n) or real(n))
+    capturing[0] = True
+    step()  # raises RuntimeError("... run one eager optimizer step ...") if the arena cannot hold them all
+    assert len(taken) == 4 * n_buckets, "every table of the captured step is new (its block maps are not)"
 
 
 def test_table_cache_hits_and_misses():

@@ -20,7 +20,9 @@ and tensors may have zero elements: both are no-ops).  Device-side scalars are
 0-d tensors, or the 1-D *scalars* of a pass (``_common.py``: ``SKIP`` and
 ``FACTOR`` slots), on the bucket's device (float32, or float64 for float64
 buckets); nothing here may synchronise with the host, except the foreach and
-cpp backends on the CPU, where there is no separate device to wait for:
+cpp backends on the CPU, where there is no separate device to wait for
+(``_common.HOST_READS = False`` makes them take the sync-free path of other devices on
+CPU tensors too, which is how the CPU tests run that path):
 
 ``grad_sq_norm(grads, params=None, *, accumulate=None, epilogue=None) -> Tensor``
     0-d sum of squares: sum(g**2), or sum((|w|*g)**2) when ``params`` is given
@@ -68,10 +70,15 @@ math beyond SAM's, with coefficients that stay on the device.
     lists: zeros (float32, on the CPU) or a copy of ``accumulate``.  Non-finite input
     makes the affected entries inf/nan.
 ``axpby(xs, ys, coefs, *, out=None)``
-    ``out <- coefs[0] * x + coefs[1] * y`` element-wise, computed in float32 (float64
-    for float64 lists) and rounded once to the lists' dtype; ``out`` defaults to
-    ``xs`` (in place) and may be ``xs`` or ``ys`` (element-wise aliasing) or a third
-    list.  Nothing at all is written when ``coefs[2] != 0`` (the skip flag).
+    ``out <- coefs[0] * x + coefs[1] * y`` element-wise in float32 (float64 for float64
+    lists): each product rounded, then their sum rounded, never contracted into a fused
+    multiply-add, and the result rounded once to the lists' dtype.  Every backend thus
+    gives torch's ``(c[0] * x.float() + c[1] * y.float()).to(dtype)`` bit for bit, on
+    every device: the triton kernel is compiled without FP fusion, the CUDA kernel
+    rounds with ``__fmul_rn``/``__fadd_rn``, foreach forms b * y before adding it (the
+    ``alpha`` of ``_foreach_add_`` is an FMA on the CPU).  ``out`` defaults to ``xs``
+    (in place) and may be ``xs`` or ``ys`` (element-wise aliasing) or a third list.
+    Nothing at all is written when ``coefs[2] != 0`` (the skip flag).
     ``coefs``: a 1-D floating tensor of >= 3 elements on the lists' device (float32,
     float64 for float64 lists), so that coefficients computed on the device (from
     ``dot_sq_norms``) never cross to the host.  0 * inf is nan: a zero coefficient

@@ -30,6 +30,16 @@ from ..kernels.checks import check_bucket, check_copies  # noqa: F401  (re-expor
 SKIP, FACTOR = 0, 1
 N_SCALARS = 2
 CLIP_EPS = 1e-6  # added to ||g_sam|| in the clip coefficient, as torch.nn.utils.clip_grad_norm_ does
+# The CPU is its own device, so the foreach backend and the scalar epilogue read the device
+# scalars of CPU tensors (skip flags, coefficients, step counts) on the host, where that is free.
+# False: they take the path of CUDA tensors, device-side formulas and masked writes, on CPU
+# tensors too; the tests run the backend contract through it (tests/test_backend_ops.py).
+HOST_READS = True
+
+
+def on_host(t: torch.Tensor) -> bool:
+    """Whether ``t`` is read on the host: a CPU tensor, unless HOST_READS is off."""
+    return HOST_READS and t.device.type == "cpu"
 
 
 class Epilogue(NamedTuple):
@@ -50,8 +60,7 @@ def new_scalars(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 def sam_scalars(sq: torch.Tensor, ep: Epilogue) -> None:
     """The epilogue in torch ops: ``ep.out`` from the total squared norm ``sq`` (0-d)."""
-    if ep.out.device.type == "cpu" and all(t is None or t.device.type == "cpu"
-                                           for t in (sq, ep.prev, ep.inv_scale, ep.found_inf)):
+    if on_host(ep.out) and all(t is None or on_host(t) for t in (sq, ep.prev, ep.inv_scale, ep.found_inf)):
         _host_scalars(sq, ep)
         return
     sq = sq.to(ep.out.dtype)

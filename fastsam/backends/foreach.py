@@ -6,7 +6,8 @@ it makes several passes over memory (the compiled backends make one).
 Skipping on non-finite gradients: on the CPU the skip flag is read on the host
 (free: the CPU is the device).  On other devices the ops stay sync-free by
 masking each tensor with ``torch.where``: correct, but one launch per tensor,
-which is what the triton/cuda backends exist to avoid.
+which is what the triton/cuda backends exist to avoid.  ``_common.HOST_READS =
+False`` runs that device-side path on CPU tensors too (the tests do).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import List, Optional
 
 import torch
 
-from ._common import FACTOR, SKIP, Epilogue, check_bucket, check_copies, finish_norm
+from ._common import FACTOR, SKIP, Epilogue, check_bucket, check_copies, finish_norm, on_host
 
 Tensors = List[torch.Tensor]
 NAME = "foreach"
@@ -30,21 +31,22 @@ def supports(dtype: torch.dtype) -> bool:
 
 def _host_skip(skip: torch.Tensor) -> Optional[bool]:
     """The skip flag as a bool where reading it is free (CPU), else None."""
-    return bool(skip) if skip.device.type == "cpu" else None
+    return bool(skip) if on_host(skip) else None
 
 
 def _masked_assign(dst: Tensors, new: Tensors, skip: torch.Tensor) -> None:
-    """dst <- new unless skip, sync-free (one where per tensor)."""
+    """dst <- new unless skip, sync-free (one where per tensor).  The choice is made in dst's
+    dtype: a kept value goes through no conversion, so a skip leaves every bit (a NaN's too)."""
     keep = skip.to(torch.bool)
     for d, n in zip(dst, new):
-        d.copy_(torch.where(keep, d, n))
+        d.copy_(torch.where(keep, d, n.to(d.dtype)))
 
 
 def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
                  accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
     check_bucket(grads, params)
     if not grads:
-        return finish_norm(torch.zeros((), dtype=torch.float32), accumulate, epilogue)
+        return finish_norm(torch.zeros((), dtype=torch.float32, device="cpu"), accumulate, epilogue)
     acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
     if params is not None:
         if grads[0].dtype != acc:  # |w|*g overflows 16 bits long before its square does in fp32
@@ -171,7 +173,7 @@ def _adam_update(params, exp_avgs, exp_avg_sqs, grads, steps, lr, beta1, beta2, 
     # corrections computed on the device from the step tensors, as torch's
     # capturable path does, so no host read is needed on any device.
     g = _sam_grads(grads, grad_scale, maximize)
-    if isinstance(lr, torch.Tensor) and lr.device.type == "cpu":
+    if isinstance(lr, torch.Tensor) and on_host(lr):
         lr = float(lr)  # free on the CPU; keeps the CPU path's host-side bias corrections exact
     if weight_decay != 0:
         if decoupled:
@@ -183,7 +185,7 @@ def _adam_update(params, exp_avgs, exp_avg_sqs, grads, steps, lr, beta1, beta2, 
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, g, g, 1 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    if steps[0].device.type == "cpu":
+    if on_host(steps[0]):
         # Host-side bias corrections in Python floats, exactly as torch's
         # non-capturable Adam computes them (reading a CPU tensor is free).
         ts = [float(s) for s in steps]
@@ -217,9 +219,9 @@ def dot_sq_norms(xs: Tensors, ys: Tensors, *, accumulate: Optional[torch.Tensor]
     the two flat copies (the memory of a large model): ``_dot_sq_norms_multi``."""
     check_bucket(xs, ys)
     if not xs:
-        return torch.zeros(3, dtype=torch.float32) if accumulate is None else accumulate.clone()
+        return torch.zeros(3, dtype=torch.float32, device="cpu") if accumulate is None else accumulate.clone()
     acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-    out = (_dot_sq_norms_flat if xs[0].device.type == "cpu" else _dot_sq_norms_multi)(xs, ys, acc)
+    out = (_dot_sq_norms_flat if on_host(xs[0]) else _dot_sq_norms_multi)(xs, ys, acc)
     if accumulate is not None:
         out = out + accumulate
     return out
@@ -247,7 +249,8 @@ def _dot_sq_norms_multi(xs: Tensors, ys: Tensors, acc: torch.dtype) -> torch.Ten
 
 
 def axpby(xs: Tensors, ys: Tensors, coefs: torch.Tensor, *, out: Optional[Tensors] = None) -> None:
-    """out <- coefs[0] x + coefs[1] y unless coefs[2] (see the contract).  On the CPU the
+    """out <- coefs[0] x + coefs[1] y unless coefs[2] (see the contract: two products and a sum, each
+    rounded, never an FMA; ``_foreach_add_``'s alpha would be one on the CPU).  On the CPU the
     coefficients are read on the host; elsewhere the update is computed into temporaries and
     assigned under the skip mask (one ``where`` per tensor, sync-free)."""
     check_bucket(xs, ys, out)
@@ -256,39 +259,22 @@ def axpby(xs: Tensors, ys: Tensors, coefs: torch.Tensor, *, out: Optional[Tensor
     if out is None:
         out = xs
     acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-    if xs[0].dtype != acc:  # 16-bit lists: computed in float32 and rounded once (the contract), not
-        # a * x rounded to 16 bits before the add
-        if coefs.device.type == "cpu":
-            a, b, skip = coefs[:3].tolist()
-            if skip != 0:
-                return
-            new = torch._foreach_mul([x.to(acc) for x in xs], a)
-            torch._foreach_add_(new, [y.to(acc) for y in ys], alpha=b)
-            torch._foreach_copy_(out, new)
-            return
-        c = coefs.to(acc)
-        new = torch._foreach_mul([x.to(acc) for x in xs], c[0])
-        torch._foreach_add_(new, torch._foreach_mul([y.to(acc) for y in ys], c[1]))
-        _masked_assign(out, new, c[2] != 0)
-        return
-    if coefs.device.type == "cpu":
+    cast = xs[0].dtype != acc  # 16-bit lists: computed in float32, rounded once to 16 bits
+    xa, ya = ([x.to(acc) for x in xs], [y.to(acc) for y in ys]) if cast else (xs, ys)
+    if on_host(coefs):
         a, b, skip = coefs[:3].tolist()
         if skip != 0:
             return
-        if out is xs:
-            if a != 1.0:
+        by = torch._foreach_mul(ya, b)
+        if out is xs and not cast:  # in place, one temporary (b y, formed before x changes)
+            if a != 1.0:  # x * 1 is x
                 torch._foreach_mul_(xs, a)
-            torch._foreach_add_(xs, ys, alpha=b)
-        elif out is ys:
-            if b != 1.0:
-                torch._foreach_mul_(ys, b)
-            torch._foreach_add_(ys, xs, alpha=a)
-        else:  # a third list (it may still share tensors with xs or ys): temporaries first
-            new = torch._foreach_mul(xs, a)
-            torch._foreach_add_(new, ys, alpha=b)
-            torch._foreach_copy_(out, new)
+            torch._foreach_add_(xs, by)
+            return
+        torch._foreach_add_(by, torch._foreach_mul(xa, a))
+        torch._foreach_copy_(out, by)
         return
-    c = coefs.to(torch.float64 if xs[0].dtype == torch.float64 else torch.float32)
-    new = torch._foreach_mul(xs, c[0])
-    torch._foreach_add_(new, torch._foreach_mul(ys, c[1]))
+    c = coefs.to(acc)
+    new = torch._foreach_mul(xa, c[0])
+    torch._foreach_add_(new, torch._foreach_mul(ya, c[1]))
     _masked_assign(out, new, c[2] != 0)

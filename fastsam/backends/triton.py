@@ -5,7 +5,9 @@ dot_sq_norms: two), so a
 SAM step over SGD or Adam takes 6 launches per (device, dtype) bucket
 whatever the number of tensors (7 in the rare SGD step where some momentum
 buffers exist and others are new: FusedSAM makes two restore_sgd_step calls);
-nothing synchronises with the host.
+a bucket mixing 16-byte aligned and unaligned tensors takes one more launch per
+kernel (fastsam/kernels/triton/multi_tensor.py: Alignment); nothing synchronises
+with the host.
 float32, float16 and bfloat16 (float32 arithmetic); FusedSAM hands float64
 buckets to foreach.
 
@@ -141,7 +143,7 @@ def _lr_op(name: str, lr):
 def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
                  accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
     if not grads:
-        total = torch.zeros((), dtype=torch.float32) if accumulate is None else accumulate.clone()
+        total = torch.zeros((), dtype=torch.float32, device="cpu") if accumulate is None else accumulate.clone()
         if epilogue is not None:
             sam_scalars(total, epilogue)
         return total
@@ -185,7 +187,7 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
 
 def dot_sq_norms(xs: Tensors, ys: Tensors, *, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
     if not xs:
-        return torch.zeros(3, dtype=torch.float32) if accumulate is None else accumulate.clone()
+        return torch.zeros(3, dtype=torch.float32, device="cpu") if accumulate is None else accumulate.clone()
     return _call("dot_sq_norms", xs, ys, accumulate)
 
 

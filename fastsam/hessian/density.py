@@ -58,7 +58,7 @@ def smooth(nodes, weights, sigma: Optional[float] = None, num_points: int = 1000
         sigma = 0.01 * span
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma!r}")
-    grid = torch.linspace(lo - 6 * sigma, hi + 6 * sigma, num_points, dtype=torch.float64)
+    grid = torch.linspace(lo - 6 * sigma, hi + 6 * sigma, num_points, dtype=torch.float64, device="cpu")
     dens = torch.zeros_like(grid)
     for x, w in zip(nodes, weights):
         g = torch.exp(-0.5 * ((grid[:, None] - x[None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))

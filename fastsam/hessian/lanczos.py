@@ -57,10 +57,10 @@ class Basis:
 
 def tridiagonal(alphas, betas) -> torch.Tensor:
     """The symmetric tridiagonal matrix T (float64, CPU) from the Lanczos coefficients."""
-    a = torch.tensor(alphas, dtype=torch.float64)
+    a = torch.tensor(alphas, dtype=torch.float64, device="cpu")
     T = torch.diag(a)
     if len(betas):
-        b = torch.tensor(betas, dtype=torch.float64)
+        b = torch.tensor(betas, dtype=torch.float64, device="cpu")
         T += torch.diag(b, 1) + torch.diag(b, -1)
     return T
 

@@ -77,8 +77,8 @@ def power_eigs(op, k: int, tol: float, max_iter: int, seed: int, dtype, *,
             vecs.append(v)
             ress.append(rel)
             conv.append(ok)
-    values = torch.tensor(vals, dtype=torch.float64)
+    values = torch.tensor(vals, dtype=torch.float64, device="cpu")
     order = torch.argsort(values, descending=True)
     vectors = torch.stack(vecs)[order.to(op.device)]
-    residuals = torch.tensor(ress, dtype=torch.float64)[order]
+    residuals = torch.tensor(ress, dtype=torch.float64, device="cpu")[order]
     return values[order], vectors, residuals, all(conv), op.num_hvps - hvps0, shift

@@ -42,7 +42,7 @@ def _hutchinson(op, probes: int, gen, dtype, bar, project=None) -> torch.Tensor:
             z = project(z)
         vals.append(float(torch.dot(z, op.matvec(z))))
         bar.update(1)
-    return torch.tensor(vals, dtype=torch.float64)
+    return torch.tensor(vals, dtype=torch.float64, device="cpu")
 
 
 def _std_error(samples: torch.Tensor) -> float:

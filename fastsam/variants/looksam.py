@@ -240,7 +240,7 @@ class LookSAMStep(Extension):
                 raise ValueError(f"LookSAM state: gv_sq must be a one-element tensor or None, got {gv_sq!r}")
             gv_sq = None if gv_sq is None else gv_sq.detach().clone().reshape(())
         else:  # LookSAM's first layout stored g_v normalised: ||g_v|| ~ 1
-            gv_sq = torch.ones((), dtype=torch.float64) if has_gv else None
+            gv_sq = torch.ones((), dtype=torch.float64, device="cpu") if has_gv else None
         return lambda: self._load(alpha, has_gv, full, reuse, gv_sq)
 
     def _load(self, alpha, has_gv, full, reuse, gv_sq) -> None:

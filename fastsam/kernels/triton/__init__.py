@@ -12,7 +12,10 @@ Launches per call: ``sq_norm`` 2 (partials, then their sum and the SAM scalar
 epilogue), ``perturb`` 1,
 ``restore`` 1, ``restore_sgd_step`` 1, ``restore_adam_step`` 1 (the step
 counters included); the variants' ``dot_sq_norms`` 2 (partials, then their sums) and
-``axpby`` 1; whatever the number of tensors.
+``axpby`` 1; whatever the number of tensors.  A bucket that mixes tensors
+whose addresses allow 16-byte vector accesses with tensors whose addresses do
+not takes one more launch per op (the partials pass, for the reductions): the
+two parts run as separate kernel variants (``multi_tensor``: Alignment).
 """
 from . import axpby, dot_sq_norms, multi_tensor, perturb, restore, restore_adam_step, restore_sgd_step, sq_norm
 from .multi_tensor import BLOCK, DTYPE_IDS

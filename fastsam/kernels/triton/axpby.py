@@ -4,8 +4,8 @@
 One pass, one launch whatever the tensor count.  ``coefs`` is a device tensor [a, b, skip,
 ...] read by every program, so coefficients computed on the device never cross to the
 host; with skip nonzero nothing is written (the store mask is off).  Arithmetic in float32
-registers, one rounding to the storage dtype.  ``out`` may be x or y (each element is read
-before it is written, by the same program).
+registers, each product and the sum rounded, then one rounding to the storage dtype.
+``out`` may be x or y (each element is read before it is written, by the same program).
 """
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ import triton.language as tl
 
 from . import multi_tensor as mt
 from .multi_tensor import column, keep_mask, locate
+
+
+# No contraction of a * x + b * y into an FMA (triton fuses by default): the contract's
+# separately rounded float32 products and sum (fastsam/backends/__init__.py: axpby), as torch
+# computes them.  tests/test_triton_compile.py checks the PTX.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -46,6 +52,5 @@ def axpby(xs: List[torch.Tensor], ys: List[torch.Tensor], coefs: torch.Tensor, o
     tab = mt.table([xs, ys, out])
     if tab is None:
         return False
-    mt.launch(_axpby_kernel, tab.n_blocks, *tab.args(), coefs, DTYPE=mt.DTYPE_IDS[xs[0].dtype],
-              ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
+    mt.launch_parts(_axpby_kernel, tab, coefs, DTYPE=mt.DTYPE_IDS[xs[0].dtype], BLOCK=mt.BLOCK, **COMPILE_OPTIONS)
     return True

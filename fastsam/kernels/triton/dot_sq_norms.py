@@ -83,8 +83,9 @@ def dot_sq_norms(xs: List[torch.Tensor], ys: List[torch.Tensor],
     nb = tab.n_blocks
     partials = torch.empty(3 * nb, dtype=torch.float32, device=device)
     out = torch.empty(3, dtype=torch.float32, device=device)
-    mt.launch(_dot_sq_norms_partials_kernel, nb, *tab.args(), partials, nb,
-              DTYPE=mt.DTYPE_IDS[xs[0].dtype], ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
+    # (the three rows of ``partials`` stay nb apart in every part's view)
+    mt.launch_parts(_dot_sq_norms_partials_kernel, tab, nb, partials=partials, DTYPE=mt.DTYPE_IDS[xs[0].dtype],
+                    BLOCK=mt.BLOCK)
     mt.launch(_dot_sq_norms_sum_kernel, 1, partials, nb, out, out if accumulate is None else accumulate,
               N_ITERS=triton.cdiv(nb, SUM_BLOCK), HAS_ACC=accumulate is not None, BLOCK=SUM_BLOCK, num_warps=4)
     return out

@@ -1,10 +1,11 @@
 """The one launcher behind every Triton op: pointer tables, block maps, caches.
 
 Every op processes all tensors of one (device, dtype) bucket in ONE launch,
-whatever their number.  As in apex's ``multi_tensor_apply``, each program
-handles one chunk of one tensor; unlike apex, the tensor list lives in device
-memory instead of the kernel's parameter space, so there is no per-launch cap
-on the number of tensors:
+whatever their number (two when the bucket mixes aligned and unaligned tensors,
+see Alignment).  As in apex's ``multi_tensor_apply``, each program handles one
+chunk of one tensor; unlike apex, the tensor list lives in device memory instead
+of the kernel's parameter space, so there is no per-launch cap on the number of
+tensors:
 
 ``table``   int64 [T, C]: row j holds ``data_ptr()`` of tensor j in each of the
             op's lists (params, grads, copies, ...) and, in the last column,
@@ -20,30 +21,41 @@ tensors over 2**31 elements work; the grid's x limit (2**31 - 1 programs)
 caps one bucket at 8.8e12 elements.
 
 BLOCK = 2048 with 8 warps: 8 elements per thread and stream, two 16-byte
-vector accesses each in fp32.  Compiled for sm_90 (ptxas, no GPU needed) the
-heaviest kernel (Adam, 7 streams) takes 64 registers, so 4 programs (32
-warps) fit on an SM, each with 32 KB of loads in flight: ample for HBM
-latency, and the chain of dependent loads that starts every program (block
-map -> table row -> data) is hidden by the other resident programs.  With
-BLOCK = 4096 Adam needed 135 registers (one program per SM).  ResNet-50 (161
-tensors, 25.6M elements) gives ~12.6k programs (~95 per SM of an H200); the
-partly filled last chunk of each tensor is ~1% of them.  Not timed on a GPU
-yet: sweep BLOCK 1024..4096 x 4/8 warps there.
+vector accesses each in fp32.  The registers and spills of every kernel
+variant, as ptxas reports them for sm_90, are printed by
+tests/test_triton_compile.py, which fails on any spill or stack use (an SM
+holds 65536 registers: 256 / registers-per-thread programs of 8 warps fit on
+it).  Not timed on a GPU yet: sweep BLOCK 1024..4096 x 4/8 warps there.
 
-Caches.  A table's content is a function of its key (device, every
-``data_ptr()``, every ``numel()``), so a cache hit is correct by construction;
-the block map depends on the sizes only.  Gradients freed by
+Alignment.  16-byte vector loads and stores need every address of a tensor's
+lists to be a multiple of 16 bytes; a view at an odd offset (DDP's gradient
+bucket views often are) does not allow them, and the kernel variant without
+them needs more registers.  The block map therefore lists the programs of the
+aligned tensors first and those of the others after them, and each op
+launches the two parts separately (``Meta.parts``), the first with
+``ALIGNED=True``: one unaligned view costs one more launch, not the vector
+accesses of the whole bucket.
+
+Caches.  A table's content is a function of its key (device, every list's
+dtype, every ``data_ptr()``, the first list's ``numel()``s, the layouts), so a
+cache hit is correct by construction; the block map depends on the sizes and
+the alignment of each tensor only.  Gradients freed by
 ``zero_grad(set_to_none=True)`` usually come back at the same addresses (the
 caching allocator hands out the same blocks), so a steady training loop hits
 the cache and uploads nothing.  A miss uploads the table with one
-non-blocking copy from pinned memory: no host synchronisation.
+non-blocking copy from pinned memory: no host synchronisation.  Every host
+buffer is created on the CPU explicitly, whatever ``torch.set_default_device``
+says (a model built under ``with torch.device("cuda"):``).
 
 CUDA graphs.  Tables used while a stream is capturing are kept for the life
 of the process (the graph reads them at every replay).  A miss during capture
 (gradients allocated inside the capture come from the graph's pool, at new
-addresses) copies from a pinned arena reserved by earlier eager calls, since
-pinned memory cannot be allocated while capturing: run at least one eager
-step before capturing, as torch's capturable optimizers require too.
+addresses, so every table holding gradients is new) copies from a pinned arena,
+since pinned memory cannot be allocated while capturing.  Outside capture the
+arena is kept at least as large as all cached tables and block maps together:
+a capture can rebuild every table of a step whose tables were cached by an
+eager step before it (a step of up to CACHE_SIZE tables).  Run at least one
+eager step before capturing, as torch's capturable optimizers require too.
 
 Layout.  The kernels address element i of tensor j as ``data_ptr + i``: right
 for dense non-overlapping tensors whose lists agree on strides (contiguous,
@@ -54,7 +66,7 @@ holds addresses and sizes, not strides.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -66,9 +78,15 @@ BLOCK = 2048
 NUM_WARPS = 8
 CACHE_SIZE = 256  # tables (and block maps) kept per process, least recently used first out: a bucket
 # uses 4-6 tables a step (two sets of gradient addresses at most), so ~40 buckets stay cached
+VECTOR_BYTES = 16  # the alignment that vector loads and stores need
 
 # Element types of the tables' pointer columns (a constexpr of every kernel).
 DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+# Device types whose tables are uploaded from host memory (tests/test_triton_internals.py
+# simulates the upload and the capture arena on the CPU by adding "cpu").
+UPLOAD_DEVICE_TYPES = ("cuda",)
+CPU = torch.device("cpu")
 
 
 @triton.jit
@@ -87,8 +105,8 @@ def locate(table, blk_tensor, blk_chunk, N_COLS: tl.constexpr, BLOCK: tl.constex
 def column(row, COL: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """The typed pointer held in column COL of a table row.
 
-    ALIGNED (every address of the table is a multiple of 16 bytes, checked on the host)
-    lets the compiler emit 16-byte vector loads and stores.
+    ALIGNED (every address of this launch's tensors is a multiple of 16 bytes, checked on the
+    host) lets the compiler emit 16-byte vector loads and stores.
     """
     addr = tl.load(row + COL)
     if DTYPE == 1:
@@ -148,24 +166,56 @@ def launch(kernel, n_programs: int, *args, num_warps: int = NUM_WARPS, **constex
     kernel[(n_programs,)](*args, num_warps=num_warps, **constexprs)
 
 
+def launch_parts(kernel, tab: "Table", *args, partials: Optional[torch.Tensor] = None, **constexprs) -> None:
+    """``kernel`` over every program of ``tab``: one launch per part of its block map (the
+    aligned tensors with ``ALIGNED=True``, then the others), ``args`` after the table's.
+    ``partials``: a reduction's per-program output, its first argument after the table; each
+    part gets it from the part's first program on."""
+    for part in tab.meta.parts:
+        head = () if partials is None else (partials[part.start:] if part.start else partials,)
+        launch(kernel, part.n_blocks, tab.ptrs, part.blk_tensor, part.blk_chunk, *head, *args,
+               ALIGNED=part.aligned, **constexprs)
+
+
+class Part(NamedTuple):
+    """The programs ``[start, start + n_blocks)`` of a block map, launched together."""
+
+    start: int
+    n_blocks: int
+    blk_tensor: torch.Tensor  # views of the block map from ``start``
+    blk_chunk: torch.Tensor
+    aligned: bool
+
+
 class Meta:
-    """What depends on the sizes only: the block map and Adam's per-tensor program counters."""
+    """What depends on the sizes and the alignment of each tensor only: the block map, its
+    parts, and Adam's per-tensor program counters.
 
-    __slots__ = ("n_tensors", "n_blocks", "blk_tensor", "blk_chunk", "_counters", "_keep")
+    ``aligned[j]`` (None: all True): tensor j's programs may use vector accesses.  The
+    programs of the aligned tensors come first (part 0), those of the others after them.
+    """
 
-    def __init__(self, numels: Sequence[int], device: torch.device):
-        counts = torch.tensor([max(1, -(-n // BLOCK)) for n in numels], dtype=torch.int64)
+    __slots__ = ("n_tensors", "n_blocks", "blk_tensor", "blk_chunk", "parts", "slots", "_counters", "_keep")
+
+    def __init__(self, numels: Sequence[int], device: torch.device, aligned: Optional[Sequence[bool]] = None):
+        flags = [True] * len(numels) if aligned is None else list(aligned)
+        order = [j for j, a in enumerate(flags) if a] + [j for j, a in enumerate(flags) if not a]
+        counts = torch.tensor([max(1, -(-numels[j] // BLOCK)) for j in order], dtype=torch.int64, device=CPU)
         n_blocks = int(counts.sum())
         starts = torch.cumsum(counts, 0) - counts
-        tensor_of = torch.repeat_interleave(torch.arange(len(numels)), counts)
+        slot_of = torch.repeat_interleave(torch.arange(len(order), device=CPU), counts)  # position in `order`
         padded = -(-n_blocks // 4) * 4  # keeps the second row 16-byte aligned (one kernel specialisation)
-        host = torch.zeros(2, padded, dtype=torch.int32)
-        host[0, :n_blocks] = tensor_of
-        host[1, :n_blocks] = torch.arange(n_blocks) - starts[tensor_of]
+        host = torch.zeros(2, padded, dtype=torch.int32, device=CPU)
+        host[0, :n_blocks] = torch.tensor(order, dtype=torch.int64, device=CPU)[slot_of]
+        host[1, :n_blocks] = torch.arange(n_blocks, device=CPU) - starts[slot_of]
         dev, self._keep = _upload(host, device)
         self.n_tensors = len(numels)
         self.n_blocks = n_blocks
         self.blk_tensor, self.blk_chunk = dev[0], dev[1]
+        self.slots = host.numel() // 2  # int64 slots of the upload (the capture arena's unit)
+        n_aligned = int(counts[:sum(flags)].sum())
+        bounds = [(0, n_aligned, True), (n_aligned, n_blocks - n_aligned, False)]
+        self.parts = tuple(Part(s, n, self.blk_tensor[s:], self.blk_chunk[s:], a) for s, n, a in bounds if n)
         self._counters: Optional[torch.Tensor] = None
 
     def counters(self) -> torch.Tensor:
@@ -178,21 +228,17 @@ class Meta:
 class Table:
     """The pointer table of one call's lists, with the block map of their sizes."""
 
-    __slots__ = ("ptrs", "meta", "aligned", "_keep")
+    __slots__ = ("ptrs", "meta", "slots", "_keep")
 
-    def __init__(self, cols: List[List[int]], n_vector_cols: int, meta: Meta, device: torch.device):
-        host = torch.tensor(cols, dtype=torch.int64).t().contiguous()
+    def __init__(self, cols: List[List[int]], meta: Meta, device: torch.device):
+        host = torch.tensor(cols, dtype=torch.int64, device=CPU).t().contiguous()
         self.ptrs, self._keep = _upload(host, device)
         self.meta = meta
-        self.aligned = all(a % 16 == 0 for col in cols[:n_vector_cols] for a in col)
+        self.slots = host.numel()
 
     @property
     def n_blocks(self) -> int:
         return self.meta.n_blocks
-
-    def args(self):
-        """The three leading arguments of every multi-tensor kernel."""
-        return self.ptrs, self.meta.blk_tensor, self.meta.blk_chunk
 
 
 _tables: "OrderedDict[tuple, Table]" = OrderedDict()
@@ -209,9 +255,9 @@ def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence
     do not allow flat indexing (see the module docstring).
 
     The lists are validated (``check_bucket``: one device, one dtype, equal lengths, dense)
-    when their table is built.  A hit means the same addresses and sizes on the same device
-    and dtype as a validated call, so the per-tensor checks, which cost more host time than
-    the rest of the call, are not repeated.  ``distinct_copies``: ``lists[2]`` holds restore
+    when their table is built.  A hit means the same addresses, sizes and dtypes on the same
+    device as a validated call, so the per-tensor checks, which cost more host time than the
+    rest of the call, are not repeated.  ``distinct_copies``: ``lists[2]`` holds restore
     copies, none of which may be its parameter (the restore contract), checked on a miss too.
     """
     first = lists[0]
@@ -219,7 +265,7 @@ def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence
     device = head.device
     # The layout is part of the key: the same storage seen contiguous in one step and
     # channels_last in the next (a grad re-viewed by the user) must not reuse the table.
-    key = (device, head.dtype, *[tuple(map(_data_ptr, ls)) for ls in lists],
+    key = (device, tuple(ls[0].dtype if ls else None for ls in lists), *[tuple(map(_data_ptr, ls)) for ls in lists],
            *[(ls[0].dtype, tuple(map(_data_ptr, ls))) for ls in extra_ptrs],
            tuple(t.is_contiguous() for ls in lists for t in ls), tuple(map(_numel, first)), distinct_copies)
     tab = _tables.get(key)
@@ -230,14 +276,18 @@ def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence
         if not _flat_indexable(lists) or not all(_scalars_on(ls, device) for ls in extra_ptrs):
             return None
         numels = key[-2]
-        meta = _cached(_metas, (device, numels), lambda: Meta(numels, device))
-        cols = [list(c) for c in key[2:2 + len(lists)]] + [list(c) for _, c in key[2 + len(lists):-3]]
-        tab = Table(cols + [list(numels)], len(lists), meta, device)
+        vector_cols = [list(c) for c in key[2:2 + len(lists)]]
+        aligned = tuple(all(c[j] % VECTOR_BYTES == 0 for c in vector_cols) for j in range(len(first)))
+        if all(aligned):
+            aligned = None
+        meta = _cached(_metas, (device, numels, aligned), lambda: Meta(numels, device, aligned))
+        cols = vector_cols + [list(c) for _, c in key[2 + len(lists):-3]]
+        tab = Table(cols + [list(numels)], meta, device)
         _remember(_tables, key, tab)
     else:
         _tables.move_to_end(key)
-    if device.type == "cuda":
-        _note_use(tab, (len(lists) + len(extra_ptrs) + 1) * len(first))
+    if device.type in UPLOAD_DEVICE_TYPES:
+        _note_use(tab)
     return tab
 
 
@@ -260,17 +310,22 @@ def _cached(cache: OrderedDict, key, build):
     return val
 
 
+_cached_slots = [0]  # int64 slots of every table and block map in the caches (the arena's floor)
+
+
 def _remember(cache: OrderedDict, key, val) -> None:
     cache[key] = val
+    _cached_slots[0] += val.slots
     if len(cache) > CACHE_SIZE:
-        cache.popitem(last=False)
+        _cached_slots[0] -= cache.popitem(last=False)[1].slots
 
 
-def _note_use(tab: Table, n_slots: int) -> None:
-    if torch.cuda.is_current_stream_capturing():
+def _note_use(tab: Table) -> None:
+    if is_capturing():
         _held[id(tab)] = tab  # the graph will read this table (and its meta) at every replay
     else:
-        _arena.reserve(8 * n_slots)  # room for the tables a later capture may have to build
+        # Room for a capture to rebuild every cached table and block map (see the module docstring).
+        arena.reserve(_cached_slots[0])
 
 
 def _flat_indexable(lists: Sequence[Sequence[torch.Tensor]]) -> bool:
@@ -296,44 +351,68 @@ def _dense_layout(t: torch.Tensor):
     return dims
 
 
-class _CaptureArena:
-    """Pinned host memory reserved outside capture, for tables first needed during capture."""
+def pinned_slots(n: int) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.int64, device=CPU, pin_memory=True)
+
+
+class CaptureArena:
+    """Host memory reserved outside capture, for tables first needed during capture.
+
+    ``alloc(n)``: n int64 slots of host memory (pinned on a GPU machine; plain memory in
+    the CPU simulation of the tests).  A reservation that does not fit in what is left
+    allocates twice what it asks for, so a growing model costs a few allocations, not
+    one per new table.
+    """
 
     MIN_SLOTS = 1 << 17  # 1 MiB
 
-    def __init__(self):
+    def __init__(self, alloc: Callable[[int], torch.Tensor] = pinned_slots):
+        self._alloc = alloc
         self._bufs: List[torch.Tensor] = []  # handed-out slices are read by graph replays: never freed
         self._free: Optional[torch.Tensor] = None
 
+    @property
+    def free(self) -> int:
+        return 0 if self._free is None else self._free.numel()
+
     def reserve(self, n: int) -> None:
-        if self._free is None or self._free.numel() < n:
-            buf = torch.empty(max(n, self.MIN_SLOTS), dtype=torch.int64, pin_memory=True)
+        if self.free < n:
+            buf = self._alloc(max(2 * n, self.MIN_SLOTS))
             self._bufs.append(buf)
             self._free = buf
 
     def take(self, n: int) -> torch.Tensor:
-        if self._free is None or self._free.numel() < n:
+        if self.free < n:
             raise RuntimeError(
-                "fastsam's triton backend needs a new pointer table while capturing a CUDA graph but has no "
-                "pinned memory reserved for it; run one eager optimizer step before capturing (as torch's "
-                "capturable optimizers require)")
+                f"fastsam's triton backend needs a new pointer table ({n} slots) while capturing a CUDA graph "
+                f"but only {self.free} slots of pinned memory are reserved: run one eager optimizer step before "
+                "capturing (as torch's capturable optimizers require); the reservation covers a step of up to "
+                f"{CACHE_SIZE} tables (fastsam/kernels/triton/multi_tensor.py: CACHE_SIZE)")
         out, self._free = self._free[:n], self._free[n:]
         return out
 
 
-_arena = _CaptureArena()
+arena = CaptureArena()
+
+
+def is_capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
+def pin(host: torch.Tensor) -> torch.Tensor:
+    return host.pin_memory()
 
 
 def _upload(host: torch.Tensor, device: torch.device):
     """``host`` on ``device`` without a host synchronisation; returns (tensor, host buffer to keep)."""
-    if device.type == "cpu":
+    if device.type not in UPLOAD_DEVICE_TYPES:
         return host, None
-    if torch.cuda.is_current_stream_capturing():
-        slots = _arena.take(-(-host.numel() * host.element_size() // 8))
+    if is_capturing():
+        slots = arena.take(-(-host.numel() * host.element_size() // 8))
         staging = slots.view(host.dtype)[:host.numel()].view(host.shape)
         staging.copy_(host)
     else:
-        staging = host.pin_memory()
+        staging = pin(host)
     dev = torch.empty(host.shape, dtype=host.dtype, device=device)
     dev.copy_(staging, non_blocking=True)
     return dev, staging

@@ -53,6 +53,6 @@ def perturb(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[
     tab = mt.table([params, grads, copies])
     if tab is None:
         return False
-    mt.launch(_perturb_kernel, tab.n_blocks, *tab.args(), scalars, float(rho), ADAPTIVE=adaptive,
-              DTYPE=mt.DTYPE_IDS[params[0].dtype], ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
+    mt.launch_parts(_perturb_kernel, tab, scalars, float(rho), ADAPTIVE=adaptive,
+                    DTYPE=mt.DTYPE_IDS[params[0].dtype], BLOCK=mt.BLOCK)
     return True

@@ -30,6 +30,5 @@ def restore(params: List[torch.Tensor], copies: List[torch.Tensor]) -> bool:
     tab = mt.table([params, copies])
     if tab is None:
         return False
-    mt.launch(_restore_kernel, tab.n_blocks, *tab.args(), DTYPE=mt.DTYPE_IDS[params[0].dtype],
-              ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
+    mt.launch_parts(_restore_kernel, tab, DTYPE=mt.DTYPE_IDS[params[0].dtype], BLOCK=mt.BLOCK)
     return True

@@ -125,11 +125,11 @@ def restore_adam_step(params: List[torch.Tensor], grads: List[torch.Tensor], cop
                    distinct_copies=bool(copies))
     if tab is None:
         return False
-    mt.launch(_restore_adam_step_kernel, tab.n_blocks, *tab.args(), tab.meta.counters(), skip,
-              skip if grad_scale is None else grad_scale, lr if lr_ptr else float(lr), _log(beta1), 1.0 - beta1,
-              _log(beta2), float(beta2), 1.0 - beta2, float(eps), float(weight_decay),
-              1.0 if lr_ptr else 1.0 - lr * weight_decay, LR_PTR=lr_ptr,
-              HAS_GRAD_SCALE=grad_scale is not None, MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0,
-              DECOUPLED=decoupled, DTYPE=mt.DTYPE_IDS[params[0].dtype], STEP_DTYPE=mt.DTYPE_IDS[steps[0].dtype],
-              ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
+    mt.launch_parts(_restore_adam_step_kernel, tab, tab.meta.counters(), skip,
+                    skip if grad_scale is None else grad_scale, lr if lr_ptr else float(lr), _log(beta1),
+                    1.0 - beta1, _log(beta2), float(beta2), 1.0 - beta2, float(eps), float(weight_decay),
+                    1.0 if lr_ptr else 1.0 - lr * weight_decay, LR_PTR=lr_ptr,
+                    HAS_GRAD_SCALE=grad_scale is not None, MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0,
+                    DECOUPLED=decoupled, DTYPE=mt.DTYPE_IDS[params[0].dtype],
+                    STEP_DTYPE=mt.DTYPE_IDS[steps[0].dtype], BLOCK=mt.BLOCK)
     return True

@@ -85,10 +85,9 @@ def restore_sgd_step(params: List[torch.Tensor], grads: List[torch.Tensor], copi
     tab = mt.table(lists, distinct_copies=bool(copies))
     if tab is None:
         return False
-    mt.launch(_restore_sgd_step_kernel, tab.n_blocks, *tab.args(), skip,
-              skip if grad_scale is None else grad_scale, lr if lr_ptr else float(lr), float(momentum),
-              1.0 - dampening, float(weight_decay), LR_PTR=lr_ptr,
-              HAS_GRAD_SCALE=grad_scale is not None, MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0,
-              MOMENTUM=has_momentum, NESTEROV=nesterov, FIRST=first, N_COLS=len(lists) + 1,
-              DTYPE=mt.DTYPE_IDS[params[0].dtype], ALIGNED=tab.aligned, BLOCK=mt.BLOCK)
+    mt.launch_parts(_restore_sgd_step_kernel, tab, skip, skip if grad_scale is None else grad_scale,
+                    lr if lr_ptr else float(lr), float(momentum), 1.0 - dampening, float(weight_decay),
+                    LR_PTR=lr_ptr, HAS_GRAD_SCALE=grad_scale is not None, MAXIMIZE=maximize,
+                    WEIGHT_DECAY=weight_decay != 0, MOMENTUM=has_momentum, NESTEROV=nesterov, FIRST=first,
+                    N_COLS=len(lists) + 1, DTYPE=mt.DTYPE_IDS[params[0].dtype], BLOCK=mt.BLOCK)
     return True

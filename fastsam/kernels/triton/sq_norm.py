@@ -105,9 +105,8 @@ def sq_norm(grads: List[torch.Tensor], params: List[torch.Tensor], accumulate: O
     device = grads[0].device
     partials = torch.empty(tab.n_blocks, dtype=torch.float32, device=device)
     total = torch.empty((), dtype=torch.float32, device=device)
-    mt.launch(_sq_norm_partials_kernel, tab.n_blocks, *tab.args(), partials,
-              WEIGHTED=bool(params), N_COLS=len(lists) + 1, DTYPE=mt.DTYPE_IDS[grads[0].dtype], ALIGNED=tab.aligned,
-              BLOCK=mt.BLOCK)
+    mt.launch_parts(_sq_norm_partials_kernel, tab, partials=partials, WEIGHTED=bool(params),
+                    N_COLS=len(lists) + 1, DTYPE=mt.DTYPE_IDS[grads[0].dtype], BLOCK=mt.BLOCK)
     mt.launch(_sum_kernel, 1, partials, tab.n_blocks, total,
               total if accumulate is None else accumulate, total if out is None else out,
               total if prev is None else prev, float(eps), float(max_norm or 0.0),
