@@ -6,18 +6,24 @@ per-element math is csrc/sam_math.h, shared with the CUDA kernels.  The same
 operators serve the cuda backend (fastsam/backends/cuda.py): the dispatcher
 picks the CPU or the CUDA kernel from the tensors' device.
 
+The kernels index every tensor as one flat array laid out like its parameter; the
+operators check that (and everything else) before they write anything.  A call they
+refuse for layout alone (a gradient that is a transposed view, say) runs on the foreach
+backend instead, as the triton backend does: the check costs nothing on the usual path.
+
 The extension comes from ``fastsam._C`` when it was built by setup.py
 (``FASTSAM_BUILD_CPP=1`` / ``FASTSAM_BUILD_CUDA=1``), else from a JIT build
 on first use, cached on disk (fastsam/_build.py).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import functools
+from typing import Any, Callable, List, Optional
 
 import torch
 
 from .. import _build
-from . import BackendUnavailable
+from . import BackendUnavailable, foreach
 from ._common import FACTOR, SKIP, Epilogue, finish_norm
 
 Tensors = List[torch.Tensor]
@@ -50,6 +56,36 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype in _DTYPES
 
 
+def _laid_out_alike(lists: List[Tensors]) -> bool:
+    """Every tensor dense and strided like the first list's tensor at its index."""
+    ref = lists[0]
+    return all(t.layout == torch.strided and (t.numel() <= 1 or (t.stride() == r.stride() and _dense(t)))
+               for ls in lists for t, r in zip(ls, ref))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+            or t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+def _or_foreach(op: Callable[..., Any]) -> Callable[..., Any]:
+    """``op``, or foreach's op of the same name when the operator refuses the call for the layout
+    of its tensors (it refuses before it writes anything)."""
+    fallback = getattr(foreach, op.__name__)
+
+    @functools.wraps(op)
+    def call(*args, **kwargs):
+        try:
+            return op(*args, **kwargs)
+        except ValueError:
+            lists = [a for a in args if isinstance(a, (list, tuple)) and a and torch.is_tensor(a[0])]
+            if not lists or _laid_out_alike(lists):
+                raise
+            return fallback(*args, **kwargs)
+    return call
+
+
+@_or_foreach
 def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
                  accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
     if not grads:  # no tensor to dispatch on
@@ -58,17 +94,20 @@ def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
     return finish_norm(sq, accumulate, epilogue)  # the epilogue in torch ops (a few scalar launches)
 
 
+@_or_foreach
 def perturb(params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Tensor, rho: float,
             adaptive: bool) -> None:
     if params:
         _fastsam_ops().perturb.default(params, grads, copies, scalars[FACTOR] * rho, scalars[SKIP], bool(adaptive))
 
 
+@_or_foreach
 def restore(params: Tensors, copies: Tensors) -> None:
     if params:
         _fastsam_ops().restore.default(params, copies)
 
 
+@_or_foreach
 def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_buffers: Tensors, *,
                      lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
                      maximize: bool, first: bool, grad_scale: Optional[torch.Tensor],
@@ -81,6 +120,7 @@ def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_
         float(dampening), bool(nesterov), float(weight_decay), bool(maximize), bool(first), grad_scale, skip)
 
 
+@_or_foreach
 def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs: Tensors,
                       exp_avg_sqs: Tensors, steps: Tensors, *, lr: float, beta1: float, beta2: float,
                       eps: float, weight_decay: float, decoupled: bool, maximize: bool,
@@ -93,12 +133,14 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
         grad_scale, skip)
 
 
+@_or_foreach
 def dot_sq_norms(xs: Tensors, ys: Tensors, *, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
     if not xs:
         return torch.zeros(3, dtype=torch.float32, device="cpu") if accumulate is None else accumulate.clone()
     return _fastsam_ops().dot_sq_norms.default(xs, ys, accumulate)
 
 
+@_or_foreach
 def axpby(xs: Tensors, ys: Tensors, coefs: torch.Tensor, *, out: Optional[Tensors] = None) -> None:
     if xs:  # an empty ``out`` tells the operator to write xs in place
         _fastsam_ops().axpby.default(xs, ys, coefs, [] if out is None or out is xs else out)

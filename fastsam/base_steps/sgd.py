@@ -1,12 +1,18 @@
 """torch.optim.SGD (momentum, dampening, nesterov, weight decay, maximize) fused with the restore."""
 from __future__ import annotations
 
+import functools
+import operator
 from typing import List
 
 import torch
 from torch.optim import Optimizer
 
 from ..backends._common import FACTOR, SKIP
+
+
+_momentum_buffer = operator.itemgetter("momentum_buffer")
+_is_none = functools.partial(operator.is_, None)
 
 
 def handles(base: Optimizer) -> bool:
@@ -34,8 +40,11 @@ def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: 
             write(s, [], False)
             continue
         dicts = bucket.states_of(state, s)
-        bufs = [d.get("momentum_buffer") for d in dicts]
-        if all(x is not None for x in bufs):  # every step after the first: one call (not ``None in``: == on tensors)
+        try:
+            bufs = list(map(_momentum_buffer, dicts))
+        except KeyError:
+            bufs = [d.get("momentum_buffer") for d in dicts]
+        if not any(map(_is_none, bufs)):  # every step after the first: one call
             write(s, bucket.view(bufs), False)
             continue
         # torch initialises a momentum buffer to the first gradient; params whose

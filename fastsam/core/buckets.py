@@ -21,6 +21,7 @@ Complex parameters are handled as torch's optimizers handle them: the kernels se
 from __future__ import annotations
 
 import collections
+import functools
 import operator
 import sys
 from dataclasses import dataclass, field
@@ -52,9 +53,6 @@ class Bucket:
     keys: Tensors = field(default_factory=list)
     shard: Optional[Tuple] = None
     complex: bool = False
-    home: Any = None  # the backend resolved for the bucket; ``backend`` falls back to foreach for a pass
-    dense_only: bool = False  # ``home`` reads every tensor as one flat array laid out like its parameter
-    strided: bool = False     # some parameter is dense but not contiguous (channels_last)
     copies: Optional[Tensors] = None  # the restore copies, looked up once per bucket
     index: List[int] = field(default_factory=list)  # positions of the parameters in the flat parameter list
     span: Optional[Tuple[int, int]] = None  # (start, stop) when ``index`` is one contiguous range
@@ -192,6 +190,7 @@ class Buckets(list):
 
 
 _grad_of = operator.attrgetter("grad")
+_is_none = functools.partial(operator.is_, None)
 
 
 class Plan:
@@ -227,7 +226,7 @@ class Plan:
         if recheck or self._layout is None or len(self._layout[0]) != len(flat):
             self._layout = _fingerprint(flat)
         grads = list(map(_grad_of, flat))
-        mask = (tuple([g is None for g in grads]), self._layout, tuple(map(id, param_groups)))
+        mask = (tuple(map(_is_none, grads)), self._layout, tuple(map(id, param_groups)))
         buckets = self._cache.get(mask)
         if buckets is None:
             buckets = self._build(param_groups)
@@ -244,10 +243,6 @@ class Plan:
                 b.grads = grads[b.span[0]:b.span[1]]
             else:
                 b.grads = [grads[i] for i in b.index]
-            if b.dense_only:  # a gradient laid out unlike its parameter: this pass runs on foreach
-                laid_out = (all(g.stride() == p.stride() for g, p in zip(b.grads, b.params)) if b.strided
-                            else all(map(_is_contiguous, b.grads)))
-                b.backend = b.home if laid_out else backends.get("foreach")
         return buckets
 
     def _build(self, param_groups: List[Dict[str, Any]]) -> Buckets:
@@ -271,10 +266,8 @@ class Plan:
                 key = (p.device, view.dtype, shard, backend.NAME)
                 b = by_key.get(key)
                 if b is None:
-                    b = by_key[key] = Bucket(group, [], backend, shard=shard, home=backend,
-                                             dense_only=backend.NAME in _DENSE_ONLY)
+                    b = by_key[key] = Bucket(group, [], backend, shard=shard)
                 b.complex = b.complex or p.is_complex()
-                b.strided = b.strided or not _is_contiguous(view)
                 b.params.append(view)
                 b.keys.append(p)
                 b.index.append(flat_i)
@@ -291,11 +284,6 @@ def backend_of(backend_for: Callable[[torch.device], Any], device: torch.device,
     dtype that backend does not support."""
     mod = backend_for(device)
     return mod if mod.supports(dtype) else backends.get("foreach")
-
-
-# Backends whose kernels take only tensors laid out like their parameter (the triton backend
-# checks that itself and hands such calls to foreach).
-_DENSE_ONLY = ("cpp", "cuda")
 
 
 def _dense(t: torch.Tensor) -> bool:
