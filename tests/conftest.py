@@ -41,14 +41,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
-def seed():
-    """A fresh seed per test (torch's global RNG is seeded with it), printed so that a failure
-    can be replayed with FASTSAM_TEST_SEED=<seed>."""
+@pytest.fixture(autouse=True)
+def _seeded(request):
+    """Every test starts from a fresh seed of torch's, NumPy's and Python's global generators,
+    reported with its failure so that it can be replayed with FASTSAM_TEST_SEED=<seed>."""
+    import random
+
     s = int(os.environ.get("FASTSAM_TEST_SEED", secrets.randbits(31)))
-    print(f"seed={s}")
     torch.manual_seed(s)
+    random.seed(s)
+    try:
+        import numpy as np
+        np.random.seed(s)
+    except ImportError:
+        pass
+    request.node.fastsam_seed = s
     return s
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    s = getattr(item, "fastsam_seed", None)
+    if report.failed and s is not None:
+        report.sections.append(("fastsam", f"replay with FASTSAM_TEST_SEED={s}"))
+
+
+@pytest.fixture
+def seed(_seeded):
+    """The test's seed (torch's global generator is seeded with it), for tests that draw their own
+    generators from it."""
+    return _seeded
 
 
 @pytest.fixture(scope="module")
