@@ -216,34 +216,29 @@ class SAMCore:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the parameters are already perturbed "
                 "(w + e); call second_step() (or step()) to finish this step, or undo_first_step() to return to w")
-        tx = Transaction(self.snapshots)
-        try:
+
+        def prepare(tx: Transaction) -> Optional[Perturbation]:
             self._decide(tx)
             if not self.sam_active():
-                return
+                return None
             self.check_groups(tx)
             buckets = self.buckets()
             scalars = None
             if buckets:
                 self.ext.first_gradient(self, buckets, tx)
                 scalars = self.perturb(buckets, tx)
-            tx.commit()
-        except BaseException as exc:
-            tx.rollback()
-            self.explain(exc)
-            raise
-        run.pending = Perturbation(buckets, scalars)
+            return Perturbation(buckets, scalars)
+        run.pending = self.transact(prepare)
 
     def second_step(self) -> None:
         """Restore w and take the base step with the gradient now in ``p.grad`` (a plain base step
         when no first step is pending and SAM is inactive)."""
-        run = self.run
-        pending = run.pending
+        pending = self.run.pending
         if pending is None and self.sam_active():
             raise RuntimeError("second_step() called without first_step(): SAM is active, so call "
                                "first_step() after the first backward pass")
-        tx = Transaction(self.snapshots)
-        try:
+
+        def prepare(tx: Transaction) -> Update:
             self.check_groups(tx)
             buckets = self.buckets(recheck=pending is None)
             if pending is not None:
@@ -253,11 +248,8 @@ class SAMCore:
             update = self.prepare_update(pending, buckets, tx)
             self.ext.commit(self, pending, buckets, update.scalars, tx)
             self.register_update(update, tx)
-            tx.commit()
-        except BaseException as exc:
-            tx.rollback()
-            self.explain(exc)
-            raise
+            return update
+        update = self.transact(prepare)
         self.finish_step(update.skip_flag)
         self.ext.finished(self, pending is not None)
 
@@ -266,13 +258,25 @@ class SAMCore:
         pending = self.run.pending
         if pending is None:
             return
-        tx = Transaction(self.snapshots)
-        for b in pending.buckets:
-            tx.write(lambda b=b: b.backend.restore(b.params, b.copies), b.params, backend=b.backend)
-        tx.commit()
+        self.transact(lambda tx: [tx.write(lambda b=b: b.backend.restore(b.params, b.copies), b.params,
+                                           backend=b.backend) for b in pending.buckets])
         self.run.pending = None
         self.ext.undone(self)
         self.plan.release()
+
+    def transact(self, prepare: Callable[[Transaction], Any]) -> Any:
+        """Run ``prepare(tx)`` (the checks, the plan, the reads; it registers the writes with ``tx``),
+        then commit: all or nothing.  An error a backend raised for a malformed gradient is
+        re-raised naming the parameter."""
+        tx = Transaction(self.snapshots)
+        try:
+            out = prepare(tx)
+            tx.commit()
+        except BaseException as exc:
+            tx.rollback()
+            self.explain(exc)
+            raise
+        return out
 
     def finish_step(self, skip_flag: Optional[torch.Tensor]) -> None:
         """Count a step that has been taken: ``num_steps``, LR schedulers' flag, the skip flag.

@@ -154,19 +154,16 @@ class MomentumSAM(SAMOptimizer):
             with torch.enable_grad():
                 loss = closure()
         core, state = self.core, self.core.ext
-        tx = Transaction(self.core.snapshots)
-        try:
+
+        def prepare(tx: Transaction):
             self._check_groups(tx)
             buckets = core.buckets()
             applied = state.applied
             pending = None if applied is None else Perturbation(applied.source, None)
             update = core.prepare_update(pending, buckets, tx)
             core.register_update(update, tx)
-            tx.commit()
-        except BaseException as exc:
-            tx.rollback()
-            core.explain(exc)
-            raise
+            return buckets, update
+        buckets, update = core.transact(prepare)
         state.applied = None
         core.finish_step(update.skip_flag)
         if buckets and core.sam_active():
@@ -184,14 +181,8 @@ class MomentumSAM(SAMOptimizer):
         source, dirs = self._directions(buckets)
         if dirs is None:
             return
-        tx = Transaction(self.core.snapshots)
         rhos = [-d.group["rho"] for d in dirs]
-        try:
-            scalars = self.core.perturb(dirs, tx, rhos=rhos, weighted=False)
-            tx.commit()
-        except BaseException:
-            tx.rollback()
-            raise
+        scalars = self.core.transact(lambda tx: self.core.perturb(dirs, tx, rhos=rhos, weighted=False))
         self.core.ext.applied = Applied(source, dirs, rhos, scalars)
 
     def _directions(self, buckets: Buckets):
@@ -236,10 +227,8 @@ class MomentumSAM(SAMOptimizer):
 
     # ------------------------------------------------------------------ w~ and w
     def _restore(self, applied: Applied) -> None:
-        tx = Transaction(self.core.snapshots)
-        for b in applied.source:
-            tx.write(lambda b=b: b.backend.restore(b.params, b.copies), b.params)
-        tx.commit()
+        self.core.transact(lambda tx: [tx.write(lambda b=b: b.backend.restore(b.params, b.copies), b.params,
+                                                backend=b.backend) for b in applied.source])
 
     def _reapply(self, applied: Applied, tx: Transaction) -> None:
         """Register w~ from w, the buffers and the saved scalars: bitwise the perturbation that was."""
@@ -266,10 +255,7 @@ class MomentumSAM(SAMOptimizer):
         finally:
             ms.suspended = None
             if applied is not None and ms.applied is None and self.core.run.num_steps == n:
-                tx = Transaction(self.core.snapshots)
-                with torch.no_grad():
-                    self._reapply(applied, tx)
-                    tx.commit()
+                self.core.transact(lambda tx: self._reapply(applied, tx))
                 ms.applied = applied
 
     # ------------------------------------------------------------------ state dict
@@ -306,10 +292,7 @@ class MomentumSAM(SAMOptimizer):
                 checkpoint.load(self.core, state_dict, kind="msam", extra=self._load_perturbation)
         except BaseException:
             if applied_before is not None:
-                tx = Transaction(self.core.snapshots)
-                with torch.no_grad():
-                    self._reapply(applied_before, tx)
-                    tx.commit()
+                self.core.transact(lambda tx: self._reapply(applied_before, tx))
                 ms.applied = applied_before
             raise
 
