@@ -41,7 +41,7 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark", "triton; platform_system == 'Linux'", "numpy", "ninja", "tqdm", "scikit-learn", "matplotlib", "mlxtend",
-                 "lightning==2.6.6", "transformers==5.24.0", "accelerate==1.15.0"],
+                 "lightning==2.6.6", "transformers==5.24.0", "accelerate==1.15.0", "hypothesis==6.170.27"],
         "bench": ["numpy", "ninja", "tqdm", "matplotlib", "scikit-learn", "pytest-benchmark", "mlxtend"],
         # fastsam.integrations (pip install fastsam[lightning] / fastsam[transformers]); the "test" extra pins
         # the versions tests/test_integrations_*.py run against (pip keeps the CPU torch already installed)

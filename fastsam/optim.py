@@ -182,7 +182,8 @@ class SAMOptimizer(Optimizer):
         return checkpoint.state_dict(self.core)
 
     def _load(self, state_dict: Dict[str, Any]) -> None:
-        checkpoint.load(self.core, state_dict)
+        with torch.no_grad():  # a pending perturbation is undone by writing into the parameters
+            checkpoint.load(self.core, state_dict)
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> Dict[str, Any]:

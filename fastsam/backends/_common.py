@@ -119,6 +119,14 @@ def _host_scalars(sq: torch.Tensor, ep: Epilogue) -> None:
         ep.out[FACTOR] = factor
 
 
+def scaled(grads, factor: torch.Tensor):
+    """``grads`` times a pass's 0-d ``factor`` (the clip coefficient), each in its own dtype: a 0-d
+    gradient times a 0-d factor would take the wider dtype of the two (0-d operands promote each
+    other), which the state it meets next (lerp), or ``p.grad``, refuses."""
+    out = torch._foreach_mul(grads, factor)
+    return [s if s.dtype == g.dtype else s.to(g.dtype) for s, g in zip(out, grads)]
+
+
 def _round32(x: float) -> float:
     """x rounded to the nearest float32 (ties to even), as float32 arithmetic stores it."""
     if not math.isfinite(x):

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import torch
 
-from ._common import FACTOR, SKIP, Epilogue, check_bucket, check_copies, finish_norm, on_host
+from ._common import FACTOR, SKIP, Epilogue, check_bucket, check_copies, finish_norm, on_host, scaled
 
 Tensors = List[torch.Tensor]
 NAME = "foreach"
@@ -67,8 +67,9 @@ def perturb(params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Ten
     if host_skip:
         return
     scale = scalars[FACTOR] * rho  # in the scalars' dtype (fp32 or fp64), as every backend forms it
-    if host_skip is not None and not adaptive:
-        # CPU: read the scale on the host and add in one pass (no temporary e)
+    if host_skip is not None and not adaptive and abs(float(scale)) <= torch.finfo(params[0].dtype).max:
+        # CPU: read the scale on the host and add in one pass (no temporary e).  torch casts alpha to
+        # the parameters' dtype: a scale beyond fp16's range (a tiny or zero ||g||) takes the path below.
         torch._foreach_add_(params, grads, alpha=float(scale))
         return
     e = torch._foreach_mul(grads, scale)
@@ -89,7 +90,7 @@ def restore(params: Tensors, copies: Tensors) -> None:
 
 def _sam_grads(grads: Tensors, grad_scale: Optional[torch.Tensor], maximize: bool) -> Tensors:
     if grad_scale is not None:
-        grads = torch._foreach_mul(grads, grad_scale)
+        grads = scaled(grads, grad_scale)
     if maximize:
         grads = torch._foreach_neg(grads)
     return grads

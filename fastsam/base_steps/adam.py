@@ -9,6 +9,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _get_scalar_dtype
 
 from ..backends._common import FACTOR, SKIP
+from ._skipped import restored_only
 
 
 def handles(base: Optimizer) -> bool:
@@ -22,6 +23,8 @@ def handles(base: Optimizer) -> bool:
 def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: bool, tx) -> None:
     """Create the moments and step counters this step needs (undone with the step) and register
     one fused restore + update write per slice with ``tx``."""
+    if restored_only(bucket, slices, scalars, tx):
+        return
     g = bucket.group
     state = base.state
     step_dtype = _get_scalar_dtype()

@@ -14,7 +14,7 @@ from typing import Dict, List
 import torch
 from torch.optim import Optimizer
 
-from ..backends._common import FACTOR, SKIP
+from ..backends._common import FACTOR, SKIP, scaled
 
 
 def prepare(base: Optimizer, buckets: List, slices: Dict[int, List], scalars: Dict[torch.device, torch.Tensor],
@@ -30,7 +30,7 @@ def prepare(base: Optimizer, buckets: List, slices: Dict[int, List], scalars: Di
     for b in buckets:
         grads = b.grads
         if clip:  # fp32 factor, as the fused steps use it
-            grads = torch._foreach_mul(grads, scalars[b.device][FACTOR])
+            grads = scaled(grads, scalars[b.device][FACTOR])
         for k, gv in zip(b.keys, grads):
             g = torch.view_as_complex(gv) if k.is_complex() and not gv.is_complex() else gv
             if g is not k.grad:

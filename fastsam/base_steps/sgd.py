@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..backends._common import FACTOR, SKIP
+from ._skipped import restored_only
 
 
 _momentum_buffer = operator.itemgetter("momentum_buffer")
@@ -23,6 +24,8 @@ def handles(base: Optimizer) -> bool:
 def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: bool, tx) -> None:
     """Create the momentum buffers this step needs (undone with the step) and register one fused
     restore + update write per slice with ``tx``."""
+    if restored_only(bucket, slices, scalars, tx):
+        return
     g = bucket.group
     state = base.state
     skip = scalars[SKIP]
@@ -54,12 +57,12 @@ def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: 
         if old:
             write(s.take(old), bucket.view([bufs[i] for i in old]), False)
         sub = s.take(new)
-        # A skipped first step must leave the state as torch would: no buffer yet.
-        # Reading the flag is free on the CPU; elsewhere the kernels keep a skipped
-        # fresh buffer at zero, which the next step turns into exactly torch's first
-        # buffer (m*0 + g) unless dampening != 0: only then, and only on a
-        # parameter's first step, is the flag read on the host.
-        if (bucket.device.type == "cpu" or g["dampening"] != 0) and bool(skip):
+        # A skipped first step must leave the state as torch would: no buffer yet (on the
+        # CPU it returned above).  Elsewhere the kernels keep a skipped fresh buffer at zero,
+        # which the next step turns into exactly torch's first buffer (m*0 + g) unless
+        # dampening != 0: only then, and only on a parameter's first step, is the flag read
+        # on the host.
+        if g["dampening"] != 0 and bool(skip):
             if sub.copies:
                 tx.write(lambda sub=sub: bucket.backend.restore(sub.params, sub.copies), sub.params,
                          backend=bucket.backend)

@@ -159,11 +159,21 @@ class MomentumSAM(SAMOptimizer):
             self._check_groups(tx)
             buckets = core.buckets()
             applied = state.applied
-            pending = None if applied is None else Perturbation(applied.source, None)
-            update = core.prepare_update(pending, buckets, tx)
-            core.register_update(update, tx)
+            update = None
+            if buckets:
+                pending = None if applied is None else Perturbation(applied.source, None)
+                update = core.prepare_update(pending, buckets, tx)
+                core.register_update(update, tx)
             return buckets, update
         buckets, update = core.transact(prepare)
+        if not buckets:
+            # No gradient at all: nothing to update.  As after a skipped step, the weights stay at
+            # w~ for the next step's gradient, unless the next step is not a SAM step.
+            core.finish_step(None)
+            if state.applied is not None and not core.sam_active():
+                self._restore(state.applied)
+                state.applied = None
+            return loss
         state.applied = None
         core.finish_step(update.skip_flag)
         if buckets and core.sam_active():
@@ -263,6 +273,28 @@ class MomentumSAM(SAMOptimizer):
         """The core's part plus the perturbation: w (the unperturbed weights) while perturbed, also
         inside ``unperturbed()``, where the perturbation is only suspended."""
         part = super()._fastsam_state()
+        part.update(self._perturbation_state())
+        return part
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The perturbation in place refers to backend modules, which do not pickle: a copy keeps what
+        # load_state_dict rebuilds it from (w, 1/(||v||+eps), the rhos), so that it sits at the same w~.
+        st = super().__getstate__()
+        part = self._perturbation_state()
+        st["_perturbation"] = part if part["perturbed"] else None
+        return st
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        state = dict(state)
+        part = state.pop("_perturbation", None)
+        super().__setstate__(state)
+        if part is not None:
+            tx = Transaction(self.core.snapshots)
+            with torch.no_grad():
+                self._load_perturbation(part, tx)
+                tx.commit()
+
+    def _perturbation_state(self) -> Dict[str, Any]:
         ms = self.core.ext
         applied = ms.applied
         if applied is None and ms.suspended is not None and ms.suspended[1] == self.core.run.num_steps:
@@ -272,9 +304,8 @@ class MomentumSAM(SAMOptimizer):
         for b in applied.source if applied is not None else ():
             w.update(zip(map(id, b.keys), b.copies))
         sc = None if applied is None else next(iter(applied.scalars.values()))
-        part.update(perturbed=applied is not None, scalars=None if sc is None else sc.clone(),
+        return dict(perturbed=applied is not None, scalars=None if sc is None else sc.clone(),
                     rho=None if applied is None else list(applied.rhos), w=[w.get(id(p)) for p in params])
-        return part
 
     def _load(self, state_dict: Dict[str, Any]) -> None:
         """Loads the state and puts the weights at the saved w~ (recomputed from the saved w, buffer and
