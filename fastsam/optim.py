@@ -407,6 +407,9 @@ class FusedSAM(SAMOptimizer):
         - While SAM is inactive: the base optimizer's step.  Under the SAM convention the
           closure is not called and ``None`` is returned; under the torch convention it is
           called once and its loss returned.
+        - ``step()`` without a closure while SAM is active is refused (a SAM step needs a second
+          pass), unless every gradient is zero: e = 0 then, so the step is whole (this is how
+          torch's distributed checkpoint creates optimizer state).
 
         If the closure raises (``KeyboardInterrupt`` included), the weights are back at w and
         ``p.grad`` holds the tensors it held when the call began before the exception propagates.
@@ -450,6 +453,12 @@ class FusedSAM(SAMOptimizer):
             self.second_step()
             self._mark_grads()
             return first_loss
+        if closure is None and self._all_gradients_zero():
+            # e = 0: the gradient at w + e is the one at hand, so this is a whole SAM step (torch's
+            # distributed checkpoint creates optimizer state this way, with zero gradients and lr 0).
+            self.first_step()
+            self.second_step()
+            return None
         if closure is None:
             msg = ("FusedSAM.step() was called without a closure and without first_step() while SAM is active: "
                    "a SAM step needs a second forward+backward pass at w + e.  Pass step(closure) or call "
@@ -478,11 +487,33 @@ class FusedSAM(SAMOptimizer):
         marks = self.core.run.last_grads
         if marks is None or len(marks) != len(grads) or any(ref() is not t for (ref, _), t in zip(marks, grads)):
             return False  # new gradient tensors: a first pass ran
-        if all(t._version == v for (_, v), t in zip(marks, grads)):
+        if self._marks_hold():
             return True   # the very gradients the last step ended with
         # The same tensors, changed in place: zero_grad(set_to_none=False), perhaps followed by a
         # backward.  Only their values tell: all zero means nobody ran a first pass.
         return not any(bool(t.any()) for t in grads)
+
+    def _all_gradients_zero(self) -> bool:
+        """Whether every gradient is zero or absent (reads them: only where step() would refuse)."""
+        return all(p.grad is None or not bool(p.grad.any()) for g in self.param_groups for p in g["params"])
+
+    def _marks_hold(self) -> bool:
+        """Whether the gradients are the very tensors (and versions) the last step(closure) ended with."""
+        marks = self.core.run.last_grads
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return (marks is not None and len(marks) == len(grads)
+                and all(ref() is t and t._version == v for (ref, v), t in zip(marks, grads)))
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The marks are weak references, not copied: the copy marks its own copies of the gradients.
+        return dict(super().__getstate__(), _marks_hold=self._marks_hold())
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        state = dict(state)
+        hold = state.pop("_marks_hold", False)
+        super().__setstate__(state)
+        if hold:
+            self._mark_grads()
 
     def _mark_grads(self) -> None:
         """What the next step(closure) compares against to tell the conventions apart."""

@@ -250,7 +250,10 @@ class SAMCore:
             self.register_update(update, tx)
             return update
         update = self.transact(prepare)
-        self.finish_step(update.skip_flag)
+        flag = update.skip_flag
+        if flag is None and pending is not None and pending.scalars is not None:  # no second gradient
+            flag = next(iter(pending.scalars.values()))[SKIP]
+        self.finish_step(flag)
         self.ext.finished(self, pending is not None)
 
     def undo(self) -> None:
