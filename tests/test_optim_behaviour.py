@@ -212,9 +212,21 @@ def test_step_with_closure_equals_two_step_loop():
 
 
 def test_step_without_closure_while_active_raises():
-    opt = FusedSAM(_mlp().parameters(), torch.optim.SGD, lr=0.1)
+    model = _mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    model(torch.randn(4, model[0].in_features)).sum().backward()
     with pytest.raises(RuntimeError, match="closure"):
         opt.step()
+
+
+def test_step_without_closure_on_zero_gradients_is_a_whole_sam_step():
+    """e = 0 on a zero gradient, so no second pass is needed: the step is SAM's and SGD's alike."""
+    model = _mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert opt.num_steps == 1 and all("momentum_buffer" in opt.state[p] for p in model.parameters())
 
 
 def test_second_step_without_first_step_raises():
