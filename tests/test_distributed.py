@@ -356,6 +356,20 @@ def _fsdp_checks(rank, seed):
             assert keys
             _assert_close([full["state"][fqn][k] for k in keys], [st_ref[k] for k in keys], f"FSDP2 {name} {fqn}")
 
+    # the variants' global sums (GSAM's and LookSAM's dot products and norms) over the shards too
+    from fastsam import GSAM, FriendlySAM, LookSAM
+    for cls, extra in ((GSAM, dict(alpha=0.3)), (LookSAM, dict(k=2)), (FriendlySAM, {})):
+        base_cls, kw = BASES["sgd"]
+        ref = _model(seed)
+        model = sharded(copy.deepcopy(ref))
+        opt = cls(model.parameters(), base_cls, rho=RHO, perturbation="global", **extra, **kw)
+        opt_ref = cls(ref.parameters(), base_cls, rho=RHO, **extra, **kw)
+        for step, batch in enumerate(batches):
+            sam_step(model, opt, _mse, *_shard(batch, rank))
+            sam_step(ref, opt_ref, _mse, *batch)
+            full = [p.full_tensor() for p in model.parameters()]
+            _assert_close(full, list(ref.parameters()), f"FSDP2 {cls.__name__} step {step}")
+
     # a non-finite gradient in rank 1's shard only: every rank skips (the norm is global)
     base_cls, kw = BASES["sgd"]
     model = sharded(_model(seed))
