@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _common  # noqa: E402
 from _lib import data as datasets  # noqa: E402
-from _lib.measure import lam_max  # noqa: E402
+from _lib.measure import accuracy, lam_max  # noqa: E402
 from _lib.models import MnistCNN  # noqa: E402
 from _lib.plots import plot_frontier  # noqa: E402
 
@@ -115,15 +115,6 @@ class _Null:
 
     def __exit__(self, *a):
         return False
-
-
-@torch.no_grad()
-def accuracy(model, x, y):
-    was = model.training
-    model.eval()
-    acc = 100.0 * float((model(x).argmax(1) == y).float().mean())
-    model.train(was)
-    return acc
 
 
 def ms(xs):
