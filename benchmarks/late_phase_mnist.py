@@ -94,7 +94,12 @@ def parse_args(argv=None):
     p.add_argument("--experiment", nargs="+", choices=EXPERIMENTS, default=["sweep"],
                    help="one or more; sweep and phases together train and measure their common runs once")
     p.add_argument("--dataset", choices=sorted(DEFAULTS), default="mnist5k")
-    p.add_argument("--data-dir", default=None, help="cifar10: the folder with data_batch_1 ... test_batch")
+    p.add_argument("--data-dir", default=None, help="cifar10: the folder with data_batch_1 ... test_batch, or a "
+                   "uint8 subset file made from it (benchmarks/README.md, CIFAR-10 on a GPU)")
+    p.add_argument("--train-limit", type=int, default=None, help="train on the first N training images only")
+    p.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast for the training forward passes")
+    p.add_argument("--channels-last", action="store_true", help="model and batches in channels-last layout")
+    p.add_argument("--width-div", type=int, default=1, help="cifar10: divide the WRN-16-8's channel counts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--label-noise", type=float, default=None, help="symmetric noise on the training labels")
     p.add_argument("--label-smoothing", type=float, default=0.1)

@@ -8,7 +8,9 @@
 
 ``load``: a fixed stratified split (``random_state=0``, independent of the run seed) and, optionally,
 symmetric label noise on the training labels only (a fraction ``noise`` of the training images
-gets a label drawn uniformly from the *other* classes; fixed by ``noise_seed``).
+gets a label drawn uniformly from the *other* classes; fixed by ``noise_seed``), and a validation
+split carved from the training split (its labels as noisy as the training labels: the data a user
+would have).
 """
 from __future__ import annotations
 
@@ -38,6 +40,9 @@ class ImageData:
     num_classes: int = 10
     name: str = ""
     augment: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None
+    val_x: Optional[torch.Tensor] = None  # carved from the training split (``load(val_size=...)``)
+    val_y: Optional[torch.Tensor] = None
+    val_y_clean: Optional[torch.Tensor] = None
 
     @property
     def noisy_fraction(self) -> float:
@@ -83,9 +88,12 @@ def symmetric_noise(y: np.ndarray, noise: float, num_classes: int, seed: int) ->
 
 
 def load(name: str, *, noise: float = 0.0, test_size: float = 0.2, noise_seed: int = 0, device="cpu",
-         limit: Optional[int] = None) -> ImageData:
+         limit: Optional[int] = None, val_size: float = 0.0) -> ImageData:
     """Load ``name`` ("mnist5k" or "digits") with a fixed stratified split; ``limit`` keeps a fixed
-    random subset of ``limit`` images (before splitting; for smoke tests)."""
+    random subset of ``limit`` images (before splitting; for smoke tests). ``val_size`` > 0: that
+    fraction of the training split becomes the validation split (stratified on the true labels,
+    ``random_state=1``, independent of the seed and of the noise draw); the noise is drawn over the
+    whole training split first, so the validation labels are noisy too."""
     from sklearn.model_selection import train_test_split
     if name == "mnist5k":
         x, y = _read_mnist5k()
@@ -99,8 +107,13 @@ def load(name: str, *, noise: float = 0.0, test_size: float = 0.2, noise_seed: i
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=test_size, stratify=y, random_state=0)
     ytr_noisy = symmetric_noise(ytr, noise, 10, noise_seed) if noise > 0 else ytr
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    return ImageData(t(xtr), t(ytr_noisy), t(xte), t(yte), t(ytr), float(xtr.mean()), float(xtr.std()),
-                     10, name)
+    if val_size <= 0:
+        return ImageData(t(xtr), t(ytr_noisy), t(xte), t(yte), t(ytr), float(xtr.mean()), float(xtr.std()),
+                         10, name)
+    tr, va = train_test_split(np.arange(len(ytr)), test_size=val_size, stratify=ytr, random_state=1)
+    tr, va = np.sort(tr), np.sort(va)
+    return ImageData(t(xtr[tr]), t(ytr_noisy[tr]), t(xte), t(yte), t(ytr[tr]), float(xtr[tr].mean()),
+                     float(xtr[tr].std()), 10, name, val_x=t(xtr[va]), val_y=t(ytr_noisy[va]), val_y_clean=t(ytr[va]))
 
 
 def load_digits_standardised(device) -> ImageData:

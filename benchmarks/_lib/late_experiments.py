@@ -20,7 +20,7 @@ from .training import checkpoint, restore, train_epochs
 def interp_task(a, seed, sgd, late, full):
     """Separation and escape-rate fits of the two records; the loss along SGD -> late SAM and
     SGD -> full SAM (final weights)."""
-    d, hb, _ = setup(a)
+    d, hb, _ = setup(a, seed)
     crit = criterion(a)
     spe = len(d.train_x) // a.batch_size
     srec, lrec = sgd["record"], late["record"]
@@ -110,7 +110,7 @@ def phases_seed(a, seed, res):
 def adversarial_task(a, seed):
     """Standard training, then full AT and standard -> AT for the last t epochs (from its checkpoints);
     clean and robust test accuracy of each."""
-    d, _, _ = setup(a)
+    d, _, _ = setup(a, seed)
     crit = criterion(a)
     E = a.epochs
 

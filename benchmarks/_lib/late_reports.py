@@ -158,7 +158,8 @@ def report_adv(a, res, info, wall, timing):
 
 
 def describe(a):
-    model = "WRN-16-8" if a.dataset == "cifar10" else f"CNN width {a.width}"
+    div = getattr(a, "width_div", 1)
+    model = ("WRN-16-8" + (f" (width/{div})" if div > 1 else "")) if a.dataset == "cifar10" else f"CNN width {a.width}"
     hess = "" if a.experiment == "adversarial" else (
         f"; λmax (Lanczos tol {a.final_tol}) and trace (Hutch++ {a.trace_samples} HVPs) of the training loss on the "
         f"first {a.hessian_samples} training images in batches of {a.hessian_batch}, train mode")
@@ -166,7 +167,9 @@ def describe(a):
         hess += (f"; after the switch at epoch {a.phase_epoch}: λmax (tol {a.phase_tol}) and loss of the first "
                  f"{a.phase_samples} training images at 14 log-spaced steps; {a.interp_points} interpolation points, "
                  f"α ∈ [{a.interp_lo:g}, {a.interp_hi:g}]")
+    gpu = "".join(s for s, on in ((", bf16 autocast", getattr(a, "amp", None) == "bf16"),
+                                  (", channels-last", getattr(a, "channels_last", False))) if on)
     return (f"{a.dataset} ({a.n_train} train / {a.n_test} test, symmetric label noise {a.label_noise:g} on the "
             f"training labels), {model}, {a.epochs} epochs, batch {a.batch_size}, lr {a.lr} x0.1 at epoch "
             f"{a.milestone}, momentum 0.9, wd {a.weight_decay}, label smoothing {a.label_smoothing}, rho {a.rho} "
-            f"(FusedSAM(SGD), foreach)" + hess)
+            f"(FusedSAM(SGD), foreach){gpu}" + hess)

@@ -166,17 +166,58 @@ def plot_curves(runs: Dict[str, List[Dict]], path: str, title: str, labels: Dict
 
 
 # ----------------------------------------------------------------------------- frontier.py
-def plot_frontier(res, path):
-    """frontier.py: test accuracy against the measured cost ratio, one point per method."""
+def plot_gain_cost(summary, path, title):
+    """frontier.py: gain in test accuracy over SGD (paired, 95% interval) against the measured cost
+    ratio, and test accuracy against λmax, one point per method."""
+    import numpy as np
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for r in res["rows"]:
-        ax.errorbar(r["cost_ratio_mean"], r["acc_mean"], xerr=r["cost_ratio_std"], yerr=r["acc_std"], fmt="o",
-                    capsize=3)
-        ax.annotate(r["method"], (r["cost_ratio_mean"], r["acc_mean"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=7)
-    ax.set_xlabel("whole-run cost / SGD (measured, same process)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{res['dataset']}, {res['noise']:.0%} label noise: accuracy vs cost (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    _save(fig, path, dpi=120)
+    fig, ax = plt.subplots(1, 2, figsize=(14, 5.2))
+    for r in summary:
+        cost, g = np.mean(r["cost_ratio"]), r["vs_sgd"]
+        yerr = None if np.isnan(g["lo"]) else [[g["mean"] - g["lo"]], [g["hi"] - g["mean"]]]
+        ax[0].errorbar(cost, g["mean"], xerr=np.std(r["cost_ratio"]), yerr=yerr, fmt="o", capsize=3)
+        ax[0].annotate(r["method"], (cost, g["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax[1].errorbar(np.mean(r["lambda_max"]), np.mean(r["test_acc"]), xerr=np.std(r["lambda_max"]),
+                       yerr=np.std(r["test_acc"]), fmt="o", capsize=3)
+        ax[1].annotate(r["method"], (np.mean(r["lambda_max"]), np.mean(r["test_acc"])), textcoords="offset points",
+                       xytext=(5, 4), fontsize=7)
+    sam = next(r for r in summary if r["method"] == "SAM")["vs_sgd"]["mean"]
+    ax[0].axhline(0, color="gray", lw=1)
+    ax[0].axhline(sam, color="tab:red", ls=":", lw=1, label="SAM's gain")
+    ax[0].set_xlabel("whole-run cost / SGD's (measured, same process; ± std over seeds)")
+    ax[0].set_ylabel("test accuracy − SGD's, points (paired; 95% interval)")
+    ax[0].legend(fontsize=8)
+    ax[1].set_xlabel("λmax of the training loss (fixed training subset, train-mode BN)")
+    ax[1].set_ylabel("test accuracy (%) (± std over seeds)")
+    for x in ax:
+        x.grid(alpha=0.3)
+    _save(fig, path, title, dpi=110, fontsize=9)
+
+
+# ----------------------------------------------------------------------------- late_phase_rule.py
+def plot_rule(out, path, title, acc_bound, lambda_bound):
+    """late_phase_rule.py: per late run, late − full SAM test accuracy (paired, 95% interval) and
+    λmax(late) / λmax(full) (ratio of means; dots: per seed), with the rule's bounds."""
+    import numpy as np
+    plt = _pyplot()
+    names = list(out)
+    xs = np.arange(len(names))
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.6))
+    for i, r in enumerate(names):
+        d = out[r]["late_minus_full"]
+        yerr = None if np.isnan(d["lo"]) else [[d["mean"] - d["lo"]], [d["hi"] - d["mean"]]]
+        color = "tab:green" if out[r]["meets_rule"] else "tab:red"
+        ax[0].errorbar(i, d["mean"], yerr=yerr, fmt="o", capsize=4, color=color)
+        ax[1].bar(i, out[r]["lambda_ratio"], color=color, alpha=0.6)
+        ax[1].plot([i] * len(out[r]["lambda_ratio_per_seed"]), out[r]["lambda_ratio_per_seed"], "k.", ms=3)
+    ax[0].axhline(acc_bound, color="gray", ls="--", lw=1, label=f"rule: ≥ {acc_bound}")
+    ax[0].axhline(0, color="gray", lw=0.5)
+    ax[0].set_ylabel("test accuracy, late − full SAM (points; 95% interval)")
+    ax[1].axhline(lambda_bound, color="gray", ls="--", lw=1, label=f"rule: ≤ {lambda_bound}")
+    ax[1].axhline(1, color="gray", lw=0.5)
+    ax[1].set_ylabel("λmax late / full SAM")
+    for x in ax:
+        x.set_xticks(xs, names)
+        x.legend(fontsize=8)
+        x.grid(alpha=0.3, axis="y")
+    _save(fig, path, title + " (green: meets the rule)", dpi=110, fontsize=9)
