@@ -77,6 +77,11 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default min(2, cores))")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--tiny", action="store_true", help="CI smoke test: 300 images, 2 epochs, 2 grid values each")
+    p.add_argument("--extend", nargs="+", default=[], metavar="METHOD=V1,V2",
+                   help="append stronger values to a method's grid (e.g. 'Interval(5)=1,2'): a post-hoc extension")
+    p.add_argument("--reuse-select", default=None, help="a *_select.json whose runs are not run again")
+    p.add_argument("--methods", nargs="+", default=None, help="only these methods (SGD and SAM always run)")
+    p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--out-dir", default=_common.RESULTS_DIR)
     a = p.parse_args(argv)
     for k, v in {**DEFAULTS[a.dataset], **COMMON, **(TINY if a.tiny else {})}.items():
@@ -85,7 +90,7 @@ def parse_args(argv=None):
     a.select_seeds = list(range(100, 100 + a.num_select_seeds))
     a.jobs = a.jobs or default_jobs("cpu")
     a.device = "cpu"
-    a.stem = f"frontier_{a.dataset}" + ("_tiny" if a.tiny else "")
+    a.stem = f"frontier_{a.dataset}" + (f"_{a.tag}" if a.tag else "") + ("_tiny" if a.tiny else "")
     a.argv = list(sys.argv[1:] if argv is None else argv)
     return a
 
@@ -95,6 +100,17 @@ def _table(a):
     if a.tiny:  # two values per grid: the smoke test covers every stage and the selection rule
         table = {k: dataclasses.replace(m, grid=m.grid[:2]) for k, m in table.items()}
         a.sgd_grid = list(table["SGD"].grid)
+    for e in a.extend:
+        name, values = e.split("=")
+        extra = tuple(float(v) for v in values.split(","))
+        if name not in table or table[name].stage == 0 or min(extra) <= max(table[name].grid):
+            raise SystemExit(f"--extend {e}: needs a tuned method other than SGD and values above its grid")
+        table[name] = dataclasses.replace(table[name], grid=table[name].grid + extra)
+    if a.methods:
+        unknown = set(a.methods) - set(table)
+        if unknown:
+            raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {list(table)}")
+        table = {k: m for k, m in table.items() if k in ("SGD", "SAM") or k in a.methods}
     return table
 
 
@@ -107,11 +123,18 @@ def describe(a, d_info) -> str:
 def run_select(a, table, info):
     t0 = time.perf_counter()
     tasks = selection_tasks(a, table)
-    res = run_tasks(a, tasks, "select")
+    done = None
+    if a.reuse_select:
+        with open(a.reuse_select) as f:
+            done = json.load(f)["runs"]
+    res = run_tasks(a, tasks, "select", done)
     wall = time.perf_counter() - t0
     chosen = chosen_settings(a, res, table)
-    cpu = sum(r["cpu_seconds"] for r in res.values())
-    timing = timing_line(a, {"selection runs": sum(r["seconds"] for r in res.values())}, wall, cpu)
+    new = [r for k, r in res.items() if k not in (done or {})]
+    cpu = sum(r["cpu_seconds"] for r in new)
+    timing = timing_line(a, {"selection runs": sum(r["seconds"] for r in new)}, wall, cpu)
+    if done:
+        timing += f" Runs reused from {os.path.basename(a.reuse_select)}: {len(res) - len(new)}; run here: {len(new)}."
     md = [f"# Frontier selection: {a.dataset}", "", _common.machine_line(info), "",
           f"Setup: {describe(a, _data_info(a))}. Validation split: {a.val_size:.0%} of the training split "
           f"(noisy labels). Selection seeds {a.select_seeds}. {timing}", "",
@@ -193,7 +216,7 @@ def main(argv=None):
     chosen = run_select(a, table, info) if a.stage in ("select", "both") else _load_chosen(a)
     if a.stage == "select":
         return {"chosen": chosen}
-    return run_final(a, table, chosen, info)
+    return run_final(a, table, {k: chosen[k] for k in table}, info)
 
 
 if __name__ == "__main__":

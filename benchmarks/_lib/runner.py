@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 
 class Task:
@@ -34,12 +34,13 @@ def _timed(fn, a, *args):
     return out
 
 
-def run_tasks(a, tasks: List[Task], label: str) -> Dict[str, dict]:
+def run_tasks(a, tasks: List[Task], label: str, done: Optional[Dict[str, dict]] = None) -> Dict[str, dict]:
     """Run the tasks, ``a.jobs`` at a time (worker processes, spawned, ``a.threads`` torch threads
     each), in list order as their dependencies allow; progress (tasks and an ETA from the costs) on
-    stderr."""
+    stderr. ``done``: results of tasks already run (by name), which are not run again."""
+    res: Dict[str, dict] = dict(done or {})
+    tasks = [t for t in tasks if t.name not in res]
     total = sum(t.cost for t in tasks)
-    res: Dict[str, dict] = {}
     t0 = time.perf_counter()
     done_cost = [0.0]
 
