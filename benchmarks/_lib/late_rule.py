@@ -27,7 +27,7 @@ _DIGITS = dict(dataset="digits", model="cnn", width=16, epochs=20, milestone=10,
 _MNIST = dict(_DIGITS, dataset="mnist5k", batch_size=64, label_smoothing=0.0)
 SCHEDULES = {
     "A": _DIGITS,                                   # issue 13's digits sweep
-    "B": dict(_DIGITS, epochs=200, milestone=100),  # 72 SAM epochs x 42 steps = 3,024 SAM steps after the decay
+    "B": dict(_DIGITS, epochs=200, milestone=100),  # 72 SAM epochs x 44 steps = 3,168 SAM steps after the decay
     "D": _MNIST,                                    # issue 13's MNIST-5k setting without label smoothing
     "D-MLP": dict(_MNIST, model="mlp", width=256),  # the same with a model that memorises the noise
 }
@@ -39,7 +39,7 @@ DESCRIBE = {"A": "(A) the current setting: SAM for the last 5 of 20 epochs (afte
             "C5": "(C) switch at the high lr: SAM from epoch 5 (decay at 10)",
             "C8": "(C) switch at the high lr: SAM from epoch 8 (decay at 10)",
             "E": "(E) as (A), optimizer rebuilt at the switch (the paper's code)",
-            "B": "(B) paper-length late phase: SAM for the last 72 of 200 epochs (3,024 steps after the decay at 100)",
+            "B": "(B) paper-length late phase: SAM for the last 72 of 200 epochs (3,168 steps after the decay at 100)",
             "E-B": "(E) as (B), optimizer rebuilt at the switch",
             "D": "(D) MNIST-5k, issue 13's CNN, no label smoothing: SAM for the last 5 of 20 epochs",
             "D-MLP": "(D) MNIST-5k, an MLP that memorises, no label smoothing: SAM for the last 5 of 20 epochs"}
