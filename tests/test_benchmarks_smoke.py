@@ -95,7 +95,7 @@ def test_late_phase_tiny(tmp_path):
 def test_cifar10_loader_and_augmentation(tmp_path, fake_cifar10):
     """The CIFAR-10 path without the data: fake python-pickle batches in the standard layout."""
     import torch
-    from late_phase import crop_flip, load_cifar10
+    from _lib.data import crop_flip, load_cifar10
 
     data = load_cifar10(str(tmp_path), torch.device("cpu"))
     assert data.train_x.shape == (20, 3, 32, 32) and data.test_x.shape == (4, 3, 32, 32)

