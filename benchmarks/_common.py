@@ -121,6 +121,29 @@ class StepTimer:
         return out
 
 
+def interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, block: int = 1,
+                device: torch.device = torch.device("cpu")) -> Dict[str, List[float]]:
+    """Seconds per call of each function, one value per round: every round runs a block of
+    ``block`` calls of each function in turn, the order rotated every round, so that drift
+    (clocks, other jobs on a shared machine) hits all of them alike.  ``warmup`` untimed rounds
+    first.  On CUDA the calls are timed with events, read once per round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    timer = StepTimer(device)
+    times: Dict[str, List[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for k in order:
+            for _ in range(block):
+                timer.time(fns[k])
+        per_call = timer.collect()
+        for i, k in enumerate(order):
+            times[k].append(sum(per_call[i * block:(i + 1) * block]) / block)
+    return times
+
+
 def percentile(xs: Sequence[float], q: float) -> float:
     s = sorted(xs)
     if not s:
