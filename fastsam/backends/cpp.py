@@ -6,6 +6,10 @@ per-element math is csrc/sam_math.h, shared with the CUDA kernels.  The same
 operators serve the cuda backend (fastsam/backends/cuda.py): the dispatcher
 picks the CPU or the CUDA kernel from the tensors' device.
 
+The element loops are compiled for SSE2, AVX2 and AVX-512 in the same .so
+and chosen at run time (``code_path()`` says which; ``ATEN_CPU_CAPABILITY``
+caps it as it caps torch's own kernels); every path gives the same bits.
+
 The extension comes from ``fastsam._C`` when it was built by setup.py
 (``FASTSAM_BUILD_CPP=1`` / ``FASTSAM_BUILD_CUDA=1``), else from a JIT build
 on first use, cached on disk (fastsam/_build.py).
@@ -48,6 +52,12 @@ def is_available(device: torch.device, build: bool = True) -> tuple[bool, str]:
 
 def supports(dtype: torch.dtype) -> bool:
     return dtype in _DTYPES
+
+
+def code_path() -> str:
+    """The CPU kernels' code path: the instruction set of the element loops ("avx512", "avx2" or
+    "base") and the size from which write-only lists get streaming stores."""
+    return _fastsam_ops().cpu_kernels("", -1)
 
 
 def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,

@@ -1,0 +1,135 @@
+// The element loops of the CPU twin, written once and compiled once per
+// instruction set.
+//
+// sam_cpu.cpp includes this file three times, each inside its own namespace
+// (isa_base, isa_avx2, isa_avx512) and under its own `#pragma GCC target`, so
+// that g++ vectorises the same source for SSE2, AVX2 and AVX-512; the op picks
+// one at run time (no -march flag: the .so runs on any x86-64).  Hence no
+// include guard and no includes: sam_cpu.cpp provides the storage policies
+// (S::raw, S::acc, S::load, S::store, S::round), sam_math.h and
+// stream_copy().
+//
+// Every function handles one chunk: plain indexed loops over restrict
+// pointers with the configuration in template parameters, which g++ -O3
+// vectorises (the 16-bit policies convert with integer ops that vectorise
+// too).  A write-only destination goes through an L1-resident block and
+// stream_copy() when the caller asks for streaming stores: a large list is
+// then written without first being read into the cache (a third less
+// traffic for a copy).
+
+struct Loops {
+  // Elements per block of the streamed paths: 4-8 KiB, in L1 next to the inputs.
+  static constexpr int64_t kBlock = 1024;
+
+  // ||g||^2 (or ||w g||^2) of one chunk in kLanes independent partial sums:
+  // a fixed order (the result does not depend on the thread count or the
+  // instruction set) that g++ vectorises without -ffast-math.
+  template <class S, bool kAdaptive>
+  static typename S::acc sq_norm(const typename S::raw* __restrict__ g, const typename S::raw* __restrict__ w,
+                                 int64_t n) {
+    using acc = typename S::acc;
+    acc lanes[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const acc wv = kAdaptive ? S::load(w[j + l]) : acc(0);
+        lanes[l] += sq_norm_term<acc>(S::load(g[j + l]), wv, kAdaptive);
+      }
+    }
+    acc sum = 0;
+    for (; j < n; ++j) sum += sq_norm_term<acc>(S::load(g[j]), kAdaptive ? S::load(w[j]) : acc(0), kAdaptive);
+    for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+    return sum;
+  }
+
+  // c <- p (the exact bits), then p <- p + e.
+  template <class S, bool kAdaptive>
+  static void perturb(typename S::raw* __restrict__ p, const typename S::raw* __restrict__ g,
+                      typename S::raw* __restrict__ c, int64_t n, typename S::acc scale, bool stream) {
+    using acc = typename S::acc;
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t m = n - b < kBlock ? n - b : kBlock;
+      stream_copy(c + b, p + b, m * sizeof(*p), stream);
+      typename S::raw* __restrict__ pb = p + b;
+      const typename S::raw* __restrict__ gb = g + b;
+      for (int64_t j = 0; j < m; ++j) pb[j] = S::store(perturb_element<acc>(S::load(pb[j]), S::load(gb[j]), scale,
+                                                                             kAdaptive));
+    }
+  }
+
+  // p <- src, then (unless sgd is false) torch.optim.SGD's update of p.  `src`
+  // is the restore copy, or p itself (nothing to restore: then never streamed).
+  template <class S, bool kMomentum>
+  static void restore_sgd(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
+                          typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> a,
+                          typename S::acc signed_scale, bool stream) {
+    using acc = typename S::acc;
+    typename S::raw tmp[kBlock];
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t m = n - b < kBlock ? n - b : kBlock;
+      typename S::raw* dst = stream ? tmp : p + b;  // may be src + b (no restore): read before written
+      for (int64_t j = 0; j < m; ++j) {
+        acc w = S::load(src[b + j]);
+        acc bj = kMomentum ? S::load(buf[b + j]) : acc(0);
+        sgd_element<acc, kMomentum>(w, sam_grad<acc>(S::load(g[b + j]), signed_scale), bj, a, typename S::Round{});
+        dst[j] = S::store(w);
+        if (kMomentum) buf[b + j] = S::store(bj);
+      }
+      if (stream) stream_copy(p + b, tmp, m * sizeof(*p), true);
+    }
+  }
+
+  template <class S>
+  static void restore_adam(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
+                           typename S::raw* __restrict__ m1, typename S::raw* __restrict__ m2, int64_t n,
+                           const AdamArgs<typename S::acc> a, typename S::acc step_size, typename S::acc bc2_sqrt,
+                           typename S::acc signed_scale, bool stream) {
+    using acc = typename S::acc;
+    typename S::raw tmp[kBlock];
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t m = n - b < kBlock ? n - b : kBlock;
+      typename S::raw* dst = stream ? tmp : p + b;
+      for (int64_t j = 0; j < m; ++j) {
+        acc w = S::load(src[b + j]);
+        acc mj = S::load(m1[b + j]);
+        acc vj = S::load(m2[b + j]);
+        adam_element<acc>(w, sam_grad<acc>(S::load(g[b + j]), signed_scale), mj, vj, a, step_size, bc2_sqrt,
+                          typename S::Round{});
+        dst[j] = S::store(w);
+        m1[b + j] = S::store(mj);
+        m2[b + j] = S::store(vj);
+      }
+      if (stream) stream_copy(p + b, tmp, m * sizeof(*p), true);
+    }
+  }
+
+  // [<x, y>, ||x||^2, ||y||^2] of one chunk, in kLanes partial sums each (see sq_norm).
+  template <class S>
+  static void dot_sq_norms(const typename S::raw* __restrict__ x, const typename S::raw* __restrict__ y, int64_t n,
+                           typename S::acc* out3) {
+    using acc = typename S::acc;
+    acc xy[kLanes] = {}, xx[kLanes] = {}, yy[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l)
+        dot_sq_norms_terms<acc>(S::load(x[j + l]), S::load(y[j + l]), xy[l], xx[l], yy[l]);
+    }
+    acc a = 0, b = 0, c = 0;
+    for (; j < n; ++j) dot_sq_norms_terms<acc>(S::load(x[j]), S::load(y[j]), a, b, c);
+    for (int l = 0; l < kLanes; ++l) {
+      a += xy[l];
+      b += xx[l];
+      c += yy[l];
+    }
+    out3[0] = a;
+    out3[1] = b;
+    out3[2] = c;
+  }
+
+  // `out` may be `x` or `y` (no restrict on it): each element is read before it is written.
+  template <class S>
+  static void axpby(const typename S::raw* x, const typename S::raw* y, typename S::raw* out, int64_t n,
+                    typename S::acc a, typename S::acc b) {
+    for (int64_t j = 0; j < n; ++j) out[j] = S::store(axpby_element<typename S::acc>(S::load(x[j]), S::load(y[j]), a, b));
+  }
+};
