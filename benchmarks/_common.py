@@ -159,46 +159,39 @@ def summarize(times: Sequence[float]) -> Dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- memory
-def _proc_status_mib(key: str) -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return math.nan
+def peak_tensor_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes of the CPU tensors that ``fn`` allocates and holds at once (parameters, gradients,
+    optimizer state, activations, temporaries, including those a C++ kernel allocates), from the
+    CPU allocator's events under the profiler (``profile_memory``): the CPU's counterpart of
+    ``torch.cuda.max_memory_allocated`` minus what was allocated before.  Unlike the process's
+    resident set it sees neither malloc's arenas, fragmentation and retention nor code pages,
+    thread stacks and the Python heap.  Frees of tensors allocated before ``fn`` (garbage of
+    earlier runs collected meanwhile) do not count."""
+    import gc
 
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
 
-def _malloc_trim() -> None:
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def rss_peak_growth(fn: Callable[[], Any]) -> float:
-    """Peak resident-set growth (MiB) while ``fn`` runs, measured in a forked child.
-
-    The child runs ``fn`` once to fault in the library code it needs, frees what it can
-    (gc, malloc_trim), resets its high-water mark (/proc/self/clear_refs) and runs ``fn`` again:
-    the result is what ``fn`` allocates at its peak. The child uses one torch thread: GNU
-    OpenMP's thread pool does not survive fork (the child would hang). NaN without fork or /proc.
-    """
-    def child() -> float:
-        import gc
-        torch.set_num_threads(1)
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-        gc.collect()
-        _malloc_trim()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM <- current RSS
-        base = _proc_status_mib("VmRSS")
-        fn()
-        return _proc_status_mib("VmHWM") - base
-
-    return in_child(child)
+    events = []  # (time, address, bytes: > 0 allocated, < 0 freed)
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+    live: Dict[int, int] = {}
+    now = peak = 0
+    for _, ptr, size in sorted(events):
+        if size > 0:
+            live[ptr] = size
+            now += size
+            peak = max(peak, now)
+        elif ptr in live:
+            now -= live.pop(ptr)
+    return peak
 
 
 def in_child(fn: Callable[[], float]) -> float:
