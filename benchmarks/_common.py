@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: machine description, step timing, memory, result files."""
+"""Shared by the benchmark scripts: machine description, parameter sets, step timing, memory, result files."""
 from __future__ import annotations
 
 import datetime
@@ -87,6 +87,37 @@ def device_tag(device: torch.device) -> str:
     for prefix in ("nvidia ", "geforce "):
         name = name.replace(prefix, "")
     return "-".join(name.split()) or "cuda"
+
+
+# ----------------------------------------------------------------------------- parameter sets
+def resnet18_cifar_shapes():
+    shapes = [(64, 3, 3, 3), (64,), (64,)]
+    cin = 64
+    for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for b in range(2):
+            s = stride if b == 0 else 1
+            shapes += [(planes, cin, 3, 3), (planes,), (planes,), (planes, planes, 3, 3), (planes,), (planes,)]
+            if s != 1 or cin != planes:
+                shapes += [(planes, cin, 1, 1), (planes,), (planes,)]
+            cin = planes
+    return shapes + [(10, 512), (10,)]
+
+
+def resnet50_shapes():
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(planes, cin, 1, 1), (planes,), (planes,), (planes, planes, 3, 3), (planes,), (planes,),
+                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+            if b == 0:
+                shapes += [(planes * 4, cin, 1, 1), (planes * 4,), (planes * 4,)]
+            cin = planes * 4
+    return shapes + [(1000, 2048), (1000,)]
+
+
+# The optimizer benchmarks' parameter sets (shapes only: the optimizer side needs no model).
+PARAM_SETS = {"resnet18_cifar": resnet18_cifar_shapes, "resnet50": resnet50_shapes, "tiny": lambda: [(3, 5), (7,)]}
 
 
 # ----------------------------------------------------------------------------- timing

@@ -44,35 +44,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RHO = 0.05
 
 
-def resnet18_cifar_shapes():
-    shapes = [(64, 3, 3, 3), (64,), (64,)]
-    cin = 64
-    for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        for b in range(2):
-            s = stride if b == 0 else 1
-            shapes += [(planes, cin, 3, 3), (planes,), (planes,), (planes, planes, 3, 3), (planes,), (planes,)]
-            if s != 1 or cin != planes:
-                shapes += [(planes, cin, 1, 1), (planes,), (planes,)]
-            cin = planes
-    return shapes + [(10, 512), (10,)]
-
-
-def resnet50_shapes():
-    shapes = [(64, 3, 7, 7), (64,), (64,)]
-    cin = 64
-    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            shapes += [(planes, cin, 1, 1), (planes,), (planes,), (planes, planes, 3, 3), (planes,), (planes,),
-                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
-            if b == 0:
-                shapes += [(planes * 4, cin, 1, 1), (planes * 4,), (planes * 4,)]
-            cin = planes * 4
-    return shapes + [(1000, 2048), (1000,)]
-
-
-PARAM_SETS = {"resnet18_cifar": resnet18_cifar_shapes, "resnet50": resnet50_shapes, "tiny": lambda: [(3, 5), (7,)]}
-
-
 def fusedsam_backends(device):
     """FusedSAM's backends to time: triton on the CPU is the interpreter (a test vehicle), never timed."""
     return [n for n in backends.available(device, build=True) if n != "triton" or device.type == "cuda"]
@@ -199,7 +170,7 @@ def accesses(design, base):
 
 
 def measure(set_name, dtype_name, base, device, args):
-    shapes = PARAM_SETS[set_name]()
+    shapes = _common.PARAM_SETS[set_name]()
     problem = Problem(shapes, DTYPES[dtype_name], device)
     torch._dynamo.reset()  # a fresh compile cache per set: the peers' graphs never pile up to dynamo's limit
     steps, designs, opts, notes = build(problem, device, base, args.peers)
@@ -277,7 +248,7 @@ def to_markdown(res) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--param-sets", nargs="+", default=["resnet18_cifar", "resnet50"], choices=list(PARAM_SETS))
+    ap.add_argument("--param-sets", nargs="+", default=["resnet18_cifar", "resnet50"], choices=list(_common.PARAM_SETS))
     ap.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES))
     ap.add_argument("--base", default="sgd", choices=list(BASES))
     ap.add_argument("--peers", action="store_true",
