@@ -190,24 +190,65 @@ def _c10_bf16_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(x), torch.full_like(rounded, 0x7FC0), rounded)
 
 
-def _bf16(bits):
-    return torch.tensor(bits, dtype=torch.int64).to(torch.int16).view(torch.bfloat16)
-
-
 @pytest.mark.parametrize("at_end", [False, True])
 def test_bf16_stores_round_as_c10(at_end):
     """The vectorised bf16 store gives c10::BFloat16's bits: ties to even, the largest finite value
     rounding to inf, float32 subnormals, signed zero, NaN; in the vector body and in the scalar tail."""
-    pad = [0x3F80] * 37
-    for a, b in sorted({(a, b) for _, _, a, b in BF16_CASES}):
-        cases = [c for c in BF16_CASES if (c[2], c[3]) == (a, b)]
-        xb, yb = [c[0] for c in cases], [c[1] for c in cases]
-        x = _bf16(pad + xb if at_end else xb + pad)
-        y = _bf16(pad + yb if at_end else yb + pad)
-        want = _c10_bf16_bits(a * x.float() + b * y.float())
-        coefs = torch.tensor([a, b, 0.0])
+    _store_cases(torch.bfloat16, BF16_CASES, _c10_bf16_bits, at_end)
+
+
+# (x bits, y bits, a, b) in fp16, as BF16_CASES.
+F16_CASES = [
+    (0x3C00, 0x1000, 1.0, 1.0),           # 1 + 2^-11: halfway, even below -> down
+    (0x3C01, 0x1000, 1.0, 1.0),           # (1 + 2^-10) + 2^-11: halfway, odd below -> up
+    (0x7BFF, 0x4C00, 1.0, 1.0),           # 65504 + 16: halfway to 65536, odd -> inf
+    (0x7BFF, 0x4BFF, 1.0, 1.0),           # 65504 + 15.99: stays finite
+    (0x0001, 0x0000, 1.5, 0.0),           # 1.5 units of 2^-24: halfway -> 2 units (even)
+    (0x0001, 0x0000, 2.5, 0.0),           # 2.5 units: halfway -> 2 units (even)
+    (0x0001, 0x0000, 0.5, 0.0),           # half a unit: halfway -> 0
+    (0x03FF, 0x0001, 1.0, 1.0),           # the largest subnormal + a unit: the smallest normal
+]
+
+
+def _store_cases(dtype, cases, want_bits, at_end):
+    pad = [0x3C00 if dtype == torch.float16 else 0x3F80] * 37
+    for a, b in sorted({(a, b) for _, _, a, b in cases}):
+        sub = [c for c in cases if (c[2], c[3]) == (a, b)]
+        xb, yb = [c[0] for c in sub], [c[1] for c in sub]
+        x = torch.tensor(pad + xb if at_end else xb + pad, dtype=torch.int64).to(torch.int16).view(dtype)
+        y = torch.tensor(pad + yb if at_end else yb + pad, dtype=torch.int64).to(torch.int16).view(dtype)
+        want = want_bits(a * x.float() + b * y.float())
         for isa in ISAS:
             with code_path(isa, NEVER):
                 out = [torch.empty_like(x)]
-                cpp.axpby([x], [y], coefs, out=out)
+                cpp.axpby([x], [y], torch.tensor([a, b, 0.0]), out=out)
                 assert torch.equal(out[0].view(torch.int16).to(torch.int64) & 0xFFFF, want), (isa, a, b)
+
+
+def _c10_half_bits(x: torch.Tensor) -> torch.Tensor:
+    """c10::Half(float)'s bits: IEEE round to nearest even (torch's conversion), NaN -> sign | 0x7E00."""
+    bits = x.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+    sign = (x.view(torch.int32).to(torch.int64) >> 16) & 0x8000
+    return torch.where(torch.isnan(x), sign | 0x7E00, bits)
+
+
+@pytest.mark.parametrize("at_end", [False, True])
+def test_f16_stores_round_as_c10(at_end):
+    _store_cases(torch.float16, F16_CASES, _c10_half_bits, at_end)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_16bit_value_loads_and_stores_back(dtype):
+    """All 65,536 bit patterns through a load and a store (axpby x + (-0) * 0, which is x for every x,
+    -0 included): every value comes back bit for bit (subnormals, infinities, signed zeros), NaNs as
+    c10's: sign | 0x7E00 for fp16, 0x7FC0 for bf16."""
+    x = torch.arange(1 << 16, dtype=torch.int64).to(torch.int16).view(dtype)
+    y = torch.zeros_like(x)
+    u = torch.arange(1 << 16, dtype=torch.int64)
+    nan = torch.isnan(x.float())
+    want = torch.where(nan, (u & 0x8000) | 0x7E00 if dtype == torch.float16 else torch.full_like(u, 0x7FC0), u)
+    for isa in ISAS:
+        with code_path(isa, NEVER):
+            out = [torch.empty_like(x)]
+            cpp.axpby([x], [y], torch.tensor([1.0, -0.0, 0.0]), out=out)
+            assert torch.equal(out[0].view(torch.int16).to(torch.int64) & 0xFFFF, want), isa
