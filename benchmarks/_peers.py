@@ -11,8 +11,8 @@
 Both have FusedSAM's math: e = rho * g / (||g|| + 1e-12), the norm accumulated in float32 (float64
 for float64), the restore an exact copy, torch's own SGD / AdamW update.  Neither reads the second
 gradient's norm: FusedSAM does (its non-finite check, one more read of g), so the peers move fewer
-bytes.  ``ACCESSES`` counts the bytes each design must move; ``max_difference`` compares two
-optimizers' results (the benchmarks check every peer against FusedSAM before timing).
+bytes.  ``ACCESSES`` counts the bytes each design must move; ``compare_steps`` checks a peer
+against FusedSAM (the benchmarks do before timing).
 """
 from __future__ import annotations
 
@@ -154,6 +154,28 @@ class PlainSAM(_PeerSAM):
         self.base.step()
 
 
+def compare_steps(a, b, dtype: torch.dtype, steps: int = 2, set_grads=None) -> Optional[str]:
+    """Run ``steps`` SAM steps of two (params, optimizer) pairs that start from the same weights and
+    compare them after every half: the perturbed weights after ``first_step`` (the restore undoes a
+    wrong perturbation, so only this catches one) and weights and state after ``second_step``.
+    ``set_grads(params, step)`` sets the gradients of one pair (default: they stay in place).
+    None when equal within rounding (``max_difference``), else what differs where."""
+    for step in range(steps):
+        for params, opt in (a, b):
+            if set_grads is not None:
+                set_grads(params, step)
+            opt.first_step()
+        diff = max_difference((a[0], None), (b[0], None), dtype)
+        if diff is not None:
+            return f"after first_step of step {step}: {diff}"
+        for _, opt in (a, b):
+            opt.second_step()
+        diff = max_difference(a, b, dtype)
+        if diff is not None:
+            return f"after second_step of step {step}: {diff}"
+    return None
+
+
 def fused_step_is_correct(base_optimizer, kwargs, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether torch's ``fused=True`` step equals its foreach step (two steps, 1,000 elements: the
     vectorised loops and a tail).  torch 2.13's CPU fused SGD skips the vectorised updates of 16-bit
@@ -173,7 +195,9 @@ def fused_step_is_correct(base_optimizer, kwargs, dtype: torch.dtype, device: to
 
 def state_tensors(opt, params) -> List[torch.Tensor]:
     """The per-parameter state tensors (momentum, moments) of ``opt``'s base optimizer (or of
-    ``opt`` itself, a torch optimizer), in parameter order."""
+    ``opt`` itself, a torch optimizer; none for None), in parameter order."""
+    if opt is None:
+        return []
     base = getattr(opt, "base_optimizer", None) or getattr(opt, "base", None) or opt
     out = []
     for p in params:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import models  # noqa: E402
-from _peers import CompiledSAM, PlainSAM, fused_step_is_correct, max_difference  # noqa: E402
+from _peers import CompiledSAM, PlainSAM, compare_steps, fused_step_is_correct  # noqa: E402
 from reference_sam import ReferenceSAM  # noqa: E402
 
 from fastsam import FriendlySAM, FusedSAM, GSAM, LookSAM, MomentumSAM, backends, frozen_bn_stats  # noqa: E402
@@ -359,30 +359,30 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
 
 def check_peers(variants: List[Variant], base_model, device, rho: float):
     """Each peer's optimizer against FusedSAM's (the late-phase row's backend) before timing: two SAM
-    steps from the model's weights with the same random gradients (benchmarks/_peers.py: max_difference).
+    steps from the model's weights with the same random gradients, compared after each half
+    (benchmarks/_peers.py: compare_steps).
     Returns the lines to report and the seconds the compiled peer spent compiling here."""
     fused = next(v for v in variants if v.kind == "late").backend
     out, compile_s = [], 0.0
     for v in variants:
         if v.kind not in PEERS:
             continue
-        results = []
-        for kind, backend in ((v.kind, None), ("fused", fused)):
+        pairs = []
+        for kind, backend in (("fused", fused), (v.kind, None)):
             model = copy.deepcopy(base_model).to(device)
-            gen = torch.Generator(device=device).manual_seed(0)
-            params = [p for p in model.parameters()]
-            opt = make_optimizer(kind, model, backend, rho)
-            for _ in range(2):
-                for p in params:
-                    p.grad = torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype)
-                opt.first_step()
-                opt.second_step()
-            results.append((params, opt))
-        diff = max_difference(results[1], results[0], next(base_model.parameters()).dtype)
+            params = list(model.parameters())
+            pairs.append((params, make_optimizer(kind, model, backend, rho)))
+
+        def set_grads(params, step):  # the same random gradients for both, new ones every step
+            gen = torch.Generator(device=device).manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype)
+        diff = compare_steps(pairs[0], pairs[1], next(base_model.parameters()).dtype, set_grads=set_grads)
         if diff is not None:
             raise AssertionError(f"{v.name} does not compute fusedsam-{fused}'s step: {diff}")
-        out.append(f"{v.name} = fusedsam-{fused} after two steps at the model's shapes (within rounding)")
-        compile_s += getattr(results[0][1], "compile_s", 0.0)
+        out.append(f"{v.name} = fusedsam-{fused} after each half of two steps at the model's shapes (within "
+                   "rounding)")
+        compile_s += getattr(pairs[1][1], "compile_s", 0.0)
     return out, compile_s
 
 
