@@ -53,13 +53,7 @@ def main(argv=None):
     }
     default = cpp.code_path()
     isa0, stream0 = default.split(";")[0], int(default.rsplit(">= ", 1)[1].split()[0])
-    isas = []
-    for isa in ("base", "avx2", "avx512"):
-        try:
-            torch.ops.fastsam.cpu_kernels(isa, -1)
-            isas.append(isa)
-        except (RuntimeError, ValueError):
-            pass
+    isas = cpp.instruction_sets()
     rows, accesses, size = {}, {}, {}
     for isa in isas:
         for stream in (NEVER, 0):

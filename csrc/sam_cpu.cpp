@@ -73,18 +73,24 @@ struct Plain {
   };
 };
 
+inline float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint32_t to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
 struct BF16 {
   using raw = uint16_t;
   using acc = float;
-  static acc load(raw v) {
-    const uint32_t u = uint32_t(v) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof(f));
-    return f;
-  }
+  static acc load(raw v) { return from_bits(uint32_t(v) << 16); }
   static raw store(acc f) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof(u));
+    const uint32_t u = to_bits(f);
     const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     return (u & 0x7FFFFFFFu) > 0x7F800000u ? raw(0x7FC0) : raw(rounded);
   }
@@ -101,16 +107,6 @@ struct BF16 {
 struct F16 {
   using raw = uint16_t;
   using acc = float;
-  static float from_bits(uint32_t u) {
-    float f;
-    std::memcpy(&f, &u, sizeof(f));
-    return f;
-  }
-  static uint32_t to_bits(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof(u));
-    return u;
-  }
   static acc load(raw h) {
     const uint32_t sign = uint32_t(h & 0x8000u) << 16;
     const uint32_t e = h & 0x7C00u;

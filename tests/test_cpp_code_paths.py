@@ -29,22 +29,7 @@ NEVER = 1 << 62  # streaming threshold in bytes: never stream
 SIZES = [1, 17, 1023, 1025, 32768 + 5, 70001]
 
 
-def _isas():
-    if not AVAILABLE:
-        return []
-    out = []
-    before = cpp.code_path()
-    for isa in ("base", "avx2", "avx512"):
-        try:
-            torch.ops.fastsam.cpu_kernels(isa, -1)
-            out.append(isa)
-        except (RuntimeError, ValueError):
-            pass
-    torch.ops.fastsam.cpu_kernels(before.split(";")[0], -1)
-    return out
-
-
-ISAS = _isas()
+ISAS = cpp.instruction_sets() if AVAILABLE else []
 
 
 @contextlib.contextmanager

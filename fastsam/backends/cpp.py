@@ -64,6 +64,21 @@ def code_path() -> str:
     return _fastsam_ops().cpu_kernels("", -1)
 
 
+def instruction_sets() -> List[str]:
+    """The instruction sets of the element loops this CPU runs ("base" always); benchmarks and tests
+    select one with ``torch.ops.fastsam.cpu_kernels(isa, -1)``."""
+    ops, out = _fastsam_ops(), []
+    now = code_path().split(";")[0]
+    for isa in ("base", "avx2", "avx512"):
+        try:
+            ops.cpu_kernels(isa, -1)
+            out.append(isa)
+        except (RuntimeError, ValueError):  # this CPU (or this build) lacks it
+            pass
+    ops.cpu_kernels(now, -1)
+    return out
+
+
 def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
                  accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
     if not grads:  # no tensor to dispatch on
