@@ -88,14 +88,17 @@ inline uint32_t to_bits(float f) {
 struct BF16 {
   using raw = uint16_t;
   using acc = float;
-  static acc load(raw v) { return from_bits(uint32_t(v) << 16); }
-  static raw store(acc f) {
+  // f's bits rounded to bf16, still in the upper half of a 32-bit word
+  static uint32_t rounded(acc f) {
     const uint32_t u = to_bits(f);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return (u & 0x7FFFFFFFu) > 0x7F800000u ? raw(0x7FC0) : raw(rounded);
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : r;
   }
+  static acc load(raw v) { return from_bits(uint32_t(v) << 16); }
+  static raw store(acc f) { return raw(rounded(f) >> 16); }
+  // load(store(v)) without the 16-bit round trip, which g++ does not vectorise
   struct Round {
-    acc operator()(acc v) const { return load(store(v)); }
+    acc operator()(acc v) const { return from_bits(rounded(v)); }
   };
 };
 

@@ -57,13 +57,43 @@ struct Loops {
     }
   }
 
-  // p <- src, then (unless sgd is false) torch.optim.SGD's update of p.  `src`
-  // is the restore copy, or p itself (nothing to restore: then never streamed).
+  // p <- src, then torch.optim.SGD's update of p.  `src` is the restore copy,
+  // or p itself (nothing to restore: then never streamed).  The update's
+  // switches (first step, nesterov, weight decay) become compile-time
+  // constants first: left to g++, it unswitches a few of them and leaves the
+  // 16-bit loops scalar.
   template <class S, bool kMomentum>
   static void restore_sgd(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                           typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> a,
                           typename S::acc signed_scale, bool stream) {
+    const bool decay = a.weight_decay != typename S::acc(0);
+    if constexpr (kMomentum) {
+      switch ((a.first ? 4 : 0) | (a.nesterov ? 2 : 0) | (decay ? 1 : 0)) {
+        case 0: return restore_sgd_fixed<S, true, false, false, false>(p, src, g, buf, n, a, signed_scale, stream);
+        case 1: return restore_sgd_fixed<S, true, false, false, true>(p, src, g, buf, n, a, signed_scale, stream);
+        case 2: return restore_sgd_fixed<S, true, false, true, false>(p, src, g, buf, n, a, signed_scale, stream);
+        case 3: return restore_sgd_fixed<S, true, false, true, true>(p, src, g, buf, n, a, signed_scale, stream);
+        case 4: return restore_sgd_fixed<S, true, true, false, false>(p, src, g, buf, n, a, signed_scale, stream);
+        case 5: return restore_sgd_fixed<S, true, true, false, true>(p, src, g, buf, n, a, signed_scale, stream);
+        case 6: return restore_sgd_fixed<S, true, true, true, false>(p, src, g, buf, n, a, signed_scale, stream);
+        default: return restore_sgd_fixed<S, true, true, true, true>(p, src, g, buf, n, a, signed_scale, stream);
+      }
+    } else if (decay) {
+      restore_sgd_fixed<S, false, false, false, true>(p, src, g, buf, n, a, signed_scale, stream);
+    } else {
+      restore_sgd_fixed<S, false, false, false, false>(p, src, g, buf, n, a, signed_scale, stream);
+    }
+  }
+
+  template <class S, bool kMomentum, bool kFirst, bool kNesterov, bool kDecay>
+  static void restore_sgd_fixed(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
+                                typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> args,
+                                typename S::acc signed_scale, bool stream) {
     using acc = typename S::acc;
+    SgdArgs<acc> a = args;
+    a.first = kFirst;
+    a.nesterov = kNesterov;
+    if (!kDecay) a.weight_decay = acc(0);
     typename S::raw tmp[kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = n - b < kBlock ? n - b : kBlock;
@@ -79,12 +109,30 @@ struct Loops {
     }
   }
 
+  // p <- src, then torch.optim.Adam's (AdamW's) update; its switches become
+  // constants as in restore_sgd.
   template <class S>
   static void restore_adam(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                            typename S::raw* __restrict__ m1, typename S::raw* __restrict__ m2, int64_t n,
                            const AdamArgs<typename S::acc> a, typename S::acc step_size, typename S::acc bc2_sqrt,
                            typename S::acc signed_scale, bool stream) {
+    switch ((a.l2 ? 2 : 0) | (a.lerp_low ? 1 : 0)) {
+      case 0: return restore_adam_fixed<S, false, false>(p, src, g, m1, m2, n, a, step_size, bc2_sqrt, signed_scale, stream);
+      case 1: return restore_adam_fixed<S, false, true>(p, src, g, m1, m2, n, a, step_size, bc2_sqrt, signed_scale, stream);
+      case 2: return restore_adam_fixed<S, true, false>(p, src, g, m1, m2, n, a, step_size, bc2_sqrt, signed_scale, stream);
+      default: return restore_adam_fixed<S, true, true>(p, src, g, m1, m2, n, a, step_size, bc2_sqrt, signed_scale, stream);
+    }
+  }
+
+  template <class S, bool kL2, bool kLerpLow>
+  static void restore_adam_fixed(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
+                                 typename S::raw* __restrict__ m1, typename S::raw* __restrict__ m2, int64_t n,
+                                 const AdamArgs<typename S::acc> args, typename S::acc step_size,
+                                 typename S::acc bc2_sqrt, typename S::acc signed_scale, bool stream) {
     using acc = typename S::acc;
+    AdamArgs<acc> a = args;
+    a.l2 = kL2;
+    a.lerp_low = kLerpLow;
     typename S::raw tmp[kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = n - b < kBlock ? n - b : kBlock;
