@@ -87,7 +87,7 @@ def make_optimizer(row, params, base, fused_ok=True):
         return "plain", PlainSAM(params, cls, rho=RHO, fused=fused_ok, **kw)
     name = row.split("-")[1]
     opt = FusedSAM(params, cls, rho=RHO, backend=name, capturable=row.endswith("-graph"), **kw)
-    return ("foreach" if name == "foreach" and params[0].device.type == "cpu" else "fused"), opt
+    return ("foreach" if name == "foreach" else "fused"), opt  # foreach's count is its CPU path's (a GPU adds masking)
 
 
 def sam_step(opt):
