@@ -135,24 +135,6 @@ struct F16 {
   };
 };
 
-// dst <- src (bytes), with streaming (non-temporal) stores when `stream`.
-inline void stream_copy(void* dst, const void* src, size_t bytes, bool stream) {
-#if FASTSAM_X86
-  if (stream) {
-    auto* d = static_cast<char*>(dst);
-    auto* s = static_cast<const char*>(src);
-    const size_t head = std::min(bytes, size_t(-reinterpret_cast<uintptr_t>(d) & 15));
-    std::memcpy(d, s, head);
-    size_t i = head;
-    for (; i + 16 <= bytes; i += 16)
-      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
-    std::memcpy(d + i, s + i, bytes - i);
-    return;
-  }
-#endif
-  std::memcpy(dst, src, bytes);
-}
-
 // ---------------------------------------------------------------- the loops, per instruction set
 namespace isa_base {
 #include "sam_cpu_loops.h"
@@ -260,6 +242,7 @@ struct Work {
   std::vector<int64_t> start;  // flat index of each chunk's first element
   int64_t total = 0;
   int64_t bytes = 0;  // of one list
+  int64_t element_size = 0;
 
   explicit Work(at::TensorList tensors) {
     for (size_t t = 0; t < tensors.size(); ++t) {
@@ -270,10 +253,18 @@ struct Work {
       }
       total += n;
     }
-    bytes = tensors.empty() ? 0 : total * int64_t(tensors[0].element_size());
+    element_size = tensors.empty() ? 0 : int64_t(tensors[0].element_size());
+    bytes = total * element_size;
   }
 
   bool stream() const { return bytes >= g_stream_bytes.load(std::memory_order_relaxed); }
+
+  // Streaming a computed list costs a pass through an L1 block; it pays where
+  // the loop waits on memory (4- and 8-byte elements), not in the 16-bit
+  // updates, which convert every element twice and wait on instructions
+  // (bf16 restore + SGD: 15 ms without, 21-23 ms with, ResNet-18 shapes, one
+  // thread, benchmarks/NOTES.md).
+  bool stream_computed() const { return stream() && element_size >= 4; }
 
   // f(i, chunk) for every chunk: each thread takes the chunks whose first
   // element falls in its share of the flat index range.
@@ -345,13 +336,16 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params) {
 void copy_lists(at::TensorList dst, at::TensorList src) {
   const Work work(dst);
   const bool stream = work.stream();
-  work.for_each(
-      [&](int64_t, const Chunk& c) {
-        const int64_t item = dst[c.tensor].element_size();
-        stream_copy(ptr<char>(dst[c.tensor], c.begin * item), ptr<char>(src[c.tensor], c.begin * item),
-                    (c.end - c.begin) * item, stream);
-      },
-      stream);
+  with_loops([&](auto loops) {
+    using L = decltype(loops);
+    work.for_each(
+        [&](int64_t, const Chunk& c) {
+          const int64_t item = dst[c.tensor].element_size();
+          L::copy(ptr<char>(dst[c.tensor], c.begin * item), ptr<char>(src[c.tensor], c.begin * item),
+                  (c.end - c.begin) * item, stream);
+        },
+        stream);
+  });
 }
 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList copies, const at::Tensor& scale,
@@ -408,7 +402,7 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   }
   const bool has_momentum = momentum != 0;
   const Work work(params);
-  const bool stream = restore && work.stream();  // without a restore p is read first: nothing to save
+  const bool stream = restore && work.stream_computed();  // without a restore p is read first: nothing to save
   with_storage(params[0].scalar_type(), "restore_sgd_step", [&](auto s) {
     using S = decltype(s);
     using raw = typename S::raw;
@@ -470,7 +464,7 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     adam_bias_terms(new_step[i], lr, beta1, beta2, &step_size[i], &bc2_sqrt[i]);
   }
   const Work work(params);
-  const bool stream = restore && work.stream();
+  const bool stream = restore && work.stream_computed();
   with_storage(params[0].scalar_type(), "restore_adam_step", [&](auto s) {
     using S = decltype(s);
     using raw = typename S::raw;
@@ -567,7 +561,7 @@ std::string cpu_kernels(const std::string& isa, int64_t stream_bytes) {
   }
   if (stream_bytes >= 0) g_stream_bytes.store(stream_bytes);
   return std::string(kIsaNames[active_isa()]) + "; streaming stores for write-only lists of >= " +
-         std::to_string(g_stream_bytes.load()) + " bytes";
+         std::to_string(g_stream_bytes.load()) + " bytes (copies, and updates of 4- and 8-byte elements)";
 }
 
 }  // namespace

@@ -6,20 +6,50 @@
 // that g++ vectorises the same source for SSE2, AVX2 and AVX-512; the op picks
 // one at run time (no -march flag: the .so runs on any x86-64).  Hence no
 // include guard and no includes: sam_cpu.cpp provides the storage policies
-// (S::raw, S::acc, S::load, S::store, S::round), sam_math.h and
-// stream_copy().
+// (S::raw, S::acc, S::load, S::store, S::Round) and sam_math.h.
 //
 // Every function handles one chunk: plain indexed loops over restrict
 // pointers with the configuration in template parameters, which g++ -O3
 // vectorises (the 16-bit policies convert with integer ops that vectorise
 // too).  A write-only destination goes through an L1-resident block and
-// stream_copy() when the caller asks for streaming stores: a large list is
-// then written without first being read into the cache (a third less
-// traffic for a copy).
+// copy() when the caller asks for streaming stores: a large list is then
+// written without first being read into the cache (a third less traffic
+// for a copy).
 
 struct Loops {
-  // Elements per block of the streamed paths: 4-8 KiB, in L1 next to the inputs.
+  // Elements per block of the streamed paths: 2-8 KiB, in L1 next to the inputs.
   static constexpr int64_t kBlock = 1024;
+
+  // dst <- src (bytes); with streaming (non-temporal) stores of this
+  // instruction set's width when `stream` (the caller fences).
+  static void copy(void* dst, const void* src, size_t bytes, bool stream) {
+    auto* d = static_cast<char*>(dst);
+    auto* s = static_cast<const char*>(src);
+    size_t i = 0;
+#if FASTSAM_X86
+    if (stream) {
+#if defined(__AVX512F__)
+      constexpr size_t kW = 64;
+#elif defined(__AVX2__)
+      constexpr size_t kW = 32;
+#else
+      constexpr size_t kW = 16;
+#endif
+      i = std::min(bytes, size_t(-reinterpret_cast<uintptr_t>(d) & (kW - 1)));
+      std::memcpy(d, s, i);
+      for (; i + kW <= bytes; i += kW) {
+#if defined(__AVX512F__)
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), _mm512_loadu_si512(s + i));
+#elif defined(__AVX2__)
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+#else
+        _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+#endif
+      }
+    }
+#endif
+    std::memcpy(d + i, s + i, bytes - i);
+  }
 
   // ||g||^2 (or ||w g||^2) of one chunk in kLanes independent partial sums:
   // a fixed order (the result does not depend on the thread count or the
@@ -49,7 +79,7 @@ struct Loops {
     using acc = typename S::acc;
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = n - b < kBlock ? n - b : kBlock;
-      stream_copy(c + b, p + b, m * sizeof(*p), stream);
+      copy(c + b, p + b, m * sizeof(*p), stream);
       typename S::raw* __restrict__ pb = p + b;
       const typename S::raw* __restrict__ gb = g + b;
       for (int64_t j = 0; j < m; ++j) pb[j] = S::store(perturb_element<acc>(S::load(pb[j]), S::load(gb[j]), scale,
@@ -105,7 +135,7 @@ struct Loops {
         dst[j] = S::store(w);
         if (kMomentum) buf[b + j] = S::store(bj);
       }
-      if (stream) stream_copy(p + b, tmp, m * sizeof(*p), true);
+      if (stream) copy(p + b, tmp, m * sizeof(*p), true);
     }
   }
 
@@ -147,7 +177,7 @@ struct Loops {
         m1[b + j] = S::store(mj);
         m2[b + j] = S::store(vj);
       }
-      if (stream) stream_copy(p + b, tmp, m * sizeof(*p), true);
+      if (stream) copy(p + b, tmp, m * sizeof(*p), true);
     }
   }
 
