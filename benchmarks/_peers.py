@@ -37,6 +37,8 @@ ACCESSES = {
     ("plain", "adamw"): 1 + 2 + 3 + 2 + 7,
     # foreach backend on the CPU: norm | copy | add | check | restore | buf*=m | buf+=g | w-=lr*buf
     ("foreach", "sgd"): 1 + 2 + 3 + 1 + 2 + 2 + 3 + 3,
+    # ... AdamW: | w*=1-lr*wd | lerp m | v*=b2 | v+=(1-b2)g*g | t=sqrt(v) | t/=bc2 | t+=eps | w+=s*m/t
+    ("foreach", "adamw"): 1 + 2 + 3 + 1 + 2 + 2 + 3 + 2 + 3 + 2 + 2 + 2 + 4,
     # per-parameter reference: norm of 1.0*g (r g w t, r t) | clone | e=(1.0*g)*s | w+=e | swap | SGD
     ("reference", "sgd"): 3 + 2 + 4 + 3 + 0 + 2 + 3 + 3,
     # torch's fused base step alone (no SAM): r w,g,b w w,b (AdamW: r w,g,m,v w w,m,v)
