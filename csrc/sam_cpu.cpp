@@ -46,6 +46,7 @@
 #include "sam_math.h"
 
 namespace fastsam {
+namespace {  // internal linkage: direct calls, and no symbol another build of the extension could shadow
 
 // 32768 elements (128 KiB of fp32 per list) keeps a chunk's 3-5 lists in L2
 // and gives the threads of a ResNet-18 step ~350 chunks to share.
@@ -155,8 +156,6 @@ namespace isa_avx512 {
 }  // namespace isa_avx512
 #pragma GCC pop_options
 #endif
-
-namespace {
 
 enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* const kIsaNames[] = {"base", "avx2", "avx512"};
