@@ -9,7 +9,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -153,7 +153,7 @@ class StepTimer:
 
 
 def interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, block: int = 1,
-                device: torch.device = torch.device("cpu")) -> Dict[str, List[float]]:
+                device: Optional[torch.device] = None) -> Dict[str, List[float]]:
     """Seconds per call of each function, one value per round: every round runs a block of
     ``block`` calls of each function in turn, the order rotated every round, so that drift
     (clocks, other jobs on a shared machine) hits all of them alike.  ``warmup`` untimed rounds
@@ -162,7 +162,7 @@ def interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
     for _ in range(warmup):
         for f in fns.values():
             f()
-    timer = StepTimer(device)
+    timer = StepTimer(device or torch.device("cpu"))
     times: Dict[str, List[float]] = {k: [] for k in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]

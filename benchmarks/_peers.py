@@ -17,7 +17,7 @@ against FusedSAM (the benchmarks do before timing).
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 

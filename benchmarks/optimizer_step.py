@@ -173,7 +173,7 @@ def measure(set_name, dtype_name, base, device, args):
     steps, designs, opts, notes = build(problem, device, base, args.peers)
     per_round = _common.interleaved(steps, rounds=args.repeats, warmup=args.warmup, device=device)
     med = {k: statistics.median(v) for k, v in per_round.items()}
-    fused_base = [k for k in steps if k.startswith("torch-fused-")][0]
+    fused_base = next(k for k in steps if k.startswith("torch-fused-"))
     size = {k: 4 if k.endswith("-fp32") else problem.element_size for k in steps}
     gbps = {k: accesses(designs[k], base) * problem.numel * size[k] / med[k] / 1e9 for k in steps}
     out = []

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
-from fastsam import FriendlySAM, FusedSAM, GSAM, LookSAM, MomentumSAM, frozen_bn_stats
+from fastsam import GSAM, FriendlySAM, FusedSAM, LookSAM, MomentumSAM, frozen_bn_stats
 from fastsam.schedules import Adaptive, Interval, RandomSwitch
 
 from .conftest import CPU_BACKENDS
