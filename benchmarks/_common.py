@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: machine description, step timing, memory, result files."""
+"""Shared by the benchmark scripts: machine description, parameter sets, step timing, memory, result files."""
 from __future__ import annotations
 
 import datetime
@@ -9,7 +9,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -89,6 +89,37 @@ def device_tag(device: torch.device) -> str:
     return "-".join(name.split()) or "cuda"
 
 
+# ----------------------------------------------------------------------------- parameter sets
+def resnet18_cifar_shapes():
+    shapes = [(64, 3, 3, 3), (64,), (64,)]
+    cin = 64
+    for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for b in range(2):
+            s = stride if b == 0 else 1
+            shapes += [(planes, cin, 3, 3), (planes,), (planes,), (planes, planes, 3, 3), (planes,), (planes,)]
+            if s != 1 or cin != planes:
+                shapes += [(planes, cin, 1, 1), (planes,), (planes,)]
+            cin = planes
+    return shapes + [(10, 512), (10,)]
+
+
+def resnet50_shapes():
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(planes, cin, 1, 1), (planes,), (planes,), (planes, planes, 3, 3), (planes,), (planes,),
+                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+            if b == 0:
+                shapes += [(planes * 4, cin, 1, 1), (planes * 4,), (planes * 4,)]
+            cin = planes * 4
+    return shapes + [(1000, 2048), (1000,)]
+
+
+# The optimizer benchmarks' parameter sets (shapes only: the optimizer side needs no model).
+PARAM_SETS = {"resnet18_cifar": resnet18_cifar_shapes, "resnet50": resnet50_shapes, "tiny": lambda: [(3, 5), (7,)]}
+
+
 # ----------------------------------------------------------------------------- timing
 class StepTimer:
     """Times a sequence of steps. On CUDA each step is bracketed by events and read after one
@@ -121,6 +152,29 @@ class StepTimer:
         return out
 
 
+def interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, block: int = 1,
+                device: Optional[torch.device] = None) -> Dict[str, List[float]]:
+    """Seconds per call of each function, one value per round: every round runs a block of
+    ``block`` calls of each function in turn, the order rotated every round, so that drift
+    (clocks, other jobs on a shared machine) hits all of them alike.  ``warmup`` untimed rounds
+    first.  On CUDA the calls are timed with events, read once per round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    timer = StepTimer(device or torch.device("cpu"))
+    times: Dict[str, List[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for k in order:
+            for _ in range(block):
+                timer.time(fns[k])
+        per_call = timer.collect()
+        for i, k in enumerate(order):
+            times[k].append(sum(per_call[i * block:(i + 1) * block]) / block)
+    return times
+
+
 def percentile(xs: Sequence[float], q: float) -> float:
     s = sorted(xs)
     if not s:
@@ -136,46 +190,39 @@ def summarize(times: Sequence[float]) -> Dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- memory
-def _proc_status_mib(key: str) -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return math.nan
+def peak_tensor_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes of the CPU tensors that ``fn`` allocates and holds at once (parameters, gradients,
+    optimizer state, activations, temporaries, including those a C++ kernel allocates), from the
+    CPU allocator's events under the profiler (``profile_memory``): the CPU's counterpart of
+    ``torch.cuda.max_memory_allocated`` minus what was allocated before.  Unlike the process's
+    resident set it sees neither malloc's arenas, fragmentation and retention nor code pages,
+    thread stacks and the Python heap.  Frees of tensors allocated before ``fn`` (garbage of
+    earlier runs collected meanwhile) do not count."""
+    import gc
 
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
 
-def _malloc_trim() -> None:
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def rss_peak_growth(fn: Callable[[], Any]) -> float:
-    """Peak resident-set growth (MiB) while ``fn`` runs, measured in a forked child.
-
-    The child runs ``fn`` once to fault in the library code it needs, frees what it can
-    (gc, malloc_trim), resets its high-water mark (/proc/self/clear_refs) and runs ``fn`` again:
-    the result is what ``fn`` allocates at its peak. The child uses one torch thread: GNU
-    OpenMP's thread pool does not survive fork (the child would hang). NaN without fork or /proc.
-    """
-    def child() -> float:
-        import gc
-        torch.set_num_threads(1)
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-        gc.collect()
-        _malloc_trim()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM <- current RSS
-        base = _proc_status_mib("VmRSS")
-        fn()
-        return _proc_status_mib("VmHWM") - base
-
-    return in_child(child)
+    events = []  # (time, address, bytes: > 0 allocated, < 0 freed)
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+    live: Dict[int, int] = {}
+    now = peak = 0
+    for _, ptr, size in sorted(events):
+        if size > 0:
+            live[ptr] = size
+            now += size
+            peak = max(peak, now)
+        elif ptr in live:
+            now -= live.pop(ptr)
+    return peak
 
 
 def in_child(fn: Callable[[], float]) -> float:

@@ -15,6 +15,10 @@ Variants (all SGD with momentum 0.9 underneath, rho 0.05):
   sgd              torch.optim.SGD, one forward+backward per step
   reference-sam    benchmarks/reference_sam.py: two passes, Python loop over parameters
   fusedsam-<b>     FusedSAM with backend b, for each backend that runs on the device
+  compiled-sam     --peers: the SAM step written with foreach ops under torch.compile
+                   (benchmarks/_peers.py; compile time reported apart, never timed)
+  plain-sam        --peers: foreach norm and perturbation, copy_ restore, the base's fused=True step
+  captured-triton  --captured (CUDA): FusedSAM(triton, capturable) in fastsam.cuda_graphs.CapturedSAMStep
   late-phase-<b>   FusedSAM(sam_start_step=...): plain steps, SAM on the last --late-frac of the
                    timed steps; its ratio is whole-run time over SGD's whole-run time
   with --family    the SAM family on the default backend: interval-k5 (FusedSAM, schedule
@@ -27,8 +31,11 @@ median / SGD's median from this run; whole-run ratio = total time / SGD's total 
 same number of steps; peak memory: on CUDA torch.cuda.max_memory_allocated during a separate,
 sequential pass over a fresh copy of the variant, minus what was allocated before it was built
 (model + grads + optimizer state + activations; after one unmeasured priming run, so that
-cudnn.benchmark's algorithm search is not counted); on the CPU the peak resident-set growth of a
-forked process doing the same (one thread; see _common.rss_peak_growth).
+cudnn.benchmark's algorithm search is not counted); on the CPU the same quantity from the CPU
+allocator (the peak of live tensor bytes, _common.peak_tensor_bytes), not the process's resident set,
+which malloc's arenas and retention blur by more than one copy of these models' parameters.
+ratio vs compiled SAM: whole-run time over the compiled peer's (--peers), whose optimizer is checked
+equal to FusedSAM's before timing (two steps at the model's parameter shapes).
 """
 from __future__ import annotations
 
@@ -49,13 +56,16 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import models  # noqa: E402
+from _peers import CompiledSAM, PlainSAM, compare_steps, fused_step_is_correct  # noqa: E402
 from reference_sam import ReferenceSAM  # noqa: E402
 
 from fastsam import FriendlySAM, FusedSAM, GSAM, LookSAM, MomentumSAM, backends, frozen_bn_stats  # noqa: E402
+from fastsam.cuda_graphs import CapturedSAMStep  # noqa: E402
 from fastsam.schedules import Interval  # noqa: E402
 
 COLUMNS = ["model", "variant", "batch", "images/s", "median step (ms)", "step-time ratio vs SGD", "p25-p75",
-           "whole-run ratio vs SGD", "90% CI", "passes/step", "check", "peak memory (MiB)"]
+           "whole-run ratio vs SGD", "90% CI", "ratio vs compiled SAM", "passes/step", "check", "peak memory (MiB)"]
+PEERS = {"compiled": CompiledSAM, "plain": PlainSAM}
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4  # small lr: the fixed random batch must not diverge
 
 
@@ -116,7 +126,8 @@ def predicted_passes(v: "Variant", sam_frac: float) -> float:
     """Forward+backward passes per step: what the ratio to SGD should be when the passes dominate."""
     if v.kind in FAMILY:
         return FAMILY[v.kind][1]
-    return {"sgd": 1.0, "reference": 2.0, "fused": 2.0}.get(v.kind, 1.0 + sam_frac)
+    return {"sgd": 1.0, "reference": 2.0, "fused": 2.0, "compiled": 2.0, "plain": 2.0,
+            "captured": 2.0}.get(v.kind, 1.0 + sam_frac)
 
 
 def ratio_check(ratio: float, lo: float, hi: float, passes: float, tol: float) -> str:
@@ -143,13 +154,18 @@ def available_backends(device: torch.device, only: Optional[List[str]] = None) -
             if (n != "triton" or device.type == "cuda") and (not only or n in only)]
 
 
-def make_variants(device: torch.device, only: Optional[List[str]], family: bool = False) -> List[Variant]:
+def make_variants(device: torch.device, only: Optional[List[str]], family: bool = False, peers: bool = False,
+                  captured: bool = False) -> List[Variant]:
     names = available_backends(device, only)
     late_backend = backends.resolve("auto", device)
     if late_backend not in names and names:
         late_backend = names[-1]
     vs = [Variant("sgd", "sgd"), Variant("reference-sam", "reference")]
     vs += [Variant(f"fusedsam-{b}", "fused", b) for b in names]
+    if peers:
+        vs += [Variant("compiled-sam", "compiled"), Variant("plain-sam", "plain")]
+    if captured and device.type == "cuda" and "triton" in names:
+        vs.append(Variant("captured-triton", "captured", "triton"))
     vs.append(Variant(f"late-phase-{late_backend}", "late", late_backend))
     if family:
         vs += [Variant(f"{n}-{late_backend}", n, late_backend) for n in FAMILY]
@@ -165,8 +181,14 @@ def make_optimizer(kind: str, model: torch.nn.Module, backend: Optional[str], rh
         return ReferenceSAM(model.parameters(), torch.optim.SGD, rho=rho, **kw)
     if kind in FAMILY:
         return FAMILY[kind][0](model.parameters(), backend, rho, **kw)
+    if kind == "compiled":
+        return CompiledSAM(model.parameters(), torch.optim.SGD, rho=rho, **kw)
+    if kind == "plain":
+        p = next(model.parameters())
+        return PlainSAM(model.parameters(), torch.optim.SGD, rho=rho,
+                        fused=fused_step_is_correct(torch.optim.SGD, kw, p.dtype, p.device), **kw)
     return FusedSAM(model.parameters(), torch.optim.SGD, rho=rho, backend=backend,
-                    sam_start_step=sam_start_step, **kw)
+                    sam_start_step=sam_start_step, capturable=kind == "captured", **kw)
 
 
 def make_step(kind: str, model, opt, x, y, autocast, counter: Optional[List[int]] = None) -> Callable[[], torch.Tensor]:
@@ -177,6 +199,14 @@ def make_step(kind: str, model, opt, x, y, autocast, counter: Optional[List[int]
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
+
+    if kind == "captured":  # the whole step (both passes, frozen BN in the second) replayed from a CUDA graph
+        captured = CapturedSAMStep(model, opt, F.cross_entropy)
+
+        def step():
+            with autocast():
+                return captured(x, y)
+        return step
 
     if kind in ("sgd", "momentum-sam"):  # one pass (MomentumSAM's is taken at the perturbed weights)
         def step():
@@ -213,7 +243,7 @@ def peak_memory_mib(v: Variant, base_model, device, x, y, autocast, channels_las
             step()
 
     if device.type != "cuda":
-        return _common.rss_peak_growth(run)
+        return _common.peak_tensor_bytes(run) / 2**20
     run()  # prime: cudnn.benchmark's algorithm search allocates workspaces on first use
     gc.collect()
     torch.cuda.synchronize()
@@ -240,7 +270,8 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
     dtype = {"fp32": None, "bf16": torch.bfloat16}[args.dtype]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
-    variants = make_variants(device, only_backends, args.family)
+    variants = make_variants(device, only_backends, args.family, args.peers, args.captured)
+    peer_checks, check_compile_s = check_peers(variants, base_model, device, args.rho)
     n_blocks = max(1, math.ceil(args.steps / args.block))
     n_timed = n_blocks * args.block
     n_sam_late = max(1, round(args.late_frac * n_timed))
@@ -263,6 +294,9 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
             opt.sam_active = True  # warm up the SAM path too; released below
         steps[v.name] = make_step(v.kind, model, opt, x, y, autocast, v.second_passes)
 
+    for v in variants:  # the compiled peer compiles in its first two steps (the second: momentum state exists)
+        for _ in range(2 if v.kind == "compiled" else 0):
+            steps[v.name]()
     timer = _common.StepTimer(device)
     for _ in range(args.warmup):  # interleaved too, so every variant sees the same warm machine
         for v in variants:
@@ -290,6 +324,7 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
         last_loss[v.name] = float(steps[v.name]().detach())  # an untimed extra step: is the run still finite?
 
     sgd = _common.summarize(variants[0].times)
+    compiled = next((v for v in variants if v.kind == "compiled"), None)
     rows = []
     for v in variants:
         s = _common.summarize(v.times)
@@ -305,6 +340,7 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
             "median_step_ms": s["median_s"] * 1e3, "p20_step_ms": s["p20_s"] * 1e3, "p80_step_ms": s["p80_s"] * 1e3,
             "step_ratio_vs_sgd": s["median_s"] / sgd["median_s"],
             "whole_run_ratio_vs_sgd": s["total_s"] / sgd["total_s"],
+            "whole_run_ratio_vs_compiled": s["total_s"] / sum(compiled.times) if compiled else None,
             "peak_memory_mib": memory.get(v.name, math.nan),
             **spread, "predicted_passes": passes,
             "check": ratio_check(whole, spread["whole_ci_lo"], spread["whole_ci_hi"], passes, args.ratio_tol),
@@ -314,15 +350,47 @@ def bench_model(name: str, args, device: torch.device, only_backends) -> Dict:
             "loss_after": last_loss[v.name],
             "step_times_ms": [t * 1e3 for t in v.times],
         })
+    compile_s = opts["compiled-sam"].compile_s + check_compile_s if "compiled-sam" in opts else None
     del steps, opts
     gc.collect()
-    return {"model": name, "params": sum(p.numel() for p in base_model.parameters()), "rows": rows}
+    return {"model": name, "params": sum(p.numel() for p in base_model.parameters()), "rows": rows,
+            "peer_checks": peer_checks, "compiled_peer_compile_s": compile_s}
+
+
+def check_peers(variants: List[Variant], base_model, device, rho: float):
+    """Each peer's optimizer against FusedSAM's (the late-phase row's backend) before timing: two SAM
+    steps from the model's weights with the same random gradients, compared after each half
+    (benchmarks/_peers.py: compare_steps).
+    Returns the lines to report and the seconds the compiled peer spent compiling here."""
+    fused = next(v for v in variants if v.kind == "late").backend
+    out, compile_s = [], 0.0
+    for v in variants:
+        if v.kind not in PEERS:
+            continue
+        pairs = []
+        for kind, backend in (("fused", fused), (v.kind, None)):
+            model = copy.deepcopy(base_model).to(device)
+            params = list(model.parameters())
+            pairs.append((params, make_optimizer(kind, model, backend, rho)))
+
+        def set_grads(params, step):  # the same random gradients for both, new ones every step
+            gen = torch.Generator(device=device).manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype)
+        diff = compare_steps(pairs[0], pairs[1], next(base_model.parameters()).dtype, set_grads=set_grads)
+        if diff is not None:
+            raise AssertionError(f"{v.name} does not compute fusedsam-{fused}'s step: {diff}")
+        out.append(f"{v.name} = fusedsam-{fused} after each half of two steps at the model's shapes (within "
+                   "rounding)")
+        compile_s += getattr(pairs[1][1], "compile_s", 0.0)
+    return out, compile_s
 
 
 def table_rows(results: List[Dict]) -> List[List]:
     return [[r["model"], r["variant"], r["batch"], round(r["images_per_s"], 1), r["median_step_ms"],
              r["step_ratio_vs_sgd"], f"{r['round_ratio_p25']:.2f}-{r['round_ratio_p75']:.2f}",
              r["whole_run_ratio_vs_sgd"], f"{r['whole_ci_lo']:.2f}-{r['whole_ci_hi']:.2f}",
+             "n/a" if r.get("whole_run_ratio_vs_compiled") is None else f"{r['whole_run_ratio_vs_compiled']:.2f}",
              f"{r['predicted_passes']:.2f}", r["check"], r["peak_memory_mib"]]
             for res in results for r in res["rows"]]
 
@@ -397,6 +465,11 @@ def parse_args(argv=None):
     p.add_argument("--backends", default=None, help="comma list to restrict the FusedSAM backends")
     p.add_argument("--family", action="store_true",
                    help="also time the SAM family (interval, LookSAM, MomentumSAM, GSAM, FriendlySAM)")
+    p.add_argument("--peers", action="store_true",
+                   help="also time what a user writes instead: the SAM step under torch.compile (compiled once per "
+                        "model: a minute on a CPU) and plain torch's best")
+    p.add_argument("--captured", action="store_true",
+                   help="CUDA: also time FusedSAM(triton) inside fastsam.cuda_graphs.CapturedSAMStep")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--memory-steps", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="CI smoke test: tiny model, 2 timed steps")
@@ -453,6 +526,7 @@ def main(argv=None) -> Dict:
 
     tag = _common.device_tag(device) + ("" if args.dtype == "fp32" else f"_{args.dtype}") \
         + ("_cl" if args.channels_last else "") + ("_family" if args.family else "") \
+        + ("_peers" if args.peers else "") \
         + ("_quick" if args.quick else "")
     table = _common.markdown_table(COLUMNS, table_rows(results))
     sam_frac = f"{args.late_frac:.0%}"
@@ -477,6 +551,11 @@ def main(argv=None) -> Dict:
     if ftgt:
         md += ["SAM family cost targets (issue 11; passes/step of the schedule rows = counted closure calls):",
                *ftgt, ""]
+    peer_lines = [f"- {res['model']}: {c}" for res in results for c in res.get("peer_checks", [])]
+    peer_lines += [f"- {res['model']}: compile time of the compiled peer {res['compiled_peer_compile_s']:.1f} s "
+                   "(in the check and the warm-up, not timed)" for res in results if res.get("compiled_peer_compile_s") is not None]
+    if peer_lines:
+        md += ["Peers (checked before timing):", *peer_lines, ""]
     if notes:
         md += ["Notes:", *notes, ""]
     md += ["images/s: batch x timed steps / total timed time. Ratios against SGD in this run (median step "
@@ -484,8 +563,9 @@ def main(argv=None) -> Dict:
            "over the interleaved rounds, resampled in pairs). passes/step: forward+backward passes per step, the "
            "ratio expected when they dominate; check: a warning when the ratio falls below it by more than "
            f"{args.ratio_tol:.0%} or its interval is too wide. Peak memory: CUDA max_memory_allocated of the variant alone "
-           "(model, grads, optimizer state, activations); CPU: peak RSS growth of a forked one-thread "
-           "process running the variant alone."]
+           "(model, grads, optimizer state, activations); CPU: the same from the CPU allocator (peak live tensor "
+           "bytes of the variant alone, not the process's resident set). ratio vs compiled SAM: whole-run time over "
+           "the compiled peer's (--peers)."]
     text = "\n".join(md)
     print(text)
     data = {"machine": info, "config": {k: v for k, v in vars(args).items()}, "columns": COLUMNS,

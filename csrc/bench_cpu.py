@@ -1,96 +1,88 @@
-"""Quick timing of the cpp backend (the CPU twin) against its floor.
+"""Each op of the cpp backend (the CPU twin) on every code path, against torch's fused SGD step.
 
-The optimizer side of one SAM step (first_step + second_step, gradients in
-place, SGD+momentum, fp32) at the CIFAR ResNet-18 parameter set (62 tensors,
-11.2M elements): FusedSAM(backend="cpp") against the per-parameter reference
-(benchmarks/reference_sam.py), plus each cpp op alone.  The floor is bytes
-moved / measured copy bandwidth (a tensor copy_, counted as read + write),
-measured twice: with one tensor as large as the whole parameter set (the
-floor: same cache regime as the step; this machine's 300 MiB L3 holds much of
-a ResNet-18 step's ~180 MB working set) and with 256 MiB tensors (DRAM).  benchmarks/optimizer_step.py is the full comparison; this script
-adds the per-op split.
+The ops of one SAM step (grad norm, perturb, restore + SGD) at a parameter set's shapes
+(benchmarks/_common.py: PARAM_SETS), on every instruction set this CPU runs (base = SSE2, avx2,
+avx512) with and without streaming stores; torch's SGD(fused=True) step in float32 at the same
+shapes is the attainable bytes per second.  All rows interleaved in one process (order rotated
+every round); median per row and GB/s of the accesses each op must make (norm 1, perturb 4,
+restore + SGD 5 per element).  benchmarks/optimizer_step.py is the whole-step comparison.
 
-    python csrc/bench_cpu.py [--repeats 20]
+    python csrc/bench_cpu.py [--dtype fp32|bf16] [--param-set resnet18_cifar] [--threads 1] [--rounds 11]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
-from optimizer_step import resnet18_cifar_shapes  # noqa: E402
-from reference_sam import ReferenceSAM  # noqa: E402
+import _common  # noqa: E402
 
-from fastsam import FusedSAM  # noqa: E402
 from fastsam.backends import cpp  # noqa: E402
 
-
-def median_ms(fn, repeats, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+NEVER = 1 << 62
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=20)
-    args = ap.parse_args()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "fp64"])
+    ap.add_argument("--param-set", default="resnet18_cifar", choices=list(_common.PARAM_SETS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=11)
+    args = ap.parse_args(argv)
     ok, why = cpp.is_available(torch.device("cpu"))
     if not ok:
         sys.exit(why)
-    shapes = resnet18_cifar_shapes()
-    n = sum(torch.Size(s).numel() for s in shapes)
-
-    def copy_bw(numel):  # GB/s, read + write
-        src, dst = torch.randn(numel), torch.empty(numel)
-        return 2 * numel * 4 / median_ms(lambda: dst.copy_(src), args.repeats) / 1e6
-
-    bw, bw_dram = copy_bw(n), copy_bw(64 << 20)
-
-    def sam(cls, **kw):
-        params = [torch.randn(s, requires_grad=True) for s in shapes]
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt = cls(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, **kw)
-        return lambda: (opt.first_step(), opt.second_step())
-
-    rows = [("reference (per-parameter SAM)", median_ms(sam(ReferenceSAM), args.repeats), 64),
-            ("FusedSAM backend=cpp", median_ms(sam(FusedSAM, backend="cpp"), args.repeats), 44)]
-
-    p = [torch.randn(s) for s in shapes]
-    g, c, b = ([torch.randn(s) for s in shapes] for _ in range(3))
-    one, zero = torch.tensor(1e-3), torch.tensor(0.0)
-    ops = [
-        ("  grad_sq_norm", lambda: cpp.grad_sq_norm(g), 4),
-        ("  perturb", lambda: cpp.perturb(p, g, c, one, zero, False), 16),
-        ("  restore_sgd_step", lambda: cpp.restore_sgd_step(
+    torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}[args.dtype]
+    shapes = _common.PARAM_SETS[args.param_set]()
+    p, g, c, b = ([torch.randn(s).to(dtype) for s in shapes] for _ in range(4))
+    n = sum(t.numel() for t in p)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scalars, zero = torch.tensor([0.0, 1e-3], dtype=acc), torch.tensor(0.0, dtype=acc)
+    ops = {
+        "grad norm": (1, lambda: cpp.grad_sq_norm(g)),
+        "perturb": (4, lambda: cpp.perturb(p, g, c, scalars, 1.0, False)),
+        "restore + SGD": (5, lambda: cpp.restore_sgd_step(
             p, g, c, b, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
-            first=False, grad_scale=None, skip=zero), 20),
-    ]
-    rows += [(name, median_ms(fn, args.repeats), nbytes) for name, fn, nbytes in ops]
-
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
-          f"torch threads, torch {torch.__version__}; ResNet-18 set: {len(shapes)} tensors, {n / 1e6:.1f}M "
-          f"elements; copy bandwidth (r+w) {bw:.1f} GB/s at the set's size, {bw_dram:.1f} GB/s at 256 MiB; "
-          f"median of {args.repeats}")
-    print(f"{'variant':34s} {'ms':>8s} {'bytes/elem':>10s} {'floor ms':>9s} {'x floor':>8s} {'x ref':>6s}")
-    ref_ms = rows[0][1]
-    for name, ms, per_elem in rows:
-        floor = per_elem * n / bw / 1e6
-        ratio = f"{ms / ref_ms:.2f}" if not name.startswith("  ") else ""
-        print(f"{name:34s} {ms:8.2f} {per_elem:10d} {floor:9.2f} {ms / floor:8.2f} {ratio:>6s}")
+            first=False, grad_scale=None, skip=zero)),
+    }
+    default = cpp.code_path()
+    isa0, stream0 = default.split(";")[0], int(default.rsplit(">= ", 1)[1].split()[0])
+    isas = cpp.instruction_sets()
+    rows, accesses, size = {}, {}, {}
+    for isa in isas:
+        for stream in (NEVER, 0):
+            for name, (k, fn) in ops.items():
+                def run(fn=fn, isa=isa, stream=stream):
+                    torch.ops.fastsam.cpu_kernels(isa, stream)
+                    fn()
+                key = f"{name} [{isa}{', streaming' if stream == 0 else ''}]"
+                rows[key], accesses[key], size[key] = run, k, p[0].element_size()
+    fp = [torch.nn.Parameter(t.float()) for t in p]
+    for q, gg in zip(fp, g):
+        q.grad = gg.float()
+    sgd = torch.optim.SGD(fp, lr=0.1, momentum=0.9, fused=True)
+    rows["torch SGD(fused=True) step, fp32"], accesses["torch SGD(fused=True) step, fp32"] = sgd.step, 5
+    size["torch SGD(fused=True) step, fp32"] = 4
+    try:
+        times = _common.interleaved(rows, rounds=args.rounds, warmup=2)
+    finally:
+        torch.ops.fastsam.cpu_kernels(isa0, stream0)
+    print(_common.machine_line(_common.machine_info(torch.device("cpu"))))
+    print(f"{args.param_set}: {len(shapes)} tensors, {n / 1e6:.1f}M elements, {args.dtype}; {args.threads} thread(s); "
+          f"median of {args.rounds} interleaved rounds; load average after {os.getloadavg()[0]:.2f}; "
+          f"default code path: {default}")
+    print(f"{'op [code path]':44s} {'ms':>8s} {'p20-p80':>15s} {'GB/s':>7s}")
+    for key, ts in times.items():
+        ms = statistics.median(ts) * 1e3
+        gbps = accesses[key] * n * size[key] / (ms / 1e3) / 1e9
+        print(f"{key:44s} {ms:8.2f} {_common.percentile(ts, 0.2) * 1e3:7.2f}-{_common.percentile(ts, 0.8) * 1e3:<7.2f} "
+              f"{gbps:7.1f}")
 
 
 if __name__ == "__main__":

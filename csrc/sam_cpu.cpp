@@ -2,68 +2,281 @@
 // with the per-element math from sam_math.h.
 //
 // Work is cut like the CUDA launcher cuts it: every tensor into chunks of
-// kChunk elements, and the flat (tensor, chunk) list is split between threads
-// with at::parallel_for.  Each op makes one pass over memory: a chunk's
-// elements are loaded once, updated in registers and stored once.  The inner
-// loops are plain indexed loops over restrict pointers with the
-// configuration hoisted into template parameters, so g++ -O3 vectorises the
-// fp32/fp64 ones (fp16/bf16 convert through c10::Half/BFloat16 and mostly
-// stay scalar).
+// kChunk elements.  Threads take contiguous runs of chunks holding about
+// equal numbers of elements, and a call too small to share runs on the
+// calling thread.  Each op makes one pass over memory: a chunk's elements are
+// loaded once, updated in registers and stored once.
+//
+// The element loops (sam_cpu_loops.h) are compiled three times, for SSE2,
+// AVX2 and AVX-512, and the instruction set is chosen at run time from the
+// CPU (capped by ATEN_CPU_CAPABILITY, as torch's own kernels are): the .so
+// carries no -march flag and runs on any x86-64.  Every path gives the same
+// bits (no contraction into FMA: -ffp-contract=off; the same summation
+// order).  Write-only lists of at least kStreamBytes (the restore copy in
+// perturb, the parameters in a restoring step) are written with streaming
+// stores: they are not read before the next pass, and a list that large
+// would leave the cache before then anyway.
 //
 // The skip flag, scale and grad_scale are read on the host: on the CPU that
 // costs nothing (the contract allows it), and it lets a skipped step do only
 // the copy.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
+
+// The per-instruction-set builds need g++'s `#pragma GCC target`; other
+// compilers and CPUs get the base loops only (same results, slower).
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
+#define FASTSAM_X86 1
+#include <immintrin.h>
+#else
+#define FASTSAM_X86 0
+#endif
 
 #include "sam_checks.h"
 #include "sam_math.h"
 
 namespace fastsam {
-namespace {
+namespace {  // internal linkage: direct calls, and no symbol another build of the extension could shadow
 
 // 32768 elements (128 KiB of fp32 per list) keeps a chunk's 3-5 lists in L2
-// and gives the 2 threads of a ResNet-18 step ~350 chunks to share.
+// and gives the threads of a ResNet-18 step ~350 chunks to share.
 constexpr int64_t kChunk = 32768;
-// Independent partial sums per chunk in the norm: lets g++ vectorise the
-// reduction without -ffast-math, and fixes the summation order (results do
-// not depend on the thread count).
+// Independent partial sums per chunk in the norms: lets g++ vectorise the
+// reduction without -ffast-math, and fixes the summation order.
 constexpr int kLanes = 16;
+// A call with fewer elements runs on one thread: waking a second costs more
+// than the work it would take over.
+constexpr int64_t kGrain = 1 << 16;
 
+// ---------------------------------------------------------------- storage policies
+// What the loops load and store: S::raw in memory, S::acc in registers.  The
+// 16-bit conversions are integer ops that vectorise (c10's are scalar calls);
+// each gives c10's bits: bf16 rounds to nearest even and NaN becomes 0x7FC0,
+// as c10::BFloat16(float) does.
+template <typename T>
+struct Plain {
+  using raw = T;
+  using acc = T;
+  static acc load(raw v) { return v; }
+  static raw store(acc v) { return v; }
+  struct Round {
+    acc operator()(acc v) const { return v; }
+  };
+};
+
+inline float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint32_t to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+struct BF16 {
+  using raw = uint16_t;
+  using acc = float;
+  // f's bits rounded to bf16, still in the upper half of a 32-bit word
+  static uint32_t rounded(acc f) {
+    const uint32_t u = to_bits(f);
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : r;
+  }
+  static acc load(raw v) { return from_bits(uint32_t(v) << 16); }
+  static raw store(acc f) { return raw(rounded(f) >> 16); }
+  // load(store(v)) without the 16-bit round trip, which g++ does not vectorise
+  struct Round {
+    acc operator()(acc v) const { return from_bits(rounded(v)); }
+  };
+};
+
+// IEEE half precision with c10::Half's bits (round to nearest even; NaN ->
+// sign | 0x7E00 on the way down, quieted on the way up), each case computed
+// and one selected, so that the loops vectorise (g++ 12 does not vectorise
+// F16C's conversions).  Still ~10 instructions per element each way: FusedSAM
+// leaves fp16 buckets on the CPU to foreach (fastsam/backends/cpp.py).
+struct F16 {
+  using raw = uint16_t;
+  using acc = float;
+  static acc load(raw h) {
+    const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+    const uint32_t e = h & 0x7C00u;
+    const uint32_t m = h & 0x03FFu;
+    const uint32_t normal = ((e >> 10) + 112u) << 23 | m << 13;
+    const uint32_t special = 0x7F800000u | m << 13 | (m != 0 ? 0x00400000u : 0u);  // inf, or a quiet NaN
+    const uint32_t subnormal = to_bits(float(int32_t(m)) * 0x1p-24f);                 // exact
+    return from_bits(sign | (e == 0x7C00u ? special : e == 0 ? subnormal : normal));
+  }
+  static raw store(acc f) {
+    const uint32_t u = to_bits(f);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const uint32_t a = u & 0x7FFFFFFFu;
+    // normal: rebias the exponent (127 -> 15) and round the 13 dropped bits to nearest even
+    const uint32_t normal = (a - (112u << 23) + 0x0FFFu + ((a >> 13) & 1u)) >> 13;
+    // below 2^-14: adding 0.5 rounds |f| to a multiple of 2^-24 (0.5's ulp), the subnormal's units
+    const uint32_t subnormal = to_bits(from_bits(a) + 0.5f) - 0x3F000000u;
+    const uint32_t out = a > 0x7F800000u ? 0x7E00u : a >= 0x477FF000u ? 0x7C00u : a >= 0x38800000u ? normal : subnormal;
+    return raw(sign | out);
+  }
+  struct Round {
+    acc operator()(acc v) const { return load(store(v)); }
+  };
+};
+
+// ---------------------------------------------------------------- the loops, per instruction set
+namespace isa_base {
+#include "sam_cpu_loops.h"
+}  // namespace isa_base
+
+#if FASTSAM_X86
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace isa_avx2 {
+#include "sam_cpu_loops.h"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+namespace isa_avx512 {
+#include "sam_cpu_loops.h"
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#endif
+
+enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"base", "avx2", "avx512"};
+
+// The best instruction set this CPU (and its OS) runs.
+int cpu_isa() {
+  int best = kBase;
+#if FASTSAM_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) best = kAvx2;
+  if (best == kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    best = kAvx512;
+#endif
+  return best;
+}
+
+// The default: the CPU's best, capped by ATEN_CPU_CAPABILITY as torch's own kernels are.
+int detect_isa() {
+  int best = cpu_isa();
+  if (const char* cap = std::getenv("ATEN_CPU_CAPABILITY")) {
+    const std::string c(cap);
+    if (c == "default") best = kBase;
+    if (c == "avx2") best = std::min(best, int(kAvx2));
+  }
+  return best;
+}
+
+std::atomic<int> g_isa{-1};
+// Streaming stores for write-only lists of at least this many bytes.
+std::atomic<int64_t> g_stream_bytes{int64_t(16) << 20};
+
+int active_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = detect_isa();
+    g_isa.store(isa, std::memory_order_relaxed);
+  }
+  return isa;
+}
+
+// f(Loops{}) with the Loops of the active instruction set.
+template <typename F>
+void with_loops(const F& f) {
+  switch (active_isa()) {
+#if FASTSAM_X86
+    case kAvx512:
+      return f(isa_avx512::Loops{});
+    case kAvx2:
+      return f(isa_avx2::Loops{});
+#endif
+    default:
+      return f(isa_base::Loops{});
+  }
+}
+
+// f(Policy{}) for the lists' dtype.
+template <typename F>
+void with_storage(at::ScalarType dtype, const char* op, const F& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(Plain<float>{});
+    case at::kDouble:
+      return f(Plain<double>{});
+    case at::kBFloat16:
+      return f(BF16{});
+    case at::kHalf:
+      return f(F16{});
+    default:
+      TORCH_CHECK(false, "fastsam::", op, ": dtype ", dtype, " is not supported");
+  }
+}
+
+// ---------------------------------------------------------------- work division
 struct Chunk {
   int64_t tensor;
   int64_t begin;
   int64_t end;
 };
 
-std::vector<Chunk> make_chunks(at::TensorList tensors) {
+struct Work {
   std::vector<Chunk> chunks;
-  for (size_t t = 0; t < tensors.size(); ++t) {
-    const int64_t n = tensors[t].numel();
-    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({int64_t(t), b, std::min(n, b + kChunk)});
+  std::vector<int64_t> start;  // flat index of each chunk's first element
+  int64_t total = 0;
+  int64_t bytes = 0;  // of one list
+  int64_t element_size = 0;
+
+  explicit Work(at::TensorList tensors) {
+    for (size_t t = 0; t < tensors.size(); ++t) {
+      const int64_t n = tensors[t].numel();
+      for (int64_t b = 0; b < n; b += kChunk) {
+        chunks.push_back({int64_t(t), b, std::min(n, b + kChunk)});
+        start.push_back(total + b);
+      }
+      total += n;
+    }
+    element_size = tensors.empty() ? 0 : int64_t(tensors[0].element_size());
+    bytes = total * element_size;
   }
-  return chunks;
-}
 
-template <typename F>
-void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
-  at::parallel_for(0, int64_t(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) f(i, chunks[i]);
-  });
-}
+  bool stream() const { return bytes >= g_stream_bytes.load(std::memory_order_relaxed); }
 
-// Rounds an op-math value to the storage dtype and back (identity for fp32/fp64).
-template <typename T>
-struct RoundToStorage {
-  template <typename acc_t>
-  acc_t operator()(acc_t x) const {
-    return acc_t(T(x));
+  // Streaming a computed list costs a pass through an L1 block; it pays where
+  // the loop waits on memory (4- and 8-byte elements), not in the 16-bit
+  // updates, which convert every element twice and wait on instructions
+  // (bf16 restore + SGD: 15 ms without, 21-23 ms with, ResNet-18 shapes, one
+  // thread, benchmarks/NOTES.md).
+  bool stream_computed() const { return stream() && element_size >= 4; }
+
+  // f(i, chunk) for every chunk: each thread takes the chunks whose first
+  // element falls in its share of the flat index range.
+  template <typename F>
+  void for_each(const F& f, bool fence = false) const {
+    at::parallel_for(0, total, kGrain, [&](int64_t b, int64_t e) {
+      const auto lo = std::lower_bound(start.begin(), start.end(), b) - start.begin();
+      const auto hi = std::lower_bound(start.begin(), start.end(), e) - start.begin();
+      for (int64_t i = lo; i < hi; ++i) f(i, chunks[i]);
+#if FASTSAM_X86
+      if (fence) _mm_sfence();  // streaming stores are weakly ordered: visible before the op returns
+#endif
+    });
   }
 };
 
@@ -72,65 +285,66 @@ T* ptr(const at::Tensor& t, int64_t offset) {
   return static_cast<T*>(t.data_ptr()) + offset;
 }
 
-bool host_flag(const at::Tensor& skip) { return skip.item<double>() != 0; }
-
-// ---------------------------------------------------------------- grad norm
-template <typename T, typename acc_t, bool kAdaptive>
-acc_t sq_norm_chunk(const T* __restrict__ g, const T* __restrict__ w, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const acc_t wv = kAdaptive ? acc_t(w[j + l]) : acc_t(0);
-      lanes[l] += sq_norm_term<acc_t>(acc_t(g[j + l]), wv, kAdaptive);
-    }
+// A 0-d (or one-element) CPU scalar, read without dispatching an op.
+double host_value(const at::Tensor& t) {
+  if (t.is_cpu() && t.numel() == 1) {
+    if (t.scalar_type() == at::kFloat) return *static_cast<const float*>(t.data_ptr());
+    if (t.scalar_type() == at::kDouble) return *static_cast<const double*>(t.data_ptr());
   }
-  acc_t sum = 0;
-  for (; j < n; ++j) sum += sq_norm_term<acc_t>(acc_t(g[j]), kAdaptive ? acc_t(w[j]) : acc_t(0), kAdaptive);
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  return sum;
+  return t.item<double>();
 }
 
+bool host_flag(const at::Tensor& skip) { return host_value(skip) != 0; }
+
+// acc_t(value) of a scalar given as float or double (0-d tensors hold the acc dtype: exact).
+template <typename acc_t>
+acc_t host_acc(const at::Tensor& t) {
+  return acc_t(host_value(t));
+}
+
+// ---------------------------------------------------------------- grad norm
 at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params) {
   check_grad_sq_norm(grads, params);
   if (grads.empty()) return at::zeros({}, at::kFloat);
   const bool adaptive = !params.empty();
-  const auto chunks = make_chunks(grads);
+  const Work work(grads);
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "fastsam_grad_sq_norm", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  with_storage(grads[0].scalar_type(), "grad_sq_norm", [&](auto s) {
+    using S = decltype(s);
+    using raw = typename S::raw;
+    using acc = typename S::acc;
     // Two stages as on the GPU: one partial per chunk, then a fixed-order sum.
-    std::vector<acc_t> partial(chunks.size());
-    for_each_chunk(chunks, [&](int64_t i, const Chunk& c) {
-      const scalar_t* g = ptr<scalar_t>(grads[c.tensor], c.begin);
-      const int64_t n = c.end - c.begin;
-      partial[i] = adaptive ? sq_norm_chunk<scalar_t, acc_t, true>(g, ptr<scalar_t>(params[c.tensor], c.begin), n)
-                            : sq_norm_chunk<scalar_t, acc_t, false>(g, nullptr, n);
+    std::vector<acc> partial(work.chunks.size());
+    with_loops([&](auto loops) {
+      using L = decltype(loops);
+      work.for_each([&](int64_t i, const Chunk& c) {
+        const raw* g = ptr<raw>(grads[c.tensor], c.begin);
+        const int64_t n = c.end - c.begin;
+        partial[i] = adaptive ? L::template sq_norm<S, true>(g, ptr<raw>(params[c.tensor], c.begin), n)
+                              : L::template sq_norm<S, false>(g, nullptr, n);
+      });
     });
-    acc_t total = 0;
-    for (acc_t p : partial) total += p;
-    out = at::scalar_tensor(total, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    acc total = 0;
+    for (acc p : partial) total += p;
+    out = at::scalar_tensor(total, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
   });
   return out;
 }
 
 // ---------------------------------------------------------------- perturb / restore
 void copy_lists(at::TensorList dst, at::TensorList src) {
-  const auto chunks = make_chunks(dst);
-  for_each_chunk(chunks, [&](int64_t, const Chunk& c) {
-    const int64_t item = dst[c.tensor].element_size();
-    std::memcpy(ptr<char>(dst[c.tensor], c.begin * item), ptr<char>(src[c.tensor], c.begin * item),
-                (c.end - c.begin) * item);
+  const Work work(dst);
+  const bool stream = work.stream();
+  with_loops([&](auto loops) {
+    using L = decltype(loops);
+    work.for_each(
+        [&](int64_t, const Chunk& c) {
+          const int64_t item = dst[c.tensor].element_size();
+          L::copy(ptr<char>(dst[c.tensor], c.begin * item), ptr<char>(src[c.tensor], c.begin * item),
+                  (c.end - c.begin) * item, stream);
+        },
+        stream);
   });
-}
-
-template <typename T, typename acc_t, bool kAdaptive>
-void perturb_chunk(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ c, int64_t n, acc_t scale) {
-  for (int64_t j = 0; j < n; ++j) {
-    const T w = p[j];
-    c[j] = w;  // the exact copy: storage bits, never a round trip through acc_t
-    p[j] = T(perturb_element<acc_t>(acc_t(w), acc_t(g[j]), scale, kAdaptive));
-  }
 }
 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList copies, const at::Tensor& scale,
@@ -141,20 +355,28 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList cop
     copy_lists(copies, params);
     return;
   }
-  const auto chunks = make_chunks(params);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastsam_perturb", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t s = scale.item<acc_t>();
-    for_each_chunk(chunks, [&](int64_t, const Chunk& c) {
-      scalar_t* p = ptr<scalar_t>(params[c.tensor], c.begin);
-      const scalar_t* g = ptr<scalar_t>(grads[c.tensor], c.begin);
-      scalar_t* cp = ptr<scalar_t>(copies[c.tensor], c.begin);
-      const int64_t n = c.end - c.begin;
-      if (adaptive) {
-        perturb_chunk<scalar_t, acc_t, true>(p, g, cp, n, s);
-      } else {
-        perturb_chunk<scalar_t, acc_t, false>(p, g, cp, n, s);
-      }
+  const Work work(params);
+  const bool stream = work.stream();
+  with_storage(params[0].scalar_type(), "perturb", [&](auto s) {
+    using S = decltype(s);
+    using raw = typename S::raw;
+    using acc = typename S::acc;
+    const acc sc = host_acc<acc>(scale);
+    with_loops([&](auto loops) {
+      using L = decltype(loops);
+      work.for_each(
+          [&](int64_t, const Chunk& c) {
+            raw* p = ptr<raw>(params[c.tensor], c.begin);
+            const raw* g = ptr<raw>(grads[c.tensor], c.begin);
+            raw* cp = ptr<raw>(copies[c.tensor], c.begin);
+            const int64_t n = c.end - c.begin;
+            if (adaptive) {
+              L::template perturb<S, true>(p, g, cp, n, sc, stream);
+            } else {
+              L::template perturb<S, false>(p, g, cp, n, sc, stream);
+            }
+          },
+          stream);
     });
   });
 }
@@ -165,19 +387,6 @@ void restore_cpu(at::TensorList params, at::TensorList copies) {
 }
 
 // ---------------------------------------------------------------- restore + SGD
-// `src` is the copy to restore from, or `p` itself (nothing to restore).
-template <typename T, typename acc_t, bool kMomentum>
-void sgd_chunk(T* p, const T* src, const T* __restrict__ g, T* __restrict__ buf, int64_t n,
-               const SgdArgs<acc_t> a, acc_t signed_scale) {
-  for (int64_t j = 0; j < n; ++j) {
-    acc_t w = acc_t(src[j]);
-    acc_t b = kMomentum ? acc_t(buf[j]) : acc_t(0);
-    sgd_element<acc_t, kMomentum>(w, sam_grad<acc_t>(acc_t(g[j]), signed_scale), b, a, RoundToStorage<T>());
-    p[j] = T(w);
-    if (kMomentum) buf[j] = T(b);
-  }
-}
-
 void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList copies,
                           at::TensorList momentum_buffers, double lr, double momentum, double dampening,
                           bool nesterov, double weight_decay, bool maximize, bool first,
@@ -191,42 +400,35 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     return;
   }
   const bool has_momentum = momentum != 0;
-  const auto chunks = make_chunks(params);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastsam_sgd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const SgdArgs<acc_t> a{acc_t(lr), acc_t(momentum), acc_t(1 - dampening), acc_t(weight_decay), nesterov, first};
-    const acc_t gs = signed_grad_scale(grad_scale.has_value() ? grad_scale->item<acc_t>() : acc_t(1), maximize);
-    for_each_chunk(chunks, [&](int64_t, const Chunk& c) {
-      scalar_t* p = ptr<scalar_t>(params[c.tensor], c.begin);
-      const scalar_t* src = restore ? ptr<scalar_t>(copies[c.tensor], c.begin) : p;
-      const scalar_t* g = ptr<scalar_t>(grads[c.tensor], c.begin);
-      const int64_t n = c.end - c.begin;
-      if (has_momentum) {
-        sgd_chunk<scalar_t, acc_t, true>(p, src, g, ptr<scalar_t>(momentum_buffers[c.tensor], c.begin), n, a,
-                                         gs);
-      } else {
-        sgd_chunk<scalar_t, acc_t, false>(p, src, g, nullptr, n, a, gs);
-      }
+  const Work work(params);
+  const bool stream = restore && work.stream_computed();  // without a restore p is read first: nothing to save
+  with_storage(params[0].scalar_type(), "restore_sgd_step", [&](auto s) {
+    using S = decltype(s);
+    using raw = typename S::raw;
+    using acc = typename S::acc;
+    const SgdArgs<acc> a{acc(lr), acc(momentum), acc(1 - dampening), acc(weight_decay), nesterov, first};
+    const acc gs = signed_grad_scale(grad_scale.has_value() ? host_acc<acc>(*grad_scale) : acc(1), maximize);
+    with_loops([&](auto loops) {
+      using L = decltype(loops);
+      work.for_each(
+          [&](int64_t, const Chunk& c) {
+            raw* p = ptr<raw>(params[c.tensor], c.begin);
+            const raw* src = restore ? ptr<raw>(copies[c.tensor], c.begin) : p;
+            const raw* g = ptr<raw>(grads[c.tensor], c.begin);
+            const int64_t n = c.end - c.begin;
+            if (has_momentum) {
+              L::template restore_sgd<S, true>(p, src, g, ptr<raw>(momentum_buffers[c.tensor], c.begin), n, a,
+                                               gs, stream);
+            } else {
+              L::template restore_sgd<S, false>(p, src, g, nullptr, n, a, gs, stream);
+            }
+          },
+          stream);
     });
   });
 }
 
 // ---------------------------------------------------------------- restore + Adam
-template <typename T, typename acc_t>
-void adam_chunk(T* p, const T* src, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v, int64_t n,
-                const AdamArgs<acc_t> a, acc_t step_size, acc_t bc2_sqrt, acc_t signed_scale) {
-  for (int64_t j = 0; j < n; ++j) {
-    acc_t w = acc_t(src[j]);
-    acc_t mj = acc_t(m[j]);
-    acc_t vj = acc_t(v[j]);
-    adam_element<acc_t>(w, sam_grad<acc_t>(acc_t(g[j]), signed_scale), mj, vj, a, step_size, bc2_sqrt,
-                        RoundToStorage<T>());
-    p[j] = T(w);
-    m[j] = T(mj);
-    v[j] = T(vj);
-  }
-}
-
 double read_step(const at::Tensor& s) {
   return s.scalar_type() == at::kDouble ? *static_cast<const double*>(s.data_ptr())
                                         : double(*static_cast<const float*>(s.data_ptr()));
@@ -260,75 +462,62 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     new_step[i] = read_step(steps[i]) + 1;
     adam_bias_terms(new_step[i], lr, beta1, beta2, &step_size[i], &bc2_sqrt[i]);
   }
-  const auto chunks = make_chunks(params);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastsam_adam", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto a = make_adam_args<acc_t>(lr, beta1, beta2, eps, weight_decay, decoupled);
-    const acc_t gs = signed_grad_scale(grad_scale.has_value() ? grad_scale->item<acc_t>() : acc_t(1), maximize);
-    for_each_chunk(chunks, [&](int64_t, const Chunk& c) {
-      const int64_t t = c.tensor;
-      scalar_t* p = ptr<scalar_t>(params[t], c.begin);
-      adam_chunk<scalar_t, acc_t>(p, restore ? ptr<scalar_t>(copies[t], c.begin) : p,
-                                  ptr<scalar_t>(grads[t], c.begin), ptr<scalar_t>(exp_avgs[t], c.begin),
-                                  ptr<scalar_t>(exp_avg_sqs[t], c.begin), c.end - c.begin, a,
-                                  acc_t(step_size[t]), acc_t(bc2_sqrt[t]), gs);
+  const Work work(params);
+  const bool stream = restore && work.stream_computed();
+  with_storage(params[0].scalar_type(), "restore_adam_step", [&](auto s) {
+    using S = decltype(s);
+    using raw = typename S::raw;
+    using acc = typename S::acc;
+    const auto a = make_adam_args<acc>(lr, beta1, beta2, eps, weight_decay, decoupled);
+    const acc gs = signed_grad_scale(grad_scale.has_value() ? host_acc<acc>(*grad_scale) : acc(1), maximize);
+    with_loops([&](auto loops) {
+      using L = decltype(loops);
+      work.for_each(
+          [&](int64_t, const Chunk& c) {
+            const int64_t t = c.tensor;
+            raw* p = ptr<raw>(params[t], c.begin);
+            L::template restore_adam<S>(p, restore ? ptr<raw>(copies[t], c.begin) : p, ptr<raw>(grads[t], c.begin),
+                                        ptr<raw>(exp_avgs[t], c.begin), ptr<raw>(exp_avg_sqs[t], c.begin),
+                                        c.end - c.begin, a, acc(step_size[t]), acc(bc2_sqrt[t]), gs, stream);
+          },
+          stream);
     });
   });
   for (size_t i = 0; i < n_tensors; ++i) write_step(steps[i], new_step[i]);
 }
 
 // ---------------------------------------------------------------- the variants' ops
-template <typename T, typename acc_t>
-void dot_chunk(const T* __restrict__ x, const T* __restrict__ y, int64_t n, acc_t* out3) {
-  acc_t xy[kLanes] = {}, xx[kLanes] = {}, yy[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) dot_sq_norms_terms<acc_t>(acc_t(x[j + l]), acc_t(y[j + l]), xy[l], xx[l], yy[l]);
-  }
-  acc_t a = 0, b = 0, c = 0;
-  for (; j < n; ++j) dot_sq_norms_terms<acc_t>(acc_t(x[j]), acc_t(y[j]), a, b, c);
-  for (int l = 0; l < kLanes; ++l) {
-    a += xy[l];
-    b += xx[l];
-    c += yy[l];
-  }
-  out3[0] = a;
-  out3[1] = b;
-  out3[2] = c;
-}
-
 at::Tensor dot_sq_norms_cpu(at::TensorList xs, at::TensorList ys, const std::optional<at::Tensor>& accumulate) {
   check_dot_sq_norms(xs, ys, accumulate);
   if (xs.empty()) return accumulate.has_value() ? accumulate->clone() : at::zeros({3}, at::kFloat);
-  const auto chunks = make_chunks(xs);
+  const Work work(xs);
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "fastsam_dot_sq_norms", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  with_storage(xs[0].scalar_type(), "dot_sq_norms", [&](auto s) {
+    using S = decltype(s);
+    using raw = typename S::raw;
+    using acc = typename S::acc;
     // Two stages as the norm: three partials per chunk, then fixed-order sums.
-    std::vector<acc_t> partial(3 * chunks.size());
-    for_each_chunk(chunks, [&](int64_t i, const Chunk& c) {
-      dot_chunk<scalar_t, acc_t>(ptr<scalar_t>(xs[c.tensor], c.begin), ptr<scalar_t>(ys[c.tensor], c.begin),
-                                 c.end - c.begin, &partial[3 * i]);
+    std::vector<acc> partial(3 * work.chunks.size());
+    with_loops([&](auto loops) {
+      using L = decltype(loops);
+      work.for_each([&](int64_t i, const Chunk& c) {
+        L::template dot_sq_norms<S>(ptr<raw>(xs[c.tensor], c.begin), ptr<raw>(ys[c.tensor], c.begin),
+                                    c.end - c.begin, &partial[3 * i]);
+      });
     });
-    acc_t total[3] = {0, 0, 0};
-    for (size_t i = 0; i < chunks.size(); ++i)
+    acc total[3] = {0, 0, 0};
+    for (size_t i = 0; i < work.chunks.size(); ++i)
       for (int k = 0; k < 3; ++k) total[k] += partial[3 * i + k];
-    out = at::empty({3}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    acc_t* o = out.data_ptr<acc_t>();
+    out = at::empty({3}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
+    acc* o = out.data_ptr<acc>();
     if (accumulate.has_value()) {
       const at::Tensor prev = accumulate->to(at::kDouble).contiguous();  // the previous total, read on the host
       const double* pv = prev.data_ptr<double>();
-      for (int k = 0; k < 3; ++k) total[k] = total[k] + acc_t(pv[k]);
+      for (int k = 0; k < 3; ++k) total[k] = total[k] + acc(pv[k]);
     }
     for (int k = 0; k < 3; ++k) o[k] = total[k];
   });
   return out;
-}
-
-// `out` may be `x` or `y` (no restrict on it): each element is read before it is written.
-template <typename T, typename acc_t>
-void axpby_chunk(const T* x, const T* y, T* out, int64_t n, acc_t a, acc_t b) {
-  for (int64_t j = 0; j < n; ++j) out[j] = T(axpby_element<acc_t>(acc_t(x[j]), acc_t(y[j]), a, b));
 }
 
 void axpby_cpu(at::TensorList xs, at::TensorList ys, const at::Tensor& coefs, at::TensorList out) {
@@ -338,19 +527,46 @@ void axpby_cpu(at::TensorList xs, at::TensorList ys, const at::Tensor& coefs, at
   const double* cv = c.data_ptr<double>();
   if (cv[2] != 0) return;
   at::TensorList dst = out.empty() ? xs : out;
-  const auto chunks = make_chunks(xs);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "fastsam_axpby", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t a = acc_t(cv[0]), b = acc_t(cv[1]);
-    for_each_chunk(chunks, [&](int64_t, const Chunk& ch) {
-      axpby_chunk<scalar_t, acc_t>(ptr<scalar_t>(xs[ch.tensor], ch.begin), ptr<scalar_t>(ys[ch.tensor], ch.begin),
-                                   ptr<scalar_t>(dst[ch.tensor], ch.begin), ch.end - ch.begin, a, b);
+  const Work work(xs);
+  with_storage(xs[0].scalar_type(), "axpby", [&](auto s) {
+    using S = decltype(s);
+    using raw = typename S::raw;
+    using acc = typename S::acc;
+    const acc a = acc(cv[0]), b = acc(cv[1]);
+    with_loops([&](auto loops) {
+      using L = decltype(loops);
+      work.for_each([&](int64_t, const Chunk& ch) {
+        L::template axpby<S>(ptr<raw>(xs[ch.tensor], ch.begin), ptr<raw>(ys[ch.tensor], ch.begin),
+                             ptr<raw>(dst[ch.tensor], ch.begin), ch.end - ch.begin, a, b);
+      });
     });
   });
 }
 
+// ---------------------------------------------------------------- the code path
+// cpu_kernels(isa, stream_bytes): the instruction set of the loops and the
+// streaming threshold, after setting them ("" / -1: leave as is; "auto": the
+// best this CPU runs).  Asking for an instruction set the CPU lacks raises.
+std::string cpu_kernels(const std::string& isa, int64_t stream_bytes) {
+  if (!isa.empty()) {
+    int want = isa == "auto" ? detect_isa() : -1;
+    for (int i = 0; i < 3; ++i)
+      if (isa == kIsaNames[i]) want = i;
+    TORCH_CHECK_VALUE(want >= 0, "fastsam::cpu_kernels: isa must be 'auto', 'base', 'avx2' or 'avx512', got '",
+                      isa, "'");
+    TORCH_CHECK_VALUE(want <= cpu_isa(), "fastsam::cpu_kernels: this CPU (or this build) does not run ",
+                      kIsaNames[want]);
+    g_isa.store(want);
+  }
+  if (stream_bytes >= 0) g_stream_bytes.store(stream_bytes);
+  return std::string(kIsaNames[active_isa()]) + "; streaming stores for write-only lists of >= " +
+         std::to_string(g_stream_bytes.load()) + " bytes (copies, and updates of 4- and 8-byte elements)";
+}
+
 }  // namespace
 }  // namespace fastsam
+
+TORCH_LIBRARY_FRAGMENT(fastsam, m) { m.def("cpu_kernels(str isa, int stream_bytes) -> str", &fastsam::cpu_kernels); }
 
 TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
   m.impl("dot_sq_norms", &fastsam::dot_sq_norms_cpu);

@@ -42,18 +42,24 @@ CSRC = os.path.join(ROOT, "csrc")
 CPU_SOURCES = ["bindings.cpp", "sam_cpu.cpp"]
 # The CUDA kernels (raw pointers, CUDA headers only) and their torch binding.
 CUDA_SOURCES = ["sam_cuda.cpp", "sam_kernels.cu"]
-CPU_HEADERS = ["sam_math.h", "sam_checks.h"]
+CPU_HEADERS = ["sam_math.h", "sam_checks.h", "sam_cpu_loops.h"]
 CUDA_HEADERS = ["sam_kernels.h", "multi_tensor_apply.cuh"]
 
 # -O3 and nothing machine-specific (no -march=native): the .so may be built on
-# one machine and run on another.  The hot loops are memory-bound, so SSE2
-# vectorisation is enough.  -fopenmp makes at::parallel_for parallel (it is an
-# inline OpenMP loop in torch's headers); the link resolves to the libgomp.so.1
-# torch already loaded.
+# one machine and run on another.  csrc/sam_cpu.cpp compiles its element loops
+# for SSE2, AVX2 and AVX-512 itself (`#pragma GCC target`) and picks one at run
+# time.  -ffp-contract=off keeps g++ from fusing a * b + c into an FMA in the
+# AVX2/AVX-512 loops: every instruction set gives the same bits.
+# -fno-trapping-math lets g++ compute both sides of a select on floats (the
+# fp16 conversions' cases) and so vectorise the loop; it changes no value,
+# only whether floating-point exception flags may be raised speculatively
+# (nothing here reads them).  -fopenmp
+# makes at::parallel_for parallel (it is an inline OpenMP loop in torch's
+# headers); the link resolves to the libgomp.so.1 torch already loaded.
 # -fno-math-errno lets g++ vectorise sqrt (Adam) without changing any result:
 # it only drops the errno write for sqrt of a negative number.  torch's build
 # adds the -std it needs (c++17 or c++20, by torch version).
-CXX_FLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
 # No --use_fast_math: it changes sqrt and division (-prec-sqrt/-prec-div
 # false), which Adam's update uses, and gains nothing in memory-bound kernels.

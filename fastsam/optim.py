@@ -411,26 +411,32 @@ class FusedSAM(SAMOptimizer):
           pass), unless every gradient is zero: e = 0 then, so the step is whole (this is how
           torch's distributed checkpoint creates optimizer state).
 
-        If the closure raises (``KeyboardInterrupt`` included), the weights are back at w and
-        ``p.grad`` holds the tensors it held when the call began before the exception propagates.
+        All or nothing: if anything raises (the closure included, ``KeyboardInterrupt`` too),
+        the weights are back at w and the optimizer state is as it was before the exception
+        propagates.  The gradients are as they were if the failure came before the step took
+        them over (a check, a malformed gradient); once the closure has been called, the first
+        gradient has been released (as ``first_step(zero_grad=True)`` releases it, so that a
+        second copy of the gradients is not held through the second backward), and ``p.grad``
+        is left empty (None) rather than holding what a failed closure computed.
         """
         run = self.core.run
         run.in_step = True
         began = run.pending is None  # a pending first_step is the caller's, and stays pending on failure
-        grads = [(p, p.grad) for g in self.param_groups for p in g["params"]]
+        handed = []  # set once the step has taken the gradients over
         try:
-            return self._step(closure)
+            return self._step(closure, handed)
         except BaseException:
-            if began:
+            if began and handed:
                 self.core.undo()
-                for p, g in grads:
-                    p.grad = g
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        p.grad = None
             raise
         finally:
             run.in_step = False
             run.pre_hooks_fired = False
 
-    def _step(self, closure):
+    def _step(self, closure, handed: list):
         core = self.core
         run = core.run
         if run.pending is not None:  # finishing a step begun with first_step()
@@ -446,6 +452,7 @@ class FusedSAM(SAMOptimizer):
         torch_convention = closure is not None and (auto is not None or self._torch_convention())
         first_loss = None
         if torch_convention:
+            handed.append(True)
             with torch.enable_grad():
                 first_loss = closure()
             _check_produced(self.param_groups, "the closure's first call")
@@ -468,7 +475,9 @@ class FusedSAM(SAMOptimizer):
             raise RuntimeError(msg)
         if not torch_convention:
             _check_produced(self.param_groups, "the first backward pass (before step(closure))")
-        self.first_step(zero_grad=True)
+        self.first_step()
+        handed.append(True)
+        self.zero_grad()
         with torch.enable_grad():
             loss = closure()
         _check_produced(self.param_groups, "the closure (the second pass, at w + e)")

@@ -11,6 +11,10 @@ operators check that (and everything else) before they write anything.  A call t
 refuse for layout alone (a gradient that is a transposed view, say) runs on the foreach
 backend instead, as the triton backend does: the check costs nothing on the usual path.
 
+The element loops are compiled for SSE2, AVX2 and AVX-512 in the same .so
+and chosen at run time (``code_path()`` says which; ``ATEN_CPU_CAPABILITY``
+caps it as it caps torch's own kernels); every path gives the same bits.
+
 The extension comes from ``fastsam._C`` when it was built by setup.py
 (``FASTSAM_BUILD_CPP=1`` / ``FASTSAM_BUILD_CUDA=1``), else from a JIT build
 on first use, cached on disk (fastsam/_build.py).
@@ -28,7 +32,11 @@ from ._common import FACTOR, SKIP, Epilogue, finish_norm
 
 Tensors = List[torch.Tensor]
 NAME = "cpp"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# fp16 is left to foreach: the fused loop converts fp16 in software (no vectorised F16C from g++ 12),
+# ~10 instructions per element each way, which made a ResNet-18-shaped fp16 step 2.7-4x slower than
+# foreach's multi-pass ATen kernels (benchmarks/NOTES.md, issue 20).  The fp16 kernels stay (the
+# operators take every floating dtype) and are tested bit for bit against the other dtypes' paths.
+_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _ops = None  # torch.ops.fastsam once the extension is loaded
 
 
@@ -54,6 +62,27 @@ def is_available(device: torch.device, build: bool = True) -> tuple[bool, str]:
 
 def supports(dtype: torch.dtype) -> bool:
     return dtype in _DTYPES
+
+
+def code_path() -> str:
+    """The CPU kernels' code path: the instruction set of the element loops ("avx512", "avx2" or
+    "base") and the size from which write-only lists get streaming stores."""
+    return _fastsam_ops().cpu_kernels("", -1)
+
+
+def instruction_sets() -> List[str]:
+    """The instruction sets of the element loops this CPU runs ("base" always); benchmarks and tests
+    select one with ``torch.ops.fastsam.cpu_kernels(isa, -1)``."""
+    ops, out = _fastsam_ops(), []
+    now = code_path().split(";")[0]
+    for isa in ("base", "avx2", "avx512"):
+        try:
+            ops.cpu_kernels(isa, -1)
+            out.append(isa)
+        except (RuntimeError, ValueError):  # this CPU (or this build) lacks it
+            pass
+    ops.cpu_kernels(now, -1)
+    return out
 
 
 def _laid_out_alike(lists: List[Tensors]) -> bool:

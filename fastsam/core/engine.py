@@ -229,6 +229,7 @@ class SAMCore:
                 scalars = self.perturb(buckets, tx)
             return Perturbation(buckets, scalars)
         run.pending = self.transact(prepare)
+        self.plan.release()  # the first gradient is not needed again: zero_grad() must free it
 
     def second_step(self) -> None:
         """Restore w and take the base step with the gradient now in ``p.grad`` (a plain base step

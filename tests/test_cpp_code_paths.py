@@ -1,0 +1,239 @@
+"""The cpp backend's code paths (csrc/sam_cpu.cpp): its element loops are compiled for SSE2, AVX2
+and AVX-512 and chosen at run time, and large write-only lists are written with streaming stores.
+
+Every path must give the bits of every other: each op, dtype and option runs on every instruction
+set this CPU has, with and without streaming stores, against the base loops without streaming
+(tests/test_backend_ops.py checks the default path against float64 references).  Odd sizes and
+misaligned views exercise the blocks' tails and the stores' alignment; more than 65,536 elements
+take two threads.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastsam.backends import cpp
+
+from .tensor_lists import assert_bitwise, clone
+
+AVAILABLE, WHY = cpp.is_available(torch.device("cpu"))
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"cpp backend unavailable: {WHY}")
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+NEVER = 1 << 62  # streaming threshold in bytes: never stream
+SIZES = [1, 17, 1023, 1025, 32768 + 5, 70001]
+
+
+ISAS = cpp.instruction_sets() if AVAILABLE else []
+
+
+@contextlib.contextmanager
+def code_path(isa, stream_bytes):
+    before = cpp.code_path()
+    threshold = int(before.rsplit(">= ", 1)[1].split()[0])
+    torch.ops.fastsam.cpu_kernels(isa, stream_bytes)
+    try:
+        yield
+    finally:
+        torch.ops.fastsam.cpu_kernels(before.split(";")[0], threshold)
+
+
+def _lists(dtype, n_lists, positive=False):
+    """n_lists lists of tensors of SIZES elements, each a view one element into its storage (so that
+    no list starts on a vector boundary)."""
+    out = []
+    for _ in range(n_lists):
+        ts = []
+        for n in SIZES:
+            t = torch.randn(n + 1, dtype=torch.float64)
+            t = t.abs() + 0.1 if positive else t
+            ts.append(t.to(dtype)[1:])
+        out.append(ts)
+    return out
+
+
+def _run_everywhere(fn, *lists):
+    """fn(*clones of lists) on every path; asserts every path's outputs (the lists, and the returned
+    tensors) bitwise equal to the base loops' without streaming stores."""
+    results = {}
+    for isa in ISAS:
+        for stream in (NEVER, 0):
+            with code_path(isa, stream):
+                args = [clone(ls) for ls in lists]
+                ret = fn(*args)
+                results[(isa, stream)] = [t for ls in args for t in ls] + ([] if ret is None else [ret])
+    ref = results[("base", NEVER)]
+    for key, got in results.items():
+        assert_bitwise(got, ref), key
+
+
+def test_code_path_is_reported_and_settable():
+    path = cpp.code_path()
+    assert path.split(";")[0] in ("base", "avx2", "avx512") and "streaming" in path
+    assert "base" in ISAS
+    with pytest.raises((RuntimeError, ValueError), match="isa must be"):
+        torch.ops.fastsam.cpu_kernels("sse9", -1)
+    with code_path("base", 123):
+        assert cpp.code_path().startswith("base; streaming stores for write-only lists of >= 123 bytes")
+    assert cpp.code_path() == path
+
+
+def test_aten_cpu_capability_caps_the_choice():
+    """ATEN_CPU_CAPABILITY=default (torch's own switch) gives the base loops, in a fresh process."""
+    code = ("import torch; from fastsam.backends import cpp; "
+            "assert cpp.is_available(torch.device('cpu'))[0]; print(cpp.code_path())")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith("base;")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_norm_and_perturb(seed, dtype, adaptive):
+    p, g, c = _lists(dtype, 3)
+    _run_everywhere(lambda g, p: cpp.grad_sq_norm(g, p if adaptive else None), g, p)
+    scalars = torch.tensor([0.0, 0.37], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    _run_everywhere(lambda p, g, c: cpp.perturb(p, g, c, scalars, 0.05, adaptive), p, g, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum,nesterov,weight_decay,first", [
+    (0.0, False, 0.0, False), (0.9, False, 5e-4, False), (0.9, True, 1e-2, False), (0.9, False, 0.0, True)])
+@pytest.mark.parametrize("restore", [True, False])
+def test_restore_sgd_step(seed, dtype, momentum, nesterov, weight_decay, first, restore):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gs = torch.tensor(0.75, dtype=acc)
+    skip = torch.tensor(0.0, dtype=acc)
+
+    def step(p, g, c, b):
+        cpp.restore_sgd_step(p, g, c if restore else [], b if momentum else [], lr=0.1, momentum=momentum,
+                             dampening=0.1, nesterov=nesterov, weight_decay=weight_decay, maximize=False,
+                             first=first, grad_scale=gs, skip=skip)
+    _run_everywhere(step, *_lists(dtype, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay,decoupled", [(0.0, False), (1e-2, False), (1e-2, True)])
+def test_restore_adam_step(seed, dtype, weight_decay, decoupled):
+    p, g, c, m = _lists(dtype, 4)
+    (v,) = _lists(dtype, 1, positive=True)
+    steps = [torch.tensor(3.0) for _ in SIZES]
+    skip = torch.tensor(0.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+
+    def step(p, g, c, m, v, s):
+        cpp.restore_adam_step(p, g, c, m, v, s, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                              weight_decay=weight_decay, decoupled=decoupled, maximize=True, grad_scale=None,
+                              skip=skip)
+    _run_everywhere(step, p, g, c, m, v, steps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_restore_and_variant_ops(seed, dtype):
+    x, y, out = _lists(dtype, 3)
+    _run_everywhere(lambda p, c: cpp.restore(p, c), x, y)
+    _run_everywhere(lambda x, y: cpp.dot_sq_norms(x, y), x, y)
+    coefs = torch.tensor([0.3, -1.7, 0.0], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    _run_everywhere(lambda x, y, o: cpp.axpby(x, y, coefs, out=o), x, y, out)
+    _run_everywhere(lambda x, y: cpp.axpby(x, y, coefs), x, y)
+
+
+def _c10_bf16_bits(x: torch.Tensor) -> torch.Tensor:
+    """c10::BFloat16(float)'s bits (round to nearest even; NaN -> 0x7FC0), from float32 ``x``."""
+    u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    return torch.where(torch.isnan(x), torch.full_like(rounded, 0x7FC0), rounded)
+
+
+# (x bits, y bits, a, b): a * x + b * y is exact in float32 (a, b powers of two, or one product a
+# small correction of the other), and its bf16 rounding is the case named.
+BF16_CASES = [
+    (0x3F80, 0x3B80, 1.0, 1.0),           # 1 + 2^-8: halfway, even below -> down
+    (0x3F81, 0x3B80, 1.0, 1.0),           # (1 + 2^-7) + 2^-8: halfway, odd below -> up
+    (0x3F80, 0x3B81, 1.0, 1.0),           # just above halfway -> up
+    (0x3F80, 0x3B7F, 1.0, 1.0),           # just below halfway -> down
+    (0x7F7F, 0x7B00, 1.0, 1.0),           # largest finite + half its ulp: halfway, odd -> inf
+    (0x7F7F, 0x7A80, 1.0, 1.0),           # largest finite + a quarter ulp -> stays finite
+    (0x0080, 0x0000, 2.0 ** -8, 0.0),     # 2^-134, a float32 subnormal: halfway, even -> 0
+    (0x00C0, 0x0000, 2.0 ** -7, 0.0),     # 1.5 * 2^-133: above halfway -> smallest bf16 subnormal
+    (0x8000, 0x0000, 1.0, 1.0),           # -0 + 0
+    (0xFFC1, 0x0000, 1.0, 1.0),           # a negative NaN with a payload -> c10's 0x7FC0
+    (0x7F80, 0x3F80, 1.0, 1.0),           # inf
+    (0xFF80, 0x3F80, 1.0, 1.0),           # -inf
+]
+
+
+def _c10_bf16_bits(x: torch.Tensor) -> torch.Tensor:
+    """c10::BFloat16(float)'s bits (round to nearest even; NaN -> 0x7FC0), from float32 ``x``."""
+    u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    return torch.where(torch.isnan(x), torch.full_like(rounded, 0x7FC0), rounded)
+
+
+@pytest.mark.parametrize("at_end", [False, True])
+def test_bf16_stores_round_as_c10(at_end):
+    """The vectorised bf16 store gives c10::BFloat16's bits: ties to even, the largest finite value
+    rounding to inf, float32 subnormals, signed zero, NaN; in the vector body and in the scalar tail."""
+    _store_cases(torch.bfloat16, BF16_CASES, _c10_bf16_bits, at_end)
+
+
+# (x bits, y bits, a, b) in fp16, as BF16_CASES.
+F16_CASES = [
+    (0x3C00, 0x1000, 1.0, 1.0),           # 1 + 2^-11: halfway, even below -> down
+    (0x3C01, 0x1000, 1.0, 1.0),           # (1 + 2^-10) + 2^-11: halfway, odd below -> up
+    (0x7BFF, 0x4C00, 1.0, 1.0),           # 65504 + 16: halfway to 65536, odd -> inf
+    (0x7BFF, 0x4BFF, 1.0, 1.0),           # 65504 + 15.99: stays finite
+    (0x0001, 0x0000, 1.5, 0.0),           # 1.5 units of 2^-24: halfway -> 2 units (even)
+    (0x0001, 0x0000, 2.5, 0.0),           # 2.5 units: halfway -> 2 units (even)
+    (0x0001, 0x0000, 0.5, 0.0),           # half a unit: halfway -> 0
+    (0x03FF, 0x0001, 1.0, 1.0),           # the largest subnormal + a unit: the smallest normal
+]
+
+
+def _store_cases(dtype, cases, want_bits, at_end):
+    pad = [0x3C00 if dtype == torch.float16 else 0x3F80] * 37
+    for a, b in sorted({(a, b) for _, _, a, b in cases}):
+        sub = [c for c in cases if (c[2], c[3]) == (a, b)]
+        xb, yb = [c[0] for c in sub], [c[1] for c in sub]
+        x = torch.tensor(pad + xb if at_end else xb + pad, dtype=torch.int64).to(torch.int16).view(dtype)
+        y = torch.tensor(pad + yb if at_end else yb + pad, dtype=torch.int64).to(torch.int16).view(dtype)
+        want = want_bits(a * x.float() + b * y.float())
+        for isa in ISAS:
+            with code_path(isa, NEVER):
+                out = [torch.empty_like(x)]
+                cpp.axpby([x], [y], torch.tensor([a, b, 0.0]), out=out)
+                assert torch.equal(out[0].view(torch.int16).to(torch.int64) & 0xFFFF, want), (isa, a, b)
+
+
+def _c10_half_bits(x: torch.Tensor) -> torch.Tensor:
+    """c10::Half(float)'s bits: IEEE round to nearest even (torch's conversion), NaN -> sign | 0x7E00."""
+    bits = x.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+    sign = (x.view(torch.int32).to(torch.int64) >> 16) & 0x8000
+    return torch.where(torch.isnan(x), sign | 0x7E00, bits)
+
+
+@pytest.mark.parametrize("at_end", [False, True])
+def test_f16_stores_round_as_c10(at_end):
+    _store_cases(torch.float16, F16_CASES, _c10_half_bits, at_end)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_16bit_value_loads_and_stores_back(dtype):
+    """All 65,536 bit patterns through a load and a store (axpby x + (-0) * 0, which is x for every x,
+    -0 included): every value comes back bit for bit (subnormals, infinities, signed zeros), NaNs as
+    c10's: sign | 0x7E00 for fp16, 0x7FC0 for bf16."""
+    x = torch.arange(1 << 16, dtype=torch.int64).to(torch.int16).view(dtype)
+    y = torch.zeros_like(x)
+    u = torch.arange(1 << 16, dtype=torch.int64)
+    nan = torch.isnan(x.float())
+    want = torch.where(nan, (u & 0x8000) | 0x7E00 if dtype == torch.float16 else torch.full_like(u, 0x7FC0), u)
+    for isa in ISAS:
+        with code_path(isa, NEVER):
+            out = [torch.empty_like(x)]
+            cpp.axpby([x], [y], torch.tensor([1.0, -0.0, 0.0]), out=out)
+            assert torch.equal(out[0].view(torch.int16).to(torch.int64) & 0xFFFF, want), isa
