@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: one prepared script for whichever session draws a GPU.
-#   benchmarks/gpu_check.sh OUTDIR             # on the GPU machine: at most BUDGET_S (450 s) of steps
+#   benchmarks/gpu_check.sh OUTDIR             # on the GPU machine: at most BUDGET_S (460 s) of steps
 #   benchmarks/gpu_check.sh --dry-run OUTDIR   # every step on the CPU (Triton interpreter, tiny sizes),
 #                                              # no time caps: CI runs this, so the script itself is tested
 # Installs nothing from the network: the machine's torch/triton and this repository (PYTHONPATH).
@@ -40,7 +40,7 @@ else
   export FASTSAM_CPU_BACKENDS=foreach,cpp
   unset TRITON_INTERPRET
 fi
-BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-460}
 SELECTED=${GPU_CHECK_STEPS:-}
 status=0
 printf '| step | status | seconds | first error line |\n|---|---|---|---|\n' > "$SUMMARY"
@@ -151,17 +151,15 @@ if ! finish_step build_extension && [ -n "${BG_PID[build_extension]:-}" ]; then
 fi
 
 # The same suite on the cuda backend (dry run: the CPU twin, whose conftest would build it).
-step contract_cuda 30 \
+step contract_cuda 25 \
   "$PYTEST tests/test_backend_ops.py -k 'cuda-cuda'" \
   "$PYTEST tests/test_backend_ops.py -k 'cpp and axpby_rounds'"
-
-# (issue 20) the peers' rows of benchmarks/optimizer_step.py go here, one step line
 
 # The restore contract end to end, launch counts (<= 6 per SAM step, every torch op counted),
 # capture of whole training steps (a scheduler across the late-phase switch; a step over thousands
 # of tensors), triton internals (a bucket of mixed alignment), >2^31 elements, no host
 # synchronisation in a steady step.
-step tests_triton 60 \
+step tests_triton 55 \
   "$PYTEST tests/test_restore_contract.py tests/test_capturable.py tests/test_triton_launches.py tests/test_triton_internals.py tests/test_triton_gpu.py -k 'not inductor'" \
   "$PYTEST tests/test_triton_launches.py tests/test_restore_contract.py tests/test_capturable.py -k 'not 300'"
 
@@ -170,12 +168,7 @@ step tests_triton 60 \
 step tests_cuda 25 "$PYTEST tests/test_csrc_cuda.py" "$PYTEST tests/test_csrc_cuda.py"
 
 # The SAM family on every CUDA backend against float64 on the CPU, and without host synchronisation.
-step tests_variants 30 "$PYTEST tests/test_variants_gpu.py" "$PYTEST tests/test_variants_gpu.py"
-
-# Optimizer-side benchmark, every backend vs the reference (ResNet-18 / ResNet-50 parameter sets).
-step optimizer_step 30 \
-  "$PY benchmarks/optimizer_step.py --device cuda --repeats 50 --out-dir '$OUT'" \
-  "$PY benchmarks/optimizer_step.py --device cpu --param-sets resnet18_cifar --repeats 2 --warmup 1 --out-dir '$OUT' --tag dryrun"
+step tests_variants 25 "$PYTEST tests/test_variants_gpu.py" "$PYTEST tests/test_variants_gpu.py"
 
 # Host cost of a SAM step vs torch's fused SGD step (161 and 1,000 tensors).
 step host_cost 20 \
@@ -184,13 +177,22 @@ step host_cost 20 \
 
 # Training throughput (the README's main job), CIFAR models at batch 128, fp32, with the SAM
 # family's rows (interval, LookSAM, MomentumSAM, GSAM, FriendlySAM).
-step train_throughput 45 \
+step train_throughput 40 \
   "$PY benchmarks/train_throughput.py --device cuda --models resnet18,wrn16_8 --family --steps 30 --warmup 5 --out-dir '$OUT'" \
   "$PY benchmarks/train_throughput.py --device cpu --quick --family --out-dir '$OUT'"
 
+# Optimizer side of a SAM step against what a user would write instead: the SAM step in foreach ops
+# under torch.compile and plain torch's best (fused SGD), checked equal to FusedSAM before timing;
+# every backend, the triton step captured in a CUDA graph, torch's fused SGD step and a copy as the
+# attainable bytes/s; ResNet-18 and ResNet-50 shapes, fp32 and bf16.  The compile (a cold inductor
+# cache: four graphs) is part of the cap, not of the timings.
+step optimizer_step 75 \
+  "$PY benchmarks/optimizer_step.py --device cuda --peers --param-sets resnet18_cifar resnet50 --dtypes fp32 bf16 --repeats 20 --out-dir '$OUT'" \
+  "$PY benchmarks/optimizer_step.py --device cpu --param-sets tiny --peers --dtypes fp32 bf16 --repeats 2 --warmup 1 --out-dir '$OUT' --tag dryrun"
+
 # torch.compile (inductor) of the ops and of a training step: a cold inductor cache compiles for a
 # while, so these run last, in a step of their own.
-step inductor 30 \
+step inductor 20 \
   "$PYTEST tests/test_triton_gpu.py -k inductor" \
   "$PYTEST tests/test_triton_gpu.py -k inductor"
 

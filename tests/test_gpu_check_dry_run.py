@@ -13,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 STEPS = ("build_extension", "contract_triton", "contract_cuda", "tests_triton", "tests_cuda", "tests_variants",
-         "optimizer_step", "host_cost", "train_throughput", "inductor")
+         "host_cost", "train_throughput", "optimizer_step", "inductor")
 BUILDING = "fastsam: building the C++ extension"
 
 
