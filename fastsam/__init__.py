@@ -9,8 +9,7 @@ from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
 from .optim import FusedSAM
 from . import schedules
 from .variants import GSAM, FriendlySAM, LookSAM, MomentumSAM
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["FusedSAM", "LookSAM", "MomentumSAM", "GSAM", "FriendlySAM", "schedules", "frozen_bn_stats", "disable_running_stats", "enable_running_stats", "hessian",
            "adversarial", "__version__"]

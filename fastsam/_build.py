@@ -36,7 +36,10 @@ from typing import List, Optional, Tuple
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(_PKG_DIR)
+# A source checkout builds from csrc/; an installed wheel from the copy build_py puts in the package.
 CSRC = os.path.join(ROOT, "csrc")
+if not os.path.isdir(CSRC):
+    CSRC = os.path.join(_PKG_DIR, "_csrc")
 
 # The CPU twin and the op schemas: every build has these.
 CPU_SOURCES = ["bindings.cpp", "sam_cpu.cpp"]
