@@ -77,9 +77,10 @@ TORCH_NVCC_DEFINES = [
     "-D__CUDA_NO_HALF2_OPERATORS__",
     "--expt-relaxed-constexpr",
 ]
-BUILD_FIX = ("build it with `FASTSAM_BUILD_CPP=1 pip install -e . --no-build-isolation` (CPU) or "
-             "`FASTSAM_BUILD_CUDA=1 pip install -e . --no-build-isolation` (CUDA), or let the JIT path build "
-             "it on first use (needs a C++ compiler and `pip install ninja`, plus nvcc for CUDA)")
+BUILD_FIX = ("name the backend (backend=\"cpp\" or \"cuda\") to let the JIT path build it on first use (needs a "
+             "C++ compiler and `pip install ninja`, plus nvcc for CUDA), or build it ahead of time in a source "
+             "checkout with `FASTSAM_BUILD_CPP=1 pip install -e . --no-build-isolation` (CPU) or "
+             "`FASTSAM_BUILD_CUDA=1 pip install -e . --no-build-isolation` (CUDA)")
 
 
 def gencode_flags(archs=CUDA_ARCHS) -> List[str]:
