@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from fastsam import backends as fastsam_backends
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -273,3 +275,10 @@ def write_results(out_dir: str, stem: str, data: Dict[str, Any], markdown: str) 
     with open(paths[1], "w") as f:
         f.write(markdown.rstrip() + "\n")
     return paths
+
+
+def available_backends(device: torch.device, only: Optional[List[str]] = None) -> List[str]:
+    """Backends FusedSAM can run on ``device``: foreach always; triton/cuda on CUDA; cpp on the CPU."""
+    # Triton on the CPU would be its interpreter (a correctness tool, not a speed path).
+    return [n for n in fastsam_backends.available(device, build=True)
+            if (n != "triton" or device.type == "cuda") and (not only or n in only)]

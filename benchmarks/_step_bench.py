@@ -12,7 +12,7 @@ from typing import Callable, Dict, List
 import torch
 
 import _common
-from late_phase_mnist import MnistCNN
+from _lib.models import MnistCNN
 
 KW = dict(lr=1e-4, momentum=0.9, weight_decay=5e-4)
 

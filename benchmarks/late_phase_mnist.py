@@ -61,7 +61,6 @@ from _lib.late_experiments import (adversarial_cost, adversarial_task, late_sam_
                                    sweep_seed)
 from _lib.late_reports import describe, report_adv, report_phases, report_sweep, task_timing  # noqa: E402
 from _lib.late_runs import setup  # noqa: E402
-from _lib.models import MnistCNN  # noqa: E402,F401  (imported from here by benchmarks/_step_bench.py)
 from _lib.plots import plot_adv, plot_phases, plot_sweep  # noqa: E402
 from _lib.runner import Task, default_jobs, run_tasks  # noqa: E402
 

@@ -19,7 +19,7 @@ pytest.importorskip("pytest_benchmark")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402
 from reference_sam import ReferenceSAM  # noqa: E402
-from train_throughput import available_backends  # noqa: E402
+from _common import available_backends  # noqa: E402
 
 from fastsam import FusedSAM  # noqa: E402
 

@@ -147,16 +147,9 @@ def ratio_check(ratio: float, lo: float, hi: float, passes: float, tol: float) -
     return "; ".join(msg) or "ok"
 
 
-def available_backends(device: torch.device, only: Optional[List[str]] = None) -> List[str]:
-    """Backends FusedSAM can run on ``device``: foreach always; triton/cuda on CUDA; cpp on the CPU."""
-    # Triton on the CPU would be its interpreter (a correctness tool, not a speed path).
-    return [n for n in backends.available(device, build=True)
-            if (n != "triton" or device.type == "cuda") and (not only or n in only)]
-
-
 def make_variants(device: torch.device, only: Optional[List[str]], family: bool = False, peers: bool = False,
                   captured: bool = False) -> List[Variant]:
-    names = available_backends(device, only)
+    names = _common.available_backends(device, only)
     late_backend = backends.resolve("auto", device)
     if late_backend not in names and names:
         late_backend = names[-1]
