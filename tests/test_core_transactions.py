@@ -160,13 +160,16 @@ def _calls(setup, call, monkeypatch):
     return inj.count
 
 
-def _every_failure(setup, call, monkeypatch):
+def _every_failure(setup, call, monkeypatch, released_grads=False):
     """Inject a failure in place of each backend call of ``call`` in turn; each must leave the state
-    of ``setup()`` as it was, and a retry must give what an undisturbed call gives."""
+    of ``setup()`` as it was, and a retry must give what an undisturbed call gives.
+    ``released_grads``: a failure after the call took the gradients over may release them (p.grad
+    None) instead of keeping them; they are handed back before the check.  Returns (calls, releases)."""
     n = _calls(setup, call, monkeypatch)
     assert n > 0
     clean_opt, clean_ps = setup()
     call(clean_opt, clean_ps)
+    released = 0
     for at in range(n):
         opt, ps = setup()
         before = Picture(opt, ps)
@@ -174,11 +177,15 @@ def _every_failure(setup, call, monkeypatch):
             Inject(m, at)
             with pytest.raises(Boom):
                 call(opt, ps)
+        if released_grads and all(p.grad is None for p in ps):
+            released += 1
+            for p, (g, _) in zip(ps, before.grads):
+                p.grad = g
         before.check(opt, ps)
         call(opt, ps)  # the retry
         assert all(torch.equal(a, b) for a, b in zip(ps, clean_ps)), f"retry after a failure at call {at}"
         _equal(clean_opt.state_dict(), opt.state_dict(), f"state after the retry (failure at call {at})")
-    return n
+    return n, released
 
 
 def _set(ps, t):
@@ -237,24 +244,7 @@ def test_step_with_closure_is_all_or_nothing(kind, backend, monkeypatch):
 
     def call(opt, ps):
         opt.step(lambda: _set(ps, 51))
-    n = _calls(setup, call, monkeypatch)
-    clean_opt, clean_ps = setup()
-    call(clean_opt, clean_ps)
-    released = 0
-    for at in range(n):
-        opt, ps = setup()
-        before = Picture(opt, ps)
-        with monkeypatch.context() as m:
-            Inject(m, at)
-            with pytest.raises(Boom):
-                call(opt, ps)
-        if all(p.grad is None for p in ps):
-            released += 1
-            for p, (g, _) in zip(ps, before.grads):
-                p.grad = g
-        before.check(opt, ps)
-        call(opt, ps)
-        assert all(torch.equal(a, b) for a, b in zip(ps, clean_ps)), f"retry after a failure at call {at}"
+    n, released = _every_failure(setup, call, monkeypatch, released_grads=True)
     assert 0 < released < n
 
 
