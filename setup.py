@@ -6,6 +6,7 @@ flags), shared with the JIT loader; FASTSAM_BUILD_CPP=1 / FASTSAM_BUILD_CUDA=1 a
 it ahead of time, otherwise the JIT path builds it on first use from the sources that build_py copies
 into the package (a wheel has no csrc/ beside it).
 """
+
 import glob
 import os
 import shutil
@@ -17,7 +18,7 @@ from setuptools.command.build_py import build_py
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "fastsam"))
 try:
-    import _build  # noqa: E402
+    import _build
 
     ext_modules, cmdclass = _build.setup_extensions()
 finally:

@@ -1,4 +1,5 @@
 """Run from outside the checkout, in a fresh environment holding only torch and the built wheel."""
+
 import importlib.metadata
 import os
 

@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts: machine description, parameter sets, step timing, memory, result files."""
+
 from __future__ import annotations
 
 import datetime
@@ -33,8 +34,9 @@ def _cpu_model() -> str:
 def _git_commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -44,6 +46,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     """What the numbers were measured on; written into every result file."""
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
@@ -61,9 +64,14 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version(), tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-                    tf32_cudnn=torch.backends.cudnn.allow_tf32)
+        info.update(
+            gpu=p.name,
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+            tf32_cudnn=torch.backends.cudnn.allow_tf32,
+        )
     return info
 
 
@@ -72,13 +80,14 @@ def machine_line(info: Dict[str, Any]) -> str:
     where = info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads)"
     extra = ""
     if info.get("cuda"):
-        onoff = lambda b: "on" if b else "off"  # noqa: E731
-        extra = (f", CUDA {info['cuda']}, TF32 matmul {onoff(info['tf32_matmul'])} / "
-                 f"conv {onoff(info['tf32_cudnn'])}")
+        onoff = lambda b: "on" if b else "off"
+        extra = f", CUDA {info['cuda']}, TF32 matmul {onoff(info['tf32_matmul'])} / conv {onoff(info['tf32_cudnn'])}"
     load = info.get("load_average_at_start")
     load_s = f", load average at start {load[0]:.2f}" if load else ""
-    return (f"Machine: {where}{extra}; torch {info['torch']}, triton {info['triton'] or 'not installed'}; "
-            f"fastsam {info['fastsam_commit']}; {info['date']}{load_s}")
+    return (
+        f"Machine: {where}{extra}; torch {info['torch']}, triton {info['triton'] or 'not installed'}; "
+        f"fastsam {info['fastsam_commit']}; {info['date']}{load_s}"
+    )
 
 
 def device_tag(device: torch.device) -> str:
@@ -110,8 +119,17 @@ def resnet50_shapes():
     cin = 64
     for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
         for b in range(blocks):
-            shapes += [(planes, cin, 1, 1), (planes,), (planes,), (planes, planes, 3, 3), (planes,), (planes,),
-                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+            shapes += [
+                (planes, cin, 1, 1),
+                (planes,),
+                (planes,),
+                (planes, planes, 3, 3),
+                (planes,),
+                (planes,),
+                (planes * 4, planes, 1, 1),
+                (planes * 4,),
+                (planes * 4,),
+            ]
             if b == 0:
                 shapes += [(planes * 4, cin, 1, 1), (planes * 4,), (planes * 4,)]
             cin = planes * 4
@@ -154,8 +172,13 @@ class StepTimer:
         return out
 
 
-def interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, block: int = 1,
-                device: Optional[torch.device] = None) -> Dict[str, List[float]]:
+def interleaved(
+    fns: Dict[str, Callable[[], Any]],
+    rounds: int,
+    warmup: int = 1,
+    block: int = 1,
+    device: Optional[torch.device] = None,
+) -> Dict[str, List[float]]:
     """Seconds per call of each function, one value per round: every round runs a block of
     ``block`` calls of each function in turn, the order rotated every round, so that drift
     (clocks, other jobs on a shared machine) hits all of them alike.  ``warmup`` untimed rounds
@@ -167,13 +190,13 @@ def interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
     timer = StepTimer(device or torch.device("cpu"))
     times: Dict[str, List[float]] = {k: [] for k in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for k in order:
             for _ in range(block):
                 timer.time(fns[k])
         per_call = timer.collect()
         for i, k in enumerate(order):
-            times[k].append(sum(per_call[i * block:(i + 1) * block]) / block)
+            times[k].append(sum(per_call[i * block : (i + 1) * block]) / block)
     return times
 
 
@@ -187,8 +210,13 @@ def percentile(xs: Sequence[float], q: float) -> float:
 
 
 def summarize(times: Sequence[float]) -> Dict[str, float]:
-    return {"median_s": statistics.median(times) if times else math.nan, "p20_s": percentile(times, 0.2),
-            "p80_s": percentile(times, 0.8), "total_s": float(sum(times)), "n": len(times)}
+    return {
+        "median_s": statistics.median(times) if times else math.nan,
+        "p20_s": percentile(times, 0.2),
+        "p80_s": percentile(times, 0.8),
+        "total_s": float(sum(times)),
+        "n": len(times),
+    }
 
 
 # ----------------------------------------------------------------------------- memory
@@ -237,7 +265,7 @@ def in_child(fn: Callable[[], float]) -> float:
         os.close(r)
         try:
             val = float(fn())
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             val = math.nan
         os.write(w, repr(val).encode())
         os.close(w)
@@ -280,5 +308,8 @@ def write_results(out_dir: str, stem: str, data: Dict[str, Any], markdown: str) 
 def available_backends(device: torch.device, only: Optional[List[str]] = None) -> List[str]:
     """Backends FusedSAM can run on ``device``: foreach always; triton/cuda on CUDA; cpp on the CPU."""
     # Triton on the CPU would be its interpreter (a correctness tool, not a speed path).
-    return [n for n in fastsam_backends.available(device, build=True)
-            if (n != "triton" or device.type == "cuda") and (not only or n in only)]
+    return [
+        n
+        for n in fastsam_backends.available(device, build=True)
+        if (n != "triton" or device.type == "cuda") and (not only or n in only)
+    ]

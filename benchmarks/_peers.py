@@ -14,6 +14,7 @@ gradient's norm: FusedSAM does (its non-finite check, one more read of g), so th
 bytes.  ``ACCESSES`` counts the bytes each design must move; ``compare_steps`` checks a peer
 against FusedSAM (the benchmarks do before timing).
 """
+
 from __future__ import annotations
 
 import time
@@ -28,7 +29,7 @@ EPS = 1e-12
 ACCESSES = {
     # norm r g | perturb r w,g w w,c | second norm (non-finite check) r g | restore+step r c,g,b w w,b
     ("fused", "sgd"): 1 + 4 + 1 + 5,
-    ("fused", "adamw"): 1 + 4 + 1 + 7,          # restore+step r c,g,m,v w w,m,v
+    ("fused", "adamw"): 1 + 4 + 1 + 7,  # restore+step r c,g,m,v w w,m,v
     # norm r g | copy+perturb r w,g w c,w | restore+step fused by inductor r c,g,b w w,b
     ("compiled", "sgd"): 1 + 4 + 5,
     ("compiled", "adamw"): 1 + 4 + 7,
@@ -45,8 +46,10 @@ ACCESSES = {
     ("base", "sgd"): 5,
     ("base", "adamw"): 7,
 }
-BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
-         "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2))}
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
+}
 
 
 class _PeerSAM:
@@ -139,8 +142,7 @@ class PlainSAM(_PeerSAM):
     (``fused=False``: the foreach step, where torch's fused one is wrong: ``fused_step_is_correct``)."""
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, fused: bool = True, **kwargs):
-        super().__init__(params, base_optimizer, rho, **({"fused": True} if fused else {"foreach": True}),
-                         **kwargs)
+        super().__init__(params, base_optimizer, rho, **({"fused": True} if fused else {"foreach": True}), **kwargs)
 
     def _perturb(self, params, grads, copies, rho) -> None:
         if params[0].device.type != "cpu":

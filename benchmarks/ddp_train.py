@@ -18,6 +18,7 @@ buffer the size of the gradient, timed alone.
 
 Rank 0 prints a markdown table and writes results/ddp_train_<tag>.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
-from _lib.models import ResNet18  # noqa: E402
+import _common
+from _lib.models import ResNet18
 
-from fastsam import FusedSAM  # noqa: E402
-from fastsam.distributed import sam_step  # noqa: E402
+from fastsam import FusedSAM
+from fastsam.distributed import sam_step
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODES = ("sgd", "sam-local", "sam-global")
@@ -135,8 +136,13 @@ def main() -> None:
         info = machine_info(device, world, backend)
 
         g = torch.Generator().manual_seed(1000 + rank)  # each rank its own synthetic sub-batches
-        data = [(torch.randn(args.batch, 3, 32, 32, generator=g).to(device, memory_format=torch.channels_last),
-                 torch.randint(0, 10, (args.batch,), generator=g).to(device)) for _ in range(4)]
+        data = [
+            (
+                torch.randn(args.batch, 3, 32, 32, generator=g).to(device, memory_format=torch.channels_last),
+                torch.randint(0, 10, (args.batch,), generator=g).to(device),
+            )
+            for _ in range(4)
+        ]
         runs = {m: build(m, args, device) for m in modes}
         numel = sum(p.numel() for p in next(iter(runs.values()))[0].parameters())
         for m, (ddp, opt) in runs.items():
@@ -164,34 +170,56 @@ def main() -> None:
         rows = []
         for m in modes:
             med = statistics.median(step_s[m])
-            rows.append(dict(mode=m, step_ms=1e3 * med, images_per_s=global_batch / med,
-                             step_ms_rounds=[1e3 * s for s in step_s[m]], ranks_identical=identical[m]))
+            rows.append(
+                dict(
+                    mode=m,
+                    step_ms=1e3 * med,
+                    images_per_s=global_batch / med,
+                    step_ms_rounds=[1e3 * s for s in step_s[m]],
+                    ranks_identical=identical[m],
+                )
+            )
         by = {r["mode"]: r for r in rows}
         overhead = None
         if "sam-local" in by and "sam-global" in by:
             d = by["sam-global"]["step_ms"] - by["sam-local"]["step_ms"]
-            overhead = dict(global_minus_local_ms=d, relative=d / by["sam-local"]["step_ms"],
-                            allreduce_of_gradient_ms=ar_ms)
-        result = dict(benchmark="ddp_train", machine=info, args=vars(args), params=numel,
-                      global_batch=global_batch, rows=rows, global_overhead=overhead)
+            overhead = dict(
+                global_minus_local_ms=d, relative=d / by["sam-local"]["step_ms"], allreduce_of_gradient_ms=ar_ms
+            )
+        result = dict(
+            benchmark="ddp_train",
+            machine=info,
+            args=vars(args),
+            params=numel,
+            global_batch=global_batch,
+            rows=rows,
+            global_overhead=overhead,
+        )
 
         where = info.get("gpu") or f"{info['cpu']}, {info['cpu_cores']} cores"
-        lines = [f"DDP training throughput: CIFAR ResNet-18 width {args.width} ({numel:,} params), "
-                 f"{world} ranks x {args.batch} images ({backend}, {where}); torch {info['torch']}, "
-                 f"fastsam {info['fastsam_commit']}, {info['date']}, load average at start "
-                 f"{info['load_average_at_start'][0]:.1f}",
-                 "",
-                 "| mode | images/s | step ms (median of rounds) | rounds | vs SGD | ranks bitwise equal |",
-                 "|---|---|---|---|---|---|"]
+        lines = [
+            f"DDP training throughput: CIFAR ResNet-18 width {args.width} ({numel:,} params), "
+            f"{world} ranks x {args.batch} images ({backend}, {where}); torch {info['torch']}, "
+            f"fastsam {info['fastsam_commit']}, {info['date']}, load average at start "
+            f"{info['load_average_at_start'][0]:.1f}",
+            "",
+            "| mode | images/s | step ms (median of rounds) | rounds | vs SGD | ranks bitwise equal |",
+            "|---|---|---|---|---|---|",
+        ]
         base = by.get("sgd")
         for r in rows:
             vs = f"{r['step_ms'] / base['step_ms']:.2f}x" if base else "-"
-            lines.append(f"| {r['mode']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | "
-                         f"{' / '.join(f'{s:.0f}' for s in r['step_ms_rounds'])} | {vs} | {r['ranks_identical']} |")
+            lines.append(
+                f"| {r['mode']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | "
+                f"{' / '.join(f'{s:.0f}' for s in r['step_ms_rounds'])} | {vs} | {r['ranks_identical']} |"
+            )
         if overhead:
-            lines += ["", f"Global-mode overhead: {overhead['global_minus_local_ms']:+.1f} ms/step "
-                          f"({100 * overhead['relative']:+.1f}% vs local); one all-reduce of the gradient "
-                          f"({numel * 4 / 2**20:.1f} MiB fp32) timed alone: {ar_ms:.2f} ms."]
+            lines += [
+                "",
+                f"Global-mode overhead: {overhead['global_minus_local_ms']:+.1f} ms/step "
+                f"({100 * overhead['relative']:+.1f}% vs local); one all-reduce of the gradient "
+                f"({numel * 4 / 2**20:.1f} MiB fp32) timed alone: {ar_ms:.2f} ms.",
+            ]
         text = "\n".join(lines)
         print(text)
         if not args.no_save:

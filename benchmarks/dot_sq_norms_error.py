@@ -8,6 +8,7 @@ seeds; prints, per dtype and entry ([<x, y>, ||x||^2, ||y||^2]), the maximum, p9
 
     python benchmarks/dot_sq_norms_error.py --seeds 1500 --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,11 @@ def main():
                 xs, ys = _like(shapes, dtype), _like(shapes, dtype, 3.0)
                 rows += [_errors(fn(a, b, acc), a, b) for a, b in ((xs, ys), (xs, xs))]
             e = torch.tensor(rows, dtype=torch.float64)
-            fmt = lambda v: " ".join(f"{float(x):.2e}" for x in v)  # noqa: E731
-            print(f"{form:5s} {name}: max {fmt(e.max(0).values)}  p99.9 {fmt(e.quantile(0.999, 0))}  "
-                  f"median {fmt(e.median(0).values)}")
+            fmt = lambda v: " ".join(f"{float(x):.2e}" for x in v)
+            print(
+                f"{form:5s} {name}: max {fmt(e.max(0).values)}  p99.9 {fmt(e.quantile(0.999, 0))}  "
+                f"median {fmt(e.median(0).values)}"
+            )
 
 
 if __name__ == "__main__":

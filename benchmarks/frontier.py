@@ -27,6 +27,7 @@ chance: its error rate on those images / 9), the cost ratio, the counted passes 
 Tasks run ``--jobs`` at a time (worker processes of one torch thread); the numbers do not depend
 on ``--jobs``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,27 +41,46 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _common  # noqa: E402
-from _lib.frontier_methods import methods  # noqa: E402
-from _lib.frontier_report import final_table, selection_table, summarise  # noqa: E402
-from _lib.frontier_runs import choose, chosen_settings, final_task, selection_tasks  # noqa: E402
-from _lib.plots import plot_gain_cost  # noqa: E402
-from _lib.runner import Task, default_jobs, run_tasks, timing_line  # noqa: E402
+import _common
+from _lib.frontier_methods import methods
+from _lib.frontier_report import final_table, selection_table, summarise
+from _lib.frontier_runs import choose, chosen_settings, final_task, selection_tasks
+from _lib.plots import plot_gain_cost
+from _lib.runner import Task, default_jobs, run_tasks, timing_line
 
 _WD = (5e-4, 5e-3)
 DEFAULTS = {
-    "digits": dict(model="cnn", width=16, epochs=30, batch=64, label_noise=0.25, val_size=0.2,
-                   sgd_grid=[(lr, wd) for lr in (0.02, 0.05, 0.1) for wd in _WD], num_select_seeds=3, seeds=10),
-    "mnist5k": dict(model="mlp", width=256, epochs=20, batch=64, label_noise=0.25, val_size=0.2,
-                    sgd_grid=[(lr, wd) for lr in (0.01, 0.02, 0.05) for wd in _WD], num_select_seeds=3, seeds=10),
+    "digits": dict(
+        model="cnn",
+        width=16,
+        epochs=30,
+        batch=64,
+        label_noise=0.25,
+        val_size=0.2,
+        sgd_grid=[(lr, wd) for lr in (0.02, 0.05, 0.1) for wd in _WD],
+        num_select_seeds=3,
+        seeds=10,
+    ),
+    "mnist5k": dict(
+        model="mlp",
+        width=256,
+        epochs=20,
+        batch=64,
+        label_noise=0.25,
+        val_size=0.2,
+        sgd_grid=[(lr, wd) for lr in (0.01, 0.02, 0.05) for wd in _WD],
+        num_select_seeds=3,
+        seeds=10,
+    ),
 }
 COMMON = dict(hessian_images=512, hessian_tol=1e-3)
 TINY = dict(limit=300, epochs=2, width=4, hessian_images=64, hessian_tol=1e-2, num_select_seeds=1, seeds=2)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", default="digits", choices=sorted(DEFAULTS))
     p.add_argument("--stage", default="both", choices=("select", "final", "both"))
     p.add_argument("--model", default=None, choices=("cnn", "mlp"), help="MnistCNN or the MLP (width = hidden units)")
@@ -77,8 +97,13 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default min(2, cores))")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--tiny", action="store_true", help="CI smoke test: 300 images, 2 epochs, 2 grid values each")
-    p.add_argument("--extend", nargs="+", default=[], metavar="METHOD=V1,V2",
-                   help="append stronger values to a method's grid (e.g. 'Interval(5)=1,2'): a post-hoc extension")
+    p.add_argument(
+        "--extend",
+        nargs="+",
+        default=[],
+        metavar="METHOD=V1,V2",
+        help="append stronger values to a method's grid (e.g. 'Interval(5)=1,2'): a post-hoc extension",
+    )
     p.add_argument("--reuse-select", default=None, help="a *_select.json whose runs are not run again")
     p.add_argument("--methods", nargs="+", default=None, help="only these methods (SGD and SAM always run)")
     p.add_argument("--tag", default="", help="suffix of the output file names")
@@ -116,8 +141,10 @@ def _table(a):
 
 def describe(a, d_info) -> str:
     model = f"MLP 2x{a.width} (BN)" if a.model == "mlp" else f"MnistCNN width {a.width}"
-    return (f"{a.dataset} ({d_info}), {a.label_noise:.0%} symmetric label noise drawn per seed, {model}, "
-            f"{a.epochs} epochs, batch {a.batch}, cosine lr to 0, SGD momentum 0.9, no label smoothing")
+    return (
+        f"{a.dataset} ({d_info}), {a.label_noise:.0%} symmetric label noise drawn per seed, {model}, "
+        f"{a.epochs} epochs, batch {a.batch}, cosine lr to 0, SGD momentum 0.9, no label smoothing"
+    )
 
 
 def run_select(a, table, info):
@@ -135,25 +162,42 @@ def run_select(a, table, info):
     timing = timing_line(a, {"selection runs": sum(r["seconds"] for r in new)}, wall, cpu)
     if done:
         timing += f" Runs reused from {os.path.basename(a.reuse_select)}: {len(res) - len(new)}; run here: {len(new)}."
-    md = [f"# Frontier selection: {a.dataset}", "", _common.machine_line(info), "",
-          f"Setup: {describe(a, _data_info(a))}. Validation split: {a.val_size:.0%} of the training split "
-          f"(noisy labels). Selection seeds {a.select_seeds}. {timing}", "",
-          f"Command: `python benchmarks/frontier.py {' '.join(a.argv)}`", "",
-          selection_table(a, res, table, chosen)]
+    md = [
+        f"# Frontier selection: {a.dataset}",
+        "",
+        _common.machine_line(info),
+        "",
+        f"Setup: {describe(a, _data_info(a))}. Validation split: {a.val_size:.0%} of the training split "
+        f"(noisy labels). Selection seeds {a.select_seeds}. {timing}",
+        "",
+        f"Command: `python benchmarks/frontier.py {' '.join(a.argv)}`",
+        "",
+        selection_table(a, res, table, chosen),
+    ]
     text = "\n".join(md)
     print(text)
-    means = {m.name: [[list(v) if isinstance(v, tuple) else v, acc] for v, acc in choose(a, res, m)["means"].items()]
-             for m in table.values()}
-    out = {"machine": info, "config": _config(a), "chosen": _jsonable(chosen), "validation_means": means,
-           "wall_s": wall, "cpu_s": cpu, "runs": res}
+    means = {
+        m.name: [[list(v) if isinstance(v, tuple) else v, acc] for v, acc in choose(a, res, m)["means"].items()]
+        for m in table.values()
+    }
+    out = {
+        "machine": info,
+        "config": _config(a),
+        "chosen": _jsonable(chosen),
+        "validation_means": means,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "runs": res,
+    }
     _common.write_results(a.out_dir, a.stem + "_select", out, text)
     return chosen
 
 
 def run_final(a, table, chosen, info):
     t0 = time.perf_counter()
-    tasks = [Task(f"seed {s}", final_task, (s, chosen), cost=sum(m.passes for m in table.values()))
-             for s in range(a.seeds)]
+    tasks = [
+        Task(f"seed {s}", final_task, (s, chosen), cost=sum(m.passes for m in table.values())) for s in range(a.seeds)
+    ]
     res = run_tasks(a, tasks, "final")
     wall = time.perf_counter() - t0
     finals = [res[t.name] for t in tasks]
@@ -161,28 +205,46 @@ def run_final(a, table, chosen, info):
     cpu = sum(r["cpu_seconds"] for r in finals)
     timing = timing_line(a, {"final runs and measurements": sum(r["seconds"] for r in finals)}, wall, cpu)
     title = describe(a, _data_info(a))
-    md = [f"# Which cheap SAM: the tuned frontier on {a.dataset}", "", _common.machine_line(info), "",
-          f"Setup: {title}. Each method at its setting selected on the validation split "
-          f"(`{a.stem}_select.md`); seeds 0-{a.seeds - 1}, each its own noise draw, initial weights and batch "
-          f"order, shared by the methods of a seed. {timing}", "",
-          f"Command: `python benchmarks/frontier.py {' '.join(a.argv)}`", "",
-          final_table(summary), "",
-          "test acc: mean ± std over seeds. − SGD / − SAM: paired per seed, mean and 95% t-interval. λmax: of the "
-          f"training loss (noisy labels) on a fixed {a.hessian_images}-image training subset, train-mode BN, at w. "
-          "memorised: % of the training images with a flipped label on which the model predicts the flipped "
-          "label (chance: its error rate on them / 9). cost: whole-run training time over SGD's in the same "
-          "process. passes/step: forward+backward passes counted.", "", f"Plot: {a.stem}.png"]
+    md = [
+        f"# Which cheap SAM: the tuned frontier on {a.dataset}",
+        "",
+        _common.machine_line(info),
+        "",
+        f"Setup: {title}. Each method at its setting selected on the validation split "
+        f"(`{a.stem}_select.md`); seeds 0-{a.seeds - 1}, each its own noise draw, initial weights and batch "
+        f"order, shared by the methods of a seed. {timing}",
+        "",
+        f"Command: `python benchmarks/frontier.py {' '.join(a.argv)}`",
+        "",
+        final_table(summary),
+        "",
+        "test acc: mean ± std over seeds. − SGD / − SAM: paired per seed, mean and 95% t-interval. λmax: of the "
+        f"training loss (noisy labels) on a fixed {a.hessian_images}-image training subset, train-mode BN, at w. "
+        "memorised: % of the training images with a flipped label on which the model predicts the flipped "
+        "label (chance: its error rate on them / 9). cost: whole-run training time over SGD's in the same "
+        "process. passes/step: forward+backward passes counted.",
+        "",
+        f"Plot: {a.stem}.png",
+    ]
     text = "\n".join(md)
     print(text)
     plot_gain_cost(summary, os.path.join(a.out_dir, a.stem + ".png"), title)
-    out = {"machine": info, "config": _config(a), "chosen": _jsonable(chosen), "summary": summary,
-           "seeds": finals, "wall_s": wall, "cpu_s": cpu}
+    out = {
+        "machine": info,
+        "config": _config(a),
+        "chosen": _jsonable(chosen),
+        "summary": summary,
+        "seeds": finals,
+        "wall_s": wall,
+        "cpu_s": cpu,
+    }
     _common.write_results(a.out_dir, a.stem, out, text)
     return out
 
 
 def _data_info(a):
     from _lib.frontier_runs import data_for
+
     d = data_for(a, a.select_seeds[0])
     return f"{len(d.train_x)} train / {len(d.val_x)} validation / {len(d.test_x)} test images"
 
@@ -192,8 +254,9 @@ def _config(a):
 
 
 def _jsonable(chosen):
-    return {k: {**c, "value": list(c["value"]) if isinstance(c["value"], tuple) else c["value"]}
-            for k, c in chosen.items()}
+    return {
+        k: {**c, "value": list(c["value"]) if isinstance(c["value"], tuple) else c["value"]} for k, c in chosen.items()
+    }
 
 
 def _load_chosen(a):

@@ -24,6 +24,7 @@ row pair (the late-phase paper's measurement) is added; PyHessian has no train m
 
 Without pyhessian installed the PyHessian rows are skipped (reported as not installed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,18 +40,23 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import _common  # noqa: E402
-from _lib import models  # noqa: E402
-from _lib.models import MnistCNN  # noqa: E402
-from fastsam import hessian  # noqa: E402
+import _common
+from _lib import models
+from _lib.models import MnistCNN
+
+from fastsam import hessian
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--model", default="small_cnn", choices=["small_cnn", "mnist_cnn"],
-                   help="small_cnn: benchmarks/_lib/models.py SmallCNN on 1x8x8 (the issue's case); "
-                        "mnist_cnn: the late-phase MNIST CNN on 1x28x28")
+    p.add_argument(
+        "--model",
+        default="small_cnn",
+        choices=["small_cnn", "mnist_cnn"],
+        help="small_cnn: benchmarks/_lib/models.py SmallCNN on 1x8x8 (the issue's case); "
+        "mnist_cnn: the late-phase MNIST CNN on 1x28x28",
+    )
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--num-batches", type=int, default=4, help="B of the several-batch rows")
     p.add_argument("--train-steps", type=int, default=30, help="SGD steps before measuring")
@@ -80,7 +86,7 @@ def main(argv=None):
     # labels from a fixed random linear teacher: learnable, so a few SGD steps leave the init
     teacher = torch.randn(xs[0].numel(), nc, device=device)
     ys = (xs.flatten(1) @ teacher).argmax(1)
-    batches = [(xs[i * a.batch:(i + 1) * a.batch], ys[i * a.batch:(i + 1) * a.batch]) for i in range(nb)]
+    batches = [(xs[i * a.batch : (i + 1) * a.batch], ys[i * a.batch : (i + 1) * a.batch]) for i in range(nb)]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
     for s in range(a.train_steps):
@@ -99,6 +105,7 @@ def main(argv=None):
         import pyhessian  # noqa: F401
         from pyhessian import hessian as PyHessian
         from pyhessian.utils import hessian_vector_product
+
         have_py = True
     except ImportError:
         have_py = False
@@ -118,8 +125,7 @@ def main(argv=None):
             torch.cuda.synchronize()
 
     def add_fastsam(name, data, mode, cache):
-        op = hessian.HessianOperator(model, F.cross_entropy, data, model_mode=mode, seed=a.seed,
-                                     cache_graph=cache)
+        op = hessian.HessianOperator(model, F.cross_entropy, data, model_mode=mode, seed=a.seed, cache_graph=cache)
         op.__enter__()
         stack.append(op)
         t0 = time.perf_counter()
@@ -134,8 +140,9 @@ def main(argv=None):
         h1 = PyHessian(pm1, F.cross_entropy, data=batches[0], cuda=gpu)
         sync()
         build["pyhessian, 1 batch"] = time.perf_counter() - t0
-        hv["pyhessian, 1 batch"] = torch.cat([t.reshape(-1) for t in hessian_vector_product(h1.gradsH, h1.params,
-                                                                                              vlist)])
+        hv["pyhessian, 1 batch"] = torch.cat(
+            [t.reshape(-1) for t in hessian_vector_product(h1.gradsH, h1.params, vlist)]
+        )
         rows["pyhessian, 1 batch"] = lambda: hessian_vector_product(h1.gradsH, h1.params, vlist)
     add_fastsam("fastsam, 1 batch, kept graph", batches[0], "eval", None)
     add_fastsam("fastsam, 1 batch, recomputed", batches[0], "eval", False)
@@ -152,14 +159,13 @@ def main(argv=None):
     add_fastsam(f"fastsam, {nb} batches, recomputed", batches, "eval", False)
     add_fastsam("fastsam, 1 batch, kept graph, train mode", batches[0], "train", None)
     add_fastsam("fastsam, 1 batch, recomputed, train mode", batches[0], "train", False)
-    cached = {name: op.num_cached for name, op in zip([k for k in rows if k.startswith("fastsam")],
-                                                      [o for o in stack])}
+    cached = {name: op.num_cached for name, op in zip([k for k in rows if k.startswith("fastsam")], list(stack))}
 
     names = list(rows)
     times = {k: [] for k in names}
     round_medians = {k: [] for k in names}
     for r in range(a.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for k in order:
             ts = []
             for _ in range(a.reps):
@@ -170,8 +176,11 @@ def main(argv=None):
                 ts.append(time.perf_counter() - t0)
             times[k] += ts
             round_medians[k].append(statistics.median(ts))
-        print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {statistics.median(times[k]) * 1e3:.1f} ms"
-                                                        for k in names), file=sys.stderr, flush=True)
+        print(
+            f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {statistics.median(times[k]) * 1e3:.1f} ms" for k in names),
+            file=sys.stderr,
+            flush=True,
+        )
     for op in stack:
         op.__exit__(None, None, None)
 
@@ -192,24 +201,47 @@ def main(argv=None):
         diff = None
         if ref and k != ref and ref in hv:
             diff = float((hv[k].cpu() - hv[ref].cpu()).norm() / hv[ref].cpu().norm())
-        summary[k] = {**s, "round_medians_s": rm, "build_s": build.get(k), "ratio_to_pyhessian": ratio,
-                      "rel_diff_to_pyhessian": diff, "num_cached": cached.get(k)}
-        table.append([k, s["median_s"] * 1e3, s["p20_s"] * 1e3, s["p80_s"] * 1e3,
-                      f"{min(rm) * 1e3:.1f}-{max(rm) * 1e3:.1f}", (build.get(k) or float("nan")) * 1e3,
-                      f"{ratio:.2f}" if ratio is not None else "-", f"{diff:.1e}" if diff is not None else "-"])
-    md = [f"# Hessian-vector product: fastsam vs PyHessian ({_common.device_tag(device)})", "",
-          _common.machine_line(info), "",
-          f"Model {a.model} (input {tuple(shape)}, {n} parameters) after {a.train_steps} SGD steps, batch {a.batch}, "
-          f"{nb} batches for the several-batch rows, mean cross-entropy, eval mode unless stated, float32. "
-          f"{a.rounds} interleaved rounds x {a.reps} products per row (rotated order); ms per product. "
-          f"Round medians: range of the {a.rounds} per-round medians. Build: PyHessian's constructor "
-          f"(forward + create_graph backward) / fastsam's first product (for 'kept graph': the one that "
-          f"builds the graphs), and for PyHessian {nb} batches its first product. Ratio: median / PyHessian's "
-          f"median on the same data; rel. diff: ||Hv - Hv_pyhessian|| / ||Hv_pyhessian||."
-          + ("" if have_py else " pyhessian not installed: its rows are missing."), "",
-          _common.markdown_table(["row", "ms / HVP (median)", "p20", "p80", "round medians", "build ms",
-                                  "ratio to PyHessian", "rel. diff"], table), "",
-          f"Command: `python benchmarks/hessian_vs_pyhessian.py {' '.join(sys.argv[1:] if argv is None else argv)}`"]
+        summary[k] = {
+            **s,
+            "round_medians_s": rm,
+            "build_s": build.get(k),
+            "ratio_to_pyhessian": ratio,
+            "rel_diff_to_pyhessian": diff,
+            "num_cached": cached.get(k),
+        }
+        table.append(
+            [
+                k,
+                s["median_s"] * 1e3,
+                s["p20_s"] * 1e3,
+                s["p80_s"] * 1e3,
+                f"{min(rm) * 1e3:.1f}-{max(rm) * 1e3:.1f}",
+                (build.get(k) or float("nan")) * 1e3,
+                f"{ratio:.2f}" if ratio is not None else "-",
+                f"{diff:.1e}" if diff is not None else "-",
+            ]
+        )
+    md = [
+        f"# Hessian-vector product: fastsam vs PyHessian ({_common.device_tag(device)})",
+        "",
+        _common.machine_line(info),
+        "",
+        f"Model {a.model} (input {tuple(shape)}, {n} parameters) after {a.train_steps} SGD steps, batch {a.batch}, "
+        f"{nb} batches for the several-batch rows, mean cross-entropy, eval mode unless stated, float32. "
+        f"{a.rounds} interleaved rounds x {a.reps} products per row (rotated order); ms per product. "
+        f"Round medians: range of the {a.rounds} per-round medians. Build: PyHessian's constructor "
+        f"(forward + create_graph backward) / fastsam's first product (for 'kept graph': the one that "
+        f"builds the graphs), and for PyHessian {nb} batches its first product. Ratio: median / PyHessian's "
+        f"median on the same data; rel. diff: ||Hv - Hv_pyhessian|| / ||Hv_pyhessian||."
+        + ("" if have_py else " pyhessian not installed: its rows are missing."),
+        "",
+        _common.markdown_table(
+            ["row", "ms / HVP (median)", "p20", "p80", "round medians", "build ms", "ratio to PyHessian", "rel. diff"],
+            table,
+        ),
+        "",
+        f"Command: `python benchmarks/hessian_vs_pyhessian.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+    ]
     markdown = "\n".join(md)
     print()
     print(markdown)

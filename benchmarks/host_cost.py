@@ -10,6 +10,7 @@ variant), so load on a shared machine hits all of them alike.  Reported: median 
     python benchmarks/host_cost.py                       # CPU: cpp (if built), foreach, triton (GPU)
     python benchmarks/host_cost.py --device cuda         # on a GPU: host time, device synchronised per block
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+import _common
 
-from fastsam import FusedSAM, backends  # noqa: E402
+from fastsam import FusedSAM, backends
 
 KW = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 
@@ -49,6 +50,7 @@ def _variants(n, device, names):
         def sam(opt=opt):
             opt.first_step()
             opt.second_step()
+
         out[f"FusedSAM {name} (first+second)"] = sam
     return out
 
@@ -91,16 +93,24 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    names = a.backends.split(",") if a.backends else [
-        b for b in backends.available(device, build=True) if not (b == "triton" and device.type == "cpu")]
+    names = (
+        a.backends.split(",")
+        if a.backends
+        else [b for b in backends.available(device, build=True) if not (b == "triton" and device.type == "cpu")]
+    )
     info = _common.machine_info(device)
     rows, data = run(device, [int(s) for s in a.sizes.split(",")], a.repeats, a.block, names)
-    md = ["# Host cost of a SAM step (first_step + second_step) vs one torch SGD step", "",
-          _common.machine_line(info), "",
-          f"SGD momentum 0.9, wd 5e-4, one-element tensors, {a.threads} thread(s); {a.repeats} interleaved "
-          f"rounds of {a.block} steps; ms per step (median, p20, p80); ratio = median / torch fused SGD's "
-          "median in the same run.", "",
-          _common.markdown_table(["tensors", "variant", "median ms", "p20", "p80", "ratio"], rows)]
+    md = [
+        "# Host cost of a SAM step (first_step + second_step) vs one torch SGD step",
+        "",
+        _common.machine_line(info),
+        "",
+        f"SGD momentum 0.9, wd 5e-4, one-element tensors, {a.threads} thread(s); {a.repeats} interleaved "
+        f"rounds of {a.block} steps; ms per step (median, p20, p80); ratio = median / torch fused SGD's "
+        "median in the same run.",
+        "",
+        _common.markdown_table(["tensors", "variant", "median ms", "p20", "p80", "ratio"], rows),
+    ]
     tag = a.tag or _common.device_tag(device)
     paths = _common.write_results(a.out_dir, f"host_cost_{tag}", {"machine": info, "results": data}, "\n".join(md))
     print("\n".join(md))

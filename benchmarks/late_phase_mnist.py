@@ -44,6 +44,7 @@ backend="foreach", rho 0.05, the second pass under frozen_bn_stats; momentum car
 switch. Pixels are in [0, 1]; the models normalise inside, so attacks clamp to [0, 1].
 Outputs: benchmarks/results/late_phase_<dataset>_<experiment>[_tag].{json,md,png}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,30 +57,83 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import _common  # noqa: E402
-from _lib.late_experiments import (adversarial_cost, adversarial_task, late_sam_tasks, phases_seed,  # noqa: E402
-                                   sweep_seed)
-from _lib.late_reports import describe, report_adv, report_phases, report_sweep, task_timing  # noqa: E402
-from _lib.late_runs import setup  # noqa: E402
-from _lib.plots import plot_adv, plot_phases, plot_sweep  # noqa: E402
-from _lib.runner import Task, default_jobs, run_tasks  # noqa: E402
+import _common
+from _lib.late_experiments import adversarial_cost, adversarial_task, late_sam_tasks, phases_seed, sweep_seed
+from _lib.late_reports import describe, report_adv, report_phases, report_sweep, task_timing
+from _lib.late_runs import setup
+from _lib.plots import plot_adv, plot_phases, plot_sweep
+from _lib.runner import Task, default_jobs, run_tasks
 
 # Chosen before any late-SAM result was seen (benchmarks/NOTES.md, issue 13 section, says why).
 DEFAULTS = {
-    "mnist5k": dict(width=16, epochs=20, milestone=10, lr=0.01, batch_size=64, weight_decay=5e-4, rho=0.05,
-                    label_noise=0.25, switches=[0, 10, 15, 18, 20], phase_epoch=15, hessian_samples=1000,
-                    hessian_batch=250, phase_samples=500, trace_samples=30, eps=0.1, at_alpha=0.05, at_steps=3,
-                    eval_alpha=0.025, eval_steps=10, at_epochs=[20, 10, 5, 2]),
-    "digits": dict(width=16, epochs=20, milestone=10, lr=0.01, batch_size=32, weight_decay=5e-4, rho=0.05,
-                   label_noise=0.25, switches=[0, 10, 15, 18, 20], phase_epoch=15, hessian_samples=1000,
-                   hessian_batch=250, phase_samples=500, trace_samples=30, eps=0.1, at_alpha=0.05, at_steps=3,
-                   eval_alpha=0.025, eval_steps=10, at_epochs=[20, 10, 5, 2]),
+    "mnist5k": dict(
+        width=16,
+        epochs=20,
+        milestone=10,
+        lr=0.01,
+        batch_size=64,
+        weight_decay=5e-4,
+        rho=0.05,
+        label_noise=0.25,
+        switches=[0, 10, 15, 18, 20],
+        phase_epoch=15,
+        hessian_samples=1000,
+        hessian_batch=250,
+        phase_samples=500,
+        trace_samples=30,
+        eps=0.1,
+        at_alpha=0.05,
+        at_steps=3,
+        eval_alpha=0.025,
+        eval_steps=10,
+        at_epochs=[20, 10, 5, 2],
+    ),
+    "digits": dict(
+        width=16,
+        epochs=20,
+        milestone=10,
+        lr=0.01,
+        batch_size=32,
+        weight_decay=5e-4,
+        rho=0.05,
+        label_noise=0.25,
+        switches=[0, 10, 15, 18, 20],
+        phase_epoch=15,
+        hessian_samples=1000,
+        hessian_batch=250,
+        phase_samples=500,
+        trace_samples=30,
+        eps=0.1,
+        at_alpha=0.05,
+        at_steps=3,
+        eval_alpha=0.025,
+        eval_steps=10,
+        at_epochs=[20, 10, 5, 2],
+    ),
     # the paper's second script: 160 epochs, lr 0.01, batch 128, wd 1e-4, decay at 80, SAM from 150;
     # late AT: PGD-10, eps 4/255, step 2/255, epochs 150-160
-    "cifar10": dict(width=0, epochs=160, milestone=80, lr=0.01, batch_size=128, weight_decay=1e-4, rho=0.05,
-                    label_noise=0.0, switches=[0, 80, 120, 150, 155, 160], phase_epoch=150, hessian_samples=5000,
-                    hessian_batch=500, phase_samples=1000, trace_samples=30, eps=4 / 255, at_alpha=2 / 255,
-                    at_steps=10, eval_alpha=2 / 255, eval_steps=10, at_epochs=[160, 10]),
+    "cifar10": dict(
+        width=0,
+        epochs=160,
+        milestone=80,
+        lr=0.01,
+        batch_size=128,
+        weight_decay=1e-4,
+        rho=0.05,
+        label_noise=0.0,
+        switches=[0, 80, 120, 150, 155, 160],
+        phase_epoch=150,
+        hessian_samples=5000,
+        hessian_batch=500,
+        phase_samples=1000,
+        trace_samples=30,
+        eps=4 / 255,
+        at_alpha=2 / 255,
+        at_steps=10,
+        eval_alpha=2 / 255,
+        eval_steps=10,
+        at_epochs=[160, 10],
+    ),
 }
 
 
@@ -88,13 +142,23 @@ EXPERIMENTS = ("sweep", "phases", "adversarial")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experiment", nargs="+", choices=EXPERIMENTS, default=["sweep"],
-                   help="one or more; sweep and phases together train and measure their common runs once")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--experiment",
+        nargs="+",
+        choices=EXPERIMENTS,
+        default=["sweep"],
+        help="one or more; sweep and phases together train and measure their common runs once",
+    )
     p.add_argument("--dataset", choices=sorted(DEFAULTS), default="mnist5k")
-    p.add_argument("--data-dir", default=None, help="cifar10: the folder with data_batch_1 ... test_batch, or a "
-                   "uint8 subset file made from it (benchmarks/README.md, CIFAR-10 on a GPU)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="cifar10: the folder with data_batch_1 ... test_batch, or a "
+        "uint8 subset file made from it (benchmarks/README.md, CIFAR-10 on a GPU)",
+    )
     p.add_argument("--train-limit", type=int, default=None, help="train on the first N training images only")
     p.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast for the training forward passes")
     p.add_argument("--channels-last", action="store_true", help="model and batches in channels-last layout")
@@ -102,8 +166,19 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--label-noise", type=float, default=None, help="symmetric noise on the training labels")
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    for k in ("width", "epochs", "milestone", "batch_size", "hessian_samples", "hessian_batch", "phase_samples",
-              "trace_samples", "eval_steps", "at_steps", "phase_epoch"):
+    for k in (
+        "width",
+        "epochs",
+        "milestone",
+        "batch_size",
+        "hessian_samples",
+        "hessian_batch",
+        "phase_samples",
+        "trace_samples",
+        "eval_steps",
+        "at_steps",
+        "phase_epoch",
+    ):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     for k in ("lr", "weight_decay", "rho", "eps", "at_alpha", "eval_alpha"):
         p.add_argument("--" + k.replace("_", "-"), type=float, default=None)
@@ -120,9 +195,12 @@ def parse_args(argv=None):
     p.add_argument("--num-seeds", type=int, default=3)
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke tests)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="worker processes (default: min(2, CPU cores) on the CPU, 1 on a GPU); the results do not "
-                        "depend on it")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="worker processes (default: min(2, CPU cores) on the CPU, 1 on a GPU); the results do not depend on it",
+    )
     p.add_argument("--out-dir", default=_common.RESULTS_DIR)
     p.add_argument("--tag", default="")
     a = p.parse_args(argv)
@@ -141,7 +219,7 @@ def parse_args(argv=None):
     a.experiment = a.experiments[0]  # the one being reported (main sets each in turn)
     if "phases" in a.experiments and not 0 < a.phase_epoch < a.epochs:
         p.error("--phase-epoch must be in 1..epochs-1")
-    a.switches = sorted(set(min(max(t, 0), a.epochs) for t in a.switches) | {0, a.epochs})
+    a.switches = sorted({min(max(t, 0), a.epochs) for t in a.switches} | {0, a.epochs})
     a.argv = list(sys.argv[1:] if argv is None else argv)
     a.tag_s = f"_{a.tag}" if a.tag else ""
     return a
@@ -166,8 +244,14 @@ def main(argv=None):
         tasks += [Task(f"s{s} adversarial", adversarial_task, (s,), cost=adversarial_cost(a)) for s in a.seeds]
     done = run_tasks(a, tasks, "+".join(a.experiments))
     wall = time.perf_counter() - t0
-    tasks_info = [(t.name, done[t.name]["seconds"], done[t.name].get("parts", {}).get("record_s")
-                   if "record" in done[t.name] else None) for t in tasks]
+    tasks_info = [
+        (
+            t.name,
+            done[t.name]["seconds"],
+            done[t.name].get("parts", {}).get("record_s") if "record" in done[t.name] else None,
+        )
+        for t in tasks
+    ]
     timing = task_timing(a, tasks_info, wall, sum(done[t.name]["cpu_seconds"] for t in tasks))
     if len(a.experiments) > 1:
         timing = f"Run together with {' and '.join(a.experiments)} (common runs once): " + timing
@@ -180,19 +264,32 @@ def main(argv=None):
         elif exp == "phases":
             res = [phases_seed(a, s, done) for s in a.seeds]
         else:
-            res = [{k: v for k, v in done[f"s{s} adversarial"].items() if k not in ("seconds", "cpu_seconds")}
-                   for s in a.seeds]
+            res = [
+                {k: v for k, v in done[f"s{s} adversarial"].items() if k not in ("seconds", "cpu_seconds")}
+                for s in a.seeds
+            ]
         stem = f"late_phase_{a.dataset}_{exp}{a.tag_s}"
         png = os.path.join(a.out_dir, stem + ".png")
-        report, plot = {"sweep": (report_sweep, plot_sweep), "phases": (report_phases, plot_phases),
-                        "adversarial": (report_adv, plot_adv)}[exp]
+        report, plot = {
+            "sweep": (report_sweep, plot_sweep),
+            "phases": (report_phases, plot_phases),
+            "adversarial": (report_adv, plot_adv),
+        }[exp]
         text = report(a, res, info, wall, timing)
         plot(a, res, png)
         print(text)
-        cfg = {k: v for k, v in vars(a).items()}
-        out = {"machine": info, "config": cfg, "experiment": exp, "seeds": res, "wall_s": wall,
-               "tasks": [{"name": n, "seconds": sec, "record_s": rec, "cpu_seconds": done[n]["cpu_seconds"]}
-                         for n, sec, rec in tasks_info]}
+        cfg = dict(vars(a).items())
+        out = {
+            "machine": info,
+            "config": cfg,
+            "experiment": exp,
+            "seeds": res,
+            "wall_s": wall,
+            "tasks": [
+                {"name": n, "seconds": sec, "record_s": rec, "cpu_seconds": done[n]["cpu_seconds"]}
+                for n, sec, rec in tasks_info
+            ],
+        }
         paths = _common.write_results(a.out_dir, stem, out, text) + [png]
         print("wrote " + ", ".join(paths), file=sys.stderr)
     return out

@@ -21,6 +21,7 @@ flipped training labels the model predicts, at the switch and at the end.
 Rule (issue 21): late SAM matches full SAM when mean(late − full test accuracy) >= -0.5 points
 AND mean λmax(late) / mean λmax(full) <= 1.25.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,16 +33,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _common  # noqa: E402
-from _lib.late_rule import GROUPS, LATE, RULE_ACC, RULE_LAMBDA, collect, tasks  # noqa: E402
-from _lib.late_rule_report import memorisation_table, rebuilt_lines, rule_table  # noqa: E402
-from _lib.plots import plot_rule  # noqa: E402
-from _lib.runner import default_jobs, run_tasks, timing_line  # noqa: E402
+import _common
+from _lib.late_rule import GROUPS, LATE, RULE_ACC, RULE_LAMBDA, collect, tasks
+from _lib.late_rule_report import memorisation_table, rebuilt_lines, rule_table
+from _lib.plots import plot_rule
+from _lib.runner import default_jobs, run_tasks, timing_line
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--group", default="digits", choices=sorted(GROUPS), help="the default set of runs")
     p.add_argument("--runs", nargs="+", default=None, choices=sorted(LATE), help="instead of the group's")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0..7")
@@ -75,22 +77,39 @@ def main(argv=None):
     wall = time.perf_counter() - t0
     out = collect(a, a.runs, res)
     cpu = sum(r["cpu_seconds"] for r in res.values())
-    parts = {"training": sum(r["seconds"] for k, r in res.items() if "measure" not in k and " at " not in k),
-             "measurements": sum(r["seconds"] for k, r in res.items() if "measure" in k or " at " in k)}
+    parts = {
+        "training": sum(r["seconds"] for k, r in res.items() if "measure" not in k and " at " not in k),
+        "measurements": sum(r["seconds"] for k, r in res.items() if "measure" in k or " at " in k),
+    }
     timing = timing_line(a, parts, wall, cpu)
     title = f"Late SAM vs full SAM ({a.group}): the rule acc ≥ {RULE_ACC}, λ ratio ≤ {RULE_LAMBDA}"
-    md = [f"# When does late SAM pay off: {a.group}", "", _common.machine_line(info), "",
-          f"Seeds {a.seeds}, each its own label-noise draw (25% symmetric), shared initial weights and batch order "
-          f"within a schedule; rho 0.05; FusedSAM(SGD, foreach), momentum 0.9, wd 5e-4; the second pass under "
-          f"frozen_bn_stats. λmax: Lanczos tol 1e-3 on the first 1,000 training images (batches of 250), the "
-          f"training loss as trained, train-mode BN. {timing}", "",
-          f"Command: `python benchmarks/late_phase_rule.py {' '.join(a.argv)}`", "",
-          "## The rule: late − full SAM test accuracy ≥ −0.5 points and λmax(late) / λmax(full) ≤ 1.25", "",
-          rule_table(out), "",
-          "Values: mean ± std over seeds; differences paired per seed with a 95% t-interval; λ ratio: ratio of the "
-          "means over seeds.", "", "## Memorisation of the flipped training labels", "",
-          "% of the training images with a flipped label on which the model predicts the flipped label (chance: its "
-          "error rate on them / 9), at the switch epoch and at the end.", "", memorisation_table(out), ""]
+    md = [
+        f"# When does late SAM pay off: {a.group}",
+        "",
+        _common.machine_line(info),
+        "",
+        f"Seeds {a.seeds}, each its own label-noise draw (25% symmetric), shared initial weights and batch order "
+        f"within a schedule; rho 0.05; FusedSAM(SGD, foreach), momentum 0.9, wd 5e-4; the second pass under "
+        f"frozen_bn_stats. λmax: Lanczos tol 1e-3 on the first 1,000 training images (batches of 250), the "
+        f"training loss as trained, train-mode BN. {timing}",
+        "",
+        f"Command: `python benchmarks/late_phase_rule.py {' '.join(a.argv)}`",
+        "",
+        "## The rule: late − full SAM test accuracy ≥ −0.5 points and λmax(late) / λmax(full) ≤ 1.25",
+        "",
+        rule_table(out),
+        "",
+        "Values: mean ± std over seeds; differences paired per seed with a 95% t-interval; λ ratio: ratio of the "
+        "means over seeds.",
+        "",
+        "## Memorisation of the flipped training labels",
+        "",
+        "% of the training images with a flipped label on which the model predicts the flipped label (chance: its "
+        "error rate on them / 9), at the switch epoch and at the end.",
+        "",
+        memorisation_table(out),
+        "",
+    ]
     reb = rebuilt_lines(out)
     if reb:
         md += ["## (E) Optimizer state rebuilt at the switch against carried over", "", *reb, ""]
@@ -99,9 +118,14 @@ def main(argv=None):
     print(text)
     os.makedirs(a.out_dir, exist_ok=True)
     plot_rule(out, os.path.join(a.out_dir, a.stem + ".png"), title, RULE_ACC, RULE_LAMBDA)
-    data = {"machine": info, "config": {k: v for k, v in vars(a).items() if k != "stem"}, "runs": out,
-            "wall_s": wall, "cpu_s": cpu, "tasks": {k: {"seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"]}
-                                                    for k, r in res.items()}}
+    data = {
+        "machine": info,
+        "config": {k: v for k, v in vars(a).items() if k != "stem"},
+        "runs": out,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "tasks": {k: {"seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"]} for k, r in res.items()},
+    }
     _common.write_results(a.out_dir, a.stem, data, text)
     return data
 

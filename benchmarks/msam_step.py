@@ -10,6 +10,7 @@ the median of the per-round ratios to torch's SGD step (paired, same round).  Th
 forward/backward.  FusedSAM "plain" is a non-SAM step (``sam_active = False``), "SAM" is
 first_step + second_step with the same gradient.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,9 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _step_bench import KW, cnn_problem, interleaved_ms, report  # noqa: E402
+from _step_bench import KW, cnn_problem, interleaved_ms, report
 
-from fastsam import FusedSAM, MomentumSAM, backends  # noqa: E402
+from fastsam import FusedSAM, MomentumSAM, backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,8 +36,9 @@ def _old_class(rev: str):
     pkg = os.path.join(d, "old_msam")
     os.makedirs(pkg)
     for name in ("momentum_sam.py", "_ops.py"):
-        src = subprocess.run(["git", "show", f"{rev}:fastsam/variants/{name}"], cwd=ROOT, check=True,
-                             capture_output=True, text=True).stdout
+        src = subprocess.run(
+            ["git", "show", f"{rev}:fastsam/variants/{name}"], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout
         with open(os.path.join(pkg, name), "w") as f:
             f.write(src)
     open(os.path.join(pkg, "__init__.py"), "w").close()
@@ -75,9 +77,14 @@ def main(argv=None):
 
     # warm-up: buffers, buckets, caches
     times = interleaved_ms({k: stepper(k, o) for k, o in opts.items()}, a.rounds, a.steps, warmup=5)
-    report(times, lambda k: "torch SGD", "x torch SGD", 28,
-           f"{len(grads)} tensors, {sum(g.numel() for g in grads)} elements; {a.rounds} rounds x {a.steps} "
-           f"steps, {a.threads} thread(s)")
+    report(
+        times,
+        lambda k: "torch SGD",
+        "x torch SGD",
+        28,
+        f"{len(grads)} tensors, {sum(g.numel() for g in grads)} elements; {a.rounds} rounds x {a.steps} "
+        f"steps, {a.threads} thread(s)",
+    )
 
 
 if __name__ == "__main__":

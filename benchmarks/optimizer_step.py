@@ -23,6 +23,7 @@ ratio to the compiled peer (paired).  GB/s counts the bytes each design must mov
     python benchmarks/optimizer_step.py --peers [--dtypes fp32 bf16] [--threads 1,2] [--base adamw]
     python benchmarks/optimizer_step.py --device cuda --peers --dtypes fp32 bf16 --repeats 30
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
-from _peers import ACCESSES, BASES, CompiledSAM, PlainSAM, compare_steps, fused_step_is_correct  # noqa: E402
-from reference_sam import ReferenceSAM  # noqa: E402
+import _common
+from _peers import ACCESSES, BASES, CompiledSAM, PlainSAM, compare_steps, fused_step_is_correct
+from reference_sam import ReferenceSAM
 
-from fastsam import FusedSAM, backends  # noqa: E402
+from fastsam import FusedSAM, backends
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RHO = 0.05
@@ -53,6 +54,7 @@ def cpp_code_path():
     """The cpp backend's element loops: the instruction set chosen at run time, or None."""
     try:
         from fastsam.backends import cpp
+
         return cpp.code_path() if cpp.is_available(torch.device("cpu"), build=False)[0] else None
     except (ImportError, AttributeError):
         return None
@@ -94,6 +96,7 @@ def sam_step(opt):
     def step():  # the gradients stay in place: the same tensors serve both passes
         opt.first_step()
         opt.second_step()
+
     return step
 
 
@@ -130,8 +133,10 @@ def build(problem, device, base, peers):
     dtype = problem.w[0].dtype
     fused_ok = fused_step_is_correct(cls, kw, dtype, device)
     if not fused_ok:
-        notes.append(f"torch's fused {base} step is wrong for {dtype} on {device.type} (pytorch/pytorch#191763): "
-                     "plain takes the foreach step, and the ceiling row is the fused step in float32")
+        notes.append(
+            f"torch's fused {base} step is wrong for {dtype} on {device.type} (pytorch/pytorch#191763): "
+            "plain takes the foreach step, and the ceiling row is the fused step in float32"
+        )
     for row in rows:
         params = problem.fresh()
         designs[row], opts[row] = make_optimizer(row, params, base, fused_ok)
@@ -142,8 +147,10 @@ def build(problem, device, base, peers):
             diff = compare_steps((ref_params, ref_opt), (params, opts[row]), dtype)
             if diff is not None:
                 raise AssertionError(f"{row} does not compute {check_against}'s step: {diff}")
-            notes.append(f"{row} = {check_against} after each half of two steps from the same start (within the "
-                         "dtype's rounding)")
+            notes.append(
+                f"{row} = {check_against} after each half of two steps from the same start (within the "
+                "dtype's rounding)"
+            )
         if row.endswith("-graph"):
             steps[row] = captured(steps[row])
     ceiling = problem.fresh() if fused_ok else [torch.nn.Parameter(p.detach().float()) for p in problem.fresh()]
@@ -179,20 +186,36 @@ def measure(set_name, dtype_name, base, device, args):
     out = []
     for k in steps:
         ratios = [a / b for a, b in zip(per_round[k], per_round["compiled"])] if "compiled" in steps else []
-        out.append(dict(
-            param_set=set_name, dtype=dtype_name, base=base, threads=torch.get_num_threads(),
-            tensors=len(shapes), numel=problem.numel, row=k, design=designs[k],
-            ms=med[k] * 1e3, p20_ms=_common.percentile(per_round[k], 0.2) * 1e3,
-            p80_ms=_common.percentile(per_round[k], 0.8) * 1e3,
-            bytes=accesses(designs[k], base) * problem.numel * size[k], gbps=gbps[k],
-            pct_of_base=100 * gbps[k] / gbps[fused_base], pct_of_copy=100 * gbps[k] / gbps["copy"],
-            ratio_to_compiled=statistics.median(ratios) if ratios else None,
-            ratio_to_compiled_p10=_common.percentile(ratios, 0.1) if ratios else None,
-            ratio_to_compiled_p90=_common.percentile(ratios, 0.9) if ratios else None,
-            ratio_to_reference=med[k] / med["reference"] if "reference" in med else None))
+        out.append(
+            dict(
+                param_set=set_name,
+                dtype=dtype_name,
+                base=base,
+                threads=torch.get_num_threads(),
+                tensors=len(shapes),
+                numel=problem.numel,
+                row=k,
+                design=designs[k],
+                ms=med[k] * 1e3,
+                p20_ms=_common.percentile(per_round[k], 0.2) * 1e3,
+                p80_ms=_common.percentile(per_round[k], 0.8) * 1e3,
+                bytes=accesses(designs[k], base) * problem.numel * size[k],
+                gbps=gbps[k],
+                pct_of_base=100 * gbps[k] / gbps[fused_base],
+                pct_of_copy=100 * gbps[k] / gbps["copy"],
+                ratio_to_compiled=statistics.median(ratios) if ratios else None,
+                ratio_to_compiled_p10=_common.percentile(ratios, 0.1) if ratios else None,
+                ratio_to_compiled_p90=_common.percentile(ratios, 0.9) if ratios else None,
+                ratio_to_reference=med[k] / med["reference"] if "reference" in med else None,
+            )
+        )
     compile_s = opts["compiled"].compile_s if "compiled" in opts else None
-    return dict(rows=out, compile_s=compile_s, notes=notes,
-                load_average_after=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    return dict(
+        rows=out,
+        compile_s=compile_s,
+        notes=notes,
+        load_average_after=os.getloadavg() if hasattr(os, "getloadavg") else None,
+    )
 
 
 def run(args):
@@ -204,11 +227,19 @@ def run(args):
             torch._dynamo.reset()  # inductor's CPU kernels are specialised on the thread count
         for set_name in args.param_sets:
             for dtype_name in args.dtypes:
-                print(f"[optimizer_step] {set_name} {dtype_name} {args.base}, {torch.get_num_threads()} "
-                      "thread(s) ...", file=sys.stderr, flush=True)
+                print(
+                    f"[optimizer_step] {set_name} {dtype_name} {args.base}, {torch.get_num_threads()} thread(s) ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 configs.append(measure(set_name, dtype_name, args.base, device, args))
-    return dict(machine=_common.machine_info(device), repeats=args.repeats, base=args.base,
-                cpp_code_path=cpp_code_path() if device.type == "cpu" else None, configs=configs)
+    return dict(
+        machine=_common.machine_info(device),
+        repeats=args.repeats,
+        base=args.base,
+        cpp_code_path=cpp_code_path() if device.type == "cpu" else None,
+        configs=configs,
+    )
 
 
 def _ratio(r):
@@ -218,27 +249,60 @@ def _ratio(r):
 
 
 def to_markdown(res) -> str:
-    lines = [f"Optimizer side of one SAM step ({res['base']}), median of {res['repeats']} interleaved rounds.",
-             "", _common.machine_line(res["machine"])]
+    lines = [
+        f"Optimizer side of one SAM step ({res['base']}), median of {res['repeats']} interleaved rounds.",
+        "",
+        _common.machine_line(res["machine"]),
+    ]
     if res.get("cpp_code_path"):
         lines.append(f"cpp backend code path: {res['cpp_code_path']}")
-    cols = ["param set", "dtype", "threads", "row", "median ms", "p20–p80 ms", "MB moved", "GB/s",
-            "% of fused base GB/s", "% of copy GB/s", "× compiled (p10–p90)", "× reference"]
+    cols = [
+        "param set",
+        "dtype",
+        "threads",
+        "row",
+        "median ms",
+        "p20–p80 ms",
+        "MB moved",
+        "GB/s",
+        "% of fused base GB/s",
+        "% of copy GB/s",
+        "× compiled (p10–p90)",
+        "× reference",
+    ]
     for cfg in res["configs"]:
         load = cfg["load_average_after"]
-        extra = f"; compile time of the compiled peer {cfg['compile_s']:.1f} s (not timed)" \
-            if cfg["compile_s"] is not None else ""
+        extra = (
+            f"; compile time of the compiled peer {cfg['compile_s']:.1f} s (not timed)"
+            if cfg["compile_s"] is not None
+            else ""
+        )
         lines += ["", f"Load average after this set: {load[0]:.2f}{extra}" if load else extra.lstrip("; ")]
         lines += [f"- {n}" for n in cfg["notes"]]
-        rows = [[r["param_set"], r["dtype"], r["threads"], r["row"], r["ms"],
-                 f"{r['p20_ms']:.2f}–{r['p80_ms']:.2f}", f"{r['bytes'] / 1e6:.0f}", r["gbps"],
-                 f"{r['pct_of_base']:.0f}%", f"{r['pct_of_copy']:.0f}%", _ratio(r),
-                 "n/a" if r["ratio_to_reference"] is None else f"{r['ratio_to_reference']:.2f}"]
-                for r in cfg["rows"]]
+        rows = [
+            [
+                r["param_set"],
+                r["dtype"],
+                r["threads"],
+                r["row"],
+                r["ms"],
+                f"{r['p20_ms']:.2f}–{r['p80_ms']:.2f}",
+                f"{r['bytes'] / 1e6:.0f}",
+                r["gbps"],
+                f"{r['pct_of_base']:.0f}%",
+                f"{r['pct_of_copy']:.0f}%",
+                _ratio(r),
+                "n/a" if r["ratio_to_reference"] is None else f"{r['ratio_to_reference']:.2f}",
+            ]
+            for r in cfg["rows"]
+        ]
         lines += ["", _common.markdown_table(cols, rows)]
-    lines += ["", "MB moved: the reads and writes each design must make (benchmarks/_peers.py: ACCESSES), "
-              "so GB/s is comparable across rows; the fused SAM step also reads the second gradient once "
-              "more (its non-finite check), which the peers do not."]
+    lines += [
+        "",
+        "MB moved: the reads and writes each design must make (benchmarks/_peers.py: ACCESSES), "
+        "so GB/s is comparable across rows; the fused SAM step also reads the second gradient once "
+        "more (its non-finite check), which the peers do not.",
+    ]
     return "\n".join(lines)
 
 
@@ -248,11 +312,17 @@ def parse_args(argv=None):
     ap.add_argument("--param-sets", nargs="+", default=["resnet18_cifar", "resnet50"], choices=list(_common.PARAM_SETS))
     ap.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES))
     ap.add_argument("--base", default="sgd", choices=list(BASES))
-    ap.add_argument("--peers", action="store_true",
-                    help="add the compiled peer (torch.compile: a minute of compiling per set on a CPU) and plain "
-                         "torch's best")
-    ap.add_argument("--threads", type=lambda s: [int(t) for t in s.split(",")], default=None,
-                    help="CPU: comma list of torch thread counts, each measured in turn (default: torch's)")
+    ap.add_argument(
+        "--peers",
+        action="store_true",
+        help="add the compiled peer (torch.compile: a minute of compiling per set on a CPU) and plain torch's best",
+    )
+    ap.add_argument(
+        "--threads",
+        type=lambda s: [int(t) for t in s.split(",")],
+        default=None,
+        help="CPU: comma list of torch thread counts, each measured in turn (default: torch's)",
+    )
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out-dir", default=_common.RESULTS_DIR)

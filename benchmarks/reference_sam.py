@@ -7,6 +7,7 @@ perturbation built as a temporary, and torch's own base optimizer step.  The
 restore swaps ``p.data`` back to the copy (no copy kernel), as that
 implementation does.
 """
+
 import torch
 
 
@@ -54,7 +55,14 @@ class ReferenceSAM(torch.optim.Optimizer):
 
     def _grad_norm(self):
         shared_device = self.param_groups[0]["params"][0].device
-        return torch.norm(torch.stack([
-            ((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2).to(shared_device)
-            for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]), p=2)
+        return torch.norm(
+            torch.stack(
+                [
+                    ((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2).to(shared_device)
+                    for group in self.param_groups
+                    for p in group["params"]
+                    if p.grad is not None
+                ]
+            ),
+            p=2,
+        )

@@ -8,6 +8,7 @@ CIFAR ResNet-18 (11.2M, 62 tensors) on CUDA, and of its width/4 version (0.7M) o
 gradients are random. "reference" is benchmarks/reference_sam.py (Python loop over parameters).
 On CUDA every timed call ends with a synchronize, so the number is the op's real duration.
 """
+
 import os
 import sys
 
@@ -17,11 +18,11 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import models  # noqa: E402
-from reference_sam import ReferenceSAM  # noqa: E402
-from _common import available_backends  # noqa: E402
+import models
+from _common import available_backends
+from reference_sam import ReferenceSAM
 
-from fastsam import FusedSAM  # noqa: E402
+from fastsam import FusedSAM
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PROVIDERS = ["reference"] + available_backends(DEVICE)

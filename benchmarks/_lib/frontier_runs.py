@@ -6,6 +6,7 @@ Every run of a seed shares its initial weights (``torch.manual_seed(seed)``), it
 per step from the run's base lr to 0; SGD momentum 0.9 under every method; the second pass of a
 SAM step under ``frozen_bn_stats``; plain cross-entropy (no label smoothing).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,7 @@ def data_for(a, seed) -> datasets.ImageData:
     """The data set with seed ``seed``'s noise draw, loaded once per process."""
     key = (a.dataset, a.label_noise, seed, a.val_size, a.limit)
     if key not in _DATA:
-        _DATA[key] = datasets.load(a.dataset, noise=a.label_noise, noise_seed=seed, val_size=a.val_size,
-                                   limit=a.limit)
+        _DATA[key] = datasets.load(a.dataset, noise=a.label_noise, noise_seed=seed, val_size=a.val_size, limit=a.limit)
     return _DATA[key]
 
 
@@ -72,10 +72,12 @@ class Run:
             F.cross_entropy(model(x), y).backward()
             self.passes += 1
             if isinstance(opt, FusedSAM):
+
                 def closure(x=x, y=y):
                     self.passes += 1
                     with frozen_bn_stats(model):
                         return F.cross_entropy(model(x), y).backward()
+
                 opt.step(closure)
             else:
                 opt.step()
@@ -93,7 +95,7 @@ def epoch_orders(a, d, seed):
     """The batch order of every epoch of seed ``seed`` (the same for every method)."""
     n, spe = len(d.train_x), steps_per_epoch(a, d)
     gen = torch.Generator().manual_seed(100 + seed)
-    return [torch.randperm(n, generator=gen)[:spe * a.batch].view(spe, a.batch) for _ in range(a.epochs)]
+    return [torch.randperm(n, generator=gen)[: spe * a.batch].view(spe, a.batch) for _ in range(a.epochs)]
 
 
 def select_task(a, name: str, value, seed: int, base: dict, sam_rho):
@@ -104,9 +106,11 @@ def select_task(a, name: str, value, seed: int, base: dict, sam_rho):
     for order in epoch_orders(a, d, seed):
         run.epoch(d, order)
     with run.at_w():
-        return {"val_acc": accuracy(run.model, d.val_x, d.val_y),
-                "val_acc_clean_labels": accuracy(run.model, d.val_x, d.val_y_clean),
-                "passes": run.passes / run.steps}
+        return {
+            "val_acc": accuracy(run.model, d.val_x, d.val_y),
+            "val_acc_clean_labels": accuracy(run.model, d.val_x, d.val_y_clean),
+            "passes": run.passes / run.steps,
+        }
 
 
 def final_task(a, seed: int, chosen: Dict[str, dict]):
@@ -117,8 +121,7 @@ def final_task(a, seed: int, chosen: Dict[str, dict]):
     flipped training labels."""
     d = data_for(a, seed)
     table = methods(a.sgd_grid)
-    make = lambda: [Run(table[k], c["value"], c["base"], c["sam_rho"], d, a, seed)  # noqa: E731
-                    for k, c in chosen.items()]
+    make = lambda: [Run(table[k], c["value"], c["base"], c["sam_rho"], d, a, seed) for k, c in chosen.items()]
     warm = torch.arange(min(3, steps_per_epoch(a, d)) * a.batch).view(-1, a.batch)
     for r in make():
         r.epoch(d, warm)
@@ -127,21 +130,26 @@ def final_task(a, seed: int, chosen: Dict[str, dict]):
         r0 = e % len(runs)
         for r in runs[r0:] + runs[:r0]:
             r.epoch(d, order)
-    sub = torch.randperm(len(d.train_x), generator=torch.Generator().manual_seed(1234))[:a.hessian_images]
-    hb = [(d.train_x[sub[i:i + 128]], d.train_y[sub[i:i + 128]]) for i in range(0, len(sub), 128)]
+    sub = torch.randperm(len(d.train_x), generator=torch.Generator().manual_seed(1234))[: a.hessian_images]
+    hb = [(d.train_x[sub[i : i + 128]], d.train_y[sub[i : i + 128]]) for i in range(0, len(sub), 128)]
     sgd = runs[0]
     out = {}
     for r in runs:
         with r.at_w():
             mem = memorisation(r.model, d.train_x, d.train_y, d.train_y_clean)
-            out[r.name] = {"test_acc": accuracy(r.model, d.test_x, d.test_y),
-                           "val_acc": accuracy(r.model, d.val_x, d.val_y),
-                           "lambda_max": lam_max(r.model, torch.nn.CrossEntropyLoss(), hb, a.hessian_tol)
-                           if a.hessian_images else math.nan,
-                           "memorised": mem["memorised"], "memorised_chance": mem["chance"],
-                           "time_s": r.time, "cost_ratio": r.time / sgd.time,
-                           "epoch_ratios": [x / y for x, y in zip(r.epoch_times, sgd.epoch_times)],
-                           "passes": r.passes / r.steps}
+            out[r.name] = {
+                "test_acc": accuracy(r.model, d.test_x, d.test_y),
+                "val_acc": accuracy(r.model, d.val_x, d.val_y),
+                "lambda_max": lam_max(r.model, torch.nn.CrossEntropyLoss(), hb, a.hessian_tol)
+                if a.hessian_images
+                else math.nan,
+                "memorised": mem["memorised"],
+                "memorised_chance": mem["chance"],
+                "time_s": r.time,
+                "cost_ratio": r.time / sgd.time,
+                "epoch_ratios": [x / y for x, y in zip(r.epoch_times, sgd.epoch_times)],
+                "passes": r.passes / r.steps,
+            }
     return {"seed": seed, "methods": out}
 
 
@@ -167,16 +175,20 @@ def chosen_settings(a, res, table) -> Dict[str, dict]:
     """Every method's selected value, with the base (SGD's lr, wd) and SAM's rho it was tuned at."""
     base = chosen_base(a, res, table)
     sam_rho = choose(a, res, table["SAM"])["value"]
-    return {k: {"value": choose(a, res, m)["value"], "base": base, "sam_rho": sam_rho if m.stage == 2 else None}
-            for k, m in table.items()}
+    return {
+        k: {"value": choose(a, res, m)["value"], "base": base, "sam_rho": sam_rho if m.stage == 2 else None}
+        for k, m in table.items()
+    }
 
 
 def _args_for(a, table, m: Method, v, s):
     """The task's arguments, from the results of the stages before it."""
+
     def args(res):
         base = chosen_base(a, res, table) if m.stage > 0 else None
         sam_rho = choose(a, res, table["SAM"])["value"] if m.stage == 2 else None
         return (m.name, v, s, base, sam_rho)
+
     return args
 
 
@@ -185,8 +197,12 @@ def selection_tasks(a, table) -> List[Task]:
     names = {m.name: [_task_name(m.name, v, s) for v in m.grid for s in a.select_seeds] for m in table.values()}
     sgd_names = names["SGD"]
     deps = {0: [], 1: sgd_names, 2: sgd_names + names["SAM"]}
-    return [Task(_task_name(m.name, v, s), select_task, _args_for(a, table, m, v, s), deps=deps[m.stage],
-                 cost=m.passes) for m in table.values() for v in m.grid for s in a.select_seeds]
+    return [
+        Task(_task_name(m.name, v, s), select_task, _args_for(a, table, m, v, s), deps=deps[m.stage], cost=m.passes)
+        for m in table.values()
+        for v in m.grid
+        for s in a.select_seeds
+    ]
 
 
 def chosen_base(a, res, table) -> dict:

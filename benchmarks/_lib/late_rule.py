@@ -10,6 +10,7 @@ seed shares its initial weights, batch order and label-noise draw (``noise_seed 
 Rule: late SAM matches full SAM when the mean paired accuracy difference (late - full) is
 >= -0.5 points AND lambda_max(late) / lambda_max(full) <= 1.25 (ratio of the means over seeds).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,27 +23,48 @@ from .stats import paired
 
 RULE_ACC, RULE_LAMBDA = -0.5, 1.25
 
-_DIGITS = dict(dataset="digits", model="cnn", width=16, epochs=20, milestone=10, lr=0.01, batch_size=32,
-               weight_decay=5e-4, rho=0.05, label_smoothing=0.1, label_noise=0.25)
+_DIGITS = dict(
+    dataset="digits",
+    model="cnn",
+    width=16,
+    epochs=20,
+    milestone=10,
+    lr=0.01,
+    batch_size=32,
+    weight_decay=5e-4,
+    rho=0.05,
+    label_smoothing=0.1,
+    label_noise=0.25,
+)
 _MNIST = dict(_DIGITS, dataset="mnist5k", batch_size=64, label_smoothing=0.0)
 SCHEDULES = {
-    "A": _DIGITS,                                   # issue 13's digits sweep
+    "A": _DIGITS,  # issue 13's digits sweep
     "B": dict(_DIGITS, epochs=200, milestone=100),  # 72 SAM epochs x 44 steps = 3,168 SAM steps after the decay
-    "D": _MNIST,                                    # issue 13's MNIST-5k setting without label smoothing
+    "D": _MNIST,  # issue 13's MNIST-5k setting without label smoothing
     "D-MLP": dict(_MNIST, model="mlp", width=256),  # the same with a model that memorises the noise
 }
 # late run: (schedule, switch epoch, optimizer rebuilt at the switch)
-LATE = {"A": ("A", 15, False), "C5": ("A", 5, False), "C8": ("A", 8, False), "E": ("A", 15, True),
-        "B": ("B", 128, False), "E-B": ("B", 128, True), "D": ("D", 15, False), "D-MLP": ("D-MLP", 15, False)}
+LATE = {
+    "A": ("A", 15, False),
+    "C5": ("A", 5, False),
+    "C8": ("A", 8, False),
+    "E": ("A", 15, True),
+    "B": ("B", 128, False),
+    "E-B": ("B", 128, True),
+    "D": ("D", 15, False),
+    "D-MLP": ("D-MLP", 15, False),
+}
 GROUPS = {"digits": ["A", "C5", "C8", "E", "B", "E-B"], "mnist5k": ["D", "D-MLP"]}
-DESCRIBE = {"A": "(A) the current setting: SAM for the last 5 of 20 epochs (after the decay at 10)",
-            "C5": "(C) switch at the high lr: SAM from epoch 5 (decay at 10)",
-            "C8": "(C) switch at the high lr: SAM from epoch 8 (decay at 10)",
-            "E": "(E) as (A), optimizer rebuilt at the switch (the paper's code)",
-            "B": "(B) paper-length late phase: SAM for the last 72 of 200 epochs (3,168 steps after the decay at 100)",
-            "E-B": "(E) as (B), optimizer rebuilt at the switch",
-            "D": "(D) MNIST-5k, issue 13's CNN, no label smoothing: SAM for the last 5 of 20 epochs",
-            "D-MLP": "(D) MNIST-5k, an MLP that memorises, no label smoothing: SAM for the last 5 of 20 epochs"}
+DESCRIBE = {
+    "A": "(A) the current setting: SAM for the last 5 of 20 epochs (after the decay at 10)",
+    "C5": "(C) switch at the high lr: SAM from epoch 5 (decay at 10)",
+    "C8": "(C) switch at the high lr: SAM from epoch 8 (decay at 10)",
+    "E": "(E) as (A), optimizer rebuilt at the switch (the paper's code)",
+    "B": "(B) paper-length late phase: SAM for the last 72 of 200 epochs (3,168 steps after the decay at 100)",
+    "E-B": "(E) as (B), optimizer rebuilt at the switch",
+    "D": "(D) MNIST-5k, issue 13's CNN, no label smoothing: SAM for the last 5 of 20 epochs",
+    "D-MLP": "(D) MNIST-5k, an MLP that memorises, no label smoothing: SAM for the last 5 of 20 epochs",
+}
 MEASURE = dict(hessian_samples=1000, hessian_batch=250, phase_samples=0, final_tol=1e-3, trace_samples=0)
 TINY_EPOCHS = 4
 
@@ -53,8 +75,19 @@ def schedule_args(a, sched: str) -> argparse.Namespace:
     if a.tiny:
         s.update(epochs=TINY_EPOCHS, milestone=TINY_EPOCHS // 2, width=4 if s["model"] == "cnn" else 16)
     tiny = {"hessian_samples": 32, "hessian_batch": 16} if a.tiny else {}
-    return argparse.Namespace(**{**vars(a), **MEASURE, **s, **tiny, "noise_per_seed": True, "phase_epoch": 0,
-                                 "phase_steps": None, "data_dir": None, "experiment": "rule"})
+    return argparse.Namespace(
+        **{
+            **vars(a),
+            **MEASURE,
+            **s,
+            **tiny,
+            "noise_per_seed": True,
+            "phase_epoch": 0,
+            "phase_steps": None,
+            "data_dir": None,
+            "experiment": "rule",
+        }
+    )
 
 
 def switch_epoch(a, run: str) -> int:
@@ -81,30 +114,73 @@ def tasks(a, runs: List[str], seed: int) -> List[Task]:
         switches = sorted({switch_epoch(a, r) for r in mine})
         k = f"{sched} s{seed}"
         for kind, sam in (("SGD", False), ("SAM", True)):
-            out.append(Task(f"{k} {kind}", in_schedule, (sched, train_task, seed, 0, E, sam, None, switches, False,
-                                                        f"{sched} {kind}"), cost=E * (1 + sam)))
+            out.append(
+                Task(
+                    f"{k} {kind}",
+                    in_schedule,
+                    (sched, train_task, seed, 0, E, sam, None, switches, False, f"{sched} {kind}"),
+                    cost=E * (1 + sam),
+                )
+            )
             src = f"{k} {kind}"
-            out.append(Task(f"{src} measure", in_schedule,
-                            lambda res, src=src, sched=sched, E=E: (sched, measure_task, seed, res[src]["state"], E),
-                            deps=[src], cost=10))
+            out.append(
+                Task(
+                    f"{src} measure",
+                    in_schedule,
+                    lambda res, src=src, sched=sched, E=E: (sched, measure_task, seed, res[src]["state"], E),
+                    deps=[src],
+                    cost=10,
+                )
+            )
             for t in switches:
-                out.append(Task(f"{src} at {t}", in_schedule,
-                                lambda res, src=src, t=t, sched=sched: (sched, memorisation_task, seed,
-                                                                        res[src]["ckpts"][t]["model"]),
-                                deps=[src], cost=0.2))
+                out.append(
+                    Task(
+                        f"{src} at {t}",
+                        in_schedule,
+                        lambda res, src=src, t=t, sched=sched: (
+                            sched,
+                            memorisation_task,
+                            seed,
+                            res[src]["ckpts"][t]["model"],
+                        ),
+                        deps=[src],
+                        cost=0.2,
+                    )
+                )
         for r in mine:
             t, fresh = switch_epoch(a, r), LATE[r][2]
             name = f"{r} s{seed} late"
             trunk = f"{k} SGD"
-            out.append(Task(name, in_schedule,
-                            lambda res, t=t, fresh=fresh, sched=sched, r=r, trunk=trunk, E=E: (
-                                sched, train_task, seed, t, E, True, res[trunk]["ckpts"][t], (), False, f"{r} late",
-                                fresh),
-                            deps=[trunk], cost=2 * (E - t)))
-            out.append(Task(f"{name} measure", in_schedule,
-                            lambda res, t=t, sched=sched, name=name: (sched, measure_task, seed, res[name]["state"],
-                                                                      t),
-                            deps=[name], cost=10))
+            out.append(
+                Task(
+                    name,
+                    in_schedule,
+                    lambda res, t=t, fresh=fresh, sched=sched, r=r, trunk=trunk, E=E: (
+                        sched,
+                        train_task,
+                        seed,
+                        t,
+                        E,
+                        True,
+                        res[trunk]["ckpts"][t],
+                        (),
+                        False,
+                        f"{r} late",
+                        fresh,
+                    ),
+                    deps=[trunk],
+                    cost=2 * (E - t),
+                )
+            )
+            out.append(
+                Task(
+                    f"{name} measure",
+                    in_schedule,
+                    lambda res, t=t, sched=sched, name=name: (sched, measure_task, seed, res[name]["state"], t),
+                    deps=[name],
+                    cost=10,
+                )
+            )
     return out
 
 
@@ -129,17 +205,29 @@ def collect(a, runs: List[str], res: Dict[str, dict]) -> Dict[str, dict]:
         d_full = paired(late["test_acc"], full["test_acc"])
         ratio = statistics.mean(late["lambda_max"]) / statistics.mean(full["lambda_max"])
         spe = (len_train(sa)) // sa.batch_size
-        out[r] = {"describe": DESCRIBE[r], "schedule": sched, "switch": t, "epochs": sa.epochs,
-                  "milestone": sa.milestone, "rebuilt": fresh, "sam_steps": (sa.epochs - t) * spe,
-                  "sam_steps_after_decay": (sa.epochs - max(t, sa.milestone)) * spe, "per_seed": per,
-                  "late_minus_full": d_full, "late_minus_sgd": paired(late["test_acc"], sgd["test_acc"]),
-                  "full_minus_sgd": paired(full["test_acc"], sgd["test_acc"]), "lambda_ratio": ratio,
-                  "lambda_ratio_per_seed": [x / y for x, y in zip(late["lambda_max"], full["lambda_max"])],
-                  "meets_accuracy": d_full["mean"] >= RULE_ACC, "meets_lambda": ratio <= RULE_LAMBDA}
+        out[r] = {
+            "describe": DESCRIBE[r],
+            "schedule": sched,
+            "switch": t,
+            "epochs": sa.epochs,
+            "milestone": sa.milestone,
+            "rebuilt": fresh,
+            "sam_steps": (sa.epochs - t) * spe,
+            "sam_steps_after_decay": (sa.epochs - max(t, sa.milestone)) * spe,
+            "per_seed": per,
+            "late_minus_full": d_full,
+            "late_minus_sgd": paired(late["test_acc"], sgd["test_acc"]),
+            "full_minus_sgd": paired(full["test_acc"], sgd["test_acc"]),
+            "lambda_ratio": ratio,
+            "lambda_ratio_per_seed": [x / y for x, y in zip(late["lambda_max"], full["lambda_max"])],
+            "meets_accuracy": d_full["mean"] >= RULE_ACC,
+            "meets_lambda": ratio <= RULE_LAMBDA,
+        }
         out[r]["meets_rule"] = out[r]["meets_accuracy"] and out[r]["meets_lambda"]
     return out
 
 
 def len_train(sa) -> int:
     from .late_runs import setup
+
     return len(setup(sa, 0)[0].train_x)

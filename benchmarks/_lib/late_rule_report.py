@@ -1,5 +1,6 @@
 """The report of benchmarks/late_phase_rule.py: the decision rule per late run, memorisation of the
 flipped labels at the switch and at the end, and the rebuilt-vs-carried comparison (E)."""
+
 from __future__ import annotations
 
 from typing import Dict
@@ -19,14 +20,37 @@ def rule_table(out: Dict[str, dict]) -> str:
     for r, o in out.items():
         p = o["per_seed"]
         lam = " / ".join(ms(p[k]["lambda_max"]) for k in ("SGD", "SAM", "late"))
-        rows.append([r, o["describe"], f"{o['sam_steps']} ({o['sam_steps_after_decay']})", ms(p["SGD"]["test_acc"]),
-                     ms(p["SAM"]["test_acc"]), ms(p["late"]["test_acc"]), ci(o["late_minus_full"]),
-                     ci(o["full_minus_sgd"]), lam, f"{o['lambda_ratio']:.2f}",
-                     f"{_yes(o['meets_accuracy'])} / {_yes(o['meets_lambda'])}: **{_yes(o['meets_rule'])}**"])
+        rows.append(
+            [
+                r,
+                o["describe"],
+                f"{o['sam_steps']} ({o['sam_steps_after_decay']})",
+                ms(p["SGD"]["test_acc"]),
+                ms(p["SAM"]["test_acc"]),
+                ms(p["late"]["test_acc"]),
+                ci(o["late_minus_full"]),
+                ci(o["full_minus_sgd"]),
+                lam,
+                f"{o['lambda_ratio']:.2f}",
+                f"{_yes(o['meets_accuracy'])} / {_yes(o['meets_lambda'])}: **{_yes(o['meets_rule'])}**",
+            ]
+        )
     return _common.markdown_table(
-        ["run", "what", "late SAM steps (after the decay)", "SGD test acc (%)", "full SAM", "late SAM",
-         "late − full, points [95% CI]", "full − SGD [95% CI]", "λmax SGD / full / late", "λ late / full",
-         f"acc ≥ {RULE_ACC} / λ ratio ≤ {RULE_LAMBDA}: meets the rule"], rows)
+        [
+            "run",
+            "what",
+            "late SAM steps (after the decay)",
+            "SGD test acc (%)",
+            "full SAM",
+            "late SAM",
+            "late − full, points [95% CI]",
+            "full − SGD [95% CI]",
+            "λmax SGD / full / late",
+            "λ late / full",
+            f"acc ≥ {RULE_ACC} / λ ratio ≤ {RULE_LAMBDA}: meets the rule",
+        ],
+        rows,
+    )
 
 
 def memorisation_table(out: Dict[str, dict]) -> str:
@@ -36,11 +60,32 @@ def memorisation_table(out: Dict[str, dict]) -> str:
 
         def mem(k):
             return f"{ms(p[k]['memorised'])} ({ms(p[k]['memorised_chance'])})"
-        rows.append([r, o["switch"], mem("SGD at switch"), mem("SAM at switch"), mem("SGD"), mem("SAM"), mem("late"),
-                     ci(o["late_minus_sgd"])])
+
+        rows.append(
+            [
+                r,
+                o["switch"],
+                mem("SGD at switch"),
+                mem("SAM at switch"),
+                mem("SGD"),
+                mem("SAM"),
+                mem("late"),
+                ci(o["late_minus_sgd"]),
+            ]
+        )
     return _common.markdown_table(
-        ["run", "switch epoch", "at the switch: SGD (chance)", "full SAM", "at the end: SGD", "full SAM", "late SAM",
-         "late − SGD test acc, points [95% CI]"], rows)
+        [
+            "run",
+            "switch epoch",
+            "at the switch: SGD (chance)",
+            "full SAM",
+            "at the end: SGD",
+            "full SAM",
+            "late SAM",
+            "late − SGD test acc, points [95% CI]",
+        ],
+        rows,
+    )
 
 
 def rebuilt_lines(out: Dict[str, dict]) -> list:
@@ -49,12 +94,20 @@ def rebuilt_lines(out: Dict[str, dict]) -> list:
     for r, o in out.items():
         if not o["rebuilt"]:
             continue
-        twin = next((q for q, (s, t, fresh) in LATE.items() if not fresh and s == o["schedule"]
-                     and t == LATE[r][1] and q in out), None)
+        twin = next(
+            (
+                q
+                for q, (s, t, fresh) in LATE.items()
+                if not fresh and s == o["schedule"] and t == LATE[r][1] and q in out
+            ),
+            None,
+        )
         if twin is None:
             continue
         a, b = o["per_seed"]["late"], out[twin]["per_seed"]["late"]
-        lines.append(f"- {r} (rebuilt) − {twin} (carried): test accuracy {ci(paired(a['test_acc'], b['test_acc']))} "
-                     f"points, λmax {ci(paired(a['lambda_max'], b['lambda_max']))}, memorised "
-                     f"{ci(paired(a['memorised'], b['memorised']))} points (paired per seed, 95% CI).")
+        lines.append(
+            f"- {r} (rebuilt) − {twin} (carried): test accuracy {ci(paired(a['test_acc'], b['test_acc']))} "
+            f"points, λmax {ci(paired(a['lambda_max'], b['lambda_max']))}, memorised "
+            f"{ci(paired(a['memorised'], b['memorised']))} points (paired per seed, 95% CI)."
+        )
     return lines

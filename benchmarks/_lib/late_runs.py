@@ -5,6 +5,7 @@ Every function takes the parsed arguments ``a`` (dataset, schedule, measurement 
 pure function of them and its inputs, so that the task runner can call it in any process. The label
 noise is drawn once (``noise_seed`` 0) unless ``a.noise_per_seed``: then seed s draws its own.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,9 @@ def noise_seed(a, seed) -> int:
 def load_data(a, seed=0) -> datasets.ImageData:
     ns = noise_seed(a, seed)
     if a.dataset == "cifar10":
-        return datasets.load_cifar10_pixels(a.data_dir, a.device, noise=a.label_noise, noise_seed=ns,
-                                            train_limit=getattr(a, "train_limit", None))
+        return datasets.load_cifar10_pixels(
+            a.data_dir, a.device, noise=a.label_noise, noise_seed=ns, train_limit=getattr(a, "train_limit", None)
+        )
     d = datasets.load(a.dataset, noise=a.label_noise, noise_seed=ns, device=a.device, limit=a.limit)
     n = getattr(a, "train_limit", None)
     if n is not None:
@@ -43,8 +45,9 @@ def load_data(a, seed=0) -> datasets.ImageData:
 def build_model(a, d, seed):
     torch.manual_seed(seed)  # same initial weights for every run of a seed
     if a.dataset == "cifar10":
-        m = Normalized(build("wrn16_8", width_div=getattr(a, "width_div", 1))[0], datasets.CIFAR_MEAN,
-                       datasets.CIFAR_STD)
+        m = Normalized(
+            build("wrn16_8", width_div=getattr(a, "width_div", 1))[0], datasets.CIFAR_MEAN, datasets.CIFAR_STD
+        )
     elif getattr(a, "model", "cnn") == "mlp":
         m = MLP(d.train_x[0].numel(), a.width, 10, d.mean, d.std)
     else:
@@ -54,8 +57,15 @@ def build_model(a, d, seed):
 
 
 def make_opt(a, model):
-    return FusedSAM(model.parameters(), torch.optim.SGD, rho=a.rho, lr=a.lr, momentum=0.9,
-                    weight_decay=a.weight_decay, backend="foreach")
+    return FusedSAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=a.rho,
+        lr=a.lr,
+        momentum=0.9,
+        weight_decay=a.weight_decay,
+        backend="foreach",
+    )
 
 
 def criterion(a):
@@ -67,8 +77,18 @@ _SETUP: Dict[tuple, tuple] = {}
 
 def setup(a, seed=0):
     """(data, Hessian batches, phase batches) of seed ``seed``'s noise draw, loaded once per process."""
-    key = (a.dataset, a.data_dir, a.device, a.label_noise, noise_seed(a, seed), a.limit,
-           getattr(a, "train_limit", None), a.hessian_samples, a.hessian_batch, a.phase_samples)
+    key = (
+        a.dataset,
+        a.data_dir,
+        a.device,
+        a.label_noise,
+        noise_seed(a, seed),
+        a.limit,
+        getattr(a, "train_limit", None),
+        a.hessian_samples,
+        a.hessian_batch,
+        a.phase_samples,
+    )
     if key not in _SETUP:
         d = load_data(a, seed)
         hb = hessian_batches(d.train_x, d.train_y, a.hessian_samples, a.hessian_batch)
@@ -82,15 +102,23 @@ def final_measures(a, model, crit, d, hb):
     the sharpness subset, λmax and (``a.trace_samples`` > 0) the Hessian trace."""
     t0 = time.perf_counter()
     lam = lam_max(model, crit, hb, a.final_tol)
-    tr = hessian.trace(model, crit, hb, num_samples=a.trace_samples, seed=0, model_mode="train") \
-        if a.trace_samples else None
+    tr = (
+        hessian.trace(model, crit, hb, num_samples=a.trace_samples, seed=0, model_mode="train")
+        if a.trace_samples
+        else None
+    )
     mem = memorisation(model, d.train_x, d.train_y, d.train_y_clean)
-    return {"test_acc": accuracy(model, d.test_x, d.test_y),
-            "train_acc_clean_labels": accuracy(model, d.train_x, d.train_y_clean),
-            "memorised": mem["memorised"], "memorised_chance": mem["chance"],
-            "train_loss_subset": subset_loss(model, crit, hb), "lambda_max": lam,
-            "trace": tr.trace if tr else math.nan, "trace_std_error": tr.std_error if tr else math.nan,
-            "hessian_s": time.perf_counter() - t0}
+    return {
+        "test_acc": accuracy(model, d.test_x, d.test_y),
+        "train_acc_clean_labels": accuracy(model, d.train_x, d.train_y_clean),
+        "memorised": mem["memorised"],
+        "memorised_chance": mem["chance"],
+        "train_loss_subset": subset_loss(model, crit, hb),
+        "lambda_max": lam,
+        "trace": tr.trace if tr else math.nan,
+        "trace_std_error": tr.std_error if tr else math.nan,
+        "hessian_s": time.perf_counter() - t0,
+    }
 
 
 def train_task(a, seed, start, end, sam, ck=None, save_at=(), record=False, label="", fresh_opt=False):
@@ -116,10 +144,13 @@ def train_task(a, seed, start, end, sam, ck=None, save_at=(), record=False, labe
         ckpts = train_epochs(a, d, model, opt, gen, crit, start, end, sam=sam, save_at=set(save_at), progress=prog)
     else:
         step0 = P * spe
-        rec_set = set(step0 + s for s in log_steps(a.phase_steps if a.phase_steps else (a.epochs - P) * spe))
+        rec_set = {step0 + s for s in log_steps(a.phase_steps if a.phase_steps else (a.epochs - P) * spe)}
         rec = {"step": [], "w": [], "distance": [], "lambda_max": [], "train_loss": []}
-        ckpts = train_epochs(a, d, model, opt, gen, crit, start, P, sam=sam, save_at=set(save_at), progress=prog) \
-            if start < P else {}
+        ckpts = (
+            train_epochs(a, d, model, opt, gen, crit, start, P, sam=sam, save_at=set(save_at), progress=prog)
+            if start < P
+            else {}
+        )
         w_p = flat(model)
 
         def on_step(gs):
@@ -132,11 +163,27 @@ def train_task(a, seed, start, end, sam, ck=None, save_at=(), record=False, labe
                 rec["lambda_max"].append(lam_max(model, crit, pb, a.phase_tol))
                 rec["train_loss"].append(subset_loss(model, crit, pb))
                 parts["record_s"] += time.perf_counter() - t1
-        ckpts.update(train_epochs(a, d, model, opt, gen, crit, max(start, P), end, sam=sam, save_at=set(save_at),
-                                  on_step=on_step, progress=prog))
+
+        ckpts.update(
+            train_epochs(
+                a,
+                d,
+                model,
+                opt,
+                gen,
+                crit,
+                max(start, P),
+                end,
+                sam=sam,
+                save_at=set(save_at),
+                on_step=on_step,
+                progress=prog,
+            )
+        )
         out.update(record=rec, w_switch=w_p)
-    out.update(state=copy.deepcopy(model.state_dict()), ckpts=ckpts, test_acc=accuracy(model, d.test_x, d.test_y),
-               parts=parts)
+    out.update(
+        state=copy.deepcopy(model.state_dict()), ckpts=ckpts, test_acc=accuracy(model, d.test_x, d.test_y), parts=parts
+    )
     return out
 
 
@@ -154,8 +201,11 @@ def memorisation_task(a, seed, state):
     model = build_model(a, d, seed)
     model.load_state_dict(state)
     mem = memorisation(model, d.train_x, d.train_y, d.train_y_clean)
-    return {"test_acc": accuracy(model, d.test_x, d.test_y), "memorised": mem["memorised"],
-            "memorised_chance": mem["chance"]}
+    return {
+        "test_acc": accuracy(model, d.test_x, d.test_y),
+        "memorised": mem["memorised"],
+        "memorised_chance": mem["chance"],
+    }
 
 
 def train_cost(a, start, end, sam, record=False):

@@ -1,6 +1,7 @@
 """What the science benchmarks measure on a model: accuracy, loss, sharpness (lambda_max of the
 training loss on a fixed subset, train-mode BatchNorm as in the late-phase paper), memorisation of
 noisy labels, distances in weight space and exponential-growth fits."""
+
 from __future__ import annotations
 
 import copy
@@ -25,7 +26,7 @@ def accuracy(model, x, y, batch: int = 1000) -> float:
     """Accuracy (%) in eval mode."""
     was = model.training
     model.eval()
-    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
     model.train(was)
     return 100.0 * correct / len(x)
 
@@ -37,9 +38,9 @@ def evaluate(model, x, y, batch: int = 1000) -> Tuple[float, float]:
     model.eval()
     loss, correct = 0.0, 0
     for i in range(0, len(x), batch):
-        out = model(x[i:i + batch])
-        loss += float(F.cross_entropy(out, y[i:i + batch], reduction="sum"))
-        correct += int((out.argmax(1) == y[i:i + batch]).sum())
+        out = model(x[i : i + batch])
+        loss += float(F.cross_entropy(out, y[i : i + batch], reduction="sum"))
+        correct += int((out.argmax(1) == y[i : i + batch]).sum())
     model.train(was)
     return loss / len(x), 100.0 * correct / len(x)
 
@@ -49,7 +50,7 @@ def predictions(model, x, batch: int = 1000) -> torch.Tensor:
     """Predicted classes in eval mode."""
     was = model.training
     model.eval()
-    out = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    out = torch.cat([model(x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)])
     model.train(was)
     return out
 
@@ -92,15 +93,16 @@ def lam_max(model, crit, batches, tol: float, seed: int = 0) -> float:
 def hessian_batches(x, y, n: int, batch: int) -> List[tuple]:
     """The first ``n`` images (all if fewer) in batches of ``batch``: the fixed sharpness subset."""
     m = min(n, len(x))
-    return [(x[i:min(i + batch, m)], y[i:min(i + batch, m)]) for i in range(0, m, batch)]
+    return [(x[i : min(i + batch, m)], y[i : min(i + batch, m)]) for i in range(0, m, batch)]
 
 
 def log_steps(total: int, count: int = 14) -> List[int]:
     """About ``count`` log-spaced step numbers in 1..total (distinct integers)."""
     if total < 1:
         return []
-    return sorted({max(1, min(total, int(round(math.exp(i * math.log(total) / max(1, count - 1))))))
-                   for i in range(count)})
+    return sorted(
+        {max(1, min(total, int(round(math.exp(i * math.log(total) / max(1, count - 1)))))) for i in range(count)}
+    )
 
 
 def fit_rate(steps: Sequence[float], values: Sequence[float]):

@@ -5,13 +5,14 @@ CNN of the MNIST-5k / digits science runs (``MnistCNN``), and torchvision/timm R
 ``build(name, width_div=1)`` returns ``(model, input_shape, num_classes)``; ``width_div`` divides
 every channel count (the CPU defaults use 4 so that a run finishes in minutes on two cores).
 """
+
 from __future__ import annotations
 
 from typing import Tuple
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 # ----------------------------------------------------------------------------- ResNet-18 (CIFAR)
@@ -41,7 +42,7 @@ class ResNet18(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         layers, c_in = [], width
         for i, stride in enumerate((1, 2, 2, 2)):
-            c_out = width * 2 ** i
+            c_out = width * 2**i
             layers += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
             c_in = c_out
         self.layers = nn.Sequential(*layers)
@@ -105,10 +106,16 @@ class SmallCNN(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
-            nn.MaxPool2d(2),                                                   # 8x8 -> 4x4
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.Conv2d(1, w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8 -> 4x4
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
             nn.AdaptiveAvgPool2d(1),
         )
         self.linear = nn.Linear(2 * w, num_classes)
@@ -121,17 +128,27 @@ class MnistCNN(nn.Module):
     """conv-BN-ReLU x3 (widths w, 2w, 4w), two 2x2 max-pools, global average pool, linear.
     Inputs are raw pixels in [0, 1]; the first op normalises with the training mean/std."""
 
-    def __init__(self, width: int = 16, num_classes: int = 10, in_channels: int = 1, mean: float = 0.0,
-                 std: float = 1.0):
+    def __init__(
+        self, width: int = 16, num_classes: int = 10, in_channels: int = 1, mean: float = 0.0, std: float = 1.0
+    ):
         super().__init__()
         w = width
         self.register_buffer("mean", torch.tensor(float(mean)), persistent=False)
         self.register_buffer("std", torch.tensor(float(std)), persistent=False)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1))
+            nn.Conv2d(in_channels, w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(4 * w),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
         self.linear = nn.Linear(4 * w, num_classes)
 
     def forward(self, x):
@@ -142,14 +159,22 @@ class MLP(nn.Module):
     """Two hidden layers (Linear-BN-ReLU) of ``hidden`` units on the flattened image; raw pixels in,
     normalised inside. Unlike MnistCNN it memorises noisy MNIST-5k labels within 20 epochs."""
 
-    def __init__(self, in_features: int = 784, hidden: int = 256, num_classes: int = 10, mean: float = 0.0,
-                 std: float = 1.0):
+    def __init__(
+        self, in_features: int = 784, hidden: int = 256, num_classes: int = 10, mean: float = 0.0, std: float = 1.0
+    ):
         super().__init__()
         self.register_buffer("mean", torch.tensor(float(mean)), persistent=False)
         self.register_buffer("std", torch.tensor(float(std)), persistent=False)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-                                 nn.Linear(hidden, num_classes))
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
 
     def forward(self, x):
         return self.net((x - self.mean) / self.std)
@@ -177,11 +202,13 @@ def imagenet_available(name: str) -> Tuple[bool, str]:
     """Whether torchvision (or timm) can build ``name``; the string says why not."""
     try:
         import torchvision  # noqa: F401
+
         return True, "torchvision"
     except ImportError:
         pass
     try:
         import timm  # noqa: F401
+
         return True, "timm"
     except ImportError:
         return False, f"{name} needs torchvision or timm (pip install torchvision)"
@@ -205,8 +232,10 @@ def build(name: str, width_div: int = 1, num_classes: int = None) -> Tuple[nn.Mo
             raise ImportError(lib)
         if lib == "torchvision":
             import torchvision.models as tvm
+
             return getattr(tvm, name)(num_classes=nc), (3, 224, 224), nc
         import timm
+
         timm_name = {"resnet50": "resnet50", "vit_b_16": "vit_base_patch16_224"}[name]
         return timm.create_model(timm_name, num_classes=nc), (3, 224, 224), nc
     raise ValueError(f"unknown model {name!r}; choose from {CIFAR_MODELS + IMAGENET_MODELS + ('small_cnn',)}")

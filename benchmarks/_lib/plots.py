@@ -1,4 +1,5 @@
 """The plots of the science benchmarks (matplotlib, Agg backend, imported on first use)."""
+
 from __future__ import annotations
 
 import statistics
@@ -10,8 +11,10 @@ from .late_reports import describe
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -27,6 +30,7 @@ def _save(fig, path, title=None, dpi=100, fontsize=8):
 def plot_sweep(a, res, path):
     plt = _pyplot()
     import numpy as np
+
     E = a.epochs
     ts = sorted({t for r in res for t in r["runs"]})
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -43,6 +47,7 @@ def plot_sweep(a, res, path):
 def plot_phases(a, res, path):
     plt = _pyplot()
     import numpy as np
+
     fig, axs = plt.subplots(1, 4, figsize=(21, 4.8))
     ph = [r["phases"] for r in res]
     steps = ph[0]["late_sam"]["step"]
@@ -54,6 +59,7 @@ def plot_phases(a, res, path):
         if len(v) > 1:
             s = v.std(0, ddof=1)
             axis.fill_between(steps, m - s, m + s, color=color, alpha=0.2)
+
     band(axs[0], [p["sgd"]["distance"] for p in ph], "SGD: ‖w − w_switch‖", "tab:blue")
     band(axs[0], [p["late_sam"]["distance"] for p in ph], "late SAM: ‖w − w_switch‖", "tab:green")
     band(axs[0], [p["separation"] for p in ph], "‖w_lateSAM − w_SGD‖", "tab:red")
@@ -73,8 +79,10 @@ def plot_phases(a, res, path):
     axs[1].set_ylabel("λmax (solid)")
     axs[1].legend(fontsize=8, loc="upper left")
     it = [p["interpolation"] for p in ph]
-    for key, c, lab in (("sgd_to_late_sam", "tab:green", "SGD → late SAM"),
-                        ("sgd_to_full_sam", "tab:red", "SGD → full SAM")):
+    for key, c, lab in (
+        ("sgd_to_late_sam", "tab:green", "SGD → late SAM"),
+        ("sgd_to_full_sam", "tab:red", "SGD → full SAM"),
+    ):
         if key in it[0]:
             v = np.array([x[key] for x in it])
             axs[2].plot(it[0]["alpha"], v.mean(0), marker=".", color=c, label=lab)
@@ -83,13 +91,21 @@ def plot_phases(a, res, path):
     axs[2].set_yscale("log")
     axs[2].legend(fontsize=8)
     # (d): the final models, SGD / full SAM / reverse
-    keys = [(k, lab) for k, lab in (("sgd", "SGD"), ("full_sam", "full SAM"),
-                                    ("reverse", f"SAM → SGD at {a.phase_epoch}")) if all(r.get(k) for r in res)]
-    for j, (k, lab) in enumerate(keys):
+    keys = [
+        (k, lab)
+        for k, lab in (("sgd", "SGD"), ("full_sam", "full SAM"), ("reverse", f"SAM → SGD at {a.phase_epoch}"))
+        if all(r.get(k) for r in res)
+    ]
+    for j, (k, _lab) in enumerate(keys):
         lam = [r[k]["lambda_max"] for r in res]
         acc = statistics.mean(r[k]["test_acc"] for r in res)
-        axs[3].bar(j, np.mean(lam), yerr=np.std(lam, ddof=1) if len(lam) > 1 else None, capsize=3,
-                   color=("tab:blue", "tab:red", "tab:purple")[j])
+        axs[3].bar(
+            j,
+            np.mean(lam),
+            yerr=np.std(lam, ddof=1) if len(lam) > 1 else None,
+            capsize=3,
+            color=("tab:blue", "tab:red", "tab:purple")[j],
+        )
         axs[3].text(j, np.mean(lam), f"{acc:.2f}%", ha="center", va="bottom", fontsize=8)
     axs[3].set_xticks(range(len(keys)), [lab for _, lab in keys], fontsize=8)
     axs[3].set_ylabel("final λmax (bar), test accuracy (label)")
@@ -99,12 +115,20 @@ def plot_phases(a, res, path):
 def plot_adv(a, res, path):
     plt = _pyplot()
     import numpy as np
+
     ts = sorted({t for r in res for t in r["runs"]})
     fig, ax = plt.subplots(1, 1, figsize=(6, 4.2))
     for key, c in (("clean_acc", "tab:blue"), ("robust_acc", "tab:red")):
         v = np.array([[r["runs"][t][key] for t in ts] for r in res], dtype=float)
-        ax.errorbar(ts, v.mean(0), yerr=v.std(0, ddof=1) if len(res) > 1 else None, marker="o", capsize=3,
-                    color=c, label=key.replace("_", " "))
+        ax.errorbar(
+            ts,
+            v.mean(0),
+            yerr=v.std(0, ddof=1) if len(res) > 1 else None,
+            marker="o",
+            capsize=3,
+            color=c,
+            label=key.replace("_", " "),
+        )
     ax.set_xlabel(f"epochs of adversarial training at the end (0 = standard, {a.epochs} = full AT)")
     ax.set_ylabel("test accuracy (%)")
     ax.legend()
@@ -115,9 +139,11 @@ def plot_adv(a, res, path):
 def lambda_curve(rs: List[Dict]):
     """(epochs, per-seed lambda_max lists): the per-epoch and the just-after-the-switch measurements merged."""
     h, f = rs[0]["history"], rs[0]["fine"]
-    pts = sorted([(e, ("h", i)) for i, (e, v) in enumerate(zip(h["epoch"], h["lambda_max"])) if v is not None]
-                 + [(e, ("f", i)) for i, e in enumerate(f["epoch"])])
-    pick = lambda r, src, i: r["history"]["lambda_max"][i] if src == "h" else r["fine"]["lambda_max"][i]  # noqa: E731
+    pts = sorted(
+        [(e, ("h", i)) for i, (e, v) in enumerate(zip(h["epoch"], h["lambda_max"])) if v is not None]
+        + [(e, ("f", i)) for i, e in enumerate(f["epoch"])]
+    )
+    pick = lambda r, src, i: r["history"]["lambda_max"][i] if src == "h" else r["fine"]["lambda_max"][i]
     return [e for e, _ in pts], [[pick(r, *key) for _, key in pts] for r in rs]
 
 
@@ -132,6 +158,7 @@ def plot_curves(runs: Dict[str, List[Dict]], path: str, title: str, labels: Dict
 
     def band(ax, xs, ys_per_seed, kind, marker=None, label=True, from_x=None):
         import numpy as np
+
         xs, ys = np.array(xs, dtype=float), np.array(ys_per_seed, dtype=float)
         if from_x is not None:  # a branch run: up to the switch it is its parent's line
             xs, ys = xs[xs >= from_x], ys[:, xs >= from_x]
@@ -153,7 +180,7 @@ def plot_curves(runs: Dict[str, List[Dict]], path: str, title: str, labels: Dict
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylab)
     axes[0].set_yscale("log")
-    lo = min(min(r["history"]["test_acc"][len(r["history"]["test_acc"]) // 4:]) for rs in runs.values() for r in rs)
+    lo = min(min(r["history"]["test_acc"][len(r["history"]["test_acc"]) // 4 :]) for rs in runs.values() for r in rs)
     axes[1].set_ylim(max(lo - 1, 0), 100.5)
     axes[2].set_xlabel(f"steps after the switch (epoch {switch})")
     axes[2].set_ylabel("‖w − w_switch‖")
@@ -170,6 +197,7 @@ def plot_gain_cost(summary, path, title):
     """frontier.py: gain in test accuracy over SGD (paired, 95% interval) against the measured cost
     ratio, and test accuracy against λmax, one point per method."""
     import numpy as np
+
     plt = _pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(14, 5.2))
     for r in summary:
@@ -177,10 +205,21 @@ def plot_gain_cost(summary, path, title):
         yerr = None if np.isnan(g["lo"]) else [[g["mean"] - g["lo"]], [g["hi"] - g["mean"]]]
         ax[0].errorbar(cost, g["mean"], xerr=np.std(r["cost_ratio"]), yerr=yerr, fmt="o", capsize=3)
         ax[0].annotate(r["method"], (cost, g["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        ax[1].errorbar(np.mean(r["lambda_max"]), np.mean(r["test_acc"]), xerr=np.std(r["lambda_max"]),
-                       yerr=np.std(r["test_acc"]), fmt="o", capsize=3)
-        ax[1].annotate(r["method"], (np.mean(r["lambda_max"]), np.mean(r["test_acc"])), textcoords="offset points",
-                       xytext=(5, 4), fontsize=7)
+        ax[1].errorbar(
+            np.mean(r["lambda_max"]),
+            np.mean(r["test_acc"]),
+            xerr=np.std(r["lambda_max"]),
+            yerr=np.std(r["test_acc"]),
+            fmt="o",
+            capsize=3,
+        )
+        ax[1].annotate(
+            r["method"],
+            (np.mean(r["lambda_max"]), np.mean(r["test_acc"])),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=7,
+        )
     sam = next(r for r in summary if r["method"] == "SAM")["vs_sgd"]["mean"]
     ax[0].axhline(0, color="gray", lw=1)
     ax[0].axhline(sam, color="tab:red", ls=":", lw=1, label="SAM's gain")
@@ -199,6 +238,7 @@ def plot_rule(out, path, title, acc_bound, lambda_bound):
     """late_phase_rule.py: per late run, late − full SAM test accuracy (paired, 95% interval) and
     λmax(late) / λmax(full) (ratio of means; dots: per seed), with the rule's bounds."""
     import numpy as np
+
     plt = _pyplot()
     names = list(out)
     xs = np.arange(len(names))

@@ -4,6 +4,7 @@ An experiment is a list of tasks (train one run, measure one final model, ...), 
 function of (args, its inputs): the same numbers whether the tasks run one after another in this
 process (``jobs`` 1) or in ``jobs`` spawned worker processes of ``threads`` torch threads each.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,6 +25,7 @@ class Task:
 
 def _worker_init(threads):
     import torch
+
     torch.set_num_threads(threads)
 
 
@@ -50,8 +52,12 @@ def run_tasks(a, tasks: List[Task], label: str, done: Optional[Dict[str, dict]] 
         eta = el / done_cost[0] * (total - done_cost[0]) if done_cost[0] else math.nan
         r = res[t.name]
         extra = f", test {r['test_acc']:.2f}%" if "test_acc" in r else ""
-        print(f"[{label}: {len(res)}/{len(tasks)} tasks, {el:.0f} s, ETA {eta:.0f} s] {t.name} done in "
-              f"{r['seconds']:.0f} s{extra}", file=sys.stderr, flush=True)
+        print(
+            f"[{label}: {len(res)}/{len(tasks)} tasks, {el:.0f} s, ETA {eta:.0f} s] {t.name} done in "
+            f"{r['seconds']:.0f} s{extra}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     if a.jobs <= 1:
         for t in tasks:
@@ -63,10 +69,12 @@ def run_tasks(a, tasks: List[Task], label: str, done: Optional[Dict[str, dict]] 
         return res
     import concurrent.futures as cf
     import multiprocessing
+
     todo = list(tasks)
     running = {}
-    with cf.ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                initializer=_worker_init, initargs=(a.threads,)) as ex:
+    with cf.ProcessPoolExecutor(
+        a.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(a.threads,)
+    ) as ex:
         while todo or running:
             for t in [t for t in todo if all(d in res for d in t.deps)]:
                 running[ex.submit(_timed, t.fn, a, *t.args(res))] = t
@@ -84,6 +92,7 @@ def run_tasks(a, tasks: List[Task], label: str, done: Optional[Dict[str, dict]] 
 def default_jobs(device: str) -> int:
     """Two worker processes on a CPU (at most one per core), one on a GPU."""
     import torch
+
     return 1 if torch.device(device).type != "cpu" else max(1, min(2, os.cpu_count() or 1))
 
 
@@ -91,10 +100,12 @@ def timing_line(a, parts: Dict[str, float], wall: float, cpu: float) -> str:
     """Where the time went: wall time inside the tasks by part, their CPU time, the wall time and load."""
     busy = sum(parts.values())
     shown = ", ".join(f"{k} {v:.0f} s ({100 * v / busy:.0f}%)" for k, v in parts.items() if v > 0) if busy else "-"
-    return (f"Wall time {wall:.0f} s with --jobs {a.jobs} (worker processes of {a.threads} torch thread(s)), "
-            f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; wall time inside the tasks "
-            f"{busy:.0f} s: {shown}; CPU time of the tasks {cpu:.0f} s (an otherwise idle machine needs at "
-            f"least that / jobs, more where the last tasks leave workers idle).")
+    return (
+        f"Wall time {wall:.0f} s with --jobs {a.jobs} (worker processes of {a.threads} torch thread(s)), "
+        f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; wall time inside the tasks "
+        f"{busy:.0f} s: {shown}; CPU time of the tasks {cpu:.0f} s (an otherwise idle machine needs at "
+        f"least that / jobs, more where the last tasks leave workers idle)."
+    )
 
 
 class Progress:
@@ -107,5 +118,8 @@ class Progress:
         self.done += 1
         el = time.perf_counter() - self.t0
         eta = el / self.done * (self.total - self.done)
-        print(f"[{self.label} {self.done}/{self.total} epochs, {el:.0f} s, ETA {eta:.0f} s] {msg}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{self.label} {self.done}/{self.total} epochs, {el:.0f} s, ETA {eta:.0f} s] {msg}",
+            file=sys.stderr,
+            flush=True,
+        )

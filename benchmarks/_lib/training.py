@@ -6,6 +6,7 @@ from the first pass, as in SAM). For a GPU: ``a.amp == "bf16"`` runs both passes
 bf16 autocast (parameters, gradients and optimizer state stay float32), ``a.channels_last`` feeds
 the batches in channels-last layout (the model is converted where it is built).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,7 @@ from fastsam import adversarial, frozen_bn_stats
 
 def checkpoint(model, opt, gen) -> dict:
     """Model, optimizer state and data-order RNG: a plain dict (it travels between processes)."""
-    return {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
-            "gen": gen.get_state()}
+    return {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()), "gen": gen.get_state()}
 
 
 def restore(ck: dict, model, opt, gen, with_opt: bool = True):
@@ -41,8 +41,22 @@ def autocast(a):
     return contextlib.nullcontext()
 
 
-def train_epochs(a, d, model, opt, gen, crit, start, end, *, sam: bool, attack: Optional[dict] = None,
-                 save_at=(), on_step=None, progress=None):
+def train_epochs(
+    a,
+    d,
+    model,
+    opt,
+    gen,
+    crit,
+    start,
+    end,
+    *,
+    sam: bool,
+    attack: Optional[dict] = None,
+    save_at=(),
+    on_step=None,
+    progress=None,
+):
     """Epochs [start, end) with SAM on or off (or adversarial training); returns checkpoints taken at
     the start of the epochs in ``save_at``. ``on_step(global_step)`` is called after every step."""
     opt.sam_active = sam
@@ -58,13 +72,22 @@ def train_epochs(a, d, model, opt, gen, crit, start, end, *, sam: bool, attack: 
         perm = torch.randperm(n, generator=gen)
         losses = []
         for b in range(spe):
-            idx = perm[b * a.batch_size:(b + 1) * a.batch_size].to(d.train_x.device)
+            idx = perm[b * a.batch_size : (b + 1) * a.batch_size].to(d.train_x.device)
             x, y = d.train_x[idx], d.train_y[idx]
             if d.augment is not None:
                 x = d.augment(x, gen)
             if attack is not None:
-                x = adversarial.pgd(model, x, y, eps=attack["eps"], alpha=attack["alpha"], steps=attack["steps"],
-                                    random_start=True, model_mode="train", generator=attack.get("gen"))
+                x = adversarial.pgd(
+                    model,
+                    x,
+                    y,
+                    eps=attack["eps"],
+                    alpha=attack["alpha"],
+                    steps=attack["steps"],
+                    random_start=True,
+                    model_mode="train",
+                    generator=attack.get("gen"),
+                )
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             opt.zero_grad(set_to_none=True)
@@ -78,6 +101,7 @@ def train_epochs(a, d, model, opt, gen, crit, start, end, *, sam: bool, attack: 
                         l2 = crit(model(x), y)
                     l2.backward()
                 return l2
+
             opt.step(closure)
             losses.append(loss.detach())  # read once per epoch: no host sync per step on a GPU
             if on_step is not None:
