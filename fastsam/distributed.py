@@ -42,7 +42,7 @@ same perturbed weights: only ``perturbation="global"`` exists there, and
 :func:`sam_step` refuses "local" rather than silently change its meaning.
 The optimizer state is DTensors like the parameters: checkpoint it with
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict(model,
-opt.base_optimizer)`` (plus ``opt.state_dict()["sam"]`` for the SAM settings).
+opt.base_optimizer)`` (plus ``opt.state_dict()["fastsam"]`` for the SAM settings).
 
 The closure API works too, with :func:`first_pass` around the first pass::
 
