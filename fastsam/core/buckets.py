@@ -329,17 +329,17 @@ def restore_slices(perturbed: List[Bucket], buckets: List[Bucket]) -> Tuple[Dict
     usually the very same list as ``buckets``, when one slice per bucket suffices.
     """
     if buckets is perturbed:
-        return {id(b): [b.whole(_copies(b))] for b in buckets}, []
+        return {id(b): [b.whole(perturbed_copies(b))] for b in buckets}, []
     copy_of: Dict[int, torch.Tensor] = {}  # keyed by the parameters (DTensor views are renewed)
     for b in perturbed:
-        for k, c in zip(b.keys, _copies(b)):
+        for k, c in zip(b.keys, perturbed_copies(b)):
             copy_of[id(k)] = c
     stepped = {id(k) for b in buckets for k in b.keys}
     lone: List[Lone] = []
     for b in perturbed:
         ids = [i for i, k in enumerate(b.keys) if id(k) not in stepped]
         if ids:
-            lone.append(Lone(b.backend, [b.params[i] for i in ids], [_copies(b)[i] for i in ids]))
+            lone.append(Lone(b.backend, [b.params[i] for i in ids], [perturbed_copies(b)[i] for i in ids]))
     out: Dict[int, List[Slice]] = {}
     for b in buckets:
         restored = [i for i, k in enumerate(b.keys) if id(k) in copy_of]
@@ -356,7 +356,7 @@ def restore_slices(perturbed: List[Bucket], buckets: List[Bucket]) -> Tuple[Dict
     return out, lone
 
 
-def _copies(b: Bucket) -> Tensors:
+def perturbed_copies(b: Bucket) -> Tensors:
     """A perturbed bucket's restore copies (``perturb`` made them through ``copies_for``)."""
     assert b.copies is not None, "a perturbed bucket has its restore copies"
     return b.copies
@@ -427,7 +427,7 @@ def new_scalars_like(buckets: List[Bucket], saved: torch.Tensor) -> torch.Tensor
     return out
 
 
-def pass_info(buckets: List[Bucket]) -> Tuple[torch.dtype, torch.device, bool]:
+def pass_info(buckets: Sequence[Bucket]) -> Tuple[torch.dtype, torch.device, bool]:
     """(accumulation dtype, main device, whether the norms can chain on one device)."""
     acc = torch.float64 if any(b.dtype == torch.float64 for b in buckets) else torch.float32
     main = buckets[0].device
