@@ -37,7 +37,7 @@ try:
     from ..kernels import triton as _kernels
     _WHY_NOT = ""
 except ImportError as exc:  # triton missing or broken
-    _kernels = None  # type: ignore[assignment]  # no kernels: _WHY_NOT says why, available() is False
+    _kernels = None  # type: ignore[assignment]  # no kernels: is_available() says False, with _WHY_NOT
     _WHY_NOT = f"triton cannot be imported ({exc}); install it with `pip install triton`"
 
 Tensors = List[torch.Tensor]
