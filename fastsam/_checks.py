@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, overload
 
 import torch
 
@@ -44,6 +44,14 @@ def _describe(value: Any) -> str:
     return repr(value)
 
 
+@overload
+def real(name: str, value: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
+         lo_open: bool = False, hi_open: bool = False, none: Literal[False] = False, env: Optional[str] = None
+         ) -> float: ...
+@overload
+def real(name: str, value: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
+         lo_open: bool = False, hi_open: bool = False, none: bool, env: Optional[str] = None
+         ) -> Optional[float]: ...
 def real(name: str, value: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
          lo_open: bool = False, hi_open: bool = False, none: bool = False, env: Optional[str] = None
          ) -> Optional[float]:
@@ -60,6 +68,12 @@ def real(name: str, value: Any, *, lo: Optional[float] = None, hi: Optional[floa
     return v
 
 
+@overload
+def integer(name: str, value: Any, *, lo: Optional[int] = None, hi: Optional[int] = None,
+            none: Literal[False] = False, env: Optional[str] = None) -> int: ...
+@overload
+def integer(name: str, value: Any, *, lo: Optional[int] = None, hi: Optional[int] = None, none: bool,
+            env: Optional[str] = None) -> Optional[int]: ...
 def integer(name: str, value: Any, *, lo: Optional[int] = None, hi: Optional[int] = None, none: bool = False,
             env: Optional[str] = None) -> Optional[int]:
     """``value`` as a Python int in [lo, hi]: integral numbers only (``2.0`` and ``True`` are refused)."""
@@ -78,6 +92,10 @@ def integer(name: str, value: Any, *, lo: Optional[int] = None, hi: Optional[int
     return v
 
 
+@overload
+def flag(name: str, value: Any, *, none: Literal[False] = False) -> bool: ...
+@overload
+def flag(name: str, value: Any, *, none: bool) -> Optional[bool]: ...
 def flag(name: str, value: Any, *, none: bool = False) -> Optional[bool]:
     """``value`` as a Python bool: ``True``/``False``, NumPy bools and one-element bool tensors only.
 
@@ -93,6 +111,12 @@ def flag(name: str, value: Any, *, none: bool = False) -> Optional[bool]:
     raise ArgumentError(f"{name} must be a bool{' or None' if none else ''}, got {_describe(value)}")
 
 
+@overload
+def choice(name: str, value: Any, options: Sequence[str], *, env: Optional[str] = None,
+           none: Literal[False] = False) -> str: ...
+@overload
+def choice(name: str, value: Any, options: Sequence[str], *, env: Optional[str] = None,
+           none: bool) -> Optional[str]: ...
 def choice(name: str, value: Any, options: Sequence[str], *, env: Optional[str] = None,
            none: bool = False) -> Optional[str]:
     """``value`` if it is one of ``options`` (strings); ``None`` passes when ``none``."""
@@ -104,7 +128,7 @@ def choice(name: str, value: Any, options: Sequence[str], *, env: Optional[str] 
     return value
 
 
-def _range(lo, hi, lo_open, hi_open) -> str:
+def _range(lo: Optional[float], hi: Optional[float], lo_open: bool, hi_open: bool) -> str:
     if lo is None and hi is None:
         return ""
     if lo is not None and hi is not None:

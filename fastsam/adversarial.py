@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, Iterator, List, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,9 @@ MODEL_MODES = ("eval", "train", None)
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _check_attack(eps, alpha, steps, norm, random_start, loss_fn, clamp, model_mode, *, alpha_none=False):
+def _check_attack(eps: Any, alpha: Any, steps: Any, norm: Any, random_start: Any, loss_fn: Any, clamp: Any,
+                  model_mode: Any, *, alpha_none: bool = False
+                  ) -> Tuple[float, Optional[float], int, str, bool, Optional[Tuple[float, float]], Optional[str]]:
     """The attack's settings as plain Python values (every number through fastsam._checks)."""
     eps = real("eps", eps, lo=0)
     alpha = real("alpha", alpha, lo=0, none=alpha_none)
@@ -66,7 +68,7 @@ def _check_attack(eps, alpha, steps, norm, random_start, loss_fn, clamp, model_m
     return eps, alpha, steps, norm, random_start, clamp, model_mode
 
 
-def _check_batch(model, x, y):
+def _check_batch(model: Any, x: Any, y: Any) -> None:
     if not isinstance(model, nn.Module) and not callable(model):
         raise TypeError(f"model must be a torch.nn.Module or a callable, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -79,7 +81,7 @@ def _check_batch(model, x, y):
                             f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
 
 
-def _check_inputs(x: torch.Tensor, clamp) -> None:
+def _check_inputs(x: torch.Tensor, clamp: Optional[Tuple[float, float]]) -> None:
     """x finite and inside ``clamp``: clamping an input from outside the range would move it
     arbitrarily far, past any eps (one host read)."""
     lo_x, hi_x = torch.stack(torch.aminmax(x.detach())).tolist()
@@ -97,10 +99,12 @@ def _check_inputs(x: torch.Tensor, clamp) -> None:
 class _ModelState:
     """Put the model in ``mode`` for the attack; restore training flags and buffers afterwards."""
 
-    def __init__(self, model, mode):
+    saved: Optional[Tuple[List[Tuple[nn.Module, bool]], List[Tuple[torch.Tensor, torch.Tensor]]]]
+
+    def __init__(self, model: Any, mode: Optional[str]) -> None:
         self.model, self.mode = model, mode
 
-    def __enter__(self):
+    def __enter__(self) -> "_ModelState":
         m = self.model
         if not isinstance(m, nn.Module):
             self.saved = None
@@ -111,7 +115,7 @@ class _ModelState:
             m.train(self.mode == "train")
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> Literal[False]:
         if self.saved is None:
             return False
         flags, buffers = self.saved
@@ -136,7 +140,7 @@ def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return delta * torch.where(n > eps, eps / n.clamp_min(torch.finfo(n.dtype).tiny), torch.ones_like(n))
 
 
-def _random_start(x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
+def _random_start(x: torch.Tensor, eps: float, norm: str, generator: Optional[torch.Generator]) -> torch.Tensor:
     if norm == "linf":
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return (2 * u - 1) * eps
@@ -147,7 +151,7 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, generator) -> torch.Te
     return g / _per_sample_norm(g) * (eps * r).view(-1, *([1] * (x.dim() - 1)))
 
 
-def _clamp(t, clamp):
+def _clamp(t: torch.Tensor, clamp: Optional[Tuple[float, float]]) -> torch.Tensor:
     return t if clamp is None else t.clamp(*clamp)
 
 
@@ -164,8 +168,10 @@ def pgd(model: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha:
     of the ball (clamped), else from ``x``. ``eps=0`` or ``steps=0`` (without random start)
     returns a copy of ``x``. See the module docstring for what is checked and restored.
     """
-    eps, alpha, steps, norm, random_start, clamp, model_mode = _check_attack(
+    eps, checked_alpha, steps, norm, random_start, clamp, model_mode = _check_attack(
         eps, alpha, steps, norm, random_start, loss_fn, clamp, model_mode)
+    assert checked_alpha is not None  # (alpha_none=False: None was refused)
+    alpha = checked_alpha
     targeted = flag("targeted", targeted)
     _check_batch(model, x, y)
     if generator is not None and (not isinstance(generator, torch.Generator)
@@ -228,7 +234,7 @@ class RobustAccuracy:
     attack: dict
 
 
-def _batches(data, batch_size):
+def _batches(data: Any, batch_size: Optional[int]) -> Iterator[Tuple[Any, Any]]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) \
             and isinstance(data[1], torch.Tensor) and data[0].dim() > 0 and data[0].shape[0] == data[1].shape[0]:
         x, y = data
@@ -251,7 +257,8 @@ def robust_accuracy(model: Callable, data: Union[Tuple[torch.Tensor, torch.Tenso
                     eps: float, alpha: Optional[float] = None, steps: int = 10, norm: str = "linf",
                     random_start: bool = False, restarts: int = 1, loss_fn: Callable = F.cross_entropy,
                     clamp: Optional[Tuple[float, float]] = (0.0, 1.0), model_mode: Optional[str] = "eval",
-                    batch_size: Optional[int] = None, device=None, seed: Optional[int] = None) -> RobustAccuracy:
+                    batch_size: Optional[int] = None, device: Union[torch.device, str, None] = None,
+                    seed: Optional[int] = None) -> RobustAccuracy:
     """Clean and robust accuracy of ``model`` under untargeted PGD-``steps`` (``steps=1``,
     ``alpha=eps``, no random start is FGSM).
 
@@ -302,6 +309,6 @@ def robust_accuracy(model: Callable, data: Union[Tuple[torch.Tensor, torch.Tenso
     return RobustAccuracy(clean / total, robust / total, total, attack)
 
 
-def _predict(model, x):
+def _predict(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     return out.argmax(1)

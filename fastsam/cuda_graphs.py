@@ -36,18 +36,21 @@ before a capture); then that kind is captured once and replayed.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import torch
 
 from . import _checks
 from .bn import frozen_bn_stats
 
+if TYPE_CHECKING:
+    from .optim import FusedSAM
+
 CAPTURABLE_BACKENDS = ("triton", "foreach")
 _BAKED = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "rho", "adaptive", "maximize")
 
 
-def make_capturable(opt) -> None:
+def make_capturable(opt: FusedSAM) -> None:
     """Move every group's lr into a 0-d float32 tensor on its parameters' device (in place).
 
     The kernels read the lr where they run, and one tensor lives on one device, so every
@@ -92,8 +95,8 @@ class CapturedSAMStep:
     The second pass runs under ``frozen_bn_stats(model)``.
     """
 
-    def __init__(self, model: torch.nn.Module, opt, loss_fn: Callable[[Any, Any], torch.Tensor], *,
-                 warmup: int = 3):
+    def __init__(self, model: torch.nn.Module, opt: FusedSAM, loss_fn: Callable[[Any, Any], torch.Tensor], *,
+                 warmup: int = 3) -> None:
         devices = {p.device.type for g in opt.param_groups for p in g["params"]}
         if devices != {"cuda"} or not torch.cuda.is_available():
             raise ValueError("CapturedSAMStep replays CUDA graphs: every parameter must be on a CUDA device "
@@ -112,7 +115,7 @@ class CapturedSAMStep:
         self._y: Optional[torch.Tensor] = None
 
     # the step itself, as an eager loop would run it
-    def _run(self, x, y, sam: bool) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, y: torch.Tensor, sam: bool) -> torch.Tensor:
         opt = self.opt
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
@@ -138,7 +141,7 @@ class CapturedSAMStep:
             self._eager[sam] += 1
             opt.zero_grad(set_to_none=True)
             return self._run(x, y, sam)
-        if self._x is None:
+        if self._x is None or self._y is None:  # (both are set together)
             self._x, self._y = x.clone(), y.clone()
         self._x.copy_(x)
         self._y.copy_(y)
@@ -155,6 +158,8 @@ class CapturedSAMStep:
 
     def _capture(self, sam: bool) -> torch.cuda.CUDAGraph:
         opt = self.opt
+        x, y = self._x, self._y
+        assert x is not None and y is not None  # the static batch, set by __call__ before any capture
         steps = opt.num_steps
         opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
@@ -163,7 +168,7 @@ class CapturedSAMStep:
             with opt.sam_forced(sam):
                 torch.cuda.synchronize()
                 with torch.cuda.graph(graph):
-                    self._loss[sam] = self._run(self._x, self._y, sam)
+                    self._loss[sam] = self._run(x, y, sam)
                 self._flags[sam] = opt.skip_flag
         finally:
             opt.num_steps = steps  # capturing ran no step

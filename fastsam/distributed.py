@@ -64,7 +64,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import torch
 import torch.distributed as dist
@@ -110,13 +110,14 @@ def first_pass(model: torch.nn.Module, opt: FusedSAM) -> Iterator[None]:
         opt.skip_reducer = None
         yield
         return
-    opt.skip_reducer = functools.partial(_all_reduce_max, group=model.process_group)
-    with model.no_sync():
+    ddp = cast(torch.nn.parallel.DistributedDataParallel, model)  # _is_ddp(model)
+    opt.skip_reducer = functools.partial(_all_reduce_max, group=ddp.process_group)
+    with ddp.no_sync():
         yield
     # A forward inside no_sync() tells DDP to skip the buffer broadcast at the
     # next forward; restore it, so the second pass starts from rank 0's buffers
     # (as in global mode) and every rank ends the step with the same BN statistics.
-    model.require_forward_param_sync = True
+    ddp.require_forward_param_sync = True
 
 
 def sam_step(model: torch.nn.Module, opt: FusedSAM, loss_fn: Callable[[Any, Any], torch.Tensor],

@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import weakref
 from itertools import chain
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Type
 
 import torch
 from torch.optim import Optimizer
@@ -26,12 +27,17 @@ from .core.engine import Extension, SAMCore
 from .core.state import Settings, Shared, check_group
 from .integrations import lightning
 
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
+
 
 class SAMOptimizer(Optimizer):
     """What every fastsam optimizer shares with torch.optim: the base optimizer and its
     ``param_groups``/``state`` (one list and one mapping, so LR schedulers and tools that
     read optimizer state see the base optimizer's), the settings as checked public
     attributes, the state dict in torch's layout, and pickling."""
+
+    core: SAMCore  # set in _setup (through __dict__: wrappers' attribute writes never rebind it)
 
     num_steps = Shared("run", "Completed optimizer steps, SAM or plain (settable, e.g. to migrate a run).")
     sam_active_override = Shared("run", "The override ``opt.sam_active = True/False`` set (None: the schedule decides).")
@@ -40,7 +46,7 @@ class SAMOptimizer(Optimizer):
     sam_start_step = Shared("settings", "Plain base steps until this many steps were taken, SAM afterwards (None: always SAM).")
     schedule = Shared("settings", "An object deciding per step whether it is a SAM step (fastsam.schedules).")
 
-    def _setup(self, params, base_optimizer, defaults: Dict[str, Any], base_kwargs: Dict[str, Any],
+    def _setup(self, params: ParamsT, base_optimizer: Type[Optimizer], defaults: Dict[str, Any], base_kwargs: Dict[str, Any],
                settings: Settings, ext: Optional[Extension]) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(
@@ -76,14 +82,14 @@ class SAMOptimizer(Optimizer):
             self.core.base.param_groups = value
 
     @property
-    def state(self):
+    def state(self) -> Any:
         """The base optimizer's per-parameter state (momentum buffers, Adam moments)."""
         if "_building" in self.__dict__:
             return self.__dict__.setdefault("_state_building", {})
         return self.core.base.state
 
     @state.setter
-    def state(self, value) -> None:
+    def state(self, value: Any) -> None:
         if "_building" in self.__dict__:
             self.__dict__["_state_building"] = value
         else:
@@ -122,7 +128,7 @@ class SAMOptimizer(Optimizer):
         first = next((p for g in self.param_groups for p in g["params"]), None)
         return self.core.backend_for(first.device).NAME if first is not None else "foreach"
 
-    def backend_for(self, device: torch.device):
+    def backend_for(self, device: torch.device) -> ModuleType:
         """The backend module that runs the parameters on ``device``."""
         return self.core.backend_for(torch.device(device))
 
@@ -156,12 +162,12 @@ class SAMOptimizer(Optimizer):
         """torch's layout (``state``, ``param_groups``: the base optimizer's, with each group's
         rho/adaptive) plus ``"fastsam"``: the step count, the switches, the settings and the
         variant's buffers.  State-dict hooks fire as torch's optimizers fire them."""
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = dict(self.core.base.state_dict())
         sd["fastsam"] = self._fastsam_state()
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            out = hook(self, sd)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            out = post_hook(self, sd)
             if out is not None:
                 sd = out
         return sd
@@ -170,13 +176,13 @@ class SAMOptimizer(Optimizer):
         """Load a state dict of this optimizer (the current layout, fastsam's first one, or a plain
         ``{"state", "param_groups"}`` dict with a warning: fastsam/integrations/checkpoints.py).
         Everything is checked before anything changes; a pending perturbation is undone."""
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            out = hook(self, state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = pre_hook(self, state_dict)
             if out is not None:
                 state_dict = out
         self._load(state_dict)
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _fastsam_state(self) -> Dict[str, Any]:
         return checkpoint.state_dict(self.core)
@@ -269,11 +275,11 @@ class FusedSAM(SAMOptimizer):
     skip_reducer = Shared("settings", "Called with the first pass's skip flag before the perturbation "
                                       "(fastsam.distributed reduces it over DDP ranks); not saved.")
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
+    def __init__(self, params: ParamsT, base_optimizer: Type[Optimizer], rho: float = 0.05, adaptive: bool = False, *,
                  perturb_eps: float = 1e-12, max_grad_norm: Optional[float] = None, backend: str = "auto",
                  sam_start_step: Optional[int] = None, perturbation: str = "local", schedule: Any = None,
                  closure_convention: str = "auto", capturable: bool = False,
-                 extension: Optional[Extension] = None, **kwargs):
+                 extension: Optional[Extension] = None, **kwargs: Any) -> None:
         settings = Settings(perturb_eps=perturb_eps, max_grad_norm=max_grad_norm, sam_start_step=sam_start_step,
                             schedule=schedule, perturbation=perturbation, closure_convention=closure_convention,
                             backend=backend, capturable=capturable, skip_reducer=None)
@@ -394,7 +400,7 @@ class FusedSAM(SAMOptimizer):
             hook(self, (), {})
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None):
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One optimizer step.
 
         - After ``first_step()`` (a perturbation is pending): ``second_step()``; a closure, if
@@ -422,7 +428,7 @@ class FusedSAM(SAMOptimizer):
         run = self.core.run
         run.in_step = True
         began = run.pending is None  # a pending first_step is the caller's, and stays pending on failure
-        handed = []  # set once the step has taken the gradients over
+        handed: List[bool] = []  # set once the step has taken the gradients over
         try:
             return self._step(closure, handed)
         except BaseException:
@@ -436,7 +442,7 @@ class FusedSAM(SAMOptimizer):
             run.in_step = False
             run.pre_hooks_fired = False
 
-    def _step(self, closure, handed: list):
+    def _step(self, closure: Optional[Callable[[], Any]], handed: List[bool]) -> Any:
         core = self.core
         run = core.run
         if run.pending is not None:  # finishing a step begun with first_step()
@@ -451,7 +457,7 @@ class FusedSAM(SAMOptimizer):
             raise RuntimeError(lightning.ACCUMULATION_RECIPE)
         torch_convention = closure is not None and (auto is not None or self._torch_convention())
         first_loss = None
-        if torch_convention:
+        if closure is not None and torch_convention:  # (torch_convention implies a closure)
             handed.append(True)
             with torch.enable_grad():
                 first_loss = closure()
@@ -547,7 +553,7 @@ class FusedSAM(SAMOptimizer):
         self.core.finish_step(skip_flag)
 
 
-def _check_produced(param_groups, what: str) -> None:
+def _check_produced(param_groups: List[Dict[str, Any]], what: str) -> None:
     if not any(p.grad is not None for g in param_groups for p in g["params"]):
         raise RuntimeError(f"{what} left no gradient on any parameter: a SAM step needs one from each pass "
                            "(call loss.backward() there)")

@@ -42,7 +42,7 @@ Python numbers; a bad value raises ``ValueError`` naming the setting.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -50,7 +50,7 @@ from ._checks import ArgumentError, integer, real
 
 __all__ = ["LatePhase", "Interval", "RandomSwitch", "Adaptive"]
 
-_SEED_RANGE = dict(lo=-(2 ** 63), hi=2 ** 64 - 1)  # torch.Generator.manual_seed's
+_SEED_RANGE = {"lo": -(2 ** 63), "hi": 2 ** 64 - 1}  # torch.Generator.manual_seed's
 
 
 class _Setting:
@@ -59,16 +59,16 @@ class _Setting:
     never holds a value its ``decide`` would misread.  ``check(name, value)`` returns the
     stored value; the owner's ``_consistent(**changed)`` checks relations between settings."""
 
-    def __init__(self, check: Callable[[str, Any], Any]):
+    def __init__(self, check: Callable[[str, Any], Any]) -> None:
         self.check = check
 
-    def __set_name__(self, owner, name):
+    def __set_name__(self, owner: type, name: str) -> None:
         self.name, self.slot = name, "_" + name
 
-    def __get__(self, obj, owner=None):
+    def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
         return self if obj is None else getattr(obj, self.slot)
 
-    def __set__(self, obj, value):
+    def __set__(self, obj: Any, value: Any) -> None:
         v = self.check(self.name, value)
         obj._consistent(**{self.name: v})
         setattr(obj, self.slot, v)
@@ -79,11 +79,11 @@ def _fraction_steps(total_steps: Any) -> int:
 
 
 class _Schedule:
-    _SETTINGS: tuple = ()  # the settings, in constructor order
+    _SETTINGS: Tuple[str, ...] = ()  # the settings, in constructor order
     _STATE: Dict[str, Callable[[str, Any], Any]] = {}  # other state_dict entries and their checks
-    _SHOWN: tuple = ()     # other attributes the repr shows
+    _SHOWN: Tuple[str, ...] = ()     # other attributes the repr shows
 
-    def _consistent(self, **changed) -> None:
+    def _consistent(self, **changed: Any) -> None:
         """Relations between settings, with ``changed`` in place of the current values."""
 
     def _checked_state(self, d: Any) -> Dict[str, Any]:
@@ -124,10 +124,10 @@ class LatePhase(_Schedule):
     _SETTINGS = ("start",)
     start = _Setting(lambda n, v: integer(n, v, lo=0))
 
-    def __init__(self, start: int):
+    def __init__(self, start: int) -> None:
         self.start = start
 
-    def decide(self, opt) -> bool:
+    def decide(self, opt: Any) -> bool:
         return opt.num_steps >= self.start
 
     def sam_fraction(self, total_steps: int) -> float:
@@ -143,14 +143,14 @@ class Interval(_Schedule):
     rho_multiplier = _Setting(lambda n, v: real(n, v, lo=0))
     start = _Setting(lambda n, v: integer(n, v, lo=0))
 
-    def __init__(self, k: int, rho_multiplier: float = 1.0, start: int = 0):
+    def __init__(self, k: int, rho_multiplier: float = 1.0, start: int = 0) -> None:
         self.k, self.rho_multiplier, self.start = k, rho_multiplier, start
 
-    def decide(self, opt) -> bool:
+    def decide(self, opt: Any) -> bool:
         t = opt.num_steps - self.start
         return t >= 0 and (t + 1) % self.k == 0
 
-    def rho_scale(self, opt) -> float:
+    def rho_scale(self, opt: Any) -> float:
         return self.rho_multiplier
 
     def sam_fraction(self, total_steps: int) -> float:
@@ -175,14 +175,14 @@ class RandomSwitch(_Schedule):
     """
 
     _SETTINGS = ("p", "p_end", "total_steps")
-    _STATE = {"seed": lambda n, v: integer(n, v, **_SEED_RANGE)}
+    _STATE = {"seed": lambda n, v: integer(n, v, lo=_SEED_RANGE["lo"], hi=_SEED_RANGE["hi"])}
     _SHOWN = ("seed",)
     p = _Setting(lambda n, v: real(n, v, lo=0, hi=1))
     p_end = _Setting(lambda n, v: real(n, v, lo=0, hi=1, none=True))
     total_steps = _Setting(lambda n, v: integer(n, v, lo=1, none=True))
 
     def __init__(self, p: float = 0.5, p_end: Optional[float] = None, total_steps: Optional[int] = None,
-                 seed: int = 0):
+                 seed: int = 0) -> None:
         self._p_end = self._total_steps = None  # read by _consistent before they are set
         self.p, self.total_steps, self.p_end = p, total_steps, p_end
         self.generator = torch.Generator(device="cpu")
@@ -197,7 +197,7 @@ class RandomSwitch(_Schedule):
         self._seed = self._STATE["seed"]("seed", value)
         self.generator.manual_seed(self._seed)
 
-    def _consistent(self, **changed) -> None:
+    def _consistent(self, **changed: Any) -> None:
         _needs_total_steps("p_end", changed.get("p_end", self.p_end), changed.get("total_steps", self.total_steps))
 
     def probability(self, t: int) -> float:
@@ -206,7 +206,7 @@ class RandomSwitch(_Schedule):
         frac = min(max(t, 0) / self.total_steps, 1.0)
         return self.p + (self.p_end - self.p) * frac
 
-    def decide(self, opt) -> bool:
+    def decide(self, opt: Any) -> bool:
         u = torch.rand((), generator=self.generator, dtype=torch.float64, device="cpu").item()
         return u < self.probability(opt.num_steps)
 
@@ -228,7 +228,7 @@ class RandomSwitch(_Schedule):
         self.generator.set_state(d["generator"])
 
 
-def grad_sq_norm(opt) -> float:
+def grad_sq_norm(opt: Any) -> float:
     """||g||^2 over every parameter with a gradient, read on the host (one number).
 
     A fastsam optimizer hands it over through its backends' fused norms
@@ -270,7 +270,7 @@ class Adaptive(_Schedule):
               "count": lambda n, v: integer(n, v, lo=0), "sam_steps": lambda n, v: integer(n, v, lo=0)}
 
     def __init__(self, delta: float = 0.9, c: float = 0.0, c_end: Optional[float] = None,
-                 total_steps: Optional[int] = None, warmup: int = 1):
+                 total_steps: Optional[int] = None, warmup: int = 1) -> None:
         self._c_end = self._total_steps = None  # read by _consistent before they are set
         self.delta, self.c, self.total_steps, self.c_end, self.warmup = delta, c, total_steps, c_end, warmup
         self.mean = 0.0
@@ -278,7 +278,7 @@ class Adaptive(_Schedule):
         self.count = 0
         self.sam_steps = 0
 
-    def _consistent(self, **changed) -> None:
+    def _consistent(self, **changed: Any) -> None:
         _needs_total_steps("c_end", changed.get("c_end", self.c_end), changed.get("total_steps", self.total_steps))
 
     def threshold_c(self, t: int) -> float:
@@ -286,7 +286,7 @@ class Adaptive(_Schedule):
             return self.c
         return self.c + (self.c_end - self.c) * min(max(t, 0) / self.total_steps, 1.0)
 
-    def decide(self, opt) -> bool:
+    def decide(self, opt: Any) -> bool:
         x = grad_sq_norm(opt)
         if not math.isfinite(x):
             return False

@@ -85,7 +85,7 @@ def instruction_sets() -> List[str]:
     return out
 
 
-def _laid_out_alike(lists: List[Tensors]) -> bool:
+def _laid_out_alike(lists: List[Any]) -> bool:  # tensor lists or tuples
     """Every tensor dense and strided like the first list's tensor at its index."""
     ref = lists[0]
     return all(t.layout == torch.strided and (t.numel() <= 1 or (t.stride() == r.stride() and _dense(t)))

@@ -11,13 +11,13 @@ False`` runs that device-side path on CPU tensors too (the tests do).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 
 from ._common import FACTOR, SKIP, Epilogue, check_bucket, check_copies, finish_norm, on_host, scaled
 
-Tensors = List[torch.Tensor]
+Tensors = Union[List[torch.Tensor], Tuple[torch.Tensor, ...]]  # torch annotates the _foreach ops as returning tuples
 NAME = "foreach"
 
 
@@ -159,7 +159,7 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
         return
     if host_skip is None:
         new = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs, steps)]
-        _adam_update(*new[:3], grads, new[3], lr, beta1, beta2, eps, weight_decay, decoupled,
+        _adam_update(new[0], new[1], new[2], grads, new[3], lr, beta1, beta2, eps, weight_decay, decoupled,
                      maximize, grad_scale)
         for dst, src in zip((params, exp_avgs, exp_avg_sqs, steps), new):
             _masked_assign(dst, src, skip)

@@ -37,7 +37,7 @@ try:
     from ..kernels import triton as _kernels
     _WHY_NOT = ""
 except ImportError as exc:  # triton missing or broken
-    _kernels = None
+    _kernels = None  # type: ignore[assignment]  # no kernels: is_available() says False, with _WHY_NOT
     _WHY_NOT = f"triton cannot be imported ({exc}); install it with `pip install triton`"
 
 Tensors = List[torch.Tensor]
@@ -76,7 +76,7 @@ def _grad_sq_norm(grads: Tensors, params: Tensors, accumulate: Optional[torch.Te
                   prev: Optional[torch.Tensor]) -> torch.Tensor:
     total = _kernels.sq_norm.sq_norm(grads, params, accumulate, out, mode, eps, max_norm, prev)
     if total is None:
-        ep = None if mode == 0 else Epilogue(out, "perturb" if mode == 1 else "step", eps, max_norm, prev)
+        ep = None if mode == 0 else Epilogue(out, "perturb" if mode == 1 else "step", eps, max_norm, prev)  # type: ignore[arg-type]  # out comes with mode != 0
         total = foreach.grad_sq_norm(grads, params or None, accumulate=accumulate, epilogue=ep)
     return total
 
@@ -123,7 +123,7 @@ def _axpby(xs, ys, coefs, out) -> None:
         foreach.axpby(xs, ys, coefs, out=out)
 
 
-_EAGER = {"dot_sq_norms": _dot_sq_norms, "axpby": _axpby, "sq_norm": _grad_sq_norm, "perturb": _perturb, "restore": _restore,
+_EAGER: dict = {"dot_sq_norms": _dot_sq_norms, "axpby": _axpby, "sq_norm": _grad_sq_norm, "perturb": _perturb, "restore": _restore,
           "restore_sgd_step": _restore_sgd_step, "restore_adam_step": _restore_adam_step,
           "restore_sgd_step_lr_tensor": _restore_sgd_step, "restore_adam_step_lr_tensor": _restore_adam_step}
 

@@ -25,7 +25,7 @@ import functools
 import operator
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -56,7 +56,7 @@ class Bucket:
     copies: Optional[Tensors] = None  # the restore copies, looked up once per bucket
     index: List[int] = field(default_factory=list)  # positions of the parameters in the flat parameter list
     span: Optional[Tuple[int, int]] = None  # (start, stop) when ``index`` is one contiguous range
-    states_cache: Optional[Tuple[Any, int, list]] = None  # (state mapping, its version, per-parameter dicts)
+    states_cache: Optional[Tuple[Any, Optional[int], list]] = None  # (state mapping, its version, per-parameter dicts)
     scratch: Dict[str, Any] = field(default_factory=dict)  # per-bucket caches of the variants; die with the bucket
 
     def states(self, state: Dict) -> list:
@@ -116,47 +116,49 @@ class TrackedState(collections.defaultdict):
 
     __slots__ = ("version",)
 
-    def __init__(self, *args):
+    version: int
+
+    def __init__(self, *args: Any) -> None:
         super().__init__(dict, *args)
         self.version = 0
 
-    def __reduce__(self):  # pickles/deep-copies as the plain defaultdict torch.optim expects
+    def __reduce__(self) -> Tuple[Callable[[List[Tuple[Any, Any]]], "TrackedState"], Tuple[List[Tuple[Any, Any]]]]:  # pickles/deep-copies as the plain defaultdict torch.optim expects
         return (_tracked_from_items, (list(self.items()),))
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: Any, value: Any) -> None:
         self.version += 1
         super().__setitem__(key, value)
 
-    def __delitem__(self, key):
+    def __delitem__(self, key: Any) -> None:
         self.version += 1
         super().__delitem__(key)
 
-    def clear(self):
+    def clear(self) -> None:
         self.version += 1
         super().clear()
 
-    def pop(self, *args):
+    def pop(self, *args: Any) -> Any:
         self.version += 1
         return super().pop(*args)
 
-    def popitem(self):
+    def popitem(self) -> Tuple[Any, Any]:
         self.version += 1
         return super().popitem()
 
-    def update(self, *args, **kwargs):
+    def update(self, *args: Any, **kwargs: Any) -> None:
         self.version += 1
         super().update(*args, **kwargs)
 
-    def setdefault(self, key, default=None):
+    def setdefault(self, key: Any, default: Any = None) -> Any:
         self.version += 1
         return super().setdefault(key, default)
 
 
-def _tracked_from_items(items):
+def _tracked_from_items(items: Iterable[Tuple[Any, Any]]) -> TrackedState:
     return TrackedState(items)
 
 
-def tracked(base) -> "TrackedState":
+def tracked(base: torch.optim.Optimizer) -> "TrackedState":
     """``base.state`` as a TrackedState (installed on first use and after any replacement)."""
     state = base.state
     if type(state) is not TrackedState:
@@ -175,7 +177,7 @@ class Slice(NamedTuple):
     copies: Tensors
 
     def take(self, ids: Sequence[int]) -> "Slice":
-        def pick(ts):
+        def pick(ts: Tensors) -> Tensors:
             return [ts[i] for i in ids]
         return Slice(pick(self.params), pick(self.grads), pick(self.keys), pick(self.copies) if self.copies else [])
 
@@ -187,6 +189,7 @@ class Buckets(list):
     """The bucket list of one gradient pattern, with what ``pass_scalars`` decides from it."""
 
     __slots__ = ("info",)
+    info: Optional[Tuple[torch.dtype, torch.device, bool]]  # pass_info of the buckets (None when there are none)
 
 
 _grad_of = operator.attrgetter("grad")
@@ -196,7 +199,7 @@ _is_none = functools.partial(operator.is_, None)
 class Plan:
     """Buckets of the parameters with a gradient, cached on the gradient pattern."""
 
-    def __init__(self, backend_for: Callable[[torch.device], Any]):
+    def __init__(self, backend_for: Callable[[torch.device], Any]) -> None:
         self.backend_for = backend_for
         self._cache: Dict[Tuple, Buckets] = {}
         self._layout: Optional[Tuple] = None
@@ -279,7 +282,7 @@ class Plan:
         return buckets
 
 
-def backend_of(backend_for: Callable[[torch.device], Any], device: torch.device, dtype: torch.dtype):
+def backend_of(backend_for: Callable[[torch.device], Any], device: torch.device, dtype: torch.dtype) -> Any:
     """The backend for tensors of ``device`` and ``dtype``: ``backend_for(device)``, or foreach for a
     dtype that backend does not support."""
     mod = backend_for(device)
@@ -295,7 +298,7 @@ def _dense(t: torch.Tensor) -> bool:
 def copies_for(b: Bucket, sam_state: Dict) -> Tensors:
     """The bucket's restore copies (kept in the core's own per-parameter state under "sam_copy")."""
     if b.copies is None:
-        out = []
+        out: Tensors = []
         for k, p in zip(b.keys, b.params):
             st = sam_state.setdefault(k, {})
             c = st.get("sam_copy")
@@ -326,17 +329,17 @@ def restore_slices(perturbed: List[Bucket], buckets: List[Bucket]) -> Tuple[Dict
     usually the very same list as ``buckets``, when one slice per bucket suffices.
     """
     if buckets is perturbed:
-        return {id(b): [b.whole(b.copies)] for b in buckets}, []
+        return {id(b): [b.whole(perturbed_copies(b))] for b in buckets}, []
     copy_of: Dict[int, torch.Tensor] = {}  # keyed by the parameters (DTensor views are renewed)
     for b in perturbed:
-        for k, c in zip(b.keys, b.copies):
+        for k, c in zip(b.keys, perturbed_copies(b)):
             copy_of[id(k)] = c
     stepped = {id(k) for b in buckets for k in b.keys}
-    lone = []
+    lone: List[Lone] = []
     for b in perturbed:
         ids = [i for i, k in enumerate(b.keys) if id(k) not in stepped]
         if ids:
-            lone.append(Lone(b.backend, [b.params[i] for i in ids], [b.copies[i] for i in ids]))
+            lone.append(Lone(b.backend, [b.params[i] for i in ids], [perturbed_copies(b)[i] for i in ids]))
     out: Dict[int, List[Slice]] = {}
     for b in buckets:
         restored = [i for i, k in enumerate(b.keys) if id(k) in copy_of]
@@ -351,6 +354,12 @@ def restore_slices(perturbed: List[Bucket], buckets: List[Bucket]) -> Tuple[Dict
             slices.append(s._replace(copies=[copy_of[id(k)] for k in s.keys]))
         out[id(b)] = slices
     return out, lone
+
+
+def perturbed_copies(b: Bucket) -> Tensors:
+    """A perturbed bucket's restore copies (``perturb`` made them through ``copies_for``)."""
+    assert b.copies is not None, "a perturbed bucket has its restore copies"
+    return b.copies
 
 
 # ---------------------------------------------------------------- the norms and scalars
@@ -384,6 +393,7 @@ def pass_scalars(buckets: List[Bucket], mode: str, *, weighted: bool, grads: Opt
             total = b.backend.grad_sq_norm(gs, b.params if weighted and b.group["adaptive"] else None,
                                            accumulate=total, epilogue=ep if last else None)
         if scaled:
+            assert total is not None  # buckets is never empty here (pass_info reads buckets[0])
             sam_scalars(total, ep)
     else:
         partial: Dict[Optional[Tuple], torch.Tensor] = {}  # local sums, per kind of sharding
@@ -395,6 +405,7 @@ def pass_scalars(buckets: List[Bucket], mode: str, *, weighted: bool, grads: Opt
         for shard, sq in partial.items():  # bucket order: the same on every rank
             sq = reduce_over_shards(sq, shard)
             total = sq if total is None else total + sq
+        assert total is not None  # buckets is never empty here (pass_info reads buckets[0])
         sam_scalars(total, ep)
     if skip_hook is not None:
         # A standalone flag: collectives get a tensor of their own, not a view into the scalars.
@@ -416,7 +427,7 @@ def new_scalars_like(buckets: List[Bucket], saved: torch.Tensor) -> torch.Tensor
     return out
 
 
-def pass_info(buckets: List[Bucket]) -> Tuple[torch.dtype, torch.device, bool]:
+def pass_info(buckets: Sequence[Bucket]) -> Tuple[torch.dtype, torch.device, bool]:
     """(accumulation dtype, main device, whether the norms can chain on one device)."""
     acc = torch.float64 if any(b.dtype == torch.float64 for b in buckets) else torch.float32
     main = buckets[0].device
@@ -516,13 +527,15 @@ def _conform_state(buckets: List[Bucket], state: Dict) -> None:
             continue
         for p in b.keys:
             st = state.get(p)
-            for name, v in (st or {}).items():
+            if not st:
+                continue
+            for name, v in st.items():
                 if (torch.is_tensor(v) and name != "step" and v.shape == p.shape
                         and (v.dtype != p.dtype or v.device != p.device or v.stride() != p.stride())):
                     st[name] = torch.empty_like(p).copy_(v)
 
 
-def _dtensor_type():
+def _dtensor_type() -> Any:  # Any: what isinstance narrows to has the DTensor attributes torch.Tensor lacks
     """DTensor's class once torch.distributed.tensor is imported, else None (no DTensor
     exists before; importing it here would make ``import fastsam`` much slower)."""
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)

@@ -9,7 +9,7 @@ then applies it inside one transaction.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -18,15 +18,19 @@ from ..integrations import checkpoints
 from .state import Settings, check_group
 from .txn import Transaction
 
+if TYPE_CHECKING:
+    from .buckets import Bucket
+    from .engine import SAMCore
+
 # State the fused base steps read as tensors shaped like their parameter.
 _PARAM_SHAPED = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def flat_params(core) -> List[torch.Tensor]:
+def flat_params(core: SAMCore) -> List[torch.Tensor]:
     return [p for g in core.base.param_groups for p in g["params"]]
 
 
-def state_dict(core) -> Dict[str, Any]:
+def state_dict(core: SAMCore) -> Dict[str, Any]:
     """The ``"fastsam"`` entry of a state dict: step count, switches, settings, variant buffers."""
     s, run = core.settings, core.run
     save = getattr(s.schedule, "state_dict", None)
@@ -44,7 +48,7 @@ def state_dict(core) -> Dict[str, Any]:
     }
 
 
-def load(core, sd: Any, kind: str = "sam", extra: Optional[Callable[[Dict[str, Any], Transaction], None]] = None,
+def load(core: SAMCore, sd: Any, kind: str = "sam", extra: Optional[Callable[[Dict[str, Any], Transaction], None]] = None,
          ) -> None:
     """Load ``sd`` (any layout ``checkpoints.to_current`` knows) into ``core``: all or nothing.
 
@@ -81,7 +85,9 @@ def load(core, sd: Any, kind: str = "sam", extra: Optional[Callable[[Dict[str, A
         pending = core.run.pending
         if pending is not None:  # between first_step and second_step: back to w first
             for b in pending.buckets:
-                tx.write(lambda b=b: b.backend.restore(b.params, b.copies), b.params)
+                def restore(b: Bucket = b) -> None:
+                    b.backend.restore(b.params, b.copies)
+                tx.write(restore, b.params)
         if extra is not None and part is not None:
             extra(part, tx)
         tx.commit()
@@ -111,7 +117,7 @@ def load(core, sd: Any, kind: str = "sam", extra: Optional[Callable[[Dict[str, A
                       UserWarning, stacklevel=3)
 
 
-def _checked_groups(core, sd: Dict[str, Any]) -> List[Dict[str, Any]]:
+def _checked_groups(core: SAMCore, sd: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The state dict's param groups, with rho and adaptive checked (filled in from the
     defaults where a plain checkpoint lacks them), against this optimizer's layout."""
     theirs = sd.get("param_groups")
@@ -138,9 +144,9 @@ def _checked_groups(core, sd: Dict[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
-def _check_state(core, state: Dict[Any, Any], groups: List[Dict[str, Any]]) -> None:
+def _check_state(core: SAMCore, state: Dict[Any, Any], groups: List[Dict[str, Any]]) -> None:
     """The per-parameter state the fused steps read must be shaped like its parameter."""
-    by_id = {}
+    by_id: Dict[Any, torch.Tensor] = {}
     for mine, theirs in zip(core.base.param_groups, groups):
         by_id.update(zip(theirs["params"], mine["params"]))
     for key, st in state.items():
@@ -160,17 +166,17 @@ def _check_state(core, state: Dict[Any, Any], groups: List[Dict[str, Any]]) -> N
             raise ValueError(f"state_dict['state'][{key!r}]['step'] must hold one number, got shape {tuple(step.shape)}")
 
 
-def _checked_buffers(core, buffers: Any, params: List[torch.Tensor]) -> Dict[str, list]:
+def _checked_buffers(core: SAMCore, buffers: Any, params: List[torch.Tensor]) -> Dict[str, list]:
     if not isinstance(buffers, dict):
         raise ValueError("state_dict['fastsam']['buffers'] must be a dict")
-    out = {}
+    out: Dict[str, list] = {}
     for name, ts in buffers.items():
         if name not in core.ext.buffers:
             raise ValueError(f"state_dict['fastsam']['buffers'] has {name!r}, which {core.ext.name} does not keep")
         if not isinstance(ts, (list, tuple)) or len(ts) != len(params):
             raise ValueError(f"state_dict has {len(ts) if isinstance(ts, (list, tuple)) else ts!r} '{name}' "
                              f"buffers, this optimizer has {len(params)} parameters")
-        kept = []
+        kept: List[Optional[torch.Tensor]] = []
         for i, (p, t) in enumerate(zip(params, ts)):
             if t is None:
                 kept.append(None)
@@ -184,7 +190,7 @@ def _checked_buffers(core, buffers: Any, params: List[torch.Tensor]) -> Dict[str
     return out
 
 
-def _load_schedule(core, part: Optional[Dict[str, Any]], tx: Transaction) -> None:
+def _load_schedule(core: SAMCore, part: Optional[Dict[str, Any]], tx: Transaction) -> None:
     schedule = core.settings.schedule
     saved = None if part is None else part.get("schedule")
     load = getattr(schedule, "load_state_dict", None)

@@ -14,6 +14,7 @@ gradients and the optimizer state are left as they were before the call.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import weakref
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -22,7 +23,7 @@ import torch
 
 from .. import backends, base_steps
 from ..backends._common import SKIP
-from .buckets import (Bucket, Buckets, Plan, copies_for, describe_problem, pass_info, pass_scalars,
+from .buckets import (Bucket, Buckets, Lone, Plan, copies_for, describe_problem, pass_info, pass_scalars,
                       restore_slices, to_device, tracked)
 from .state import Checked, RunState, Settings, check_group
 from .txn import Snapshots, Transaction
@@ -138,7 +139,7 @@ class SAMCore:
             raise RuntimeError("the optimizer of this SAM core no longer exists")
         return opt
 
-    def backend_for(self, device: torch.device):
+    def backend_for(self, device: torch.device) -> Any:
         """The backend module for parameters on ``device`` (resolved once per device)."""
         mod = self.backends.get(device)
         if mod is None:
@@ -197,6 +198,7 @@ class SAMCore:
             else:
                 part = to_device(b.backend.grad_sq_norm(b.grads), main, acc)
                 total = part if total is None else total + part
+        assert total is not None  # bs is not empty
         return float(total)
 
     def check_groups(self, tx: Transaction) -> None:
@@ -206,7 +208,7 @@ class SAMCore:
             if type(rho) is float and 0.0 <= rho < math.inf and type(adaptive) is bool:
                 continue
             check_group(g, gi)  # stores plain Python values: undone with the step
-            tx.on_undo(lambda g=g, rho=rho, adaptive=adaptive: g.update(rho=rho, adaptive=adaptive))
+            tx.on_undo(functools.partial(g.update, rho=rho, adaptive=adaptive))
 
     # ------------------------------------------------------------------ the step
     def first_step(self) -> None:
@@ -262,8 +264,12 @@ class SAMCore:
         pending = self.run.pending
         if pending is None:
             return
-        self.transact(lambda tx: [tx.write(lambda b=b: b.backend.restore(b.params, b.copies), b.params,
-                                           backend=b.backend) for b in pending.buckets])
+        def prepare(tx: Transaction) -> None:
+            for b in pending.buckets:
+                def restore(b: Bucket = b) -> None:
+                    b.backend.restore(b.params, b.copies)
+                tx.write(restore, b.params, backend=b.backend)
+        self.transact(prepare)
         self.run.pending = None
         self.ext.undone(self)
         self.plan.release()
@@ -311,9 +317,13 @@ class SAMCore:
             copies = copies_for(b, self.sam_state)
             adaptive = weighted and b.group["adaptive"]
 
-            def run(b=b, d=d, copies=copies, rho=rho, adaptive=adaptive):
+            def run(b: Bucket = b, d: List[torch.Tensor] = d, copies: List[torch.Tensor] = copies, rho: float = rho,
+                    adaptive: bool = adaptive) -> None:
                 b.backend.perturb(b.params, d, copies, scalars[b.device], rho, adaptive)
-            tx.write(run, b.params + copies, undo=lambda b=b, copies=copies: b.backend.restore(b.params, copies))
+
+            def undo(b: Bucket = b, copies: List[torch.Tensor] = copies) -> None:
+                b.backend.restore(b.params, copies)
+            tx.write(run, b.params + copies, undo=undo)
         return scalars
 
     def prepare_update(self, pending: Optional[Perturbation], buckets: Buckets, tx: Transaction) -> "Update":
@@ -322,8 +332,9 @@ class SAMCore:
         coefficient; a GradScaler's unscale and inf flag folded in).  Reads only."""
         slices, lone = restore_slices(pending.buckets if pending is not None else [], buckets)
         for part in lone:
-            tx.write(lambda part=part: part.backend.restore(part.params, part.copies), part.params,
-                     backend=part.backend)
+            def restore(part: Lone = part) -> None:
+                part.backend.restore(part.params, part.copies)
+            tx.write(restore, part.params, backend=part.backend)
         if not buckets:
             return Update(buckets, slices, None, False)
         run = self.run
@@ -359,7 +370,10 @@ class SAMCore:
         save, load = getattr(schedule, "state_dict", None), getattr(schedule, "load_state_dict", None)
         if callable(save) and callable(load):
             saved, decision = save(), run.decision
-            tx.on_undo(lambda: (load(saved), setattr(run, "decision", decision)))
+            def undo() -> None:
+                load(saved)
+                run.decision = decision
+            tx.on_undo(undo)
         self.sam_active()
 
     def explain(self, exc: BaseException) -> None:

@@ -85,6 +85,17 @@ class Settings(Checked):
     }
     SAVED = ("perturb_eps", "max_grad_norm", "sam_start_step", "perturbation", "closure_convention")
 
+    # The checked values' types (annotations only: no class attributes, so every write goes through CHECKS).
+    perturb_eps: float
+    max_grad_norm: Optional[float]
+    sam_start_step: Optional[int]
+    schedule: Any
+    perturbation: str
+    closure_convention: str
+    backend: str
+    capturable: bool
+    skip_reducer: Optional[Callable[[torch.Tensor], Any]]
+
 
 def _any(value: Any) -> Any:
     return value
@@ -107,6 +118,19 @@ class RunState(Checked):
         "last_grads": _any,        # [(weakref(grad), version)] when the last step(closure) ended
         "variant": _any,           # a variant's data that lives from one pass (or step) to the next
     }
+
+    num_steps: int
+    sam_active_override: Optional[bool]
+    pending: Any
+    decision: Optional[Tuple[int, bool]]
+    skip_flag: Optional[torch.Tensor]
+    opt_called: bool
+    grad_scale: Optional[torch.Tensor]
+    scaler_found_inf: Optional[torch.Tensor]
+    in_step: bool
+    pre_hooks_fired: bool
+    last_grads: Any
+    variant: Dict[str, Any]
 
     def __init__(self) -> None:
         super().__init__(num_steps=0, sam_active_override=None, pending=None, decision=None, skip_flag=None,

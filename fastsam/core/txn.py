@@ -102,7 +102,7 @@ class Transaction:
         self.snapshots = snapshots if snapshots is not None else Snapshots()
         self.writes: List[Write] = []
         self.ordered = False  # set when the writes depend on their order (run as registered)
-        self._undo: List[Callable[[], None]] = []   # Python-level changes made while preparing or committing
+        self._undo: List[Callable[[], object]] = []   # Python-level changes made while preparing or committing
         self._done: List[Callable[[], None]] = []   # the undo of each write that ran, in order
 
     def write(self, run: Callable[[], None], tensors: Sequence[torch.Tensor], *,
@@ -112,7 +112,7 @@ class Transaction:
         has an exact ``undo``), ``size`` their bytes where the caller knows them."""
         self.writes.append(Write(run, tensors, undo=undo, single=single, backend=backend, size=size))
 
-    def on_undo(self, fn: Callable[[], None]) -> None:
+    def on_undo(self, fn: Callable[[], object]) -> None:
         """Register the inverse of a Python-level change just made (run in reverse order on failure)."""
         self._undo.append(fn)
 
@@ -145,5 +145,5 @@ class Transaction:
         with torch.no_grad():
             for fn in reversed(done):
                 fn()
-        for fn in reversed(undo):
-            fn()
+        for undo_fn in reversed(undo):
+            undo_fn()

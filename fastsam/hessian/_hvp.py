@@ -7,7 +7,7 @@ manager: entering it puts the model into the requested mode, leaving it restores
 from __future__ import annotations
 
 import secrets
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,8 @@ from torch import nn
 from .._checks import ArgumentError, choice, flag, integer
 
 HVP_MODES = ("double_backward", "forward_over_reverse")
+LossFn = Callable[[Any, Any], torch.Tensor]  # loss_fn(outputs, targets) -> a scalar tensor
+Products = Sequence[Optional[torch.Tensor]]  # per trainable parameter: its part of H v (None: no dependence)
 MODEL_MODES = ("train", "eval")
 
 
@@ -49,7 +51,7 @@ def as_batches(data: Any) -> List[Tuple[Any, Any]]:
     return [tuple(b) for b in batches]
 
 
-def batch_size(batch) -> int:
+def batch_size(batch: Tuple[Any, Any]) -> int:
     inputs, targets = batch
     for t in (targets, inputs):
         if isinstance(t, torch.Tensor) and t.dim() > 0:
@@ -61,7 +63,7 @@ def batch_size(batch) -> int:
                     "with a leading batch dimension")
 
 
-def _to(x, device):
+def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(device, non_blocking=True)
     if isinstance(x, (tuple, list)):
@@ -71,7 +73,7 @@ def _to(x, device):
     return x
 
 
-def _call_args(inputs):
+def _call_args(inputs: Any) -> Tuple[Tuple[Any, ...], Optional[Dict[str, Any]]]:
     """How ``inputs`` are passed to the model: a dict as keywords, a tuple/list as positionals."""
     if isinstance(inputs, dict):
         return (), inputs
@@ -80,13 +82,13 @@ def _call_args(inputs):
     return (inputs,), None
 
 
-def _call(model, inputs):
+def _call(model: Callable[..., Any], inputs: Any) -> Any:
     args, kwargs = _call_args(inputs)
     return model(*args, **(kwargs or {}))
 
 
 def trainable_parameters(model: nn.Module) -> List[Tuple[str, torch.Tensor]]:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named: List[Tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no parameters with requires_grad=True")
     return named
@@ -134,10 +136,10 @@ class HessianOperator:
     many batches are kept.
     """
 
-    def __init__(self, model: nn.Module, loss_fn, data, *, hvp_mode: str = "double_backward",
-                 model_mode: str = "eval", distributed: Optional[bool] = None, process_group=None,
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, *, hvp_mode: str = "double_backward",
+                 model_mode: str = "eval", distributed: Optional[bool] = None, process_group: Any = None,
                  seed: Optional[int] = None, cache_graph: Optional[bool] = None,
-                 cache_bytes: Optional[int] = None):
+                 cache_bytes: Optional[int] = None) -> None:
         # every argument is checked before ``data`` (perhaps a one-shot iterable) is consumed and
         # before the first collective, so a bad call changes nothing and deadlocks no rank
         if not isinstance(model, nn.Module):
@@ -178,7 +180,7 @@ class HessianOperator:
         self._rng_seeds = [(self.seed * 6364136223846793005 + 1442695040888963407 * (i + 1)) % 2 ** 63
                            for i in range(len(self.batches))]
         self.num_hvps = 0
-        self._saved = None
+        self._saved: Optional[Dict[str, Any]] = None
         self._use_torch_func = False  # forward_over_reverse: eager forward AD until an op lacks it
         self._losses: List[Tuple[int, torch.Tensor]] = []  # (batch, loss) since the last finiteness check
         # double_backward: the first-order graph (gradients with create_graph) of each batch is
@@ -186,13 +188,13 @@ class HessianOperator:
         self.cache_graph = (self.hvp_mode == "double_backward") if cache_graph is None else cache_graph
         self._cache_bytes_arg = cache_bytes
         self._cache_force = cache_graph is True
-        self._graphs: dict = {}
+        self._graphs: Dict[int, Tuple[List[torch.Tensor], List[int]]] = {}
         self._cached_bytes = 0
         self._cache_full = False
         self.cache_budget: Optional[int] = None
 
     # ------------------------------------------------------------------ distributed helpers
-    def _comm_device(self):
+    def _comm_device(self) -> torch.device:
         if self.distributed and dist.get_backend(self.group) == "nccl":
             return self.device
         return torch.device("cpu")
@@ -221,7 +223,7 @@ class HessianOperator:
         return bool(t.item())
 
     # ------------------------------------------------------------------ state save / restore
-    def __enter__(self):
+    def __enter__(self) -> "HessianOperator":
         m = self.model
         self._saved = {
             "training": [(mod, mod.training) for mod in m.modules()],
@@ -232,9 +234,10 @@ class HessianOperator:
         m.train(self.model_mode == "train")
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> Literal[False]:
         self._graphs, self._cached_bytes, self._cache_full = {}, 0, False
         s, self._saved = self._saved, None
+        assert s is not None  # entered
         with torch.no_grad():
             for b, saved in s["buffers"]:
                 b.copy_(saved)
@@ -250,7 +253,7 @@ class HessianOperator:
     def split(self, v: torch.Tensor) -> List[torch.Tensor]:
         return [c.view(s).to(self.dtype) for c, s in zip(v.split(self.sizes), self.shapes)]
 
-    def from_params(self, vector) -> torch.Tensor:
+    def from_params(self, vector: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
         """A parameter-shaped list/tuple (or flat tensor) of finite floats as a flat tensor on the device."""
         if isinstance(vector, torch.Tensor):
             if vector.dim() != 1 or vector.numel() != self.n:
@@ -272,13 +275,13 @@ class HessianOperator:
         return flat
 
     # ------------------------------------------------------------------ products
-    def _loss(self, i, outputs, targets):
+    def _loss(self, i: int, outputs: Any, targets: Any) -> torch.Tensor:
         """loss_fn's scalar on batch ``i``, noted for the finiteness check of the product."""
         loss = _scalar_loss(self.loss_fn(outputs, targets))
         self._losses.append((i, loss.detach()))
         return loss
 
-    def _seeded(self, i):
+    def _seeded(self, i: int) -> Union["_NullCtx", "_SeededRng"]:
         if self.model_mode != "train":
             return _NullCtx()
         devices = [self.device] if self.device.type == "cuda" else []
@@ -333,7 +336,7 @@ class HessianOperator:
         self.num_hvps += 1
         return flat[:-1].to(v.dtype)
 
-    def _raise_nonfinite(self, v, bad_losses):
+    def _raise_nonfinite(self, v: torch.Tensor, bad_losses: bool) -> None:
         if bad_losses:
             local = [(i, float(loss)) for i, loss in self._losses if not bool(torch.isfinite(loss))]
             where = ", ".join(f"data batch {i} (loss {x})" for i, x in local) or "another rank's data"
@@ -367,13 +370,14 @@ class HessianOperator:
             pass
         return 1 << 30  # 1 GiB when the available memory is unknown
 
-    def _first_order_graph(self, i, batch):
+    def _first_order_graph(self, i: int, batch: Tuple[Any, Any]) -> Tuple[List[torch.Tensor], List[int], int]:
         """(gradients with their graph, the matching parameter indices, bytes the graph saves)."""
         inputs, targets = _to(batch[0], self.device), _to(batch[1], self.device)
         skip = {p.untyped_storage().data_ptr() for p in self.params}
-        seen, total = set(), [0]
+        seen: set = set()
+        total = [0]
 
-        def pack(t):
+        def pack(t: torch.Tensor) -> torch.Tensor:
             try:
                 st = t.untyped_storage()
                 ptr = st.data_ptr()
@@ -392,7 +396,7 @@ class HessianOperator:
         keep = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
         return [grads[j] for j in keep], keep, total[0]
 
-    def _hvp_cached(self, i, batch, vs):
+    def _hvp_cached(self, i: int, batch: Tuple[Any, Any], vs: List[torch.Tensor]) -> Products:
         entry = self._graphs.get(i)
         if entry is None:
             grads, keep, nbytes = self._first_order_graph(i, batch)
@@ -412,7 +416,7 @@ class HessianOperator:
         return torch.autograd.grad(grads, self.params, grad_outputs=[vs[j] for j in keep],
                                    retain_graph=i in self._graphs, allow_unused=True)
 
-    def _hvp_double_backward(self, i, inputs, targets, vs):
+    def _hvp_double_backward(self, i: int, inputs: Any, targets: Any, vs: List[torch.Tensor]) -> Products:
         with torch.enable_grad():
             loss = self._loss(i, _call(self.model, inputs), targets)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
@@ -421,12 +425,12 @@ class HessianOperator:
                 return [None] * len(vs)
             return torch.autograd.grad(torch.stack(terms).sum(), self.params, allow_unused=True)
 
-    def _hvp_fwd_rev(self, i, inputs, targets, vs):
+    def _hvp_fwd_rev(self, i: int, inputs: Any, targets: Any, vs: List[torch.Tensor]) -> Products:
         if self._use_torch_func:
             return self._hvp_fwd_rev_func(i, inputs, targets, vs)
         return self._hvp_fwd_rev_eager(i, inputs, targets, vs)
 
-    def _hvp_fwd_rev_eager(self, i, inputs, targets, vs):
+    def _hvp_fwd_rev_eager(self, i: int, inputs: Any, targets: Any, vs: List[torch.Tensor]) -> Products:
         """Forward-over-reverse with eager forward AD: parameters as dual tensors (tangent = v),
         one forward, one plain backward (no ``create_graph``); the gradients' tangents are H v.
 
@@ -447,7 +451,7 @@ class HessianOperator:
             del loss
             return [None if g is None else fwAD.unpack_dual(g).tangent for g in grads]
 
-    def _hvp_fwd_rev_func(self, i, inputs, targets, vs):
+    def _hvp_fwd_rev_func(self, i: int, inputs: Any, targets: Any, vs: List[torch.Tensor]) -> Products:
         from torch.func import functional_call, grad, jvp
         model = self.model
         primals = {n: p.detach() for n, p in zip(self.names, self.params)}
@@ -458,7 +462,7 @@ class HessianOperator:
 
         args, kwargs = _call_args(inputs)
 
-        def loss_of(p):
+        def loss_of(p: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
             loss = _scalar_loss(self.loss_fn(functional_call(model, (p, others), args, kwargs), targets))
             return loss, loss.detach()  # the loss leaves the transforms as jvp's aux output
 
@@ -469,7 +473,9 @@ class HessianOperator:
         for m in bns:
             m.track_running_stats = False
         try:
-            _, hv, loss = jvp(grad(loss_of, has_aux=True), (primals,), (tangents,), has_aux=True)
+            # has_aux=True: (output, the product, aux); torch annotates the 2- and 3-tuple forms as one union
+            _, hv, loss = cast(Tuple[Any, Any, Any], jvp(grad(loss_of, has_aux=True), (primals,), (tangents,),
+                                                         has_aux=True))
             self._losses.append((i, loss))
         finally:
             for m in bns:
@@ -477,34 +483,34 @@ class HessianOperator:
         return [hv[n] for n in self.names]
 
 
-def _scalar_loss(loss):
+def _scalar_loss(loss: Any) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ValueError("loss_fn must return a scalar tensor (mean reduction), got "
                          f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
     return loss.reshape(())
 
 
-def _describe(v):
+def _describe(v: Any) -> str:
     if isinstance(v, torch.Tensor):
         return f"a tensor of shape {tuple(v.shape)} and dtype {v.dtype}"
     return type(v).__name__
 
 
 class _NullCtx:
-    def __enter__(self):
+    def __enter__(self) -> "_NullCtx":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> Literal[False]:
         return False
 
 
 class _SeededRng:
     """Run a block with the CPU (and given CUDA devices') RNG seeded, then restore the RNG state."""
 
-    def __init__(self, seed, devices):
+    def __init__(self, seed: int, devices: List[torch.device]) -> None:
         self.seed, self.devices = seed, devices
 
-    def __enter__(self):
+    def __enter__(self) -> "_SeededRng":
         self._fork = torch.random.fork_rng(devices=self.devices)
         self._fork.__enter__()
         torch.default_generator.manual_seed(self.seed)
@@ -513,12 +519,13 @@ class _SeededRng:
                                           ].manual_seed(self.seed)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> Optional[bool]:
         return self._fork.__exit__(*exc)
 
 
-def hvp(model: nn.Module, loss_fn, data, vector, *, hvp_mode: str = "double_backward",
-        model_mode: str = "eval", distributed: Optional[bool] = None, process_group=None,
+def hvp(model: nn.Module, loss_fn: LossFn, data: Any, vector: Union[torch.Tensor, Sequence[torch.Tensor]], *,
+        hvp_mode: str = "double_backward", model_mode: str = "eval", distributed: Optional[bool] = None,
+        process_group: Any = None,
         seed: Optional[int] = None) -> List[torch.Tensor]:
     """One Hessian-vector product H @ vector of the sample-averaged loss.
 

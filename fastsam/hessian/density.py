@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .._checks import flag, integer, real
-from ._hvp import HessianOperator
+from ._hvp import HessianOperator, LossFn
 from ._util import Progress, check_dtype, generator, rademacher
 from .lanczos import run_lanczos, tridiagonal
 
@@ -33,7 +33,7 @@ class DensityResult:
     num_hvps: int
     seed: int
 
-    def plot(self, ax=None, log: bool = True, **kwargs):
+    def plot(self, ax: Any = None, log: bool = True, **kwargs: Any) -> Any:
         """Plot the density with matplotlib (log y-axis by default, as in PyHessian); returns ax."""
         import matplotlib.pyplot as plt
         ax = ax if ax is not None else plt.gca()
@@ -45,7 +45,8 @@ class DensityResult:
         return ax
 
 
-def smooth(nodes, weights, sigma: Optional[float] = None, num_points: int = 1000):
+def smooth(nodes: List[torch.Tensor], weights: List[torch.Tensor], sigma: Optional[float] = None,
+           num_points: int = 1000) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """Gaussian-smoothed density of point masses averaged over runs: ``(grid, density, sigma)``.
 
     ``sigma`` defaults to 1% of the node range (or of max |node|, or 1, if the range is 0); the
@@ -66,10 +67,10 @@ def smooth(nodes, weights, sigma: Optional[float] = None, num_points: int = 1000
     return grid, dens / len(nodes), float(sigma)
 
 
-def density(model: nn.Module, loss_fn, data, num_iter: int = 100, num_runs: int = 1, *,
+def density(model: nn.Module, loss_fn: LossFn, data: Any, num_iter: int = 100, num_runs: int = 1, *,
             sigma: Optional[float] = None, num_points: int = 1000, seed: Optional[int] = None,
-            hvp_mode: str = "double_backward", model_mode: str = "eval", dtype=None,
-            progress: bool = False, distributed: Optional[bool] = None, process_group=None,
+            hvp_mode: str = "double_backward", model_mode: str = "eval", dtype: Optional[torch.dtype] = None,
+            progress: bool = False, distributed: Optional[bool] = None, process_group: Any = None,
             cache_graph: Optional[bool] = None, cache_bytes: Optional[int] = None) -> DensityResult:
     """SLQ spectral density of the Hessian of the sample-averaged loss.
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Any, List, Optional
 
 import torch
 from torch import nn
 
 from .._checks import ArgumentError, choice, flag, integer, real
-from ._hvp import HessianOperator, trainable_parameters
-from ._util import check_callback, check_dtype
+from ._hvp import HessianOperator, LossFn, trainable_parameters
+from ._util import Callback, check_callback, check_dtype
 from .lanczos import lanczos_eigs
 from .power import power_eigs
 
@@ -48,11 +48,12 @@ class EigenResult:
         return [c.view(s) for c, s in zip(self.eigenvectors[i].split(sizes), self.param_shapes)]
 
 
-def eigenvalues(model: nn.Module, loss_fn, data, k: int = 1, method: str = "lanczos", tol: float = 1e-3,
+def eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1, method: str = "lanczos",
+                tol: float = 1e-3,
                 max_iter: Optional[int] = None, seed: Optional[int] = None, *,
-                hvp_mode: str = "double_backward", model_mode: str = "eval", dtype=None,
-                progress: bool = False, callback: Optional[Callable] = None,
-                distributed: Optional[bool] = None, process_group=None, cache_graph: Optional[bool] = None,
+                hvp_mode: str = "double_backward", model_mode: str = "eval", dtype: Optional[torch.dtype] = None,
+                progress: bool = False, callback: Optional[Callback] = None,
+                distributed: Optional[bool] = None, process_group: Any = None, cache_graph: Optional[bool] = None,
                 cache_bytes: Optional[int] = None) -> EigenResult:
     """Top-k eigenvalues (largest algebraic first) of the Hessian of the sample-averaged loss.
 

@@ -7,11 +7,12 @@ small eigenproblem is solved in float64 with ``torch.linalg.eigh``.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._util import Progress, eps_of, generator, randn
+from ._hvp import HessianOperator
+from ._util import Callback, EigsOut, Progress, eps_of, generator, randn
 
 _BLOCK = 32
 
@@ -19,12 +20,12 @@ _BLOCK = 32
 class Basis:
     """Orthonormal vectors as rows, stored in (_BLOCK, n) blocks on the device."""
 
-    def __init__(self, n: int, dtype, device):
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
         self.n, self.dtype, self.device = n, dtype, device
         self.blocks: List[torch.Tensor] = []
         self.size = 0
 
-    def append(self, v: torch.Tensor):
+    def append(self, v: torch.Tensor) -> None:
         i = self.size % _BLOCK
         if i == 0:
             self.blocks.append(torch.empty(_BLOCK, self.n, dtype=self.dtype, device=self.device))
@@ -34,7 +35,7 @@ class Basis:
     def row(self, j: int) -> torch.Tensor:
         return self.blocks[j // _BLOCK][j % _BLOCK]
 
-    def _views(self):
+    def _views(self) -> Iterator[torch.Tensor]:
         for b, block in enumerate(self.blocks):
             yield block[: min(_BLOCK, self.size - b * _BLOCK)]
 
@@ -55,7 +56,7 @@ class Basis:
         return out
 
 
-def tridiagonal(alphas, betas) -> torch.Tensor:
+def tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> torch.Tensor:
     """The symmetric tridiagonal matrix T (float64, CPU) from the Lanczos coefficients."""
     a = torch.tensor(alphas, dtype=torch.float64, device="cpu")
     T = torch.diag(a)
@@ -65,7 +66,8 @@ def tridiagonal(alphas, betas) -> torch.Tensor:
     return T
 
 
-def run_lanczos(op, v0: torch.Tensor, max_steps: int, *, stop: Optional[Callable] = None,
+def run_lanczos(op: HessianOperator, v0: torch.Tensor, max_steps: int, *,
+                stop: Optional[Callable[[List[float], List[float], float], bool]] = None,
                 restart_gen: Optional[torch.Generator] = None, progress: Optional[Progress] = None
                 ) -> Tuple[List[float], List[float], float, Basis]:
     """Run up to ``max_steps`` Lanczos steps from ``v0`` on ``op.matvec``.
@@ -114,8 +116,8 @@ def run_lanczos(op, v0: torch.Tensor, max_steps: int, *, stop: Optional[Callable
     return alphas, betas, beta, Q
 
 
-def lanczos_eigs(op, k: int, tol: float, max_iter: int, seed: int, dtype, *,
-                 callback: Optional[Callable] = None, progress: bool = False):
+def lanczos_eigs(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int, dtype: torch.dtype, *,
+                 callback: Optional[Callback] = None, progress: bool = False) -> EigsOut:
     """Top-k (largest algebraic) eigenpairs of ``op`` by Lanczos.
 
     Stops when the Ritz residuals ``beta * |S[-1, i]|`` of the k wanted values are all at most
@@ -127,10 +129,10 @@ def lanczos_eigs(op, k: int, tol: float, max_iter: int, seed: int, dtype, *,
     gen = generator(op.device, seed)
     v0 = randn(op.n, gen, dtype, op.device)
     min_steps = min(op.n, k + 2)
-    state = {}
+    state: Dict[str, Any] = {}
     hvps0 = op.num_hvps
 
-    def stop(alphas, betas, beta):
+    def stop(alphas: List[float], betas: List[float], beta: float) -> bool:
         theta, S = torch.linalg.eigh(tridiagonal(alphas, betas))
         kk = min(k, len(alphas))
         top = theta[-kk:].flip(0)

@@ -11,22 +11,23 @@ of H). Shifting costs extra products and slows convergence (the ratios become
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
-from ._util import Progress, generator, randn
+from ._hvp import HessianOperator
+from ._util import Callback, EigsOut, Progress, generator, randn
 
 
-def _project_out(w: torch.Tensor, found) -> torch.Tensor:
+def _project_out(w: torch.Tensor, found: Sequence[torch.Tensor]) -> torch.Tensor:
     for _ in range(2):
         for u in found:
             w.sub_(u * torch.dot(u, w))
     return w
 
 
-def power_eigs(op, k: int, tol: float, max_iter: int, seed: int, dtype, *,
-               callback: Optional[Callable] = None, progress: bool = False):
+def power_eigs(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int, dtype: torch.dtype, *,
+               callback: Optional[Callback] = None, progress: bool = False) -> EigsOut:
     """Top-k (largest algebraic) eigenpairs by power iteration with deflation (and a shift if
     the dominant eigenvalue is negative, see the module docstring).
 
@@ -40,7 +41,10 @@ def power_eigs(op, k: int, tol: float, max_iter: int, seed: int, dtype, *,
     """
     gen = generator(op.device, seed)
     hvps0 = op.num_hvps
-    vals, vecs, ress, conv = [], [], [], []
+    vals: List[float] = []
+    vecs: List[torch.Tensor] = []
+    ress: List[float] = []
+    conv: List[bool] = []
     shift, shifted = 0.0, False
     with Progress(progress, None, "power", op.rank) as bar:
         while len(vals) < k:

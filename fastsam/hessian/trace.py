@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 from torch import nn
 
 from .._checks import choice, flag, integer
-from ._hvp import HessianOperator
+from ._hvp import HessianOperator, LossFn
 from ._util import Progress, check_dtype, generator, rademacher
 
 METHODS = ("hutch++", "hutchinson")
@@ -34,8 +34,9 @@ class TraceResult:
     method: str
 
 
-def _hutchinson(op, probes: int, gen, dtype, bar, project=None) -> torch.Tensor:
-    vals = []
+def _hutchinson(op: HessianOperator, probes: int, gen: torch.Generator, dtype: torch.dtype, bar: Progress,
+                project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    vals: List[float] = []
     for _ in range(probes):
         z = rademacher((op.n,), gen, dtype, op.device)
         if project is not None:
@@ -51,10 +52,11 @@ def _std_error(samples: torch.Tensor) -> float:
     return float(samples.std(unbiased=True)) / math.sqrt(samples.numel())
 
 
-def trace(model: nn.Module, loss_fn, data, num_samples: int = 100, method: str = "hutch++",
+def trace(model: nn.Module, loss_fn: LossFn, data: Any, num_samples: int = 100, method: str = "hutch++",
           seed: Optional[int] = None, *, hvp_mode: str = "double_backward", model_mode: str = "eval",
-          dtype=None, progress: bool = False, distributed: Optional[bool] = None,
-          process_group=None, cache_graph: Optional[bool] = None, cache_bytes: Optional[int] = None) -> TraceResult:
+          dtype: Optional[torch.dtype] = None, progress: bool = False, distributed: Optional[bool] = None,
+          process_group: Any = None, cache_graph: Optional[bool] = None,
+          cache_bytes: Optional[int] = None) -> TraceResult:
     """Estimate tr(H) of the Hessian of the sample-averaged loss with ``num_samples`` products.
 
     ``method="hutchinson"``: mean of z^T H z over ``num_samples`` Rademacher vectors (>= 2).
@@ -87,7 +89,7 @@ def trace(model: nn.Module, loss_fn, data, num_samples: int = 100, method: str =
                     exact_part += float(torch.dot(q, op.matvec(q)))
                     bar.update(1)
 
-                def project(z):
+                def project(z: torch.Tensor) -> torch.Tensor:
                     for _ in range(2):
                         z = z - Q.t() @ (Q @ z)
                     return z

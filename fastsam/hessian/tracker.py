@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional
 from torch import nn
 
 from .._checks import ArgumentError, integer
+from ._hvp import LossFn
 from .eigen import eigenvalues
 
 
@@ -24,7 +25,8 @@ class SharpnessTracker:
     ``steps()`` and ``lambda_max()`` return the two plottable columns.
     """
 
-    def __init__(self, model: nn.Module, loss_fn, data, every: int = 1, k: int = 1, **kwargs: Any):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, every: int = 1, k: int = 1,
+                 **kwargs: Any) -> None:
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every = integer("every", every, lo=1)
         self.k = integer("k", k, lo=1)

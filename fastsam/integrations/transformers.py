@@ -24,7 +24,7 @@ state_dict, its step count included.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 from transformers import Trainer
@@ -49,9 +49,11 @@ class SAMTrainer(Trainer):
     ``optimizers=`` is used as it is (passing SAM arguments as well is an error).
     """
 
-    def __init__(self, *args, sam_rho: float = 0.05, sam_adaptive: bool = False,
+    optimizer: Optional[torch.optim.Optimizer]  # the Trainer's (possibly accelerate-wrapped) optimizer
+
+    def __init__(self, *args: Any, sam_rho: float = 0.05, sam_adaptive: bool = False,
                  sam_start_step: Optional[int] = None, sam_start_fraction: Optional[float] = None,
-                 sam_kwargs: Optional[dict] = None, **kwargs):
+                 sam_kwargs: Optional[Dict[str, Any]] = None, **kwargs: Any) -> None:
         opts = kwargs.get("optimizers", (None, None))
         given = opts[0] if opts else None
         if given is not None and not isinstance(given, FusedSAM):
@@ -72,20 +74,21 @@ class SAMTrainer(Trainer):
         self.sam_start_step, self.sam_start_fraction = sam_start_step, sam_start_fraction
         self.sam_kwargs = dict(sam_kwargs or {})
         self._sam_window: list = []      # the kept micro-batches of the current window
-        self._sam_loss_sum = 0.0         # second-pass losses since the last log
+        self._sam_loss_sum: Union[float, torch.Tensor] = 0.0  # second-pass losses since the last log
         self._sam_loss_steps = 0
         self._sam_total_steps: Optional[int] = None
         super().__init__(*args, **kwargs)
 
     # ---------------------------------------------------------------- the optimizer
-    def create_optimizer_and_scheduler(self, num_training_steps: int):
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
         self._sam_total_steps = num_training_steps
         return super().create_optimizer_and_scheduler(num_training_steps)
 
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
+        assert opt_model is not None  # the Trainer has its model by the time it builds the optimizer
         decay = set(self.get_decay_parameter_names(opt_model))
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
@@ -121,7 +124,8 @@ class SAMTrainer(Trainer):
         return opt
 
     # ---------------------------------------------------------------- the two passes
-    def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None, *args, **kw):
+    def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None, *args: Any,
+                      **kw: Any) -> torch.Tensor:
         opt = self.sam_optimizer
         first = super().training_step(model, inputs, num_items_in_batch, *args, **kw)
         if not opt.sam_active:
@@ -138,7 +142,7 @@ class SAMTrainer(Trainer):
         self._sam_loss_steps += 1
         return first
 
-    def log(self, logs: dict, *args, **kwargs) -> None:
+    def log(self, logs: Dict[str, Any], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._sam_loss_steps:
             logs = dict(logs)
             logs["sam_loss"] = round(float(self._sam_loss_sum) / self._sam_loss_steps, 6)

@@ -13,13 +13,13 @@ def check_bucket(*lists: Optional[Sequence[torch.Tensor]]) -> None:
     The fused kernels take one device and one dtype per launch; mixing them is
     a caller bug that would otherwise read memory of the wrong type.
     """
-    lists = [ls for ls in lists if ls is not None]
-    if not lists or not lists[0]:
+    given = [ls for ls in lists if ls is not None]
+    if not given or not given[0]:
         return
-    n = len(lists[0])
-    ref = lists[0][0]
-    first = lists[0]
-    for ls in lists:
+    n = len(given[0])
+    ref = given[0][0]
+    first = given[0]
+    for ls in given:
         if len(ls) != n:
             raise ValueError(f"tensor lists of one fused call must have equal lengths, got {n} and {len(ls)}")
         for t, r in zip(ls, first):

@@ -22,12 +22,12 @@ the code path of CUDA devices (tests/test_variants_*.py do).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..backends._common import SKIP
-from ..core.buckets import pass_info, reduce_over_shards, to_device
+from ..core.buckets import Bucket, pass_info, reduce_over_shards, to_device
 
 Tensors = List[torch.Tensor]
 HOST_SCALARS = True  # form coefficients on the host when the reduction is on the CPU (see the docstring)
@@ -42,12 +42,13 @@ def on_host(t: torch.Tensor) -> bool:
     return HOST_SCALARS and t.device.type == "cpu"
 
 
-def _info(buckets):
+def _info(buckets: Sequence[Bucket]) -> Tuple[torch.dtype, torch.device, bool]:
     return getattr(buckets, "info", None) or pass_info(buckets)
 
 
 # ---------------------------------------------------------------- reductions over the buckets
-def _sum_over(buckets, reduce, lists: Sequence[Sequence[Tensors]]) -> Optional[torch.Tensor]:
+def _sum_over(buckets: Sequence[Bucket], reduce: Callable[[Bucket], Callable[..., torch.Tensor]],
+              lists: Sequence[Sequence[Tensors]]) -> torch.Tensor:
     """The total of ``reduce(*lists_of_bucket_i, accumulate=...)`` over the buckets, on the first
     bucket's device: chained through ``accumulate`` where the buckets allow it, else per-bucket
     results added on the main device, the local sums of sharded buckets all-reduced first."""
@@ -56,8 +57,9 @@ def _sum_over(buckets, reduce, lists: Sequence[Sequence[Tensors]]) -> Optional[t
         total = None
         for b, *ts in zip(buckets, *lists):
             total = reduce(b)(*ts, accumulate=total)
+        assert total is not None  # buckets is never empty (pass_info reads buckets[0])
         return total
-    partial: Dict = {}
+    partial: Dict[Any, torch.Tensor] = {}
     for b, *ts in zip(buckets, *lists):
         part = to_device(reduce(b)(*ts), main, acc)
         partial[b.shard] = partial[b.shard] + part if b.shard in partial else part
@@ -65,16 +67,18 @@ def _sum_over(buckets, reduce, lists: Sequence[Sequence[Tensors]]) -> Optional[t
     for shard, part in partial.items():  # bucket order: the same on every rank
         part = reduce_over_shards(part, shard)
         total = part if total is None else total + part
+    assert total is not None  # buckets is never empty (pass_info reads buckets[0])
     return total
 
 
-def dot_sq_norms(buckets, xs: Sequence[Tensors], ys: Sequence[Tensors]) -> torch.Tensor:
+def dot_sq_norms(buckets: Sequence[Bucket], xs: Sequence[Tensors], ys: Sequence[Tensors]) -> torch.Tensor:
     """(3,) [<x, y>, ||x||^2, ||y||^2] over all buckets (``xs[i]``/``ys[i]`` are bucket i's lists),
     on the first bucket's device."""
     return _sum_over(buckets, lambda b: b.backend.dot_sq_norms, (xs, ys))
 
 
-def sq_norm_over(buckets, lists: Sequence[Tensors], extra: Sequence = ()) -> torch.Tensor:
+def sq_norm_over(buckets: Sequence[Bucket], lists: Sequence[Tensors], extra: Sequence[Tuple[Any, Tensors]] = ()
+                 ) -> torch.Tensor:
     """0-d sum of squares over bucket i's ``lists[i]`` (and over ``extra``: (backend, list)
     pairs outside the buckets), on the first bucket's device."""
     acc, main, _ = _info(buckets)
@@ -85,7 +89,7 @@ def sq_norm_over(buckets, lists: Sequence[Tensors], extra: Sequence = ()) -> tor
     return total
 
 
-def axpby(buckets, xs: Sequence[Tensors], ys: Sequence[Tensors], coefs: torch.Tensor,
+def axpby(buckets: Sequence[Bucket], xs: Sequence[Tensors], ys: Sequence[Tensors], coefs: torch.Tensor,
           out: Optional[Sequence[Tensors]] = None) -> None:
     """``out[i] <- coefs[0] xs[i] + coefs[1] ys[i]`` per bucket unless ``coefs[2]`` (out: in place)."""
     per = CoefsOn(coefs)
@@ -97,9 +101,9 @@ def axpby(buckets, xs: Sequence[Tensors], ys: Sequence[Tensors], coefs: torch.Te
 class CoefsOn:
     """``coefs`` on each bucket's device in its accumulation dtype (converted once per pair)."""
 
-    def __init__(self, coefs: torch.Tensor):
+    def __init__(self, coefs: torch.Tensor) -> None:
         self.coefs = coefs
-        self._by: Dict = {}
+        self._by: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def __call__(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         acc = acc_dtype(dtype)
@@ -113,7 +117,10 @@ class CoefsOn:
         return hit
 
 
-def coefs(a, b, skip, like: torch.Tensor) -> torch.Tensor:
+Scalar = Union[float, torch.Tensor]
+
+
+def coefs(a: Scalar, b: Scalar, skip: Scalar, like: torch.Tensor) -> torch.Tensor:
     """[a, b, skip] as a 1-D tensor on ``like``'s device and dtype: Python floats (host) or 0-d
     device tensors (one stack, no host read)."""
     if all(isinstance(v, (int, float)) for v in (a, b, skip)):
@@ -123,7 +130,7 @@ def coefs(a, b, skip, like: torch.Tensor) -> torch.Tensor:
     return torch.stack(vals)
 
 
-def skip_of(scalars: Optional[Dict[torch.device, torch.Tensor]], like: torch.Tensor):
+def skip_of(scalars: Optional[Dict[torch.device, torch.Tensor]], like: torch.Tensor) -> Scalar:
     """A pass's skip flag (``run.first_scalars``) for coefficients made like ``like``: a float on the
     host path, a 0-d tensor on ``like``'s device otherwise; 0.0 when there are no scalars."""
     if not scalars:

@@ -27,20 +27,31 @@ it has one is host state; see ``FriendlySAMStep.commit``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+import functools
+
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .. import _checks
-from ..core.engine import Extension
+from ..core.buckets import Bucket, Buckets
+from ..core.engine import Extension, Perturbation, SAMCore, Scalars
 from ..core.state import Checked, Shared
 from ..optim import FusedSAM
+from ..core.txn import Transaction
 from . import _ops
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
+
+Tensors = List[torch.Tensor]
 
 
 class FriendlySAMSettings(Checked):
     CHECKS = {"sigma": lambda v: _checks.real("sigma", v),
               "lmbda": lambda v: _checks.real("lmbda", v, lo=0, hi=1)}
+    sigma: float
+    lmbda: float
 
 
 class FriendlySAMStep(Extension):
@@ -49,6 +60,7 @@ class FriendlySAMStep(Extension):
 
     name = "FriendlySAM"
     buffers = ("fsam_m",)
+    settings: FriendlySAMSettings
 
     def __init__(self, sigma: float, lmbda: float) -> None:
         self.settings = FriendlySAMSettings(sigma=sigma, lmbda=lmbda)
@@ -57,7 +69,7 @@ class FriendlySAMStep(Extension):
     def forget(self) -> None:
         self.token = object()
 
-    def _plan(self, core, b) -> tuple:
+    def _plan(self, core: SAMCore, b: Bucket) -> Tuple[List[int], List[torch.Tensor], List[torch.Tensor], List[int]]:
         """(indices with an EMA, their m, their d buffers, indices without one) of bucket ``b``,
         cached on the bucket until a parameter gets its first EMA or the state is loaded."""
         hit = b.scratch.get("fsam")
@@ -69,11 +81,11 @@ class FriendlySAMStep(Extension):
             hit = b.scratch["fsam"] = (self.token, has, ms, ds, new)
         return hit[1:]
 
-    def first_gradient(self, core, buckets, tx) -> None:
+    def first_gradient(self, core: SAMCore, buckets: Buckets, tx: Transaction) -> None:
         """Per parameter, as nblt/F-SAM's first_step: with an EMA m, d = g - sigma m (into a scratch
         buffer, the perturbation's direction); without one, d = g and its EMA starts at g once the
         step commits.  Nothing is read by the host."""
-        pending = []
+        pending: List[Tuple[Bucket, Tensors, Tensors, List[Tuple[torch.Tensor, torch.Tensor]]]] = []
         sigma = self.settings.sigma
         for b in buckets:
             has, ms, ds, new = self._plan(core, b)
@@ -93,7 +105,8 @@ class FriendlySAMStep(Extension):
         variant["fsam"] = pending
         tx.on_undo(lambda: variant.pop("fsam", None))
 
-    def commit(self, core, pending, buckets, scalars, tx) -> None:
+    def commit(self, core: SAMCore, pending: Optional[Perturbation], buckets: Buckets,
+               scalars: Optional[Scalars], tx: Transaction) -> None:
         """m <- a m + b d unless the step was skipped (first or second pass): one masked axpby per
         bucket with the second pass's skip flag, on the device.  Parameters getting their first EMA
         are the one host read: whether m exists is host state, so on such a step (the first SAM step,
@@ -114,7 +127,10 @@ class FriendlySAMStep(Extension):
                     c = _const(b, a, bb, float(flag))
                 else:  # the skip flag joins the coefficients on the device: one op, no host read
                     c = torch.cat([_const(b, a, bb)[:2], flag.to(like).view(1)])
-                tx.write(lambda b=b, ms=ms, ds=ds, c=c: b.backend.axpby(ms, ds, c), ms, backend=b.backend)
+                def ema(b: Bucket = b, ms: List[torch.Tensor] = ms, ds: List[torch.Tensor] = ds,
+                        c: torch.Tensor = c) -> None:
+                    b.backend.axpby(ms, ds, c)
+                tx.write(ema, ms, backend=b.backend)
             if fresh:
                 if fresh_taken is None:
                     fresh_taken = flag is None or not bool(flag)  # the host read (see the docstring)
@@ -122,21 +138,21 @@ class FriendlySAMStep(Extension):
                     for k, m in fresh:
                         st = core.sam_state.setdefault(k, {})
                         st["fsam_m"] = m
-                        tx.on_undo(lambda st=st: st.pop("fsam_m", None))
+                        tx.on_undo(functools.partial(st.pop, "fsam_m", None))
                     token = self.token
                     self.token = object()
-                    tx.on_undo(lambda token=token: setattr(self, "token", token))
+                    tx.on_undo(functools.partial(setattr, self, "token", token))
 
-    def finished(self, core, sam: bool) -> None:
+    def finished(self, core: SAMCore, sam: bool) -> None:
         core.run.variant.pop("fsam", None)
 
-    def undone(self, core) -> None:
+    def undone(self, core: SAMCore) -> None:
         core.run.variant.pop("fsam", None)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"sigma": self.settings.sigma, "lmbda": self.settings.lmbda}
 
-    def load_state_dict(self, d: Dict[str, Any]):
+    def load_state_dict(self, d: Dict[str, Any]) -> Callable[[], None]:
         values = self.settings.checked({k: d[k] for k in ("sigma", "lmbda") if k in d})
 
         def apply() -> None:
@@ -146,7 +162,7 @@ class FriendlySAMStep(Extension):
         return apply
 
 
-def _const(b, a: float, bb: float, skip: float = 0.0) -> torch.Tensor:
+def _const(b: Bucket, a: float, bb: float, skip: float = 0.0) -> torch.Tensor:
     """[a, bb, skip] on the bucket's device in its accumulation dtype, made once per value."""
     consts = b.scratch.setdefault("fsam_consts", {})
     c = consts.get((a, bb, skip))
@@ -155,7 +171,7 @@ def _const(b, a: float, bb: float, skip: float = 0.0) -> torch.Tensor:
     return c
 
 
-def _like(b) -> torch.Tensor:
+def _like(b: Bucket) -> torch.Tensor:
     """A 0-d tensor of the bucket's device and accumulation dtype (what its coefficients are made of)."""
     hit = b.scratch.get("fsam_like")
     if hit is None:
@@ -169,6 +185,6 @@ class FriendlySAM(FusedSAM):
     sigma = Shared("extension_settings", "FriendlySAM's sigma: how much of the gradients' EMA d removes.")
     lmbda = Shared("extension_settings", "FriendlySAM's EMA factor, in [0, 1].")
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *, sigma: float = 1.0,
-                 lmbda: float = 0.95, **kwargs):
+    def __init__(self, params: ParamsT, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
+                 adaptive: bool = False, *, sigma: float = 1.0, lmbda: float = 0.95, **kwargs: Any) -> None:
         super().__init__(params, base_optimizer, rho, adaptive, extension=FriendlySAMStep(sigma, lmbda), **kwargs)

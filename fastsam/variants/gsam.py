@@ -24,22 +24,28 @@ copy of g and d, one parameter-sized buffer each.  The base optimizer steps with
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Union
 
 import torch
 
 from .. import _checks
-from ..core.engine import Extension
+from ..core.buckets import Buckets
+from ..core.engine import Extension, Perturbation, SAMCore
 from ..core.state import Checked, Shared
 from ..optim import FusedSAM
+from ..core.txn import Transaction
 from . import _ops
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
 
 
 class ProportionalRho:
     """rho = min_rho + (max_rho - min_rho) * (lr - min_lr) / (max_lr - min_lr) (constant max_rho if max_lr == min_lr)."""
 
-    def __init__(self, max_lr: float, min_lr: float, max_rho: float, min_rho: float = 0.0):
+    def __init__(self, max_lr: float, min_lr: float, max_rho: float, min_rho: float = 0.0) -> None:
         max_lr, min_lr = _checks.real("max_lr", max_lr, lo=0), _checks.real("min_lr", min_lr, lo=0)
         max_rho, min_rho = _checks.real("max_rho", max_rho, lo=0), _checks.real("min_rho", min_rho, lo=0)
         if not (max_lr > min_lr or (max_lr == min_lr and max_rho == min_rho)) or max_rho < min_rho:
@@ -61,6 +67,8 @@ def _check_rho_schedule(fn: Any) -> Any:
 
 class GSAMSettings(Checked):
     CHECKS = {"alpha": lambda v: _checks.real("alpha", v, lo=0), "rho_schedule": _check_rho_schedule}
+    alpha: float
+    rho_schedule: Optional[Callable[[float], float]]
 
 
 class GSAMStep(Extension):
@@ -69,11 +77,12 @@ class GSAMStep(Extension):
     reads: ``p.grad`` keeps g_s, and the copy of g survives a failed second step for its retry)."""
 
     name = "GSAM"
+    settings: GSAMSettings
 
     def __init__(self, alpha: float, rho_schedule: Optional[ProportionalRho]) -> None:
         self.settings = GSAMSettings(alpha=alpha, rho_schedule=rho_schedule)
 
-    def first_gradient(self, core, buckets, tx) -> None:
+    def first_gradient(self, core: SAMCore, buckets: Buckets, tx: Transaction) -> None:
         schedule = self.settings.rho_schedule
         if schedule is not None:
             for gi, g in enumerate(core.base.param_groups):
@@ -81,12 +90,12 @@ class GSAMStep(Extension):
                 lr = g["lr"]
                 g["rho"] = _checks.real(f"rho of param group {gi} (from rho_schedule)",
                                         max(float(schedule(float(lr))), 0.0), lo=0)
-                tx.on_undo(lambda g=g, old=old: g.__setitem__("rho", old))
+                tx.on_undo(functools.partial(g.__setitem__, "rho", old))
         if self.settings.alpha != 0:  # keep g for the decomposition (scratch: the gradients stay the user's)
             for b in buckets:
                 b.backend.restore(core.buffers(b, "gsam_g"), b.grads)
 
-    def sam_gradient(self, core, pending, buckets, tx) -> None:
+    def sam_gradient(self, core: SAMCore, pending: Perturbation, buckets: Buckets, tx: Transaction) -> None:
         """d = (1 - alpha c) g_s - alpha g with c = -cos * ||g|| / (||g_s|| + eps): their g_s - alpha
         (g + c g_s) in one axpby into the copy of g, after one dot_sq_norms of (g_s, g).  The
         coefficients stay on the device (on the CPU: formed on the host, where reading is free).
@@ -99,13 +108,14 @@ class GSAMStep(Extension):
         gs = [core.buffers(b, "gsam_g", zero=True) for b in buckets]
         grads = [b.grads for b in buckets]
         r = _ops.dot_sq_norms(buckets, grads, gs)  # [<g_s, g>, ||g_s||^2, ||g||^2]
+        coef: Union[float, torch.Tensor]
         if _ops.on_host(r):
             inner, new_sq, old_sq = r.tolist()
             new, old = math.sqrt(new_sq), math.sqrt(old_sq)
             coef = -((inner / (new * old + eps)) * old / (new + eps))
         else:
-            new, old = r[1].sqrt(), r[2].sqrt()
-            coef = -((r[0] / (new * old + eps)) * old / (new + eps))
+            new_t, old_t = r[1].sqrt(), r[2].sqrt()
+            coef = -((r[0] / (new_t * old_t + eps)) * old_t / (new_t + eps))
         c = _ops.coefs(1.0 - alpha * coef, -alpha, 0.0, r)
         ds = [core.buffers(b, "gsam_d") for b in buckets]  # not over g: a failed step is retried from it
         _ops.axpby(buckets, grads, gs, c, out=ds)
@@ -115,9 +125,13 @@ class GSAMStep(Extension):
     def state_dict(self) -> Dict[str, Any]:
         return {"alpha": self.settings.alpha}
 
-    def load_state_dict(self, d: Dict[str, Any]):
+    def load_state_dict(self, d: Dict[str, Any]) -> Callable[[], None]:
         values = self.settings.checked({k: d[k] for k in ("alpha",) if k in d})
-        return lambda: [setattr(self.settings, k, v) for k, v in values.items()]
+
+        def apply() -> None:
+            for k, v in values.items():
+                setattr(self.settings, k, v)
+        return apply
 
 
 class GSAM(FusedSAM):
@@ -128,6 +142,7 @@ class GSAM(FusedSAM):
     alpha = Shared("extension_settings", "GSAM's alpha: how much of g's component orthogonal to g_s is removed.")
     rho_schedule = Shared("extension_settings", "rho as a function of the lr (ProportionalRho), or None.")
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *, alpha: float = 0.1,
-                 rho_schedule: Optional[ProportionalRho] = None, **kwargs):
+    def __init__(self, params: ParamsT, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
+                 adaptive: bool = False, *, alpha: float = 0.1, rho_schedule: Optional[ProportionalRho] = None,
+                 **kwargs: Any) -> None:
         super().__init__(params, base_optimizer, rho, adaptive, extension=GSAMStep(alpha, rho_schedule), **kwargs)

@@ -43,26 +43,30 @@ parameters of the full step, ||g|| over those with a gradient now.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
 import torch
 
 from .. import _checks
-from ..core.buckets import backend_of
-from ..core.engine import Extension
+from ..core.buckets import Buckets, backend_of
+from ..core.engine import Extension, Perturbation, SAMCore, Scalars
 from ..core.state import Checked, Shared
 from ..optim import FusedSAM
+from ..core.txn import Transaction
 from . import _ops
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
 
 
 class EveryK:
     """Full SAM on steps start, start + k, start + 2k, ... (LookSAM's rule)."""
 
-    def __init__(self, k: int, start: int = 0):
+    def __init__(self, k: int, start: int = 0) -> None:
         self.k = _checks.integer("k", k, lo=1)
         self.start = _checks.integer("start", start, lo=0)
 
-    def decide(self, opt) -> bool:
+    def decide(self, opt: Any) -> bool:
         t = opt.num_steps - self.start
         return t >= 0 and t % self.k == 0
 
@@ -76,6 +80,7 @@ class EveryK:
 
 class LookSAMSettings(Checked):
     CHECKS = {"alpha": lambda v: _checks.real("alpha", v, lo=0)}
+    alpha: float
 
 
 class LookSAMStep(Extension):
@@ -85,6 +90,7 @@ class LookSAMStep(Extension):
     name = "LookSAM"
     buffers = ("looksam_gv",)
     transient = ("full_buckets", "full_stale")
+    settings: LookSAMSettings
 
     def __init__(self, alpha: float, k: int) -> None:
         self.settings = LookSAMSettings(alpha=alpha)
@@ -100,11 +106,12 @@ class LookSAMStep(Extension):
         self.full_stale: list = []
 
     # ------------------------------------------------------------------ hooks
-    def first_gradient(self, core, buckets, tx) -> None:
+    def first_gradient(self, core: SAMCore, buckets: Buckets, tx: Transaction) -> None:
         for b in buckets:  # keep g for the projection (scratch: the gradients stay the user's)
             b.backend.restore(core.buffers(b, "looksam_g", zero=True), b.grads)
 
-    def commit(self, core, pending, buckets, scalars, tx) -> None:
+    def commit(self, core: SAMCore, pending: Optional[Perturbation], buckets: Buckets,
+               scalars: Optional[Scalars], tx: Transaction) -> None:
         """On a full step: g_v <- g_s - (<g, g_s> / (||g||^2 + 1e-12)) g, unnormalised, with
         ||g_v||^2 kept as a device scalar: one dot_sq_norms of (g_s, g) now, and one axpby writing
         g_v plus one norm of g_v as the step's write.  A skipped step (first pass non-finite, or
@@ -121,6 +128,7 @@ class LookSAMStep(Extension):
         gvs = [core.buffers(b, "looksam_gv", zero=True) for b in buckets]
         r = _ops.dot_sq_norms(buckets, grads, gs)  # [<g_s, g>, ||g_s||^2, ||g||^2]
         first = pending.scalars
+        skip: Union[float, torch.Tensor]
         if _ops.on_host(r):
             inner, ssq, gsq = r.tolist()
             skip = 1.0 if _ops.skip_of(first, r) != 0 or not math.isfinite(inner + ssq + gsq) else 0.0
@@ -130,7 +138,9 @@ class LookSAMStep(Extension):
             # a sum of finite entries may itself overflow.
             bad = ((r * 0).sum() != 0).to(r.dtype)
             first_skip = _ops.skip_of(first, r)
-            skip = bad if isinstance(first_skip, float) and first_skip == 0.0 else torch.maximum(bad, first_skip)
+            # (off the host path skip_of gives a float only as 0.0, when there are no scalars)
+            skip = (bad if isinstance(first_skip, float) and first_skip == 0.0
+                    else torch.maximum(bad, cast(torch.Tensor, first_skip)))
             c = _ops.coefs(1.0, -r[0] / (r[2] + 1e-12), skip, r)
         stale = self._stale_gv(core, buckets)
         written = [t for ts in gvs for t in ts] + [t for _, ts in stale for t in ts]
@@ -150,7 +160,7 @@ class LookSAMStep(Extension):
             self._set(gv_sq, True)
         tx.write(store, written, single=False)
 
-    def plain_gradient(self, core, buckets, tx) -> None:
+    def plain_gradient(self, core: SAMCore, buckets: Buckets, tx: Transaction) -> None:
         """A reuse step: the base step's gradient is g + alpha ||g|| / (||g_v|| + eps) g_v, written
         into the copy buffer of g (one norm of g, one axpby; on the CPU the coefficient is formed
         on the host)."""
@@ -167,6 +177,7 @@ class LookSAMStep(Extension):
         gsq = _ops.sq_norm_over(buckets, grads)
         gv_sq = self._gv_sq_on(gsq.device)
         eps = core.settings.perturb_eps
+        scale: Union[float, torch.Tensor]
         if _ops.on_host(gsq) and gv_sq.device.type == "cpu":
             v = float(gv_sq)
             scale = alpha * math.sqrt(float(gsq)) / (math.sqrt(v) + eps) if v > 0 else 0.0
@@ -179,7 +190,7 @@ class LookSAMStep(Extension):
             b.grads = g
         core.run.variant["looksam_reused"] = True
 
-    def finished(self, core, sam: bool) -> None:
+    def finished(self, core: SAMCore, sam: bool) -> None:
         if sam:
             self.full_steps += 1
         elif core.run.variant.pop("looksam_reused", False):
@@ -189,7 +200,7 @@ class LookSAMStep(Extension):
     def _set(self, gv_sq: Optional[torch.Tensor], has_gv: bool) -> None:
         self.gv_sq, self.has_gv = gv_sq, has_gv
 
-    def _stale_gv(self, core, buckets) -> list:
+    def _stale_gv(self, core: SAMCore, buckets: Buckets) -> List[Tuple[Any, List[torch.Tensor]]]:
         """(backend, g_v list) of the parameters with a stored g_v and no gradient on this full step;
         [] in the usual case (the same bucket list as at the last full step, checked by identity)."""
         if self.full_buckets is buckets:
@@ -227,7 +238,7 @@ class LookSAMStep(Extension):
         return {"alpha": self.settings.alpha, "has_gv": self.has_gv, "full_steps": self.full_steps,
                 "reuse_steps": self.reuse_steps, "gv_sq": None if self.gv_sq is None else self.gv_sq.clone()}
 
-    def load_state_dict(self, d: Dict[str, Any]):
+    def load_state_dict(self, d: Dict[str, Any]) -> Callable[[], None]:
         if not d:  # a FusedSAM state dict: LookSAM starts without g_v
             return lambda: self._load(self.settings.alpha, False, 0, 0, None)
         alpha = _checks.real("alpha", d["alpha"], lo=0)
@@ -243,7 +254,7 @@ class LookSAMStep(Extension):
             gv_sq = torch.ones((), dtype=torch.float64, device="cpu") if has_gv else None
         return lambda: self._load(alpha, has_gv, full, reuse, gv_sq)
 
-    def _load(self, alpha, has_gv, full, reuse, gv_sq) -> None:
+    def _load(self, alpha: float, has_gv: bool, full: int, reuse: int, gv_sq: Optional[torch.Tensor]) -> None:
         self.settings.alpha = alpha
         self.has_gv, self.full_steps, self.reuse_steps, self.gv_sq = has_gv, full, reuse, gv_sq
         self.forget()
@@ -258,8 +269,9 @@ class LookSAM(FusedSAM):
 
     alpha = Shared("extension_settings", "LookSAM's alpha: the weight of the reused direction g_v.")
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *, k: int = 5,
-                 alpha: float = 0.7, schedule: Any = None, sam_start_step: Optional[int] = None, **kwargs):
+    def __init__(self, params: ParamsT, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
+                 adaptive: bool = False, *, k: int = 5, alpha: float = 0.7, schedule: Any = None,
+                 sam_start_step: Optional[int] = None, **kwargs: Any) -> None:
         k = _checks.integer("k", k, lo=1)
         if schedule is None:
             start = _checks.integer("sam_start_step", sam_start_step, lo=0, none=True)
@@ -270,16 +282,16 @@ class LookSAM(FusedSAM):
     @property
     def k(self) -> int:
         """Every k-th step is a full SAM step (the period of the default schedule)."""
-        return self.core.ext.k
+        return cast(LookSAMStep, self.core.ext).k
 
     @property
     def has_gv(self) -> bool:
-        return self.core.ext.has_gv
+        return cast(LookSAMStep, self.core.ext).has_gv
 
     @property
     def full_steps(self) -> int:
-        return self.core.ext.full_steps
+        return cast(LookSAMStep, self.core.ext).full_steps
 
     @property
     def reuse_steps(self) -> int:
-        return self.core.ext.reuse_steps
+        return cast(LookSAMStep, self.core.ext).reuse_steps

@@ -53,18 +53,22 @@ perturbed, and the exception propagates: the next step takes its gradient at w.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, cast
 
 import torch
 from torch.optim import Optimizer
 
 from .. import _checks
 from ..backends._common import FACTOR
-from ..core.buckets import Bucket, Buckets, backend_of, copies_for, new_scalars_like, to_device, tracked
+from ..core.buckets import (Bucket, Buckets, backend_of, copies_for, new_scalars_like, perturbed_copies, to_device,
+                            tracked)
 from ..core.engine import Extension, Perturbation
 from ..core.state import Settings
 from ..core.txn import Transaction
 from ..optim import SAMOptimizer
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
 
 _DIRECTION = {torch.optim.SGD: "momentum_buffer", torch.optim.Adam: "exp_avg", torch.optim.AdamW: "exp_avg"}
 
@@ -73,7 +77,8 @@ class Applied:
     """The perturbation in place: the buckets to restore from (their ``copies`` hold w), the
     direction buckets and lists it followed, each group's signed rho, and its scalars."""
 
-    def __init__(self, source: List[Bucket], dirs: List[Bucket], rhos: List[float], scalars: Dict) -> None:
+    def __init__(self, source: List[Bucket], dirs: List[Bucket], rhos: List[float],
+                 scalars: Dict[torch.device, torch.Tensor]) -> None:
         self.source, self.dirs, self.rhos, self.scalars = source, dirs, rhos, scalars
 
 
@@ -85,7 +90,7 @@ class MomentumSAMState(Extension):
     def __init__(self, direction: str) -> None:
         self.direction = direction
         self.applied: Optional[Applied] = None
-        self.suspended: Optional[tuple] = None  # (Applied, num_steps) inside unperturbed()
+        self.suspended: Optional[Tuple[Applied, int]] = None  # (Applied, num_steps) inside unperturbed()
         self.forget()
 
     def forget(self) -> None:
@@ -102,9 +107,9 @@ class MomentumSAMState(Extension):
 class MomentumSAM(SAMOptimizer):
     """``MomentumSAM(params, base_optimizer, rho=..., **base_kwargs)``: SGD (momentum > 0), Adam or AdamW."""
 
-    def __init__(self, params, base_optimizer, rho: float = 0.3, adaptive: bool = False, *,
+    def __init__(self, params: ParamsT, base_optimizer: Type[Optimizer], rho: float = 0.3, adaptive: bool = False, *,
                  max_grad_norm: Optional[float] = None, sam_start_step: Optional[int] = None, schedule: Any = None,
-                 perturb_eps: float = 1e-12, backend: str = "auto", **kwargs):
+                 perturb_eps: float = 1e-12, backend: str = "auto", **kwargs: Any) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}")
         kind = next((v for k, v in _DIRECTION.items() if issubclass(base_optimizer, k)), None)
@@ -122,19 +127,24 @@ class MomentumSAM(SAMOptimizer):
         self._setup(params, base_optimizer, defaults, kwargs, settings, MomentumSAMState(kind))
 
     @property
+    def _ms(self) -> MomentumSAMState:
+        """The core's extension: the MomentumSAMState this optimizer was built with."""
+        return cast(MomentumSAMState, self.core.ext)
+
+    @property
     def direction(self) -> str:
         """The base optimizer's buffer the perturbation follows ("momentum_buffer" or "exp_avg")."""
-        return self.core.ext.direction
+        return self._ms.direction
 
     @property
     def perturbed(self) -> bool:
         """Are the weights at w~ now?"""
-        return self.core.ext.applied is not None
+        return self._ms.applied is not None
 
     @property
     def inv_norm(self) -> Optional[torch.Tensor]:
         """1 / (||v|| + eps) of the current perturbation (0-d, on the device), or None."""
-        applied = self.core.ext.applied
+        applied = self._ms.applied
         return None if applied is None else next(iter(applied.scalars.values()))[FACTOR]
 
     @property
@@ -144,7 +154,7 @@ class MomentumSAM(SAMOptimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None):
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One step with the gradient the caller took at the current (perturbed) weights.
 
         ``closure`` is optional, as for torch optimizers: it runs the forward and backward at
@@ -153,9 +163,9 @@ class MomentumSAM(SAMOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        core, state = self.core, self.core.ext
+        core, state = self.core, self._ms
 
-        def prepare(tx: Transaction):
+        def prepare(tx: Transaction) -> Tuple[Buckets, Any]:
             self._check_groups(tx)
             buckets = core.buckets()
             applied = state.applied
@@ -188,24 +198,25 @@ class MomentumSAM(SAMOptimizer):
 
     def _perturb(self, buckets: Buckets) -> None:
         """w~ = w - rho * v / (||v|| + eps) on the parameters of ``buckets`` (copies <- w first)."""
-        source, dirs = self._directions(buckets)
-        if dirs is None:
+        found = self._directions(buckets)
+        if found is None:
             return
+        source, dirs = found
         rhos = [-d.group["rho"] for d in dirs]
         scalars = self.core.transact(lambda tx: self.core.perturb(dirs, tx, rhos=rhos, weighted=False))
-        self.core.ext.applied = Applied(source, dirs, rhos, scalars)
+        self._ms.applied = Applied(source, dirs, rhos, scalars)
 
-    def _directions(self, buckets: Buckets):
-        """(buckets to restore from next step, direction buckets): the step's buckets with the
-        direction buffers (momentum_buffer / exp_avg) as their ``grads`` and the restore copies.
-        Cached per bucket list while the base optimizer's state mapping is unchanged (the buffers
+    def _directions(self, buckets: Buckets) -> Optional[Tuple[List[Bucket], Buckets]]:
+        """(buckets to restore from next step, direction buckets), or None when no parameter has a
+        buffer yet: the step's buckets with the direction buffers (momentum_buffer / exp_avg) as
+        their ``grads`` and the restore copies.  Cached per bucket list while the base optimizer's state mapping is unchanged (the buffers
         are updated in place); parameters without a buffer yet (a skipped first step) are left out."""
-        core, ms = self.core, self.core.ext
+        core, ms = self.core, self._ms
         state = tracked(core.base)
         hit = ms.dir_cache
         if hit is not None and hit[0] is buckets and hit[1] is state and hit[2] == state.version:
             return buckets, hit[3]
-        dirs, source, complete = Buckets(), [], True
+        dirs, source, complete = Buckets(), cast(List[Bucket], []), True
         for b in buckets:
             vs = [d.get(ms.direction) for d in b.states(state)]
             if all(v is not None for v in vs):
@@ -223,7 +234,7 @@ class MomentumSAM(SAMOptimizer):
             dirs.append(Bucket(b.group, params, b.backend, grads=b.view(vs), keys=keys, shard=b.shard,
                                complex=b.complex, copies=copies))
         if not dirs:
-            return None, None
+            return None
         if complete and all(b.shard is None for b in buckets):
             dirs.info = getattr(buckets, "info", None)
             ms.dir_cache = (buckets, state, state.version, dirs)
@@ -237,21 +248,28 @@ class MomentumSAM(SAMOptimizer):
 
     # ------------------------------------------------------------------ w~ and w
     def _restore(self, applied: Applied) -> None:
-        self.core.transact(lambda tx: [tx.write(lambda b=b: b.backend.restore(b.params, b.copies), b.params,
-                                                backend=b.backend) for b in applied.source])
+        def prepare(tx: Transaction) -> None:
+            for b in applied.source:
+                def restore(b: Bucket = b) -> None:
+                    b.backend.restore(b.params, b.copies)
+                tx.write(restore, b.params, backend=b.backend)
+        self.core.transact(prepare)
 
     def _reapply(self, applied: Applied, tx: Transaction) -> None:
         """Register w~ from w, the buffers and the saved scalars: bitwise the perturbation that was."""
         for d, r in zip(applied.dirs, applied.rhos):
-            def run(d=d, r=r):
+            def run(d: Bucket = d, r: float = r) -> None:
                 d.backend.perturb(d.params, d.grads, d.copies, applied.scalars[d.device], r, False)
-            tx.write(run, d.params + d.copies, undo=lambda d=d: d.backend.restore(d.params, d.copies))
+
+            def undo(d: Bucket = d) -> None:
+                d.backend.restore(d.params, d.copies)
+            tx.write(run, d.params + perturbed_copies(d), undo=undo)
 
     @contextlib.contextmanager
     def unperturbed(self) -> Iterator[None]:
         """Weights at w inside the block, back at w~ (bitwise) after it.  A ``step()`` taken inside
         the block (its gradient then taken at w) leaves the weights where that step put them."""
-        ms = self.core.ext
+        ms = self._ms
         applied, n = ms.applied, self.core.run.num_steps
         if applied is not None:
             with torch.no_grad():
@@ -295,14 +313,14 @@ class MomentumSAM(SAMOptimizer):
                 tx.commit()
 
     def _perturbation_state(self) -> Dict[str, Any]:
-        ms = self.core.ext
+        ms = self._ms
         applied = ms.applied
         if applied is None and ms.suspended is not None and ms.suspended[1] == self.core.run.num_steps:
             applied = ms.suspended[0]
         params = [p for g in self.param_groups for p in g["params"]]
         w: Dict[int, torch.Tensor] = {}
         for b in applied.source if applied is not None else ():
-            w.update(zip(map(id, b.keys), b.copies))
+            w.update(zip(map(id, b.keys), perturbed_copies(b)))
         sc = None if applied is None else next(iter(applied.scalars.values()))
         return dict(perturbed=applied is not None, scalars=None if sc is None else sc.clone(),
                     rho=None if applied is None else list(applied.rhos), w=[w.get(id(p)) for p in params])
@@ -311,7 +329,7 @@ class MomentumSAM(SAMOptimizer):
         """Loads the state and puts the weights at the saved w~ (recomputed from the saved w, buffer and
         1/(||v||+eps): bitwise what the saving run had, on the same backend), whatever weights the model
         holds now."""
-        ms = self.core.ext
+        ms = self._ms
         from ..core import checkpoint
         applied_before = ms.applied
         if applied_before is not None:
@@ -343,11 +361,14 @@ class MomentumSAM(SAMOptimizer):
         core = self.core
         keep = [(p, w) for p, w in zip(params, ws) if w is not None]
         for p, w in keep:
-            tx.write(lambda p=p, w=w: p.copy_(w), [p])
+            def put(p: torch.Tensor = p, w: torch.Tensor = w) -> None:
+                p.copy_(w)
+            tx.write(put, [p])
         buckets = self._static_buckets([p for p, _ in keep])
-        source, dirs = self._directions(buckets)
-        if dirs is None:
+        found = self._directions(buckets)
+        if found is None:
             return
+        source, dirs = found
         saved = part.get("scalars")
         if saved is None and part.get("inv_norm") is not None:  # the first layout: 1/(||v||+eps) only
             saved = torch.stack([torch.zeros_like(part["inv_norm"]), part["inv_norm"]])
@@ -363,7 +384,7 @@ class MomentumSAM(SAMOptimizer):
             rhos = [-d.group["rho"] for d in dirs]
         applied = Applied(source, dirs, [float(r) for r in rhos], scalars)
         self._reapply(applied, tx)
-        ms = core.ext
+        ms = self._ms
         ms.applied = applied
         tx.on_undo(lambda: setattr(ms, "applied", None))
 

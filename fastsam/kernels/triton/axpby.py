@@ -22,7 +22,7 @@ from .multi_tensor import column, keep_mask, locate
 # No contraction of a * x + b * y into an FMA (triton fuses by default): the contract's
 # separately rounded float32 products and sum (fastsam/backends/__init__.py: axpby), as torch
 # computes them.  tests/test_triton_compile.py checks the PTX.
-COMPILE_OPTIONS = {"enable_fp_fusion": False}
+COMPILE_OPTIONS: dict = {"enable_fp_fusion": False}
 
 
 @triton.jit

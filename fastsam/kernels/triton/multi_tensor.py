@@ -265,7 +265,7 @@ def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence
     device = head.device
     # The layout is part of the key: the same storage seen contiguous in one step and
     # channels_last in the next (a grad re-viewed by the user) must not reuse the table.
-    key = (device, tuple(ls[0].dtype if ls else None for ls in lists), *[tuple(map(_data_ptr, ls)) for ls in lists],
+    key: tuple = (device, tuple(ls[0].dtype if ls else None for ls in lists), *[tuple(map(_data_ptr, ls)) for ls in lists],
            *[(ls[0].dtype, tuple(map(_data_ptr, ls))) for ls in extra_ptrs],
            tuple(t.is_contiguous() for ls in lists for t in ls), tuple(map(_numel, first)), distinct_copies)
     tab = _tables.get(key)
@@ -279,7 +279,7 @@ def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence
         vector_cols = [list(c) for c in key[2:2 + len(lists)]]
         aligned = tuple(all(c[j] % VECTOR_BYTES == 0 for c in vector_cols) for j in range(len(first)))
         if all(aligned):
-            aligned = None
+            aligned = None  # type: ignore[assignment]  # None: every tensor aligned (Meta's shortcut)
         meta = _cached(_metas, (device, numels, aligned), lambda: Meta(numels, device, aligned))
         cols = vector_cols + [list(c) for _, c in key[2 + len(lists):-3]]
         tab = Table(cols + [list(numels)], meta, device)
@@ -388,7 +388,7 @@ class CaptureArena:
                 f"but only {self.free} slots of pinned memory are reserved: run one eager optimizer step before "
                 "capturing (as torch's capturable optimizers require); the reservation covers a step of up to "
                 f"{CACHE_SIZE} tables (fastsam/kernels/triton/multi_tensor.py: CACHE_SIZE)")
-        out, self._free = self._free[:n], self._free[n:]
+        out, self._free = self._free[:n], self._free[n:]  # type: ignore[index]  # free >= n >= 1: a buffer is there
         return out
 
 
