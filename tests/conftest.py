@@ -4,6 +4,7 @@ Without CUDA, Triton kernels run in the interpreter on CPU tensors: the
 variable must be set before anything imports triton, which is why it is set
 here, at the top of the conftest that pytest loads first.
 """
+
 import os
 
 import torch
@@ -11,12 +12,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import secrets  # noqa: E402
+import secrets
 
-import pytest  # noqa: E402
+import pytest
 
-from fastsam import backends  # noqa: E402
-
+from fastsam import backends
 
 # Every backend that runs on CPU tensors here: foreach always, triton under
 # the interpreter, cpp when the extension builds.  FASTSAM_CPU_BACKENDS=foreach,triton
@@ -52,6 +52,7 @@ def _seeded(request):
     random.seed(s)
     try:
         import numpy as np
+
         np.random.seed(s)
     except ImportError:
         pass

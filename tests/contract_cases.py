@@ -1,21 +1,35 @@
 """What the contract, property and integration suites share: every fastsam optimizer built
 the same way, a small problem whose gradient changes with the weights and the step, one
 optimizer step in each optimizer's own form, and bitwise comparison of nested state."""
+
 import io
 
 import torch
 
-from fastsam import FriendlySAM, FusedSAM, GSAM, LookSAM, MomentumSAM
+from fastsam import GSAM, FriendlySAM, FusedSAM, LookSAM, MomentumSAM
 
 VARIANTS = ("FusedSAM", "LookSAM", "GSAM", "FriendlySAM", "MomentumSAM")
-CLASSES = {"FusedSAM": FusedSAM, "LookSAM": LookSAM, "GSAM": GSAM, "FriendlySAM": FriendlySAM,
-           "MomentumSAM": MomentumSAM}
+CLASSES = {
+    "FusedSAM": FusedSAM,
+    "LookSAM": LookSAM,
+    "GSAM": GSAM,
+    "FriendlySAM": FriendlySAM,
+    "MomentumSAM": MomentumSAM,
+}
 # Each variant's own options, chosen so that a few steps exercise what it adds: LookSAM reuses g_v
 # every other step, FriendlySAM's EMA moves fast enough to matter within three steps.
-OPTIONS = {"FusedSAM": {}, "LookSAM": dict(k=2, alpha=0.7), "GSAM": dict(alpha=0.3),
-           "FriendlySAM": dict(sigma=1.0, lmbda=0.6), "MomentumSAM": {}}
-BASE_KW = {torch.optim.SGD: dict(lr=0.1, momentum=0.9), torch.optim.Adam: dict(lr=1e-2),
-           torch.optim.AdamW: dict(lr=1e-2, weight_decay=1e-2)}
+OPTIONS = {
+    "FusedSAM": {},
+    "LookSAM": dict(k=2, alpha=0.7),
+    "GSAM": dict(alpha=0.3),
+    "FriendlySAM": dict(sigma=1.0, lmbda=0.6),
+    "MomentumSAM": {},
+}
+BASE_KW = {
+    torch.optim.SGD: dict(lr=0.1, momentum=0.9),
+    torch.optim.Adam: dict(lr=1e-2),
+    torch.optim.AdamW: dict(lr=1e-2, weight_decay=1e-2),
+}
 SHAPES = [(4, 3), (4,), (), (2, 3, 2)]
 
 
@@ -45,18 +59,20 @@ def loss_at(params, t=0):
         a = (torch.rand(v.shape, generator=g, dtype=torch.float64) + 0.5).to(v.dtype)
         b = (torch.randn(v.shape, generator=g, dtype=torch.float64) * 2).to(v.dtype)
         if p.requires_grad:
-            total = total + (0.5 * a * v * v + torch.sin(b * v) + 0.05 * v ** 4).sum().double()
+            total = total + (0.5 * a * v * v + torch.sin(b * v) + 0.05 * v**4).sum().double()
     return total
 
 
 def step(opt, params, t=0, form="closure"):
     """One optimizer step on ``loss_at(params, t)``: ``step(closure)`` (torch's convention: the closure
     zeroes, runs forward and backward), or the two-step form (FusedSAM and its subclasses)."""
+
     def closure():
         opt.zero_grad()
         loss = loss_at(params, t)
         loss.backward()
         return loss
+
     if form == "closure":
         return opt.step(closure)
     opt.zero_grad()
@@ -72,10 +88,12 @@ def same(a, b, path="state"):
     (dtype and shape included)."""
     if torch.is_tensor(a):
         assert torch.is_tensor(b), f"{path}: tensor vs {type(b).__name__}"
-        assert a.dtype == b.dtype and a.shape == b.shape, \
+        assert a.dtype == b.dtype and a.shape == b.shape, (
             f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        assert torch.equal(a, b) or (a.isnan().any() and torch.equal(a.nan_to_num(), b.nan_to_num())), \
+        )
+        assert torch.equal(a, b) or (a.isnan().any() and torch.equal(a.nan_to_num(), b.nan_to_num())), (
             f"{path}: max |diff| {(a.double() - b.double()).abs().max()}"
+        )
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
         for k in a:

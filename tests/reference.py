@@ -7,6 +7,7 @@ base optimizer (single-tensor path) steps with g_sam, optionally clipped.
 Non-finite gradients skip the step.  Everything FusedSAM does is compared with
 this class.
 """
+
 import torch
 
 
@@ -40,7 +41,7 @@ class ReferenceSAM:
                     continue
                 t = (p.abs() * p.grad) if g["adaptive"] else p.grad
                 sq += float(t.double().pow(2).sum())
-        norm = sq ** 0.5
+        norm = sq**0.5
         self.skip = not torch.isfinite(torch.tensor(norm)).item()
         for g in self.param_groups:
             scale = g["rho"] / (norm + self.eps)
@@ -65,7 +66,7 @@ class ReferenceSAM:
         skip = self.skip or not torch.isfinite(torch.tensor(sq)).item()
         if not skip:
             if self.max_grad_norm is not None:
-                coef = min(1.0, self.max_grad_norm / (sq ** 0.5 + 1e-6))
+                coef = min(1.0, self.max_grad_norm / (sq**0.5 + 1e-6))
                 for p in params:
                     p.grad.mul_(coef)
             self.base.step()

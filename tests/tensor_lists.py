@@ -1,4 +1,5 @@
 """Comparisons of tensor lists shared by the op-level suites."""
+
 import torch
 
 

@@ -34,8 +34,9 @@ def test_linf_linear_closed_form(random_start):
     m, x, y = linear2()
     eps = 0.3
     g = torch.Generator().manual_seed(1)
-    x_adv = adversarial.pgd(m, x, y, eps=eps, alpha=eps / 4, steps=10, random_start=random_start, clamp=None,
-                            generator=g)
+    x_adv = adversarial.pgd(
+        m, x, y, eps=eps, alpha=eps / 4, steps=10, random_start=random_start, clamp=None, generator=g
+    )
     # every coordinate moves by alpha in the same direction each step: 8 steps reach the corner
     torch.testing.assert_close(x_adv - x, eps * worst_direction(m, y).sign(), rtol=0, atol=1e-12)
 
@@ -46,8 +47,9 @@ def test_l2_linear_closed_form(random_start):
     eps = 0.5
     d = worst_direction(m, y)
     g = torch.Generator().manual_seed(2)
-    x_adv = adversarial.pgd(m, x, y, eps=eps, alpha=eps / 2, steps=60, norm="l2", random_start=random_start,
-                            clamp=None, generator=g)
+    x_adv = adversarial.pgd(
+        m, x, y, eps=eps, alpha=eps / 2, steps=60, norm="l2", random_start=random_start, clamp=None, generator=g
+    )
     expect = eps * d / d.norm(dim=1, keepdim=True)
     torch.testing.assert_close(x_adv - x, expect, rtol=0, atol=1e-6 if random_start else 1e-12)
 
@@ -59,7 +61,7 @@ def test_fgsm_closed_form_and_margin():
     d = worst_direction(m, y)
     torch.testing.assert_close(x_adv - x, eps * d.sign(), rtol=0, atol=1e-12)
     # the margin drops by exactly eps * ||w_y - w_other||_1, the L-inf worst case
-    margin = lambda z: (m(z).gather(1, y[:, None]) - m(z).gather(1, (1 - y)[:, None])).squeeze(1)  # noqa: E731
+    margin = lambda z: (m(z).gather(1, y[:, None]) - m(z).gather(1, (1 - y)[:, None])).squeeze(1)
     torch.testing.assert_close(margin(x) - margin(x_adv), eps * d.abs().sum(1))
     x2 = adversarial.fgsm(m, x, y, eps=eps, norm="l2", clamp=None)
     torch.testing.assert_close(margin(x) - margin(x2), eps * d.norm(dim=1))
@@ -68,14 +70,19 @@ def test_fgsm_closed_form_and_margin():
 def test_targeted_moves_towards_target():
     m, x, y = linear2()
     target = 1 - y
-    x_adv = adversarial.pgd(m, x, target, eps=0.3, alpha=0.1, steps=5, targeted=True, clamp=None,
-                            random_start=False)
+    x_adv = adversarial.pgd(m, x, target, eps=0.3, alpha=0.1, steps=5, targeted=True, clamp=None, random_start=False)
     torch.testing.assert_close(x_adv - x, 0.3 * worst_direction(m, y).sign(), rtol=0, atol=1e-12)
 
 
 def small_cnn():
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.2),
-                         nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+    )
 
 
 @pytest.mark.parametrize("norm", adversarial.NORMS)
@@ -159,21 +166,24 @@ def test_robust_accuracy_linear():
     r = adversarial.robust_accuracy(m, (x, y), eps=eps, steps=10, clamp=None, batch_size=64)
     assert r.num_samples == 200 and r.clean_acc == pytest.approx(0.9)
     assert r.robust_acc == pytest.approx(expect) and r.robust_acc <= r.clean_acc
-    loader = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 200, 50)]
+    loader = [(x[i : i + 50], y[i : i + 50]) for i in range(0, 200, 50)]
     assert adversarial.robust_accuracy(m, loader, eps=eps, steps=10, clamp=None).robust_acc == pytest.approx(expect)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(eps=-0.1), "eps must be >= 0"),
-    (dict(eps=float("nan")), "eps must be a finite real number"),
-    (dict(alpha=-1.0), "alpha must be >= 0"),
-    (dict(steps=-1), "steps must be an integer >= 0"),
-    (dict(steps=2.5), "steps must be an integer >= 0"),
-    (dict(norm="l1"), "norm must be one of"),
-    (dict(clamp=(1.0, 0.0)), "clamp must satisfy low < high"),
-    (dict(clamp=(0.0,)), "clamp must be None or a"),
-    (dict(model_mode="test"), "model_mode must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(eps=-0.1), "eps must be >= 0"),
+        (dict(eps=float("nan")), "eps must be a finite real number"),
+        (dict(alpha=-1.0), "alpha must be >= 0"),
+        (dict(steps=-1), "steps must be an integer >= 0"),
+        (dict(steps=2.5), "steps must be an integer >= 0"),
+        (dict(norm="l1"), "norm must be one of"),
+        (dict(clamp=(1.0, 0.0)), "clamp must satisfy low < high"),
+        (dict(clamp=(0.0,)), "clamp must be None or a"),
+        (dict(model_mode="test"), "model_mode must be one of"),
+    ],
+)
 def test_errors_name_the_argument(kwargs, match):
     m, x, y = linear2()
     args = dict(eps=0.1, alpha=0.05, steps=2)

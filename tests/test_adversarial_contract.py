@@ -1,6 +1,7 @@
 """fastsam.adversarial's contract: equal to a float64 per-sample PGD written from Madry et al.,
 the random start uniform in the ball, inputs outside clamp and non-finite gradients are errors,
 every setting goes through fastsam._checks, and a call that raises leaves the model as it was."""
+
 import math
 
 import numpy as np
@@ -122,9 +123,12 @@ def test_the_model_only_sees_points_inside_clamp(seed, norm):
 
 # ---------------------------------------------------------------- inputs the attack cannot honour
 def _snapshot(m):
-    return ([mod.training for mod in m.modules()], [b.clone() for b in m.buffers()],
-            [p.detach().clone() for p in m.parameters()],
-            [(p.grad, None if p.grad is None else p.grad.clone()) for p in m.parameters()])
+    return (
+        [mod.training for mod in m.modules()],
+        [b.clone() for b in m.buffers()],
+        [p.detach().clone() for p in m.parameters()],
+        [(p.grad, None if p.grad is None else p.grad.clone()) for p in m.parameters()],
+    )
 
 
 def _assert_same(m, snap):
@@ -155,9 +159,11 @@ def test_inputs_outside_clamp_are_an_error(seed, attack):
     m, x, y = _cnn_with_state(seed)
     x = (x - 0.5) / 0.25
     snap = _snapshot(m)
-    call = {"pgd": lambda: adversarial.pgd(m, x, y, eps=0.03, alpha=0.01, steps=3),
-            "fgsm": lambda: adversarial.fgsm(m, x, y, eps=0.03),
-            "robust_accuracy": lambda: adversarial.robust_accuracy(m, (x, y), eps=0.03, steps=3)}[attack]
+    call = {
+        "pgd": lambda: adversarial.pgd(m, x, y, eps=0.03, alpha=0.01, steps=3),
+        "fgsm": lambda: adversarial.fgsm(m, x, y, eps=0.03),
+        "robust_accuracy": lambda: adversarial.robust_accuracy(m, (x, y), eps=0.03, steps=3),
+    }[attack]
     with pytest.raises(ValueError, match=r"x has values in \[-\d.*, \d.*\], outside clamp=\(0, 1\)"):
         call()
     _assert_same(m, snap)
@@ -182,8 +188,9 @@ def test_nonfinite_gradient_is_an_error_and_changes_nothing(seed):
     m, x, y = _cnn_with_state(seed)
     snap = _snapshot(m)
     with pytest.raises(FloatingPointError, match="input gradient .* was not finite"):
-        adversarial.pgd(m, x, y, eps=0.1, alpha=0.05, steps=3, model_mode="train",
-                        loss_fn=lambda o, t: CE(o, t) * float("nan"))
+        adversarial.pgd(
+            m, x, y, eps=0.1, alpha=0.05, steps=3, model_mode="train", loss_fn=lambda o, t: CE(o, t) * float("nan")
+        )
     _assert_same(m, snap)
 
 
@@ -214,10 +221,19 @@ def test_zero_gradient_in_half_precision_is_a_zero_step():
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.rand(4, 3).to(dtype)
         y = torch.zeros(4, dtype=torch.long)
-        model = lambda t: torch.zeros(t.shape[0], 2, dtype=t.dtype) + 0 * t.sum()  # noqa: E731
+        model = lambda t: torch.zeros(t.shape[0], 2, dtype=t.dtype) + 0 * t.sum()
         for norm in adversarial.NORMS:
-            x_adv = adversarial.pgd(model, x, y, eps=0.1, alpha=0.05, steps=2, norm=norm, random_start=False,
-                                    loss_fn=lambda o, t: o.float().sum())
+            x_adv = adversarial.pgd(
+                model,
+                x,
+                y,
+                eps=0.1,
+                alpha=0.05,
+                steps=2,
+                norm=norm,
+                random_start=False,
+                loss_fn=lambda o, t: o.float().sum(),
+            )
             assert torch.equal(x_adv, x), (dtype, norm)
 
 
@@ -231,21 +247,33 @@ def test_numpy_and_tensor_scalars(wrap):
     x01 = torch.rand(8, 6, dtype=torch.float64)
     c = adversarial.pgd(m, x01, y, eps=0.25, alpha=0.125, steps=2, clamp=(wrap(0.0), wrap(1.0)))
     assert float(c.min()) >= 0 and float(c.max()) <= 1
-    r = adversarial.robust_accuracy(m, (x, y), eps=wrap(0.25), steps=wrap(2), clamp=None, batch_size=wrap(3),
-                                    restarts=wrap(2), random_start=True, seed=wrap(4))
+    r = adversarial.robust_accuracy(
+        m,
+        (x, y),
+        eps=wrap(0.25),
+        steps=wrap(2),
+        clamp=None,
+        batch_size=wrap(3),
+        restarts=wrap(2),
+        random_start=True,
+        seed=wrap(4),
+    )
     assert r.attack["eps"] == 0.25 and type(r.attack["steps"]) is int and r.attack["alpha"] == 0.0625
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(targeted="False"), "targeted must be a bool"),
-    (dict(random_start=1), "random_start must be a bool"),
-    (dict(steps=3.0), "steps must be an integer >= 0"),
-    (dict(alpha=float("inf")), "alpha must be a finite real number >= 0"),
-    (dict(clamp=(0.0, float("nan"))), r"clamp\[1\] must be a finite real number"),
-    (dict(clamp=(0, torch.ones(2))), r"clamp\[1\] must be a finite real number, got a tensor of shape \(2,\)"),
-    (dict(model_mode="test"), "model_mode must be one of 'eval', 'train' or None"),
-    (dict(generator=7), "generator must be a torch.Generator on x.s device"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(targeted="False"), "targeted must be a bool"),
+        (dict(random_start=1), "random_start must be a bool"),
+        (dict(steps=3.0), "steps must be an integer >= 0"),
+        (dict(alpha=float("inf")), "alpha must be a finite real number >= 0"),
+        (dict(clamp=(0.0, float("nan"))), r"clamp\[1\] must be a finite real number"),
+        (dict(clamp=(0, torch.ones(2))), r"clamp\[1\] must be a finite real number, got a tensor of shape \(2,\)"),
+        (dict(model_mode="test"), "model_mode must be one of 'eval', 'train' or None"),
+        (dict(generator=7), "generator must be a torch.Generator on x.s device"),
+    ],
+)
 def test_bad_settings_name_the_argument(kwargs, match):
     m, x, y = linear2()
     args = dict(eps=0.1, alpha=0.05, steps=2, clamp=None)
@@ -254,12 +282,19 @@ def test_bad_settings_name_the_argument(kwargs, match):
         adversarial.pgd(m, x, y, **args)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(norm="l1"), "norm must be one of"), (dict(clamp=(1, 0)), "clamp must satisfy low < high"),
-    (dict(random_start="yes"), "random_start must be a bool"), (dict(batch_size=0), "batch_size must be"),
-    (dict(seed=0.5), "seed must be an integer"), (dict(restarts=True), "restarts must be an integer"),
-    (dict(alpha=-1), "alpha must be >= 0"), (dict(model_mode=False), "model_mode must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(norm="l1"), "norm must be one of"),
+        (dict(clamp=(1, 0)), "clamp must satisfy low < high"),
+        (dict(random_start="yes"), "random_start must be a bool"),
+        (dict(batch_size=0), "batch_size must be"),
+        (dict(seed=0.5), "seed must be an integer"),
+        (dict(restarts=True), "restarts must be an integer"),
+        (dict(alpha=-1), "alpha must be >= 0"),
+        (dict(model_mode=False), "model_mode must be one of"),
+    ],
+)
 def test_robust_accuracy_checks_settings_before_reading_data(kwargs, match):
     m, x, y = linear2()
     read = []
@@ -283,8 +318,9 @@ def test_robust_accuracy_never_above_clean_accuracy():
     y[:40] = 1 - y[:40]
     r = adversarial.robust_accuracy(m, (x, y), eps=3.0, steps=10, clamp=None, loss_fn=lambda o, t: -CE(o, t))
     assert r.clean_acc == pytest.approx(0.8) and r.robust_acc <= r.clean_acc
-    x_adv = adversarial.pgd(m, x, y, eps=3.0, alpha=0.75, steps=10, clamp=None, random_start=False,
-                            loss_fn=lambda o, t: -CE(o, t))
+    x_adv = adversarial.pgd(
+        m, x, y, eps=3.0, alpha=0.75, steps=10, clamp=None, random_start=False, loss_fn=lambda o, t: -CE(o, t)
+    )
     both = (m(x).argmax(1).eq(y) & m(x_adv).argmax(1).eq(y)).double().mean()
     assert r.robust_acc == pytest.approx(float(both))
     assert adversarial.robust_accuracy(m, (x, y), eps=0.2, steps=1, clamp=None).attack["alpha"] == 0.2

@@ -3,6 +3,7 @@
 They check the output's shape, never its speed or its science (benchmarks/NOTES.md has those).
 Each script runs in a subprocess with one torch thread, as a user would run it.
 """
+
 import json
 import math
 import os
@@ -17,8 +18,13 @@ sys.path.insert(0, BENCH)
 
 
 def _run(script, *args, timeout=240):
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, script), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -42,8 +48,9 @@ def test_train_throughput_quick(tmp_path):
     variants = [r[1] for r in rows]
     assert variants[:3] == ["sgd", "reference-sam", "fusedsam-foreach"]
     assert variants[-1].startswith("late-phase-")
-    timing_cols = [COLUMNS.index(c) for c in ("images/s", "median step (ms)", "step-time ratio vs SGD",
-                                               "whole-run ratio vs SGD")]
+    timing_cols = [
+        COLUMNS.index(c) for c in ("images/s", "median step (ms)", "step-time ratio vs SGD", "whole-run ratio vs SGD")
+    ]
     for r in rows:
         for i in timing_cols:
             assert math.isfinite(float(r[i])) and float(r[i]) > 0, (r, COLUMNS[i])
@@ -57,8 +64,18 @@ def test_train_throughput_quick(tmp_path):
 
 def test_train_throughput_family_quick(tmp_path):
     """--family adds the SAM family's rows; their passes/step are the closure calls counted."""
-    _run("train_throughput.py", "--quick", "--family", "--threads", 1, "--no-memory", "--backends", "foreach",
-         "--out-dir", tmp_path)
+    _run(
+        "train_throughput.py",
+        "--quick",
+        "--family",
+        "--threads",
+        1,
+        "--no-memory",
+        "--backends",
+        "foreach",
+        "--out-dir",
+        tmp_path,
+    )
     data = json.loads((tmp_path / "train_throughput_cpu_family_quick.json").read_text())
     rows = {r["variant"].rsplit("-", 1)[0]: r for r in data["results"][0]["rows"]}
     assert set(rows) >= {"interval-k5", "looksam-k5", "momentum-sam", "gsam", "friendly-sam"}
@@ -73,9 +90,27 @@ def test_train_throughput_family_quick(tmp_path):
 def test_late_phase_tiny(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
-    _run("late_phase.py", "--epochs", 2, "--late-epochs", 1, "--milestones", 1, "--hessian-samples", 32,
-         "--hessian-batch", 16, "--hessian-every", 1, "--trace-samples", 3, "--switch-every", 20,
-         "--out-dir", tmp_path)
+    _run(
+        "late_phase.py",
+        "--epochs",
+        2,
+        "--late-epochs",
+        1,
+        "--milestones",
+        1,
+        "--hessian-samples",
+        32,
+        "--hessian-batch",
+        16,
+        "--hessian-every",
+        1,
+        "--trace-samples",
+        3,
+        "--switch-every",
+        20,
+        "--out-dir",
+        tmp_path,
+    )
     for ext in ("md", "json", "png"):
         assert (tmp_path / f"late_phase_digits.{ext}").stat().st_size > 0
     header, rows = _table((tmp_path / "late_phase_digits.md").read_text())
@@ -105,5 +140,5 @@ def test_cifar10_loader_and_augmentation(tmp_path, fake_cifar10):
     assert out.shape == data.train_x.shape
     # every output image is a shifted (and maybe mirrored) window of the zero-padded input
     padded = torch.nn.functional.pad(data.train_x[0], (4, 4, 4, 4))
-    windows = [padded[:, i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
+    windows = [padded[:, i : i + 32, j : j + 32] for i in range(9) for j in range(9)]
     assert any(torch.equal(out[0], w) or torch.equal(out[0], w.flip(2)) for w in windows)

@@ -6,6 +6,7 @@ equals the float-lr run step for step, across the late-phase switch.  On a GPU (
 a whole SAM training step captured in CUDA graphs and replayed (fastsam.cuda_graphs.CapturedSAMStep)
 equals the eager loop with a scheduler stepping and across ``sam_start_step``.
 """
+
 import copy
 
 import pytest
@@ -20,17 +21,21 @@ from .conftest import CPU_BACKENDS
 # Powers of two for the lr and the decay: a float32 lr tensor then holds exactly the float lr, and
 # lr * d is exact, so the tensor-lr run equals the float-lr run (Adam amplifies any rounding
 # difference in elements whose second moment is near eps).
-BASES = [(torch.optim.SGD, dict(lr=2 ** -4, momentum=0.9, weight_decay=1e-3, nesterov=True)),
-         (torch.optim.AdamW, dict(lr=2 ** -7, weight_decay=1e-2))]
+BASES = [
+    (torch.optim.SGD, dict(lr=2**-4, momentum=0.9, weight_decay=1e-3, nesterov=True)),
+    (torch.optim.AdamW, dict(lr=2**-7, weight_decay=1e-2)),
+]
 
 
 def _model(device="cpu"):
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
-                               torch.nn.Linear(16, 3)).to(device)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+    ).to(device)
 
 
 def _eager_step(model, opt, x, y):
     from fastsam import frozen_bn_stats
+
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
     if opt.sam_active:
@@ -86,8 +91,12 @@ def test_capturable_refuses_a_group_spanning_devices():
     """One lr tensor cannot be on two devices: a group with parameters on two devices is refused,
     naming both, and no group's lr has moved (meta stands in for the second device here)."""
     params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3, device="meta"))]
-    opt = FusedSAM([{"params": [torch.nn.Parameter(torch.randn(2))]}, {"params": params}], torch.optim.SGD,
-                   lr=0.1, backend="foreach")
+    opt = FusedSAM(
+        [{"params": [torch.nn.Parameter(torch.randn(2))]}, {"params": params}],
+        torch.optim.SGD,
+        lr=0.1,
+        backend="foreach",
+    )
     with pytest.raises(ValueError, match=r"param group 1 spans cpu and meta"):
         make_capturable(opt)
     assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1], "nothing moved"

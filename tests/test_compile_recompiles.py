@@ -9,6 +9,7 @@ steps (schedules switching SAM on and off, the late-phase switch) must compile n
 with dynamo's compile counter (the eager backend: recompiles are dynamo's decision, the backend's
 compile time is irrelevant here); one case goes through AOT autograd (forward and backward graphs).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -27,8 +28,7 @@ MAKERS = {
     "FusedSAM-AdamW": lambda ps, b: FusedSAM(ps, torch.optim.AdamW, backend=b, lr=1e-3),
     "late-phase": lambda ps, b: FusedSAM(ps, torch.optim.SGD, backend=b, sam_start_step=9, **SGD),
     "Interval": lambda ps, b: FusedSAM(ps, torch.optim.SGD, backend=b, schedule=Interval(3), **SGD),
-    "RandomSwitch": lambda ps, b: FusedSAM(ps, torch.optim.SGD, backend=b, schedule=RandomSwitch(0.5, seed=1),
-                                           **SGD),
+    "RandomSwitch": lambda ps, b: FusedSAM(ps, torch.optim.SGD, backend=b, schedule=RandomSwitch(0.5, seed=1), **SGD),
     "Adaptive": lambda ps, b: FusedSAM(ps, torch.optim.SGD, backend=b, schedule=Adaptive(c=-1.0), **SGD),
     "LookSAM": lambda ps, b: LookSAM(ps, torch.optim.SGD, backend=b, k=3, **SGD),
     "GSAM": lambda ps, b: GSAM(ps, torch.optim.SGD, backend=b, **SGD),
@@ -42,8 +42,13 @@ CASES = [(name, "auto") for name in MAKERS] + [("FusedSAM", b) for b in CPU_BACK
 
 
 def _model():
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                               torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 5))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 6 * 6, 5),
+    )
 
 
 def _train(name, backend, counter, warmup_steps=4, steps=12):

@@ -1,5 +1,6 @@
 """What the core keeps and what every backend accepts: nothing held after a step, strided
 parameters and gradients on every backend, complex parameters, the switches in the state dict."""
+
 import copy
 import gc
 import weakref
@@ -60,8 +61,8 @@ def test_momentum_sam_holds_no_gradient_either(backend):
 
 def _strided_params():
     torch.manual_seed(1)
-    a = torch.nn.Parameter(torch.randn(6, 4).t())          # a transposed view: dense, not contiguous
-    b = torch.nn.Parameter(torch.randn(3, 10)[:, ::2])      # a slice: not dense
+    a = torch.nn.Parameter(torch.randn(6, 4).t())  # a transposed view: dense, not contiguous
+    b = torch.nn.Parameter(torch.randn(3, 10)[:, ::2])  # a slice: not dense
     c = torch.nn.Parameter(torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last))
     d = torch.nn.Parameter(torch.randn(7))
     return [a, b, c, d]
@@ -93,8 +94,14 @@ def test_strided_parameters_and_gradients_run_on_every_backend(backend, grads):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("base,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
-                                     (torch.optim.Adam, dict(lr=1e-2)), (torch.optim.RMSprop, dict(lr=1e-2))])
+@pytest.mark.parametrize(
+    "base,kw",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+        (torch.optim.Adam, dict(lr=1e-2)),
+        (torch.optim.RMSprop, dict(lr=1e-2)),
+    ],
+)
 def test_complex_parameters_step_as_their_real_views(backend, base, kw):
     """torch's optimizers treat a complex parameter as its real view (view_as_real); so does the SAM
     step: the same run on the real view gives the same numbers (ASAM, too, works on the real and
@@ -117,8 +124,9 @@ def test_complex_parameters_step_as_their_real_views(backend, base, kw):
 @pytest.mark.parametrize("override", [True, False, None])
 def test_the_state_dict_keeps_the_switches(override):
     model = _model()
-    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, sam_start_step=10, max_grad_norm=2.0,
-                   perturbation="global")
+    opt = FusedSAM(
+        model.parameters(), torch.optim.SGD, lr=0.1, sam_start_step=10, max_grad_norm=2.0, perturbation="global"
+    )
     opt.sam_active = override
     opt.num_steps = 7
     other = FusedSAM(_model().parameters(), torch.optim.SGD, lr=0.1)

@@ -6,6 +6,7 @@ that raises has written nothing), in the user's closure (``KeyboardInterrupt`` i
 as malformed gradients; after each, everything is compared bitwise with what it was before the
 call, and a retry without the failure must give exactly what an undisturbed run gives.
 """
+
 import copy
 import io
 
@@ -50,6 +51,7 @@ class Inject:
                 return fn(*args, **kwargs)
             finally:
                 self.depth -= 1
+
         return wrapped
 
 
@@ -195,8 +197,9 @@ def _set(ps, t):
 
 # The machinery is the core's; every backend runs it for the fused SGD/Adam steps, and the variants
 # (which add only calls of the same ops) on the fast CPU backends (the Triton interpreter is slow).
-COMBOS = ([(k, b) for k in sorted(KINDS) for b in CPU_BACKENDS if b != "triton"]
-          + [(k, "triton") for k in ("sgd", "adamw_asam_clip") if "triton" in CPU_BACKENDS])
+COMBOS = [(k, b) for k in sorted(KINDS) for b in CPU_BACKENDS if b != "triton"] + [
+    (k, "triton") for k in ("sgd", "adamw_asam_clip") if "triton" in CPU_BACKENDS
+]
 
 
 @pytest.mark.parametrize("kind,backend", COMBOS)
@@ -205,6 +208,7 @@ def test_first_step_is_all_or_nothing(kind, backend, monkeypatch):
         opt, ps = _make(kind, backend)
         _set(ps, 50)
         return opt, ps
+
     _every_failure(setup, lambda opt, ps: opt.first_step(), monkeypatch)
 
 
@@ -212,24 +216,28 @@ def test_first_step_is_all_or_nothing(kind, backend, monkeypatch):
 def test_second_step_is_all_or_nothing(kind, backend, monkeypatch):
     """A failed second_step leaves the perturbation pending (the weights at w + e): a retry finishes
     the step, or undo_first_step() returns to w."""
+
     def setup():
         opt, ps = _make(kind, backend)
         _set(ps, 50)
         opt.first_step(zero_grad=True)
         _set(ps, 51)
         return opt, ps
+
     _every_failure(setup, lambda opt, ps: opt.second_step(), monkeypatch)
 
 
 @pytest.mark.parametrize("kind,backend", [c for c in COMBOS if c[0] in ("sgd", "looksam", "rmsprop_generic")])
 def test_plain_step_is_all_or_nothing(kind, backend, monkeypatch):
     """A step while SAM is inactive (LookSAM: a reuse step of g_v)."""
+
     def setup():
         opt, ps = _make(kind, backend, warm=1 if kind == "looksam" else 2)
         if kind != "looksam":
             opt.sam_active = False
         _set(ps, 50)
         return opt, ps
+
     _every_failure(setup, lambda opt, ps: opt.step(lambda: None), monkeypatch)
 
 
@@ -237,6 +245,7 @@ def test_plain_step_is_all_or_nothing(kind, backend, monkeypatch):
 def test_step_with_closure_is_all_or_nothing(kind, backend, monkeypatch):
     """Weights and state as before whatever fails; the gradients as before if the failure came before
     the step took them over (its first pass), else released (p.grad None)."""
+
     def setup():
         opt, ps = _make(kind, backend)
         _set(ps, 50)
@@ -244,6 +253,7 @@ def test_step_with_closure_is_all_or_nothing(kind, backend, monkeypatch):
 
     def call(opt, ps):
         opt.step(lambda: _set(ps, 51))
+
     n, released = _every_failure(setup, call, monkeypatch, released_grads=True)
     assert 0 < released < n
 
@@ -255,6 +265,7 @@ def test_undo_first_step_is_all_or_nothing(backend, monkeypatch):
         _set(ps, 50)
         opt.first_step()
         return opt, ps
+
     _every_failure(setup, lambda opt, ps: opt.undo_first_step(), monkeypatch)
 
 
@@ -269,6 +280,7 @@ def test_load_state_dict_is_all_or_nothing(backend, monkeypatch):
         _set(ps, 50)
         opt.first_step()
         return opt, ps
+
     _every_failure(setup, lambda opt, ps: opt.load_state_dict(saved), monkeypatch)
 
 
@@ -276,10 +288,12 @@ def test_load_state_dict_is_all_or_nothing(backend, monkeypatch):
 def test_momentum_sam_update_is_all_or_nothing(backend, monkeypatch):
     """MomentumSAM's step is two transactions: the update (restore + base step), then the next
     perturbation.  Failures in the first leave everything as it was."""
+
     def make():
         ps = _params()
-        opt = MomentumSAM([{"params": ps[:2]}, {"params": ps[2:]}], torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
-                          backend=backend)
+        opt = MomentumSAM(
+            [{"params": ps[:2]}, {"params": ps[2:]}], torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, backend=backend
+        )
         for t in range(3):
             _set(ps, t)
             opt.step()
@@ -333,6 +347,7 @@ def test_an_exception_in_the_closure_puts_w_back(exc, convention, which):
         if convention == "sam" or len(calls) - 1 == which:
             raise exc("in the closure")
         return torch.zeros(())
+
     with pytest.raises(exc):
         opt.step(closure)
     assert all(p.grad is None for p in ps)
@@ -437,8 +452,9 @@ def _corrupt(sd, how):
     return sd
 
 
-@pytest.mark.parametrize("how", ["buffer_shape", "rho", "adaptive", "num_steps", "max_grad_norm", "variant_buffer",
-                                 "schedule", "layout"])
+@pytest.mark.parametrize(
+    "how", ["buffer_shape", "rho", "adaptive", "num_steps", "max_grad_norm", "variant_buffer", "schedule", "layout"]
+)
 def test_a_corrupted_state_dict_loads_nothing(how):
     saved = _make("looksam", "foreach", warm=3)[0].state_dict()
     opt, ps = _make("looksam", "foreach")

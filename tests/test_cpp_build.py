@@ -4,6 +4,7 @@ No compiling here: what setup.py would build, that a plain install builds
 nothing, and that asking for a backend that cannot run says why and which
 command fixes it.
 """
+
 from __future__ import annotations
 
 import os

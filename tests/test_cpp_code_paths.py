@@ -7,6 +7,7 @@ set this CPU has, with and without streaming stores, against the base loops with
 misaligned views exercise the blocks' tails and the stores' alignment; more than 65,536 elements
 take two threads.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -85,8 +86,10 @@ def test_code_path_is_reported_and_settable():
 
 def test_aten_cpu_capability_caps_the_choice():
     """ATEN_CPU_CAPABILITY=default (torch's own switch) gives the base loops, in a fresh process."""
-    code = ("import torch; from fastsam.backends import cpp; "
-            "assert cpp.is_available(torch.device('cpu'))[0]; print(cpp.code_path())")
+    code = (
+        "import torch; from fastsam.backends import cpp; "
+        "assert cpp.is_available(torch.device('cpu'))[0]; print(cpp.code_path())"
+    )
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -103,8 +106,10 @@ def test_norm_and_perturb(seed, dtype, adaptive):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("momentum,nesterov,weight_decay,first", [
-    (0.0, False, 0.0, False), (0.9, False, 5e-4, False), (0.9, True, 1e-2, False), (0.9, False, 0.0, True)])
+@pytest.mark.parametrize(
+    "momentum,nesterov,weight_decay,first",
+    [(0.0, False, 0.0, False), (0.9, False, 5e-4, False), (0.9, True, 1e-2, False), (0.9, False, 0.0, True)],
+)
 @pytest.mark.parametrize("restore", [True, False])
 def test_restore_sgd_step(seed, dtype, momentum, nesterov, weight_decay, first, restore):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -112,9 +117,22 @@ def test_restore_sgd_step(seed, dtype, momentum, nesterov, weight_decay, first, 
     skip = torch.tensor(0.0, dtype=acc)
 
     def step(p, g, c, b):
-        cpp.restore_sgd_step(p, g, c if restore else [], b if momentum else [], lr=0.1, momentum=momentum,
-                             dampening=0.1, nesterov=nesterov, weight_decay=weight_decay, maximize=False,
-                             first=first, grad_scale=gs, skip=skip)
+        cpp.restore_sgd_step(
+            p,
+            g,
+            c if restore else [],
+            b if momentum else [],
+            lr=0.1,
+            momentum=momentum,
+            dampening=0.1,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            maximize=False,
+            first=first,
+            grad_scale=gs,
+            skip=skip,
+        )
+
     _run_everywhere(step, *_lists(dtype, 4))
 
 
@@ -127,9 +145,24 @@ def test_restore_adam_step(seed, dtype, weight_decay, decoupled):
     skip = torch.tensor(0.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
     def step(p, g, c, m, v, s):
-        cpp.restore_adam_step(p, g, c, m, v, s, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                              weight_decay=weight_decay, decoupled=decoupled, maximize=True, grad_scale=None,
-                              skip=skip)
+        cpp.restore_adam_step(
+            p,
+            g,
+            c,
+            m,
+            v,
+            s,
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=weight_decay,
+            decoupled=decoupled,
+            maximize=True,
+            grad_scale=None,
+            skip=skip,
+        )
+
     _run_everywhere(step, p, g, c, m, v, steps)
 
 
@@ -153,18 +186,18 @@ def _c10_bf16_bits(x: torch.Tensor) -> torch.Tensor:
 # (x bits, y bits, a, b): a * x + b * y is exact in float32 (a, b powers of two, or one product a
 # small correction of the other), and its bf16 rounding is the case named.
 BF16_CASES = [
-    (0x3F80, 0x3B80, 1.0, 1.0),           # 1 + 2^-8: halfway, even below -> down
-    (0x3F81, 0x3B80, 1.0, 1.0),           # (1 + 2^-7) + 2^-8: halfway, odd below -> up
-    (0x3F80, 0x3B81, 1.0, 1.0),           # just above halfway -> up
-    (0x3F80, 0x3B7F, 1.0, 1.0),           # just below halfway -> down
-    (0x7F7F, 0x7B00, 1.0, 1.0),           # largest finite + half its ulp: halfway, odd -> inf
-    (0x7F7F, 0x7A80, 1.0, 1.0),           # largest finite + a quarter ulp -> stays finite
-    (0x0080, 0x0000, 2.0 ** -8, 0.0),     # 2^-134, a float32 subnormal: halfway, even -> 0
-    (0x00C0, 0x0000, 2.0 ** -7, 0.0),     # 1.5 * 2^-133: above halfway -> smallest bf16 subnormal
-    (0x8000, 0x0000, 1.0, 1.0),           # -0 + 0
-    (0xFFC1, 0x0000, 1.0, 1.0),           # a negative NaN with a payload -> c10's 0x7FC0
-    (0x7F80, 0x3F80, 1.0, 1.0),           # inf
-    (0xFF80, 0x3F80, 1.0, 1.0),           # -inf
+    (0x3F80, 0x3B80, 1.0, 1.0),  # 1 + 2^-8: halfway, even below -> down
+    (0x3F81, 0x3B80, 1.0, 1.0),  # (1 + 2^-7) + 2^-8: halfway, odd below -> up
+    (0x3F80, 0x3B81, 1.0, 1.0),  # just above halfway -> up
+    (0x3F80, 0x3B7F, 1.0, 1.0),  # just below halfway -> down
+    (0x7F7F, 0x7B00, 1.0, 1.0),  # largest finite + half its ulp: halfway, odd -> inf
+    (0x7F7F, 0x7A80, 1.0, 1.0),  # largest finite + a quarter ulp -> stays finite
+    (0x0080, 0x0000, 2.0**-8, 0.0),  # 2^-134, a float32 subnormal: halfway, even -> 0
+    (0x00C0, 0x0000, 2.0**-7, 0.0),  # 1.5 * 2^-133: above halfway -> smallest bf16 subnormal
+    (0x8000, 0x0000, 1.0, 1.0),  # -0 + 0
+    (0xFFC1, 0x0000, 1.0, 1.0),  # a negative NaN with a payload -> c10's 0x7FC0
+    (0x7F80, 0x3F80, 1.0, 1.0),  # inf
+    (0xFF80, 0x3F80, 1.0, 1.0),  # -inf
 ]
 
 
@@ -184,14 +217,14 @@ def test_bf16_stores_round_as_c10(at_end):
 
 # (x bits, y bits, a, b) in fp16, as BF16_CASES.
 F16_CASES = [
-    (0x3C00, 0x1000, 1.0, 1.0),           # 1 + 2^-11: halfway, even below -> down
-    (0x3C01, 0x1000, 1.0, 1.0),           # (1 + 2^-10) + 2^-11: halfway, odd below -> up
-    (0x7BFF, 0x4C00, 1.0, 1.0),           # 65504 + 16: halfway to 65536, odd -> inf
-    (0x7BFF, 0x4BFF, 1.0, 1.0),           # 65504 + 15.99: stays finite
-    (0x0001, 0x0000, 1.5, 0.0),           # 1.5 units of 2^-24: halfway -> 2 units (even)
-    (0x0001, 0x0000, 2.5, 0.0),           # 2.5 units: halfway -> 2 units (even)
-    (0x0001, 0x0000, 0.5, 0.0),           # half a unit: halfway -> 0
-    (0x03FF, 0x0001, 1.0, 1.0),           # the largest subnormal + a unit: the smallest normal
+    (0x3C00, 0x1000, 1.0, 1.0),  # 1 + 2^-11: halfway, even below -> down
+    (0x3C01, 0x1000, 1.0, 1.0),  # (1 + 2^-10) + 2^-11: halfway, odd below -> up
+    (0x7BFF, 0x4C00, 1.0, 1.0),  # 65504 + 16: halfway to 65536, odd -> inf
+    (0x7BFF, 0x4BFF, 1.0, 1.0),  # 65504 + 15.99: stays finite
+    (0x0001, 0x0000, 1.5, 0.0),  # 1.5 units of 2^-24: halfway -> 2 units (even)
+    (0x0001, 0x0000, 2.5, 0.0),  # 2.5 units: halfway -> 2 units (even)
+    (0x0001, 0x0000, 0.5, 0.0),  # half a unit: halfway -> 0
+    (0x03FF, 0x0001, 1.0, 1.0),  # the largest subnormal + a unit: the smallest normal
 ]
 
 

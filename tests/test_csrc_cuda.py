@@ -10,6 +10,7 @@ params/state bitwise unchanged, no host synchronisation, CUDA graph capture.
 
 All marked gpu: skipped without a CUDA device (tests/conftest.py).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -23,16 +24,20 @@ from .reference import train_mlp_with_fused_sam
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-TOL = {torch.float32: (2e-5, 2e-6), torch.float64: (1e-12, 1e-14), torch.float16: (1e-2, 1e-2),
-       torch.bfloat16: (6e-2, 6e-2)}
+TOL = {
+    torch.float32: (2e-5, 2e-6),
+    torch.float64: (1e-12, 1e-14),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (6e-2, 6e-2),
+}
 CHUNK = 65536
-
 
 
 def _sc(scale, skip):
     """The pass's scalars (skip flag, factor) for a perturbation of exactly ``scale`` (rho = 1)."""
     scale = torch.as_tensor(scale)
     return torch.stack([torch.as_tensor(skip).to(device=scale.device, dtype=scale.dtype), scale])
+
 
 def _dev():
     return torch.device("cuda", torch.cuda.current_device())
@@ -103,8 +108,9 @@ def _assert_bitwise(xs, ys):
 
 def _close(xs, ys, tol, what):
     for i, (x, y) in enumerate(zip(xs, ys)):
-        torch.testing.assert_close(x.double().cpu(), y.double().cpu(), rtol=tol[0], atol=tol[1],
-                                   msg=lambda m: f"{what}[{i}]: {m}")
+        torch.testing.assert_close(
+            x.double().cpu(), y.double().cpu(), rtol=tol[0], atol=tol[1], msg=lambda m: f"{what}[{i}]: {m}"
+        )
 
 
 def _flag(v, device):
@@ -163,9 +169,13 @@ def test_restore_many_tensors(dev, seed):
     _assert_bitwise(p, c)
 
 
-SGD_CASES = [(0.0, 0.0, False, 0.0, False, False), (0.9, 0.0, False, 5e-4, False, False),
-             (0.9, 0.0, False, 5e-4, False, True), (0.9, 0.0, True, 1e-2, True, False),
-             (0.5, 0.3, False, 1e-3, True, True)]
+SGD_CASES = [
+    (0.0, 0.0, False, 0.0, False, False),
+    (0.9, 0.0, False, 5e-4, False, False),
+    (0.9, 0.0, False, 5e-4, False, True),
+    (0.9, 0.0, True, 1e-2, True, False),
+    (0.5, 0.3, False, 1e-3, True, True),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -177,8 +187,15 @@ def test_restore_sgd_step(dev, dtype, case, clip, misaligned, seed):
     shapes = _shapes()
     p, g, c = (_rand(shapes, dtype, dev, misaligned=misaligned) for _ in range(3))
     bufs = _rand(shapes, dtype, dev) if momentum else []
-    kw = dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd,
-              maximize=maximize, first=first)
+    kw = dict(
+        lr=0.1,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=wd,
+        maximize=maximize,
+        first=first,
+    )
     gs = torch.tensor(0.37, device=dev) if clip else None
     inputs = (_clone(p), _clone(bufs))
     cuda.restore_sgd_step(p, g, c, bufs, grad_scale=gs, skip=_flag(False, dev), **kw)
@@ -186,8 +203,15 @@ def test_restore_sgd_step(dev, dtype, case, clip, misaligned, seed):
         q, qb = _clone(inputs[0]), _clone(inputs[1])
         if name == "cpp":
             q, qb = [t.cpu() for t in q], [t.cpu() for t in qb]
-            cpp.restore_sgd_step(q, [t.cpu() for t in g], [t.cpu() for t in c], qb,
-                                 grad_scale=None if gs is None else gs.cpu(), skip=_flag(False, "cpu"), **kw)
+            cpp.restore_sgd_step(
+                q,
+                [t.cpu() for t in g],
+                [t.cpu() for t in c],
+                qb,
+                grad_scale=None if gs is None else gs.cpu(),
+                skip=_flag(False, "cpu"),
+                **kw,
+            )
         else:
             mod = backends.get(name)
             if not mod.supports(dtype):
@@ -216,13 +240,22 @@ def test_restore_adam_step(dev, dtype, wd, decoupled, maximize, clip, step_dtype
     inputs = [_clone(x) for x in (p, m, v, steps)]
     cuda.restore_adam_step(p, g, c, m, v, steps, grad_scale=gs, skip=_flag(False, dev), **kw)
     assert [float(s) for s in steps] == [float(s) + 1 for s in inputs[3]]
-    compare = ["cpp"] + ([n for n in _others(dev)] if dtype in (torch.float32, torch.float64) else [])
+    compare = ["cpp"] + (list(_others(dev)) if dtype in (torch.float32, torch.float64) else [])
     for name in compare:
         q = [_clone(x) for x in inputs]
         if name == "cpp":
             q = [[t.cpu() for t in x] for x in q]
-            cpp.restore_adam_step(q[0], [t.cpu() for t in g], [t.cpu() for t in c], q[1], q[2], q[3],
-                                  grad_scale=None if gs is None else gs.cpu(), skip=_flag(False, "cpu"), **kw)
+            cpp.restore_adam_step(
+                q[0],
+                [t.cpu() for t in g],
+                [t.cpu() for t in c],
+                q[1],
+                q[2],
+                q[3],
+                grad_scale=None if gs is None else gs.cpu(),
+                skip=_flag(False, "cpu"),
+                **kw,
+            )
         else:
             mod = backends.get(name)
             if not mod.supports(dtype):
@@ -249,10 +282,38 @@ def test_no_host_synchronisation(dev, seed):
     try:
         sq = cuda.grad_sq_norm(g, p)
         torch.ops.fastsam.perturb(p, g, c, scale * sq, skip, True)
-        cuda.restore_sgd_step(p, g, c, b, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0,
-                              maximize=False, first=False, grad_scale=gs, skip=skip)
-        cuda.restore_adam_step(p, g, c, m, v, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                               decoupled=True, maximize=False, grad_scale=gs, skip=skip)
+        cuda.restore_sgd_step(
+            p,
+            g,
+            c,
+            b,
+            lr=0.1,
+            momentum=0.9,
+            dampening=0.0,
+            nesterov=False,
+            weight_decay=0.0,
+            maximize=False,
+            first=False,
+            grad_scale=gs,
+            skip=skip,
+        )
+        cuda.restore_adam_step(
+            p,
+            g,
+            c,
+            m,
+            v,
+            steps,
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            decoupled=True,
+            maximize=False,
+            grad_scale=gs,
+            skip=skip,
+        )
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -267,8 +328,21 @@ def test_cuda_graph_capture(dev, seed):
     def step(p, c, b):
         sq = cuda.grad_sq_norm(g)
         torch.ops.fastsam.perturb(p, g, c, 0.05 / (sq.sqrt() + 1e-12), skip, False)
-        cuda.restore_sgd_step(p, g, c, b, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False,
-                              weight_decay=0.0, maximize=False, first=False, grad_scale=gs, skip=skip)
+        cuda.restore_sgd_step(
+            p,
+            g,
+            c,
+            b,
+            lr=0.1,
+            momentum=0.9,
+            dampening=0.0,
+            nesterov=False,
+            weight_decay=0.0,
+            maximize=False,
+            first=False,
+            grad_scale=gs,
+            skip=skip,
+        )
 
     eager_p, eager_b = _clone(init[0]), _clone(init[1])
     step(eager_p, [torch.empty_like(t) for t in eager_p], eager_b)
@@ -302,23 +376,38 @@ def test_huge_tensor_past_int32(dev, seed):
     c = torch.empty_like(p)
     sq = cuda.grad_sq_norm([g])
     step = 1 << 28
-    ref = sum(g[i:i + step].float().square().sum(dtype=torch.float64) for i in range(0, n, step))
+    ref = sum(g[i : i + step].float().square().sum(dtype=torch.float64) for i in range(0, n, step))
     torch.testing.assert_close(sq.double(), ref, rtol=1e-4, atol=0)
     tail = slice(n - 1000, n)
     p_tail = p[tail].clone()
     cuda.perturb([p], [g], [c], _sc(torch.tensor(0.5, device=dev), _flag(False, dev)), 1.0, False)
     assert torch.equal(c[tail], p_tail)
-    torch.testing.assert_close(p[tail].float(), (p_tail.float() + 0.5 * g[tail].float()).half().float(),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        p[tail].float(), (p_tail.float() + 0.5 * g[tail].float()).half().float(), rtol=1e-3, atol=1e-3
+    )
     buf = torch.zeros_like(p)
-    cuda.restore_sgd_step([p], [g], [c], [buf], lr=0.1, momentum=0.9, dampening=0.0, nesterov=False,
-                          weight_decay=0.0, maximize=False, first=True, grad_scale=None, skip=_flag(False, dev))
+    cuda.restore_sgd_step(
+        [p],
+        [g],
+        [c],
+        [buf],
+        lr=0.1,
+        momentum=0.9,
+        dampening=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        maximize=False,
+        first=True,
+        grad_scale=None,
+        skip=_flag(False, dev),
+    )
     torch.testing.assert_close(buf[tail], g[tail])
     torch.testing.assert_close(p[tail].float(), (p_tail.float() - 0.1 * g[tail].float()), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("base,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
-                                     (torch.optim.Adam, dict(lr=1e-3))])
+@pytest.mark.parametrize(
+    "base,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)), (torch.optim.Adam, dict(lr=1e-3))]
+)
 def test_fused_sam_cuda_matches_foreach(dev, base, kw, seed):
     def run(backend):
         return train_mlp_with_fused_sam(backend, base, kw, seed, device=dev)

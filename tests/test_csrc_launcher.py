@@ -16,6 +16,7 @@ processed once, nothing outside a tensor is written, and that every element
 but each chunk's ragged tail (its last n % ILP) takes the vector path when the
 pointers are aligned, whatever the tensor's length; none when one is not.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -34,7 +35,9 @@ PROGRAM = r"""
 using namespace fastsam::cuda;
 
 // Fake data pointers: list d, tensor t -> (d + 1) << 40 | (t + 1) << 4.
-static void* fake(int d, int64_t t) { return reinterpret_cast<void*>(((uintptr_t)(d + 1) << 40) | ((uintptr_t)(t + 1) << 4)); }
+static void* fake(int d, int64_t t) {
+  return reinterpret_cast<void*>(((uintptr_t)(d + 1) << 40) | ((uintptr_t)(t + 1) << 4));
+}
 static int64_t tensor_of(void* p) { return (int64_t)(((uintptr_t)p & ((1ull << 40) - 1)) >> 4) - 1; }
 static int list_of(void* p) { return (int)((uintptr_t)p >> 40) - 1; }
 
@@ -117,8 +120,11 @@ def _compile_and_run(tmp_path, name, program):
     src = tmp_path / f"{name}.cpp"
     src.write_text(program)
     exe = tmp_path / name
-    build = subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{_build.CSRC}", str(src), "-o", str(exe)],
-                           capture_output=True, text=True)
+    build = subprocess.run(
+        [cxx, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{_build.CSRC}", str(src), "-o", str(exe)],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     print(run.stdout)

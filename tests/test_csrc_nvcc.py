@@ -20,6 +20,7 @@
 
 Skipped only when nvcc (or torch's include dir) is not found.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,9 @@ def test_every_cu_file_compiles_for_sm80_and_sm90():
 def test_nvcc_check_fails_on_a_broken_kernel(tmp_path, monkeypatch):
     """The check really compiles: a template error in a .cu file is reported."""
     bad = tmp_path / "broken.cu"
-    bad.write_text('#include "sam_math.h"\n'
-                   "__global__ void k(float* p) { p[0] = fastsam::perturb_element<float>(p[0]); }\n")
+    bad.write_text(
+        '#include "sam_math.h"\n__global__ void k(float* p) { p[0] = fastsam::perturb_element<float>(p[0]); }\n'
+    )
     for header in ("sam_math.h",):
         (tmp_path / header).write_text(open(os.path.join(_build.CSRC, header)).read())
     monkeypatch.setattr(_build, "CSRC", str(tmp_path))
@@ -61,8 +63,10 @@ def test_no_kernel_uses_stack_or_spills(arch):
     usage = _build.ptxas_usage(nvcc=NVCC, arch=arch)
     entries = _build.nvcc_ptx(nvcc=NVCC, arch=arch).count(".entry ")
     for kernel, u in sorted(usage.items()):
-        print(f"sm_{arch} {u['registers']:4d} regs {u.get('stack', '?'):>4} B stack "
-              f"{u.get('spill_stores', '?')}/{u.get('spill_loads', '?')} B spilled  {kernel[:150]}")
+        print(
+            f"sm_{arch} {u['registers']:4d} regs {u.get('stack', '?'):>4} B stack "
+            f"{u.get('spill_stores', '?')}/{u.get('spill_loads', '?')} B spilled  {kernel[:150]}"
+        )
     assert entries and len(usage) == entries, f"ptxas reported {len(usage)} of the {entries} kernels"
     bad = [k for k, u in usage.items() if (u["stack"], u["spill_stores"], u["spill_loads"]) != (0, 0, 0)]
     assert not bad, "kernels with local memory (stack or spills):\n" + "\n".join(f"{usage[k]} {k}" for k in bad)
@@ -91,7 +95,16 @@ def test_cuda_binding_syntax_checks_against_torch_headers():
     includes = [a for p in ext.include_paths() + [os.path.join(cuda_home, "include")] for a in ("-isystem", p)]
     # torch >= 2.10 headers need C++20; older ones build with C++17.
     std = "-std=c++20" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 10) else "-std=c++17"
-    cmd = [cxx, std, "-fsyntax-only", "-Wall", "-Werror", "-DFASTSAM_WITH_CUDA",
-           "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *includes, os.path.join(_build.CSRC, "sam_cuda.cpp")]
+    cmd = [
+        cxx,
+        std,
+        "-fsyntax-only",
+        "-Wall",
+        "-Werror",
+        "-DFASTSAM_WITH_CUDA",
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        *includes,
+        os.path.join(_build.CSRC, "sam_cuda.cpp"),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"$ {' '.join(cmd)}\n{res.stdout}{res.stderr}"

@@ -7,6 +7,7 @@ terminated, and a watchdog kills both if anything hangs.  Every worker also
 computes its reference in-process (a non-distributed copy of the model on the
 whole batch), so nothing but the seed crosses between processes.
 """
+
 import copy
 import math
 import os
@@ -32,8 +33,10 @@ TOL = 1e-6  # relative, per tensor (the issue's tolerance)
 # float64: 1e-6 then measures the algorithm.  In float32 the rounding of a different
 # reduction order, grown over 5 SGD+momentum steps, reaches 8e-7 (measured), too close.
 DTYPE = torch.float64
-BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
-         "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2))}
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+}
 
 
 # --------------------------------------------------------------------------- harness
@@ -63,8 +66,9 @@ def _entry(rank, world, port, worker, seed):
 def _spawn(worker, timeout=90.0):
     """Run worker(rank, seed) on WORLD gloo ranks; re-raise a rank's failure; never leave processes behind."""
     seed = secrets.randbits(31)
-    ctx = mp.start_processes(_entry, args=(WORLD, _free_port(), worker, seed), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _entry, args=(WORLD, _free_port(), worker, seed), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
@@ -102,14 +106,15 @@ def _mse(out, y):
 def _batches(seed, steps=STEPS, n=8):
     """The same global batches on every rank; rank r trains on rows [r*n/2, (r+1)*n/2)."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 6, generator=g, dtype=DTYPE), torch.randn(n, 3, generator=g, dtype=DTYPE))
-            for _ in range(steps)]
+    return [
+        (torch.randn(n, 6, generator=g, dtype=DTYPE), torch.randn(n, 3, generator=g, dtype=DTYPE)) for _ in range(steps)
+    ]
 
 
 def _shard(batch, rank):
     x, y = batch
     k = x.shape[0] // WORLD
-    return x[rank * k:(rank + 1) * k], y[rank * k:(rank + 1) * k]
+    return x[rank * k : (rank + 1) * k], y[rank * k : (rank + 1) * k]
 
 
 def _model(seed, cls=_mlp):
@@ -119,7 +124,7 @@ def _model(seed, cls=_mlp):
 
 def _state_tensors(model, opt):
     """Parameters, buffers and the base optimizer's tensor state, in a fixed order."""
-    out = [t.detach() for t in model.parameters()] + [b for b in model.buffers()]
+    out = [t.detach() for t in model.parameters()] + list(model.buffers())
     for p in model.parameters():
         st = opt.base_optimizer.state[p]
         out += [st[k] for k in sorted(st) if torch.is_tensor(st[k])]
@@ -239,8 +244,11 @@ def _ddp_checks(rank, seed):
             _reference_sam_step(ref, opt_ref, [_shard(batch, r) for r in range(WORLD)], mode)
             what = f"BN {mode} step {step}"
             _assert_close(list(ddp.parameters()), list(ref.parameters()), what)
-            _assert_close([ddp.module.bn.running_mean, ddp.module.bn.running_var],
-                          [ref.bn.running_mean, ref.bn.running_var], what + " running stats")
+            _assert_close(
+                [ddp.module.bn.running_mean, ddp.module.bn.running_var],
+                [ref.bn.running_mean, ref.bn.running_var],
+                what + " running stats",
+            )
             assert int(ddp.module.bn.num_batches_tracked) == step + 1, what
             _assert_ranks_bitwise_equal(_state_tensors(ddp.module, opt), what)
 
@@ -358,6 +366,7 @@ def _fsdp_checks(rank, seed):
 
     # the variants' global sums (GSAM's and LookSAM's dot products and norms) over the shards too
     from fastsam import GSAM, FriendlySAM, LookSAM
+
     for cls, extra in ((GSAM, dict(alpha=0.3)), (LookSAM, dict(k=2)), (FriendlySAM, {})):
         base_cls, kw = BASES["sgd"]
         ref = _model(seed)
@@ -415,7 +424,8 @@ def test_without_process_group_both_modes_are_plain_sam(mode, seed):
             _mse(twin(x), y).backward()
         opt_twin.second_step(zero_grad=True)
         assert torch.equal(loss, first.detach())
-        for a, b in zip(list(model.parameters()) + list(model.buffers()),
-                        list(twin.parameters()) + list(twin.buffers())):
+        for a, b in zip(
+            list(model.parameters()) + list(model.buffers()), list(twin.parameters()) + list(twin.buffers())
+        ):
             assert torch.equal(a, b)
         assert all(p.grad is None for p in model.parameters())

@@ -8,6 +8,7 @@ itself.  A block that cannot run here (it needs a GPU, a process group, or start
 preceded by a line ``<!-- no-run: why -->``.  Each block runs in a fresh namespace with a fresh
 model.
 """
+
 import pathlib
 import re
 import time
@@ -43,7 +44,7 @@ def blocks():
                 j += 1
             if lang == "python":
                 prev = next((lines[k] for k in range(start - 1, -1, -1) if lines[k].strip()), "")
-                code = "\n".join(ln.removeprefix(indent) for ln in lines[start + 1:j])
+                code = "\n".join(ln.removeprefix(indent) for ln in lines[start + 1 : j])
                 out.append((page.relative_to(DOCS).as_posix(), start + 1, not NO_RUN.match(prev), code))
             i = j + 1
     return out
@@ -56,14 +57,30 @@ RUNNABLE = [b for b in BLOCKS if b[2]]
 def _namespace():
     torch.manual_seed(0)
     nn = torch.nn
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
     gen = torch.Generator().manual_seed(0)
     loader = [(torch.rand(16, 3, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(4)]
     x, y = loader[0]
-    return {"__name__": "__docs__", "model": model, "ddp_model": model, "loader": loader, "test_loader": loader,
-            "loss_fn": torch.nn.functional.cross_entropy, "x": x, "y": y, "total_steps": len(loader),
-            "device": "cpu", "evaluate": lambda m: None}
+    return {
+        "__name__": "__docs__",
+        "model": model,
+        "ddp_model": model,
+        "loader": loader,
+        "test_loader": loader,
+        "loss_fn": torch.nn.functional.cross_entropy,
+        "x": x,
+        "y": y,
+        "total_steps": len(loader),
+        "device": "cpu",
+        "evaluate": lambda m: None,
+    }
 
 
 def test_the_docs_have_runnable_examples():
@@ -73,8 +90,9 @@ def test_the_docs_have_runnable_examples():
     assert {"index.md", "getting-started.md", "semantics.md", "variants.md", "hessian.md"} <= pages
 
 
-@pytest.mark.parametrize("page,line,code", [(p, n, c) for p, n, _, c in RUNNABLE],
-                         ids=[f"{p}:{n}" for p, n, _, _ in RUNNABLE])
+@pytest.mark.parametrize(
+    "page,line,code", [(p, n, c) for p, n, _, c in RUNNABLE], ids=[f"{p}:{n}" for p, n, _, _ in RUNNABLE]
+)
 def test_docs_example_runs(page, line, code, tmp_path, monkeypatch):
     if ".plot(" in code:
         pytest.importorskip("matplotlib")
@@ -83,7 +101,7 @@ def test_docs_example_runs(page, line, code, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSAM_NO_JIT", "1")  # an example must never start a compile
     monkeypatch.delenv("FASTSAM_BACKEND", raising=False)
     start = time.process_time()  # CPU time: other jobs on the machine do not count
-    exec(compile(code, f"docs/{page}:{line}", "exec"), _namespace())  # noqa: S102 (the docs' own code)
+    exec(compile(code, f"docs/{page}:{line}", "exec"), _namespace())
     elapsed = time.process_time() - start
     if ".plot(" in code:
         import matplotlib.pyplot as plt

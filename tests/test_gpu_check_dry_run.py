@@ -3,6 +3,7 @@
 "passed" row per step, and the benchmarks' JSON + markdown.  A second, short run breaks the compiler:
 the summary then reports the failed build with its first error line, the later step still runs and
 reports, and the build is attempted once, not again by the test collection of a later step."""
+
 import os
 import re
 import subprocess
@@ -12,8 +13,18 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
-STEPS = ("build_extension", "contract_triton", "contract_cuda", "tests_triton", "tests_cuda", "tests_variants",
-         "host_cost", "train_throughput", "optimizer_step", "inductor")
+STEPS = (
+    "build_extension",
+    "contract_triton",
+    "contract_cuda",
+    "tests_triton",
+    "tests_cuda",
+    "tests_variants",
+    "host_cost",
+    "train_throughput",
+    "optimizer_step",
+    "inductor",
+)
 BUILDING = "fastsam: building the C++ extension"
 
 
@@ -50,9 +61,13 @@ def test_a_failed_build_is_reported_and_not_retried(tmp_path):
     cxx = tmp_path / "broken_cxx"
     cxx.write_text(f"#!/bin/sh\necho $PPID >> {calls}\nexit 1\n")
     cxx.chmod(0o755)
-    res, log, rows = _run(tmp_path / "out", PYTHON=sys.executable, CXX=str(cxx),
-                          FASTSAM_CACHE_DIR=str(tmp_path / "empty_cache"),
-                          GPU_CHECK_STEPS="build_extension contract_cuda")
+    res, log, rows = _run(
+        tmp_path / "out",
+        PYTHON=sys.executable,
+        CXX=str(cxx),
+        FASTSAM_CACHE_DIR=str(tmp_path / "empty_cache"),
+        GPU_CHECK_STEPS="build_extension contract_cuda",
+    )
     assert res.returncode != 0
     assert rows["build_extension"][0] == "failed" and "rc=1" in rows["build_extension"][2], rows
     assert rows["contract_cuda"][0] in ("passed", "failed"), rows  # it ran, whatever it found

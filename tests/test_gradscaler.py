@@ -1,5 +1,6 @@
 """torch.amp.GradScaler with FusedSAM: scaler.step(opt) folds the unscale and the inf check
 into the second pass's fused scalars; equal to the manual-unscale recipe; skipped steps bitwise."""
+
 import copy
 
 import pytest
@@ -26,8 +27,13 @@ def _setup(base, kw, seed=0, **sam):
 
 def _data(n=4, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 6, generator=g).to(DEVICE["device"]), torch.randint(0, 3, (8,), generator=g).to(DEVICE["device"]))
-            for _ in range(n)]
+    return [
+        (
+            torch.randn(8, 6, generator=g).to(DEVICE["device"]),
+            torch.randint(0, 3, (8,), generator=g).to(DEVICE["device"]),
+        )
+        for _ in range(n)
+    ]
 
 
 def _loss(model, x, y, poison=False):
@@ -39,16 +45,18 @@ def _loss(model, x, y, poison=False):
 
 def _run(form, base, kw, data, poison_at=None, **sam):
     model, opt = _setup(base, kw, **sam)
-    scaler = torch.amp.GradScaler(DEVICE["device"], init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler(DEVICE["device"], init_scale=2.0**10)
     scales = []
     for i, (x, y) in enumerate(data):
         poison = i == poison_at
         scaler.scale(_loss(model, x, y)).backward()
         if form == "closure":
+
             def closure():
                 loss = _loss(model, x, y, poison)
                 scaler.scale(loss).backward()
                 return loss
+
             scaler.step(opt, closure)
             opt.zero_grad()
         else:
@@ -90,7 +98,7 @@ def test_scaler_skips_bitwise_and_backs_off(base, kw):
     before_p = [p.detach().clone() for p in model.parameters()]
     before_s = copy.deepcopy(opt.base_optimizer.state_dict())
     # one more step whose second pass overflows: the scaler sees it (it checks the SAM gradient)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x, y = data[2]
     scaler.scale(_loss(model, x, y)).backward()
     opt.first_step(zero_grad=True)
@@ -98,7 +106,7 @@ def test_scaler_skips_bitwise_and_backs_off(base, kw):
     scaler.step(opt)
     scaler.update()
     assert opt.last_step_skipped and float(opt.skip_flag) == 1.0
-    assert scaler.get_scale() == 2.0 ** 9
+    assert scaler.get_scale() == 2.0**9
     for p, q in zip(before_p, model.parameters()):
         assert torch.equal(p, q)
     after = opt.base_optimizer.state_dict()
@@ -148,6 +156,7 @@ def test_scaler_without_first_step_names_the_recipe():
 @pytest.mark.parametrize("clip", [None, 0.5])
 def test_cuda_scaler_step_equals_manual_unscale(backend, clip, monkeypatch):
     from fastsam import backends
+
     if not backends.get(backend).is_available(torch.device("cuda"))[0]:
         pytest.skip(f"{backend} unavailable")
     monkeypatch.setitem(DEVICE, "device", "cuda")

@@ -4,6 +4,7 @@ Every test draws a fresh seed (printed, and in assertion messages) so failures c
 with FASTSAM_TEST_SEED=<seed>. Tolerances are chosen so the properties hold for essentially all
 seeds (statistical checks are documented where they appear).
 """
+
 import copy
 import math
 import warnings
@@ -38,8 +39,7 @@ def mlp(g, dtype=F64):
 def mlp_two_batches(g, dtype=F64):
     """Unequal batch sizes, so wrong per-batch weighting is detected."""
     m, _ = mlp(g, dtype)
-    return m, [(torch.randn(n, 4, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g))
-               for n in (5, 11)]
+    return m, [(torch.randn(n, 4, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)) for n in (5, 11)]
 
 
 def cnn_bn(g, dtype=F64):
@@ -85,10 +85,9 @@ def dense_hessian(model, batches, loss_fn=CE, model_mode="eval"):
     def f(theta):
         params, i = {}, 0
         for n, p in named:
-            params[n] = theta[i:i + p.numel()].view_as(p)
+            params[n] = theta[i : i + p.numel()].view_as(p)
             i += p.numel()
-        return sum(loss_fn(functional_call(model, params, (x.double(),)), y) * len(y) / total
-                   for x, y in batches)
+        return sum(loss_fn(functional_call(model, params, (x.double(),)), y) * len(y) / total for x, y in batches)
 
     return torch.autograd.functional.hessian(f, flat)
 
@@ -234,8 +233,9 @@ def test_hutchpp_beats_hutchinson(seed):
     exact = dense_hessian(model, data).trace().item()
     err = {}
     for method in ("hutchinson", "hutch++"):
-        e = [hessian.trace(model, CE, data, num_samples=30, method=method, seed=seed + i).trace - exact
-             for i in range(6)]
+        e = [
+            hessian.trace(model, CE, data, num_samples=30, method=method, seed=seed + i).trace - exact for i in range(6)
+        ]
         err[method] = math.sqrt(sum(x * x for x in e) / len(e))
     assert err["hutch++"] < err["hutchinson"], f"seed={seed} {err}"
 

@@ -50,7 +50,9 @@ CALLS = {
     "eigenvalues_power": lambda m, d, **kw: hessian.eigenvalues(m, CE, d, k=2, method="power", max_iter=30, **kw),
     "trace": lambda m, d, **kw: hessian.trace(m, CE, d, num_samples=9, **kw),
     "density": lambda m, d, **kw: hessian.density(m, CE, d, num_iter=10, **kw),
-    "hvp": lambda m, d, **kw: hessian.hvp(m, CE, d, [torch.ones_like(p) for p in m.parameters() if p.requires_grad], **kw),
+    "hvp": lambda m, d, **kw: hessian.hvp(
+        m, CE, d, [torch.ones_like(p) for p in m.parameters() if p.requires_grad], **kw
+    ),
 }
 
 
@@ -123,12 +125,21 @@ def tiny():
     return m, (torch.randn(4, 3), torch.randint(0, 2, (4,)))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(k=0), "k must"), (dict(k=9), "k must"), (dict(k=1.5), "k must"),
-    (dict(method="arnoldi"), "method"), (dict(hvp_mode="fwd"), "hvp_mode"),
-    (dict(model_mode="training"), "model_mode"), (dict(tol=0), "tol"), (dict(max_iter=0), "max_iter"),
-    (dict(seed="x"), "seed"), (dict(dtype=torch.int32), "dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(k=0), "k must"),
+        (dict(k=9), "k must"),
+        (dict(k=1.5), "k must"),
+        (dict(method="arnoldi"), "method"),
+        (dict(hvp_mode="fwd"), "hvp_mode"),
+        (dict(model_mode="training"), "model_mode"),
+        (dict(tol=0), "tol"),
+        (dict(max_iter=0), "max_iter"),
+        (dict(seed="x"), "seed"),
+        (dict(dtype=torch.int32), "dtype"),
+    ],
+)
 def test_eigenvalues_bad_arguments(kwargs, match):
     m, d = tiny()
     with pytest.raises(ValueError, match=match):
@@ -200,8 +211,9 @@ def test_progress_bar_and_callback(seed, capsys):
     model = nn.Linear(4, 3).double()
     data = (torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
     seen = []
-    r = hessian.eigenvalues(model, CE, data, k=2, tol=1e-8, progress=True, seed=seed,
-                            callback=lambda info: seen.append(info["num_hvps"]))
+    r = hessian.eigenvalues(
+        model, CE, data, k=2, tol=1e-8, progress=True, seed=seed, callback=lambda info: seen.append(info["num_hvps"])
+    )
     r2 = hessian.eigenvalues(model, CE, data, k=2, tol=1e-8, seed=seed)
     assert torch.equal(r.eigenvalues, r2.eigenvalues)  # same seed, same answer
     assert seen == list(range(1, r.num_hvps + 1))

@@ -17,7 +17,7 @@ def setup(seed=0, n=24):
     m = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 3)).double()
     x = torch.randn(n, 5, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=g)
-    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, n, 8)]
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, n, 8)]
     nparam = sum(p.numel() for p in m.parameters())
     vs = [torch.randn(nparam, generator=g, dtype=torch.float64) for _ in range(3)]
     return m, batches, vs

@@ -3,6 +3,7 @@
 Each rank holds its own half of the data; the products are all-reduced, so both ranks must get
 identical eigenvalues / trace, equal to the single-process result on the concatenated data.
 """
+
 import datetime
 import os
 import secrets
@@ -59,7 +60,7 @@ def _worker(rank, port, seed, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=30))
     try:
         model, x, y = _problem(seed)
-        mine = (x[rank * 8:(rank + 1) * 8], y[rank * 8:(rank + 1) * 8])
+        mine = (x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8])
         # seed=None on purpose: rank 0's fresh seed must be broadcast to every rank
         values, hvps, tr = _solve(model, mine, None if rank else seed)
         torch.save({"values": values, "hvps": hvps, "trace": tr}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -72,8 +73,9 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
         pytest.skip("torch.distributed not available")
     seed = secrets.randbits(31)
     print(f"seed={seed}")
-    ctx = mp.start_processes(_worker, args=(_free_port(), seed, str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(_free_port(), seed, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):

@@ -1,6 +1,7 @@
 """fastsam.hessian's safety: no graph outlives a call, non-finite losses and products are clear
 errors that leave the model as it was, arguments go through fastsam._checks, and the trace
 estimators equal their definitions computed in float64."""
+
 import gc
 import math
 
@@ -22,8 +23,10 @@ F64 = torch.float64
 
 def _calls(loss_fn):
     """Every public entry point, on a given loss."""
+
     def vector(m):
         return [torch.ones_like(p) for p in m.parameters() if p.requires_grad]
+
     return {
         "eigenvalues_lanczos": lambda m, d, **kw: hessian.eigenvalues(m, loss_fn, d, k=2, max_iter=6, **kw),
         "eigenvalues_power": lambda m, d, **kw: hessian.eigenvalues(m, loss_fn, d, method="power", max_iter=4, **kw),
@@ -182,34 +185,37 @@ def _tiny():
 def test_numpy_and_tensor_scalars_are_python_scalars(wrap):
     m, d = _tiny()
     a = hessian.eigenvalues(m, CE, d, k=2, tol=1e-6, max_iter=20, seed=5)
-    b = hessian.eigenvalues(m, CE, d, k=wrap(2), tol=wrap(1e-6), max_iter=wrap(20), seed=wrap(5),
-                            cache_bytes=wrap(1 << 20))
+    b = hessian.eigenvalues(
+        m, CE, d, k=wrap(2), tol=wrap(1e-6), max_iter=wrap(20), seed=wrap(5), cache_bytes=wrap(1 << 20)
+    )
     assert torch.equal(a.eigenvalues, b.eigenvalues) and b.seed == 5 and type(b.seed) is int
     t1 = hessian.trace(m, CE, d, num_samples=9, seed=2)
     t2 = hessian.trace(m, CE, d, num_samples=wrap(9), seed=wrap(2))
     assert t1.trace == t2.trace
-    d1 = hessian.density(m, CE, d, num_iter=wrap(5), num_runs=wrap(2), num_points=wrap(50), seed=1,
-                         sigma=wrap(0.1))
+    d1 = hessian.density(m, CE, d, num_iter=wrap(5), num_runs=wrap(2), num_points=wrap(50), seed=1, sigma=wrap(0.1))
     assert d1.grid.numel() == 50 and d1.sigma == float(wrap(0.1)) and type(d1.sigma) is float
 
 
-@pytest.mark.parametrize("call,kwargs,match", [
-    ("eigenvalues", dict(progress="False"), "progress must be a bool"),
-    ("eigenvalues", dict(cache_graph=1), "cache_graph must be a bool or None"),
-    ("eigenvalues", dict(distributed="no"), "distributed must be a bool or None"),
-    ("eigenvalues", dict(tol=float("nan")), "tol must be a finite real number > 0"),
-    ("eigenvalues", dict(tol=0.0), "tol must be > 0"),
-    ("eigenvalues", dict(k=2.0), "k must be an integer >= 1"),
-    ("eigenvalues", dict(seed=1.5), "seed must be an integer"),
-    ("eigenvalues", dict(callback=3), "callback must be callable"),
-    ("eigenvalues", dict(max_iter=1, k=2), "max_iter must be >= k"),
-    ("eigenvalues", dict(k=99), r"k must be at most the number of trainable parameters \(26\)"),
-    ("trace", dict(num_samples=torch.tensor(9.0)), "num_samples must be an integer"),
-    ("trace", dict(progress=1), "progress must be a bool"),
-    ("density", dict(sigma=float("inf")), "sigma must be a finite real number > 0"),
-    ("density", dict(num_points=1), "num_points must be an integer >= 2"),
-    ("density", dict(dtype=torch.int64), "dtype must be a floating torch.dtype"),
-])
+@pytest.mark.parametrize(
+    "call,kwargs,match",
+    [
+        ("eigenvalues", dict(progress="False"), "progress must be a bool"),
+        ("eigenvalues", dict(cache_graph=1), "cache_graph must be a bool or None"),
+        ("eigenvalues", dict(distributed="no"), "distributed must be a bool or None"),
+        ("eigenvalues", dict(tol=float("nan")), "tol must be a finite real number > 0"),
+        ("eigenvalues", dict(tol=0.0), "tol must be > 0"),
+        ("eigenvalues", dict(k=2.0), "k must be an integer >= 1"),
+        ("eigenvalues", dict(seed=1.5), "seed must be an integer"),
+        ("eigenvalues", dict(callback=3), "callback must be callable"),
+        ("eigenvalues", dict(max_iter=1, k=2), "max_iter must be >= k"),
+        ("eigenvalues", dict(k=99), r"k must be at most the number of trainable parameters \(26\)"),
+        ("trace", dict(num_samples=torch.tensor(9.0)), "num_samples must be an integer"),
+        ("trace", dict(progress=1), "progress must be a bool"),
+        ("density", dict(sigma=float("inf")), "sigma must be a finite real number > 0"),
+        ("density", dict(num_points=1), "num_points must be an integer >= 2"),
+        ("density", dict(dtype=torch.int64), "dtype must be a floating torch.dtype"),
+    ],
+)
 def test_bad_arguments_consume_no_data(call, kwargs, match):
     """Checked before the data (here a one-shot generator) is read or the model is touched."""
     m, (x, y) = _tiny()
@@ -290,5 +296,5 @@ def test_slq_weights_are_the_quadrature_of_the_start_vector(seed):
         v0 = _rademacher((12,), gen)
         for p in range(2 * k):
             want = float(v0 @ torch.linalg.matrix_power(A, p) @ v0) / float(v0 @ v0)
-            got = float((weights * nodes ** p).sum())
-            assert got == pytest.approx(want, rel=1e-9, abs=1e-12 * 2.1 ** p), f"seed={seed} run {r} moment {p}"
+            got = float((weights * nodes**p).sum())
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-12 * 2.1**p), f"seed={seed} run {r} moment {p}"

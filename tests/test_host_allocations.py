@@ -7,6 +7,7 @@ meant for the host (an empty list's zeros, Lanczos coefficients, a schedule's ra
 on the device.  On the CPU the same mistake shows with the "meta" default device, whose tensors
 hold no data: the tests below run with it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -21,17 +22,41 @@ from .conftest import CPU_BACKENDS
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "fastsam"
 # torch functions that allocate on the default device unless told otherwise
-FACTORIES = {"tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "range", "linspace", "logspace",
-             "eye", "rand", "randn", "randint", "randperm", "normal", "empty_strided", "scalar_tensor", "Generator"}
+FACTORIES = {
+    "tensor",
+    "as_tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "range",
+    "linspace",
+    "logspace",
+    "eye",
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+    "normal",
+    "empty_strided",
+    "scalar_tensor",
+    "Generator",
+}
 
 
 def test_every_factory_call_in_the_package_names_its_device():
     missing = []
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in FACTORIES
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
-                    and not any(k.arg == "device" for k in node.keywords)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in FACTORIES
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+                and not any(k.arg == "device" for k in node.keywords)
+            ):
                 missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: torch.{node.func.attr}(...)")
     assert not missing, "factory calls that follow torch's default device:\n" + "\n".join(missing)
 
@@ -56,6 +81,7 @@ def test_triton_ops_on_cpu_tensors_under_a_meta_default_device(seed, meta_defaul
         pytest.skip("the triton interpreter is not among this run's CPU backends")
     from fastsam.backends import foreach
     from fastsam.backends import triton as tb
+
     shapes = [(5,), (3000,), (0,), (7, 3)]
     params, grads, copies, m = _cpu(*shapes), _cpu(*shapes), _cpu(*shapes), _cpu(*shapes)
     v = [t.abs() for t in _cpu(*shapes)]
@@ -66,8 +92,23 @@ def test_triton_ops_on_cpu_tensors_under_a_meta_default_device(seed, meta_defaul
         steps = [torch.full((), 2.0, device="cpu") for _ in p]
         out = [mod.grad_sq_norm(grads, p), mod.dot_sq_norms(p, grads)]
         mod.perturb(p, grads, c, torch.tensor([0.0, 0.5], device="cpu"), 0.1, False)
-        mod.restore_adam_step(p, grads, c, mm, vv, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
-                              weight_decay=0.0, decoupled=False, maximize=False, grad_scale=None, skip=zero)
+        mod.restore_adam_step(
+            p,
+            grads,
+            c,
+            mm,
+            vv,
+            steps,
+            lr=1e-2,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            decoupled=False,
+            maximize=False,
+            grad_scale=None,
+            skip=zero,
+        )
         mod.axpby(p, grads, torch.tensor([1.0, -0.5, 0.0], device="cpu"))
         runs.append(out + p + c + mm + vv + steps)
     for a, b in zip(*runs):

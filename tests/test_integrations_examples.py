@@ -1,4 +1,5 @@
 """The examples in examples/ run (few steps; each well under a minute on the CPU)."""
+
 import importlib.util
 import pathlib
 

@@ -1,6 +1,7 @@
 """FusedSAM under Lightning (lightning from PyPI, CPU): automatic optimization (32-bit,
 bf16; fp16 raises naming the recipe), manual optimization (two-step and closure forms,
 fp16), trainer.global_step, schedulers, ModelCheckpoint + fit(ckpt_path=...) bitwise."""
+
 import warnings
 
 import pytest
@@ -38,12 +39,15 @@ class Auto(pl.LightningModule):
         return torch.nn.functional.mse_loss(self.net(x).float(), y)
 
     def configure_optimizers(self):
-        opt = FusedSAM(self.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05,
-                       sam_start_step=self.sam_start_step)
+        opt = FusedSAM(
+            self.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05, sam_start_step=self.sam_start_step
+        )
         if not self.sched:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.9),
-                                                   "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.9), "interval": "step"},
+        }
 
 
 class Manual(Auto):
@@ -54,13 +58,15 @@ class Manual(Auto):
 
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
-        loss_fn = lambda: Auto.training_step(self, batch, batch_idx)  # noqa: E731
+        loss_fn = lambda: Auto.training_step(self, batch, batch_idx)
         if self.form == "closure":
+
             def closure():
                 opt.zero_grad()
                 loss = loss_fn()
                 self.manual_backward(loss)
                 return loss
+
             opt.step(closure=closure)
         else:
             self.manual_backward(loss_fn())
@@ -75,8 +81,15 @@ class Manual(Auto):
 
 def _trainer(steps, **kw):
     kw.setdefault("enable_checkpointing", False)
-    return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, **kw)
+    return pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
 
 
 def _reference(steps, sam_start_step=None, lr_decay=0.9):
@@ -87,7 +100,7 @@ def _reference(steps, sam_start_step=None, lr_decay=0.9):
     batches = list(_data())
     for i in range(steps):
         x, y = batches[i % len(batches)]
-        loss = lambda: torch.nn.functional.mse_loss(net(x), y)  # noqa: E731
+        loss = lambda: torch.nn.functional.mse_loss(net(x), y)
         loss().backward()
         opt.first_step(zero_grad=True)
         loss().backward()
@@ -108,6 +121,7 @@ def _fit(module, steps, **kw):
 def _fp16_cpu():
     """Lightning turns precision="16-mixed" into bf16 on the CPU; its plugin with a CPU GradScaler is fp16."""
     from lightning.pytorch.plugins.precision import MixedPrecision
+
     return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
 
 

@@ -1,6 +1,7 @@
 """FusedSAM as frameworks and torch.optim users drive it: state shared with wrappers that
 copy __dict__, torch's closure convention, argument types, first_step twice, step hooks,
 checkpoints of other SAM classes, gradient accumulation in a plain loop."""
+
 import numpy as np
 import pytest
 import torch
@@ -95,6 +96,7 @@ def _full_closure(model, opt, x, y, calls):
         loss = _loss(model, x, y)
         loss.backward()
         return loss
+
     return closure
 
 
@@ -107,8 +109,9 @@ def test_torch_closure_convention_runs_both_passes(convention):
     ref_opt = FusedSAM(ref.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, sam_start_step=1)
     _two_step(ref, ref_opt, x, y, 3)
     model = _model()
-    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, sam_start_step=1,
-                   closure_convention=convention)
+    opt = FusedSAM(
+        model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, sam_start_step=1, closure_convention=convention
+    )
     calls, losses = [], []
     for _ in range(3):
         losses.append(opt.step(_full_closure(model, opt, x, y, calls)))

@@ -1,14 +1,15 @@
 """fastsam.integrations.transformers.SAMTrainer (transformers from PyPI, CPU): two passes
 per step (one while SAM is inactive), equal to the plain gradient-accumulation recipe,
 FusedSAM via optimizers= or built from SAM arguments, bf16, sam_loss logged, resume."""
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import TrainingArguments  # noqa: E402
+from transformers import TrainingArguments
 
-from fastsam import FusedSAM  # noqa: E402
-from fastsam.integrations.transformers import SAMTrainer  # noqa: E402
+from fastsam import FusedSAM
+from fastsam.integrations.transformers import SAMTrainer
 
 N, BS, GA = 16, 4, 2  # 2 optimizer steps per epoch
 
@@ -39,10 +40,24 @@ class Seq(SAMTrainer):
 
 
 def _args(tmp_path, steps, **kw):
-    base = dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=BS,
-                gradient_accumulation_steps=GA, learning_rate=0.1, lr_scheduler_type="constant", optim="sgd",
-                weight_decay=0.0, max_grad_norm=0.0, report_to="none", use_cpu=True, logging_steps=1,
-                save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=BS,
+        gradient_accumulation_steps=GA,
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        report_to="none",
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -74,8 +89,9 @@ def _close(a, b):
 @pytest.mark.parametrize("sam_start_step", [None, 1])
 def test_sam_trainer_equals_the_accumulation_recipe(tmp_path, sam_start_step):
     model = Tiny()
-    tr = Seq(model=model, args=_args(tmp_path, 3), train_dataset=_dataset(), sam_rho=0.05,
-             sam_start_step=sam_start_step)
+    tr = Seq(
+        model=model, args=_args(tmp_path, 3), train_dataset=_dataset(), sam_rho=0.05, sam_start_step=sam_start_step
+    )
     tr.train()
     opt = tr.sam_optimizer
     inactive = sam_start_step or 0
@@ -95,14 +111,23 @@ def test_fused_sam_passed_in_optimizers(tmp_path):
     assert opt.num_steps == 2 and model.forwards == 2 * GA * 2
     _close(model, _reference(2))
     with pytest.raises(TypeError, match="FusedSAM"):
-        SAMTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_dataset(),
-                   optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+        SAMTrainer(
+            model=model,
+            args=_args(tmp_path, 2),
+            train_dataset=_dataset(),
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
 
 
 def test_start_fraction_bf16_and_adamw(tmp_path):
     model = Tiny()
-    tr = SAMTrainer(model=model, args=_args(tmp_path, 4, bf16=True, optim="adamw_torch", weight_decay=0.01),
-                    train_dataset=_dataset(), sam_rho=0.1, sam_start_fraction=0.5)
+    tr = SAMTrainer(
+        model=model,
+        args=_args(tmp_path, 4, bf16=True, optim="adamw_torch", weight_decay=0.01),
+        train_dataset=_dataset(),
+        sam_rho=0.1,
+        sam_start_fraction=0.5,
+    )
     tr.train()
     opt = tr.sam_optimizer
     assert opt.sam_start_step == 2 and opt.num_steps == 4 and type(opt.base_optimizer) is torch.optim.AdamW
@@ -115,8 +140,12 @@ def test_checkpoint_resume_across_the_switch(tmp_path):
     full = Tiny()
     Seq(model=full, args=_args(tmp_path / "a", 4), train_dataset=_dataset(), sam_start_step=3).train()
     first = Tiny()
-    Seq(model=first, args=_args(tmp_path / "b", 4, save_strategy="steps", save_steps=2), train_dataset=_dataset(),
-        sam_start_step=3).train()
+    Seq(
+        model=first,
+        args=_args(tmp_path / "b", 4, save_strategy="steps", save_steps=2),
+        train_dataset=_dataset(),
+        sam_start_step=3,
+    ).train()
     resumed = Tiny()
     with torch.no_grad():
         for p in resumed.parameters():

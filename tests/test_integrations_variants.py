@@ -8,6 +8,7 @@ Lightning wraps the optimizer (LightningOptimizer) and the Trainer wraps it too
 (accelerate's AcceleratedOptimizer): what a variant keeps from one pass or step to the
 next must live where the wrapper cannot split it (FriendlySAM's EMA under manual
 optimization ended 7e-3 away from the plain loop when it did not)."""
+
 import warnings
 
 import pytest
@@ -46,11 +47,11 @@ def _same(a, b):
 # The same function runs inside the LightningModule (backward = manual_backward) and in the plain
 # loop (backward = Tensor.backward), so both make exactly the same calls on the optimizer.
 def two_step(opt, loss_fn, backward):
-    backward(loss_fn())                 # first pass, at w
+    backward(loss_fn())  # first pass, at w
     if opt.sam_active:
         opt.first_step(zero_grad=True)  # w -> w + e
-        backward(loss_fn())             # second pass, at w + e
-    opt.step()                          # restore + base step (a plain step while SAM is off)
+        backward(loss_fn())  # second pass, at w + e
+    opt.step()  # restore + base step (a plain step while SAM is off)
     opt.zero_grad()
 
 
@@ -60,7 +61,8 @@ def closure_step(opt, loss_fn, backward):
         loss = loss_fn()
         backward(loss)
         return loss
-    opt.step(closure=closure)           # torch's convention: the closure runs a whole pass
+
+    opt.step(closure=closure)  # torch's convention: the closure runs a whole pass
 
 
 def one_pass(opt, loss_fn, backward):  # MomentumSAM: the gradient at the weights as they are (w~)
@@ -91,7 +93,7 @@ def plain_loop(name, form):
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.9)
     x, y = _batches()
     for i in range(STEPS):
-        xb, yb = x[i % N_BATCHES * BS:][:BS], y[i % N_BATCHES * BS:][:BS]
+        xb, yb = x[i % N_BATCHES * BS :][:BS], y[i % N_BATCHES * BS :][:BS]
         FORMS[form](opt, lambda: torch.nn.functional.mse_loss(model(xb), yb), torch.Tensor.backward)
         sched.step()
     return model, opt
@@ -126,8 +128,15 @@ class Module(pl.LightningModule):
 def _fit(module):
     x, y = _batches()
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BS, shuffle=False)
-    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("error", ".*lr_scheduler.step.*")  # the schedulers see every optimizer step
@@ -181,17 +190,33 @@ def _hf_data():
 
 def _hf_args(tmp_path):
     from transformers import TrainingArguments
-    return TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=N // (2 * GA),
-                             gradient_accumulation_steps=GA, learning_rate=0.1, lr_scheduler_type="constant",
-                             weight_decay=0.0, max_grad_norm=0.0, report_to="none", use_cpu=True, save_strategy="no",
-                             disable_tqdm=True, seed=0, dataloader_num_workers=0, logging_steps=STEPS)
+
+    return TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=N // (2 * GA),
+        gradient_accumulation_steps=GA,
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        logging_steps=STEPS,
+    )
 
 
 def _hf_trainer(base_cls, name, tmp_path):
     """``base_cls`` (SAMTrainer or transformers.Trainer) reading the batches in order."""
+
     class InOrder(base_cls):
         def _get_train_sampler(self, *a, **k):
             return torch.utils.data.SequentialSampler(self.train_dataset)
+
     model = Tiny()
     opt = build(name, model.parameters(), torch.optim.SGD, backend="foreach", lr=0.1, momentum=0.9)
     return InOrder(model=model, args=_hf_args(tmp_path), train_dataset=_hf_data(), optimizers=(opt, None)), model, opt
@@ -211,6 +236,7 @@ def _hf_plain_loop(name):
         def accumulate():
             for xb, yb in window:
                 (model(xb, yb)["loss"] / GA).backward()
+
         accumulate()
         if name != "MomentumSAM" and opt.sam_active:
             opt.first_step(zero_grad=True)
@@ -228,6 +254,7 @@ def test_hugging_face_trainer_equals_the_plain_loop(name, tmp_path, one_thread):
     from transformers import Trainer
 
     from fastsam.integrations.transformers import SAMTrainer
+
     trainer, model, opt = _hf_trainer(Trainer if name == "MomentumSAM" else SAMTrainer, name, tmp_path)
     trainer.train()
     ref, ref_opt = _hf_plain_loop(name)
@@ -239,5 +266,6 @@ def test_hugging_face_trainer_equals_the_plain_loop(name, tmp_path, one_thread):
 def test_sam_trainer_refuses_momentum_sam_by_name(tmp_path):
     pytest.importorskip("transformers")
     from fastsam.integrations.transformers import SAMTrainer
+
     with pytest.raises(TypeError, match="needs a FusedSAM.*got MomentumSAM"):
         _hf_trainer(SAMTrainer, "MomentumSAM", tmp_path)

@@ -16,9 +16,30 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-TINY = ["--limit", "240", "--epochs", "2", "--milestone", "1", "--width", "4", "--batch-size", "32",
-        "--num-seeds", "2", "--hessian-samples", "32", "--hessian-batch", "16", "--phase-samples", "16",
-        "--trace-samples", "3", "--threads", "1"]
+TINY = [
+    "--limit",
+    "240",
+    "--epochs",
+    "2",
+    "--milestone",
+    "1",
+    "--width",
+    "4",
+    "--batch-size",
+    "32",
+    "--num-seeds",
+    "2",
+    "--hessian-samples",
+    "32",
+    "--hessian-batch",
+    "16",
+    "--phase-samples",
+    "16",
+    "--trace-samples",
+    "3",
+    "--threads",
+    "1",
+]
 
 
 def _datasets():
@@ -44,13 +65,15 @@ def _numbers(x):
 def tiny_runs(tmp_path_factory):
     """Tiny sweep and phases runs (one job), per data set: {dataset: {experiment: (out dir, json)}}."""
     import late_phase_mnist
+
     runs = {}
     for dataset in _datasets():
         runs[dataset] = {}
         for exp in ("sweep", "phases"):
             out = tmp_path_factory.mktemp(f"{dataset}_{exp}")
-            late_phase_mnist.main(["--experiment", exp, "--dataset", dataset, *TINY, *PHASE, "--jobs", "1",
-                                   "--out-dir", str(out)])
+            late_phase_mnist.main(
+                ["--experiment", exp, "--dataset", dataset, *TINY, *PHASE, "--jobs", "1", "--out-dir", str(out)]
+            )
             runs[dataset][exp] = (out, json.loads((out / f"late_phase_{dataset}_{exp}.json").read_text()))
     return runs
 
@@ -103,8 +126,10 @@ def test_phases_are_the_sweeps_runs(tiny_runs):
 def test_results_do_not_depend_on_jobs(tiny_runs, tmp_path):
     """Two worker processes give the same numbers, bitwise, as one process."""
     import late_phase_mnist
-    out = late_phase_mnist.main(["--experiment", "phases", "--dataset", "digits", *TINY, *PHASE, "--jobs", "2",
-                                 "--out-dir", str(tmp_path)])
+
+    out = late_phase_mnist.main(
+        ["--experiment", "phases", "--dataset", "digits", *TINY, *PHASE, "--jobs", "2", "--out-dir", str(tmp_path)]
+    )
     assert out["config"]["jobs"] == 2
     two = json.loads((tmp_path / "late_phase_digits_phases.json").read_text())
     assert _numbers(two["seeds"]) == _numbers(tiny_runs["digits"]["phases"][1]["seeds"])
@@ -114,8 +139,22 @@ def test_sweep_and_phases_together(tiny_runs, tmp_path):
     """Both experiments in one run share their common runs (trained and measured once) and give
     the numbers of the separate runs."""
     import late_phase_mnist
-    out = late_phase_mnist.main(["--experiment", "sweep", "phases", "--dataset", "digits", *TINY, *PHASE,
-                                 "--jobs", "1", "--out-dir", str(tmp_path)])
+
+    out = late_phase_mnist.main(
+        [
+            "--experiment",
+            "sweep",
+            "phases",
+            "--dataset",
+            "digits",
+            *TINY,
+            *PHASE,
+            "--jobs",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     names = [t["name"] for t in out["tasks"]]
     assert len(names) == len(set(names)) and names.count("s0 SGD") == 1 and names.count("s0 measure t=0") == 1
     separate = sum(len(tiny_runs["digits"][e][1]["tasks"]) for e in ("sweep", "phases"))
@@ -128,6 +167,7 @@ def test_sweep_and_phases_together(tiny_runs, tmp_path):
 
 def test_default_jobs():
     import late_phase_mnist as lp
+
     assert lp.parse_args([]).jobs == max(1, min(2, os.cpu_count() or 1))
     assert lp.parse_args(["--device", "cuda"]).jobs == 1
     assert lp.parse_args(["--jobs", "3"]).jobs == 3
@@ -135,8 +175,27 @@ def test_default_jobs():
 
 def test_adversarial_tiny(tmp_path):
     import late_phase_mnist
-    late_phase_mnist.main(["--experiment", "adversarial", "--dataset", "digits", *TINY, "--at-epochs", "2", "1",
-                           "--eval-steps", "2", "--at-steps", "1", "--jobs", "1", "--out-dir", str(tmp_path)])
+
+    late_phase_mnist.main(
+        [
+            "--experiment",
+            "adversarial",
+            "--dataset",
+            "digits",
+            *TINY,
+            "--at-epochs",
+            "2",
+            "1",
+            "--eval-steps",
+            "2",
+            "--at-steps",
+            "1",
+            "--jobs",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     data = json.loads((tmp_path / "late_phase_digits_adversarial.json").read_text())
     for s in data["seeds"]:
         assert set(s["runs"]) == {"0", "1", "2"}
@@ -147,15 +206,17 @@ def test_adversarial_tiny(tmp_path):
 
 def test_log_steps_and_fit():
     from _lib.measure import fit_rate, log_steps
+
     s = log_steps(310, 14)
     assert s[0] == 1 and s[-1] == 310 and s == sorted(set(s))
-    r, r2 = fit_rate([1, 2, 3, 4], [2.0 ** k for k in (1, 2, 3, 4)])
+    r, r2 = fit_rate([1, 2, 3, 4], [2.0**k for k in (1, 2, 3, 4)])
     assert r == pytest.approx(0.6931, rel=1e-3) and r2 == pytest.approx(1.0)
 
 
 def test_label_noise():
     import numpy as np
     from _lib import data
+
     y = np.arange(1000) % 10
     z = data.symmetric_noise(y, 0.25, 10, seed=0)
     assert (z != y).sum() == 250 and z.min() >= 0 and z.max() <= 9
@@ -165,8 +226,23 @@ def test_label_noise():
 
 def test_hessian_vs_pyhessian_tiny(tmp_path):
     import hessian_vs_pyhessian
-    out = hessian_vs_pyhessian.main(["--batch", "16", "--num-batches", "2", "--train-steps", "1", "--rounds", "1",
-                                     "--reps", "1", "--out-dir", str(tmp_path)])
+
+    out = hessian_vs_pyhessian.main(
+        [
+            "--batch",
+            "16",
+            "--num-batches",
+            "2",
+            "--train-steps",
+            "1",
+            "--rounds",
+            "1",
+            "--reps",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     rows = out["rows"]
     assert rows["fastsam, 1 batch, kept graph"]["num_cached"] == 1
     assert rows["fastsam, 2 batches, kept graph"]["num_cached"] == 2
@@ -181,11 +257,12 @@ def test_cifar10_path_without_the_data(tmp_path, fake_cifar10):
     """The CIFAR-10 path: fake python batches -> [0, 1] pixels, noise on the training labels only,
     the WRN-16-8 behind a normalisation layer."""
     import late_phase_mnist as lp
-    a = lp.parse_args(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--device", "cpu",
-                       "--label-noise", "0.5"])
+
+    a = lp.parse_args(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--device", "cpu", "--label-noise", "0.5"])
     assert (a.epochs, a.milestone, a.lr, a.batch_size, a.switches[-2:]) == (160, 80, 0.01, 128, [155, 160])
     assert (a.eps, a.at_alpha, a.at_steps, a.at_epochs) == (4 / 255, 2 / 255, 10, [160, 10])
     from _lib.late_runs import build_model, load_data
+
     d = load_data(a)
     assert d.train_x.shape == (20, 3, 32, 32) and float(d.train_x.min()) >= 0 and float(d.train_x.max()) <= 1
     assert d.noisy_fraction == 0.5 and d.test_y.tolist() == list(range(4))

@@ -2,6 +2,7 @@
 split, per-seed noise, memorisation, paired intervals, rebuilt optimizer at the switch) and the
 CIFAR-10 path of benchmarks/late_phase_mnist.py from a uint8 subset file (bf16 autocast,
 channels-last, --train-limit). Shapes and invariants only, never the science."""
+
 import argparse
 import json
 import math
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def test_rule_tiny(tmp_path, group):
     import late_phase_rule
     from _lib.late_rule import GROUPS, RULE_ACC, RULE_LAMBDA
+
     data = late_phase_rule.main(["--tiny", "--group", group, "--jobs", "1", "--out-dir", str(tmp_path)])
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"late_phase_rule_{group}_tiny.{ext}").stat().st_size > 0
@@ -47,6 +49,7 @@ def test_rebuilt_optimizer_drops_the_momentum():
     at zero at the switch; carried over, it continues the trunk's."""
     from _lib.late_rule import schedule_args
     from _lib.late_runs import train_task
+
     a = schedule_args(argparse.Namespace(tiny=True, limit=120, device="cpu", seeds=[0], jobs=1, threads=1), "A")
     trunk = train_task(a, 0, 0, a.epochs, False, None, (2,), False, "SGD")
     ck = trunk["ckpts"][2]
@@ -54,12 +57,13 @@ def test_rebuilt_optimizer_drops_the_momentum():
     carried = train_task(a, 0, 2, a.epochs, True, ck, (), False, "carried")
     rebuilt = train_task(a, 0, 2, a.epochs, True, ck, (), False, "rebuilt", True)
     again = train_task(a, 0, 2, a.epochs, True, ck, (), False, "rebuilt", True)
-    w = lambda r: torch.cat([v.flatten() for k, v in r["state"].items() if "running" not in k])  # noqa: E731
+    w = lambda r: torch.cat([v.flatten() for k, v in r["state"].items() if "running" not in k])
     assert not torch.equal(w(carried), w(rebuilt)) and torch.equal(w(rebuilt), w(again))
 
 
 def test_validation_split_and_noise_per_seed():
     from _lib import data
+
     old = data.load("digits", noise=0.25, noise_seed=0)
     same = data.load("digits", noise=0.25, noise_seed=0, val_size=0.0)
     assert torch.equal(old.train_y, same.train_y) and same.val_x is None
@@ -81,9 +85,10 @@ def test_memorisation_counts():
     class Fixed(torch.nn.Module):  # predicts the class stored in the input
         def forward(self, x):
             return torch.nn.functional.one_hot(x[:, 0].long(), 10).float()
+
     y_clean = torch.tensor([0, 1, 2, 3, 4, 5])
     y_noisy = torch.tensor([0, 1, 7, 8, 9, 5])  # three flipped
-    pred = torch.tensor([0, 1, 7, 3, 6, 5])      # one memorised, one clean, one elsewhere
+    pred = torch.tensor([0, 1, 7, 3, 6, 5])  # one memorised, one clean, one elsewhere
     m = memorisation(Fixed(), pred[:, None].float(), y_noisy, y_clean)
     assert m["flipped"] == 3 and m["memorised"] == pytest.approx(100 / 3)
     assert m["clean_on_flipped"] == pytest.approx(100 / 3) and m["chance"] == pytest.approx(200 / 3 / 9)
@@ -91,8 +96,9 @@ def test_memorisation_counts():
 
 def test_paired_interval():
     from _lib.stats import paired, t975
+
     p = paired([1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 0.0, 0.0, 1.0])
-    assert p["mean"] == pytest.approx(2.8) and p["hi"] - p["mean"] == pytest.approx(2.776 * p["std"] / 5 ** 0.5)
+    assert p["mean"] == pytest.approx(2.8) and p["hi"] - p["mean"] == pytest.approx(2.776 * p["std"] / 5**0.5)
     assert t975(4) == 2.776 and t975(100) == 1.96
 
 
@@ -101,16 +107,52 @@ def test_cifar10_subset_file_and_gpu_options(tmp_path, fake_cifar10):
     channels-last and --train-limit (on the CPU here)."""
     import late_phase_mnist
     from _lib.data import read_cifar10, write_cifar10_subset
+
     path = write_cifar10_subset(str(fake_cifar10), str(tmp_path / "sub.npz"), train=16, test=4)
     xtr, ytr, xte, yte = read_cifar10(path)
     assert xtr.dtype == torch.uint8 and xtr.shape == (16, 3, 32, 32) and xte.shape == (4, 3, 32, 32)
     full = read_cifar10(str(fake_cifar10))
     assert torch.equal(xtr, full[0][:16]) and torch.equal(yte, full[3][:4])
-    out = late_phase_mnist.main(["--experiment", "sweep", "--dataset", "cifar10", "--data-dir", path,
-                                 "--device", "cpu", "--train-limit", "12", "--width-div", "16", "--epochs", "2",
-                                 "--milestone", "1", "--switches", "0", "2", "--batch-size", "4", "--num-seeds", "1",
-                                 "--hessian-samples", "8", "--hessian-batch", "4", "--trace-samples", "0",
-                                 "--amp", "bf16", "--channels-last", "--jobs", "1", "--out-dir", str(tmp_path)])
+    out = late_phase_mnist.main(
+        [
+            "--experiment",
+            "sweep",
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            path,
+            "--device",
+            "cpu",
+            "--train-limit",
+            "12",
+            "--width-div",
+            "16",
+            "--epochs",
+            "2",
+            "--milestone",
+            "1",
+            "--switches",
+            "0",
+            "2",
+            "--batch-size",
+            "4",
+            "--num-seeds",
+            "1",
+            "--hessian-samples",
+            "8",
+            "--hessian-batch",
+            "4",
+            "--trace-samples",
+            "0",
+            "--amp",
+            "bf16",
+            "--channels-last",
+            "--jobs",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert out["config"]["amp"] == "bf16" and out["config"]["n_train"] == 12
     text = (tmp_path / "late_phase_cifar10_sweep.md").read_text()
     assert "bf16 autocast, channels-last" in text and "width/16" in text

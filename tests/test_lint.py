@@ -1,4 +1,5 @@
 """The linter and the formatter over the package, tests, benchmarks and examples (config: pyproject.toml)."""
+
 import os
 import subprocess
 import sys

@@ -1,4 +1,5 @@
 """FusedSAM behaviour: skipping, late phase, closure, state_dict, schedulers, BN, AMP, bad input."""
+
 import copy
 import io
 
@@ -14,8 +15,7 @@ from .reference import ReferenceSAM
 
 
 def _mlp(dtype=torch.float32):
-    return torch.nn.Sequential(torch.nn.Linear(11, 9, dtype=dtype), torch.nn.GELU(),
-                               torch.nn.Linear(9, 2, dtype=dtype))
+    return torch.nn.Sequential(torch.nn.Linear(11, 9, dtype=dtype), torch.nn.GELU(), torch.nn.Linear(9, 2, dtype=dtype))
 
 
 def _loss(model, x, y):
@@ -28,8 +28,10 @@ def _data(dtype=torch.float32, n=12):
 
 def _snapshot(model, opt):
     params = [p.detach().clone() for p in model.parameters()]
-    state = {i: {k: v.clone() for k, v in opt.base_optimizer.state[p].items() if torch.is_tensor(v)}
-             for i, p in enumerate(model.parameters())}
+    state = {
+        i: {k: v.clone() for k, v in opt.base_optimizer.state[p].items() if torch.is_tensor(v)}
+        for i, p in enumerate(model.parameters())
+    }
     return params, state
 
 
@@ -52,9 +54,14 @@ def _take_steps(opt, model, x, y, n):
 
 # --------------------------------------------------------------------------- non-finite gradients
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("base_cls,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
-                                         (torch.optim.AdamW, dict(lr=1e-2)),
-                                         (torch.optim.RMSprop, dict(lr=1e-2))])
+@pytest.mark.parametrize(
+    "base_cls,kw",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+        (torch.optim.AdamW, dict(lr=1e-2)),
+        (torch.optim.RMSprop, dict(lr=1e-2)),
+    ],
+)
 @pytest.mark.parametrize("which", ["first", "second"])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_nonfinite_gradient_skips_step(backend, base_cls, kw, which, bad, seed):
@@ -143,8 +150,7 @@ def test_late_phase_is_plain_sgd_then_sam_with_momentum_carried_over(seed):
         sgd.zero_grad()
         for p, q in zip(model.parameters(), plain.parameters()):
             # the fused SGD update (FMA or not, per backend), not torch's kernels: equal to rounding
-            torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15,
-                                       msg=f"inactive step {step} is not the base step")
+            torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15, msg=f"inactive step {step} is not the base step")
     assert calls == []  # the closure is never called while inactive
     assert opt.sam_active
     # from here on: SAM, continuing from the SGD momentum buffers (not fresh ones)
@@ -239,16 +245,22 @@ def test_second_step_without_first_step_raises():
 
 # --------------------------------------------------------------------------- state_dict
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("base_cls,kw", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
-                                         (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
-                                         (torch.optim.RMSprop, dict(lr=1e-3, momentum=0.5))])
+@pytest.mark.parametrize(
+    "base_cls,kw",
+    [
+        (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+        (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+        (torch.optim.RMSprop, dict(lr=1e-3, momentum=0.5)),
+    ],
+)
 def test_state_dict_resume_is_bitwise(backend, base_cls, kw):
     torch.manual_seed(0)
     model = _mlp()
     init = copy.deepcopy(model)
     x, y = _data()
-    mk = lambda m: FusedSAM(m.parameters(), base_cls, rho=0.05, backend=backend, sam_start_step=3,
-                            max_grad_norm=1.0, **kw)
+    mk = lambda m: FusedSAM(
+        m.parameters(), base_cls, rho=0.05, backend=backend, sam_start_step=3, max_grad_norm=1.0, **kw
+    )
     opt = mk(model)
     _take_steps(opt, model, x, y, 20)
 
@@ -291,7 +303,7 @@ def test_lr_scheduler_drives_base_optimizer(recwarn):
     for _ in range(3):
         _take_steps(opt, model, x, y, 1)
         sched.step()
-    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
     assert opt.param_groups is opt.base_optimizer.param_groups
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
 
@@ -370,7 +382,7 @@ def test_grad_scaler_recipe():
     ref_model = copy.deepcopy(model)
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
     ref = ReferenceSAM(ref_model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x, y = _data()
 
     def scaled_step(inject_inf=False):
@@ -465,9 +477,14 @@ class _TwoHeads(torch.nn.Module):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("first_uses_b,second_uses_b", [(True, False), (False, True)])
-@pytest.mark.parametrize("base_cls,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
-                                         (torch.optim.Adam, dict(lr=1e-2)),
-                                         (torch.optim.RMSprop, dict(lr=1e-2))])
+@pytest.mark.parametrize(
+    "base_cls,kw",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+        (torch.optim.Adam, dict(lr=1e-2)),
+        (torch.optim.RMSprop, dict(lr=1e-2)),
+    ],
+)
 def test_parameters_with_a_gradient_in_only_one_pass(backend, first_uses_b, second_uses_b, base_cls, kw):
     """Perturbed but no second gradient: restored, not stepped. Second gradient only: stepped unperturbed."""
     model = _TwoHeads()
@@ -515,9 +532,14 @@ def test_torch_compile_of_a_training_step_matches_eager(backend):
 
 # --------------------------------------------------------------------------- review findings
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("base_cls,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
-                                         (torch.optim.Adam, dict(lr=1e-2)),
-                                         (torch.optim.RMSprop, dict(lr=1e-2))])
+@pytest.mark.parametrize(
+    "base_cls,kw",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+        (torch.optim.Adam, dict(lr=1e-2)),
+        (torch.optim.RMSprop, dict(lr=1e-2)),
+    ],
+)
 def test_inactive_step_skips_nonfinite_gradients_and_reports_each_step(backend, base_cls, kw):
     model = _mlp()
     opt = FusedSAM(model.parameters(), base_cls, backend=backend, sam_start_step=100, **kw)
@@ -589,28 +611,31 @@ def _saved(obj):
 def test_16bit_perturbation_of_loss_scaled_gradients_matches_fp32(backend, adaptive, seed):
     """rho/||g|| of loss-scaled gradients (~1e-8) is below fp16's range: the scale must stay fp32."""
     w = torch.randn(10_000) * (3 if adaptive else 1)
-    g = torch.randn(10_000) * 2.0 ** 12
+    g = torch.randn(10_000) * 2.0**12
     rho = 0.5 if adaptive else 0.05
     p16 = torch.nn.Parameter(w.half())
     p16.grad = g.half()
     FusedSAM([p16], torch.optim.SGD, lr=0.1, rho=rho, adaptive=adaptive, backend=backend).first_step()
     w16 = w.half().float()
     t = w16.abs() * g.half().float() if adaptive else g.half().float()
-    e = rho * (w16 ** 2 if adaptive else 1) * g.half().float() / t.norm()
+    e = rho * (w16**2 if adaptive else 1) * g.half().float() / t.norm()
     expected = (w16 + e).half()
     moved = (p16.detach() != w.half()).float().mean().item()
     assert moved > 0.3, f"seed {seed}: only {moved:.1%} of the elements moved"
-    assert (p16.detach().float() - expected.float()).abs().max() <= 2 * (expected.float().abs().max() * 2 ** -10)
+    assert (p16.detach().float() - expected.float()).abs().max() <= 2 * (expected.float().abs().max() * 2**-10)
 
 
 def test_auto_never_starts_a_compile(tmp_path):
     """backend='auto' uses only a prebuilt or cached extension (a fresh cache: foreach)."""
     import subprocess
     import sys
-    code = ("import torch, fastsam; from fastsam import _build;"
-            "_build._prebuilt_path = lambda: None;"
-            "opt = fastsam.FusedSAM([torch.nn.Parameter(torch.randn(2))], torch.optim.SGD, lr=0.1);"
-            "print(opt.backend, _build.load(build=False)[0])")
+
+    code = (
+        "import torch, fastsam; from fastsam import _build;"
+        "_build._prebuilt_path = lambda: None;"
+        "opt = fastsam.FusedSAM([torch.nn.Parameter(torch.randn(2))], torch.optim.SGD, lr=0.1);"
+        "print(opt.backend, _build.load(build=False)[0])"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if k != "FASTSAM_BACKEND"}
     env["FASTSAM_CACHE_DIR"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

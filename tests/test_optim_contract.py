@@ -8,6 +8,7 @@ distributed-checkpoint helpers on a plain model.
 Not here: mixed devices.  On the CPU there is nothing to refuse (torch itself refuses a gradient
 on another device than its parameter); parameters on a CPU and a GPU in one optimizer are
 tests/test_restore_contract.py's (GPU)."""
+
 import copy
 import warnings
 
@@ -18,8 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from fastsam import FusedSAM
 
 from .conftest import CPU_BACKENDS
-from .contract_cases import (BASE_KW, VARIANTS, build, clone_params, loss_at, make_params, same, saved, snapshot,
-                             step)
+from .contract_cases import BASE_KW, VARIANTS, build, clone_params, loss_at, make_params, same, saved, snapshot, step
 
 SGD, ADAM, ADAMW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
 TWO_STEP = [v for v in VARIANTS if v != "MomentumSAM"]  # MomentumSAM has one pass per step, no two-step form
@@ -124,6 +124,7 @@ def test_state_dict_and_load_state_dict_hooks(name):
     def sd_post(o, sd):
         events.append("sd post")
         return dict(sd, note="from the hook")
+
     opt.register_state_dict_post_hook(sd_post)
     sd = opt.state_dict()
     assert events == ["sd pre first", "sd pre", "sd post"] and sd["note"] == "from the hook"
@@ -138,6 +139,7 @@ def test_state_dict_and_load_state_dict_hooks(name):
         out = copy.deepcopy(given)
         out["param_groups"][0]["lr"] = 0.0123
         return out
+
     opt.register_load_state_dict_pre_hook(load_pre)
     opt.register_load_state_dict_pre_hook(lambda o, given: events.append("load pre first"), prepend=True)
     opt.register_load_state_dict_post_hook(lambda o: events.append(("load post", o.param_groups[0]["lr"])))
@@ -161,8 +163,10 @@ def test_step_hooks_fire_once_per_step(name, form):
     events = []
     opt.register_step_pre_hook(lambda o, a, k: events.append(("pre", o.num_steps)))
     opt.register_step_post_hook(lambda o, a, k: events.append(("post", o.num_steps)))
-    handles = [register_optimizer_step_pre_hook(lambda o, a, k: events.append(("global pre", o.num_steps))),
-               register_optimizer_step_post_hook(lambda o, a, k: events.append(("global post", o.num_steps)))]
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: events.append(("global pre", o.num_steps))),
+        register_optimizer_step_post_hook(lambda o, a, k: events.append(("global post", o.num_steps))),
+    ]
     try:
         for t in range(4):
             step(opt, params, t, form)
@@ -317,9 +321,11 @@ def test_parameters_without_gradient_are_untouched(name, backend):
 # ------------------------------------------------------------------ complex parameters
 def _complex_params(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(4, 3, generator=g, dtype=torch.complex64).requires_grad_(),
-            torch.randn(5, generator=g, dtype=torch.float32).requires_grad_(),
-            torch.randn((), generator=g, dtype=torch.complex64).requires_grad_()]
+    return [
+        torch.randn(4, 3, generator=g, dtype=torch.complex64).requires_grad_(),
+        torch.randn(5, generator=g, dtype=torch.float32).requires_grad_(),
+        torch.randn((), generator=g, dtype=torch.complex64).requires_grad_(),
+    ]
 
 
 def _as_real(params):
@@ -402,8 +408,11 @@ def _lr_run(make, dtype, lr, seed, steps=4):
     return [p.detach() for p in params]
 
 
-TENSOR_LR_BASES = {"sgd": (SGD, dict(momentum=0.9, nesterov=True, weight_decay=0.1)),
-                   "adam": (ADAM, dict(weight_decay=0.1)), "adamw": (ADAMW, dict(weight_decay=0.1))}
+TENSOR_LR_BASES = {
+    "sgd": (SGD, dict(momentum=0.9, nesterov=True, weight_decay=0.1)),
+    "adam": (ADAM, dict(weight_decay=0.1)),
+    "adamw": (ADAMW, dict(weight_decay=0.1)),
+}
 # FusedSAM (rho = 0) with a 0-d tensor lr against torch's optimizer with the same tensor lr, 4 steps:
 # max |diff| in ulps of the tensor's largest weight, measured over 10 seeds on foreach/triton/cpp,
 # float32 and float64, at most 1.7 (the fused kernels order some products differently); the bound is 8.
@@ -438,7 +447,7 @@ def test_tensor_lr_gives_torchs_results(which, dtype, lr_dtype, backend, seed):
     worst = max(_ulps(a, b) for a, b in zip(fused, as_float))
     assert worst <= TENSOR_LR_ULPS, f"{worst} ulps from torch's result at lr=float(lr)"
     gap = max(float(((a - b).abs() / b.abs().clamp_min(1e-30)).max()) for a, b in zip(fused, theirs))
-    assert gap <= 4 * 2 * 2.0 ** -24, gap  # 4 steps, two float32 roundings each
+    assert gap <= 4 * 2 * 2.0**-24, gap  # 4 steps, two float32 roundings each
 
 
 # ------------------------------------------------------------------ copies
@@ -482,6 +491,7 @@ def test_deepcopy_keeps_the_closure_convention():
 # ------------------------------------------------------------------ torch.distributed.checkpoint
 def _dcp():
     from torch.distributed.checkpoint import state_dict as dcp
+
     return dcp
 
 
@@ -493,11 +503,13 @@ def _net(seed=0):
 def _train(net, opt, steps=3):
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
     for _ in range(steps):
+
         def closure():
             opt.zero_grad()
             loss = net(x).pow(2).mean()
             loss.backward()
             return loss
+
         opt.step(closure)
 
 
@@ -567,4 +579,3 @@ def test_distributed_checkpoint_round_trip_with_fastsams_entry_beside_it():
     opt2.load_state_dict({**opt2.state_dict(), "fastsam": part})
     assert opt2.num_steps == opt.num_steps == 3
     same(opt2.state_dict(), opt.state_dict())
-

@@ -7,6 +7,7 @@ differences in tiny gradient entries over many steps).  float16/bfloat16:
 one-step checks with a tolerance of a few units in the last place, relative
 to the largest parameter (Adam-family: see _assert_adam_16bit_close).
 """
+
 import copy
 
 import pytest
@@ -99,19 +100,23 @@ def _assert_adam_16bit_close(params, ref_params, tol, lr, msg):
 def _pair(backend, base_cls, kw, dtype, adaptive, two_groups, rho=0.07, **extra):
     model = Net(dtype)
     ref_model = copy.deepcopy(model)
-    opt = FusedSAM(_groups(model, two_groups, kw["lr"]), base_cls, rho=rho, adaptive=adaptive, backend=backend,
-                   **extra, **kw)
+    opt = FusedSAM(
+        _groups(model, two_groups, kw["lr"]), base_cls, rho=rho, adaptive=adaptive, backend=backend, **extra, **kw
+    )
     ref = ReferenceSAM(_groups(ref_model, two_groups, kw["lr"]), base_cls, rho=rho, adaptive=adaptive, **extra, **kw)
     return model, ref_model, opt, ref
 
 
 def _sync_state(ref, opt):
     """Copy FusedSAM's base-optimizer state into the reference's (for one-step checks)."""
-    for p_ref, p in zip([p for g in ref.param_groups for p in g["params"]],
-                        [p for g in opt.param_groups for p in g["params"]]):
+    for p_ref, p in zip(
+        [p for g in ref.param_groups for p in g["params"]], [p for g in opt.param_groups for p in g["params"]]
+    ):
         st = opt.base_optimizer.state.get(p, {})
-        ref.base.state[p_ref] = {k: (v.detach().clone().cpu() if k == "step" else v.detach().clone())
-                                 if torch.is_tensor(v) else v for k, v in st.items()}
+        ref.base.state[p_ref] = {
+            k: (v.detach().clone().cpu() if k == "step" else v.detach().clone()) if torch.is_tensor(v) else v
+            for k, v in st.items()
+        }
 
 
 def _assert_float64_trajectories_agree(model, ref_model, opt, ref, steps, seed):
@@ -161,8 +166,13 @@ def test_one_step(backend, case, dtype, adaptive, seed):
         for p in model.parameters():
             assert torch.isfinite(p).all()
         if dtype != torch.float32 and base_cls is not torch.optim.SGD:
-            _assert_adam_16bit_close(list(model.named_parameters()), list(ref_model.parameters()), tol,
-                                     kw["lr"], f"seed {seed} {dtype} step {step}")
+            _assert_adam_16bit_close(
+                list(model.named_parameters()),
+                list(ref_model.parameters()),
+                tol,
+                kw["lr"],
+                f"seed {seed} {dtype} step {step}",
+            )
             continue
         for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
             err = _rel_err(p, p_ref)
@@ -178,9 +188,14 @@ def test_clipping_matches_reference(backend, base_cls, seed):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("base_cls,kw", [(torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5)),
-                                         (torch.optim.Adagrad, dict(lr=0.1)),
-                                         (torch.optim.Adam, dict(lr=1e-2, amsgrad=True))])
+@pytest.mark.parametrize(
+    "base_cls,kw",
+    [
+        (torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5)),
+        (torch.optim.Adagrad, dict(lr=0.1)),
+        (torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+    ],
+)
 def test_generic_base_optimizer(backend, base_cls, kw, seed):
     """Any other optimizer (or unsupported option): restore, then base_optimizer.step()."""
     model, ref_model, opt, ref = _pair(backend, base_cls, kw, torch.float64, True, True, rho=0.3)
@@ -190,8 +205,10 @@ def test_generic_base_optimizer(backend, base_cls, kw, seed):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fused_sgd_and_adam_equal_torch_step(backend, seed):
     """The fused restore+step equals torch's own optimizer on the same gradient (rho = 0: no perturbation)."""
-    for base_cls, kw in [(torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
-                         (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2))]:
+    for base_cls, kw in [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+        (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+    ]:
         model = Net(torch.float32)
         plain = copy.deepcopy(model)
         opt = FusedSAM(model.parameters(), base_cls, rho=0.0, backend=backend, **kw)

@@ -8,6 +8,7 @@ model has a layer that gets no gradient (a copy of it would be a waste) and Batc
 pass runs under frozen_bn_stats); the batch makes the activations larger than the parameters, as in
 training, so that the peak is in a backward pass.  Counting bytes, not timing.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,22 +24,29 @@ from fastsam import FusedSAM, frozen_bn_stats
 from .conftest import CPU_BACKENDS
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from _common import peak_tensor_bytes  # noqa: E402
-from reference_sam import ReferenceSAM  # noqa: E402
+from _common import peak_tensor_bytes
+from reference_sam import ReferenceSAM
 
 # Bytes a step may allocate besides the copy: the passes' scalars and norms (a few 0-d and 2-element
 # tensors per pass).  A stray copy of any tensor of the model (the smallest: a 1 KiB bias) exceeds it.
 SLACK = 512
 # Backends here, on their devices; triton on the CPU is the interpreter, whose memory is not the GPU's.
 CASES = [("cpu", b) for b in CPU_BACKENDS if b != "triton"] + [
-    pytest.param("cuda", b, marks=pytest.mark.gpu) for b in ("triton", "cuda", "foreach")]
+    pytest.param("cuda", b, marks=pytest.mark.gpu) for b in ("triton", "cuda", "foreach")
+]
 
 
 class Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.BatchNorm1d(256), torch.nn.ReLU(),
-                                        torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(256, 256),
+            torch.nn.BatchNorm1d(256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 10),
+        )
         self.unused = torch.nn.Linear(256, 256)  # never in the forward: no gradient, no copy
 
     def forward(self, x):
@@ -72,6 +80,7 @@ def _run(make_opt, base, x, y, sam):
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
             return loss
+
         opt.step(closure)
 
 
@@ -87,15 +96,17 @@ def _extra_over_sgd(device, make_opt):
 
 def test_the_reference_sam_keeps_one_copy():
     """The yardstick, and a check of the measurement: the per-parameter SAM keeps one clone per parameter."""
-    extra, copy_bytes = _extra_over_sgd(torch.device("cpu"), lambda ps: ReferenceSAM(
-        ps, torch.optim.SGD, rho=0.05, lr=0.01, momentum=0.9))
+    extra, copy_bytes = _extra_over_sgd(
+        torch.device("cpu"), lambda ps: ReferenceSAM(ps, torch.optim.SGD, rho=0.05, lr=0.01, momentum=0.9)
+    )
     assert abs(extra - copy_bytes) <= SLACK, (extra, copy_bytes)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
 def test_fused_sam_extra_memory_is_one_copy_of_the_parameters(device, backend):
-    extra, copy_bytes = _extra_over_sgd(torch.device(device), lambda ps: FusedSAM(
-        ps, torch.optim.SGD, rho=0.05, backend=backend, lr=0.01, momentum=0.9))
+    extra, copy_bytes = _extra_over_sgd(
+        torch.device(device), lambda ps: FusedSAM(ps, torch.optim.SGD, rho=0.05, backend=backend, lr=0.01, momentum=0.9)
+    )
     assert abs(extra - copy_bytes) <= SLACK, (extra, copy_bytes)
 
 
@@ -109,4 +120,5 @@ def test_peak_tensor_bytes_counts_live_tensors_only():
         del a, b
         c = torch.empty(n // 2)  # 128 KiB after both were freed
         del c
+
     assert peak_tensor_bytes(fn) == 2 * n * 4

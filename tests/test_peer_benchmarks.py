@@ -6,6 +6,7 @@ them, and its CUDA rows (a CUDA graph of the triton step, the peers checked agai
 kernels) are chosen as intended: a GPU session runs them, this one checks the choice.  Shapes,
 never speed.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,15 @@ def test_cuda_rows_are_chosen_as_intended(monkeypatch):
     """On a GPU: a CUDA-graph row for triton, and the peers checked against the cuda kernels."""
     monkeypatch.setattr(optimizer_step, "fusedsam_backends", lambda device: ["foreach", "triton", "cuda"])
     rows = optimizer_step.sam_rows(torch.device("cuda"), "sgd", peers=True)
-    assert rows == ["reference", "fusedsam-foreach", "fusedsam-triton", "fusedsam-cuda", "fusedsam-triton-graph",
-                    "compiled", "plain"]
+    assert rows == [
+        "reference",
+        "fusedsam-foreach",
+        "fusedsam-triton",
+        "fusedsam-cuda",
+        "fusedsam-triton-graph",
+        "compiled",
+        "plain",
+    ]
     assert optimizer_step.sam_rows(torch.device("cuda"), "adamw", peers=False)[0] == "fusedsam-foreach"
     fused = [r for r in rows if r.startswith("fusedsam-") and not r.endswith("-graph")]
     assert fused[-1] == "fusedsam-cuda"
@@ -85,10 +93,30 @@ def test_cuda_rows_are_chosen_as_intended(monkeypatch):
 
 def test_optimizer_step_runs_with_peers(tmp_path):
     """The whole script on the tiny set: every row timed, the peers checked, files written."""
-    out = subprocess.run([sys.executable, os.path.join(BENCH, "optimizer_step.py"), "--param-sets", "tiny",
-                          "--dtypes", "fp32", "bf16", "--peers", "--repeats", "2", "--warmup", "1",
-                          "--threads", "1", "--out-dir", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(BENCH, "optimizer_step.py"),
+            "--param-sets",
+            "tiny",
+            "--dtypes",
+            "fp32",
+            "bf16",
+            "--peers",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads((tmp_path / "optimizer_step_cpu.json").read_text())
     for cfg in data["configs"]:

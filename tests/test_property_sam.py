@@ -19,6 +19,7 @@ in either pass skips the step, and then FusedSAM's weights and state must be bit
 they were.  The examples come from a fixed seed (``SEED``): the same ones every run, the failing
 one printed.
 """
+
 import math
 import os
 from dataclasses import dataclass
@@ -62,11 +63,11 @@ TOL = {torch.float64: 8, torch.float32: 12, torch.bfloat16: 16, torch.float16: 1
 @dataclass
 class Case:
     groups: List[Tuple[List[tuple], float, bool]]  # (shapes, rho, adaptive) per group
-    dtype: object                                  # a torch dtype, or "mixed" (float32 and float64)
+    dtype: object  # a torch dtype, or "mixed" (float32 and float64)
     base: str
     max_grad_norm: Optional[float]
     perturb_eps: float
-    ops: List[tuple]                               # (op, first-pass patterns, second-pass patterns, bad)
+    ops: List[tuple]  # (op, first-pass patterns, second-pass patterns, bad)
     seed: int
 
     def dtypes(self):
@@ -78,18 +79,31 @@ class Case:
 
 @st.composite
 def cases(draw, dtype):
-    groups = [(draw(st.lists(st.sampled_from(SHAPES), min_size=1, max_size=3)),
-               draw(st.sampled_from([0.0, 0.05, 0.3])), draw(st.booleans()))
-              for _ in range(draw(st.integers(1, 3)))]
+    groups = [
+        (
+            draw(st.lists(st.sampled_from(SHAPES), min_size=1, max_size=3)),
+            draw(st.sampled_from([0.0, 0.05, 0.3])),
+            draw(st.booleans()),
+        )
+        for _ in range(draw(st.integers(1, 3)))
+    ]
     n = sum(len(s) for s, _, _ in groups)
     patterns = st.lists(st.sampled_from(PATTERNS), min_size=n, max_size=n)
-    bad = st.sampled_from([None, None, None, ("first", math.inf), ("second", math.nan), ("first", -math.inf),
-                           ("second", math.inf)])
+    bad = st.sampled_from(
+        [None, None, None, ("first", math.inf), ("second", math.nan), ("first", -math.inf), ("second", math.inf)]
+    )
     ops = draw(st.lists(st.tuples(st.sampled_from(OPS), patterns, patterns, bad), min_size=1, max_size=4))
     # eps = 1e-8 is 0 in fp16: torch's own fp16 Adam and RMSprop divide by zero
     bases = sorted(b for b in BASES if dtype != torch.float16 or BASES[b][0] is SGD)
-    return Case(groups, dtype, draw(st.sampled_from(bases)), draw(st.sampled_from([0.5, 50.0, None])),
-                draw(st.sampled_from([1e-2, 1e-12])), ops, draw(st.integers(0, 2 ** 31 - 1)))
+    return Case(
+        groups,
+        dtype,
+        draw(st.sampled_from(bases)),
+        draw(st.sampled_from([0.5, 50.0, None])),
+        draw(st.sampled_from([1e-2, 1e-12])),
+        ops,
+        draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 class Problem:
@@ -102,9 +116,16 @@ class Problem:
         g = torch.Generator().manual_seed(case.seed)
         self.shapes = [s for shapes, _, _ in case.groups for s in shapes]
         self.w0 = [torch.randn(s, generator=g, dtype=torch.float64).clamp(-2, 2) for s in self.shapes]
-        self.coef = [[(torch.rand(s, generator=g, dtype=torch.float64) * 0.2 + 0.1,
-                       _away_from_zero(torch.randn(s, generator=g, dtype=torch.float64))) for s in self.shapes]
-                     for _ in case.ops]
+        self.coef = [
+            [
+                (
+                    torch.rand(s, generator=g, dtype=torch.float64) * 0.2 + 0.1,
+                    _away_from_zero(torch.randn(s, generator=g, dtype=torch.float64)),
+                )
+                for s in self.shapes
+            ]
+            for _ in case.ops
+        ]
 
     def grads(self, t, weights, patterns, bad):
         """The gradients at ``weights`` (None or zeros where ``patterns`` say so), with ``bad`` (a value)
@@ -134,7 +155,7 @@ def set_grads(params, grads):
 def _groups(case: Case, params, sam: bool):
     out, i = [], 0
     for shapes, rho, adaptive in case.groups:
-        group = {"params": params[i:i + len(shapes)]}
+        group = {"params": params[i : i + len(shapes)]}
         if sam:
             group.update(rho=rho, adaptive=adaptive)
         out.append(group)
@@ -144,8 +165,15 @@ def _groups(case: Case, params, sam: bool):
 
 def build(case: Case, params, backend):
     cls, kw = BASES[case.base]
-    return FusedSAM(_groups(case, params, True), cls, backend=backend, max_grad_norm=case.max_grad_norm,
-                    perturb_eps=case.perturb_eps, closure_convention="sam", **kw)
+    return FusedSAM(
+        _groups(case, params, True),
+        cls,
+        backend=backend,
+        max_grad_norm=case.max_grad_norm,
+        perturb_eps=case.perturb_eps,
+        closure_convention="sam",
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------ the reference
@@ -163,13 +191,18 @@ class Reference:
     def step(self, g1: Optional[list], g2_at) -> bool:
         """One step (``g1`` None: a plain step with ``g2_at(w)``); returns whether it was skipped."""
         if g1 is not None:
-            sq = sum(float(((w.abs() * g) if ad else g).pow(2).sum())
-                     for w, g, (_, ad) in zip(self.w, g1, self.rhos) if g is not None)
+            sq = sum(
+                float(((w.abs() * g) if ad else g).pow(2).sum())
+                for w, g, (_, ad) in zip(self.w, g1, self.rhos)
+                if g is not None
+            )
             if not math.isfinite(sq):
                 return True
             scale = 1.0 / (math.sqrt(sq) + self.case.perturb_eps)
-            at = [w if g is None else w + rho * (w * w if ad else 1.0) * g * scale
-                  for w, g, (rho, ad) in zip(self.w, g1, self.rhos)]
+            at = [
+                w if g is None else w + rho * (w * w if ad else 1.0) * g * scale
+                for w, g, (rho, ad) in zip(self.w, g1, self.rhos)
+            ]
         else:
             at = self.w
         g2 = g2_at(at)
@@ -254,8 +287,11 @@ def run_case(case: Case, backend: str):
             if skipped:
                 same([p.detach() for p in params], weights, f"{where}: params after a skipped step")
                 after = opt.state_dict()
-                same({k: after[k] for k in ("state", "param_groups")}, {k: sd[k] for k in ("state", "param_groups")},
-                     f"{where}: state after a skipped step")
+                same(
+                    {k: after[k] for k in ("state", "param_groups")},
+                    {k: sd[k] for k in ("state", "param_groups")},
+                    f"{where}: state after a skipped step",
+                )
         elif op == "reload":
             given_sd = saved(opt.state_dict())
             opt = build(case, params, backend)
@@ -277,8 +313,12 @@ MEASURED: dict = {}  # the largest error seen per dtype (printed, to set TOL fro
 # The examples are drawn from a fixed seed: the same ones every run (never flaky); a failure prints its
 # example.  FASTSAM_PROPERTY_SEED=n FASTSAM_PROPERTY_EXAMPLES=m explore others.
 SEED = int(os.environ.get("FASTSAM_PROPERTY_SEED", 20240))
-SETTINGS = dict(max_examples=int(os.environ.get("FASTSAM_PROPERTY_EXAMPLES", 20)), deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = dict(
+    max_examples=int(os.environ.get("FASTSAM_PROPERTY_EXAMPLES", 20)),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, "mixed", torch.bfloat16, torch.float16], ids=str)
@@ -294,10 +334,12 @@ def test_fused_sam_is_the_reference_sam_step(backend, dtype):
     def check(case):
         ran.append(case)
         run_case(case, backend)
+
     ran: list = []
     check()
     worst = {str(k): round(v, 1) for k, v in MEASURED.items()}
     print(f"{len(ran)} examples (seed {SEED}); largest errors in eps: {worst}")
+
 
 def test_skip_of_the_first_pass_is_reported():
     """A step whose first pass is non-finite and whose second pass has no gradient is skipped, and
@@ -319,20 +361,25 @@ def _case(shapes, dtype, base, ops, max_grad_norm=None, rho=0.05):
 FOUND = {
     # foreach: a 0-d float32 gradient times the float64 clip factor became float64 (0-d operands promote
     # each other) and Adam's lerp refused it; the generic path's p.grad refused a promoted bf16 one.
-    "0-d clipped, adam, mixed": _case([(), (3,)], "mixed", "adam", [("two_step", ["grad"] * 2, ["grad"] * 2, None)],
-                                      max_grad_norm=0.5),
-    "0-d clipped, rmsprop, bf16": _case([()], torch.bfloat16, "rmsprop", [("two_step", ["grad"], ["grad"], None)],
-                                        max_grad_norm=0.5),
+    "0-d clipped, adam, mixed": _case(
+        [(), (3,)], "mixed", "adam", [("two_step", ["grad"] * 2, ["grad"] * 2, None)], max_grad_norm=0.5
+    ),
+    "0-d clipped, rmsprop, bf16": _case(
+        [()], torch.bfloat16, "rmsprop", [("two_step", ["grad"], ["grad"], None)], max_grad_norm=0.5
+    ),
     # A step skipped on the first pass created Adam's moments (and SGD's empty per-parameter entries).
-    "skipped first step, adam": _case([(3,), (2, 2)], torch.float32, "adam",
-                                      [("two_step", ["grad"] * 2, ["grad"] * 2, ("first", math.inf))]),
-    "skipped first step, momentum": _case([(3,)], torch.float32, "momentum",
-                                          [("closure", ["grad"], ["grad"], ("second", math.nan))]),
+    "skipped first step, adam": _case(
+        [(3,), (2, 2)], torch.float32, "adam", [("two_step", ["grad"] * 2, ["grad"] * 2, ("first", math.inf))]
+    ),
+    "skipped first step, momentum": _case(
+        [(3,)], torch.float32, "momentum", [("closure", ["grad"], ["grad"], ("second", math.nan))]
+    ),
     # load_state_dict between first_step and second_step wrote into the parameters with autograd on.
     "load between the passes": _case([(3,)], torch.float64, "sgd", [("load_pending", ["grad"], ["grad"], None)]),
     # foreach, fp16: rho / (||g|| + eps) beyond fp16's range (a zero gradient) as the add's alpha raised.
-    "fp16 zero gradient": _case([(3,), ()], torch.float16, "momentum",
-                                [("two_step", ["zero"] * 2, ["grad"] * 2, None)] * 2),
+    "fp16 zero gradient": _case(
+        [(3,), ()], torch.float16, "momentum", [("two_step", ["zero"] * 2, ["grad"] * 2, None)] * 2
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """The README's Python blocks run as written, and its quickstart really switches SAM on."""
+
 import os
 import re
 

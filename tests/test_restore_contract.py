@@ -10,6 +10,7 @@ tensor).  Every backend here (and the CUDA ones on a GPU machine), SGD with
 momentum and AdamW, against the per-parameter reference.  Also: parameters on
 two devices (the CPU and a GPU) in one optimizer.
 """
+
 import pytest
 import torch
 
@@ -22,15 +23,19 @@ from .reference import ReferenceSAM
 CASES = [(name, "cpu") for name in CPU_BACKENDS]
 if torch.cuda.is_available():
     CASES += [(name, "cuda") for name in backends.available(torch.device("cuda"), build=True)]
-BASES = [(torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
-         (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2))]
+BASES = [
+    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+]
 
 
 def _params(device, seed):
     g = torch.Generator().manual_seed(seed)
     shapes = [(5,), (7, 3), (4097,), (2, 3, 4), (1,)]
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=torch.float32)
-            .requires_grad_() for s in shapes]
+    return [
+        torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=torch.float32).requires_grad_()
+        for s in shapes
+    ]
 
 
 def _loss(params, used, target):
@@ -48,10 +53,12 @@ def test_first_parameter_without_first_gradient(seed, backend, device, base, kw)
     opt = FusedSAM(params, base, rho=0.1, backend=backend, **kw)
     assert opt.backend == backend
     ref = ReferenceSAM(ref_params, base, rho=0.1, **kw)
-    patterns = [([1, 2, 3, 4], [0, 1, 2, 3, 4]),   # the first parameter gets a gradient in pass 2 only
-                ([0, 1, 2, 3, 4], [1, 2, 3, 4]),   # the first parameter gets one in pass 1 only
-                ([1, 3], [0, 2, 3]),               # both differ
-                ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4])]
+    patterns = [
+        ([1, 2, 3, 4], [0, 1, 2, 3, 4]),  # the first parameter gets a gradient in pass 2 only
+        ([0, 1, 2, 3, 4], [1, 2, 3, 4]),  # the first parameter gets one in pass 1 only
+        ([1, 3], [0, 2, 3]),  # both differ
+        ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4]),
+    ]
     for first, second in patterns * 2:
         for ps, o in ((params, opt), (ref_params, ref)):
             tg = [t.to(ps[0].dtype) for t in target]
@@ -60,8 +67,9 @@ def test_first_parameter_without_first_gradient(seed, backend, device, base, kw)
             _loss(ps, second, tg).backward()
             o.second_step(zero_grad=True)
     for i, (p, r) in enumerate(zip(params, ref_params)):
-        torch.testing.assert_close(p.detach().double(), r.detach(), rtol=2e-5, atol=2e-6,
-                                   msg=lambda m: f"parameter {i}: {m}")
+        torch.testing.assert_close(
+            p.detach().double(), r.detach(), rtol=2e-5, atol=2e-6, msg=lambda m: f"parameter {i}: {m}"
+        )
 
 
 def test_copies_to_the_cpu_block(monkeypatch):

@@ -1,6 +1,7 @@
 """Schedules' settings and rules: AE-SAM's statistics against a float64 reference of the paper's
 recurrences, the step rules at their edges, sam_fraction, and settings checked wherever they
 enter (constructor, assignment, load_state_dict: all or nothing)."""
+
 import math
 
 import numpy as np
@@ -58,8 +59,9 @@ def _ae_sam_reference(norms, delta, c, c_end=None, total_steps=None, warmup=1):
     return out
 
 
-@pytest.mark.parametrize("delta,c,c_end,total,warmup", [(0.9, 0.0, None, None, 1), (0.6, -0.5, 1.0, 20, 3),
-                                                        (0.0, 0.3, None, None, 0)])
+@pytest.mark.parametrize(
+    "delta,c,c_end,total,warmup", [(0.9, 0.0, None, None, 1), (0.6, -0.5, 1.0, 20, 3), (0.0, 0.3, None, None, 0)]
+)
 def test_adaptive_statistics_equal_the_paper_recurrences(seed, delta, c, c_end, total, warmup):
     g = torch.Generator().manual_seed(seed)
     # log-normal norms with jumps and two non-finite steps: every branch of the update
@@ -70,8 +72,9 @@ def test_adaptive_statistics_equal_the_paper_recurrences(seed, delta, c, c_end, 
     # float64 on both sides, the norm read through foreach: 1e-14 relative at most over 40 seeds
     for t, (a, b) in enumerate(zip(got, ref)):
         assert a[0] == b[0] and a[3:] == b[3:], f"seed={seed} step {t}: got {a}, reference {b}"
-        assert a[1] == pytest.approx(b[1], rel=1e-12) and a[2] == pytest.approx(b[2], rel=1e-12, abs=1e-300), \
+        assert a[1] == pytest.approx(b[1], rel=1e-12) and a[2] == pytest.approx(b[2], rel=1e-12, abs=1e-300), (
             f"seed={seed} step {t}: got {a}, reference {b}"
+        )
     assert 0 < ref[-1][4] < 40
 
 
@@ -103,8 +106,16 @@ def test_interval_every_step_from_start(start):
     assert decisions == [t >= start for t in range(8)]
 
 
-@pytest.mark.parametrize("make", [lambda: LatePhase(5), lambda: LatePhase(0), lambda: Interval(3),
-                                  lambda: Interval(4, start=3), lambda: Interval(2, start=30)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LatePhase(5),
+        lambda: LatePhase(0),
+        lambda: Interval(3),
+        lambda: Interval(4, start=3),
+        lambda: Interval(2, start=30),
+    ],
+)
 @pytest.mark.parametrize("total", [0, 1, 7, 12, 40])
 def test_sam_fraction_is_the_fraction_of_sam_decisions(make, total):
     sched, opt = make(), FakeOpt()
@@ -127,56 +138,64 @@ SCALARS = [(lambda v: v, "python"), (np.asarray, "numpy"), (torch.tensor, "tenso
 
 @pytest.mark.parametrize("wrap", [w for w, _ in SCALARS], ids=[i for _, i in SCALARS])
 def test_constructors_take_python_numpy_and_tensor_scalars(wrap):
-    cases = [(Interval(wrap(3), wrap(1.5), wrap(2)), Interval(3, 1.5, 2)),
-             (LatePhase(wrap(4)), LatePhase(4)),
-             (RandomSwitch(wrap(0.25), wrap(0.75), wrap(10), wrap(3)), RandomSwitch(0.25, 0.75, 10, 3)),
-             (Adaptive(wrap(0.5), wrap(-0.25), wrap(0.5), wrap(9), wrap(2)), Adaptive(0.5, -0.25, 0.5, 9, 2))]
+    cases = [
+        (Interval(wrap(3), wrap(1.5), wrap(2)), Interval(3, 1.5, 2)),
+        (LatePhase(wrap(4)), LatePhase(4)),
+        (RandomSwitch(wrap(0.25), wrap(0.75), wrap(10), wrap(3)), RandomSwitch(0.25, 0.75, 10, 3)),
+        (Adaptive(wrap(0.5), wrap(-0.25), wrap(0.5), wrap(9), wrap(2)), Adaptive(0.5, -0.25, 0.5, 9, 2)),
+    ]
     for got, want in cases:
         a, b = got.state_dict(), want.state_dict()
         a.pop("generator", None), b.pop("generator", None)
         assert a == b and [type(v) for v in a.values()] == [type(v) for v in b.values()], (a, b)
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: Interval(0), "k must be an integer >= 1"),
-    (lambda: Interval(3.0), "k must be an integer"),
-    (lambda: Interval(True), "k must be an integer"),
-    (lambda: Interval(2, rho_multiplier=float("nan")), "rho_multiplier must be a finite real number"),
-    (lambda: Interval(2, rho_multiplier=-1), "rho_multiplier must be >= 0"),
-    (lambda: Interval(2, start=-1), "start must be an integer >= 0"),
-    (lambda: LatePhase(2.5), "start must be an integer"),
-    (lambda: LatePhase(-1), "start must be an integer >= 0"),
-    (lambda: RandomSwitch(1.5), r"p must be in \[0, 1\]"),
-    (lambda: RandomSwitch(float("nan")), "p must be a finite real number"),
-    (lambda: RandomSwitch(torch.tensor([0.5, 0.5])), r"p must be .* got a tensor of shape \(2,\)"),
-    (lambda: RandomSwitch(0.5, p_end=0.9), "p_end=0.9 needs total_steps"),
-    (lambda: RandomSwitch(0.5, p_end="0.9", total_steps=3), "p_end must be a finite real number"),
-    (lambda: RandomSwitch(seed=1.5), "seed must be an integer"),
-    (lambda: Adaptive(delta=1.0), r"delta must be in \[0, 1\)"),
-    (lambda: Adaptive(delta=np.float64(-0.1)), r"delta must be in \[0, 1\)"),
-    (lambda: Adaptive(c=float("inf")), "c must be a finite real number"),
-    (lambda: Adaptive(c_end=1.0), "c_end=1.0 needs total_steps"),
-    (lambda: Adaptive(c_end=1.0, total_steps=0), "total_steps must be an integer >= 1"),
-    (lambda: Adaptive(warmup=-1), "warmup must be an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: Interval(0), "k must be an integer >= 1"),
+        (lambda: Interval(3.0), "k must be an integer"),
+        (lambda: Interval(True), "k must be an integer"),
+        (lambda: Interval(2, rho_multiplier=float("nan")), "rho_multiplier must be a finite real number"),
+        (lambda: Interval(2, rho_multiplier=-1), "rho_multiplier must be >= 0"),
+        (lambda: Interval(2, start=-1), "start must be an integer >= 0"),
+        (lambda: LatePhase(2.5), "start must be an integer"),
+        (lambda: LatePhase(-1), "start must be an integer >= 0"),
+        (lambda: RandomSwitch(1.5), r"p must be in \[0, 1\]"),
+        (lambda: RandomSwitch(float("nan")), "p must be a finite real number"),
+        (lambda: RandomSwitch(torch.tensor([0.5, 0.5])), r"p must be .* got a tensor of shape \(2,\)"),
+        (lambda: RandomSwitch(0.5, p_end=0.9), "p_end=0.9 needs total_steps"),
+        (lambda: RandomSwitch(0.5, p_end="0.9", total_steps=3), "p_end must be a finite real number"),
+        (lambda: RandomSwitch(seed=1.5), "seed must be an integer"),
+        (lambda: Adaptive(delta=1.0), r"delta must be in \[0, 1\)"),
+        (lambda: Adaptive(delta=np.float64(-0.1)), r"delta must be in \[0, 1\)"),
+        (lambda: Adaptive(c=float("inf")), "c must be a finite real number"),
+        (lambda: Adaptive(c_end=1.0), "c_end=1.0 needs total_steps"),
+        (lambda: Adaptive(c_end=1.0, total_steps=0), "total_steps must be an integer >= 1"),
+        (lambda: Adaptive(warmup=-1), "warmup must be an integer >= 0"),
+    ],
+)
 def test_bad_constructor_arguments_name_the_argument(make, match):
     with pytest.raises(ValueError, match=match):
         make()
 
 
-@pytest.mark.parametrize("make,name,bad,good", [
-    (lambda: Interval(3), "k", 0, np.int64(2)),
-    (lambda: Interval(3), "rho_multiplier", float("inf"), torch.tensor(2.0)),
-    (lambda: Interval(3), "start", -2, 5),
-    (lambda: LatePhase(3), "start", "4", torch.tensor(6)),
-    (lambda: RandomSwitch(0.5), "p", 2.0, np.float32(0.25)),
-    (lambda: RandomSwitch(0.5), "p_end", 0.3, None),
-    (lambda: RandomSwitch(0.5, 0.2, 10), "total_steps", None, 20),
-    (lambda: Adaptive(), "delta", 1.0, 0.5),
-    (lambda: Adaptive(), "c", float("nan"), -1.0),
-    (lambda: Adaptive(c_end=1.0, total_steps=5), "total_steps", None, 8),
-    (lambda: Adaptive(), "warmup", 1.5, 0),
-])
+@pytest.mark.parametrize(
+    "make,name,bad,good",
+    [
+        (lambda: Interval(3), "k", 0, np.int64(2)),
+        (lambda: Interval(3), "rho_multiplier", float("inf"), torch.tensor(2.0)),
+        (lambda: Interval(3), "start", -2, 5),
+        (lambda: LatePhase(3), "start", "4", torch.tensor(6)),
+        (lambda: RandomSwitch(0.5), "p", 2.0, np.float32(0.25)),
+        (lambda: RandomSwitch(0.5), "p_end", 0.3, None),
+        (lambda: RandomSwitch(0.5, 0.2, 10), "total_steps", None, 20),
+        (lambda: Adaptive(), "delta", 1.0, 0.5),
+        (lambda: Adaptive(), "c", float("nan"), -1.0),
+        (lambda: Adaptive(c_end=1.0, total_steps=5), "total_steps", None, 8),
+        (lambda: Adaptive(), "warmup", 1.5, 0),
+    ],
+)
 def test_assigned_settings_are_checked(make, name, bad, good):
     """An in-place edit is checked like the constructor's argument: a bad one raises naming the
     setting and changes nothing; a good one is stored as a plain Python value."""
@@ -225,10 +244,12 @@ def _same_state(a, b):
     return sa == sb and (ga is None or torch.equal(ga, gb))
 
 
-MAKES = {"LatePhase": (lambda: LatePhase(3), lambda: LatePhase(8)),
-         "Interval": (lambda: Interval(3, 1.5, 2), lambda: Interval(5, 0.5, 0)),
-         "RandomSwitch": (lambda: RandomSwitch(0.3, 0.7, 12, seed=5), lambda: RandomSwitch(0.9, seed=1)),
-         "Adaptive": (lambda: Adaptive(0.7, 0.2, 1.0, 30, 2), lambda: Adaptive())}
+MAKES = {
+    "LatePhase": (lambda: LatePhase(3), lambda: LatePhase(8)),
+    "Interval": (lambda: Interval(3, 1.5, 2), lambda: Interval(5, 0.5, 0)),
+    "RandomSwitch": (lambda: RandomSwitch(0.3, 0.7, 12, seed=5), lambda: RandomSwitch(0.9, seed=1)),
+    "Adaptive": (lambda: Adaptive(0.7, 0.2, 1.0, 30, 2), lambda: Adaptive()),
+}
 
 
 @pytest.mark.parametrize("kind", list(MAKES))

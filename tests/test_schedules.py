@@ -1,14 +1,15 @@
 """Schedules: the closure runs exactly on the steps a schedule names; state_dict resume is bitwise."""
+
 import math
 
 import pytest
 import torch
 
-from fastsam import FusedSAM, FriendlySAM, GSAM, LookSAM, MomentumSAM
+from fastsam import GSAM, FriendlySAM, FusedSAM, LookSAM, MomentumSAM
 from fastsam.schedules import Adaptive, Interval, LatePhase, RandomSwitch
 
 from .conftest import CPU_BACKENDS
-from .test_variants_common import drive, groups, make_params, resume_check, roundtrip, loss_at
+from .test_variants_common import drive, groups, loss_at, make_params, resume_check, roundtrip
 
 BASE = torch.optim.SGD
 KW = dict(lr=0.1, momentum=0.9)
@@ -68,6 +69,7 @@ def test_adaptive_follows_ae_sam_statistics():
         def closure(t=t):
             calls.append(t)
             loss_at(p, t).backward()
+
         opt.step(closure)
         opt.zero_grad()
     mu, var, expect = norms[0], 0.0, []
@@ -117,7 +119,7 @@ def test_adaptive_decisions_equal_the_reference_on_every_backend(cls, dtype, bac
             opt.step(lambda t=t: (calls.append(t), loss_at(p, t).backward()))
             got.append(bool(calls))
         else:
-            opt.step()                 # decides, after step t, whether step t + 1's gradient is taken at w~
+            opt.step()  # decides, after step t, whether step t + 1's gradient is taken at w~
             got.append(opt.perturbed)
         opt.zero_grad()
     expect, margin = _ae_sam(norms, 0.8, 0.0)
@@ -125,8 +127,10 @@ def test_adaptive_decisions_equal_the_reference_on_every_backend(cls, dtype, bac
     assert margin > 1e-5, "no decision is a near-tie that rounding could flip (the test means what it says)"
 
 
-@pytest.mark.parametrize("make", [lambda: Interval(3, 1.5), lambda: RandomSwitch(0.5, seed=3),
-                                  lambda: Adaptive(0.8, c=0.0), lambda: LatePhase(6)])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: Interval(3, 1.5), lambda: RandomSwitch(0.5, seed=3), lambda: Adaptive(0.8, c=0.0), lambda: LatePhase(6)],
+)
 def test_resume_bitwise_with_schedule(make):
     resume_check(lambda gs: FusedSAM(gs, BASE, rho=0.05, schedule=make(), **KW), BASE, steps=14, cut=7)
 

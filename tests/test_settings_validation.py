@@ -2,6 +2,7 @@
 edited in place, the environment), with one set of checks (fastsam/_checks.py): bools must be
 bools, numbers may be Python, NumPy or 0-d tensor scalars, and must be finite and in range.
 A refused value changes nothing."""
+
 import math
 
 import numpy as np
@@ -18,12 +19,27 @@ def _p(n=3):
 
 
 BAD_CONSTRUCTOR = [
-    ("rho", float("nan")), ("rho", -0.1), ("rho", "0.05"), ("rho", True), ("rho", torch.tensor([0.1, 0.2])),
-    ("adaptive", "False"), ("adaptive", 1), ("adaptive", None),
-    ("perturb_eps", 0.0), ("perturb_eps", float("nan")),
-    ("max_grad_norm", float("nan")), ("max_grad_norm", float("inf")), ("max_grad_norm", 0), ("max_grad_norm", -1.0),
-    ("sam_start_step", -1), ("sam_start_step", 2.5), ("sam_start_step", True),
-    ("perturbation", "both"), ("closure_convention", "lbfgs"), ("backend", "gpu"), ("capturable", "yes"),
+    ("rho", float("nan")),
+    ("rho", -0.1),
+    ("rho", "0.05"),
+    ("rho", True),
+    ("rho", torch.tensor([0.1, 0.2])),
+    ("adaptive", "False"),
+    ("adaptive", 1),
+    ("adaptive", None),
+    ("perturb_eps", 0.0),
+    ("perturb_eps", float("nan")),
+    ("max_grad_norm", float("nan")),
+    ("max_grad_norm", float("inf")),
+    ("max_grad_norm", 0),
+    ("max_grad_norm", -1.0),
+    ("sam_start_step", -1),
+    ("sam_start_step", 2.5),
+    ("sam_start_step", True),
+    ("perturbation", "both"),
+    ("closure_convention", "lbfgs"),
+    ("backend", "gpu"),
+    ("capturable", "yes"),
     ("schedule", object()),
 ]
 
@@ -35,10 +51,15 @@ def test_bad_constructor_arguments_are_refused_by_name(name, value):
 
 
 GOOD_SCALARS = [
-    ("rho", np.float32(0.1)), ("rho", torch.tensor(0.1)), ("rho", np.int64(1)),
-    ("adaptive", np.bool_(True)), ("adaptive", torch.tensor(False)),
-    ("max_grad_norm", np.float64(1.0)), ("max_grad_norm", torch.tensor(2.0)),
-    ("sam_start_step", np.int32(3)), ("sam_start_step", torch.tensor(3)),
+    ("rho", np.float32(0.1)),
+    ("rho", torch.tensor(0.1)),
+    ("rho", np.int64(1)),
+    ("adaptive", np.bool_(True)),
+    ("adaptive", torch.tensor(False)),
+    ("max_grad_norm", np.float64(1.0)),
+    ("max_grad_norm", torch.tensor(2.0)),
+    ("sam_start_step", np.int32(3)),
+    ("sam_start_step", torch.tensor(3)),
     ("perturb_eps", np.float32(1e-8)),
 ]
 
@@ -54,9 +75,16 @@ def test_numpy_and_tensor_scalars_are_accepted_and_stored_as_python_values(cls, 
 
 
 VARIANT_BAD = [
-    (LookSAM, "k", 0), (LookSAM, "k", 2.0), (LookSAM, "alpha", float("nan")), (LookSAM, "alpha", -1.0),
-    (GSAM, "alpha", -0.1), (GSAM, "alpha", float("inf")), (GSAM, "rho_schedule", "linear"),
-    (FriendlySAM, "lmbda", 1.5), (FriendlySAM, "sigma", float("nan")), (FriendlySAM, "sigma", "1"),
+    (LookSAM, "k", 0),
+    (LookSAM, "k", 2.0),
+    (LookSAM, "alpha", float("nan")),
+    (LookSAM, "alpha", -1.0),
+    (GSAM, "alpha", -0.1),
+    (GSAM, "alpha", float("inf")),
+    (GSAM, "rho_schedule", "linear"),
+    (FriendlySAM, "lmbda", 1.5),
+    (FriendlySAM, "sigma", float("nan")),
+    (FriendlySAM, "sigma", "1"),
 ]
 
 
@@ -66,18 +94,32 @@ def test_variant_settings_are_checked_in_the_constructor(cls, name, value):
         cls([_p()], torch.optim.SGD, lr=0.1, **{name: value})
 
 
-@pytest.mark.parametrize("kw,match", [(dict(rho=float("nan")), "rho"), (dict(adaptive="False"), "adaptive"),
-                                      (dict(adaptive=True), "adaptive"), (dict(max_grad_norm=float("nan")),
-                                                                          "max_grad_norm")])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(rho=float("nan")), "rho"),
+        (dict(adaptive="False"), "adaptive"),
+        (dict(adaptive=True), "adaptive"),
+        (dict(max_grad_norm=float("nan")), "max_grad_norm"),
+    ],
+)
 def test_momentum_sam_checks_its_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         MomentumSAM([_p()], torch.optim.SGD, lr=0.1, momentum=0.9, **kw)
 
 
 SETTERS = [
-    ("max_grad_norm", float("nan")), ("max_grad_norm", 0.0), ("perturb_eps", -1.0), ("sam_start_step", 1.5),
-    ("num_steps", -1), ("num_steps", 2.0), ("sam_active", "yes"), ("sam_active", 1),
-    ("perturbation", "x"), ("closure_convention", "x"), ("schedule", 3),
+    ("max_grad_norm", float("nan")),
+    ("max_grad_norm", 0.0),
+    ("perturb_eps", -1.0),
+    ("sam_start_step", 1.5),
+    ("num_steps", -1),
+    ("num_steps", 2.0),
+    ("sam_active", "yes"),
+    ("sam_active", 1),
+    ("perturbation", "x"),
+    ("closure_convention", "x"),
+    ("schedule", 3),
 ]
 
 
@@ -90,8 +132,15 @@ def test_setters_check_and_keep_the_old_value(name, value):
     assert getattr(opt, name) == before
 
 
-@pytest.mark.parametrize("cls,name,value", [(GSAM, "alpha", -1.0), (LookSAM, "alpha", float("nan")),
-                                            (FriendlySAM, "lmbda", 2.0), (FriendlySAM, "sigma", float("inf"))])
+@pytest.mark.parametrize(
+    "cls,name,value",
+    [
+        (GSAM, "alpha", -1.0),
+        (LookSAM, "alpha", float("nan")),
+        (FriendlySAM, "lmbda", 2.0),
+        (FriendlySAM, "sigma", float("inf")),
+    ],
+)
 def test_variant_setters_check(cls, name, value):
     opt = cls([_p()], torch.optim.SGD, lr=0.1)
     before = getattr(opt, name)
@@ -111,8 +160,7 @@ def test_a_nan_max_grad_norm_can_no_longer_reach_the_weights():
     assert torch.isfinite(p).all() and not opt.last_step_skipped
 
 
-@pytest.mark.parametrize("key,value", [("rho", float("nan")), ("rho", -1.0), ("adaptive", "False"),
-                                       ("rho", "0.1")])
+@pytest.mark.parametrize("key,value", [("rho", float("nan")), ("rho", -1.0), ("adaptive", "False"), ("rho", "0.1")])
 def test_add_param_group_checks_and_adds_nothing_when_refused(key, value):
     opt = FusedSAM([_p()], torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match=key):
@@ -120,8 +168,9 @@ def test_add_param_group_checks_and_adds_nothing_when_refused(key, value):
     assert len(opt.param_groups) == len(opt.base_optimizer.param_groups) == 1
 
 
-@pytest.mark.parametrize("key,value", [("rho", float("nan")), ("rho", float("inf")), ("rho", -0.5),
-                                       ("adaptive", "False"), ("adaptive", 0)])
+@pytest.mark.parametrize(
+    "key,value", [("rho", float("nan")), ("rho", float("inf")), ("rho", -0.5), ("adaptive", "False"), ("adaptive", 0)]
+)
 @pytest.mark.parametrize("where", ["first_step", "plain"])
 def test_a_group_edited_in_place_is_checked_at_the_next_step(key, value, where):
     p = _p()
@@ -194,6 +243,7 @@ def test_a_torch_style_closure_after_zero_grad_in_place_still_runs_two_passes():
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
             return loss
+
         for _ in range(3):
             opt.zero_grad(set_to_none=False)
             opt.step(closure)
@@ -213,6 +263,7 @@ def test_the_sam_convention_with_gradients_zeroed_in_place_is_still_sam():
         def closure():
             calls.append(1)
             torch.nn.functional.mse_loss(model(x), y).backward()
+
         opt.step(closure)
     assert len(calls) == 3
 

@@ -6,6 +6,7 @@ base optimizer's state, loading a state dict straight into the base optimizer, o
 a parameter in its own storage must all be seen, as torch's own optimizers see them: compared
 with the per-parameter reference on every CPU backend.
 """
+
 import pytest
 import torch
 
@@ -36,8 +37,10 @@ CHANGES = {
     "state[p] = {}": lambda b, w: b.state.__setitem__(w, {}),
     "state.clear()": lambda b, w: b.state.clear(),
     "del state[p]": lambda b, w: b.state.__delitem__(w),
-    "base.load_state_dict, lr 0": lambda b, w: (b.load_state_dict(b.state_dict()),
-                                               b.param_groups[0].__setitem__("lr", 0.0)),
+    "base.load_state_dict, lr 0": lambda b, w: (
+        b.load_state_dict(b.state_dict()),
+        b.param_groups[0].__setitem__("lr", 0.0),
+    ),
 }
 
 
@@ -54,17 +57,21 @@ def test_state_changes_are_seen(backend, base, kw, change):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_relayout_in_the_same_storage_is_seen(backend):
     """p.data = p.data.t(): same storage, new strides: new buckets and copies, no stride error."""
+
     def transpose(b, w):
         w.data = w.data.t()
+
     ref_w, _ = _run(lambda ps: ReferenceSAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9), transpose, (4, 4))
-    got_w, _ = _run(lambda ps: FusedSAM(ps, torch.optim.SGD, rho=0.05, backend=backend, lr=0.1, momentum=0.9),
-                    transpose, (4, 4))
+    got_w, _ = _run(
+        lambda ps: FusedSAM(ps, torch.optim.SGD, rho=0.05, backend=backend, lr=0.1, momentum=0.9), transpose, (4, 4)
+    )
     torch.testing.assert_close(got_w, ref_w, rtol=1e-6, atol=1e-6)
 
 
 def test_tracked_state_pickles_as_a_mapping():
     import copy
     import pickle
+
     w = torch.nn.Parameter(torch.randn(3))
     opt = FusedSAM([w], torch.optim.SGD, lr=0.1, momentum=0.9)
     w.grad = torch.ones(3)

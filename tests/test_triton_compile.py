@@ -10,6 +10,7 @@ axpby (the backend contract).  Each cubin's resources are read back with
 cuobjdump: the registers per thread are printed (ptxas's numbers for sm_90,
 what the docstrings refer to), and any stack or local memory (spills) fails.
 """
+
 import os
 import subprocess
 import sys
@@ -111,7 +112,10 @@ def test_kernels_compile_for_sm90():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     print(out.stdout)
     assert out.stdout.count("compiled") == 24
-    rows = [dict(kv.split("=") for kv in line.split()[2:5]) for line in out.stdout.splitlines()
-            if line.startswith("resources ")]
+    rows = [
+        dict(kv.split("=") for kv in line.split()[2:5])
+        for line in out.stdout.splitlines()
+        if line.startswith("resources ")
+    ]
     assert len(rows) == 24
     assert all(r["stack"] == "0" and r["local"] == "0" for r in rows), "a kernel spills or uses a stack"

@@ -8,6 +8,7 @@ the GPU too when there is one: they pick the device themselves.  The tests that 
 inductor have "inductor" in their names: benchmarks/gpu_check.sh runs them in a step of their own
 (a cold inductor cache takes a while).
 """
+
 import copy
 
 import pytest
@@ -15,22 +16,27 @@ import torch
 
 from fastsam import FusedSAM
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-4)),
     "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
 }
-KERNELS = ("_sq_norm_partials_kernel", "_sum_kernel", "_perturb_kernel", "_restore_kernel",
-           "_restore_sgd_step_kernel", "_restore_adam_step_kernel")
-
+KERNELS = (
+    "_sq_norm_partials_kernel",
+    "_sum_kernel",
+    "_perturb_kernel",
+    "_restore_kernel",
+    "_restore_sgd_step_kernel",
+    "_restore_adam_step_kernel",
+)
 
 
 def _sc(scale, skip):
     """The pass's scalars (skip flag, factor) for a perturbation of exactly ``scale`` (rho = 1)."""
     scale = torch.as_tensor(scale)
     return torch.stack([torch.as_tensor(skip).to(device=scale.device, dtype=scale.dtype), scale])
+
 
 def _model():
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).cuda()
@@ -89,8 +95,9 @@ def test_cuda_graph_capture_of_a_step_over_thousands_of_tensors(n_groups, n_tens
     simulates the same on the CPU).  The gradients are slices of one buffer (the backward of a cat),
     so the buckets also mix aligned and unaligned tensors."""
     torch.manual_seed(0)
-    groups = [[torch.nn.Parameter(torch.randn(1 + (j % 3), device="cuda")) for j in range(n_tensors)]
-              for _ in range(n_groups)]
+    groups = [
+        [torch.nn.Parameter(torch.randn(1 + (j % 3), device="cuda")) for j in range(n_tensors)] for _ in range(n_groups)
+    ]
     twin = [[torch.nn.Parameter(p.detach().clone()) for p in g] for g in groups]
 
     def loss(gs):
@@ -103,8 +110,10 @@ def test_cuda_graph_capture_of_a_step_over_thousands_of_tensors(n_groups, n_tens
         loss(gs).backward()
         opt.second_step(zero_grad=True)
 
-    opt, ref = (FusedSAM([{"params": g} for g in gs], torch.optim.SGD, lr=0.05, momentum=0.9, backend="triton")
-                for gs in (groups, twin))
+    opt, ref = (
+        FusedSAM([{"params": g} for g in gs], torch.optim.SGD, lr=0.05, momentum=0.9, backend="triton")
+        for gs in (groups, twin)
+    )
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -141,13 +150,27 @@ def test_inductor_compile_of_a_training_step_matches_eager(base):
 def test_inductor_compiled_function_calling_the_ops():
     """The torch.library custom ops under inductor (mutable lists, a returned norm)."""
     from fastsam.backends import triton as tb
+
     shapes = [(1000,), (33, 7), (5,)]
     data = [[torch.randn(s, device="cuda") for s in shapes] for _ in range(3)]
 
     def update(params, grads, copies, bufs, scale, skip):
         tb.perturb(params, grads, copies, _sc(scale, skip), 1.0, True)
-        tb.restore_sgd_step(params, grads, copies, bufs, lr=0.1, momentum=0.9, dampening=0.0, nesterov=True,
-                            weight_decay=1e-3, maximize=False, first=False, grad_scale=None, skip=skip)
+        tb.restore_sgd_step(
+            params,
+            grads,
+            copies,
+            bufs,
+            lr=0.1,
+            momentum=0.9,
+            dampening=0.0,
+            nesterov=True,
+            weight_decay=1e-3,
+            maximize=False,
+            first=False,
+            grad_scale=None,
+            skip=skip,
+        )
         return tb.grad_sq_norm(grads, params)
 
     runs = []
@@ -199,7 +222,8 @@ def test_steady_state_step_neither_synchronises_nor_copies(base):
 def test_tensor_over_2_31_elements():
     """One fp16 parameter of 2**31 + 5 elements: int64 offsets (the last chunk starts past 2**31)."""
     from fastsam.backends import triton as tb
-    n = 2 ** 31 + 5
+
+    n = 2**31 + 5
     try:
         p = torch.zeros(n, dtype=torch.float16, device="cuda")
         g = torch.zeros(n, dtype=torch.float16, device="cuda")
@@ -214,19 +238,33 @@ def test_tensor_over_2_31_elements():
     tb.perturb([p], [g], [c], _sc(torch.tensor(0.5, device="cuda"), torch.zeros((), device="cuda")), 1.0, False)
     assert c[tail].tolist() == [2.0] * 7 and c[0].item() == 0.0
     assert p[tail].tolist() == [2.0 + 0.5 * i for i in range(1, 8)] and p[0].item() == 0.5
-    tb.restore_sgd_step([p], [g], [c], [], lr=1.0, momentum=0.0, dampening=0.0, nesterov=False,
-                        weight_decay=0.0, maximize=False, first=False, grad_scale=None,
-                        skip=torch.zeros((), device="cuda"))
+    tb.restore_sgd_step(
+        [p],
+        [g],
+        [c],
+        [],
+        lr=1.0,
+        momentum=0.0,
+        dampening=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        maximize=False,
+        first=False,
+        grad_scale=None,
+        skip=torch.zeros((), device="cuda"),
+    )
     assert p[tail].tolist() == [2.0 - i for i in range(1, 8)] and p[0].item() == -1.0
-    assert p[1: n - 7].abs().max().item() == 0.0
+    assert p[1 : n - 7].abs().max().item() == 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_ops_match_foreach_on_the_gpu(dtype):
     """Compiled kernels (not the interpreter) against foreach: odd sizes, multi-chunk tensors,
-    an unaligned view, every op.  The full matrix runs under the interpreter in test_backend_ops.py / test_triton_internals.py."""
+    an unaligned view, every op.  The full matrix runs under the interpreter in test_backend_ops.py /
+    test_triton_internals.py."""
     from fastsam.backends import foreach
     from fastsam.backends import triton as tb
+
     torch.manual_seed(0)
     flat = torch.randn(100_003, device="cuda").to(dtype)
     shapes = [(1,), (7,), (0,), (3, 11, 31), (65537,), (64, 3, 7, 7)]
@@ -254,12 +292,39 @@ def test_ops_match_foreach_on_the_gpu(dtype):
         p, c, b, m, v = ([t.clone() for t in ts] for ts in (params, copies, bufs, exp_avgs, exp_avg_sqs))
         steps = [torch.full((), 4.0, device="cuda") for _ in p]
         mod.perturb(p, grads, c, _sc(scale, zero), 1.0, True)
-        mod.restore_sgd_step(p, grads, c, b, lr=0.1, momentum=0.9, dampening=0.1, nesterov=False,
-                             weight_decay=1e-3, maximize=False, first=False, grad_scale=scale, skip=zero)
+        mod.restore_sgd_step(
+            p,
+            grads,
+            c,
+            b,
+            lr=0.1,
+            momentum=0.9,
+            dampening=0.1,
+            nesterov=False,
+            weight_decay=1e-3,
+            maximize=False,
+            first=False,
+            grad_scale=scale,
+            skip=zero,
+        )
         p2 = [t.clone() for t in p]
-        mod.restore_adam_step(p2, grads, p, m, v, steps, lr=1e-2, beta1=0.9, beta2=0.999,
-                              eps=1e-8 if dtype == torch.float32 else 1e-3, weight_decay=1e-2, decoupled=True,
-                              maximize=False, grad_scale=None, skip=zero)
+        mod.restore_adam_step(
+            p2,
+            grads,
+            p,
+            m,
+            v,
+            steps,
+            lr=1e-2,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8 if dtype == torch.float32 else 1e-3,
+            weight_decay=1e-2,
+            decoupled=True,
+            maximize=False,
+            grad_scale=None,
+            skip=zero,
+        )
         runs.append((p, b, p2, m, v, steps))
     for got, want in zip(*runs):
         close(got, want)

@@ -6,6 +6,7 @@ tensors, the ``torch.library`` custom ops and torch.compile.  Without CUDA the
 kernels run in the Triton interpreter on CPU tensors (the conftest sets
 TRITON_INTERPRET=1); with CUDA the same tests run on the GPU.
 """
+
 import pytest
 import torch
 
@@ -46,14 +47,16 @@ def _scalar(v):
 def test_many_tensors_one_launch_each(seed, monkeypatch):
     """300 tensors of mixed shapes (zero-size among them) in one launch per op: the table has no cap."""
     from fastsam.backends import foreach
+
     launches = []
     real = mt.launch
     monkeypatch.setattr(mt, "launch", lambda k, n, *a, **kw: (launches.append(n), real(k, n, *a, **kw)))
     shapes = [tuple(torch.randint(0, 4, (int(torch.randint(1, 4, ())),)).tolist()) for _ in range(300)]
     params, grads, copies, bufs = (_randn(shapes) for _ in range(4))
     ref_p, ref_b = _clone(params), _clone(bufs)
-    foreach.restore_sgd_step(ref_p, grads, _clone(copies), ref_b, first=False, grad_scale=None,
-                             skip=_scalar(0.0), **SGD)
+    foreach.restore_sgd_step(
+        ref_p, grads, _clone(copies), ref_b, first=False, grad_scale=None, skip=_scalar(0.0), **SGD
+    )
     tb.restore_sgd_step(params, grads, copies, bufs, first=False, grad_scale=None, skip=_scalar(0.0), **SGD)
     assert len(launches) == 1 and launches[0] == 300  # one program per tensor (all smaller than a block)
     for a, b in zip(params + bufs, ref_p + ref_b):
@@ -98,7 +101,7 @@ def _views(flat, sizes, offset):
     """Consecutive views of ``flat`` from element ``offset`` on, one per size."""
     out, at = [], offset
     for n in sizes:
-        out.append(flat[at:at + n])
+        out.append(flat[at : at + n])
         at += n
     return out
 
@@ -109,6 +112,7 @@ def test_a_mixed_bucket_keeps_vector_accesses_for_its_aligned_tensors(seed, monk
     results (the reductions' partials of the two parts land in one ordered sum; Adam's step
     counters are per tensor, whichever part a tensor is in)."""
     from fastsam.backends import foreach
+
     sizes = [5000, 3, 2 * mt.BLOCK + 17, 700]  # tensor 2 (three programs) is the unaligned one
 
     def bucket():
@@ -123,8 +127,9 @@ def test_a_mixed_bucket_keeps_vector_accesses_for_its_aligned_tensors(seed, monk
     v = [t.abs() for t in v]
     seen = []
     real = mt.launch
-    monkeypatch.setattr(mt, "launch", lambda k, n, *a, **kw: (seen.append((n, kw.get("ALIGNED"), a[1])),
-                                                              real(k, n, *a, **kw)))
+    monkeypatch.setattr(
+        mt, "launch", lambda k, n, *a, **kw: (seen.append((n, kw.get("ALIGNED"), a[1])), real(k, n, *a, **kw))
+    )
     tab = mt.table([params, grads])
     assert [(p.n_blocks, p.aligned) for p in tab.meta.parts] == [(3 + 1 + 1, True), (3, False)]
     assert set(tab.meta.parts[0].blk_tensor[:5].tolist()) == {0, 1, 3}
@@ -132,15 +137,29 @@ def test_a_mixed_bucket_keeps_vector_accesses_for_its_aligned_tensors(seed, monk
     got_sq, want_sq = tb.grad_sq_norm(grads, params), foreach.grad_sq_norm(grads, params)
     assert [(n, al) for n, al, _ in seen] == [(5, True), (3, False), (1, None)]
     assert abs(got_sq.item() - want_sq.item()) <= 1e-5 * want_sq.item()
-    torch.testing.assert_close(tb.dot_sq_norms(params, grads), foreach.dot_sq_norms(params, grads),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(tb.dot_sq_norms(params, grads), foreach.dot_sq_norms(params, grads), rtol=1e-5, atol=0)
     runs = []
     for mod in (tb, foreach):
         p, c, mm, vv = _clone(params), _clone(copies), _clone(m), _clone(v)
         steps = [torch.tensor(3.0, device=DEVICE) for _ in p]
         mod.perturb(p, grads, c, _scalars(0.3), 0.5, True)
-        mod.restore_adam_step(p, grads, c, mm, vv, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
-                              weight_decay=1e-2, decoupled=True, maximize=False, grad_scale=None, skip=_scalar(0.0))
+        mod.restore_adam_step(
+            p,
+            grads,
+            c,
+            mm,
+            vv,
+            steps,
+            lr=1e-2,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=1e-2,
+            decoupled=True,
+            maximize=False,
+            grad_scale=None,
+            skip=_scalar(0.0),
+        )
         mod.axpby(p, grads, torch.tensor([0.5, -2.0, 0.0], device=DEVICE))
         runs.append(p + c + mm + vv + steps)
     for a, b in zip(*runs):
@@ -167,8 +186,10 @@ def test_block_map_parts_list_each_tensor_once():
     sizes = [5, 3 * mt.BLOCK, 0, mt.BLOCK + 1, 7]
     aligned = (True, False, True, False, True)
     meta = mt.Meta(sizes, torch.device("cpu"), aligned)
-    rows = [(p.aligned, list(zip(p.blk_tensor[:p.n_blocks].tolist(), p.blk_chunk[:p.n_blocks].tolist())))
-            for p in meta.parts]
+    rows = [
+        (p.aligned, list(zip(p.blk_tensor[: p.n_blocks].tolist(), p.blk_chunk[: p.n_blocks].tolist())))
+        for p in meta.parts
+    ]
     assert rows == [(True, [(0, 0), (2, 0), (4, 0)]), (False, [(1, 0), (1, 1), (1, 2), (3, 0), (3, 1)])]
     assert [p.start for p in meta.parts] == [0, 3] and meta.n_blocks == 8 and meta.counters().numel() == 5
 
@@ -198,8 +219,10 @@ def test_capture_arena_holds_a_whole_step(n_buckets, n_tensors, monkeypatch):
     monkeypatch.setattr(mt, "pin", lambda host: host.clone())
     monkeypatch.setattr(mt, "arena", mt.CaptureArena(alloc=lambda n: torch.empty(n, dtype=torch.int64)))
     cpu = torch.device("cpu")
-    buckets = [[[torch.empty(1 + (j + b) % 3, device=cpu) for j in range(n_tensors)] for _ in range(3)]
-               for b in range(n_buckets)]  # params, copies, momentum buffers
+    buckets = [
+        [[torch.empty(1 + (j + b) % 3, device=cpu) for j in range(n_tensors)] for _ in range(3)]
+        for b in range(n_buckets)
+    ]  # params, copies, momentum buffers
 
     alive = []  # every gradient stays allocated, so that the captured step's are at new addresses
 
@@ -230,20 +253,28 @@ def test_table_cache_hits_and_misses():
 
 def test_block_map_of_huge_tensor_uses_int64_chunks():
     """A 2**31 + 5 element tensor: 524289 programs, the last chunk starts past 2**31 (host side only)."""
-    n = 2 ** 31 + 5
+    n = 2**31 + 5
     meta = mt.Meta([3, n, 0], torch.device("cpu"))
     chunks = -(-n // mt.BLOCK)
     assert meta.n_blocks == 1 + chunks + 1
-    assert meta.blk_tensor[:meta.n_blocks].tolist()[-3:] == [1, 1, 2]
+    assert meta.blk_tensor[: meta.n_blocks].tolist()[-3:] == [1, 1, 2]
     last = int(meta.blk_chunk[meta.n_blocks - 2])
-    assert last == chunks - 1 and last * mt.BLOCK < n <= (last + 1) * mt.BLOCK and last * mt.BLOCK > 2 ** 31 - 1
+    assert last == chunks - 1 and last * mt.BLOCK < n <= (last + 1) * mt.BLOCK and last * mt.BLOCK > 2**31 - 1
 
 
 def test_restore_contract_is_checked_when_the_table_is_built():
     p = [torch.randn(3, device=DEVICE), torch.randn(4, device=DEVICE)]
     with pytest.raises(ValueError, match="parameter itself"):
-        tb.restore_sgd_step(p, _clone(p), [torch.randn(3, device=DEVICE), p[1]], [], first=False, grad_scale=None,
-                            skip=_scalar(0.0), **dict(SGD, momentum=0.0))
+        tb.restore_sgd_step(
+            p,
+            _clone(p),
+            [torch.randn(3, device=DEVICE), p[1]],
+            [],
+            first=False,
+            grad_scale=None,
+            skip=_scalar(0.0),
+            **dict(SGD, momentum=0.0),
+        )
 
 
 def test_bad_buckets_are_rejected_when_the_table_is_built():
@@ -271,15 +302,30 @@ def test_custom_ops_match_launchers(seed):
 
 def test_custom_op_schemas():
     shapes = [(7,), (3, 5)]
-    args = ([t.clone() for t in _randn(shapes)], _randn(shapes), _randn(shapes), _randn(shapes), None,
-            _scalar(0.0), 0.1, 0.9, 0.0, False, 1e-4, False, False)
-    torch.library.opcheck(torch.ops.fastsam.triton_restore_sgd_step.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    args = (
+        [t.clone() for t in _randn(shapes)],
+        _randn(shapes),
+        _randn(shapes),
+        _randn(shapes),
+        None,
+        _scalar(0.0),
+        0.1,
+        0.9,
+        0.0,
+        False,
+        1e-4,
+        False,
+        False,
+    )
+    torch.library.opcheck(
+        torch.ops.fastsam.triton_restore_sgd_step.default, args, test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_torch_compile_goes_through_the_custom_ops(seed):
     """Under torch.compile the backend calls the custom ops (opaque to the compiler): same results."""
     from fastsam.backends._common import Epilogue
+
     shapes = [(7,), (3, 5)]
 
     def sam_update(params, grads, copies, bufs, scalars):
@@ -294,7 +340,8 @@ def test_torch_compile_goes_through_the_custom_ops(seed):
     e = sam_update(eager[0], eager[1], eager[3], eager[2], _scalars(0.0))
     torch._dynamo.reset()
     c = torch.compile(sam_update, backend="aot_eager", fullgraph=True)(
-        compiled[0], compiled[1], compiled[3], compiled[2], _scalars(0.0))
+        compiled[0], compiled[1], compiled[3], compiled[2], _scalars(0.0)
+    )
     assert e.item() == c.item()
     for a, b in zip(eager[0] + eager[2], compiled[0] + compiled[2]):
         assert _bitwise_equal(a, b)
@@ -302,7 +349,9 @@ def test_torch_compile_goes_through_the_custom_ops(seed):
 
 def test_torch_compile_of_a_fused_sam_training_step(seed):
     import copy
+
     from fastsam import FusedSAM
+
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).to(DEVICE)
     ref_model = copy.deepcopy(model)
     kw = dict(lr=0.05, momentum=0.9)

@@ -10,6 +10,7 @@ coefficient, the combined skip flag) runs inside the norm's final kernel, so no 
 Runs under the interpreter on the CPU, and on the GPU where there is one (the GPU check also
 counts the launches with the CUDA profiler: tests/test_triton_gpu.py).
 """
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,16 +27,29 @@ BUDGET = 6
 BASES = {  # (optimizer, options, FusedSAM options, steps counted)
     # two steps: the first creates the momentum buffers (first=True), the second reuses them
     "sgd_momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-4), {}, 2),
-    "sgd_nesterov_asam_clip": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True),
-                               dict(adaptive=True, rho=0.5, max_grad_norm=1.0), 1),
+    "sgd_nesterov_asam_clip": (
+        torch.optim.SGD,
+        dict(lr=0.05, momentum=0.9, nesterov=True),
+        dict(adaptive=True, rho=0.5, max_grad_norm=1.0),
+        1,
+    ),
     "adam": (torch.optim.Adam, dict(lr=1e-3), {}, 1),
     "adamw_clip": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2), dict(max_grad_norm=1.0), 1),
 }
 
 
 # Ops that launch nothing on a GPU: allocations, and metadata/views.
-_FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
-         "lift_fresh", "_local_scalar_dense"}
+_FREE = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "detach",
+    "alias",
+    "lift_fresh",
+    "_local_scalar_dense",
+}
 
 
 class _Ops(TorchDispatchMode):
@@ -57,6 +71,7 @@ class _Ops(TorchDispatchMode):
 def launches(monkeypatch):
     """The names of the triton launches and the torch ops of what runs while it is used."""
     from fastsam.kernels.triton import multi_tensor as mt
+
     names = []
     mode = _Ops(names)
     real = mt.launch
@@ -77,8 +92,9 @@ def launches(monkeypatch):
 def _params(n, dtypes=(torch.float32,)):
     """n small parameters of mixed shapes (one element to a few dozen), cycling through dtypes."""
     shapes = [(1 + i % 3,) if i % 3 == 0 else (2, 1 + i % 4) if i % 3 == 1 else (1, 3, 2) for i in range(n)]
-    return [torch.nn.Parameter(torch.randn(s, device=DEVICE, dtype=dtypes[i % len(dtypes)]))
-            for i, s in enumerate(shapes)]
+    return [
+        torch.nn.Parameter(torch.randn(s, device=DEVICE, dtype=dtypes[i % len(dtypes)])) for i, s in enumerate(shapes)
+    ]
 
 
 def _sam_step_launches(opt, params, launches):
@@ -125,8 +141,14 @@ def test_launches_per_bucket(launches):
     _sam_step_launches(opt, params, launches)
     names = _sam_step_launches(opt, params, launches)
     assert len(names) <= 2 * BUDGET + 1
-    per_bucket = ["_sq_norm_partials_kernel", "_sum_kernel", "_perturb_kernel",
-                  "_sq_norm_partials_kernel", "_sum_kernel", "_restore_sgd_step_kernel"]
+    per_bucket = [
+        "_sq_norm_partials_kernel",
+        "_sum_kernel",
+        "_perturb_kernel",
+        "_sq_norm_partials_kernel",
+        "_sum_kernel",
+        "_restore_sgd_step_kernel",
+    ]
     assert sorted(names) == sorted(per_bucket * 2 + ["_restore_kernel"]), names
 
 
@@ -167,12 +189,14 @@ def test_variant_ops_launch_a_fixed_number_of_kernels(launches):
             tb.dot_sq_norms(xs, ys, accumulate=r)
             tb.axpby(xs, ys, coefs)
             tb.axpby(xs, ys, coefs, out=ys)
-        assert launches == ["_dot_sq_norms_partials_kernel", "_dot_sq_norms_sum_kernel"] * 2 + ["_axpby_kernel"] * 2, \
+        assert launches == ["_dot_sq_norms_partials_kernel", "_dot_sq_norms_sum_kernel"] * 2 + ["_axpby_kernel"] * 2, (
             launches
+        )
 
 
 def _variant(name, params):
-    from fastsam import FriendlySAM, GSAM, LookSAM
+    from fastsam import GSAM, FriendlySAM, LookSAM
+
     kw = dict(lr=0.05, momentum=0.9)
     if name == "gsam":
         return GSAM(params, torch.optim.SGD, alpha=0.3, backend="triton", **kw)
@@ -220,6 +244,7 @@ def test_variant_step_launch_count_is_independent_of_the_tensor_count(name, laun
     coefficients of CPU tensors are formed on the host (fastsam/variants/_ops.py): HOST_SCALARS off
     counts the device formulas that run on a GPU."""
     from fastsam.variants import _ops
+
     old = _ops.HOST_SCALARS
     _ops.HOST_SCALARS = False
     try:

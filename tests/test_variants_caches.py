@@ -1,6 +1,7 @@
 """The variants' per-bucket caches: bounded when the gradient pattern changes (they live on the
 bucket objects, which die with the pattern), and dropped by deepcopy/pickle (a bucket's backend is a
 module), so a copy keeps stepping bitwise as the original."""
+
 import copy
 import gc
 import io
@@ -9,7 +10,7 @@ import weakref
 import pytest
 import torch
 
-from fastsam import FriendlySAM, GSAM, LookSAM
+from fastsam import GSAM, FriendlySAM, LookSAM
 
 from .test_variants_common import base_kwargs, drive, groups, make_params
 
@@ -26,10 +27,12 @@ def test_caches_do_not_keep_old_buckets_or_gradients_alive(cls, kw):
     opt = cls(ps, torch.optim.SGD, rho=0.05, lr=0.01, momentum=0.9, backend="foreach", **kw)
     refs = []  # weakrefs of every gradient tensor, per step
     for t in range(40):
+
         def fb(t=t):
             loss = sum((p * p).sum() for p in ps[:2]) + (0 if t % 2 else (ps[2] ** 2).sum())
             loss.backward()
             refs.append((t, [weakref.ref(p.grad) for p in ps if p.grad is not None]))
+
         fb()
         opt.step(fb)
         opt.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ smooth non-convex function whose coefficients depend on t (a different
 "batch" every step).  The references follow the published algorithms with
 Python loops over parameters and torch's single-tensor base optimizers.
 """
+
 import io
 import math
 
@@ -32,10 +33,10 @@ def base_kwargs(base):
 def loss_at(params, t, poison=None):
     g = torch.Generator().manual_seed(1000 + t)
     total = 0.0
-    for i, p in enumerate(params):
+    for p in params:
         a = torch.rand(p.shape, generator=g, dtype=torch.float64).to(p.dtype) + 0.5
         b = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 2
-        total = total + (0.5 * a * p * p + torch.sin(b * p) + 0.05 * p ** 4).sum()
+        total = total + (0.5 * a * p * p + torch.sin(b * p) + 0.05 * p**4).sum()
     if poison is not None:
         total = total * poison
     return total
@@ -101,8 +102,10 @@ class RefBase:
 
     def __init__(self, params, base, rho=0.05, **kw):
         self.params = [p.detach().clone() for p in params]
-        gs = [{"params": self.params[:3]}, {"params": self.params[3:], "lr": 0.05 if base is torch.optim.SGD else 3e-3,
-                                            "rho": 0.08}]
+        gs = [
+            {"params": self.params[:3]},
+            {"params": self.params[3:], "lr": 0.05 if base is torch.optim.SGD else 3e-3, "rho": 0.08},
+        ]
         for g in gs:
             g.setdefault("rho", rho)
         self.base = base(gs, foreach=False, **kw)

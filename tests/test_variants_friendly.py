@@ -8,6 +8,7 @@ bucket mixing both kinds used to re-initialise all of its parameters), commits t
 masked axpby on the second pass's skip flag, and reads the flag on the host only on a step where a
 parameter gets its first EMA.
 """
+
 import pytest
 import torch
 

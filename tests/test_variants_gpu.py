@@ -7,12 +7,13 @@ the steady-state steps under ``torch.cuda.set_sync_debug_mode("error")``: a vari
 device value on the host (a synchronisation) fails there.  Host reads that are part of a method
 (the adaptive schedule decides on the host whether to run the second pass) are excluded.
 """
+
 import math
 
 import pytest
 import torch
 
-from fastsam import FriendlySAM, FusedSAM, GSAM, LookSAM, MomentumSAM, backends
+from fastsam import GSAM, FriendlySAM, FusedSAM, LookSAM, MomentumSAM, backends
 from fastsam.schedules import Interval, RandomSwitch
 
 from .test_variants_common import SHAPES, base_kwargs, groups
@@ -22,13 +23,16 @@ pytestmark = pytest.mark.gpu
 BASES = [torch.optim.SGD, torch.optim.AdamW]
 TWO_PASS = {
     "gsam": lambda gs, base, b: GSAM(gs, base, rho=0.05, alpha=0.3, backend=b, **base_kwargs(base)),
-    "friendly": lambda gs, base, b: FriendlySAM(gs, base, rho=0.05, sigma=1.0, lmbda=0.6, backend=b,
-                                                **base_kwargs(base)),
+    "friendly": lambda gs, base, b: FriendlySAM(
+        gs, base, rho=0.05, sigma=1.0, lmbda=0.6, backend=b, **base_kwargs(base)
+    ),
     "looksam": lambda gs, base, b: LookSAM(gs, base, rho=0.05, k=3, alpha=0.7, backend=b, **base_kwargs(base)),
-    "interval": lambda gs, base, b: FusedSAM(gs, base, rho=0.05, schedule=Interval(3, rho_multiplier=1.5),
-                                             backend=b, **base_kwargs(base)),
-    "random": lambda gs, base, b: FusedSAM(gs, base, rho=0.05, schedule=RandomSwitch(0.3, 0.6, 12, seed=1),
-                                           backend=b, **base_kwargs(base)),
+    "interval": lambda gs, base, b: FusedSAM(
+        gs, base, rho=0.05, schedule=Interval(3, rho_multiplier=1.5), backend=b, **base_kwargs(base)
+    ),
+    "random": lambda gs, base, b: FusedSAM(
+        gs, base, rho=0.05, schedule=RandomSwitch(0.3, 0.6, 12, seed=1), backend=b, **base_kwargs(base)
+    ),
 }
 
 
@@ -59,14 +63,15 @@ class Problem:
     def loss(self, params, t, poison=None):
         total = 0.0
         for p, (a, b) in zip(params, self.c[t]):
-            total = total + (0.5 * a * p * p + torch.sin(b * p) + 0.05 * p ** 4).sum()
+            total = total + (0.5 * a * p * p + torch.sin(b * p) + 0.05 * p**4).sum()
         return total * poison if poison is not None else total
 
 
 def _params(device, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
-            for s in SHAPES]
+    return [
+        torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_() for s in SHAPES
+    ]
 
 
 def _drive(opt, params, prob, steps, one_pass=False, start=0):
@@ -91,6 +96,7 @@ def _run(make, base, backend, device, dtype, steps, one_pass):
 
 def _msam(gs, base, b):
     import inspect
+
     kw = {"backend": b} if "backend" in inspect.signature(MomentumSAM).parameters else {}
     return MomentumSAM(gs, base, rho=0.05, **kw, **base_kwargs(base))
 

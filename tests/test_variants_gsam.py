@@ -1,14 +1,15 @@
 """GSAM and FriendlySAM against per-parameter float64 references of the authors' code."""
+
 import math
 
 import pytest
 import torch
 
-from fastsam import FriendlySAM, GSAM
+from fastsam import GSAM, FriendlySAM
 from fastsam.variants import ProportionalRho
 
 from .conftest import CPU_BACKENDS
-from .test_variants_common import (RefBase, base_kwargs, close, drive, grads_at, groups, make_params, resume_check)
+from .test_variants_common import RefBase, base_kwargs, close, drive, grads_at, groups, make_params, resume_check
 
 BASES = [torch.optim.SGD, torch.optim.AdamW]
 
@@ -86,6 +87,7 @@ def test_friendly_sam_matches_reference(base, backend):
 
 def test_gsam_alpha_zero_is_sam_and_rho_follows_lr():
     from fastsam import FusedSAM
+
     base = torch.optim.SGD
     p, q = make_params(), make_params()
     drive(GSAM(groups(p, base), base, alpha=0.0, **base_kwargs(base)), p, 6)
@@ -144,6 +146,7 @@ def test_device_scalars_match_reference(cls, backend, device_scalars, monkeypatc
     """The coefficients by the device formulas (CUDA's path: no host read), run here on CPU tensors
     (fastsam/variants/_ops.py: HOST_SCALARS), against the same references."""
     from fastsam.variants import _ops
+
     monkeypatch.setattr(_ops, "HOST_SCALARS", not device_scalars)
     base = torch.optim.AdamW
     p = make_params()
@@ -151,8 +154,7 @@ def test_device_scalars_match_reference(cls, backend, device_scalars, monkeypatc
         opt = GSAM(groups(p, base), base, rho=0.05, alpha=0.3, backend=backend, **base_kwargs(base))
         ref = RefGSAM(p, base, 0.3, rho=0.05, **base_kwargs(base))
     else:
-        opt = FriendlySAM(groups(p, base), base, rho=0.05, sigma=1.0, lmbda=0.6, backend=backend,
-                          **base_kwargs(base))
+        opt = FriendlySAM(groups(p, base), base, rho=0.05, sigma=1.0, lmbda=0.6, backend=backend, **base_kwargs(base))
         ref = RefFSAM(p, base, 1.0, 0.6, rho=0.05, **base_kwargs(base))
     drive(opt, p, 10)
     for t in range(10):

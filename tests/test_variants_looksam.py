@@ -1,16 +1,25 @@
 """LookSAM against a per-parameter float64 reference of Algorithm 1 (Liu et al., CVPR 2022)."""
+
 import math
 
 import pytest
 import torch
 
 from fastsam import LookSAM
-
-from .conftest import CPU_BACKENDS
 from fastsam.variants import _ops
 
-from .test_variants_common import (RefBase, close, drive, grads_at, grads_without, groups, base_kwargs, make_params,
-                                   resume_check)
+from .conftest import CPU_BACKENDS
+from .test_variants_common import (
+    RefBase,
+    base_kwargs,
+    close,
+    drive,
+    grads_at,
+    grads_without,
+    groups,
+    make_params,
+    resume_check,
+)
 
 BASES = [torch.optim.SGD, torch.optim.AdamW]
 
@@ -34,8 +43,10 @@ class RefLookSAM(RefBase):
                 p.copy_(o)
             inner = sum(float((g[i] * gs[i]).sum()) for i in on)
             gsq = sum(float((g[i] * g[i]).sum()) for i in on)
-            gv = [torch.zeros_like(p) if x is None else b - inner / (gsq + 1e-12) * x
-                  for p, x, b in zip(self.params, g, gs)]
+            gv = [
+                torch.zeros_like(p) if x is None else b - inner / (gsq + 1e-12) * x
+                for p, x, b in zip(self.params, g, gs)
+            ]
             n = math.sqrt(sum(float((v * v).sum()) for v in gv))
             self.gv = [v / (n + 1e-12) for v in gv]
             self.base_step(gs)

@@ -1,6 +1,7 @@
 """MomentumSAM against a per-parameter float64 reference (MarlonBecker/MSAM optimizer/msam.py, adamW_msam.py),
 on every CPU backend: SGD (momentum, nesterov, dampening, weight decay), Adam and AdamW, two param groups
 with their own rho, odd shapes, 12 steps, clipping, resume bitwise, non-finite skip bitwise."""
+
 import math
 
 import pytest
@@ -72,7 +73,7 @@ class RefMSAM:
 def drive(opt, params, ts, poison=None):
     """One opt.step() per t in ``ts`` (an int n means range(n)); ``poison``: {t: factor}."""
     poison = poison or {}
-    for t in (range(ts) if isinstance(ts, int) else ts):
+    for t in range(ts) if isinstance(ts, int) else ts:
         loss_at(params, t, poison.get(t)).backward()
         opt.step()
         opt.zero_grad()
@@ -96,9 +97,9 @@ def test_momentum_sam_matches_reference(name, backend):
     drive(opt, p, 12)
     for t in range(12):
         ref.step(t)
-    close(p, ref.point())              # the weights sit at w~ between steps
+    close(p, ref.point())  # the weights sit at w~ between steps
     with opt.unperturbed():
-        close(p, ref.params)           # and at w inside unperturbed()
+        close(p, ref.params)  # and at w inside unperturbed()
     close(p, ref.point())
 
 
@@ -153,7 +154,7 @@ def test_step_inside_unperturbed_is_not_undone_on_exit():
     opt = make(p, "sgd", "foreach")
     drive(opt, p, 3)
     with opt.unperturbed():
-        drive(opt, p, [3])             # a step whose gradient is taken at w; it perturbs again
+        drive(opt, p, [3])  # a step whose gradient is taken at w; it perturbs again
         inside = [x.detach().clone() for x in p]
     assert opt.perturbed and all(torch.equal(a, b) for a, b in zip(inside, p))
 
@@ -210,10 +211,16 @@ def test_momentum_sam_loads_a_dict_of_the_format_before_the_fused_core():
     opt = make(p, "sgd", "foreach")
     drive(opt, p, 5)
     f = roundtrip(opt.state_dict())
-    sd = {"base": {"state": f["state"], "param_groups": f["param_groups"]},
-          "msam": {"num_steps": f["fastsam"]["num_steps"], "perturbed": f["fastsam"]["perturbed"],
-                   "inv_norm": f["fastsam"]["scalars"][1], "w": f["fastsam"]["w"],
-                   **{k: f["fastsam"][k] for k in ("schedule", "sam_start_step", "max_grad_norm", "perturb_eps")}}}
+    sd = {
+        "base": {"state": f["state"], "param_groups": f["param_groups"]},
+        "msam": {
+            "num_steps": f["fastsam"]["num_steps"],
+            "perturbed": f["fastsam"]["perturbed"],
+            "inv_norm": f["fastsam"]["scalars"][1],
+            "w": f["fastsam"]["w"],
+            **{k: f["fastsam"][k] for k in ("schedule", "sam_start_step", "max_grad_norm", "perturb_eps")},
+        },
+    }
     q = [torch.zeros_like(x).requires_grad_() for x in p]
     o2 = make(q, "sgd", "foreach")
     o2.load_state_dict(sd)
@@ -298,7 +305,9 @@ def test_momentum_sam_steady_state_reuses_its_cached_lists():
     drive(opt, p, 3)
     cached = opt.core.ext.dir_cache[3]
     drive(opt, p, range(3, 6))
-    assert opt.core.ext.dir_cache[3] is cached and opt.core.ext.applied.source is opt.core.ext.dir_cache[0]  # the Plan's bucket list
+    assert (
+        opt.core.ext.dir_cache[3] is cached and opt.core.ext.applied.source is opt.core.ext.dir_cache[0]
+    )  # the Plan's bucket list
 
 
 def test_momentum_sam_parameters_without_a_gradient():
