@@ -261,8 +261,7 @@ struct Work {
   // Streaming a computed list costs a pass through an L1 block; it pays where
   // the loop waits on memory (4- and 8-byte elements), not in the 16-bit
   // updates, which convert every element twice and wait on instructions
-  // (bf16 restore + SGD: 15 ms without, 21-23 ms with, ResNet-18 shapes, one
-  // thread, benchmarks/NOTES.md).
+  // (streaming made the bf16 restore + SGD slower: benchmarks/NOTES.md).
   bool stream_computed() const { return stream() && element_size >= 4; }
 
   // f(i, chunk) for every chunk: each thread takes the chunks whose first

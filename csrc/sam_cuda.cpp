@@ -32,8 +32,6 @@ cuda::DType kernel_dtype(at::ScalarType t) {
   return cuda::DType::kFloat;
 }
 
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Owns the pointer arrays that a HostLists points into.
 struct PointerLists {
   std::vector<std::vector<void*>> ptrs;
@@ -156,7 +154,7 @@ void axpby_cuda(at::TensorList xs, at::TensorList ys, const at::Tensor& coefs, a
   check_axpby(xs, ys, coefs, out);
   if (xs.empty()) return;
   const c10::cuda::CUDAGuard guard(xs[0].device());
-  const at::Tensor c = coefs.to(acc_dtype(xs[0].scalar_type())).contiguous();  // on the device: no sync
+  const at::Tensor c = coefs.to(at::kDouble).contiguous();  // on the device: no sync; a no-op for float64 coefs
   PointerLists lists{xs, ys, out.empty() ? xs : out};
   cuda::axpby(lists.view(), kernel_dtype(xs[0].scalar_type()), c.data_ptr(), stream_of(xs[0]));
 }

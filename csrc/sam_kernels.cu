@@ -280,10 +280,10 @@ __global__ void __launch_bounds__(kBlockSize)
 // out <- a x + b y (lists x, y, out; out may be x or y), nothing written when skip.
 template <typename T>
 struct AxpbyFunctor {
-  __device__ void operator()(const TensorListMeta<3>& meta, const acc_type<T>* coefs) const {
+  __device__ void operator()(const TensorListMeta<3>& meta, const double* coefs) const {
     using acc_t = acc_type<T>;
-    if (coefs[2] != acc_t(0)) return;
-    const acc_t a = coefs[0], b = coefs[1];
+    if (coefs[2] != 0.0) return;
+    const acc_t a = acc_t(coefs[0]), b = acc_t(coefs[1]);  // rounded once to the op-math type
     for_each_element<T, 3>(meta, bit(0) | bit(1), bit(2), [=](T (&x)[3]) {
       x[2] = from_acc<T>(axpby_element<acc_t>(to_acc(x[0]), to_acc(x[1]), a, b));
     });
@@ -411,7 +411,7 @@ void axpby(const HostLists& lists, DType dtype, const void* coefs, void* stream)
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     multi_tensor_apply<3>("axpby", lists, static_cast<cudaStream_t>(stream), AxpbyFunctor<T>(),
-                          static_cast<const acc_t*>(coefs));
+                          static_cast<const double*>(coefs));
   });
 }
 

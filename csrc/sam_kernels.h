@@ -73,8 +73,9 @@ int64_t dot_sq_norms_scratch(const HostLists& lists);
 void dot_sq_norms(const HostLists& lists, DType dtype, void* scratch, const void* accumulate, void* out,
                   void* stream);
 
-// lists: x, y, out (out may be x or y).  coefs: [a, b, skip] in the op-math type;
-// out <- a x + b y unless skip != 0 (then nothing is written).
+// lists: x, y, out (out may be x or y).  coefs: [a, b, skip], doubles (a and b
+// rounded to the op-math type once); out <- a x + b y unless skip != 0 (then
+// nothing is written).
 void axpby(const HostLists& lists, DType dtype, const void* coefs, void* stream);
 
 }  // namespace cuda

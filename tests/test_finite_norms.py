@@ -249,3 +249,76 @@ def test_variants_are_scale_invariant_beyond_float32s_squares(name, backend, ada
         for i, (u, v) in enumerate(zip(x, y)):
             assert torch.isfinite(v).all(), f"step {t}, tensor {i}: non-finite"
             torch.testing.assert_close(v, u, rtol=2e-5, atol=2e-6, msg=lambda m: f"step {t}, tensor {i}: {m}")
+
+
+# ------------------------------------------------------------------ the ops: a float64 scale below float32's range
+@pytest.mark.parametrize("s", [1e-42, -3e-39, 1.1754943508222875e-38, 1e-3, 1.0, 5e-60, 3.5e38, -1e39])
+def test_split_scale(s):
+    from fastsam.backends._common import F32_TINY, split_scale
+    hi, lo = split_scale(s)
+    assert hi * lo == pytest.approx(s, rel=1e-15)
+    assert math.log2(lo) == int(math.log2(lo))  # a power of two: exact
+    assert F32_TINY <= abs(hi) <= torch.finfo(torch.float32).max
+    if F32_TINY <= abs(s) <= torch.finfo(torch.float32).max:
+        assert (hi, lo) == (s, 1.0)
+
+
+def _op_case(backend, host_reads, monkeypatch):
+    from fastsam import backends
+    from fastsam.backends import _common
+    if not host_reads and backend != "foreach":
+        pytest.skip("the device path without host reads is foreach's")
+    monkeypatch.setattr(_common, "HOST_READS", host_reads)
+    return backends.get(backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("host_reads", [True, False], ids=["host", "devicepath"])
+@pytest.mark.parametrize("factor", [1e-42, 3e-39, 2e-30])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_perturb_applies_a_float64_factor_below_float32s_range(backend, host_reads, factor, adaptive, dtype,
+                                                               monkeypatch, seed):
+    _need(backend, dtype)
+    be = _op_case(backend, host_reads, monkeypatch)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(7,), (1023,), (33, 31)]
+    g = _grads("3e38", dtype, gen, shapes)
+    w = [torch.zeros(s, dtype=dtype) for s in shapes] if not adaptive else _params(dtype, gen, shapes)
+    w = [t.detach() for t in w]
+    w0 = [t.clone() for t in w]
+    copies = [torch.empty_like(t) for t in w]
+    rho = 0.05
+    be.perturb(w, g, copies, torch.tensor([0.0, factor], dtype=torch.float64), rho, adaptive)
+    for c, t in zip(copies, w0):
+        assert torch.equal(c, t)
+    es = [rho * factor * gi.double() * (wi.double() ** 2 if adaptive else 1.0) for gi, wi in zip(g, w0)]
+    _assert_within(w, [wi.double() + e for wi, e in zip(w0, es)], [wi.double().abs() + e.abs() for wi, e in zip(w0, es)],
+                   dtype, 4, "w + e")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("host_reads", [True, False], ids=["host", "devicepath"])
+@pytest.mark.parametrize("factor", [1e-42, 3e-39, 0.25])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+def test_steps_apply_a_float64_clip_factor_below_float32s_range(backend, host_reads, factor, maximize, base,
+                                                                monkeypatch, seed):
+    be = _op_case(backend, host_reads, monkeypatch)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(7,), (1023,), (33, 31)]
+    g = _grads("3e38", torch.float32, gen, shapes)
+    p = [torch.zeros(s) for s in shapes]
+    gs, skip = torch.tensor(factor, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    d = [(-1.0 if maximize else 1.0) * factor * gi.double() for gi in g]  # the gradient the step sees
+    if base == "sgd":
+        be.restore_sgd_step(p, g, [], [], lr=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                            maximize=maximize, first=True, grad_scale=gs, skip=skip)
+        _assert_within(p, [-x for x in d], [x.abs() for x in d], torch.float32, 4, "w - lr d")
+        return
+    m, v = [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes]
+    steps = [torch.zeros(()) for _ in shapes]
+    be.restore_adam_step(p, g, [], m, v, steps, lr=1.0, beta1=0.5, beta2=0.75, eps=0.0, weight_decay=0.0,
+                         decoupled=False, maximize=maximize, grad_scale=gs, skip=skip)
+    # the first Adam step: m = (1 - beta1) d, v = (1 - beta2) d^2, bias-corrected to d and d^2
+    _assert_within(m, [0.5 * x for x in d], [0.5 * x.abs() for x in d], torch.float32, 4, "exp_avg")

@@ -33,8 +33,8 @@ from ._common import FACTOR, SKIP, Epilogue, finish_norm
 Tensors = List[torch.Tensor]
 NAME = "cpp"
 # fp16 is left to foreach: the fused loop converts fp16 in software (no vectorised F16C from g++ 12),
-# ~10 instructions per element each way, which made a ResNet-18-shaped fp16 step 2.7-4x slower than
-# foreach's multi-pass ATen kernels (benchmarks/NOTES.md, issue 20).  The fp16 kernels stay (the
+# ~10 instructions per element each way, which made a ResNet-18-shaped fp16 step several times slower
+# than foreach's multi-pass ATen kernels (measured in benchmarks/NOTES.md, issue 20).  The fp16 kernels stay (the
 # operators take every floating dtype) and are tested bit for bit against the other dtypes' paths.
 _DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _ops = None  # torch.ops.fastsam once the extension is loaded

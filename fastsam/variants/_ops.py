@@ -95,7 +95,9 @@ def axpby(buckets, xs: Sequence[Tensors], ys: Sequence[Tensors], coefs: torch.Te
 
 
 class CoefsOn:
-    """``coefs`` on each bucket's device in its accumulation dtype (converted once per pair)."""
+    """``coefs`` on each bucket's device in its accumulation dtype, or float64 (which every backend's
+    axpby takes, rounding a and b once: the coefficients formed from the float64 reductions are not
+    converted first), converted once per pair."""
 
     def __init__(self, coefs: torch.Tensor):
         self.coefs = coefs
@@ -104,7 +106,7 @@ class CoefsOn:
     def __call__(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         acc = acc_dtype(dtype)
         c = self.coefs
-        if c.device == device and c.dtype == acc:
+        if c.device == device and c.dtype in (acc, torch.float64):
             return c
         key = (device, acc)
         hit = self._by.get(key)
@@ -113,20 +115,12 @@ class CoefsOn:
         return hit
 
 
-def coef_dtype(buckets) -> torch.dtype:
-    """The dtype the buckets' axpby takes its coefficients in: float32, float64 where a bucket is
-    float64.  The reductions they come from are float64 for every dtype; ``coefs(..., dtype=)``
-    rounds them once, so that ``CoefsOn`` converts nothing on the usual path."""
-    return torch.float64 if any(b.dtype == torch.float64 for b in buckets) else torch.float32
-
-
-def coefs(a, b, skip, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """[a, b, skip] as a 1-D tensor on ``like``'s device, in ``dtype`` (default: ``like``'s): Python
-    floats (host) or 0-d device tensors (one stack, no host read)."""
-    dtype = like.dtype if dtype is None else dtype
+def coefs(a, b, skip, like: torch.Tensor) -> torch.Tensor:
+    """[a, b, skip] as a 1-D tensor on ``like``'s device and dtype: Python floats (host) or 0-d
+    device tensors (one stack, no host read)."""
     if all(isinstance(v, (int, float)) for v in (a, b, skip)):
-        return torch.tensor([a, b, skip], dtype=dtype, device=like.device)
-    vals = [v.to(dtype) if torch.is_tensor(v) else torch.full((), v, dtype=dtype, device=like.device)
+        return torch.tensor([a, b, skip], dtype=like.dtype, device=like.device)
+    vals = [v.to(like.dtype) if torch.is_tensor(v) else torch.full((), v, dtype=like.dtype, device=like.device)
             for v in (a, b, skip)]
     return torch.stack(vals)
 

@@ -106,7 +106,7 @@ class GSAMStep(Extension):
         else:
             new, old = r[1].sqrt(), r[2].sqrt()
             coef = -((r[0] / (new * old + eps)) * old / (new + eps))
-        c = _ops.coefs(1.0 - alpha * coef, -alpha, 0.0, r, _ops.coef_dtype(buckets))
+        c = _ops.coefs(1.0 - alpha * coef, -alpha, 0.0, r)
         ds = [core.buffers(b, "gsam_d") for b in buckets]  # not over g: a failed step is retried from it
         _ops.axpby(buckets, grads, gs, c, out=ds)
         for b, d in zip(buckets, ds):

@@ -124,14 +124,14 @@ class LookSAMStep(Extension):
         if _ops.on_host(r):
             inner, ssq, gsq = r.tolist()
             skip = 1.0 if _ops.skip_of(first, r) != 0 or not math.isfinite(inner + ssq + gsq) else 0.0
-            c = _ops.coefs(1.0, -inner / (gsq + 1e-12), skip, r, _ops.coef_dtype(buckets))
+            c = _ops.coefs(1.0, -inner / (gsq + 1e-12), skip, r)
         else:
             # 1 if an entry is inf/nan (0 * inf is nan): fewer ops than isfinite.  Not r.sum() * 0:
             # a sum of finite entries may itself overflow.
             bad = ((r * 0).sum() != 0).to(r.dtype)
             first_skip = _ops.skip_of(first, r)
             skip = bad if isinstance(first_skip, float) and first_skip == 0.0 else torch.maximum(bad, first_skip)
-            c = _ops.coefs(1.0, -r[0] / (r[2] + 1e-12), skip, r, _ops.coef_dtype(buckets))
+            c = _ops.coefs(1.0, -r[0] / (r[2] + 1e-12), skip, r)
         stale = self._stale_gv(core, buckets)
         written = [t for ts in gvs for t in ts] + [t for _, ts in stale for t in ts]
         before = (self.gv_sq, self.has_gv)
@@ -173,7 +173,7 @@ class LookSAMStep(Extension):
         else:
             gv_sq = gv_sq.to(gsq.dtype)
             scale = torch.where(gv_sq > 0, alpha * gsq.sqrt() / (gv_sq.sqrt() + eps), torch.zeros_like(gsq))
-        c = _ops.coefs(1.0, scale, 0.0, gsq.reshape(1), _ops.coef_dtype(buckets))
+        c = _ops.coefs(1.0, scale, 0.0, gsq.reshape(1))
         _ops.axpby(buckets, grads, gvs, c, out=out)
         for b, g in zip(buckets, out):
             b.grads = g
