@@ -248,7 +248,7 @@ def test_variants_are_scale_invariant_beyond_float32s_squares(name, backend, ada
     for t, (x, y) in enumerate(zip(small, huge)):
         for i, (u, v) in enumerate(zip(x, y)):
             assert torch.isfinite(v).all(), f"step {t}, tensor {i}: non-finite"
-            torch.testing.assert_close(v, u, rtol=2e-5, atol=2e-6, msg=lambda m: f"step {t}, tensor {i}: {m}")
+            torch.testing.assert_close(v, u, rtol=2e-5, atol=2e-6, msg=lambda m, t=t, i=i: f"step {t}, tensor {i}: {m}")
 
 
 # ------------------------------------------------------------------ the ops: a float64 scale below float32's range
