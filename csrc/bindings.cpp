@@ -20,9 +20,9 @@ namespace {
 
 at::Tensor grad_sq_norm_meta(at::TensorList grads, at::TensorList params) {
   check_grad_sq_norm(grads, params);
-  if (grads.empty()) return at::empty({}, at::TensorOptions().dtype(at::kFloat).device(at::kMeta));
-  const auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return at::empty({}, grads[0].options().dtype(acc));
+  // float64 for every dtype: the norms accumulate in double (fastsam/backends/_common.py)
+  if (grads.empty()) return at::empty({}, at::TensorOptions().dtype(at::kDouble).device(at::kMeta));
+  return at::empty({}, grads[0].options().dtype(at::kDouble));
 }
 
 void perturb_meta(at::TensorList params, at::TensorList grads, at::TensorList copies, const at::Tensor& scale,
@@ -49,9 +49,8 @@ void restore_adam_step_meta(at::TensorList params, at::TensorList grads, at::Ten
 
 at::Tensor dot_sq_norms_meta(at::TensorList xs, at::TensorList ys, const std::optional<at::Tensor>& accumulate) {
   check_dot_sq_norms(xs, ys, accumulate);
-  if (xs.empty()) return at::empty({3}, at::TensorOptions().dtype(at::kFloat).device(at::kMeta));
-  const auto acc = xs[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return at::empty({3}, xs[0].options().dtype(acc));
+  if (xs.empty()) return at::empty({3}, at::TensorOptions().dtype(at::kDouble).device(at::kMeta));
+  return at::empty({3}, xs[0].options().dtype(at::kDouble));
 }
 
 void axpby_meta(at::TensorList xs, at::TensorList ys, const at::Tensor& coefs, at::TensorList out) {

@@ -261,8 +261,7 @@ struct Work {
   // Streaming a computed list costs a pass through an L1 block; it pays where
   // the loop waits on memory (4- and 8-byte elements), not in the 16-bit
   // updates, which convert every element twice and wait on instructions
-  // (bf16 restore + SGD: 15 ms without, 21-23 ms with, ResNet-18 shapes, one
-  // thread, benchmarks/NOTES.md).
+  // (streaming made the bf16 restore + SGD slower: benchmarks/NOTES.md).
   bool stream_computed() const { return stream() && element_size >= 4; }
 
   // f(i, chunk) for every chunk: each thread takes the chunks whose first
@@ -296,25 +295,19 @@ double host_value(const at::Tensor& t) {
 
 bool host_flag(const at::Tensor& skip) { return host_value(skip) != 0; }
 
-// acc_t(value) of a scalar given as float or double (0-d tensors hold the acc dtype: exact).
-template <typename acc_t>
-acc_t host_acc(const at::Tensor& t) {
-  return acc_t(host_value(t));
-}
-
 // ---------------------------------------------------------------- grad norm
 at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params) {
   check_grad_sq_norm(grads, params);
-  if (grads.empty()) return at::zeros({}, at::kFloat);
+  if (grads.empty()) return at::zeros({}, at::kDouble);
   const bool adaptive = !params.empty();
   const Work work(grads);
   at::Tensor out;
   with_storage(grads[0].scalar_type(), "grad_sq_norm", [&](auto s) {
     using S = decltype(s);
     using raw = typename S::raw;
-    using acc = typename S::acc;
-    // Two stages as on the GPU: one partial per chunk, then a fixed-order sum.
-    std::vector<acc> partial(work.chunks.size());
+    // Two stages as on the GPU: one partial per chunk, then a fixed-order sum, all in
+    // double whatever the dtype (a finite float32 gradient's squares may overflow float).
+    std::vector<double> partial(work.chunks.size());
     with_loops([&](auto loops) {
       using L = decltype(loops);
       work.for_each([&](int64_t i, const Chunk& c) {
@@ -324,9 +317,9 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params) {
                               : L::template sq_norm<S, false>(g, nullptr, n);
       });
     });
-    acc total = 0;
-    for (acc p : partial) total += p;
-    out = at::scalar_tensor(total, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
+    double total = 0;
+    for (double p : partial) total += p;
+    out = at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
   });
   return out;
 }
@@ -361,7 +354,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList cop
     using S = decltype(s);
     using raw = typename S::raw;
     using acc = typename S::acc;
-    const acc sc = host_acc<acc>(scale);
+    const Scale<acc> sc = split_scale<acc>(host_value(scale));  // a double scale in acc math (sam_math.h)
     with_loops([&](auto loops) {
       using L = decltype(loops);
       work.for_each(
@@ -407,7 +400,8 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     using raw = typename S::raw;
     using acc = typename S::acc;
     const SgdArgs<acc> a{acc(lr), acc(momentum), acc(1 - dampening), acc(weight_decay), nesterov, first};
-    const acc gs = signed_grad_scale(grad_scale.has_value() ? host_acc<acc>(*grad_scale) : acc(1), maximize);
+    const Scale<acc> gs =
+        signed_grad_scale(split_scale<acc>(grad_scale.has_value() ? host_value(*grad_scale) : 1.0), maximize);
     with_loops([&](auto loops) {
       using L = decltype(loops);
       work.for_each(
@@ -469,7 +463,8 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     using raw = typename S::raw;
     using acc = typename S::acc;
     const auto a = make_adam_args<acc>(lr, beta1, beta2, eps, weight_decay, decoupled);
-    const acc gs = signed_grad_scale(grad_scale.has_value() ? host_acc<acc>(*grad_scale) : acc(1), maximize);
+    const Scale<acc> gs =
+        signed_grad_scale(split_scale<acc>(grad_scale.has_value() ? host_value(*grad_scale) : 1.0), maximize);
     with_loops([&](auto loops) {
       using L = decltype(loops);
       work.for_each(
@@ -489,15 +484,14 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
 // ---------------------------------------------------------------- the variants' ops
 at::Tensor dot_sq_norms_cpu(at::TensorList xs, at::TensorList ys, const std::optional<at::Tensor>& accumulate) {
   check_dot_sq_norms(xs, ys, accumulate);
-  if (xs.empty()) return accumulate.has_value() ? accumulate->clone() : at::zeros({3}, at::kFloat);
+  if (xs.empty()) return accumulate.has_value() ? accumulate->clone() : at::zeros({3}, at::kDouble);
   const Work work(xs);
   at::Tensor out;
   with_storage(xs[0].scalar_type(), "dot_sq_norms", [&](auto s) {
     using S = decltype(s);
     using raw = typename S::raw;
-    using acc = typename S::acc;
-    // Two stages as the norm: three partials per chunk, then fixed-order sums.
-    std::vector<acc> partial(3 * work.chunks.size());
+    // Two stages as the norm: three double partials per chunk, then fixed-order sums.
+    std::vector<double> partial(3 * work.chunks.size());
     with_loops([&](auto loops) {
       using L = decltype(loops);
       work.for_each([&](int64_t i, const Chunk& c) {
@@ -505,15 +499,15 @@ at::Tensor dot_sq_norms_cpu(at::TensorList xs, at::TensorList ys, const std::opt
                                     c.end - c.begin, &partial[3 * i]);
       });
     });
-    acc total[3] = {0, 0, 0};
+    double total[3] = {0, 0, 0};
     for (size_t i = 0; i < work.chunks.size(); ++i)
       for (int k = 0; k < 3; ++k) total[k] += partial[3 * i + k];
-    out = at::empty({3}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
-    acc* o = out.data_ptr<acc>();
+    out = at::empty({3}, at::TensorOptions().dtype(at::kDouble));
+    double* o = out.data_ptr<double>();
     if (accumulate.has_value()) {
       const at::Tensor prev = accumulate->to(at::kDouble).contiguous();  // the previous total, read on the host
       const double* pv = prev.data_ptr<double>();
-      for (int k = 0; k < 3; ++k) total[k] = total[k] + acc(pv[k]);
+      for (int k = 0; k < 3; ++k) total[k] = total[k] + pv[k];
     }
     for (int k = 0; k < 3; ++k) o[k] = total[k];
   });

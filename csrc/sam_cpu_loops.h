@@ -53,21 +53,21 @@ struct Loops {
 
   // ||g||^2 (or ||w g||^2) of one chunk in kLanes independent partial sums:
   // a fixed order (the result does not depend on the thread count or the
-  // instruction set) that g++ vectorises without -ffast-math.
+  // instruction set) that g++ vectorises without -ffast-math.  In double for
+  // every storage dtype (sq_norm_term): the float lanes are widened to double
+  // vectors, so no finite gradient overflows.
   template <class S, bool kAdaptive>
-  static typename S::acc sq_norm(const typename S::raw* __restrict__ g, const typename S::raw* __restrict__ w,
-                                 int64_t n) {
-    using acc = typename S::acc;
-    acc lanes[kLanes] = {};
+  static double sq_norm(const typename S::raw* __restrict__ g, const typename S::raw* __restrict__ w, int64_t n) {
+    double lanes[kLanes] = {};
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
-        const acc wv = kAdaptive ? S::load(w[j + l]) : acc(0);
-        lanes[l] += sq_norm_term<acc>(S::load(g[j + l]), wv, kAdaptive);
+        const double wv = kAdaptive ? double(S::load(w[j + l])) : 0.0;
+        lanes[l] += sq_norm_term(double(S::load(g[j + l])), wv, kAdaptive);
       }
     }
-    acc sum = 0;
-    for (; j < n; ++j) sum += sq_norm_term<acc>(S::load(g[j]), kAdaptive ? S::load(w[j]) : acc(0), kAdaptive);
+    double sum = 0;
+    for (; j < n; ++j) sum += sq_norm_term(double(S::load(g[j])), kAdaptive ? double(S::load(w[j])) : 0.0, kAdaptive);
     for (int l = 0; l < kLanes; ++l) sum += lanes[l];
     return sum;
   }
@@ -75,7 +75,7 @@ struct Loops {
   // c <- p (the exact bits), then p <- p + e.
   template <class S, bool kAdaptive>
   static void perturb(typename S::raw* __restrict__ p, const typename S::raw* __restrict__ g,
-                      typename S::raw* __restrict__ c, int64_t n, typename S::acc scale, bool stream) {
+                      typename S::raw* __restrict__ c, int64_t n, Scale<typename S::acc> scale, bool stream) {
     using acc = typename S::acc;
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = n - b < kBlock ? n - b : kBlock;
@@ -95,7 +95,7 @@ struct Loops {
   template <class S, bool kMomentum>
   static void restore_sgd(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                           typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> a,
-                          typename S::acc signed_scale, bool stream) {
+                          Scale<typename S::acc> signed_scale, bool stream) {
     const bool decay = a.weight_decay != typename S::acc(0);
     if constexpr (kMomentum) {
       switch ((a.first ? 4 : 0) | (a.nesterov ? 2 : 0) | (decay ? 1 : 0)) {
@@ -118,7 +118,7 @@ struct Loops {
   template <class S, bool kMomentum, bool kFirst, bool kNesterov, bool kDecay>
   static void restore_sgd_fixed(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                                 typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> args,
-                                typename S::acc signed_scale, bool stream) {
+                                Scale<typename S::acc> signed_scale, bool stream) {
     using acc = typename S::acc;
     SgdArgs<acc> a = args;
     a.first = kFirst;
@@ -145,7 +145,7 @@ struct Loops {
   static void restore_adam(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                            typename S::raw* __restrict__ m1, typename S::raw* __restrict__ m2, int64_t n,
                            const AdamArgs<typename S::acc> a, typename S::acc step_size, typename S::acc bc2_sqrt,
-                           typename S::acc signed_scale, bool stream) {
+                           Scale<typename S::acc> signed_scale, bool stream) {
     switch ((a.l2 ? 2 : 0) | (a.lerp_low ? 1 : 0)) {
       case 0: return restore_adam_fixed<S, false, false>(p, src, g, m1, m2, n, a, step_size, bc2_sqrt, signed_scale, stream);
       case 1: return restore_adam_fixed<S, false, true>(p, src, g, m1, m2, n, a, step_size, bc2_sqrt, signed_scale, stream);
@@ -158,7 +158,7 @@ struct Loops {
   static void restore_adam_fixed(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                                  typename S::raw* __restrict__ m1, typename S::raw* __restrict__ m2, int64_t n,
                                  const AdamArgs<typename S::acc> args, typename S::acc step_size,
-                                 typename S::acc bc2_sqrt, typename S::acc signed_scale, bool stream) {
+                                 typename S::acc bc2_sqrt, Scale<typename S::acc> signed_scale, bool stream) {
     using acc = typename S::acc;
     AdamArgs<acc> a = args;
     a.l2 = kL2;
@@ -181,19 +181,18 @@ struct Loops {
     }
   }
 
-  // [<x, y>, ||x||^2, ||y||^2] of one chunk, in kLanes partial sums each (see sq_norm).
+  // [<x, y>, ||x||^2, ||y||^2] of one chunk, in kLanes double partial sums each (see sq_norm).
   template <class S>
   static void dot_sq_norms(const typename S::raw* __restrict__ x, const typename S::raw* __restrict__ y, int64_t n,
-                           typename S::acc* out3) {
-    using acc = typename S::acc;
-    acc xy[kLanes] = {}, xx[kLanes] = {}, yy[kLanes] = {};
+                           double* out3) {
+    double xy[kLanes] = {}, xx[kLanes] = {}, yy[kLanes] = {};
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes) {
       for (int l = 0; l < kLanes; ++l)
-        dot_sq_norms_terms<acc>(S::load(x[j + l]), S::load(y[j + l]), xy[l], xx[l], yy[l]);
+        dot_sq_norms_terms(double(S::load(x[j + l])), double(S::load(y[j + l])), xy[l], xx[l], yy[l]);
     }
-    acc a = 0, b = 0, c = 0;
-    for (; j < n; ++j) dot_sq_norms_terms<acc>(S::load(x[j]), S::load(y[j]), a, b, c);
+    double a = 0, b = 0, c = 0;
+    for (; j < n; ++j) dot_sq_norms_terms(double(S::load(x[j])), double(S::load(y[j])), a, b, c);
     for (int l = 0; l < kLanes; ++l) {
       a += xy[l];
       b += xx[l];

@@ -4,9 +4,10 @@
 // c10/cuda headers, absent from the CPU wheel).
 //
 // Nothing here synchronises with the host: scale/skip/grad_scale stay on the
-// device (cast there when their dtype differs) and the grad norm's scratch
-// buffer comes from the caching allocator, so the ops can be captured in a
-// CUDA graph.
+// device (double, as the pass's scalars are; cast there when a caller's differ)
+// and the grad norm's scratch buffer comes from the caching allocator, so the
+// ops can be captured in a CUDA graph.  The reductions (grad_sq_norm,
+// dot_sq_norms) accumulate and return double for every dtype.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -30,8 +31,6 @@ cuda::DType kernel_dtype(at::ScalarType t) {
   }
   return cuda::DType::kFloat;
 }
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Owns the pointer arrays that a HostLists points into.
 struct PointerLists {
@@ -59,21 +58,20 @@ struct PointerLists {
   }
 };
 
-// A device scalar as one element of the op-math dtype (a no-op when it already is).
-at::Tensor device_scalar(const at::Tensor& s, at::ScalarType acc) {
-  return s.to(acc).contiguous();
+// A device scalar as one double (a no-op when it already is: the pass's scalars are).
+at::Tensor device_scalar(const at::Tensor& s) {
+  return s.to(at::kDouble).contiguous();
 }
 
 void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
 at::Tensor grad_sq_norm_cuda(at::TensorList grads, at::TensorList params) {
   check_grad_sq_norm(grads, params);
-  if (grads.empty()) return at::zeros({}, at::kFloat);
+  if (grads.empty()) return at::zeros({}, at::kDouble);
   const c10::cuda::CUDAGuard guard(grads[0].device());
-  const auto acc = acc_dtype(grads[0].scalar_type());
   PointerLists lists = params.empty() ? PointerLists{grads} : PointerLists{grads, params};
-  at::Tensor scratch = at::empty({cuda::grad_sq_norm_scratch(lists.view())}, grads[0].options().dtype(acc));
-  at::Tensor out = at::empty({}, grads[0].options().dtype(acc));
+  at::Tensor scratch = at::empty({cuda::grad_sq_norm_scratch(lists.view())}, grads[0].options().dtype(at::kDouble));
+  at::Tensor out = at::empty({}, grads[0].options().dtype(at::kDouble));
   cuda::grad_sq_norm(lists.view(), kernel_dtype(grads[0].scalar_type()), scratch.data_ptr(), out.data_ptr(),
                      stream_of(out));
   return out;
@@ -84,8 +82,7 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList co
   check_perturb(params, grads, copies, scale, skip);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto acc = acc_dtype(params[0].scalar_type());
-  const at::Tensor sc = device_scalar(scale, acc), sk = device_scalar(skip, acc);
+  const at::Tensor sc = device_scalar(scale), sk = device_scalar(skip);
   PointerLists lists{params, grads, copies};
   cuda::perturb(lists.view(), kernel_dtype(params[0].scalar_type()), sc.data_ptr(), sk.data_ptr(), adaptive,
                 stream_of(params[0]));
@@ -107,9 +104,8 @@ void restore_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   check_copies_distinct("restore_sgd_step", copies, params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto acc = acc_dtype(params[0].scalar_type());
-  const at::Tensor sk = device_scalar(skip, acc);
-  const at::Tensor gs = grad_scale.has_value() ? device_scalar(*grad_scale, acc) : at::Tensor();
+  const at::Tensor sk = device_scalar(skip);
+  const at::Tensor gs = grad_scale.has_value() ? device_scalar(*grad_scale) : at::Tensor();
   // No copies: restore from the params themselves; no momentum: the params
   // stand in for the (unread) buffers.
   PointerLists lists{params, grads, copies.empty() ? params : copies,
@@ -132,9 +128,8 @@ void restore_adam_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                       "fastsam::restore_adam_step: the step counters of one call must share a dtype");
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto acc = acc_dtype(params[0].scalar_type());
-  const at::Tensor sk = device_scalar(skip, acc);
-  const at::Tensor gs = grad_scale.has_value() ? device_scalar(*grad_scale, acc) : at::Tensor();
+  const at::Tensor sk = device_scalar(skip);
+  const at::Tensor gs = grad_scale.has_value() ? device_scalar(*grad_scale) : at::Tensor();
   PointerLists lists{params, grads, copies.empty() ? params : copies, exp_avgs, exp_avg_sqs, steps};
   const cuda::AdamHostArgs args{lr, beta1, beta2, eps, weight_decay, decoupled, maximize, steps_double,
                                 !copies.empty()};
@@ -144,13 +139,12 @@ void restore_adam_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
 
 at::Tensor dot_sq_norms_cuda(at::TensorList xs, at::TensorList ys, const std::optional<at::Tensor>& accumulate) {
   check_dot_sq_norms(xs, ys, accumulate);
-  if (xs.empty()) return accumulate.has_value() ? accumulate->clone() : at::zeros({3}, at::kFloat);
+  if (xs.empty()) return accumulate.has_value() ? accumulate->clone() : at::zeros({3}, at::kDouble);
   const c10::cuda::CUDAGuard guard(xs[0].device());
-  const auto acc = acc_dtype(xs[0].scalar_type());
   PointerLists lists{xs, ys};
-  at::Tensor scratch = at::empty({cuda::dot_sq_norms_scratch(lists.view())}, xs[0].options().dtype(acc));
-  at::Tensor out = at::empty({3}, xs[0].options().dtype(acc));
-  const at::Tensor prev = accumulate.has_value() ? accumulate->to(acc).contiguous() : at::Tensor();
+  at::Tensor scratch = at::empty({cuda::dot_sq_norms_scratch(lists.view())}, xs[0].options().dtype(at::kDouble));
+  at::Tensor out = at::empty({3}, xs[0].options().dtype(at::kDouble));
+  const at::Tensor prev = accumulate.has_value() ? accumulate->to(at::kDouble).contiguous() : at::Tensor();
   cuda::dot_sq_norms(lists.view(), kernel_dtype(xs[0].scalar_type()), scratch.data_ptr(),
                      prev.defined() ? prev.data_ptr() : nullptr, out.data_ptr(), stream_of(out));
   return out;
@@ -160,7 +154,7 @@ void axpby_cuda(at::TensorList xs, at::TensorList ys, const at::Tensor& coefs, a
   check_axpby(xs, ys, coefs, out);
   if (xs.empty()) return;
   const c10::cuda::CUDAGuard guard(xs[0].device());
-  const at::Tensor c = coefs.to(acc_dtype(xs[0].scalar_type())).contiguous();  // on the device: no sync
+  const at::Tensor c = coefs.to(at::kDouble).contiguous();  // on the device: no sync; a no-op for float64 coefs
   PointerLists lists{xs, ys, out.empty() ? xs : out};
   cuda::axpby(lists.view(), kernel_dtype(xs[0].scalar_type()), c.data_ptr(), stream_of(xs[0]));
 }

@@ -5,7 +5,8 @@
 // Each block handles one chunk of one tensor, walked by for_each_element
 // (multi_tensor_apply.cuh: vector accesses where the pointers allow, a scalar
 // ragged tail).  Math is done in float (double for fp64) and cast back
-// explicitly; copies move the storage bits untouched.  Every element access
+// explicitly, but for the reductions (double for every dtype) and the scale
+// factors (double, applied as two acc_t factors: sam_math.h split_scale); copies move the storage bits untouched.  Every element access
 // x[list] uses a compile-time list index (a run-time index would put the
 // elements in local memory): tests/test_csrc_nvcc.py fails on any stack or
 // spill that ptxas reports.
@@ -97,15 +98,16 @@ __device__ __forceinline__ acc_t block_sum(acc_t v) {
   return v;  // valid in thread 0
 }
 
-// Stage 1: one partial sum per chunk, at its global block index.
+// Stage 1: one double partial sum per chunk, at its global block index.  Squares
+// and sums in double for every dtype (sam_math.h: sq_norm_term): a finite float
+// gradient's squares may overflow float.
 template <typename T, bool kAdaptive>
 struct SqNormFunctor {
   static constexpr int depth = kAdaptive ? 2 : 1;
-  __device__ void operator()(const TensorListMeta<depth>& meta, acc_type<T>* partials) const {
-    using acc_t = acc_type<T>;
-    acc_t sum = 0;
+  __device__ void operator()(const TensorListMeta<depth>& meta, double* partials) const {
+    double sum = 0;
     const auto op = [&sum](T (&x)[depth]) {
-      sum += sq_norm_term<acc_t>(to_acc(x[0]), kAdaptive ? to_acc(x[depth - 1]) : acc_t(0), kAdaptive);
+      sum += sq_norm_term(double(to_acc(x[0])), kAdaptive ? double(to_acc(x[depth - 1])) : 0.0, kAdaptive);
     };
     for_each_element<T, depth>(meta, kAdaptive ? 3u : 1u, 0u, op);
     sum = block_sum(sum);
@@ -126,11 +128,11 @@ __global__ void __launch_bounds__(kBlockSize) sum_partials_kernel(const acc_t* p
 template <typename T>
 struct PerturbFunctor {
   enum { kParam, kGrad, kCopy };
-  __device__ void operator()(const TensorListMeta<3>& meta, const acc_type<T>* scale, const acc_type<T>* skip,
+  __device__ void operator()(const TensorListMeta<3>& meta, const double* scale, const double* skip,
                              bool adaptive) const {
     using acc_t = acc_type<T>;
-    const bool skipped = *skip != acc_t(0);
-    const acc_t s = *scale;
+    const bool skipped = *skip != 0.0;
+    const Scale<acc_t> s = split_scale<acc_t>(*scale);  // a double scale in acc_t math (sam_math.h)
     const auto op = [=](T (&x)[3]) {
       x[kCopy] = x[kParam];  // the exact copy: storage bits
       if (!skipped) x[kParam] = from_acc<T>(perturb_element<acc_t>(to_acc(x[kParam]), to_acc(x[kGrad]), s, adaptive));
@@ -153,15 +155,15 @@ template <typename T>
 struct SgdFunctor {
   enum { kParam, kGrad, kCopy, kBuf };
   __device__ void operator()(const TensorListMeta<4>& meta, SgdArgs<acc_type<T>> a, bool restore,
-                             bool has_momentum, bool maximize, const acc_type<T>* grad_scale,
-                             const acc_type<T>* skip) const {
+                             bool has_momentum, bool maximize, const double* grad_scale,
+                             const double* skip) const {
     using acc_t = acc_type<T>;
-    const bool skipped = *skip != acc_t(0);
+    const bool skipped = *skip != 0.0;
     if (skipped) {  // restore only; buffers untouched
       if (restore) for_each_element<T, 4>(meta, bit(kCopy), bit(kParam), [](T (&x)[4]) { x[kParam] = x[kCopy]; });
       return;
     }
-    const acc_t gs = signed_grad_scale(grad_scale == nullptr ? acc_t(1) : *grad_scale, maximize);
+    const Scale<acc_t> gs = signed_grad_scale(split_scale<acc_t>(grad_scale == nullptr ? 1.0 : *grad_scale), maximize);
     with_source<kCopy, kParam>(restore, [&](auto source) {
       constexpr int src = decltype(source)::value;
       const unsigned load = bit(src) | bit(kGrad) | (has_momentum && !a.first ? bit(kBuf) : 0u);
@@ -196,9 +198,9 @@ struct AdamFunctor {
   enum { kParam, kGrad, kCopy, kExpAvg, kExpAvgSq, kStep };
   __device__ void operator()(const TensorListMeta<6>& meta, AdamArgs<acc_type<T>> a, double lr, double beta1,
                              double beta2, bool restore, bool maximize, bool steps_double,
-                             const acc_type<T>* grad_scale, const acc_type<T>* skip) const {
+                             const double* grad_scale, const double* skip) const {
     using acc_t = acc_type<T>;
-    const bool skipped = *skip != acc_t(0);
+    const bool skipped = *skip != 0.0;
     if (skipped) {
       if (restore) for_each_element<T, 6>(meta, bit(kCopy), bit(kParam), [](T (&x)[6]) { x[kParam] = x[kCopy]; });
       return;
@@ -210,7 +212,7 @@ struct AdamFunctor {
     adam_bias_terms(t, lr, beta1, beta2, &step_size, &bc2_sqrt);
     const acc_t ss = static_cast<acc_t>(step_size);
     const acc_t bc2 = static_cast<acc_t>(bc2_sqrt);
-    const acc_t gs = signed_grad_scale(grad_scale == nullptr ? acc_t(1) : *grad_scale, maximize);
+    const Scale<acc_t> gs = signed_grad_scale(split_scale<acc_t>(grad_scale == nullptr ? 1.0 : *grad_scale), maximize);
     const unsigned store = bit(kParam) | bit(kExpAvg) | bit(kExpAvgSq);
     // At most 4 elements per access: with 8 (16-bit types in 16-byte vectors) ptxas needs more
     // than the 128 registers a 512-thread block may use and spills (tests/test_csrc_nvcc.py).
@@ -232,10 +234,10 @@ struct AdamFunctor {
 };
 
 // One block per counter (each "tensor" of this launch has one element).
-template <typename S, typename acc_t>
+template <typename S>
 struct IncrementStepFunctor {
-  __device__ void operator()(const TensorListMeta<1>& meta, const acc_t* skip) const {
-    if (threadIdx.x != 0 || *skip != acc_t(0)) return;
+  __device__ void operator()(const TensorListMeta<1>& meta, const double* skip) const {
+    if (threadIdx.x != 0 || *skip != 0.0) return;
     *static_cast<S*>(meta.addresses[0][meta.block_to_tensor[blockIdx.x]]) += S(1);
   }
 };
@@ -244,10 +246,9 @@ struct IncrementStepFunctor {
 // Stage 1 of dot_sq_norms: three partial sums per chunk, rows of `n_total` in `partials`.
 template <typename T>
 struct DotSqNormsFunctor {
-  __device__ void operator()(const TensorListMeta<2>& meta, acc_type<T>* partials, int64_t n_total) const {
-    using acc_t = acc_type<T>;
-    acc_t xy = 0, xx = 0, yy = 0;
-    const auto op = [&](T (&x)[2]) { dot_sq_norms_terms<acc_t>(to_acc(x[0]), to_acc(x[1]), xy, xx, yy); };
+  __device__ void operator()(const TensorListMeta<2>& meta, double* partials, int64_t n_total) const {
+    double xy = 0, xx = 0, yy = 0;  // double for every dtype, as the norm's
+    const auto op = [&](T (&x)[2]) { dot_sq_norms_terms(double(to_acc(x[0])), double(to_acc(x[1])), xy, xx, yy); };
     for_each_element<T, 2>(meta, bit(0) | bit(1), 0u, op);
     xy = block_sum(xy);
     __syncthreads();  // block_sum's shared scratch is reused by the next call
@@ -279,10 +280,10 @@ __global__ void __launch_bounds__(kBlockSize)
 // out <- a x + b y (lists x, y, out; out may be x or y), nothing written when skip.
 template <typename T>
 struct AxpbyFunctor {
-  __device__ void operator()(const TensorListMeta<3>& meta, const acc_type<T>* coefs) const {
+  __device__ void operator()(const TensorListMeta<3>& meta, const double* coefs) const {
     using acc_t = acc_type<T>;
-    if (coefs[2] != acc_t(0)) return;
-    const acc_t a = coefs[0], b = coefs[1];
+    if (coefs[2] != 0.0) return;
+    const acc_t a = acc_t(coefs[0]), b = acc_t(coefs[1]);  // rounded once to the op-math type
     for_each_element<T, 3>(meta, bit(0) | bit(1), bit(2), [=](T (&x)[3]) {
       x[2] = from_acc<T>(axpby_element<acc_t>(to_acc(x[0]), to_acc(x[1]), a, b));
     });
@@ -318,14 +319,13 @@ void grad_sq_norm(const HostLists& lists, DType dtype, void* scratch, void* out,
   const auto s = static_cast<cudaStream_t>(stream);
   dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    using acc_t = acc_type<T>;
-    auto* partials = static_cast<acc_t*>(scratch);
+    auto* partials = static_cast<double*>(scratch);
     if (lists.n_lists == 2) {
       multi_tensor_apply<2>("grad_sq_norm", lists, s, SqNormFunctor<T, true>(), partials);
     } else {
       multi_tensor_apply<1>("grad_sq_norm", lists, s, SqNormFunctor<T, false>(), partials);
     }
-    sum_partials_kernel<acc_t><<<1, kBlockSize, 0, s>>>(partials, total_chunks(lists), static_cast<acc_t*>(out));
+    sum_partials_kernel<double><<<1, kBlockSize, 0, s>>>(partials, total_chunks(lists), static_cast<double*>(out));
     check_launch("grad_sq_norm");
   });
 }
@@ -334,9 +334,8 @@ void perturb(const HostLists& lists, DType dtype, const void* scale, const void*
              void* stream) {
   dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    using acc_t = acc_type<T>;
     multi_tensor_apply<3>("perturb", lists, static_cast<cudaStream_t>(stream), PerturbFunctor<T>(),
-                          static_cast<const acc_t*>(scale), static_cast<const acc_t*>(skip), adaptive);
+                          static_cast<const double*>(scale), static_cast<const double*>(skip), adaptive);
   });
 }
 
@@ -361,8 +360,8 @@ void restore_sgd_step(const HostLists& lists, DType dtype, const SgdHostArgs& h,
     const SgdArgs<acc_t> a{acc_t(h.lr), acc_t(h.momentum), acc_t(1 - h.dampening), acc_t(h.weight_decay),
                            h.nesterov, h.first};
     multi_tensor_apply<4>("restore_sgd_step", lists, static_cast<cudaStream_t>(stream), SgdFunctor<T>(), a,
-                          restore, has_momentum, h.maximize, static_cast<const acc_t*>(grad_scale),
-                          static_cast<const acc_t*>(skip));
+                          restore, has_momentum, h.maximize, static_cast<const double*>(grad_scale),
+                          static_cast<const double*>(skip));
   });
 }
 
@@ -375,18 +374,18 @@ void restore_adam_step(const HostLists& lists, DType dtype, const AdamHostArgs& 
     using acc_t = acc_type<T>;
     const auto a = make_adam_args<acc_t>(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled);
     multi_tensor_apply<6>("restore_adam_step", lists, s, AdamFunctor<T>(), a, h.lr, h.beta1, h.beta2, restore,
-                          h.maximize, h.steps_double, static_cast<const acc_t*>(grad_scale),
-                          static_cast<const acc_t*>(skip));
+                          h.maximize, h.steps_double, static_cast<const double*>(grad_scale),
+                          static_cast<const double*>(skip));
     // After every chunk has read the old counters: step += 1 unless skipped.
     HostLists steps = sub_lists(lists, {5});
     std::vector<int64_t> ones(lists.n_tensors, 1);
     steps.numels = ones.data();
     if (h.steps_double) {
-      multi_tensor_apply<1>("restore_adam_step", steps, s, IncrementStepFunctor<double, acc_t>(),
-                            static_cast<const acc_t*>(skip));
+      multi_tensor_apply<1>("restore_adam_step", steps, s, IncrementStepFunctor<double>(),
+                            static_cast<const double*>(skip));
     } else {
-      multi_tensor_apply<1>("restore_adam_step", steps, s, IncrementStepFunctor<float, acc_t>(),
-                            static_cast<const acc_t*>(skip));
+      multi_tensor_apply<1>("restore_adam_step", steps, s, IncrementStepFunctor<float>(),
+                            static_cast<const double*>(skip));
     }
   });
 }
@@ -398,12 +397,11 @@ void dot_sq_norms(const HostLists& lists, DType dtype, void* scratch, const void
   const auto s = static_cast<cudaStream_t>(stream);
   dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    using acc_t = acc_type<T>;
-    auto* partials = static_cast<acc_t*>(scratch);
+    auto* partials = static_cast<double*>(scratch);
     const int64_t n = total_chunks(lists);
     multi_tensor_apply<2>("dot_sq_norms", lists, s, DotSqNormsFunctor<T>(), partials, n);
-    dot_sq_norms_sum_kernel<acc_t><<<1, kBlockSize, 0, s>>>(partials, n, static_cast<const acc_t*>(accumulate),
-                                                            static_cast<acc_t*>(out));
+    dot_sq_norms_sum_kernel<double><<<1, kBlockSize, 0, s>>>(partials, n, static_cast<const double*>(accumulate),
+                                                             static_cast<double*>(out));
     check_launch("dot_sq_norms");
   });
 }
@@ -413,7 +411,7 @@ void axpby(const HostLists& lists, DType dtype, const void* coefs, void* stream)
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     multi_tensor_apply<3>("axpby", lists, static_cast<cudaStream_t>(stream), AxpbyFunctor<T>(),
-                          static_cast<const acc_t*>(coefs));
+                          static_cast<const double*>(coefs));
   });
 }
 

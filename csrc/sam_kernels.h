@@ -4,8 +4,10 @@
 //
 // Every function enqueues work on `stream` (a cudaStream_t) and returns
 // without synchronising; all pointers are device pointers.  Device-side
-// scalars (scale, skip, grad_scale) are one element of the op-math type:
-// float for float/half/bfloat16 tensors, double for double tensors.
+// scalars (scale, skip, grad_scale) are one double each, whatever the
+// tensors' dtype (the pass's scalars are float64: a scale may lie below
+// float's normal range, sam_math.h: split_scale); the reductions' scratch,
+// accumulate and out are double too.
 #pragma once
 
 #include <cstdint>
@@ -25,11 +27,11 @@ struct HostLists {
   const int64_t* numels = nullptr;
 };
 
-// Size of the scratch buffer grad_sq_norm needs (elements of the op-math type).
+// Size of the scratch buffer grad_sq_norm needs (doubles).
 int64_t grad_sq_norm_scratch(const HostLists& grads);
 
-// out[0] = sum of g^2 (lists: g) or of (|w| g)^2 (lists: g, w); two stages, one
-// partial per chunk in `scratch` then a single-block sum: deterministic.
+// out[0] = sum of g^2 (lists: g) or of (|w| g)^2 (lists: g, w), in double; two
+// stages, one partial per chunk in `scratch` then a single-block sum: deterministic.
 void grad_sq_norm(const HostLists& lists, DType dtype, void* scratch, void* out, void* stream);
 
 // lists: params, grads, copies.
@@ -64,15 +66,16 @@ void restore_adam_step(const HostLists& lists, DType dtype, const AdamHostArgs& 
                        const void* skip, void* stream);
 
 // The variants' ops.  dot_sq_norms: lists x, y; `scratch` holds
-// dot_sq_norms_scratch(lists) elements of the op-math type (three partials per
-// chunk); out[0..2] = [sum x*y, sum x^2, sum y^2] (+ accumulate[0..2] when not
-// nullptr, op-math type).  Two stages, deterministic.
+// dot_sq_norms_scratch(lists) doubles (three partials per chunk);
+// out[0..2] = [sum x*y, sum x^2, sum y^2] in double (+ accumulate[0..2] when
+// not nullptr, double).  Two stages, deterministic.
 int64_t dot_sq_norms_scratch(const HostLists& lists);
 void dot_sq_norms(const HostLists& lists, DType dtype, void* scratch, const void* accumulate, void* out,
                   void* stream);
 
-// lists: x, y, out (out may be x or y).  coefs: [a, b, skip] in the op-math type;
-// out <- a x + b y unless skip != 0 (then nothing is written).
+// lists: x, y, out (out may be x or y).  coefs: [a, b, skip], doubles (a and b
+// rounded to the op-math type once); out <- a x + b y unless skip != 0 (then
+// nothing is written).
 void axpby(const HostLists& lists, DType dtype, const void* coefs, void* stream);
 
 }  // namespace cuda

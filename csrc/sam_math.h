@@ -21,18 +21,48 @@
 
 namespace fastsam {
 
-// ||g||^2 term; ASAM weights the gradient by |w| (the contract's
-// sum((|w|*g)**2)).
-template <typename acc_t>
-FASTSAM_HD acc_t sq_norm_term(acc_t g, acc_t w, bool adaptive) {
-  const acc_t v = adaptive ? (w < acc_t(0) ? -w : w) * g : g;
+// ||g||^2 term, in double for every storage dtype (callers widen g and w):
+// a finite float32 gradient's squares, and ASAM's |w| * g, may exceed
+// float32's range, never double's.  ASAM weights the gradient by |w| (the
+// contract's sum((|w|*g)**2)); for float32 inputs w * g is exact in double.
+FASTSAM_HD double sq_norm_term(double g, double w, bool adaptive) {
+  const double v = adaptive ? (w < 0.0 ? -w : w) * g : g;
   return v * v;
+}
+
+// A scale factor (the perturbation's rho / (||g|| + eps), the clip
+// coefficient) comes as a double: for a gradient whose norm exceeds float32's
+// range it lies below float32's normal range, where a float scale would be
+// subnormal or 0.  The element math stays in acc_t and applies it as
+// (g * hi) * lo: lo = 1 within float32's normal range (the product is then
+// the one a float scale gives, bit for bit), else an exact power of two
+// (2^-100 or 2^100) with hi a normal float, so that the product is still the
+// correctly rounded g * s wherever that is a normal float.  For double
+// storage hi = s, lo = 1.  fastsam/backends/_common.py: split_scale.
+template <typename acc_t>
+struct Scale {
+  acc_t hi;
+  acc_t lo;
+};
+
+template <typename acc_t>
+FASTSAM_HD Scale<acc_t> split_scale(double s) {
+  if (sizeof(acc_t) == sizeof(double)) return {acc_t(s), acc_t(1)};
+  const double a = s < 0 ? -s : s;
+  if (a > 0 && a < 0x1p-126) return {acc_t(s * 0x1p100), acc_t(0x1p-100)};
+  if (a > 0x1.fffffep127 && a <= 1.7976931348623157e308) return {acc_t(s * 0x1p-100), acc_t(0x1p100)};
+  return {acc_t(s), acc_t(1)};
+}
+
+template <typename acc_t>
+FASTSAM_HD acc_t scaled(acc_t g, Scale<acc_t> s) {
+  return (g * s.hi) * s.lo;
 }
 
 // w + e with e = scale * g (SAM) or scale * w^2 * g (ASAM).
 template <typename acc_t>
-FASTSAM_HD acc_t perturb_element(acc_t w, acc_t g, acc_t scale, bool adaptive) {
-  acc_t e = g * scale;
+FASTSAM_HD acc_t perturb_element(acc_t w, acc_t g, Scale<acc_t> scale, bool adaptive) {
+  acc_t e = scaled(g, scale);
   if (adaptive) e = e * w * w;
   return w + e;
 }
@@ -42,13 +72,13 @@ FASTSAM_HD acc_t perturb_element(acc_t w, acc_t g, acc_t scale, bool adaptive) {
 // (signed_grad_scale): -(g * s) == g * (-s) bit for bit, and a branch-free
 // element loop is one that g++ vectorises.
 template <typename acc_t>
-FASTSAM_HD acc_t signed_grad_scale(acc_t grad_scale, bool maximize) {
-  return maximize ? -grad_scale : grad_scale;
+FASTSAM_HD Scale<acc_t> signed_grad_scale(Scale<acc_t> grad_scale, bool maximize) {
+  return {maximize ? -grad_scale.hi : grad_scale.hi, grad_scale.lo};
 }
 
 template <typename acc_t>
-FASTSAM_HD acc_t sam_grad(acc_t g, acc_t signed_scale) {
-  return g * signed_scale;
+FASTSAM_HD acc_t sam_grad(acc_t g, Scale<acc_t> signed_scale) {
+  return scaled(g, signed_scale);
 }
 
 template <typename acc_t>
@@ -155,9 +185,9 @@ FASTSAM_HD acc_t axpby_element(acc_t x, acc_t y, acc_t a, acc_t b) {
   return add_rn(mul_rn(a, x), mul_rn(b, y));
 }
 
-// The variants' reduction (dot_sq_norms): the three running sums of one element.
-template <typename acc_t>
-FASTSAM_HD void dot_sq_norms_terms(acc_t x, acc_t y, acc_t& xy, acc_t& xx, acc_t& yy) {
+// The variants' reduction (dot_sq_norms): the three running sums of one element,
+// in double for every storage dtype (as sq_norm_term).
+FASTSAM_HD void dot_sq_norms_terms(double x, double y, double& xy, double& xx, double& yy) {
   xy += x * y;
   xx += x * x;
   yy += y * y;

@@ -134,7 +134,8 @@ class SAMOptimizer(Optimizer):
 
     def grad_sq_norm(self) -> float:
         """||g||^2 over every parameter with a gradient now, through the fused backend norms (one host
-        read); what adaptive schedules decide from."""
+        read; accumulated in float64, so finite for every finite gradient); what adaptive schedules
+        decide from."""
         return self.core.grad_sq_norm()
 
     @property

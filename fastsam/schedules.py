@@ -244,8 +244,8 @@ def grad_sq_norm(opt: Any) -> float:
                 lists.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
     total = 0.0
     for ts in lists.values():
-        norms = torch._foreach_norm(ts)
-        total += float(torch.stack(norms).double().pow(2).sum())
+        norms = torch._foreach_norm(ts, 2, dtype=torch.float64)  # float64: a finite gradient's squares may overflow float32
+        total += float(torch.stack(norms).pow(2).sum())
     return total
 
 

@@ -18,23 +18,26 @@ a module that exposes the same names, so the data path reads
 The ops (all tensors of one call share a device and a dtype; lists may be empty
 and tensors may have zero elements: both are no-ops).  Device-side scalars are
 0-d tensors, or the 1-D *scalars* of a pass (``_common.py``: ``SKIP`` and
-``FACTOR`` slots), on the bucket's device (float32, or float64 for float64
-buckets); nothing here may synchronise with the host, except the foreach and
+``FACTOR`` slots), on the bucket's device: float64 for every dtype (the ops also
+take float32 ones); nothing here may synchronise with the host, except the foreach and
 cpp backends on the CPU, where there is no separate device to wait for
 (``_common.HOST_READS = False`` makes them take the sync-free path of other devices on
 CPU tensors too, which is how the CPU tests run that path):
 
 ``grad_sq_norm(grads, params=None, *, accumulate=None, epilogue=None) -> Tensor``
-    0-d sum of squares: sum(g**2), or sum((|w|*g)**2) when ``params`` is given
-    (the ASAM norm), plus ``accumulate`` (the total of the buckets before this
-    one).  Accumulated in float32 (float64 for float64 input).  Non-finite
-    gradients make the result inf/nan.  With ``epilogue`` (``_common.Epilogue``)
-    it also writes the pass's scalars: skip flag and 1/(||g||+eps) (first pass)
-    or skip flag and clip coefficient (second pass).
+    0-d float64 sum of squares: sum(g**2), or sum((|w|*g)**2) when ``params`` is
+    given (the ASAM norm), plus ``accumulate`` (the total of the buckets before this
+    one).  Squares, products and sums in float64 for every dtype, so the result is
+    finite for every finite gradient ("finite means finite": 1e20**2 overflows
+    float32).  Only non-finite gradients make the result inf/nan.  With ``epilogue``
+    (``_common.Epilogue``) it also writes the pass's scalars, in float64: skip flag
+    and 1/(||g||+eps) (first pass) or skip flag and clip coefficient (second pass).
 ``perturb(params, grads, copies, scalars, rho, adaptive)``
     ``copies <- params`` (an exact copy, used by the restore), then unless
     ``scalars[SKIP]`` ``params <- params + rho * scalars[FACTOR] * g``, with
-    ``* w**2`` when ``adaptive``.
+    ``* w**2`` when ``adaptive``.  The float64 scale ``rho * FACTOR`` may lie below
+    float32's normal range; float32/16-bit math applies it as ``(g * hi) * lo``
+    (``_common.split_scale``), the correctly rounded product.
 ``restore(params, copies)``
     ``params <- copies``.
 
@@ -50,7 +53,8 @@ per call whether it restores.
 dampening, nesterov, weight_decay, maximize, first, grad_scale, skip)``
     restore as above and, unless ``skip``, torch.optim.SGD's update of the
     restored params with ``grads * grad_scale`` (``grad_scale`` is None or a
-    0-d tensor: the clipping coefficient).  ``first`` (Python bool) means the
+    0-d tensor: the clipping coefficient, float64, applied as ``split_scale``'s
+    two factors like the perturbation's scale).  ``first`` (Python bool) means the
     momentum buffers are fresh (torch initialises them to the gradient);
     ``momentum_buffers`` is an empty list when momentum == 0.
 ``restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, *, lr,
@@ -64,10 +68,10 @@ beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, skip)``
 math beyond SAM's, with coefficients that stay on the device.
 
 ``dot_sq_norms(xs, ys, *, accumulate=None) -> Tensor``
-    shape (3,): ``[sum <x, y>, sum ||x||**2, sum ||y||**2]`` over the lists, in one
-    pass over both, accumulated in float32 (float64 for float64 input), plus
-    ``accumulate`` (a (3,) tensor: the total of the buckets before this one).  Empty
-    lists: zeros (float32, on the CPU) or a copy of ``accumulate``.  Non-finite input
+    shape (3,), float64: ``[sum <x, y>, sum ||x||**2, sum ||y||**2]`` over the lists, in
+    one pass over both, accumulated in float64 for every dtype (as ``grad_sq_norm``),
+    plus ``accumulate`` (a (3,) tensor: the total of the buckets before this one).  Empty
+    lists: zeros (float64, on the CPU) or a copy of ``accumulate``.  Non-finite input
     makes the affected entries inf/nan.
 ``axpby(xs, ys, coefs, *, out=None)``
     ``out <- coefs[0] * x + coefs[1] * y`` element-wise in float32 (float64 for float64
@@ -79,9 +83,10 @@ math beyond SAM's, with coefficients that stay on the device.
     ``alpha`` of ``_foreach_add_`` is an FMA on the CPU).  ``out`` defaults to ``xs``
     (in place) and may be ``xs`` or ``ys`` (element-wise aliasing) or a third list.
     Nothing at all is written when ``coefs[2] != 0`` (the skip flag).
-    ``coefs``: a 1-D floating tensor of >= 3 elements on the lists' device (float32,
-    float64 for float64 lists), so that coefficients computed on the device (from
-    ``dot_sq_norms``) never cross to the host.  0 * inf is nan: a zero coefficient
+    ``coefs``: a 1-D floating tensor of >= 3 elements on the lists' device, float32 or
+    float64 (a and b are rounded once to the op-math dtype: the variants' coefficients
+    come from the float64 reductions and are not converted first), so that coefficients
+    computed on the device (from ``dot_sq_norms``) never cross to the host.  0 * inf is nan: a zero coefficient
     does not mask a non-finite input (use the skip flag for that).
 
 Every op has one test suite run against every backend: tests/test_backend_ops.py.

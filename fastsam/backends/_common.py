@@ -1,7 +1,8 @@
 """What every backend shares: the list checks and the scalar epilogue in plain torch ops.
 
-The *scalars* of a pass are one 1-D tensor per device (float32; float64 when a
-float64 bucket is involved) with ``SKIP`` and ``FACTOR`` slots:
+The *scalars* of a pass are one 1-D float64 tensor per device with ``SKIP`` and
+``FACTOR`` slots, computed from the float64 squared norm (every backend accumulates
+its norms in float64, whatever the gradients' dtype):
 
 first pass (``mode="perturb"``)
     ``SKIP`` = 1.0 if the squared norm is not finite, ``FACTOR`` = 1 / (||g|| + eps);
@@ -13,12 +14,25 @@ second pass (``mode="step"``)
     also takes ``found_inf``, ``FACTOR`` = inv_scale * the clip coefficient of the
     unscaled norm ||g_sam|| * inv_scale (the fused step multiplies the gradient by it).
 
+Why float64 (issue 24, "finite means finite"): a finite float32 gradient may hold
+elements up to 3.4e38, whose squares overflow float32 (1e20 already does), and its norm
+may exceed float32's range; a float32 norm made such a step look non-finite and skipped
+it.  In float64 the squared norm of any finite float32/16-bit gradient is finite.  Its
+FACTOR (rho / ||g|| down to ~1e-45, the clip coefficient max_norm / ||g|| likewise) is
+below float32's normal range there (a float32 FACTOR would be subnormal, or 0, and e
+would lose its digits or vanish), so FACTOR stays float64 and the kernels, which compute
+in float32 for float32/16-bit tensors, apply ``s = FACTOR * rho`` as two float32
+factors: ``(g * hi) * lo`` with ``hi, lo = split_scale(s)``, ``lo`` a power of two
+(exact) and ``hi`` a normal float32.  For every s within float32's normal range lo = 1
+and the product is the one a float32 scale gives, bit for bit; outside it the product is
+still the correctly rounded ``g * s`` wherever that is a normal float32.
+
 The triton backend computes the same epilogue inside its final reduction kernel;
 foreach and cpp compose it from torch ops (``sam_scalars`` below).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import math
 import struct
@@ -54,16 +68,18 @@ class Epilogue(NamedTuple):
     found_inf: Optional[torch.Tensor] = None  # step: GradScaler's inf flag (0-d), folded into SKIP
 
 
-def new_scalars(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(N_SCALARS, dtype=dtype, device=device)
+def new_scalars(device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A pass's scalars (float64: see the module docstring; ``dtype`` is kept for callers that
+    name it)."""
+    return torch.empty(N_SCALARS, dtype=torch.float64, device=device)
 
 
 def sam_scalars(sq: torch.Tensor, ep: Epilogue) -> None:
-    """The epilogue in torch ops: ``ep.out`` from the total squared norm ``sq`` (0-d)."""
+    """The epilogue in torch ops: ``ep.out`` from the total squared norm ``sq`` (0-d), in float64."""
     if on_host(ep.out) and all(t is None or on_host(t) for t in (sq, ep.prev, ep.inv_scale, ep.found_inf)):
         _host_scalars(sq, ep)
         return
-    sq = sq.to(ep.out.dtype)
+    sq = sq.to(torch.float64)
     bad = (~torch.isfinite(sq)).to(sq.dtype)
     if ep.mode == "perturb":
         ep.out[SKIP] = bad
@@ -72,29 +88,26 @@ def sam_scalars(sq: torch.Tensor, ep: Epilogue) -> None:
     if ep.found_inf is not None:
         bad = torch.maximum(bad, (ep.found_inf.to(device=bad.device, dtype=bad.dtype) != 0).to(bad.dtype))
     ep.out[SKIP] = bad if ep.prev is None else torch.maximum(ep.prev[SKIP].to(bad), bad)
-    inv = None if ep.inv_scale is None else ep.inv_scale.to(device=sq.device, dtype=torch.float32)
+    # the scaler's 1/scale is a float32 number (GradScaler's); exact in float64
+    inv = None if ep.inv_scale is None else ep.inv_scale.to(device=sq.device, dtype=torch.float32).double()
     if ep.max_norm is None:
         ep.out[FACTOR] = 1.0 if inv is None else inv
     elif inv is None:
         ep.out[FACTOR] = torch.clamp(ep.max_norm / (sq.sqrt() + CLIP_EPS), max=1.0)
-    else:  # the clip norm is the unscaled one; inv * coefficient in fp32, as the fused steps use FACTOR
-        norm = sq.sqrt() * inv.to(sq.dtype)
-        ep.out[FACTOR] = inv * torch.clamp(ep.max_norm / (norm + CLIP_EPS), max=1.0).float()
+    else:  # the clip norm is the unscaled one
+        norm = sq.sqrt() * inv
+        ep.out[FACTOR] = inv * torch.clamp(ep.max_norm / (norm + CLIP_EPS), max=1.0)
 
 
 def _host_scalars(sq: torch.Tensor, ep: Epilogue) -> None:
     """The same epilogue computed on the host for CPU tensors (reading them is free there): the
-    same operations in the same order as the torch ops above, each rounded to the scalars'
-    dtype (one IEEE operation computed in float64 and rounded to float32 is the correctly
-    rounded float32 result), at a fraction of the dispatch cost: the torch ops were a third of
-    a SAM step's host time at 161 tensors.  Equal to the torch ops' bits but for about 1 in
-    400 float32 values, which differ by one ulp (torch's vectorised reciprocal)."""
-    r = _round32 if ep.out.dtype == torch.float32 else float
-    v = r(sq.item())
+    same float64 operations in the same order as the torch ops above, at a fraction of their
+    dispatch cost (a handful of scalar torch ops per pass)."""
+    v = float(sq.item())
     bad = 0.0 if math.isfinite(v) else 1.0
-    root = r(math.sqrt(v)) if v >= 0 else math.nan  # v is +inf or nan when bad
+    root = math.sqrt(v) if v >= 0 else math.nan  # v is +inf or nan when bad
     if ep.mode == "perturb":
-        factor = r(1.0 / r(root + r(ep.eps))) if bad == 0.0 else math.nan
+        factor = 1.0 / (root + ep.eps) if bad == 0.0 else math.nan
     else:
         if ep.found_inf is not None and float(ep.found_inf.item()) != 0:
             bad = 1.0
@@ -104,12 +117,12 @@ def _host_scalars(sq: torch.Tensor, ep: Epilogue) -> None:
         if ep.max_norm is None:
             factor = 1.0 if inv is None else inv
         else:
-            norm = root if inv is None else r(root * inv)  # the clip norm is the unscaled one
+            norm = root if inv is None else root * inv  # the clip norm is the unscaled one
             if not math.isfinite(norm):
                 clip = math.nan if math.isnan(norm) else 0.0
             else:  # torch's max_norm / t is reciprocal(t) * max_norm
-                clip = min(r(r(1.0 / r(norm + r(CLIP_EPS))) * r(ep.max_norm)), 1.0)
-            factor = clip if inv is None else _round32(inv * _round32(clip))
+                clip = min((1.0 / (norm + CLIP_EPS)) * ep.max_norm, 1.0)
+            factor = clip if inv is None else inv * clip
     try:  # a NumPy view writes both slots without dispatching two torch ops
         out = ep.out.numpy()
         out[SKIP] = bad
@@ -119,11 +132,58 @@ def _host_scalars(sq: torch.Tensor, ep: Epilogue) -> None:
         ep.out[FACTOR] = factor
 
 
+# ---------------------------------------------------------------- a float64 scale in float32 math
+F32_TINY = 2.0 ** -126                                # float32's smallest normal number
+F32_MAX = float(torch.finfo(torch.float32).max)
+SPLIT = 2.0 ** 100                                    # the power of two split_scale moves
+
+
+def split_scale(s: float) -> Tuple[float, float]:
+    """A float64 scale as ``(hi, lo)`` with ``g * s == (g * hi) * lo`` in float32 arithmetic,
+    rounded once: ``lo`` is 1, 2^-100 or 2^100 (exact), ``hi`` a normal float32 wherever
+    |s| >= 2^-226.  Within float32's normal range ``(s, 1.0)``: the product is then the one
+    a float32 scale gives, bit for bit.  Below it (the ``rho / ||g||`` of a gradient whose norm
+    exceeds float32's range, or such a clip coefficient) ``g * hi`` is exact scaling away
+    from the rounded result, which ``* lo`` restores exactly unless the result is subnormal;
+    the order keeps ``g * hi`` between g and the result, so it cannot overflow on its own.
+    The kernels (triton: ``multi_tensor.split_scale``; csrc: ``sam_math.h``) do the same."""
+    a = abs(s)
+    if 0.0 < a < F32_TINY:
+        return s * SPLIT, 1.0 / SPLIT
+    if F32_MAX < a < math.inf:
+        return s / SPLIT, SPLIT
+    return s, 1.0
+
+
+def split_scale_tensor(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``split_scale`` of a 0-d device tensor, on the device (no host read): float32 ``(hi, lo)``."""
+    s = s.to(torch.float64)
+    a = s.abs()
+    one = torch.ones((), dtype=torch.float64, device=s.device)
+    lo = torch.where((a < F32_TINY) & (a > 0), one / SPLIT, torch.where((a > F32_MAX) & (a < math.inf), one * SPLIT, one))
+    return (s / lo).float(), lo.float()
+
+
 def scaled(grads, factor: torch.Tensor):
-    """``grads`` times a pass's 0-d ``factor`` (the clip coefficient), each in its own dtype: a 0-d
-    gradient times a 0-d factor would take the wider dtype of the two (0-d operands promote each
-    other), which the state it meets next (lerp), or ``p.grad``, refuses."""
-    out = torch._foreach_mul(grads, factor)
+    """``grads`` times a pass's 0-d ``factor`` (the clip coefficient, float64), each in its own dtype
+    (a 0-d gradient times a 0-d factor would take the wider dtype of the two, which the state it
+    meets next (lerp), or ``p.grad``, refuses).  Non-float64 gradients are multiplied in float32 by
+    ``split_scale(factor)``: a float32 factor would be subnormal or 0 for a gradient whose norm
+    exceeds float32's range."""
+    if grads[0].dtype == torch.float64:
+        out = torch._foreach_mul(grads, factor.to(torch.float64))
+    elif on_host(factor):
+        hi, lo = split_scale(float(factor))
+        if lo == 1.0:
+            out = torch._foreach_mul(grads, hi)
+        else:  # 16-bit values: in float32, where hi and lo are in range
+            out = torch._foreach_mul([g.float() for g in grads], hi)
+            torch._foreach_mul_(out, lo)
+    else:
+        hi_t, lo_t = split_scale_tensor(factor)
+        xs = grads if grads[0].dtype == torch.float32 else [g.float() for g in grads]
+        out = torch._foreach_mul(xs, hi_t)
+        torch._foreach_mul_(out, lo_t)
     return [s if s.dtype == g.dtype else s.to(g.dtype) for s, g in zip(out, grads)]
 
 

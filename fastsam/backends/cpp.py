@@ -33,8 +33,8 @@ from ._common import FACTOR, SKIP, Epilogue, finish_norm
 Tensors = List[torch.Tensor]
 NAME = "cpp"
 # fp16 is left to foreach: the fused loop converts fp16 in software (no vectorised F16C from g++ 12),
-# ~10 instructions per element each way, which made a ResNet-18-shaped fp16 step 2.7-4x slower than
-# foreach's multi-pass ATen kernels (benchmarks/NOTES.md, issue 20).  The fp16 kernels stay (the
+# ~10 instructions per element each way, which made a ResNet-18-shaped fp16 step several times slower
+# than foreach's multi-pass ATen kernels (measured in benchmarks/NOTES.md, issue 20).  The fp16 kernels stay (the
 # operators take every floating dtype) and are tested bit for bit against the other dtypes' paths.
 _DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _ops = None  # torch.ops.fastsam once the extension is loaded
@@ -118,7 +118,7 @@ def _or_foreach(op: Callable[..., Any]) -> Callable[..., Any]:
 def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
                  accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
     if not grads:  # no tensor to dispatch on
-        return finish_norm(torch.zeros((), dtype=torch.float32, device="cpu"), accumulate, epilogue)
+        return finish_norm(torch.zeros((), dtype=torch.float64, device="cpu"), accumulate, epilogue)
     sq = _fastsam_ops().grad_sq_norm.default(grads, [] if params is None else params)
     return finish_norm(sq, accumulate, epilogue)  # the epilogue in torch ops (a few scalar launches)
 
@@ -165,7 +165,7 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
 @_or_foreach
 def dot_sq_norms(xs: Tensors, ys: Tensors, *, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
     if not xs:
-        return torch.zeros(3, dtype=torch.float32, device="cpu") if accumulate is None else accumulate.clone()
+        return torch.zeros(3, dtype=torch.float64, device="cpu") if accumulate is None else accumulate.clone()
     return _fastsam_ops().dot_sq_norms.default(xs, ys, accumulate)
 
 

@@ -15,7 +15,8 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from ._common import FACTOR, SKIP, Epilogue, check_bucket, check_copies, finish_norm, on_host, scaled
+from ._common import (F32_TINY, FACTOR, SKIP, Epilogue, check_bucket, check_copies, finish_norm, on_host, scaled,
+                      split_scale, split_scale_tensor)
 
 Tensors = Union[List[torch.Tensor], Tuple[torch.Tensor, ...]]  # torch annotates the _foreach ops as returning tuples
 NAME = "foreach"
@@ -44,15 +45,16 @@ def _masked_assign(dst: Tensors, new: Tensors, skip: torch.Tensor) -> None:
 
 def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
                  accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
+    """Per-tensor float64 norms (``_foreach_norm`` with ``dtype=float64`` accumulates in float64), so
+    no finite gradient overflows; ASAM's |w| * g is formed in float64 too (the product of two finite
+    float32 values may exceed float32's range)."""
     check_bucket(grads, params)
     if not grads:
-        return finish_norm(torch.zeros((), dtype=torch.float32, device="cpu"), accumulate, epilogue)
-    acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+        return finish_norm(torch.zeros((), dtype=torch.float64, device="cpu"), accumulate, epilogue)
     if params is not None:
-        if grads[0].dtype != acc:  # |w|*g overflows 16 bits long before its square does in fp32
-            params, grads = [p.to(acc) for p in params], [g.to(acc) for g in grads]
-        grads = torch._foreach_mul(torch._foreach_abs(params), grads)
-    norms = torch._foreach_norm(grads, 2, dtype=acc)
+        wide = [p.to(torch.float64) for p in params]
+        grads = torch._foreach_mul(torch._foreach_abs(wide), [g.to(torch.float64) for g in grads])
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
     return finish_norm(torch.stack(norms).square().sum(), accumulate, epilogue)
 
 
@@ -66,18 +68,35 @@ def perturb(params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Ten
     host_skip = _host_skip(skip)
     if host_skip:
         return
-    scale = scalars[FACTOR] * rho  # in the scalars' dtype (fp32 or fp64), as every backend forms it
-    if host_skip is not None and not adaptive and abs(float(scale)) <= torch.finfo(params[0].dtype).max:
-        # CPU: read the scale on the host and add in one pass (no temporary e).  torch casts alpha to
-        # the parameters' dtype: a scale beyond fp16's range (a tiny or zero ||g||) takes the path below.
-        torch._foreach_add_(params, grads, alpha=float(scale))
-        return
-    e = torch._foreach_mul(grads, scale)
-    if adaptive:  # e = scale * w^2 * g
+    dtype = params[0].dtype
+    scale = scalars[FACTOR].to(torch.float64) * rho  # float64, as every backend forms it
+    if dtype == torch.float64:
+        if host_skip is not None and not adaptive:  # CPU: one add, the scale read on the host
+            torch._foreach_add_(params, grads, alpha=float(scale))
+            return
+        e = torch._foreach_mul(grads, scale)
+    elif host_skip is not None:
+        # CPU: the scale read on the host.  Within float32's normal range (and the dtype's) it is the
+        # alpha of one add (no temporary e); torch casts alpha to the parameters' dtype.  Outside
+        # it (a gradient norm beyond float32's range: rho / ||g|| < 2^-126) split_scale's two factors.
+        hi, lo = split_scale(float(scale))
+        if not adaptive and lo == 1.0 and F32_TINY <= abs(hi) <= torch.finfo(dtype).max:
+            torch._foreach_add_(params, grads, alpha=hi)
+            return
+        e = torch._foreach_mul(grads if lo == 1.0 else [g.float() for g in grads], hi)
+        if lo != 1.0:
+            torch._foreach_mul_(e, lo)
+    else:  # on the device: the split too (a float32 multiply by 1 when the scale is in range)
+        hi_t, lo_t = split_scale_tensor(scale)
+        e = torch._foreach_mul(grads if dtype == torch.float32 else [g.float() for g in grads], hi_t)
+        torch._foreach_mul_(e, lo_t)
+    if adaptive:  # e = scale * g * w^2
         torch._foreach_mul_(e, params)
         torch._foreach_mul_(e, params)
     if host_skip is None:
         _masked_assign(params, torch._foreach_add(params, e), skip)
+    elif e[0].dtype != dtype:
+        torch._foreach_copy_(params, torch._foreach_add(e, params))
     else:
         torch._foreach_add_(params, e)
 
@@ -214,14 +233,15 @@ def _adam_update(params, exp_avgs, exp_avg_sqs, grads, steps, lr, beta1, beta2, 
 
 # ---------------------------------------------------------------- the variants' ops
 def dot_sq_norms(xs: Tensors, ys: Tensors, *, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[<x, y>, ||x||^2, ||y||^2].  CPU: both lists flattened into one buffer each (one cat) and
-    three dot products: a CPU foreach norm loops over the tensors (~2.5 us each), which made the
-    multi-tensor form ~4x slower there.  Elsewhere a fixed number of multi-tensor launches without
-    the two flat copies (the memory of a large model): ``_dot_sq_norms_multi``."""
+    """[<x, y>, ||x||^2, ||y||^2], in float64 whatever the lists' dtype (a finite float32 gradient's
+    squares may overflow float32).  CPU: both lists flattened into one buffer each (one cat) and
+    three dot products, since a CPU foreach norm is a loop over the tensors, one reduction each.
+    Elsewhere a fixed number of multi-tensor launches without the two flat copies (the memory of a
+    large model): ``_dot_sq_norms_multi``."""
     check_bucket(xs, ys)
     if not xs:
-        return torch.zeros(3, dtype=torch.float32, device="cpu") if accumulate is None else accumulate.clone()
-    acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+        return torch.zeros(3, dtype=torch.float64, device="cpu") if accumulate is None else accumulate.clone()
+    acc = torch.float64
     out = (_dot_sq_norms_flat if on_host(xs[0]) else _dot_sq_norms_multi)(xs, ys, acc)
     if accumulate is not None:
         out = out + accumulate
@@ -237,8 +257,9 @@ def _dot_sq_norms_flat(xs: Tensors, ys: Tensors, acc: torch.dtype) -> torch.Tens
 def _dot_sq_norms_multi(xs: Tensors, ys: Tensors, acc: torch.dtype) -> torch.Tensor:
     """One norm call: the products x*y split into their positive and negative parts, x*x and y*y,
     all summed as L1 norms (same-sign sums, each as accurate as a norm; the one subtraction is the
-    dot product's own cancellation).  16-bit lists are cast to float32 first (one op per tensor)."""
-    if xs[0].dtype != acc:  # products of 16-bit values round (and underflow) in 16 bits
+    dot product's own cancellation).  The lists are cast to float64 first (one op per tensor): the
+    products of float32 values may overflow float32, those of 16-bit values round in 16 bits."""
+    if xs[0].dtype != acc:
         xs, ys = [x.to(acc) for x in xs], [y.to(acc) for y in ys]
     n = len(xs)
     pos = torch._foreach_mul(xs, ys)

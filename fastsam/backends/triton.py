@@ -8,16 +8,16 @@ buffers exist and others are new: FusedSAM makes two restore_sgd_step calls);
 a bucket mixing 16-byte aligned and unaligned tensors takes one more launch per
 kernel (fastsam/kernels/triton/multi_tensor.py: Alignment); nothing synchronises
 with the host.
-float32, float16 and bfloat16 (float32 arithmetic); FusedSAM hands float64
-buckets to foreach.
+float32, float16 and bfloat16 (float32 arithmetic; the norms' and dot
+products' squares and sums in float64); FusedSAM hands float64 buckets to
+foreach.
 
 This module decides what the kernels cannot do: a call whose tensors cannot
 be indexed flat (the launcher returns False/None) runs on the foreach backend.
 Under ``torch.compile`` the ops are called as the ``torch.library`` custom ops
 ``fastsam::triton_*`` defined here (opaque to the compiler); in eager mode the
-launchers are called directly, since the dispatcher costs more than the launch
-itself for lists of hundreds of tensors (~0.45 ms for two lists of 161
-tensors on the CI machine, against ~0.17 ms for the whole call).
+launchers are called directly, since the dispatcher's per-call handling of
+lists of hundreds of tensors costs more than the launch itself.
 
 CUDA graphs: run one eager step before capturing (see
 fastsam/kernels/triton/multi_tensor.py).  On the CPU the backend runs only
@@ -143,7 +143,7 @@ def _lr_op(name: str, lr):
 def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
                  accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
     if not grads:
-        total = torch.zeros((), dtype=torch.float32, device="cpu") if accumulate is None else accumulate.clone()
+        total = torch.zeros((), dtype=torch.float64, device="cpu") if accumulate is None else accumulate.clone()
         if epilogue is not None:
             sam_scalars(total, epilogue)
         return total
@@ -187,7 +187,7 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
 
 def dot_sq_norms(xs: Tensors, ys: Tensors, *, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
     if not xs:
-        return torch.zeros(3, dtype=torch.float32, device="cpu") if accumulate is None else accumulate.clone()
+        return torch.zeros(3, dtype=torch.float64, device="cpu") if accumulate is None else accumulate.clone()
     return _call("dot_sq_norms", xs, ys, accumulate)
 
 
@@ -208,7 +208,7 @@ if _kernels is not None:
 
     @_sq_norm_op.register_fake
     def _(grads, params, accumulate, out, epilogue, eps, max_norm, prev):
-        return grads[0].new_empty((), dtype=torch.float32)
+        return grads[0].new_empty((), dtype=torch.float64)
 
     @torch.library.custom_op("fastsam::triton_dot_sq_norms", mutates_args=())
     def _dot_sq_norms_op(xs: T, ys: T, accumulate: Optional[torch.Tensor]) -> torch.Tensor:
@@ -216,7 +216,7 @@ if _kernels is not None:
 
     @_dot_sq_norms_op.register_fake
     def _(xs, ys, accumulate):
-        return xs[0].new_empty((3,), dtype=torch.float32)
+        return xs[0].new_empty((3,), dtype=torch.float64)
 
     # ``out`` may hold the tensors of ``xs`` (in place): the op is called with out=xs then.
     @torch.library.custom_op("fastsam::triton_axpby", mutates_args=("out",))

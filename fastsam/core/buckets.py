@@ -420,7 +420,7 @@ def pass_scalars(buckets: List[Bucket], mode: str, *, weighted: bool, grads: Opt
 
 
 def new_scalars_like(buckets: List[Bucket], saved: torch.Tensor) -> torch.Tensor:
-    """A pass's scalars on the first bucket's device (in the buckets' accumulation dtype), holding ``saved``."""
+    """A pass's scalars on the first bucket's device (float64), holding ``saved``."""
     acc, main, _ = pass_info(buckets)
     out = new_scalars(main, acc)
     out.copy_(saved)
@@ -428,12 +428,12 @@ def new_scalars_like(buckets: List[Bucket], saved: torch.Tensor) -> torch.Tensor
 
 
 def pass_info(buckets: Sequence[Bucket]) -> Tuple[torch.dtype, torch.device, bool]:
-    """(accumulation dtype, main device, whether the norms can chain on one device)."""
-    acc = torch.float64 if any(b.dtype == torch.float64 for b in buckets) else torch.float32
+    """(accumulation dtype, main device, whether the norms can chain on one device).  The norms and
+    the pass's scalars are float64 for every dtype (fastsam/backends/_common.py), so buckets of any
+    dtypes chain where they share device and backend."""
     main = buckets[0].device
-    chain = (all(b.device == main and b.shard is None and b.backend is buckets[0].backend for b in buckets)
-             and all((b.dtype == torch.float64) == (acc == torch.float64) for b in buckets))
-    return acc, main, chain
+    chain = all(b.device == main and b.shard is None and b.backend is buckets[0].backend for b in buckets)
+    return torch.float64, main, chain
 
 
 def scalars_on(scalars: Dict[torch.device, torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -185,8 +185,8 @@ class SAMCore:
         return settings.sam_start_step is None or run.num_steps >= settings.sam_start_step
 
     def grad_sq_norm(self) -> float:
-        """||g||^2 over every parameter with a gradient, through the backends' fused norms, read
-        on the host (one number)."""
+        """||g||^2 over every parameter with a gradient, through the backends' fused norms (float64),
+        read on the host (one number)."""
         bs = self.buckets()
         if not bs:
             return 0.0

@@ -99,7 +99,9 @@ def axpby(buckets: Sequence[Bucket], xs: Sequence[Tensors], ys: Sequence[Tensors
 
 
 class CoefsOn:
-    """``coefs`` on each bucket's device in its accumulation dtype (converted once per pair)."""
+    """``coefs`` on each bucket's device in its accumulation dtype, or float64 (which every backend's
+    axpby takes, rounding a and b once: the coefficients formed from the float64 reductions are not
+    converted first), converted once per pair."""
 
     def __init__(self, coefs: torch.Tensor) -> None:
         self.coefs = coefs
@@ -108,7 +110,7 @@ class CoefsOn:
     def __call__(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         acc = acc_dtype(dtype)
         c = self.coefs
-        if c.device == device and c.dtype == acc:
+        if c.device == device and c.dtype in (acc, torch.float64):
             return c
         key = (device, acc)
         hit = self._by.get(key)

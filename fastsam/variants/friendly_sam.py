@@ -163,7 +163,7 @@ class FriendlySAMStep(Extension):
 
 
 def _const(b: Bucket, a: float, bb: float, skip: float = 0.0) -> torch.Tensor:
-    """[a, bb, skip] on the bucket's device in its accumulation dtype, made once per value."""
+    """[a, bb, skip] on the bucket's device (float64), made once per value."""
     consts = b.scratch.setdefault("fsam_consts", {})
     c = consts.get((a, bb, skip))
     if c is None:
@@ -172,10 +172,11 @@ def _const(b: Bucket, a: float, bb: float, skip: float = 0.0) -> torch.Tensor:
 
 
 def _like(b: Bucket) -> torch.Tensor:
-    """A 0-d tensor of the bucket's device and accumulation dtype (what its coefficients are made of)."""
+    """A 0-d float64 tensor on the bucket's device (what its coefficients are made of: float64, as the
+    pass's skip flag they take in is, so that nothing is converted; axpby rounds them once)."""
     hit = b.scratch.get("fsam_like")
     if hit is None:
-        hit = b.scratch["fsam_like"] = torch.zeros((), device=b.device, dtype=_ops.acc_dtype(b.dtype))
+        hit = b.scratch["fsam_like"] = torch.zeros((), device=b.device, dtype=torch.float64)
     return hit
 
 

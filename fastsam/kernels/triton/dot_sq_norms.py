@@ -2,10 +2,11 @@
 projections need the dot product of the two gradients and both norms).
 
 Two stages, two launches whatever the tensor count, no atomics (deterministic), as
-``sq_norm``: stage 1 writes three float32 partial sums per program (per BLOCK-element
+``sq_norm``: stage 1 writes three float64 partial sums per program (per BLOCK-element
 chunk: rows 0, 1, 2 of ``partials``, each ``n`` long), stage 2 (one program) adds each row
 in a fixed order, adds ``accumulate`` (the (3,) total of the buckets before this one) and
-stores the (3,) float32 result.  Reads each x and y once.  A non-finite input makes the
+stores the (3,) float64 result.  Products and sums are float64 for every input dtype, as
+the norms' (a finite float32 gradient's squares may overflow float32).  Reads each x and y once.  A non-finite input makes the
 affected entries inf/nan.
 
 Stage 2 loops with a constexpr trip count (see ``sq_norm``: triton 3.6's interpreter with
@@ -27,8 +28,8 @@ SUM_BLOCK = 1024
 
 @triton.jit
 def _dot_chunk(row, offs, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    x = tl.load(column(row, 0, DTYPE, ALIGNED) + offs, mask=mask).to(tl.float32)
-    y = tl.load(column(row, 1, DTYPE, ALIGNED) + offs, mask=mask).to(tl.float32)
+    x = tl.load(column(row, 0, DTYPE, ALIGNED) + offs, mask=mask).to(tl.float64)
+    y = tl.load(column(row, 1, DTYPE, ALIGNED) + offs, mask=mask).to(tl.float64)
     if mask is not None:
         x = tl.where(mask, x, 0.0)
         y = tl.where(mask, y, 0.0)
@@ -52,9 +53,9 @@ def _dot_sq_norms_partials_kernel(table, blk_tensor, blk_chunk, partials, n, DTY
 @triton.jit
 def _dot_sq_norms_sum_kernel(partials, n, out_ptr, acc_ptr, N_ITERS: tl.constexpr, HAS_ACC: tl.constexpr,
                              BLOCK: tl.constexpr):
-    xy = tl.zeros([BLOCK], dtype=tl.float32)
-    xx = tl.zeros([BLOCK], dtype=tl.float32)
-    yy = tl.zeros([BLOCK], dtype=tl.float32)
+    xy = tl.zeros([BLOCK], dtype=tl.float64)
+    xx = tl.zeros([BLOCK], dtype=tl.float64)
+    yy = tl.zeros([BLOCK], dtype=tl.float64)
     for i in range(N_ITERS):
         offs = i * BLOCK + tl.arange(0, BLOCK)
         m = offs < n
@@ -66,13 +67,13 @@ def _dot_sq_norms_sum_kernel(partials, n, out_ptr, acc_ptr, N_ITERS: tl.constexp
     lane = tl.arange(0, 4)
     tot = tl.where(lane == 0, tl.sum(xy, axis=0), tl.where(lane == 1, tl.sum(xx, axis=0), tl.sum(yy, axis=0)))
     if HAS_ACC:
-        tot = tot + tl.load(acc_ptr + lane, mask=lane < 3, other=0.0).to(tl.float32)
+        tot = tot + tl.load(acc_ptr + lane, mask=lane < 3, other=0.0).to(tl.float64)
     tl.store(out_ptr + lane, tot, mask=lane < 3)
 
 
 def dot_sq_norms(xs: List[torch.Tensor], ys: List[torch.Tensor],
                  accumulate: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """(3,) float32 [<x, y>, ||x||^2, ||y||^2] (+ ``accumulate``).  Two launches.
+    """(3,) float64 [<x, y>, ||x||^2, ||y||^2] (+ ``accumulate``).  Two launches.
 
     None when the layouts cannot be indexed flat: the caller (the backend) falls back.
     """
@@ -81,8 +82,8 @@ def dot_sq_norms(xs: List[torch.Tensor], ys: List[torch.Tensor],
         return None
     device = xs[0].device
     nb = tab.n_blocks
-    partials = torch.empty(3 * nb, dtype=torch.float32, device=device)
-    out = torch.empty(3, dtype=torch.float32, device=device)
+    partials = torch.empty(3 * nb, dtype=torch.float64, device=device)
+    out = torch.empty(3, dtype=torch.float64, device=device)
     # (the three rows of ``partials`` stay nb apart in every part's view)
     mt.launch_parts(_dot_sq_norms_partials_kernel, tab, nb, partials=partials, DTYPE=mt.DTYPE_IDS[xs[0].dtype],
                     BLOCK=mt.BLOCK)

@@ -123,15 +123,15 @@ def column(row, COL: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def load_restored_and_sam_grad(row, offs, mask, grad_scale, HAS_GRAD_SCALE: tl.constexpr,
+def load_restored_and_sam_grad(row, offs, mask, grad_scale, grad_scale_lo, HAS_GRAD_SCALE: tl.constexpr,
                                MAXIMIZE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """The common head of the fused base steps: the restored parameter (column 2, as
     stored and in float32) and the SAM gradient (column 1) in float32, clipped and
-    negated as asked."""
+    negated as asked (``grad_scale, grad_scale_lo``: ``split_scale`` of the clip factor)."""
     p0 = tl.load(column(row, 2, DTYPE, ALIGNED) + offs, mask=mask)
     g = tl.load(column(row, 1, DTYPE, ALIGNED) + offs, mask=mask).to(tl.float32)
     if HAS_GRAD_SCALE:
-        g = g * grad_scale
+        g = (g * grad_scale) * grad_scale_lo
     if MAXIMIZE:
         g = -g
     return p0, p0.to(tl.float32), g
@@ -142,6 +142,19 @@ def load_restored_and_sam_grad(row, offs, mask, grad_scale, HAS_GRAD_SCALE: tl.c
 # tail.  With a bounds mask on every access the compiler could not vectorise:
 # the size is loaded from memory, so nothing is known about its alignment.
 # ``kept`` is the store mask of state that a skipped step must leave alone.
+
+@triton.jit
+def split_scale(s):
+    """A float64 scale as float32 ``(hi, lo)`` with ``g * s == (g * hi) * lo`` rounded once:
+    fastsam/backends/_common.py ``split_scale`` (lo = 1 within float32's normal range, else an
+    exact power of two; a float32 ``s`` would be subnormal or 0 for a gradient whose norm
+    exceeds float32's range).  Scalar work, once per program."""
+    a = tl.abs(s)
+    tiny = (a < 1.1754943508222875e-38) & (a > 0.0)   # below float32's normal range
+    big = (a > 3.4028234663852886e+38) & (a < float("inf"))
+    lo = tl.where(tiny, 7.888609052210118e-31, tl.where(big, 1.2676506002282294e+30, 1.0)).to(tl.float64)  # 2^-100, 2^100
+    return (s / lo).to(tl.float32), lo.to(tl.float32)
+
 
 @triton.jit
 def keep_mask(skip_ptr, offs):

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import multi_tensor as mt
-from .multi_tensor import column, keep_mask, load_restored_and_sam_grad, locate
+from .multi_tensor import column, keep_mask, load_restored_and_sam_grad, locate, split_scale
 
 
 @triton.jit
@@ -46,11 +46,11 @@ def _one_minus_pow(log_beta, t):
 
 
 @triton.jit
-def _adam_chunk(row, offs, mask, kept, keep, grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps,
+def _adam_chunk(row, offs, mask, kept, keep, grad_scale, grad_scale_lo, one_minus_beta1, beta2, one_minus_beta2, eps,
                 weight_decay, decay, step_size, bc2_sqrt, HAS_GRAD_SCALE: tl.constexpr,
                 MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
                 DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    p0, p, g = load_restored_and_sam_grad(row, offs, mask, grad_scale, HAS_GRAD_SCALE, MAXIMIZE, DTYPE, ALIGNED)
+    p0, p, g = load_restored_and_sam_grad(row, offs, mask, grad_scale, grad_scale_lo, HAS_GRAD_SCALE, MAXIMIZE, DTYPE, ALIGNED)
     if WEIGHT_DECAY:
         if DECOUPLED:
             p = p * decay
@@ -88,15 +88,16 @@ def _restore_adam_step_kernel(table, blk_tensor, blk_chunk, counters, skip_ptr, 
     step_size = tl.div_rn(lr, _one_minus_pow(log_beta1, t_new))
     bc2_sqrt = tl.sqrt_rn(_one_minus_pow(log_beta2, t_new))
     grad_scale = 1.0
-    if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    grad_scale_lo = 1.0
+    if HAS_GRAD_SCALE:  # the clip factor, float64: applied as (g * hi) * lo (multi_tensor.split_scale)
+        grad_scale, grad_scale_lo = split_scale(tl.load(grad_scale_ptr).to(tl.float64))
     if (chunk + 1) * BLOCK <= numel:
-        _adam_chunk(row, offs, None, keep, keep, grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps,
+        _adam_chunk(row, offs, None, keep, keep, grad_scale, grad_scale_lo, one_minus_beta1, beta2, one_minus_beta2, eps,
                     weight_decay, decay, step_size, bc2_sqrt, HAS_GRAD_SCALE, MAXIMIZE, WEIGHT_DECAY,
                     DECOUPLED, DTYPE, ALIGNED)
     else:
         in_bounds = offs < numel
-        _adam_chunk(row, offs, in_bounds, in_bounds & keep, keep, grad_scale, one_minus_beta1, beta2,
+        _adam_chunk(row, offs, in_bounds, in_bounds & keep, keep, grad_scale, grad_scale_lo, one_minus_beta1, beta2,
                     one_minus_beta2, eps, weight_decay, decay, step_size, bc2_sqrt, HAS_GRAD_SCALE, MAXIMIZE,
                     WEIGHT_DECAY, DECOUPLED, DTYPE, ALIGNED)
     # The step count (see the module docstring): the last program of tensor t writes it.

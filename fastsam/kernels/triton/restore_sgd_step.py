@@ -23,15 +23,15 @@ import triton
 import triton.language as tl
 
 from . import multi_tensor as mt
-from .multi_tensor import column, keep_mask, load_restored_and_sam_grad, locate
+from .multi_tensor import column, keep_mask, load_restored_and_sam_grad, locate, split_scale
 
 
 @triton.jit
-def _sgd_chunk(row, offs, mask, kept, keep, grad_scale, lr, momentum, one_minus_dampening, weight_decay,
+def _sgd_chunk(row, offs, mask, kept, keep, grad_scale, grad_scale_lo, lr, momentum, one_minus_dampening, weight_decay,
                HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST: tl.constexpr, DTYPE: tl.constexpr,
                ALIGNED: tl.constexpr):
-    p0, p, d = load_restored_and_sam_grad(row, offs, mask, grad_scale, HAS_GRAD_SCALE, MAXIMIZE, DTYPE, ALIGNED)
+    p0, p, d = load_restored_and_sam_grad(row, offs, mask, grad_scale, grad_scale_lo, HAS_GRAD_SCALE, MAXIMIZE, DTYPE, ALIGNED)
     if WEIGHT_DECAY:
         d = d + weight_decay * p
     if MOMENTUM:
@@ -61,14 +61,15 @@ def _restore_sgd_step_kernel(table, blk_tensor, blk_chunk, skip_ptr, grad_scale_
     if LR_PTR:  # capturable: the lr lives in a device tensor that schedulers update in place
         lr = tl.load(lr).to(tl.float32)
     grad_scale = 1.0
-    if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    grad_scale_lo = 1.0
+    if HAS_GRAD_SCALE:  # the clip factor, float64: applied as (g * hi) * lo (multi_tensor.split_scale)
+        grad_scale, grad_scale_lo = split_scale(tl.load(grad_scale_ptr).to(tl.float64))
     if (chunk + 1) * BLOCK <= numel:
-        _sgd_chunk(row, offs, None, keep, keep, grad_scale, lr, momentum, one_minus_dampening, weight_decay,
+        _sgd_chunk(row, offs, None, keep, keep, grad_scale, grad_scale_lo, lr, momentum, one_minus_dampening, weight_decay,
                    HAS_GRAD_SCALE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST, DTYPE, ALIGNED)
     else:
         in_bounds = offs < numel
-        _sgd_chunk(row, offs, in_bounds, in_bounds & keep, keep, grad_scale, lr, momentum, one_minus_dampening,
+        _sgd_chunk(row, offs, in_bounds, in_bounds & keep, keep, grad_scale, grad_scale_lo, lr, momentum, one_minus_dampening,
                    weight_decay, HAS_GRAD_SCALE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST, DTYPE, ALIGNED)
 
 
