@@ -5,19 +5,32 @@ multi-tensor launches (backends: foreach, triton, cuda, cpp), and it can be
 switched on late in training at no cost before.  ``fastsam.hessian`` measures
 sharpness (Hessian eigenvalues, trace, spectral density).
 """
+
 from typing import TYPE_CHECKING
 
+from . import schedules
+from ._version import __version__
 from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
 from .optim import FusedSAM
-from . import schedules
 from .variants import GSAM, FriendlySAM, LookSAM, MomentumSAM
-from ._version import __version__
 
 if TYPE_CHECKING:
     from types import ModuleType
 
-__all__ = ["FusedSAM", "LookSAM", "MomentumSAM", "GSAM", "FriendlySAM", "schedules", "frozen_bn_stats", "disable_running_stats", "enable_running_stats", "hessian",
-           "adversarial", "__version__"]
+__all__ = [
+    "FusedSAM",
+    "LookSAM",
+    "MomentumSAM",
+    "GSAM",
+    "FriendlySAM",
+    "schedules",
+    "frozen_bn_stats",
+    "disable_running_stats",
+    "enable_running_stats",
+    "hessian",
+    "adversarial",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> "ModuleType":

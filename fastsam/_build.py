@@ -22,6 +22,7 @@ The extension registers torch operators (``torch.ops.fastsam.*``); there is
 no Python module to import, so both paths load it with
 ``torch.ops.load_library``.
 """
+
 from __future__ import annotations
 
 import glob
@@ -77,10 +78,12 @@ TORCH_NVCC_DEFINES = [
     "-D__CUDA_NO_HALF2_OPERATORS__",
     "--expt-relaxed-constexpr",
 ]
-BUILD_FIX = ("name the backend (backend=\"cpp\" or \"cuda\") to let the JIT path build it on first use (needs a "
-             "C++ compiler and `pip install ninja`, plus nvcc for CUDA), or build it ahead of time in a source "
-             "checkout with `FASTSAM_BUILD_CPP=1 pip install -e . --no-build-isolation` (CPU) or "
-             "`FASTSAM_BUILD_CUDA=1 pip install -e . --no-build-isolation` (CUDA)")
+BUILD_FIX = (
+    "name the backend (backend=\"cpp\" or \"cuda\") to let the JIT path build it on first use (needs a "
+    "C++ compiler and `pip install ninja`, plus nvcc for CUDA), or build it ahead of time in a source "
+    "checkout with `FASTSAM_BUILD_CPP=1 pip install -e . --no-build-isolation` (CPU) or "
+    "`FASTSAM_BUILD_CUDA=1 pip install -e . --no-build-isolation` (CUDA)"
+)
 
 
 def gencode_flags(archs=CUDA_ARCHS) -> List[str]:
@@ -111,26 +114,38 @@ def setup_extensions():
     except ImportError as exc:
         raise RuntimeError(
             "building the fastsam extension needs torch at build time: install torch first and run "
-            "`pip install -e . --no-build-isolation` so the build sees it") from exc
+            "`pip install -e . --no-build-isolation` so the build sees it"
+        ) from exc
     if want_cuda:
         import torch
         import torch.utils.cpp_extension as ext
 
         if ext.CUDA_HOME is None:
             if torch.version.cuda is None:
-                raise RuntimeError(f"FASTSAM_BUILD_CUDA=1 needs a CUDA build of torch; this one ({torch.__version__}) "
-                                   "is CPU-only (use FASTSAM_BUILD_CPP=1 for the CPU twin)")
+                raise RuntimeError(
+                    f"FASTSAM_BUILD_CUDA=1 needs a CUDA build of torch; this one ({torch.__version__}) "
+                    "is CPU-only (use FASTSAM_BUILD_CPP=1 for the CPU twin)"
+                )
             raise RuntimeError("FASTSAM_BUILD_CUDA=1 but nvcc was not found: set CUDA_HOME to the CUDA toolkit")
-        print(f"fastsam: building fastsam._C with CUDA kernels for sm_{', sm_'.join(CUDA_ARCHS)} "
-              f"(nvcc from {ext.CUDA_HOME})", file=sys.stderr)
+        print(
+            f"fastsam: building fastsam._C with CUDA kernels for sm_{', sm_'.join(CUDA_ARCHS)} "
+            f"(nvcc from {ext.CUDA_HOME})",
+            file=sys.stderr,
+        )
         module = CUDAExtension(
-            "fastsam._C", _sources(True, absolute=False),
+            "fastsam._C",
+            _sources(True, absolute=False),
             extra_compile_args={"cxx": _cxx_flags(True), "nvcc": NVCC_FLAGS + gencode_flags()},
-            extra_link_args=LINK_FLAGS)
+            extra_link_args=LINK_FLAGS,
+        )
     else:
         print("fastsam: building fastsam._C (CPU twin only)", file=sys.stderr)
-        module = CppExtension("fastsam._C", _sources(False, absolute=False),
-                              extra_compile_args={"cxx": _cxx_flags(False)}, extra_link_args=LINK_FLAGS)
+        module = CppExtension(
+            "fastsam._C",
+            _sources(False, absolute=False),
+            extra_compile_args={"cxx": _cxx_flags(False)},
+            extra_link_args=LINK_FLAGS,
+        )
     return [module], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
@@ -175,7 +190,7 @@ def _jit_archs() -> Tuple[str, ...]:
 
     if not torch.cuda.is_available():
         return CUDA_ARCHS
-    caps = sorted({"%d%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    caps = sorted({"{}{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
     return tuple(caps)
 
 
@@ -216,19 +231,27 @@ def _jit_build(build: bool = True) -> Tuple[str, bool]:
         raise NotBuilt(f"the extension is not built yet ({BUILD_FIX})")
     missing = [n for n in _sources(cuda, absolute=True) if not os.path.exists(n)]
     if missing:
-        raise RuntimeError(f"the csrc/ sources are not next to the package ({', '.join(missing)} missing), so the "
-                           "JIT path cannot build the extension")
+        raise RuntimeError(
+            f"the csrc/ sources are not next to the package ({', '.join(missing)} missing), so the "
+            "JIT path cannot build the extension"
+        )
     os.makedirs(build_dir, exist_ok=True)
     from torch.utils.cpp_extension import load, verify_ninja_availability
 
     verify_ninja_availability()
     what = f"CPU twin + CUDA kernels for sm_{', sm_'.join(archs)}" if cuda else "CPU twin"
-    print(f"fastsam: building the C++ extension ({what}; first use, a minute or more) in {build_dir}",
-          file=sys.stderr)
-    load(name, _sources(cuda, absolute=True), extra_cflags=_cxx_flags(cuda),
-         extra_cuda_cflags=NVCC_FLAGS + gencode_flags(archs) if cuda else None,
-         extra_ldflags=LINK_FLAGS, build_directory=build_dir, with_cuda=cuda, is_python_module=False,
-         verbose=os.environ.get("FASTSAM_BUILD_VERBOSE") == "1")
+    print(f"fastsam: building the C++ extension ({what}; first use, a minute or more) in {build_dir}", file=sys.stderr)
+    load(
+        name,
+        _sources(cuda, absolute=True),
+        extra_cflags=_cxx_flags(cuda),
+        extra_cuda_cflags=NVCC_FLAGS + gencode_flags(archs) if cuda else None,
+        extra_ldflags=LINK_FLAGS,
+        build_directory=build_dir,
+        with_cuda=cuda,
+        is_python_module=False,
+        verbose=os.environ.get("FASTSAM_BUILD_VERBOSE") == "1",
+    )
     with open(stamp, "w") as f:
         f.write(key + "\n")
     return so_path, cuda
@@ -256,11 +279,14 @@ def load(build: bool = True) -> Tuple[bool, str]:
         _state.update(ok=True, why="", path=path)
     except NotBuilt as exc:
         return False, str(exc)
-    except Exception as exc:  # noqa: BLE001 - any build/load failure becomes the reason shown to the user
+    except Exception as exc:
         msg = str(exc).strip().splitlines()
         detail = msg[-1] if msg else type(exc).__name__
-        _state.update(ok=False, why=f"the fastsam C++ extension is not available ({type(exc).__name__}: {detail}); "
-                      f"{BUILD_FIX}", path=None)
+        _state.update(
+            ok=False,
+            why=f"the fastsam C++ extension is not available ({type(exc).__name__}: {detail}); {BUILD_FIX}",
+            path=None,
+        )
     return _state["ok"], _state["why"]
 
 
@@ -284,8 +310,21 @@ def nvcc_check(nvcc: Optional[str] = None, archs=CUDA_ARCHS, keep_going: bool = 
         for src in sorted(glob.glob(os.path.join(CSRC, "*.cu"))):
             for arch in archs:
                 obj = os.path.join(tmp, f"{os.path.basename(src)}.sm_{arch}.o")
-                cmd = [nvcc, "-c", src, "-o", obj, "-Xcompiler", "-fPIC", "-Werror", "all-warnings",
-                       "-std=c++17", *TORCH_NVCC_DEFINES, *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+                cmd = [
+                    nvcc,
+                    "-c",
+                    src,
+                    "-o",
+                    obj,
+                    "-Xcompiler",
+                    "-fPIC",
+                    "-Werror",
+                    "all-warnings",
+                    "-std=c++17",
+                    *TORCH_NVCC_DEFINES,
+                    *NVCC_FLAGS,
+                    f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                ]
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:
                     failures.append(f"$ {' '.join(cmd)}\n{res.stdout}{res.stderr}")
@@ -299,8 +338,17 @@ def nvcc_ptx(nvcc: Optional[str] = None, arch: str = "90", src: str = "sam_kerne
     nvcc = nvcc or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "k.ptx")
-        cmd = [nvcc, "-ptx", os.path.join(CSRC, src), "-o", out, "-std=c++17", *TORCH_NVCC_DEFINES, *NVCC_FLAGS,
-               f"-arch=compute_{arch}"]
+        cmd = [
+            nvcc,
+            "-ptx",
+            os.path.join(CSRC, src),
+            "-o",
+            out,
+            "-std=c++17",
+            *TORCH_NVCC_DEFINES,
+            *NVCC_FLAGS,
+            f"-arch=compute_{arch}",
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"$ {' '.join(cmd)}\n{res.stdout}{res.stderr}")
@@ -317,9 +365,21 @@ def ptxas_usage(nvcc: Optional[str] = None, arch: str = "90", src: str = "sam_ke
 
     nvcc = nvcc or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, "-c", os.path.join(CSRC, src), "-o", os.path.join(tmp, "k.o"), "-Xcompiler", "-fPIC",
-               "-std=c++17", *TORCH_NVCC_DEFINES, *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}",
-               "-Xptxas", "-v"]
+        cmd = [
+            nvcc,
+            "-c",
+            os.path.join(CSRC, src),
+            "-o",
+            os.path.join(tmp, "k.o"),
+            "-Xcompiler",
+            "-fPIC",
+            "-std=c++17",
+            *TORCH_NVCC_DEFINES,
+            *NVCC_FLAGS,
+            f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            "-Xptxas",
+            "-v",
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"$ {' '.join(cmd)}\n{res.stdout}{res.stderr}")
@@ -352,8 +412,10 @@ if __name__ == "__main__":
         sys.exit(1 if errs else 0)
     if sys.argv[1:2] == ["ptxas-usage"]:
         for kernel, u in sorted(ptxas_usage(arch=(sys.argv[2:] or ["90"])[0]).items()):
-            print(f"{u['registers']:4d} regs {u.get('stack', 0):4d} B stack {u.get('spill_stores', 0):4d}/"
-                  f"{u.get('spill_loads', 0):<4d} B spilled  {kernel}")
+            print(
+                f"{u['registers']:4d} regs {u.get('stack', 0):4d} B stack {u.get('spill_stores', 0):4d}/"
+                f"{u.get('spill_loads', 0):<4d} B spilled  {kernel}"
+            )
         sys.exit(0)
     print("usage: python fastsam/_build.py nvcc-check | ptxas-usage [ARCH]", file=sys.stderr)
     sys.exit(2)

@@ -7,6 +7,7 @@ and 0-d tensor scalars alike, returns the plain Python value the code stores,
 and raises an error whose message names the argument (and, for a value read
 from the environment, the variable).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,23 +46,49 @@ def _describe(value: Any) -> str:
 
 
 @overload
-def real(name: str, value: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
-         lo_open: bool = False, hi_open: bool = False, none: Literal[False] = False, env: Optional[str] = None
-         ) -> float: ...
+def real(
+    name: str,
+    value: Any,
+    *,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    none: Literal[False] = False,
+    env: Optional[str] = None,
+) -> float: ...
 @overload
-def real(name: str, value: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
-         lo_open: bool = False, hi_open: bool = False, none: bool, env: Optional[str] = None
-         ) -> Optional[float]: ...
-def real(name: str, value: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
-         lo_open: bool = False, hi_open: bool = False, none: bool = False, env: Optional[str] = None
-         ) -> Optional[float]:
+def real(
+    name: str,
+    value: Any,
+    *,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    none: bool,
+    env: Optional[str] = None,
+) -> Optional[float]: ...
+def real(
+    name: str,
+    value: Any,
+    *,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    none: bool = False,
+    env: Optional[str] = None,
+) -> Optional[float]:
     """``value`` as a finite Python float in [lo, hi] (open ends where asked); ``None`` passes when ``none``."""
     if value is None and none:
         return None
     v = _scalar(value)
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-        raise ArgumentError(f"{_where(name, env)} must be a finite real number{_range(lo, hi, lo_open, hi_open)}"
-                            f"{' or None' if none else ''}, got {_describe(value)}")
+        raise ArgumentError(
+            f"{_where(name, env)} must be a finite real number{_range(lo, hi, lo_open, hi_open)}"
+            f"{' or None' if none else ''}, got {_describe(value)}"
+        )
     v = float(v)
     if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and (v > hi or (hi_open and v == hi))):
         raise ArgumentError(f"{_where(name, env)} must be{_range(lo, hi, lo_open, hi_open)}, got {v!r}")
@@ -69,13 +96,28 @@ def real(name: str, value: Any, *, lo: Optional[float] = None, hi: Optional[floa
 
 
 @overload
-def integer(name: str, value: Any, *, lo: Optional[int] = None, hi: Optional[int] = None,
-            none: Literal[False] = False, env: Optional[str] = None) -> int: ...
+def integer(
+    name: str,
+    value: Any,
+    *,
+    lo: Optional[int] = None,
+    hi: Optional[int] = None,
+    none: Literal[False] = False,
+    env: Optional[str] = None,
+) -> int: ...
 @overload
-def integer(name: str, value: Any, *, lo: Optional[int] = None, hi: Optional[int] = None, none: bool,
-            env: Optional[str] = None) -> Optional[int]: ...
-def integer(name: str, value: Any, *, lo: Optional[int] = None, hi: Optional[int] = None, none: bool = False,
-            env: Optional[str] = None) -> Optional[int]:
+def integer(
+    name: str, value: Any, *, lo: Optional[int] = None, hi: Optional[int] = None, none: bool, env: Optional[str] = None
+) -> Optional[int]: ...
+def integer(
+    name: str,
+    value: Any,
+    *,
+    lo: Optional[int] = None,
+    hi: Optional[int] = None,
+    none: bool = False,
+    env: Optional[str] = None,
+) -> Optional[int]:
     """``value`` as a Python int in [lo, hi]: integral numbers only (``2.0`` and ``True`` are refused)."""
     if value is None and none:
         return None
@@ -84,8 +126,10 @@ def integer(name: str, value: Any, *, lo: Optional[int] = None, hi: Optional[int
     else:
         v = _scalar(value)
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise ArgumentError(f"{_where(name, env)} must be an integer{_range(lo, hi, False, False)}"
-                            f"{' or None' if none else ''}, got {_describe(value)}")
+        raise ArgumentError(
+            f"{_where(name, env)} must be an integer{_range(lo, hi, False, False)}"
+            f"{' or None' if none else ''}, got {_describe(value)}"
+        )
     v = int(v)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise ArgumentError(f"{_where(name, env)} must be an integer{_range(lo, hi, False, False)}, got {v!r}")
@@ -112,19 +156,24 @@ def flag(name: str, value: Any, *, none: bool = False) -> Optional[bool]:
 
 
 @overload
-def choice(name: str, value: Any, options: Sequence[str], *, env: Optional[str] = None,
-           none: Literal[False] = False) -> str: ...
+def choice(
+    name: str, value: Any, options: Sequence[str], *, env: Optional[str] = None, none: Literal[False] = False
+) -> str: ...
 @overload
-def choice(name: str, value: Any, options: Sequence[str], *, env: Optional[str] = None,
-           none: bool) -> Optional[str]: ...
-def choice(name: str, value: Any, options: Sequence[str], *, env: Optional[str] = None,
-           none: bool = False) -> Optional[str]:
+def choice(
+    name: str, value: Any, options: Sequence[str], *, env: Optional[str] = None, none: bool
+) -> Optional[str]: ...
+def choice(
+    name: str, value: Any, options: Sequence[str], *, env: Optional[str] = None, none: bool = False
+) -> Optional[str]:
     """``value`` if it is one of ``options`` (strings); ``None`` passes when ``none``."""
     if value is None and none:
         return None
     if not isinstance(value, str) or value not in options:
-        raise ArgumentError(f"{_where(name, env)} must be one of {', '.join(map(repr, options))}"
-                            f"{' or None' if none else ''}, got {value!r}")
+        raise ArgumentError(
+            f"{_where(name, env)} must be one of {', '.join(map(repr, options))}"
+            f"{' or None' if none else ''}, got {value!r}"
+        )
     return value
 
 

@@ -28,6 +28,7 @@ Untargeted attacks (default) ascend ``loss_fn(model(x_adv), y)``; ``targeted=Tru
 loss towards the labels ``y`` (then the target classes). The loss is summed over the batch, so
 each sample's step is that sample's own gradient direction.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,9 +48,18 @@ MODEL_MODES = ("eval", "train", None)
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _check_attack(eps: Any, alpha: Any, steps: Any, norm: Any, random_start: Any, loss_fn: Any, clamp: Any,
-                  model_mode: Any, *, alpha_none: bool = False
-                  ) -> Tuple[float, Optional[float], int, str, bool, Optional[Tuple[float, float]], Optional[str]]:
+def _check_attack(
+    eps: Any,
+    alpha: Any,
+    steps: Any,
+    norm: Any,
+    random_start: Any,
+    loss_fn: Any,
+    clamp: Any,
+    model_mode: Any,
+    *,
+    alpha_none: bool = False,
+) -> Tuple[float, Optional[float], int, str, bool, Optional[Tuple[float, float]], Optional[str]]:
     """The attack's settings as plain Python values (every number through fastsam._checks)."""
     eps = real("eps", eps, lo=0)
     alpha = real("alpha", alpha, lo=0, none=alpha_none)
@@ -72,13 +82,16 @@ def _check_batch(model: Any, x: Any, y: Any) -> None:
     if not isinstance(model, nn.Module) and not callable(model):
         raise TypeError(f"model must be a torch.nn.Module or a callable, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got "
-                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        raise TypeError(
+            f"x must be a floating-point tensor, got {x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
     if x.dim() < 1 or x.shape[0] == 0:
         raise ArgumentError(f"x must have a non-empty leading batch dimension, got shape {tuple(x.shape)}")
     if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != x.shape[0]:
-        raise ArgumentError(f"y must be a tensor with the batch size of x ({x.shape[0]}), got "
-                            f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+        raise ArgumentError(
+            f"y must be a tensor with the batch size of x ({x.shape[0]}), got "
+            f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
+        )
 
 
 def _check_inputs(x: torch.Tensor, clamp: Optional[Tuple[float, float]]) -> None:
@@ -92,7 +105,8 @@ def _check_inputs(x: torch.Tensor, clamp: Optional[Tuple[float, float]]) -> None
         raise ArgumentError(
             f"x has values in [{lo_x:g}, {hi_x:g}], outside clamp=({clamp[0]:g}, {clamp[1]:g}): the attack "
             f"would move them up to {away:g} to honour clamp, whatever eps; pass clamp=None or the "
-            "inputs' own range (e.g. the range of normalised images)")
+            "inputs' own range (e.g. the range of normalised images)"
+        )
 
 
 # ----------------------------------------------------------------------------- model state
@@ -104,13 +118,12 @@ class _ModelState:
     def __init__(self, model: Any, mode: Optional[str]) -> None:
         self.model, self.mode = model, mode
 
-    def __enter__(self) -> "_ModelState":
+    def __enter__(self) -> _ModelState:
         m = self.model
         if not isinstance(m, nn.Module):
             self.saved = None
             return self
-        self.saved = ([(mod, mod.training) for mod in m.modules()],
-                      [(b, b.detach().clone()) for b in m.buffers()])
+        self.saved = ([(mod, mod.training) for mod in m.modules()], [(b, b.detach().clone()) for b in m.buffers()])
         if self.mode is not None:
             m.train(self.mode == "train")
         return self
@@ -156,10 +169,22 @@ def _clamp(t: torch.Tensor, clamp: Optional[Tuple[float, float]]) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------- attacks
-def pgd(model: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
-        norm: str = "linf", random_start: bool = True, targeted: bool = False,
-        loss_fn: Callable = F.cross_entropy, clamp: Optional[Tuple[float, float]] = (0.0, 1.0),
-        model_mode: Optional[str] = "eval", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def pgd(
+    model: Callable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str = "linf",
+    random_start: bool = True,
+    targeted: bool = False,
+    loss_fn: Callable = F.cross_entropy,
+    clamp: Optional[Tuple[float, float]] = (0.0, 1.0),
+    model_mode: Optional[str] = "eval",
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """Projected gradient descent (Madry et al., 2018) in the L-infinity or L2 ball of radius ``eps``.
 
     Each of ``steps`` iterations moves every sample by ``alpha`` along the sign of its input
@@ -169,13 +194,13 @@ def pgd(model: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha:
     returns a copy of ``x``. See the module docstring for what is checked and restored.
     """
     eps, checked_alpha, steps, norm, random_start, clamp, model_mode = _check_attack(
-        eps, alpha, steps, norm, random_start, loss_fn, clamp, model_mode)
+        eps, alpha, steps, norm, random_start, loss_fn, clamp, model_mode
+    )
     assert checked_alpha is not None  # (alpha_none=False: None was refused)
     alpha = checked_alpha
     targeted = flag("targeted", targeted)
     _check_batch(model, x, y)
-    if generator is not None and (not isinstance(generator, torch.Generator)
-                                  or generator.device.type != x.device.type):
+    if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != x.device.type):
         got = generator.device if isinstance(generator, torch.Generator) else type(generator).__name__
         raise ArgumentError(f"generator must be a torch.Generator on x's device ({x.device}) or None, got {got}")
     _check_inputs(x, clamp)
@@ -204,19 +229,42 @@ def pgd(model: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha:
                 delta = _project(x_adv + sign * alpha * step - x0, eps, norm)
                 x_adv = _clamp(x0 + delta, clamp)
     if not bool(finite):
-        raise FloatingPointError("the input gradient of loss_fn(model(x_adv), y) was not finite (a NaN or "
-                                 "infinite loss, or NaN model outputs): no adversarial example to return")
+        raise FloatingPointError(
+            "the input gradient of loss_fn(model(x_adv), y) was not finite (a NaN or "
+            "infinite loss, or NaN model outputs): no adversarial example to return"
+        )
     return x_adv.detach()
 
 
-def fgsm(model: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
-         targeted: bool = False, loss_fn: Callable = F.cross_entropy,
-         clamp: Optional[Tuple[float, float]] = (0.0, 1.0), model_mode: Optional[str] = "eval") -> torch.Tensor:
+def fgsm(
+    model: Callable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    targeted: bool = False,
+    loss_fn: Callable = F.cross_entropy,
+    clamp: Optional[Tuple[float, float]] = (0.0, 1.0),
+    model_mode: Optional[str] = "eval",
+) -> torch.Tensor:
     """Fast gradient (sign) method (Goodfellow et al., 2015): one step of size ``eps`` from ``x``,
     ``x + eps * sign(grad)`` (``norm="l2"``: ``x + eps * grad / ||grad||``), clamped. Equal to
     ``pgd(..., alpha=eps, steps=1, random_start=False)``."""
-    return pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm=norm, random_start=False, targeted=targeted,
-               loss_fn=loss_fn, clamp=clamp, model_mode=model_mode)
+    return pgd(
+        model,
+        x,
+        y,
+        eps=eps,
+        alpha=eps,
+        steps=1,
+        norm=norm,
+        random_start=False,
+        targeted=targeted,
+        loss_fn=loss_fn,
+        clamp=clamp,
+        model_mode=model_mode,
+    )
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -228,6 +276,7 @@ class RobustAccuracy:
     every attacked input (each restart) correctly: the worst case over the points tried, so it
     is never above ``clean_acc``.
     """
+
     clean_acc: float
     robust_acc: float
     num_samples: int
@@ -235,30 +284,49 @@ class RobustAccuracy:
 
 
 def _batches(data: Any, batch_size: Optional[int]) -> Iterator[Tuple[Any, Any]]:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) \
-            and isinstance(data[1], torch.Tensor) and data[0].dim() > 0 and data[0].shape[0] == data[1].shape[0]:
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[0], torch.Tensor)
+        and isinstance(data[1], torch.Tensor)
+        and data[0].dim() > 0
+        and data[0].shape[0] == data[1].shape[0]
+    ):
         x, y = data
         bs = batch_size or x.shape[0]
         for i in range(0, x.shape[0], bs):
-            yield x[i:i + bs], y[i:i + bs]
+            yield x[i : i + bs], y[i : i + bs]
         return
     try:
         it = iter(data)
     except TypeError:
-        raise TypeError("data must be an (inputs, targets) pair of tensors or an iterable of such batches, "
-                        f"got {type(data).__name__}") from None
+        raise TypeError(
+            "data must be an (inputs, targets) pair of tensors or an iterable of such batches, "
+            f"got {type(data).__name__}"
+        ) from None
     for i, b in enumerate(it):
         if not (isinstance(b, (tuple, list)) and len(b) >= 2):
             raise TypeError(f"data batch {i} must be an (inputs, targets) pair, got {type(b).__name__}")
         yield b[0], b[1]
 
 
-def robust_accuracy(model: Callable, data: Union[Tuple[torch.Tensor, torch.Tensor], Iterable], *,
-                    eps: float, alpha: Optional[float] = None, steps: int = 10, norm: str = "linf",
-                    random_start: bool = False, restarts: int = 1, loss_fn: Callable = F.cross_entropy,
-                    clamp: Optional[Tuple[float, float]] = (0.0, 1.0), model_mode: Optional[str] = "eval",
-                    batch_size: Optional[int] = None, device: Union[torch.device, str, None] = None,
-                    seed: Optional[int] = None) -> RobustAccuracy:
+def robust_accuracy(
+    model: Callable,
+    data: Union[Tuple[torch.Tensor, torch.Tensor], Iterable],
+    *,
+    eps: float,
+    alpha: Optional[float] = None,
+    steps: int = 10,
+    norm: str = "linf",
+    random_start: bool = False,
+    restarts: int = 1,
+    loss_fn: Callable = F.cross_entropy,
+    clamp: Optional[Tuple[float, float]] = (0.0, 1.0),
+    model_mode: Optional[str] = "eval",
+    batch_size: Optional[int] = None,
+    device: Union[torch.device, str, None] = None,
+    seed: Optional[int] = None,
+) -> RobustAccuracy:
     """Clean and robust accuracy of ``model`` under untargeted PGD-``steps`` (``steps=1``,
     ``alpha=eps``, no random start is FGSM).
 
@@ -271,14 +339,15 @@ def robust_accuracy(model: Callable, data: Union[Tuple[torch.Tensor, torch.Tenso
     """
     # every setting is checked before the first batch is read
     eps, alpha, steps, norm, random_start, clamp, model_mode = _check_attack(
-        eps, alpha, steps, norm, random_start, loss_fn, clamp, model_mode, alpha_none=True)
+        eps, alpha, steps, norm, random_start, loss_fn, clamp, model_mode, alpha_none=True
+    )
     if alpha is None:
         alpha = eps if steps == 1 else eps / 4
     restarts = integer("restarts", restarts, lo=1)
     if restarts > 1 and not random_start:
         raise ArgumentError("restarts > 1 needs random_start=True (the restarts would be identical)")
     batch_size = integer("batch_size", batch_size, lo=1, none=True)
-    seed = integer("seed", seed, lo=-(2 ** 63), hi=2 ** 64 - 1, none=True)  # torch.Generator's range
+    seed = integer("seed", seed, lo=-(2**63), hi=2**64 - 1, none=True)  # torch.Generator's range
     if not isinstance(model, nn.Module) and not callable(model):
         raise TypeError(f"model must be a torch.nn.Module or a callable, got {type(model).__name__}")
     if device is None and isinstance(model, nn.Module):
@@ -296,16 +365,36 @@ def robust_accuracy(model: Callable, data: Union[Tuple[torch.Tensor, torch.Tenso
                 ok = _predict(model, x).eq(y)
             clean += int(ok.sum())
             for _ in range(restarts):
-                x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start,
-                            loss_fn=loss_fn, clamp=clamp, model_mode=None, generator=gen)
+                x_adv = pgd(
+                    model,
+                    x,
+                    y,
+                    eps=eps,
+                    alpha=alpha,
+                    steps=steps,
+                    norm=norm,
+                    random_start=random_start,
+                    loss_fn=loss_fn,
+                    clamp=clamp,
+                    model_mode=None,
+                    generator=gen,
+                )
                 with torch.no_grad():
                     ok &= _predict(model, x_adv).eq(y)
             robust += int(ok.sum())
             total += int(y.shape[0])
     if total == 0:
         raise ArgumentError("data is empty: no samples to evaluate")
-    attack = dict(eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start, restarts=restarts,
-                  clamp=clamp, model_mode=model_mode)
+    attack = dict(
+        eps=eps,
+        alpha=alpha,
+        steps=steps,
+        norm=norm,
+        random_start=random_start,
+        restarts=restarts,
+        clamp=clamp,
+        model_mode=model_mode,
+    )
     return RobustAccuracy(clean / total, robust / total, total, attack)
 
 

@@ -9,6 +9,7 @@ uses batch statistics and leaves every buffer untouched.  Unlike the common
 "set momentum to 0" trick it also leaves ``num_batches_tracked`` alone, which
 matters for ``momentum=None`` (cumulative averaging).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -34,6 +34,7 @@ The first ``warmup`` steps of each kind run eagerly (they are real training
 steps: state such as momentum buffers and the triton pointer tables must exist
 before a capture); then that kind is captured once and replayed.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
@@ -68,20 +69,25 @@ def make_capturable(opt: FusedSAM) -> None:
         dev = params[0].device
         others = sorted({str(p.device) for p in params if p.device != dev})
         if others:
-            raise ValueError(f"capturable=True needs each param group on one device (its lr tensor is read "
-                             f"there); param group {gi} spans {dev} and {', '.join(others)}: split it into one "
-                             "group per device")
+            raise ValueError(
+                f"capturable=True needs each param group on one device (its lr tensor is read "
+                f"there); param group {gi} spans {dev} and {', '.join(others)}: split it into one "
+                "group per device"
+            )
         if dev.type == "cuda":
             name = opt.backend_for(dev).NAME
             if name not in CAPTURABLE_BACKENDS:
-                raise ValueError(f"capturable=True needs backend 'triton' or 'foreach' for CUDA parameters; "
-                                 f"param group {gi} runs on {name!r}, whose kernels take the lr as a host number")
+                raise ValueError(
+                    f"capturable=True needs backend 'triton' or 'foreach' for CUDA parameters; "
+                    f"param group {gi} runs on {name!r}, whose kernels take the lr as a host number"
+                )
         lr = g["lr"]
         if not isinstance(lr, torch.Tensor):
             moves.append((g, float(lr), dev))
         elif lr.device != dev or lr.dim() != 0:
-            raise ValueError(f"param group {gi}: a tensor lr must be 0-d on {dev}, got shape "
-                             f"{tuple(lr.shape)} on {lr.device}")
+            raise ValueError(
+                f"param group {gi}: a tensor lr must be 0-d on {dev}, got shape {tuple(lr.shape)} on {lr.device}"
+            )
     for g, lr, dev in moves:
         g["lr"] = torch.tensor(lr, dtype=torch.float32, device=dev)
 
@@ -95,15 +101,20 @@ class CapturedSAMStep:
     The second pass runs under ``frozen_bn_stats(model)``.
     """
 
-    def __init__(self, model: torch.nn.Module, opt: FusedSAM, loss_fn: Callable[[Any, Any], torch.Tensor], *,
-                 warmup: int = 3) -> None:
+    def __init__(
+        self, model: torch.nn.Module, opt: FusedSAM, loss_fn: Callable[[Any, Any], torch.Tensor], *, warmup: int = 3
+    ) -> None:
         devices = {p.device.type for g in opt.param_groups for p in g["params"]}
         if devices != {"cuda"} or not torch.cuda.is_available():
-            raise ValueError("CapturedSAMStep replays CUDA graphs: every parameter must be on a CUDA device "
-                             f"(found {sorted(devices)}); on other devices call the eager step")
+            raise ValueError(
+                "CapturedSAMStep replays CUDA graphs: every parameter must be on a CUDA device "
+                f"(found {sorted(devices)}); on other devices call the eager step"
+            )
         if not any(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups):
-            raise ValueError("opt is not capturable: build it with capturable=True or call "
-                             "fastsam.cuda_graphs.make_capturable(opt) first")
+            raise ValueError(
+                "opt is not capturable: build it with capturable=True or call "
+                "fastsam.cuda_graphs.make_capturable(opt) first"
+            )
         warmup = _checks.integer("warmup", warmup, lo=1)
         self.model, self.opt, self.loss_fn, self.warmup = model, opt, loss_fn, warmup
         self._eager: Dict[bool, int] = {True: 0, False: 0}
@@ -132,7 +143,8 @@ class CapturedSAMStep:
         opt = self.opt
         scale = getattr(opt.schedule, "rho_scale", None)
         return [{k: g[k] for k in _BAKED if k in g} for g in opt.param_groups] + [
-            (opt.max_grad_norm, opt.perturb_eps, None if scale is None else float(scale(opt)))]
+            (opt.max_grad_norm, opt.perturb_eps, None if scale is None else float(scale(opt)))
+        ]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         opt = self.opt
@@ -149,9 +161,11 @@ class CapturedSAMStep:
         if graph is None:
             graph = self._capture(sam)
         elif self._hyper() != self._baked[sam]:
-            raise RuntimeError("a hyperparameter other than lr changed since this step was captured "
-                               f"({self._baked[sam]} -> {self._hyper()}); the graph would replay the old value: "
-                               "build a new CapturedSAMStep")
+            raise RuntimeError(
+                "a hyperparameter other than lr changed since this step was captured "
+                f"({self._baked[sam]} -> {self._hyper()}); the graph would replay the old value: "
+                "build a new CapturedSAMStep"
+            )
         graph.replay()
         opt.finish_step(self._flags[sam])  # what second_step counts in the eager loop; the flag the replay rewrote
         return self._loss[sam]

@@ -59,6 +59,7 @@ The closure API works too, with :func:`first_pass` around the first pass::
     opt.step(closure)
     opt.zero_grad()
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -105,7 +106,8 @@ def first_pass(model: torch.nn.Module, opt: FusedSAM) -> Iterator[None]:
     if local and dist.is_available() and dist.is_initialized() and _is_fsdp(model):
         raise ValueError(
             "perturbation='local' cannot run under FSDP2: each rank holds only a shard of the weights, so all "
-            "ranks see one perturbation; build FusedSAM with perturbation='global'")
+            "ranks see one perturbation; build FusedSAM with perturbation='global'"
+        )
     if not (local and _is_ddp(model)):
         opt.skip_reducer = None
         yield
@@ -120,8 +122,9 @@ def first_pass(model: torch.nn.Module, opt: FusedSAM) -> Iterator[None]:
     ddp.require_forward_param_sync = True
 
 
-def sam_step(model: torch.nn.Module, opt: FusedSAM, loss_fn: Callable[[Any, Any], torch.Tensor],
-             inputs: Any, targets: Any) -> torch.Tensor:
+def sam_step(
+    model: torch.nn.Module, opt: FusedSAM, loss_fn: Callable[[Any, Any], torch.Tensor], inputs: Any, targets: Any
+) -> torch.Tensor:
     """One training step of ``model`` with the SAM optimizer ``opt``; returns the first-pass loss (detached).
 
     ``loss_fn(model(inputs), targets)`` is the loss.  Gradients are cleared

@@ -9,6 +9,7 @@ conventions, the two-step form, hooks, the GradScaler protocol and the state dic
 The step itself is the core's (fastsam/core/engine.py): plan the buckets, perturb,
 update, finish, each call all or nothing, through the backends (fastsam/backends).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,18 +41,32 @@ class SAMOptimizer(Optimizer):
     core: SAMCore  # set in _setup (through __dict__: wrappers' attribute writes never rebind it)
 
     num_steps = Shared("run", "Completed optimizer steps, SAM or plain (settable, e.g. to migrate a run).")
-    sam_active_override = Shared("run", "The override ``opt.sam_active = True/False`` set (None: the schedule decides).")
+    sam_active_override = Shared(
+        "run", "The override ``opt.sam_active = True/False`` set (None: the schedule decides)."
+    )
     perturb_eps = Shared("settings", "Added to the norm in 1/(||g|| + eps), so a zero gradient gives e = 0.")
-    max_grad_norm = Shared("settings", "Clip the gradient the base optimizer steps with to this global norm (None: no clip).")
-    sam_start_step = Shared("settings", "Plain base steps until this many steps were taken, SAM afterwards (None: always SAM).")
+    max_grad_norm = Shared(
+        "settings", "Clip the gradient the base optimizer steps with to this global norm (None: no clip)."
+    )
+    sam_start_step = Shared(
+        "settings", "Plain base steps until this many steps were taken, SAM afterwards (None: always SAM)."
+    )
     schedule = Shared("settings", "An object deciding per step whether it is a SAM step (fastsam.schedules).")
 
-    def _setup(self, params: ParamsT, base_optimizer: Type[Optimizer], defaults: Dict[str, Any], base_kwargs: Dict[str, Any],
-               settings: Settings, ext: Optional[Extension]) -> None:
+    def _setup(
+        self,
+        params: ParamsT,
+        base_optimizer: Type[Optimizer],
+        defaults: Dict[str, Any],
+        base_kwargs: Dict[str, Any],
+        settings: Settings,
+        ext: Optional[Extension],
+    ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(
                 "base_optimizer must be a torch.optim.Optimizer subclass (the class, e.g. torch.optim.SGD, "
-                f"not an instance); got {base_optimizer!r}")
+                f"not an instance); got {base_optimizer!r}"
+            )
         self.__dict__["_building"] = []
         Optimizer.__init__(self, params, dict(defaults, **base_kwargs))
         groups = self.__dict__.pop("_building")
@@ -107,8 +122,10 @@ class SAMOptimizer(Optimizer):
         seen: Dict[int, int] = {}
         for i, p in enumerate(tensors):
             if id(p) in seen:
-                raise ValueError(f"param group lists parameter {seen[id(p)]} twice (again at position {i}); "
-                                 "SAM would perturb it twice")
+                raise ValueError(
+                    f"param group lists parameter {seen[id(p)]} twice (again at position {i}); "
+                    "SAM would perturb it twice"
+                )
             seen[id(p)] = i
         group.setdefault("rho", self.defaults["rho"])
         group.setdefault("adaptive", self.defaults["adaptive"])
@@ -202,8 +219,10 @@ class SAMOptimizer(Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         state = dict(state)
         if "core" not in state:
-            raise ValueError("this pickle holds an optimizer of an earlier fastsam version; rebuild the optimizer "
-                             "and load its state_dict() instead")
+            raise ValueError(
+                "this pickle holds an optimizer of an earlier fastsam version; rebuild the optimizer "
+                "and load its state_dict() instead"
+            )
         Optimizer.__setstate__(self, state)
         self.core.owner = weakref.ref(self)
 
@@ -273,21 +292,46 @@ class FusedSAM(SAMOptimizer):
     _step_supports_amp_scaling = True  # torch.amp.GradScaler.step hands over grad_scale/found_inf
     perturbation = Shared("settings", "'local' or 'global' perturbation under DDP (fastsam.distributed).")
     closure_convention = Shared("settings", "What step(closure) expects of the closure: 'auto', 'sam' or 'torch'.")
-    skip_reducer = Shared("settings", "Called with the first pass's skip flag before the perturbation "
-                                      "(fastsam.distributed reduces it over DDP ranks); not saved.")
+    skip_reducer = Shared(
+        "settings",
+        "Called with the first pass's skip flag before the perturbation "
+        "(fastsam.distributed reduces it over DDP ranks); not saved.",
+    )
 
-    def __init__(self, params: ParamsT, base_optimizer: Type[Optimizer], rho: float = 0.05, adaptive: bool = False, *,
-                 perturb_eps: float = 1e-12, max_grad_norm: Optional[float] = None, backend: str = "auto",
-                 sam_start_step: Optional[int] = None, perturbation: str = "local", schedule: Any = None,
-                 closure_convention: str = "auto", capturable: bool = False,
-                 extension: Optional[Extension] = None, **kwargs: Any) -> None:
-        settings = Settings(perturb_eps=perturb_eps, max_grad_norm=max_grad_norm, sam_start_step=sam_start_step,
-                            schedule=schedule, perturbation=perturbation, closure_convention=closure_convention,
-                            backend=backend, capturable=capturable, skip_reducer=None)
+    def __init__(
+        self,
+        params: ParamsT,
+        base_optimizer: Type[Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        perturb_eps: float = 1e-12,
+        max_grad_norm: Optional[float] = None,
+        backend: str = "auto",
+        sam_start_step: Optional[int] = None,
+        perturbation: str = "local",
+        schedule: Any = None,
+        closure_convention: str = "auto",
+        capturable: bool = False,
+        extension: Optional[Extension] = None,
+        **kwargs: Any,
+    ) -> None:
+        settings = Settings(
+            perturb_eps=perturb_eps,
+            max_grad_norm=max_grad_norm,
+            sam_start_step=sam_start_step,
+            schedule=schedule,
+            perturbation=perturbation,
+            closure_convention=closure_convention,
+            backend=backend,
+            capturable=capturable,
+            skip_reducer=None,
+        )
         defaults = dict(rho=_checks.real("rho", rho, lo=0), adaptive=_checks.flag("adaptive", adaptive))
         self._setup(params, base_optimizer, defaults, kwargs, settings, extension)
         if settings.capturable:  # every group's lr in a 0-d device tensor the kernels read
             from .cuda_graphs import make_capturable
+
             make_capturable(self)
 
     @property
@@ -474,9 +518,11 @@ class FusedSAM(SAMOptimizer):
             self.second_step()
             return None
         if closure is None:
-            msg = ("FusedSAM.step() was called without a closure and without first_step() while SAM is active: "
-                   "a SAM step needs a second forward+backward pass at w + e.  Pass step(closure) or call "
-                   "first_step() after the first backward and step()/second_step() after the second.")
+            msg = (
+                "FusedSAM.step() was called without a closure and without first_step() while SAM is active: "
+                "a SAM step needs a second forward+backward pass at w + e.  Pass step(closure) or call "
+                "first_step() after the first backward and step()/second_step() after the second."
+            )
             if run.grad_scale is not None or run.scaler_found_inf is not None:
                 msg += lightning.FP16_RECIPE
             raise RuntimeError(msg)
@@ -504,7 +550,7 @@ class FusedSAM(SAMOptimizer):
         if marks is None or len(marks) != len(grads) or any(ref() is not t for (ref, _), t in zip(marks, grads)):
             return False  # new gradient tensors: a first pass ran
         if self._marks_hold():
-            return True   # the very gradients the last step ended with
+            return True  # the very gradients the last step ended with
         # The same tensors, changed in place: zero_grad(set_to_none=False), perhaps followed by a
         # backward.  Only their values tell: all zero means nobody ran a first pass.
         return not any(bool(t.any()) for t in grads)
@@ -517,8 +563,11 @@ class FusedSAM(SAMOptimizer):
         """Whether the gradients are the very tensors (and versions) the last step(closure) ended with."""
         marks = self.core.run.last_grads
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return (marks is not None and len(marks) == len(grads)
-                and all(ref() is t and t._version == v for (ref, v), t in zip(marks, grads)))
+        return (
+            marks is not None
+            and len(marks) == len(grads)
+            and all(ref() is t and t._version == v for (ref, v), t in zip(marks, grads))
+        )
 
     def __getstate__(self) -> Dict[str, Any]:
         # The marks are weak references, not copied: the copy marks its own copies of the gradients.
@@ -534,8 +583,16 @@ class FusedSAM(SAMOptimizer):
     def _mark_grads(self) -> None:
         """What the next step(closure) compares against to tell the conventions apart."""
         run = self.core.run
-        run.last_grads = ([(weakref.ref(p.grad), p.grad._version) for g in self.param_groups for p in g["params"]
-                           if p.grad is not None] if self.core.settings.closure_convention == "auto" else None)
+        run.last_grads = (
+            [
+                (weakref.ref(p.grad), p.grad._version)
+                for g in self.param_groups
+                for p in g["params"]
+                if p.grad is not None
+            ]
+            if self.core.settings.closure_convention == "auto"
+            else None
+        )
 
     @contextlib.contextmanager
     def sam_forced(self, active: bool) -> Iterator[None]:
@@ -556,5 +613,7 @@ class FusedSAM(SAMOptimizer):
 
 def _check_produced(param_groups: List[Dict[str, Any]], what: str) -> None:
     if not any(p.grad is not None for g in param_groups for p in g["params"]):
-        raise RuntimeError(f"{what} left no gradient on any parameter: a SAM step needs one from each pass "
-                           "(call loss.backward() there)")
+        raise RuntimeError(
+            f"{what} left no gradient on any parameter: a SAM step needs one from each pass "
+            "(call loss.backward() there)"
+        )

@@ -39,6 +39,7 @@ in ``load_state_dict``, which checks the whole state dict before it changes
 anything.  Numbers may be Python, NumPy or 0-d tensor scalars and are stored as
 Python numbers; a bad value raises ``ValueError`` naming the setting.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ from ._checks import ArgumentError, integer, real
 
 __all__ = ["LatePhase", "Interval", "RandomSwitch", "Adaptive"]
 
-_SEED_RANGE = {"lo": -(2 ** 63), "hi": 2 ** 64 - 1}  # torch.Generator.manual_seed's
+_SEED_RANGE = {"lo": -(2**63), "hi": 2**64 - 1}  # torch.Generator.manual_seed's
 
 
 class _Setting:
@@ -81,7 +82,7 @@ def _fraction_steps(total_steps: Any) -> int:
 class _Schedule:
     _SETTINGS: Tuple[str, ...] = ()  # the settings, in constructor order
     _STATE: Dict[str, Callable[[str, Any], Any]] = {}  # other state_dict entries and their checks
-    _SHOWN: Tuple[str, ...] = ()     # other attributes the repr shows
+    _SHOWN: Tuple[str, ...] = ()  # other attributes the repr shows
 
     def _consistent(self, **changed: Any) -> None:
         """Relations between settings, with ``changed`` in place of the current values."""
@@ -96,8 +97,7 @@ class _Schedule:
             raise ArgumentError(f"{kind}.load_state_dict takes a dict, got {type(d).__name__}")
         missing = [k for k in checks if k not in d]
         if missing:
-            raise ArgumentError(f"{kind} state_dict has no {', '.join(map(repr, missing))} "
-                                f"(not a {kind} state dict?)")
+            raise ArgumentError(f"{kind} state_dict has no {', '.join(map(repr, missing))} (not a {kind} state dict?)")
         values = {k: check(f"{kind} state_dict[{k!r}]", d[k]) for k, check in checks.items()}
         self._consistent(**{n: values[n] for n in self._SETTINGS})
         return values
@@ -161,8 +161,10 @@ class Interval(_Schedule):
 
 def _needs_total_steps(end_name: str, end: Any, total_steps: Any) -> None:
     if end is not None and total_steps is None:
-        raise ArgumentError(f"{end_name}={end!r} needs total_steps (the steps over which it is reached); "
-                            f"set total_steps first, or {end_name}=None for a constant schedule")
+        raise ArgumentError(
+            f"{end_name}={end!r} needs total_steps (the steps over which it is reached); "
+            f"set total_steps first, or {end_name}=None for a constant schedule"
+        )
 
 
 class RandomSwitch(_Schedule):
@@ -181,8 +183,9 @@ class RandomSwitch(_Schedule):
     p_end = _Setting(lambda n, v: real(n, v, lo=0, hi=1, none=True))
     total_steps = _Setting(lambda n, v: integer(n, v, lo=1, none=True))
 
-    def __init__(self, p: float = 0.5, p_end: Optional[float] = None, total_steps: Optional[int] = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, p: float = 0.5, p_end: Optional[float] = None, total_steps: Optional[int] = None, seed: int = 0
+    ) -> None:
         self._p_end = self._total_steps = None  # read by _consistent before they are set
         self.p, self.total_steps, self.p_end = p, total_steps, p_end
         self.generator = torch.Generator(device="cpu")
@@ -222,8 +225,9 @@ class RandomSwitch(_Schedule):
         try:  # on a scratch generator first: a malformed state must not reach ours
             torch.Generator(device="cpu").set_state(d["generator"])
         except (KeyError, TypeError, RuntimeError) as e:
-            raise ArgumentError(f"RandomSwitch state_dict['generator'] must be a CPU torch.Generator state "
-                                f"(generator.get_state()): {e}") from None
+            raise ArgumentError(
+                f"RandomSwitch state_dict['generator'] must be a CPU torch.Generator state (generator.get_state()): {e}"
+            ) from None
         self._assign(values)
         self.generator.set_state(d["generator"])
 
@@ -244,7 +248,9 @@ def grad_sq_norm(opt: Any) -> float:
                 lists.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
     total = 0.0
     for ts in lists.values():
-        norms = torch._foreach_norm(ts, 2, dtype=torch.float64)  # float64: a finite gradient's squares may overflow float32
+        norms = torch._foreach_norm(
+            ts, 2, dtype=torch.float64
+        )  # float64: a finite gradient's squares may overflow float32
         total += float(torch.stack(norms).pow(2).sum())
     return total
 
@@ -266,11 +272,21 @@ class Adaptive(_Schedule):
     c_end = _Setting(lambda n, v: real(n, v, none=True))
     total_steps = _Setting(lambda n, v: integer(n, v, lo=1, none=True))
     warmup = _Setting(lambda n, v: integer(n, v, lo=0))
-    _STATE = {"mean": lambda n, v: real(n, v), "var": lambda n, v: real(n, v, lo=0),
-              "count": lambda n, v: integer(n, v, lo=0), "sam_steps": lambda n, v: integer(n, v, lo=0)}
+    _STATE = {
+        "mean": lambda n, v: real(n, v),
+        "var": lambda n, v: real(n, v, lo=0),
+        "count": lambda n, v: integer(n, v, lo=0),
+        "sam_steps": lambda n, v: integer(n, v, lo=0),
+    }
 
-    def __init__(self, delta: float = 0.9, c: float = 0.0, c_end: Optional[float] = None,
-                 total_steps: Optional[int] = None, warmup: int = 1) -> None:
+    def __init__(
+        self,
+        delta: float = 0.9,
+        c: float = 0.0,
+        c_end: Optional[float] = None,
+        total_steps: Optional[int] = None,
+        warmup: int = 1,
+    ) -> None:
         self._c_end = self._total_steps = None  # read by _consistent before they are set
         self.delta, self.c, self.total_steps, self.c_end, self.warmup = delta, c, total_steps, c_end, warmup
         self.mean = 0.0
@@ -305,6 +321,8 @@ class Adaptive(_Schedule):
     def load_state_dict(self, d: Dict[str, Any]) -> None:
         values = self._checked_state(d)
         if values["sam_steps"] > values["count"]:
-            raise ArgumentError(f"Adaptive state_dict['sam_steps'] ({values['sam_steps']}) cannot exceed "
-                                f"state_dict['count'] ({values['count']})")
+            raise ArgumentError(
+                f"Adaptive state_dict['sam_steps'] ({values['sam_steps']}) cannot exceed "
+                f"state_dict['count'] ({values['count']})"
+            )
         self._assign(values)

@@ -13,6 +13,7 @@ Backend-specific behaviour (triton's tables and launch counts, the cpp
 extension's build, meta kernels and thread-count independence) is in
 tests/test_triton_internals.py and tests/test_cpp_internals.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,14 +27,20 @@ from fastsam.backends import _common
 from fastsam.backends._common import FACTOR, SKIP, Epilogue
 
 from .conftest import CPU_BACKENDS
-from .tensor_lists import assert_bitwise as _assert_bitwise, assert_close as _assert_close, clone as _clone
+from .tensor_lists import assert_bitwise as _assert_bitwise
+from .tensor_lists import assert_close as _assert_close
+from .tensor_lists import clone as _clone
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (rtol, atol) against the float64 reference: a few units in the last place of the
 # storage dtype.  foreach is held to the same: its fp16/bf16 axpby computes in float32 and
 # rounds once (the contract; it used to round a * x before the add, 6e-2 off in bf16).
-TOL = {torch.float32: (2e-5, 2e-6), torch.float64: (1e-12, 1e-14),
-       torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+TOL = {
+    torch.float32: (2e-5, 2e-6),
+    torch.float64: (1e-12, 1e-14),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
 FOREACH_TOL = TOL
 
 
@@ -248,8 +255,15 @@ def test_restore_sgd_step(be, seed, dtype, case, clip, restore_from):
     p, g, c = _like(shapes, dtype), _like(shapes, dtype), _like(shapes, dtype)
     bufs = _like(shapes, dtype) if momentum else []
     src = _clone(c) if restore_from == "copies" else _clone(p)
-    kw = dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd,
-              maximize=maximize, first=first)
+    kw = dict(
+        lr=0.1,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=wd,
+        maximize=maximize,
+        first=first,
+    )
     gs = _flag(0.37, dtype) if clip else None
     b0 = _clone(bufs)
     be.restore_sgd_step(p, g, c if restore_from == "copies" else [], bufs, grad_scale=gs, skip=_flag(0, dtype), **kw)
@@ -267,8 +281,21 @@ def test_restore_sgd_step_skip_is_restore_only(be, seed, dtype, momentum, first)
     p, g, c = _like(shapes, dtype), _like(shapes, dtype), _like(shapes, dtype)
     bufs = _like(shapes, dtype) if momentum else []
     b0 = _clone(bufs)
-    be.restore_sgd_step(p, g, c, bufs, lr=0.1, momentum=momentum, dampening=0.0, nesterov=False,
-                        weight_decay=1e-4, maximize=False, first=first, grad_scale=None, skip=_flag(1, dtype))
+    be.restore_sgd_step(
+        p,
+        g,
+        c,
+        bufs,
+        lr=0.1,
+        momentum=momentum,
+        dampening=0.0,
+        nesterov=False,
+        weight_decay=1e-4,
+        maximize=False,
+        first=first,
+        grad_scale=None,
+        skip=_flag(1, dtype),
+    )
     _assert_bitwise(p, c)  # restored, not stepped
     _assert_bitwise(bufs, b0)
 
@@ -290,8 +317,8 @@ def _ref_adam(p, g, m, v, steps, *, lr, beta1, beta2, eps, weight_decay, decoupl
                 gi = gi + weight_decay * w
         mi = (mi + (1 - beta1) * (gi - mi)).to(dtype).double()
         vi = (vi * beta2 + (1 - beta2) * gi * gi).to(dtype).double()
-        denom = vi.sqrt() / math.sqrt(1 - beta2 ** t) + eps
-        w = w - lr / (1 - beta1 ** t) * mi / denom
+        denom = vi.sqrt() / math.sqrt(1 - beta2**t) + eps
+        w = w - lr / (1 - beta1**t) * mi / denom
         for o, x in zip(out, (w, mi, vi)):
             o.append(x)
     return out
@@ -302,13 +329,16 @@ ADAM_CASES = [(0.0, False, False), (1e-2, False, True), (1e-2, True, False)]  # 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ADAM_CASES, ids=lambda c: "wd{}_decoupled{}_max{}".format(*c))
-@pytest.mark.parametrize("restore_from,step_dtype,clip", [("copies", torch.float32, True),
-                                                           ("nothing", torch.float64, False)])
+@pytest.mark.parametrize(
+    "restore_from,step_dtype,clip", [("copies", torch.float32, True), ("nothing", torch.float64, False)]
+)
 def test_restore_adam_step(be, seed, dtype, case, clip, restore_from, step_dtype):
     _need(be, dtype)
     if be.NAME == "foreach" and dtype in (torch.float16, torch.bfloat16):
-        pytest.skip("fp16/bf16 foreach rounds exp_avg_sq before the sqrt (tiny v underflows to 0 there): "
-                    "covered end to end in tests/test_optim_parity.py")
+        pytest.skip(
+            "fp16/bf16 foreach rounds exp_avg_sq before the sqrt (tiny v underflows to 0 there): "
+            "covered end to end in tests/test_optim_parity.py"
+        )
     wd, decoupled, maximize = case
     shapes = _shapes()
     p, g, c = _like(shapes, dtype), _like(shapes, dtype), _like(shapes, dtype)
@@ -319,8 +349,9 @@ def test_restore_adam_step(be, seed, dtype, case, clip, restore_from, step_dtype
     gs = _flag(0.37, dtype) if clip else None
     ref = _ref_adam(src, g, m, v, steps, gs=float(gs) if clip else 1.0, **kw)
     old_steps = [float(s) for s in steps]
-    be.restore_adam_step(p, g, c if restore_from == "copies" else [], m, v, steps, grad_scale=gs,
-                         skip=_flag(0, dtype), **kw)
+    be.restore_adam_step(
+        p, g, c if restore_from == "copies" else [], m, v, steps, grad_scale=gs, skip=_flag(0, dtype), **kw
+    )
     for what, got, exp in zip(("params", "exp_avgs", "exp_avg_sqs"), (p, m, v), ref):
         _assert_close(got, exp, _tol(be, dtype), what)
     assert [float(s) for s in steps] == [s + 1 for s in old_steps]
@@ -335,8 +366,23 @@ def test_restore_adam_step_skip_is_restore_only(be, seed, dtype):
     m, v = _like(shapes, dtype), _like(shapes, dtype, positive=True)
     steps = [torch.tensor(3.0) for _ in shapes]
     state0 = [_clone(x) for x in (m, v, steps)]
-    be.restore_adam_step(p, g, c, m, v, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                         decoupled=True, maximize=False, grad_scale=None, skip=_flag(1, dtype))
+    be.restore_adam_step(
+        p,
+        g,
+        c,
+        m,
+        v,
+        steps,
+        lr=1e-3,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        decoupled=True,
+        maximize=False,
+        grad_scale=None,
+        skip=_flag(1, dtype),
+    )
     _assert_bitwise(p, c)
     for now, before in zip((m, v, steps), state0):
         _assert_bitwise(now, before)
@@ -350,12 +396,39 @@ def test_copies_that_are_the_params_are_refused(be):
     g = _clone(p)
     z = torch.tensor(0.0)
     with pytest.raises(ValueError, match="parameter itself"):
-        be.restore_sgd_step(p, g, c, [], lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                            maximize=False, first=False, grad_scale=None, skip=z)
+        be.restore_sgd_step(
+            p,
+            g,
+            c,
+            [],
+            lr=0.1,
+            momentum=0.0,
+            dampening=0.0,
+            nesterov=False,
+            weight_decay=0.0,
+            maximize=False,
+            first=False,
+            grad_scale=None,
+            skip=z,
+        )
     with pytest.raises(ValueError, match="parameter itself"):
-        be.restore_adam_step(p, g, c, _clone(p), _clone(p), [z.clone(), z.clone()], lr=0.1, beta1=0.9,
-                             beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False, maximize=False,
-                             grad_scale=None, skip=z)
+        be.restore_adam_step(
+            p,
+            g,
+            c,
+            _clone(p),
+            _clone(p),
+            [z.clone(), z.clone()],
+            lr=0.1,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            decoupled=False,
+            maximize=False,
+            grad_scale=None,
+            skip=z,
+        )
 
 
 def test_empty_lists_and_zero_size_are_noops(be):
@@ -363,16 +436,59 @@ def test_empty_lists_and_zero_size_are_noops(be):
     sc = torch.zeros(2)
     be.perturb([], [], [], sc, 0.05, False)
     be.restore([], [])
-    be.restore_sgd_step([], [], [], [], lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0,
-                        maximize=False, first=False, grad_scale=None, skip=z)
-    be.restore_adam_step([], [], [], [], [], [], lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                         decoupled=False, maximize=False, grad_scale=None, skip=z)
+    be.restore_sgd_step(
+        [],
+        [],
+        [],
+        [],
+        lr=0.1,
+        momentum=0.9,
+        dampening=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        maximize=False,
+        first=False,
+        grad_scale=None,
+        skip=z,
+    )
+    be.restore_adam_step(
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        lr=0.1,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        decoupled=False,
+        maximize=False,
+        grad_scale=None,
+        skip=z,
+    )
     assert float(be.grad_sq_norm([])) == 0.0
     e = [torch.empty(0), torch.empty(3, 0)]
     be.perturb(e, _clone(e), _clone(e), sc, 0.05, True)
     steps = [torch.tensor(1.0), torch.tensor(1.0)]
-    be.restore_adam_step(e, _clone(e), _clone(e), _clone(e), _clone(e), steps, lr=0.1, beta1=0.9, beta2=0.999,
-                         eps=1e-8, weight_decay=0.0, decoupled=False, maximize=False, grad_scale=None, skip=z)
+    be.restore_adam_step(
+        e,
+        _clone(e),
+        _clone(e),
+        _clone(e),
+        _clone(e),
+        steps,
+        lr=0.1,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        decoupled=False,
+        maximize=False,
+        grad_scale=None,
+        skip=z,
+    )
     assert [float(s) for s in steps] == [2.0, 2.0]  # a step was taken, on no elements
 
 
@@ -479,8 +595,10 @@ def test_axpby_rounds_each_operation_as_torch_does(be, dtype, into):
     bf16 elements.)"""
     _need(be, dtype)
     if be.NAME == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("the Triton interpreter's float32 -> bfloat16 cast truncates (half the elements one ulp "
-                    "off): a property of the interpreter, not of the kernel; checked on a GPU")
+        pytest.skip(
+            "the Triton interpreter's float32 -> bfloat16 cast truncates (half the elements one ulp "
+            "off): a property of the interpreter, not of the kernel; checked on a GPU"
+        )
     g = torch.Generator(device="cpu").manual_seed(0)  # drawn on the CPU, whatever the test's device
     x = torch.randn(100_003, generator=g, device="cpu").to(dtype=dtype, device=torch.get_default_device())
     y = torch.randn(100_003, generator=g, device="cpu").to(dtype=dtype, device=torch.get_default_device())
@@ -619,6 +737,7 @@ def test_variant_ops_do_not_synchronise(be, seed):
 def test_foreach_dot_sq_norms_multi_tensor_form(seed, dtype):
     """The foreach backend's form for non-CPU devices (no flat copies), run here on CPU tensors."""
     from fastsam.backends import foreach
+
     shapes = _shapes()
     xs, ys = _like(shapes, dtype), _like(shapes, dtype, 3.0)
     for x, y in ((xs, ys), (xs, xs)):
@@ -634,12 +753,14 @@ def test_variant_ops_as_torch_operators(seed):
     coefs = torch.tensor([0.5, 2.0, 0.0])
     if "triton" in names:
         from fastsam.backends import triton as tb  # noqa: F401  (registers the custom ops)
+
         torch.library.opcheck(torch.ops.fastsam.triton_dot_sq_norms.default, (xs, ys, None))
         torch.library.opcheck(torch.ops.fastsam.triton_axpby.default, (xs, ys, coefs, _clone(xs)))
         got = torch.ops.fastsam.triton_dot_sq_norms(xs, ys, torch.ones(3))
         _assert_dot(got, xs, ys, torch.float32, acc=torch.ones(3))
     if "cpp" in names:
         from fastsam.backends import cpp
+
         cpp._fastsam_ops()
         meta = [torch.empty(5, device="meta"), torch.empty(3, 2, device="meta")]
         out = torch.ops.fastsam.dot_sq_norms(meta, meta, None)

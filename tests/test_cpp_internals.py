@@ -6,8 +6,8 @@ malformed calls raise (in C++) before writing, the meta kernels give fake
 outputs, the operators trace under torch.compile, and a few FusedSAM steps on
 cpp equal those on foreach.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
@@ -15,7 +15,9 @@ import torch
 from fastsam.backends import cpp
 
 from .reference import train_mlp_with_fused_sam
-from .tensor_lists import assert_bitwise as _assert_bitwise, assert_close as _assert_close, clone as _clone
+from .tensor_lists import assert_bitwise as _assert_bitwise
+from .tensor_lists import assert_close as _assert_close
+from .tensor_lists import clone as _clone
 
 CPU = torch.device("cpu")
 AVAILABLE, WHY = cpp.is_available(CPU)
@@ -102,10 +104,16 @@ def test_ops_trace_under_torch_compile(seed):
 
 
 @needs_ext
-@pytest.mark.parametrize("base,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
-                                     (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2))])
+@pytest.mark.parametrize(
+    "base,kw",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
+        (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
+    ],
+)
 def test_fused_sam_cpp_matches_foreach(seed, base, kw):
     """A few FusedSAM steps: backend cpp against backend foreach, same data."""
+
     def run(backend):
         return train_mlp_with_fused_sam(backend, base, kw, seed)
 

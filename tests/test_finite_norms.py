@@ -14,6 +14,7 @@ Checked on every CPU backend (foreach, cpp, triton under the interpreter), fp32 
 variants that take a norm (GSAM, LookSAM, FriendlySAM, MomentumSAM) through scale
 invariance: their steps on g * 2^66 with lr * 2^-66 equal their steps on g.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,12 +30,13 @@ from .conftest import CPU_BACKENDS
 SHAPES = [(7,), (1023,), (3, 5, 7), (2049,), (33, 31), (1,)]
 RHOS = (0.05, 0.1)  # group 0 holds the first three tensors, group 1 the rest
 LR = 0.1
-EPS = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8}
+EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
 KINDS = ["1e20", "3e38", "mixed"]
 
 
 def _need(backend, dtype):
     from fastsam import backends
+
     if not backends.get(backend).supports(dtype):
         pytest.skip(f"{backend} does not take {dtype}")
 
@@ -62,8 +64,10 @@ def _params(dtype, gen, shapes=SHAPES, zero_first=False):
 
 
 def _groups(params, adaptive):
-    return [{"params": params[:3], "rho": RHOS[0], "adaptive": adaptive},
-            {"params": params[3:], "rho": RHOS[1], "adaptive": adaptive}]
+    return [
+        {"params": params[:3], "rho": RHOS[0], "adaptive": adaptive},
+        {"params": params[3:], "rho": RHOS[1], "adaptive": adaptive},
+    ]
 
 
 def _rhos():
@@ -86,8 +90,10 @@ def _assert_within(got, ref, scale, dtype, ulps, what):
         bound = ulps * EPS[dtype] * s + 1.2e-38
         assert torch.isfinite(x).all(), f"{what}[{i}]: non-finite values"
         bad = err > bound
-        assert not bad.any(), (f"{what}[{i}]: {int(bad.sum())} elements off, worst {float((err / bound).max()):.3g}x "
-                               f"the bound (got {x.double()[bad][:3].tolist()}, want {r[bad][:3].tolist()})")
+        assert not bad.any(), (
+            f"{what}[{i}]: {int(bad.sum())} elements off, worst {float((err / bound).max()):.3g}x "
+            f"the bound (got {x.double()[bad][:3].tolist()}, want {r[bad][:3].tolist()})"
+        )
 
 
 def _skipped(opt):
@@ -104,16 +110,16 @@ def test_huge_finite_gradients_are_not_skipped(backend, dtype, adaptive, kind, c
     gen = torch.Generator().manual_seed(seed)
     params = _params(dtype, gen, zero_first=not adaptive)
     w0 = [p.detach().clone() for p in params]
-    opt = FusedSAM(_groups(params, adaptive), torch.optim.SGD, lr=LR, momentum=0.9, backend=backend,
-                   max_grad_norm=clip)
+    opt = FusedSAM(_groups(params, adaptive), torch.optim.SGD, lr=LR, momentum=0.9, backend=backend, max_grad_norm=clip)
     g1 = _grads(kind, dtype, gen)
     for p, g in zip(params, g1):
         p.grad = g.clone()
     opt.first_step()
     ref, es = _ref_perturbed(w0, g1, adaptive)
     # w + e rounds once to the storage dtype, after e's float32 rounding: a few ulps of |w| + |e|
-    _assert_within([p.detach() for p in params], ref, [w.double().abs() + e.abs() for w, e in zip(w0, es)],
-                   dtype, 4, "w + e")
+    _assert_within(
+        [p.detach() for p in params], ref, [w.double().abs() + e.abs() for w, e in zip(w0, es)], dtype, 4, "w + e"
+    )
     if not adaptive:  # w = 0: the perturbation itself, to float32 rounding of e
         _assert_within([params[0].detach()], [es[0]], [es[0].abs()], dtype, 4, "e")
     g2 = _grads(kind, dtype, gen)
@@ -129,8 +135,14 @@ def test_huge_finite_gradients_are_not_skipped(backend, dtype, adaptive, kind, c
     # SGD's first momentum step: buf = g * coef, w <- w - lr * buf (buf rounded to the dtype, as torch does)
     bufs = [(g * coef).to(dtype).double() for g in g64]
     ref = [w.double() - LR * b for w, b in zip(w0, bufs)]
-    _assert_within([p.detach() for p in params], ref, [w.double().abs() + LR * b.abs() for w, b in zip(w0, bufs)],
-                   dtype, 4, "w - lr g")
+    _assert_within(
+        [p.detach() for p in params],
+        ref,
+        [w.double().abs() + LR * b.abs() for w, b in zip(w0, bufs)],
+        dtype,
+        4,
+        "w - lr g",
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -149,8 +161,10 @@ def test_restore_after_a_huge_perturbation_is_exact(backend, dtype, adaptive, ki
     assert any(not torch.equal(p, w) for p, w in zip(params, w0)), "nothing was perturbed"
     opt.undo_first_step()
     for p, w in zip(params, w0):
-        assert torch.equal(p.detach().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                           w.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+        assert torch.equal(
+            p.detach().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+            w.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -202,16 +216,18 @@ def test_grad_sq_norm_is_float64(backend, seed):
 
 
 # ------------------------------------------------------------------ the variants: scale invariance
-SCALE = 2.0 ** 66  # g * 2^66: elements ~7e19, squares ~5e39 (float32 overflows at 3.4e38)
+SCALE = 2.0**66  # g * 2^66: elements ~7e19, squares ~5e39 (float32 overflows at 3.4e38)
 
 
 def _variant(name, groups, backend, lr):
     if name == "gsam":
-        return GSAM(groups, torch.optim.SGD, lr=lr, momentum=0.9, alpha=0.3, backend=backend,
-                    closure_convention="torch")
+        return GSAM(
+            groups, torch.optim.SGD, lr=lr, momentum=0.9, alpha=0.3, backend=backend, closure_convention="torch"
+        )
     if name == "looksam":
-        return LookSAM(groups, torch.optim.SGD, lr=lr, momentum=0.9, k=2, alpha=0.7, backend=backend,
-                       closure_convention="torch")
+        return LookSAM(
+            groups, torch.optim.SGD, lr=lr, momentum=0.9, k=2, alpha=0.7, backend=backend, closure_convention="torch"
+        )
     if name == "friendly":
         return FriendlySAM(groups, torch.optim.SGD, lr=lr, momentum=0.9, backend=backend, closure_convention="torch")
     return MomentumSAM(groups, torch.optim.SGD, lr=lr, momentum=0.9, backend=backend)
@@ -255,6 +271,7 @@ def test_variants_are_scale_invariant_beyond_float32s_squares(name, backend, ada
 @pytest.mark.parametrize("s", [1e-42, -3e-39, 1.1754943508222875e-38, 1e-3, 1.0, 5e-60, 3.5e38, -1e39])
 def test_split_scale(s):
     from fastsam.backends._common import F32_TINY, split_scale
+
     hi, lo = split_scale(s)
     assert hi * lo == pytest.approx(s, rel=1e-15)
     assert math.log2(lo) == int(math.log2(lo))  # a power of two: exact
@@ -266,6 +283,7 @@ def test_split_scale(s):
 def _op_case(backend, host_reads, monkeypatch):
     from fastsam import backends
     from fastsam.backends import _common
+
     if not host_reads and backend != "foreach":
         pytest.skip("the device path without host reads is foreach's")
     monkeypatch.setattr(_common, "HOST_READS", host_reads)
@@ -277,8 +295,9 @@ def _op_case(backend, host_reads, monkeypatch):
 @pytest.mark.parametrize("factor", [1e-42, 3e-39, 2e-30])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_perturb_applies_a_float64_factor_below_float32s_range(backend, host_reads, factor, adaptive, dtype,
-                                                               monkeypatch, seed):
+def test_perturb_applies_a_float64_factor_below_float32s_range(
+    backend, host_reads, factor, adaptive, dtype, monkeypatch, seed
+):
     _need(backend, dtype)
     be = _op_case(backend, host_reads, monkeypatch)
     gen = torch.Generator().manual_seed(seed)
@@ -293,8 +312,14 @@ def test_perturb_applies_a_float64_factor_below_float32s_range(backend, host_rea
     for c, t in zip(copies, w0):
         assert torch.equal(c, t)
     es = [rho * factor * gi.double() * (wi.double() ** 2 if adaptive else 1.0) for gi, wi in zip(g, w0)]
-    _assert_within(w, [wi.double() + e for wi, e in zip(w0, es)], [wi.double().abs() + e.abs() for wi, e in zip(w0, es)],
-                   dtype, 4, "w + e")
+    _assert_within(
+        w,
+        [wi.double() + e for wi, e in zip(w0, es)],
+        [wi.double().abs() + e.abs() for wi, e in zip(w0, es)],
+        dtype,
+        4,
+        "w + e",
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -302,8 +327,9 @@ def test_perturb_applies_a_float64_factor_below_float32s_range(backend, host_rea
 @pytest.mark.parametrize("factor", [1e-42, 3e-39, 0.25])
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("base", ["sgd", "adam"])
-def test_steps_apply_a_float64_clip_factor_below_float32s_range(backend, host_reads, factor, maximize, base,
-                                                                monkeypatch, seed):
+def test_steps_apply_a_float64_clip_factor_below_float32s_range(
+    backend, host_reads, factor, maximize, base, monkeypatch, seed
+):
     be = _op_case(backend, host_reads, monkeypatch)
     gen = torch.Generator().manual_seed(seed)
     shapes = [(7,), (1023,), (33, 31)]
@@ -312,13 +338,41 @@ def test_steps_apply_a_float64_clip_factor_below_float32s_range(backend, host_re
     gs, skip = torch.tensor(factor, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
     d = [(-1.0 if maximize else 1.0) * factor * gi.double() for gi in g]  # the gradient the step sees
     if base == "sgd":
-        be.restore_sgd_step(p, g, [], [], lr=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                            maximize=maximize, first=True, grad_scale=gs, skip=skip)
+        be.restore_sgd_step(
+            p,
+            g,
+            [],
+            [],
+            lr=1.0,
+            momentum=0.0,
+            dampening=0.0,
+            nesterov=False,
+            weight_decay=0.0,
+            maximize=maximize,
+            first=True,
+            grad_scale=gs,
+            skip=skip,
+        )
         _assert_within(p, [-x for x in d], [x.abs() for x in d], torch.float32, 4, "w - lr d")
         return
     m, v = [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes]
     steps = [torch.zeros(()) for _ in shapes]
-    be.restore_adam_step(p, g, [], m, v, steps, lr=1.0, beta1=0.5, beta2=0.75, eps=0.0, weight_decay=0.0,
-                         decoupled=False, maximize=maximize, grad_scale=gs, skip=skip)
+    be.restore_adam_step(
+        p,
+        g,
+        [],
+        m,
+        v,
+        steps,
+        lr=1.0,
+        beta1=0.5,
+        beta2=0.75,
+        eps=0.0,
+        weight_decay=0.0,
+        decoupled=False,
+        maximize=maximize,
+        grad_scale=gs,
+        skip=skip,
+    )
     # the first Adam step: m = (1 - beta1) d, v = (1 - beta2) d^2, bias-corrected to d and d^2
     _assert_within(m, [0.5 * x for x in d], [0.5 * x.abs() for x in d], torch.float32, 4, "exp_avg")

@@ -91,6 +91,7 @@ math beyond SAM's, with coefficients that stay on the device.
 
 Every op has one test suite run against every backend: tests/test_backend_ops.py.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -163,8 +164,10 @@ def resolve(requested: str, device: torch.device) -> str:
     env = os.environ.get(ENV_VAR)
     if env:
         if env not in ("auto",) + BACKENDS:
-            raise ValueError(f"the environment variable {ENV_VAR} must be one of 'auto', "
-                             f"{', '.join(map(repr, BACKENDS))}; got {env!r}")
+            raise ValueError(
+                f"the environment variable {ENV_VAR} must be one of 'auto', "
+                f"{', '.join(map(repr, BACKENDS))}; got {env!r}"
+            )
         if env != "auto":
             return _checked(env, device, f"backend {env!r} (from the environment variable {ENV_VAR})")
     order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)

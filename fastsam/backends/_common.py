@@ -30,12 +30,12 @@ still the correctly rounded ``g * s`` wherever that is a normal float32.
 The triton backend computes the same epilogue inside its final reduction kernel;
 foreach and cpp compose it from torch ops (``sam_scalars`` below).
 """
-from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from __future__ import annotations
 
 import math
 import struct
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -59,10 +59,10 @@ def on_host(t: torch.Tensor) -> bool:
 class Epilogue(NamedTuple):
     """What ``grad_sq_norm`` writes after the reduction (see the module docstring)."""
 
-    out: torch.Tensor                  # the pass's scalars, written
-    mode: str                          # "perturb" | "step"
-    eps: float = 1e-12                 # perturb: added to the norm
-    max_norm: Optional[float] = None   # step: clip to this norm
+    out: torch.Tensor  # the pass's scalars, written
+    mode: str  # "perturb" | "step"
+    eps: float = 1e-12  # perturb: added to the norm
+    max_norm: Optional[float] = None  # step: clip to this norm
     prev: Optional[torch.Tensor] = None  # step: the first pass's scalars (its SKIP is carried over)
     inv_scale: Optional[torch.Tensor] = None  # step: GradScaler's 1/scale (0-d), folded into FACTOR
     found_inf: Optional[torch.Tensor] = None  # step: GradScaler's inf flag (0-d), folded into SKIP
@@ -133,9 +133,9 @@ def _host_scalars(sq: torch.Tensor, ep: Epilogue) -> None:
 
 
 # ---------------------------------------------------------------- a float64 scale in float32 math
-F32_TINY = 2.0 ** -126                                # float32's smallest normal number
+F32_TINY = 2.0**-126  # float32's smallest normal number
 F32_MAX = float(torch.finfo(torch.float32).max)
-SPLIT = 2.0 ** 100                                    # the power of two split_scale moves
+SPLIT = 2.0**100  # the power of two split_scale moves
 
 
 def split_scale(s: float) -> Tuple[float, float]:
@@ -160,7 +160,9 @@ def split_scale_tensor(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     s = s.to(torch.float64)
     a = s.abs()
     one = torch.ones((), dtype=torch.float64, device=s.device)
-    lo = torch.where((a < F32_TINY) & (a > 0), one / SPLIT, torch.where((a > F32_MAX) & (a < math.inf), one * SPLIT, one))
+    lo = torch.where(
+        (a < F32_TINY) & (a > 0), one / SPLIT, torch.where((a > F32_MAX) & (a < math.inf), one * SPLIT, one)
+    )
     return (s / lo).float(), lo.float()
 
 

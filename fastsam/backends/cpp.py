@@ -19,6 +19,7 @@ The extension comes from ``fastsam._C`` when it was built by setup.py
 (``FASTSAM_BUILD_CPP=1`` / ``FASTSAM_BUILD_CUDA=1``), else from a JIT build
 on first use, cached on disk (fastsam/_build.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,8 +56,10 @@ def is_available(device: torch.device, build: bool = True) -> tuple[bool, str]:
     """``build=False``: only a prebuilt or cached extension counts (no compile is started)."""
     device = torch.device(device)
     if device.type != "cpu":
-        return False, (f"the cpp backend runs on CPU tensors, not {device.type}; "
-                       "use backend='cuda' (or 'auto') for CUDA parameters")
+        return False, (
+            f"the cpp backend runs on CPU tensors, not {device.type}; "
+            "use backend='cuda' (or 'auto') for CUDA parameters"
+        )
     return _build.load(build)
 
 
@@ -88,13 +91,19 @@ def instruction_sets() -> List[str]:
 def _laid_out_alike(lists: List[Any]) -> bool:  # tensor lists or tuples
     """Every tensor dense and strided like the first list's tensor at its index."""
     ref = lists[0]
-    return all(t.layout == torch.strided and (t.numel() <= 1 or (t.stride() == r.stride() and _dense(t)))
-               for ls in lists for t, r in zip(ls, ref))
+    return all(
+        t.layout == torch.strided and (t.numel() <= 1 or (t.stride() == r.stride() and _dense(t)))
+        for ls in lists
+        for t, r in zip(ls, ref)
+    )
 
 
 def _dense(t: torch.Tensor) -> bool:
-    return (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-            or t.is_contiguous(memory_format=torch.channels_last_3d))
+    return (
+        t.is_contiguous()
+        or t.is_contiguous(memory_format=torch.channels_last)
+        or t.is_contiguous(memory_format=torch.channels_last_3d)
+    )
 
 
 def _or_foreach(op: Callable[..., Any]) -> Callable[..., Any]:
@@ -111,12 +120,18 @@ def _or_foreach(op: Callable[..., Any]) -> Callable[..., Any]:
             if not lists or _laid_out_alike(lists):
                 raise
             return fallback(*args, **kwargs)
+
     return call
 
 
 @_or_foreach
-def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
-                 accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
+def grad_sq_norm(
+    grads: Tensors,
+    params: Optional[Tensors] = None,
+    *,
+    accumulate: Optional[torch.Tensor] = None,
+    epilogue: Optional[Epilogue] = None,
+) -> torch.Tensor:
     if not grads:  # no tensor to dispatch on
         return finish_norm(torch.zeros((), dtype=torch.float64, device="cpu"), accumulate, epilogue)
     sq = _fastsam_ops().grad_sq_norm.default(grads, [] if params is None else params)
@@ -124,8 +139,9 @@ def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
 
 
 @_or_foreach
-def perturb(params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Tensor, rho: float,
-            adaptive: bool) -> None:
+def perturb(
+    params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Tensor, rho: float, adaptive: bool
+) -> None:
     if params:
         _fastsam_ops().perturb.default(params, grads, copies, scalars[FACTOR] * rho, scalars[SKIP], bool(adaptive))
 
@@ -137,29 +153,80 @@ def restore(params: Tensors, copies: Tensors) -> None:
 
 
 @_or_foreach
-def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_buffers: Tensors, *,
-                     lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
-                     maximize: bool, first: bool, grad_scale: Optional[torch.Tensor],
-                     skip: torch.Tensor) -> None:
+def restore_sgd_step(
+    params: Tensors,
+    grads: Tensors,
+    copies: Tensors,
+    momentum_buffers: Tensors,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    first: bool,
+    grad_scale: Optional[torch.Tensor],
+    skip: torch.Tensor,
+) -> None:
     if not params:
         return
     # The restore contract: an empty copies list means nothing to restore.
     _fastsam_ops().restore_sgd_step.default(
-        params, grads, copies, momentum_buffers, float(lr), float(momentum),
-        float(dampening), bool(nesterov), float(weight_decay), bool(maximize), bool(first), grad_scale, skip)
+        params,
+        grads,
+        copies,
+        momentum_buffers,
+        float(lr),
+        float(momentum),
+        float(dampening),
+        bool(nesterov),
+        float(weight_decay),
+        bool(maximize),
+        bool(first),
+        grad_scale,
+        skip,
+    )
 
 
 @_or_foreach
-def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs: Tensors,
-                      exp_avg_sqs: Tensors, steps: Tensors, *, lr: float, beta1: float, beta2: float,
-                      eps: float, weight_decay: float, decoupled: bool, maximize: bool,
-                      grad_scale: Optional[torch.Tensor], skip: torch.Tensor) -> None:
+def restore_adam_step(
+    params: Tensors,
+    grads: Tensors,
+    copies: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    steps: Tensors,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    grad_scale: Optional[torch.Tensor],
+    skip: torch.Tensor,
+) -> None:
     if not params:
         return
     _fastsam_ops().restore_adam_step.default(
-        params, grads, copies, exp_avgs, exp_avg_sqs, steps, float(lr),
-        float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(maximize),
-        grad_scale, skip)
+        params,
+        grads,
+        copies,
+        exp_avgs,
+        exp_avg_sqs,
+        steps,
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        bool(decoupled),
+        bool(maximize),
+        grad_scale,
+        skip,
+    )
 
 
 @_or_foreach

@@ -9,14 +9,26 @@ masking each tensor with ``torch.where``: correct, but one launch per tensor,
 which is what the triton/cuda backends exist to avoid.  ``_common.HOST_READS =
 False`` runs that device-side path on CPU tensors too (the tests do).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple, Union
 
 import torch
 
-from ._common import (F32_TINY, FACTOR, SKIP, Epilogue, check_bucket, check_copies, finish_norm, on_host, scaled,
-                      split_scale, split_scale_tensor)
+from ._common import (
+    F32_TINY,
+    FACTOR,
+    SKIP,
+    Epilogue,
+    check_bucket,
+    check_copies,
+    finish_norm,
+    on_host,
+    scaled,
+    split_scale,
+    split_scale_tensor,
+)
 
 Tensors = Union[List[torch.Tensor], Tuple[torch.Tensor, ...]]  # torch annotates the _foreach ops as returning tuples
 NAME = "foreach"
@@ -43,8 +55,13 @@ def _masked_assign(dst: Tensors, new: Tensors, skip: torch.Tensor) -> None:
         d.copy_(torch.where(keep, d, n.to(d.dtype)))
 
 
-def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
-                 accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
+def grad_sq_norm(
+    grads: Tensors,
+    params: Optional[Tensors] = None,
+    *,
+    accumulate: Optional[torch.Tensor] = None,
+    epilogue: Optional[Epilogue] = None,
+) -> torch.Tensor:
     """Per-tensor float64 norms (``_foreach_norm`` with ``dtype=float64`` accumulates in float64), so
     no finite gradient overflows; ASAM's |w| * g is formed in float64 too (the product of two finite
     float32 values may exceed float32's range)."""
@@ -58,8 +75,9 @@ def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
     return finish_norm(torch.stack(norms).square().sum(), accumulate, epilogue)
 
 
-def perturb(params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Tensor, rho: float,
-            adaptive: bool) -> None:
+def perturb(
+    params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Tensor, rho: float, adaptive: bool
+) -> None:
     check_bucket(params, grads, copies)
     if not params:
         return
@@ -115,10 +133,22 @@ def _sam_grads(grads: Tensors, grad_scale: Optional[torch.Tensor], maximize: boo
     return grads
 
 
-def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_buffers: Tensors, *,
-                     lr: float, momentum: float, dampening: float, nesterov: bool,
-                     weight_decay: float, maximize: bool, first: bool,
-                     grad_scale: Optional[torch.Tensor], skip: torch.Tensor) -> None:
+def restore_sgd_step(
+    params: Tensors,
+    grads: Tensors,
+    copies: Tensors,
+    momentum_buffers: Tensors,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    first: bool,
+    grad_scale: Optional[torch.Tensor],
+    skip: torch.Tensor,
+) -> None:
     check_bucket(params, grads, copies or None, momentum_buffers or None)
     if not params:
         return
@@ -131,17 +161,18 @@ def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_
     if host_skip is None:  # compute into temporaries, then assign under the mask
         new_bufs = [b.clone() for b in momentum_buffers]
         new_params = [p.clone() for p in params]
-        _sgd_update(new_params, grads, new_bufs, lr, momentum, dampening, nesterov,
-                    weight_decay, maximize, first, grad_scale)
+        _sgd_update(
+            new_params, grads, new_bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, first, grad_scale
+        )
         _masked_assign(momentum_buffers, new_bufs, skip)
         _masked_assign(params, new_params, skip)
         return
-    _sgd_update(params, grads, momentum_buffers, lr, momentum, dampening, nesterov,
-                weight_decay, maximize, first, grad_scale)
+    _sgd_update(
+        params, grads, momentum_buffers, lr, momentum, dampening, nesterov, weight_decay, maximize, first, grad_scale
+    )
 
 
-def _sgd_update(params, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
-                maximize, first, grad_scale):
+def _sgd_update(params, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, first, grad_scale):
     # The same sequence of foreach ops as torch.optim.sgd._multi_tensor_sgd.
     d_p = _sam_grads(grads, grad_scale, maximize)
     if weight_decay != 0:
@@ -162,11 +193,24 @@ def _sgd_update(params, grads, bufs, lr, momentum, dampening, nesterov, weight_d
         torch._foreach_add_(params, d_p, alpha=-lr)
 
 
-def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs: Tensors,
-                      exp_avg_sqs: Tensors, steps: Tensors, *, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, decoupled: bool,
-                      maximize: bool, grad_scale: Optional[torch.Tensor],
-                      skip: torch.Tensor) -> None:
+def restore_adam_step(
+    params: Tensors,
+    grads: Tensors,
+    copies: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    steps: Tensors,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    grad_scale: Optional[torch.Tensor],
+    skip: torch.Tensor,
+) -> None:
     check_bucket(params, grads, copies or None, exp_avgs, exp_avg_sqs)
     if not params:
         return
@@ -178,17 +222,32 @@ def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs
         return
     if host_skip is None:
         new = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs, steps)]
-        _adam_update(new[0], new[1], new[2], grads, new[3], lr, beta1, beta2, eps, weight_decay, decoupled,
-                     maximize, grad_scale)
+        _adam_update(
+            new[0], new[1], new[2], grads, new[3], lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale
+        )
         for dst, src in zip((params, exp_avgs, exp_avg_sqs, steps), new):
             _masked_assign(dst, src, skip)
         return
-    _adam_update(params, exp_avgs, exp_avg_sqs, grads, steps, lr, beta1, beta2, eps,
-                 weight_decay, decoupled, maximize, grad_scale)
+    _adam_update(
+        params,
+        exp_avgs,
+        exp_avg_sqs,
+        grads,
+        steps,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled,
+        maximize,
+        grad_scale,
+    )
 
 
-def _adam_update(params, exp_avgs, exp_avg_sqs, grads, steps, lr, beta1, beta2, eps,
-                 weight_decay, decoupled, maximize, grad_scale):
+def _adam_update(
+    params, exp_avgs, exp_avg_sqs, grads, steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale
+):
     # Mirrors torch.optim.adam._multi_tensor_adam (amsgrad off), with the bias
     # corrections computed on the device from the step tensors, as torch's
     # capturable path does, so no host read is needed on any device.
@@ -209,8 +268,8 @@ def _adam_update(params, exp_avgs, exp_avg_sqs, grads, steps, lr, beta1, beta2, 
         # Host-side bias corrections in Python floats, exactly as torch's
         # non-capturable Adam computes them (reading a CPU tensor is free).
         ts = [float(s) for s in steps]
-        step_size = [-lr / (1 - beta1 ** t) for t in ts]
-        torch._foreach_div_(denom, [(1 - beta2 ** t) ** 0.5 for t in ts])
+        step_size = [-lr / (1 - beta1**t) for t in ts]
+        torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in ts])
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
         return
@@ -265,8 +324,13 @@ def _dot_sq_norms_multi(xs: Tensors, ys: Tensors, acc: torch.dtype) -> torch.Ten
     pos = torch._foreach_mul(xs, ys)
     neg = torch._foreach_clamp_max(pos, 0.0)
     torch._foreach_sub_(pos, neg)  # the positive parts (exact: p - min(p, 0))
-    sums = torch.stack(torch._foreach_norm(pos + neg + torch._foreach_mul(xs, xs) + torch._foreach_mul(ys, ys), 1,
-                                           dtype=acc)).view(4, n).sum(1)
+    sums = (
+        torch.stack(
+            torch._foreach_norm(pos + neg + torch._foreach_mul(xs, xs) + torch._foreach_mul(ys, ys), 1, dtype=acc)
+        )
+        .view(4, n)
+        .sum(1)
+    )
     return torch.cat([(sums[0] - sums[1]).view(1), sums[2:]])
 
 

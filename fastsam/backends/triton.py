@@ -24,6 +24,7 @@ fastsam/kernels/triton/multi_tensor.py).  On the CPU the backend runs only
 under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported), which is what the tests use.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -35,6 +36,7 @@ from ._common import Epilogue, sam_scalars
 
 try:
     from ..kernels import triton as _kernels
+
     _WHY_NOT = ""
 except ImportError as exc:  # triton missing or broken
     _kernels = None  # type: ignore[assignment]  # no kernels: is_available() says False, with _WHY_NOT
@@ -55,8 +57,10 @@ def is_available(device: torch.device, build: bool = True) -> tuple[bool, str]:
     if device.type == "cpu":
         if _kernels.INTERPRETED:
             return True, ""
-        return False, ("Triton kernels run on CUDA devices; on the CPU only in the Triton interpreter "
-                       "(TRITON_INTERPRET=1 set before triton is imported), which is for testing")
+        return False, (
+            "Triton kernels run on CUDA devices; on the CPU only in the Triton interpreter "
+            "(TRITON_INTERPRET=1 set before triton is imported), which is for testing"
+        )
     return False, f"no Triton kernels for {device.type} devices"
 
 
@@ -71,9 +75,17 @@ _MODES = {None: 0, "perturb": 1, "step": 2}
 # (check_bucket) when the kernels build their pointer table, i.e. on the first call with
 # these tensors, not on every call: see fastsam/kernels/triton/multi_tensor.py.
 
-def _grad_sq_norm(grads: Tensors, params: Tensors, accumulate: Optional[torch.Tensor],
-                  out: Optional[torch.Tensor], mode: int, eps: float, max_norm: Optional[float],
-                  prev: Optional[torch.Tensor]) -> torch.Tensor:
+
+def _grad_sq_norm(
+    grads: Tensors,
+    params: Tensors,
+    accumulate: Optional[torch.Tensor],
+    out: Optional[torch.Tensor],
+    mode: int,
+    eps: float,
+    max_norm: Optional[float],
+    prev: Optional[torch.Tensor],
+) -> torch.Tensor:
     total = _kernels.sq_norm.sq_norm(grads, params, accumulate, out, mode, eps, max_norm, prev)
     if total is None:
         ep = None if mode == 0 else Epilogue(out, "perturb" if mode == 1 else "step", eps, max_norm, prev)  # type: ignore[arg-type]  # out comes with mode != 0
@@ -91,24 +103,104 @@ def _restore(params, copies) -> None:
         torch._foreach_copy_(params, copies)
 
 
-def _restore_sgd_step(params, grads, copies, momentum_buffers, grad_scale, skip, lr, momentum, dampening,
-                      nesterov, weight_decay, maximize, first) -> None:
-    if not _kernels.restore_sgd_step.restore_sgd_step(params, grads, copies, momentum_buffers, grad_scale, skip,
-                                                      lr, momentum, dampening, nesterov, weight_decay,
-                                                      maximize, first):
-        foreach.restore_sgd_step(params, grads, copies, momentum_buffers, lr=lr, momentum=momentum,
-                                 dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
-                                 maximize=maximize, first=first, grad_scale=grad_scale, skip=skip)
+def _restore_sgd_step(
+    params,
+    grads,
+    copies,
+    momentum_buffers,
+    grad_scale,
+    skip,
+    lr,
+    momentum,
+    dampening,
+    nesterov,
+    weight_decay,
+    maximize,
+    first,
+) -> None:
+    if not _kernels.restore_sgd_step.restore_sgd_step(
+        params,
+        grads,
+        copies,
+        momentum_buffers,
+        grad_scale,
+        skip,
+        lr,
+        momentum,
+        dampening,
+        nesterov,
+        weight_decay,
+        maximize,
+        first,
+    ):
+        foreach.restore_sgd_step(
+            params,
+            grads,
+            copies,
+            momentum_buffers,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            first=first,
+            grad_scale=grad_scale,
+            skip=skip,
+        )
 
 
-def _restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip, lr, beta1, beta2,
-                       eps, weight_decay, decoupled, maximize) -> None:
-    if not _kernels.restore_adam_step.restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps,
-                                                        grad_scale, skip, lr, beta1, beta2, eps, weight_decay,
-                                                        decoupled, maximize):
-        foreach.restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1,
-                                  beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-                                  maximize=maximize, grad_scale=grad_scale, skip=skip)
+def _restore_adam_step(
+    params,
+    grads,
+    copies,
+    exp_avgs,
+    exp_avg_sqs,
+    steps,
+    grad_scale,
+    skip,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    maximize,
+) -> None:
+    if not _kernels.restore_adam_step.restore_adam_step(
+        params,
+        grads,
+        copies,
+        exp_avgs,
+        exp_avg_sqs,
+        steps,
+        grad_scale,
+        skip,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled,
+        maximize,
+    ):
+        foreach.restore_adam_step(
+            params,
+            grads,
+            copies,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled=decoupled,
+            maximize=maximize,
+            grad_scale=grad_scale,
+            skip=skip,
+        )
 
 
 def _dot_sq_norms(xs, ys, accumulate) -> torch.Tensor:
@@ -123,9 +215,17 @@ def _axpby(xs, ys, coefs, out) -> None:
         foreach.axpby(xs, ys, coefs, out=out)
 
 
-_EAGER: dict = {"dot_sq_norms": _dot_sq_norms, "axpby": _axpby, "sq_norm": _grad_sq_norm, "perturb": _perturb, "restore": _restore,
-          "restore_sgd_step": _restore_sgd_step, "restore_adam_step": _restore_adam_step,
-          "restore_sgd_step_lr_tensor": _restore_sgd_step, "restore_adam_step_lr_tensor": _restore_adam_step}
+_EAGER: dict = {
+    "dot_sq_norms": _dot_sq_norms,
+    "axpby": _axpby,
+    "sq_norm": _grad_sq_norm,
+    "perturb": _perturb,
+    "restore": _restore,
+    "restore_sgd_step": _restore_sgd_step,
+    "restore_adam_step": _restore_adam_step,
+    "restore_sgd_step_lr_tensor": _restore_sgd_step,
+    "restore_adam_step_lr_tensor": _restore_adam_step,
+}
 
 
 def _call(name: str, *args):
@@ -140,8 +240,13 @@ def _lr_op(name: str, lr):
     return (f"{name}_lr_tensor", lr) if isinstance(lr, torch.Tensor) else (name, float(lr))
 
 
-def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
-                 accumulate: Optional[torch.Tensor] = None, epilogue: Optional[Epilogue] = None) -> torch.Tensor:
+def grad_sq_norm(
+    grads: Tensors,
+    params: Optional[Tensors] = None,
+    *,
+    accumulate: Optional[torch.Tensor] = None,
+    epilogue: Optional[Epilogue] = None,
+) -> torch.Tensor:
     if not grads:
         total = torch.zeros((), dtype=torch.float64, device="cpu") if accumulate is None else accumulate.clone()
         if epilogue is not None:
@@ -149,12 +254,22 @@ def grad_sq_norm(grads: Tensors, params: Optional[Tensors] = None, *,
         return total
     if epilogue is None:
         return _call("sq_norm", grads, params or [], accumulate, None, 0, 0.0, None, None)
-    return _call("sq_norm", grads, params or [], accumulate, epilogue.out, _MODES[epilogue.mode], epilogue.eps,
-                 epilogue.max_norm, epilogue.prev)
+    return _call(
+        "sq_norm",
+        grads,
+        params or [],
+        accumulate,
+        epilogue.out,
+        _MODES[epilogue.mode],
+        epilogue.eps,
+        epilogue.max_norm,
+        epilogue.prev,
+    )
 
 
-def perturb(params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Tensor, rho: float,
-            adaptive: bool) -> None:
+def perturb(
+    params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Tensor, rho: float, adaptive: bool
+) -> None:
     if params:
         _call("perturb", params, grads, copies, scalars, float(rho), bool(adaptive))
 
@@ -164,25 +279,80 @@ def restore(params: Tensors, copies: Tensors) -> None:
         _call("restore", params, copies)
 
 
-def restore_sgd_step(params: Tensors, grads: Tensors, copies: Tensors, momentum_buffers: Tensors, *,
-                     lr: float, momentum: float, dampening: float, nesterov: bool,
-                     weight_decay: float, maximize: bool, first: bool,
-                     grad_scale: Optional[torch.Tensor], skip: torch.Tensor) -> None:
+def restore_sgd_step(
+    params: Tensors,
+    grads: Tensors,
+    copies: Tensors,
+    momentum_buffers: Tensors,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    first: bool,
+    grad_scale: Optional[torch.Tensor],
+    skip: torch.Tensor,
+) -> None:
     if params:
         name, lr = _lr_op("restore_sgd_step", lr)
-        _call(name, params, grads, copies, momentum_buffers, grad_scale, skip, lr, float(momentum), float(dampening),
-              bool(nesterov), float(weight_decay), bool(maximize), bool(first))
+        _call(
+            name,
+            params,
+            grads,
+            copies,
+            momentum_buffers,
+            grad_scale,
+            skip,
+            lr,
+            float(momentum),
+            float(dampening),
+            bool(nesterov),
+            float(weight_decay),
+            bool(maximize),
+            bool(first),
+        )
 
 
-def restore_adam_step(params: Tensors, grads: Tensors, copies: Tensors, exp_avgs: Tensors,
-                      exp_avg_sqs: Tensors, steps: Tensors, *, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, decoupled: bool,
-                      maximize: bool, grad_scale: Optional[torch.Tensor],
-                      skip: torch.Tensor) -> None:
+def restore_adam_step(
+    params: Tensors,
+    grads: Tensors,
+    copies: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    steps: Tensors,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    grad_scale: Optional[torch.Tensor],
+    skip: torch.Tensor,
+) -> None:
     if params:
         name, lr = _lr_op("restore_adam_step", lr)
-        _call(name, params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip, lr, float(beta1),
-              float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(maximize))
+        _call(
+            name,
+            params,
+            grads,
+            copies,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            grad_scale,
+            skip,
+            lr,
+            float(beta1),
+            float(beta2),
+            float(eps),
+            float(weight_decay),
+            bool(decoupled),
+            bool(maximize),
+        )
 
 
 def dot_sq_norms(xs: Tensors, ys: Tensors, *, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -201,9 +371,16 @@ if _kernels is not None:
     T = List[torch.Tensor]
 
     @torch.library.custom_op("fastsam::triton_sq_norm", mutates_args=("out",))
-    def _sq_norm_op(grads: T, params: T, accumulate: Optional[torch.Tensor], out: Optional[torch.Tensor],
-                    epilogue: int, eps: float, max_norm: Optional[float],
-                    prev: Optional[torch.Tensor]) -> torch.Tensor:  # no argument may be called "mode"
+    def _sq_norm_op(
+        grads: T,
+        params: T,
+        accumulate: Optional[torch.Tensor],
+        out: Optional[torch.Tensor],
+        epilogue: int,
+        eps: float,
+        max_norm: Optional[float],
+        prev: Optional[torch.Tensor],
+    ) -> torch.Tensor:  # no argument may be called "mode"
         return _grad_sq_norm(grads, params, accumulate, out, epilogue, eps, max_norm, prev).clone()
 
     @_sq_norm_op.register_fake
@@ -232,41 +409,154 @@ if _kernels is not None:
         _restore(params, copies)
 
     @torch.library.custom_op("fastsam::triton_restore_sgd_step", mutates_args=("params", "momentum_buffers"))
-    def _restore_sgd_step_op(params: T, grads: T, copies: T, momentum_buffers: T,
-                             grad_scale: Optional[torch.Tensor], skip: torch.Tensor, lr: float, momentum: float,
-                             dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
-                             first: bool) -> None:
-        _restore_sgd_step(params, grads, copies, momentum_buffers, grad_scale, skip, lr, momentum, dampening,
-                          nesterov, weight_decay, maximize, first)
+    def _restore_sgd_step_op(
+        params: T,
+        grads: T,
+        copies: T,
+        momentum_buffers: T,
+        grad_scale: Optional[torch.Tensor],
+        skip: torch.Tensor,
+        lr: float,
+        momentum: float,
+        dampening: float,
+        nesterov: bool,
+        weight_decay: float,
+        maximize: bool,
+        first: bool,
+    ) -> None:
+        _restore_sgd_step(
+            params,
+            grads,
+            copies,
+            momentum_buffers,
+            grad_scale,
+            skip,
+            lr,
+            momentum,
+            dampening,
+            nesterov,
+            weight_decay,
+            maximize,
+            first,
+        )
 
-    @torch.library.custom_op("fastsam::triton_restore_adam_step",
-                             mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
-    def _restore_adam_step_op(params: T, grads: T, copies: T, exp_avgs: T, exp_avg_sqs: T, steps: T,
-                              grad_scale: Optional[torch.Tensor], skip: torch.Tensor, lr: float, beta1: float,
-                              beta2: float, eps: float, weight_decay: float, decoupled: bool,
-                              maximize: bool) -> None:
-        _restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip, lr, beta1,
-                           beta2, eps, weight_decay, decoupled, maximize)
+    @torch.library.custom_op(
+        "fastsam::triton_restore_adam_step", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps")
+    )
+    def _restore_adam_step_op(
+        params: T,
+        grads: T,
+        copies: T,
+        exp_avgs: T,
+        exp_avg_sqs: T,
+        steps: T,
+        grad_scale: Optional[torch.Tensor],
+        skip: torch.Tensor,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+        maximize: bool,
+    ) -> None:
+        _restore_adam_step(
+            params,
+            grads,
+            copies,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            grad_scale,
+            skip,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            decoupled,
+            maximize,
+        )
 
     # The same two steps with the lr in a 0-d device tensor (capturable; torch.library schemas
     # have no float-or-tensor type).
     @torch.library.custom_op("fastsam::triton_restore_sgd_step_lr_tensor", mutates_args=("params", "momentum_buffers"))
-    def _restore_sgd_step_lr_op(params: T, grads: T, copies: T, momentum_buffers: T,
-                                grad_scale: Optional[torch.Tensor], skip: torch.Tensor, lr: torch.Tensor,
-                                momentum: float, dampening: float, nesterov: bool, weight_decay: float,
-                                maximize: bool, first: bool) -> None:
-        _restore_sgd_step(params, grads, copies, momentum_buffers, grad_scale, skip, lr, momentum, dampening,
-                          nesterov, weight_decay, maximize, first)
+    def _restore_sgd_step_lr_op(
+        params: T,
+        grads: T,
+        copies: T,
+        momentum_buffers: T,
+        grad_scale: Optional[torch.Tensor],
+        skip: torch.Tensor,
+        lr: torch.Tensor,
+        momentum: float,
+        dampening: float,
+        nesterov: bool,
+        weight_decay: float,
+        maximize: bool,
+        first: bool,
+    ) -> None:
+        _restore_sgd_step(
+            params,
+            grads,
+            copies,
+            momentum_buffers,
+            grad_scale,
+            skip,
+            lr,
+            momentum,
+            dampening,
+            nesterov,
+            weight_decay,
+            maximize,
+            first,
+        )
 
-    @torch.library.custom_op("fastsam::triton_restore_adam_step_lr_tensor",
-                             mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
-    def _restore_adam_step_lr_op(params: T, grads: T, copies: T, exp_avgs: T, exp_avg_sqs: T, steps: T,
-                                 grad_scale: Optional[torch.Tensor], skip: torch.Tensor, lr: torch.Tensor,
-                                 beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-                                 maximize: bool) -> None:
-        _restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip, lr, beta1,
-                           beta2, eps, weight_decay, decoupled, maximize)
+    @torch.library.custom_op(
+        "fastsam::triton_restore_adam_step_lr_tensor", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps")
+    )
+    def _restore_adam_step_lr_op(
+        params: T,
+        grads: T,
+        copies: T,
+        exp_avgs: T,
+        exp_avg_sqs: T,
+        steps: T,
+        grad_scale: Optional[torch.Tensor],
+        skip: torch.Tensor,
+        lr: torch.Tensor,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+        maximize: bool,
+    ) -> None:
+        _restore_adam_step(
+            params,
+            grads,
+            copies,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            grad_scale,
+            skip,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            decoupled,
+            maximize,
+        )
 
-    for _op in (_axpby_op, _perturb_op, _restore_op, _restore_sgd_step_op, _restore_adam_step_op, _restore_sgd_step_lr_op,
-                _restore_adam_step_lr_op):
+    for _op in (
+        _axpby_op,
+        _perturb_op,
+        _restore_op,
+        _restore_sgd_step_op,
+        _restore_adam_step_op,
+        _restore_sgd_step_lr_op,
+        _restore_adam_step_lr_op,
+    ):
         _op.register_fake(lambda *args, **kwargs: None)

@@ -19,6 +19,7 @@ An adapter is a module with
 
 A new base optimizer is a new module here and one line in ``ADAPTERS``.
 """
+
 from __future__ import annotations
 
 from types import ModuleType

@@ -1,4 +1,5 @@
 """A step skipped for non-finite gradients, decided on the host where that is free (the CPU)."""
+
 from __future__ import annotations
 
 from typing import List

@@ -1,5 +1,6 @@
 """torch.optim.Adam / AdamW (amsgrad off; weight decay coupled or decoupled; maximize)
 fused with the restore."""
+
 from __future__ import annotations
 
 from typing import List
@@ -15,9 +16,12 @@ from ._skipped import restored_only
 def handles(base: Optimizer) -> bool:
     if type(base) not in (torch.optim.Adam, torch.optim.AdamW):
         return False
-    return all(not g.get("differentiable", False)
-               and not g.get("amsgrad", False) and not any(isinstance(b, torch.Tensor) for b in g["betas"])
-               for g in base.param_groups)
+    return all(
+        not g.get("differentiable", False)
+        and not g.get("amsgrad", False)
+        and not any(isinstance(b, torch.Tensor) for b in g["betas"])
+        for g in base.param_groups
+    )
 
 
 def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: bool, tx) -> None:
@@ -46,7 +50,21 @@ def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: 
 
         def run(s=s, m=m, v=v, steps=steps):
             bucket.backend.restore_adam_step(
-                s.params, s.grads, s.copies, m, v, steps, lr=g["lr"], beta1=beta1, beta2=beta2, eps=g["eps"],
-                weight_decay=g["weight_decay"], decoupled=decoupled, maximize=g.get("maximize", False),
-                grad_scale=scalars[FACTOR] if clip else None, skip=scalars[SKIP])
+                s.params,
+                s.grads,
+                s.copies,
+                m,
+                v,
+                steps,
+                lr=g["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=g["eps"],
+                weight_decay=g["weight_decay"],
+                decoupled=decoupled,
+                maximize=g.get("maximize", False),
+                grad_scale=scalars[FACTOR] if clip else None,
+                skip=scalars[SKIP],
+            )
+
         tx.write(run, s.params + m + v + steps, backend=bucket.backend)

@@ -7,6 +7,7 @@ write: a torch optimizer's ``step()`` checks its arguments before it writes.  Wh
 base step must see another gradient than ``p.grad`` (a variant's update direction, or
 the clipped gradient), ``p.grad`` is set to it for the duration of the call and put back.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List
@@ -17,8 +18,9 @@ from torch.optim import Optimizer
 from ..backends._common import FACTOR, SKIP, scaled
 
 
-def prepare(base: Optimizer, buckets: List, slices: Dict[int, List], scalars: Dict[torch.device, torch.Tensor],
-            clip: bool, tx) -> None:
+def prepare(
+    base: Optimizer, buckets: List, slices: Dict[int, List], scalars: Dict[torch.device, torch.Tensor], clip: bool, tx
+) -> None:
     tx.ordered = True  # the restore must precede the step
     for b in buckets:
         for s in slices[id(b)]:
@@ -45,4 +47,5 @@ def prepare(base: Optimizer, buckets: List, slices: Dict[int, List], scalars: Di
         finally:
             for k, g in saved:
                 k.grad = g
+
     tx.write(run, [])

@@ -1,4 +1,5 @@
 """torch.optim.SGD (momentum, dampening, nesterov, weight decay, maximize) fused with the restore."""
+
 from __future__ import annotations
 
 import functools
@@ -11,14 +12,12 @@ from torch.optim import Optimizer
 from ..backends._common import FACTOR, SKIP
 from ._skipped import restored_only
 
-
 _momentum_buffer = operator.itemgetter("momentum_buffer")
 _is_none = functools.partial(operator.is_, None)
 
 
 def handles(base: Optimizer) -> bool:
-    return type(base) is torch.optim.SGD and all(
-        not g.get("differentiable", False) for g in base.param_groups)
+    return type(base) is torch.optim.SGD and all(not g.get("differentiable", False) for g in base.param_groups)
 
 
 def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: bool, tx) -> None:
@@ -29,14 +28,22 @@ def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: 
     g = bucket.group
     state = base.state
     skip = scalars[SKIP]
-    kw = dict(lr=g["lr"], momentum=g["momentum"], dampening=g["dampening"], nesterov=g["nesterov"],
-              weight_decay=g["weight_decay"], maximize=g.get("maximize", False),
-              grad_scale=scalars[FACTOR] if clip else None, skip=skip)
+    kw = dict(
+        lr=g["lr"],
+        momentum=g["momentum"],
+        dampening=g["dampening"],
+        nesterov=g["nesterov"],
+        weight_decay=g["weight_decay"],
+        maximize=g.get("maximize", False),
+        grad_scale=scalars[FACTOR] if clip else None,
+        skip=skip,
+    )
     call = bucket.backend.restore_sgd_step
 
     def write(s, bufs, first):
-        tx.write(lambda: call(s.params, s.grads, s.copies, bufs, first=first, **kw), s.params + bufs,
-                 backend=bucket.backend)
+        tx.write(
+            lambda: call(s.params, s.grads, s.copies, bufs, first=first, **kw), s.params + bufs, backend=bucket.backend
+        )
 
     for s in slices:
         if g["momentum"] == 0:
@@ -64,8 +71,9 @@ def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: 
         # on the host.
         if g["dampening"] != 0 and bool(skip):
             if sub.copies:
-                tx.write(lambda sub=sub: bucket.backend.restore(sub.params, sub.copies), sub.params,
-                         backend=bucket.backend)
+                tx.write(
+                    lambda sub=sub: bucket.backend.restore(sub.params, sub.copies), sub.params, backend=bucket.backend
+                )
             continue
         for k in sub.keys:  # a DTensor for a DTensor parameter, as torch.optim.SGD keeps it
             d = state[k]

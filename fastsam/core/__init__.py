@@ -8,11 +8,30 @@
 - ``engine``: ``SAMCore`` (plan -> perturb -> update -> finish) and ``Extension``, the API
   the variants implement.
 """
+
 from .buckets import Bucket, Buckets, Plan, Slice, copies_for, pass_info, pass_scalars, restore_slices
 from .engine import Extension, Perturbation, SAMCore
 from .state import CLOSURE_CONVENTIONS, PERTURBATION_MODES, Checked, RunState, Settings, Shared, check_group
 from .txn import Transaction
 
-__all__ = ["Bucket", "Buckets", "Plan", "Slice", "copies_for", "pass_info", "pass_scalars", "restore_slices",
-           "Extension", "Perturbation", "SAMCore", "CLOSURE_CONVENTIONS", "PERTURBATION_MODES", "Checked",
-           "RunState", "Settings", "Shared", "check_group", "Transaction"]
+__all__ = [
+    "Bucket",
+    "Buckets",
+    "Plan",
+    "Slice",
+    "copies_for",
+    "pass_info",
+    "pass_scalars",
+    "restore_slices",
+    "Extension",
+    "Perturbation",
+    "SAMCore",
+    "CLOSURE_CONVENTIONS",
+    "PERTURBATION_MODES",
+    "Checked",
+    "RunState",
+    "Settings",
+    "Shared",
+    "check_group",
+    "Transaction",
+]

@@ -18,6 +18,7 @@ order: what one backend call sees.  This module
 Complex parameters are handled as torch's optimizers handle them: the kernels see
 ``torch.view_as_real`` views of the parameter, its gradient and its state.
 """
+
 from __future__ import annotations
 
 import collections
@@ -74,7 +75,7 @@ class Bucket:
             hit = self.states_cache = (state, getattr(state, "version", None), dicts)
         return hit[2]
 
-    def states_of(self, state: Dict, s: "Slice") -> list:
+    def states_of(self, state: Dict, s: Slice) -> list:
         """The state dicts of a slice's parameters: the cached list for the whole bucket."""
         return self.states(state) if s.keys is self.keys else [state[k] for k in s.keys]
 
@@ -100,7 +101,7 @@ class Bucket:
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    def whole(self, copies: Tensors) -> "Slice":
+    def whole(self, copies: Tensors) -> Slice:
         return Slice(self.params, self.grads, self.keys, copies)
 
 
@@ -122,7 +123,11 @@ class TrackedState(collections.defaultdict):
         super().__init__(dict, *args)
         self.version = 0
 
-    def __reduce__(self) -> Tuple[Callable[[List[Tuple[Any, Any]]], "TrackedState"], Tuple[List[Tuple[Any, Any]]]]:  # pickles/deep-copies as the plain defaultdict torch.optim expects
+    def __reduce__(
+        self,
+    ) -> Tuple[
+        Callable[[List[Tuple[Any, Any]]], TrackedState], Tuple[List[Tuple[Any, Any]]]
+    ]:  # pickles/deep-copies as the plain defaultdict torch.optim expects
         return (_tracked_from_items, (list(self.items()),))
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -158,7 +163,7 @@ def _tracked_from_items(items: Iterable[Tuple[Any, Any]]) -> TrackedState:
     return TrackedState(items)
 
 
-def tracked(base: torch.optim.Optimizer) -> "TrackedState":
+def tracked(base: torch.optim.Optimizer) -> TrackedState:
     """``base.state`` as a TrackedState (installed on first use and after any replacement)."""
     state = base.state
     if type(state) is not TrackedState:
@@ -176,12 +181,13 @@ class Slice(NamedTuple):
     keys: Tensors
     copies: Tensors
 
-    def take(self, ids: Sequence[int]) -> "Slice":
+    def take(self, ids: Sequence[int]) -> Slice:
         def pick(ts: Tensors) -> Tensors:
             return [ts[i] for i in ids]
+
         return Slice(pick(self.params), pick(self.grads), pick(self.keys), pick(self.copies) if self.copies else [])
 
-    def with_grads(self, grads: Tensors) -> "Slice":
+    def with_grads(self, grads: Tensors) -> Slice:
         return self._replace(grads=grads)
 
 
@@ -243,7 +249,7 @@ class Plan:
             elif b.complex:
                 b.grads = b.view([grads[i] for i in b.index])
             elif b.span is not None:
-                b.grads = grads[b.span[0]:b.span[1]]
+                b.grads = grads[b.span[0] : b.span[1]]
             else:
                 b.grads = [grads[i] for i in b.index]
         return buckets
@@ -291,8 +297,12 @@ def backend_of(backend_for: Callable[[torch.device], Any], device: torch.device,
 
 def _dense(t: torch.Tensor) -> bool:
     """Dense in one of the layouts torch makes (contiguous, channels-last): one flat array."""
-    return (t.numel() <= 1 or t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-            or t.is_contiguous(memory_format=torch.channels_last_3d))
+    return (
+        t.numel() <= 1
+        or t.is_contiguous()
+        or t.is_contiguous(memory_format=torch.channels_last)
+        or t.is_contiguous(memory_format=torch.channels_last_3d)
+    )
 
 
 def copies_for(b: Bucket, sam_state: Dict) -> Tensors:
@@ -302,8 +312,13 @@ def copies_for(b: Bucket, sam_state: Dict) -> Tensors:
         for k, p in zip(b.keys, b.params):
             st = sam_state.setdefault(k, {})
             c = st.get("sam_copy")
-            if (c is None or c.shape != p.shape or c.dtype != p.dtype or c.device != p.device
-                    or c.stride() != p.stride()):
+            if (
+                c is None
+                or c.shape != p.shape
+                or c.dtype != p.dtype
+                or c.device != p.device
+                or c.stride() != p.stride()
+            ):
                 c = torch.empty_like(p, memory_format=torch.preserve_format)
                 st["sam_copy"] = c
             out.append(c)
@@ -363,12 +378,19 @@ def perturbed_copies(b: Bucket) -> Tensors:
 
 
 # ---------------------------------------------------------------- the norms and scalars
-def pass_scalars(buckets: List[Bucket], mode: str, *, weighted: bool, grads: Optional[List[Tensors]] = None,
-                 eps: float = 1e-12, max_norm: Optional[float] = None,
-                 prev: Optional[Dict[torch.device, torch.Tensor]] = None,
-                 skip_hook: Optional[Callable[[torch.Tensor], None]] = None,
-                 inv_scale: Optional[torch.Tensor] = None,
-                 found_inf: Optional[torch.Tensor] = None) -> Dict[torch.device, torch.Tensor]:
+def pass_scalars(
+    buckets: List[Bucket],
+    mode: str,
+    *,
+    weighted: bool,
+    grads: Optional[List[Tensors]] = None,
+    eps: float = 1e-12,
+    max_norm: Optional[float] = None,
+    prev: Optional[Dict[torch.device, torch.Tensor]] = None,
+    skip_hook: Optional[Callable[[torch.Tensor], None]] = None,
+    inv_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+) -> Dict[torch.device, torch.Tensor]:
     """The scalars of one pass (fastsam/backends/_common.py) on every device of ``buckets``.
 
     ``grads[i]`` (default: bucket i's gradients) are the tensors whose norm is taken: a
@@ -390,8 +412,12 @@ def pass_scalars(buckets: List[Bucket], mode: str, *, weighted: bool, grads: Opt
         total = None
         for i, (b, gs) in enumerate(zip(buckets, lists)):
             last = i == len(buckets) - 1 and not scaled
-            total = b.backend.grad_sq_norm(gs, b.params if weighted and b.group["adaptive"] else None,
-                                           accumulate=total, epilogue=ep if last else None)
+            total = b.backend.grad_sq_norm(
+                gs,
+                b.params if weighted and b.group["adaptive"] else None,
+                accumulate=total,
+                epilogue=ep if last else None,
+            )
         if scaled:
             assert total is not None  # buckets is never empty here (pass_info reads buckets[0])
             sam_scalars(total, ep)
@@ -495,11 +521,12 @@ def param_problem(p: torch.Tensor) -> str:
     if g is None:
         return ""
     if not (p.is_floating_point() or p.is_complex()):
-        return (f"has dtype {p.dtype} and a gradient; SAM perturbs and steps floating-point (or complex) "
-                "parameters only")
+        return f"has dtype {p.dtype} and a gradient; SAM perturbs and steps floating-point (or complex) parameters only"
     if g.layout != torch.strided:
-        return (f"has a {g.layout} gradient; SAM needs a dense gradient (its global norm and the "
-                "perturbation read every element)")
+        return (
+            f"has a {g.layout} gradient; SAM needs a dense gradient (its global norm and the "
+            "perturbation read every element)"
+        )
     if g.dtype != p.dtype or g.device != p.device:
         return f"has a gradient of dtype/device {g.dtype}/{g.device}, the parameter is {p.dtype}/{p.device}"
     if g.shape != p.shape:
@@ -530,8 +557,12 @@ def _conform_state(buckets: List[Bucket], state: Dict) -> None:
             if not st:
                 continue
             for name, v in st.items():
-                if (torch.is_tensor(v) and name != "step" and v.shape == p.shape
-                        and (v.dtype != p.dtype or v.device != p.device or v.stride() != p.stride())):
+                if (
+                    torch.is_tensor(v)
+                    and name != "step"
+                    and v.shape == p.shape
+                    and (v.dtype != p.dtype or v.device != p.device or v.stride() != p.stride())
+                ):
                     st[name] = torch.empty_like(p).copy_(v)
 
 
@@ -557,7 +588,8 @@ def _shard_key(p: torch.Tensor, group: Dict[str, Any], gi: int, pi: int) -> Opti
         raise ValueError(
             f"{label} a DTensor parameter placed {p.placements} has a gradient placed "
             f"{getattr(p.grad, 'placements', 'as a plain tensor')}; SAM needs the gradient sharded like its "
-            "parameter (as FSDP2 leaves it)")
+            "parameter (as FSDP2 leaves it)"
+        )
     if any(pl.is_partial() for pl in p.placements):
         raise ValueError(f"{label} a DTensor parameter with a Partial placement")
     return (p.device_mesh, tuple(d for d, pl in enumerate(p.placements) if pl.is_shard()))

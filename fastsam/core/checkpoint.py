@@ -6,6 +6,7 @@ checks everything a state dict holds against the optimizer before it changes any
 (the parameter layout, the shapes of the state the fused steps read, every setting),
 then applies it inside one transaction.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -48,8 +49,12 @@ def state_dict(core: SAMCore) -> Dict[str, Any]:
     }
 
 
-def load(core: SAMCore, sd: Any, kind: str = "sam", extra: Optional[Callable[[Dict[str, Any], Transaction], None]] = None,
-         ) -> None:
+def load(
+    core: SAMCore,
+    sd: Any,
+    kind: str = "sam",
+    extra: Optional[Callable[[Dict[str, Any], Transaction], None]] = None,
+) -> None:
     """Load ``sd`` (any layout ``checkpoints.to_current`` knows) into ``core``: all or nothing.
 
     ``extra(part, tx)``, where given, checks and applies an optimizer's own entries of the
@@ -61,13 +66,14 @@ def load(core: SAMCore, sd: Any, kind: str = "sam", extra: Optional[Callable[[Di
     groups = _checked_groups(core, sd)
     _check_state(core, sd["state"], groups)
     values: Dict[str, Any] = {}
-    apply_variant: Callable[[], None] = lambda: None  # noqa: E731
+    apply_variant: Callable[[], None] = lambda: None
     buffers: Dict[str, list] = {}
     if part is not None:
         if part.get("class") not in (core.ext.name, "FusedSAM"):  # plain SAM state continues under a variant
             raise ValueError(f"state_dict is a {part.get('class')} state dict, this optimizer is {core.ext.name}")
-        missing = [k for k in ("num_steps", "sam_active_override", "schedule", "buffers", *Settings.SAVED)
-                   if k not in part]
+        missing = [
+            k for k in ("num_steps", "sam_active_override", "schedule", "buffers", *Settings.SAVED) if k not in part
+        ]
         if missing:
             raise ValueError(f"state_dict['fastsam'] lacks {missing}")
         values = core.settings.checked({k: part[k] for k in Settings.SAVED})
@@ -85,8 +91,10 @@ def load(core: SAMCore, sd: Any, kind: str = "sam", extra: Optional[Callable[[Di
         pending = core.run.pending
         if pending is not None:  # between first_step and second_step: back to w first
             for b in pending.buckets:
+
                 def restore(b: Bucket = b) -> None:
                     b.backend.restore(b.params, b.copies)
+
                 tx.write(restore, b.params)
         if extra is not None and part is not None:
             extra(part, tx)
@@ -113,8 +121,11 @@ def load(core: SAMCore, sd: Any, kind: str = "sam", extra: Optional[Callable[[Di
     apply_variant()
     core.forget()
     if note == "plain":
-        warnings.warn("FusedSAM.load_state_dict: " + checkpoints.plain_warning(run.num_steps, not sd["state"]),
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            "FusedSAM.load_state_dict: " + checkpoints.plain_warning(run.num_steps, not sd["state"]),
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _checked_groups(core: SAMCore, sd: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -122,8 +133,9 @@ def _checked_groups(core: SAMCore, sd: Dict[str, Any]) -> List[Dict[str, Any]]:
     defaults where a plain checkpoint lacks them), against this optimizer's layout."""
     theirs = sd.get("param_groups")
     state = sd.get("state")
-    if not isinstance(theirs, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                               for g in theirs):
+    if not isinstance(theirs, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in theirs
+    ):
         raise ValueError("state_dict['param_groups'] must be a list of dicts with a 'params' list")
     if not isinstance(state, dict):
         raise ValueError("state_dict['state'] must be a dict")
@@ -132,7 +144,8 @@ def _checked_groups(core: SAMCore, sd: Dict[str, Any]) -> List[Dict[str, Any]]:
         raise ValueError(
             "state_dict has a different parameter layout: "
             f"{[len(g['params']) for g in theirs]} parameters per group, this optimizer has "
-            f"{[len(g['params']) for g in mine]}")
+            f"{[len(g['params']) for g in mine]}"
+        )
     out = []
     defaults = core.optimizer().defaults
     for gi, g in enumerate(theirs):
@@ -158,12 +171,16 @@ def _check_state(core: SAMCore, state: Dict[Any, Any], groups: List[Dict[str, An
         for name in _PARAM_SHAPED:
             t = st.get(name)
             if t is not None and (not torch.is_tensor(t) or t.shape != p.shape):
-                raise ValueError(f"state_dict['state'][{key!r}][{name!r}] must be a tensor of shape "
-                                 f"{tuple(p.shape)} (its parameter's), got "
-                                 f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+                raise ValueError(
+                    f"state_dict['state'][{key!r}][{name!r}] must be a tensor of shape "
+                    f"{tuple(p.shape)} (its parameter's), got "
+                    f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}"
+                )
         step = st.get("step")
         if step is not None and torch.is_tensor(step) and step.numel() != 1:
-            raise ValueError(f"state_dict['state'][{key!r}]['step'] must hold one number, got shape {tuple(step.shape)}")
+            raise ValueError(
+                f"state_dict['state'][{key!r}]['step'] must hold one number, got shape {tuple(step.shape)}"
+            )
 
 
 def _checked_buffers(core: SAMCore, buffers: Any, params: List[torch.Tensor]) -> Dict[str, list]:
@@ -174,8 +191,10 @@ def _checked_buffers(core: SAMCore, buffers: Any, params: List[torch.Tensor]) ->
         if name not in core.ext.buffers:
             raise ValueError(f"state_dict['fastsam']['buffers'] has {name!r}, which {core.ext.name} does not keep")
         if not isinstance(ts, (list, tuple)) or len(ts) != len(params):
-            raise ValueError(f"state_dict has {len(ts) if isinstance(ts, (list, tuple)) else ts!r} '{name}' "
-                             f"buffers, this optimizer has {len(params)} parameters")
+            raise ValueError(
+                f"state_dict has {len(ts) if isinstance(ts, (list, tuple)) else ts!r} '{name}' "
+                f"buffers, this optimizer has {len(params)} parameters"
+            )
         kept: List[Optional[torch.Tensor]] = []
         for i, (p, t) in enumerate(zip(params, ts)):
             if t is None:
@@ -183,8 +202,10 @@ def _checked_buffers(core: SAMCore, buffers: Any, params: List[torch.Tensor]) ->
                 continue
             view = torch.view_as_real(p) if p.is_complex() else p
             if not torch.is_tensor(t) or t.shape != view.shape:
-                raise ValueError(f"state_dict['fastsam']['buffers'][{name!r}][{i}] must be a tensor of shape "
-                                 f"{tuple(view.shape)}, got {tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+                raise ValueError(
+                    f"state_dict['fastsam']['buffers'][{name!r}][{i}] must be a tensor of shape "
+                    f"{tuple(view.shape)}, got {tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}"
+                )
             kept.append(t.detach().to(device=view.device, dtype=view.dtype, copy=True))
         out[name] = kept
     return out

@@ -11,6 +11,7 @@ the plan, the norms: reads only) and then commits its writes through a
 ``Transaction`` (fastsam/core/txn.py), so whatever raises, the parameters, the
 gradients and the optimizer state are left as they were before the call.
 """
+
 from __future__ import annotations
 
 import collections
@@ -23,8 +24,19 @@ import torch
 
 from .. import backends, base_steps
 from ..backends._common import SKIP
-from .buckets import (Bucket, Buckets, Lone, Plan, copies_for, describe_problem, pass_info, pass_scalars,
-                      restore_slices, to_device, tracked)
+from .buckets import (
+    Bucket,
+    Buckets,
+    Lone,
+    Plan,
+    copies_for,
+    describe_problem,
+    pass_info,
+    pass_scalars,
+    restore_slices,
+    to_device,
+    tracked,
+)
 from .state import Checked, RunState, Settings, check_group
 from .txn import Snapshots, Transaction
 
@@ -50,30 +62,36 @@ class Extension:
     (``tx.on_undo``), so that a call that raises leaves it as it was.
     """
 
-    name = "FusedSAM"                 # the class a state dict of this variant belongs to
-    transient: Tuple[str, ...] = ()   # attributes holding caches (buckets, backends): dropped when pickled
-    buffers: Tuple[str, ...] = ()     # persistent per-parameter buffers, saved in the state dict
+    name = "FusedSAM"  # the class a state dict of this variant belongs to
+    transient: Tuple[str, ...] = ()  # attributes holding caches (buckets, backends): dropped when pickled
+    buffers: Tuple[str, ...] = ()  # persistent per-parameter buffers, saved in the state dict
     settings: Optional[Checked] = None  # the variant's settings (public attributes of its optimizer)
 
-    def first_gradient(self, core: "SAMCore", buckets: Buckets, tx: Transaction) -> None:
+    def first_gradient(self, core: SAMCore, buckets: Buckets, tx: Transaction) -> None:
         """A SAM step's first pass, before its norm: may set ``b.grads`` to the direction the
         perturbation follows."""
 
-    def sam_gradient(self, core: "SAMCore", pending: Perturbation, buckets: Buckets, tx: Transaction) -> None:
+    def sam_gradient(self, core: SAMCore, pending: Perturbation, buckets: Buckets, tx: Transaction) -> None:
         """A SAM step's second pass, before its norm: may set ``b.grads`` to what the base
         optimizer steps with."""
 
-    def plain_gradient(self, core: "SAMCore", buckets: Buckets, tx: Transaction) -> None:
+    def plain_gradient(self, core: SAMCore, buckets: Buckets, tx: Transaction) -> None:
         """A step without SAM, before its norm: may set ``b.grads``."""
 
-    def commit(self, core: "SAMCore", pending: Optional[Perturbation], buckets: Buckets,
-               scalars: Optional[Scalars], tx: Transaction) -> None:
+    def commit(
+        self,
+        core: SAMCore,
+        pending: Optional[Perturbation],
+        buckets: Buckets,
+        scalars: Optional[Scalars],
+        tx: Transaction,
+    ) -> None:
         """Register the writes of persistent variant state (the step's skip flag is in ``scalars``)."""
 
-    def finished(self, core: "SAMCore", sam: bool) -> None:
+    def finished(self, core: SAMCore, sam: bool) -> None:
         """The step committed (count it); must not raise."""
 
-    def undone(self, core: "SAMCore") -> None:
+    def undone(self, core: SAMCore) -> None:
         """A pending first step was undone: drop what it left for the second."""
 
     def state_dict(self) -> Dict[str, Any]:
@@ -97,8 +115,13 @@ class Extension:
 class SAMCore:
     """The step machinery of one SAM optimizer; see the module docstring."""
 
-    def __init__(self, owner: torch.optim.Optimizer, base: torch.optim.Optimizer, settings: Settings,
-                 ext: Optional[Extension] = None) -> None:
+    def __init__(
+        self,
+        owner: torch.optim.Optimizer,
+        base: torch.optim.Optimizer,
+        settings: Settings,
+        ext: Optional[Extension] = None,
+    ) -> None:
         self.owner = weakref.ref(owner)  # the optimizer the schedules are asked about
         self.base = base
         self.settings = settings
@@ -217,7 +240,8 @@ class SAMCore:
         if run.pending is not None:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the parameters are already perturbed "
-                "(w + e); call second_step() (or step()) to finish this step, or undo_first_step() to return to w")
+                "(w + e); call second_step() (or step()) to finish this step, or undo_first_step() to return to w"
+            )
 
         def prepare(tx: Transaction) -> Optional[Perturbation]:
             self._decide(tx)
@@ -230,6 +254,7 @@ class SAMCore:
                 self.ext.first_gradient(self, buckets, tx)
                 scalars = self.perturb(buckets, tx)
             return Perturbation(buckets, scalars)
+
         run.pending = self.transact(prepare)
         self.plan.release()  # the first gradient is not needed again: zero_grad() must free it
 
@@ -238,8 +263,10 @@ class SAMCore:
         when no first step is pending and SAM is inactive)."""
         pending = self.run.pending
         if pending is None and self.sam_active():
-            raise RuntimeError("second_step() called without first_step(): SAM is active, so call "
-                               "first_step() after the first backward pass")
+            raise RuntimeError(
+                "second_step() called without first_step(): SAM is active, so call "
+                "first_step() after the first backward pass"
+            )
 
         def prepare(tx: Transaction) -> Update:
             self.check_groups(tx)
@@ -252,6 +279,7 @@ class SAMCore:
             self.ext.commit(self, pending, buckets, update.scalars, tx)
             self.register_update(update, tx)
             return update
+
         update = self.transact(prepare)
         flag = update.skip_flag
         if flag is None and pending is not None and pending.scalars is not None:  # no second gradient
@@ -264,11 +292,15 @@ class SAMCore:
         pending = self.run.pending
         if pending is None:
             return
+
         def prepare(tx: Transaction) -> None:
             for b in pending.buckets:
+
                 def restore(b: Bucket = b) -> None:
                     b.backend.restore(b.params, b.copies)
+
                 tx.write(restore, b.params, backend=b.backend)
+
         self.transact(prepare)
         self.run.pending = None
         self.ext.undone(self)
@@ -299,15 +331,28 @@ class SAMCore:
         self.plan.release()
 
     # ------------------------------------------------------------------ the parts of a step
-    def perturb(self, buckets: List[Bucket], tx: Transaction, *, directions: Optional[List[List[torch.Tensor]]] = None,
-                rhos: Optional[List[float]] = None, weighted: bool = True) -> Scalars:
+    def perturb(
+        self,
+        buckets: List[Bucket],
+        tx: Transaction,
+        *,
+        directions: Optional[List[List[torch.Tensor]]] = None,
+        rhos: Optional[List[float]] = None,
+        weighted: bool = True,
+    ) -> Scalars:
         """Register w <- w + rho * d / ||d|| (ASAM where a group says so and ``weighted``) on the
         parameters of ``buckets`` with ``tx``: ``d`` is each bucket's gradient, or
         ``directions[i]``; ``rhos[i]`` replaces group i's rho times the schedule's multiplier.
         Returns the pass's scalars; each write is undone by restoring from the copy it makes."""
         settings = self.settings
-        scalars = pass_scalars(buckets, "perturb", weighted=weighted, grads=directions, eps=settings.perturb_eps,
-                               skip_hook=settings.skip_reducer)
+        scalars = pass_scalars(
+            buckets,
+            "perturb",
+            weighted=weighted,
+            grads=directions,
+            eps=settings.perturb_eps,
+            skip_hook=settings.skip_reducer,
+        )
         if rhos is None:
             scale = getattr(settings.schedule, "rho_scale", None)
             scale = 1.0 if scale is None else float(scale(self.optimizer()))
@@ -317,23 +362,31 @@ class SAMCore:
             copies = copies_for(b, self.sam_state)
             adaptive = weighted and b.group["adaptive"]
 
-            def run(b: Bucket = b, d: List[torch.Tensor] = d, copies: List[torch.Tensor] = copies, rho: float = rho,
-                    adaptive: bool = adaptive) -> None:
+            def run(
+                b: Bucket = b,
+                d: List[torch.Tensor] = d,
+                copies: List[torch.Tensor] = copies,
+                rho: float = rho,
+                adaptive: bool = adaptive,
+            ) -> None:
                 b.backend.perturb(b.params, d, copies, scalars[b.device], rho, adaptive)
 
             def undo(b: Bucket = b, copies: List[torch.Tensor] = copies) -> None:
                 b.backend.restore(b.params, copies)
+
             tx.write(run, b.params + copies, undo=undo)
         return scalars
 
-    def prepare_update(self, pending: Optional[Perturbation], buckets: Buckets, tx: Transaction) -> "Update":
+    def prepare_update(self, pending: Optional[Perturbation], buckets: Buckets, tx: Transaction) -> Update:
         """The second half of a step, prepared: the restore slices (perturbed parameters without a
         second gradient are registered for a restore only), the pass's scalars (skip flag, clip
         coefficient; a GradScaler's unscale and inf flag folded in).  Reads only."""
         slices, lone = restore_slices(pending.buckets if pending is not None else [], buckets)
         for part in lone:
+
             def restore(part: Lone = part) -> None:
                 part.backend.restore(part.params, part.copies)
+
             tx.write(restore, part.params, backend=part.backend)
         if not buckets:
             return Update(buckets, slices, None, False)
@@ -342,12 +395,18 @@ class SAMCore:
         if run.grad_scale is not None:
             inv_scale = run.grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
         max_norm = self.settings.max_grad_norm
-        scalars = pass_scalars(buckets, "step", weighted=False, max_norm=max_norm,
-                               prev=None if pending is None else pending.scalars, inv_scale=inv_scale,
-                               found_inf=run.scaler_found_inf)
+        scalars = pass_scalars(
+            buckets,
+            "step",
+            weighted=False,
+            max_norm=max_norm,
+            prev=None if pending is None else pending.scalars,
+            inv_scale=inv_scale,
+            found_inf=run.scaler_found_inf,
+        )
         return Update(buckets, slices, scalars, max_norm is not None or inv_scale is not None)
 
-    def register_update(self, update: "Update", tx: Transaction) -> None:
+    def register_update(self, update: Update, tx: Transaction) -> None:
         """Register the restore + base step of every bucket with ``tx`` (fastsam/base_steps)."""
         if update.scalars is None:
             return
@@ -370,9 +429,11 @@ class SAMCore:
         save, load = getattr(schedule, "state_dict", None), getattr(schedule, "load_state_dict", None)
         if callable(save) and callable(load):
             saved, decision = save(), run.decision
+
             def undo() -> None:
                 load(saved)
                 run.decision = decision
+
             tx.on_undo(undo)
         self.sam_active()
 

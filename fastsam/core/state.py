@@ -7,6 +7,7 @@ every value that changes lives in one of these objects, which the optimizer and 
 wrapper reach through the same ``core`` attribute, and the optimizer's public
 attributes forward to them (``Shared``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -105,18 +106,18 @@ class RunState(Checked):
     """Everything that changes from step to step."""
 
     CHECKS = {
-        "num_steps": lambda v: _checks.integer("num_steps", v, lo=0),     # completed steps, SAM or plain
+        "num_steps": lambda v: _checks.integer("num_steps", v, lo=0),  # completed steps, SAM or plain
         "sam_active_override": lambda v: _checks.flag("sam_active", v, none=True),
-        "pending": _any,           # the perturbation of a first_step not yet finished (core.Perturbation)
-        "decision": _any,          # (num_steps, the schedule's answer for that step)
-        "skip_flag": _any,         # the last step's skip flag (0-d device tensor)
-        "opt_called": _any,        # LR schedulers' "an optimizer step happened"
-        "grad_scale": _any,        # handed over by torch.amp.GradScaler.step for one step
+        "pending": _any,  # the perturbation of a first_step not yet finished (core.Perturbation)
+        "decision": _any,  # (num_steps, the schedule's answer for that step)
+        "skip_flag": _any,  # the last step's skip flag (0-d device tensor)
+        "opt_called": _any,  # LR schedulers' "an optimizer step happened"
+        "grad_scale": _any,  # handed over by torch.amp.GradScaler.step for one step
         "scaler_found_inf": _any,  # likewise
-        "in_step": _any,           # inside step(): hooks fire there, not in first/second_step
-        "pre_hooks_fired": _any,   # this step's pre hooks already ran (first_step)
-        "last_grads": _any,        # [(weakref(grad), version)] when the last step(closure) ended
-        "variant": _any,           # a variant's data that lives from one pass (or step) to the next
+        "in_step": _any,  # inside step(): hooks fire there, not in first/second_step
+        "pre_hooks_fired": _any,  # this step's pre hooks already ran (first_step)
+        "last_grads": _any,  # [(weakref(grad), version)] when the last step(closure) ended
+        "variant": _any,  # a variant's data that lives from one pass (or step) to the next
     }
 
     num_steps: int
@@ -133,11 +134,22 @@ class RunState(Checked):
     variant: Dict[str, Any]
 
     def __init__(self) -> None:
-        super().__init__(num_steps=0, sam_active_override=None, pending=None, decision=None, skip_flag=None,
-                         opt_called=False, grad_scale=None, scaler_found_inf=None, in_step=False,
-                         pre_hooks_fired=False, last_grads=None, variant={})
+        super().__init__(
+            num_steps=0,
+            sam_active_override=None,
+            pending=None,
+            decision=None,
+            skip_flag=None,
+            opt_called=False,
+            grad_scale=None,
+            scaler_found_inf=None,
+            in_step=False,
+            pre_hooks_fired=False,
+            last_grads=None,
+            variant={},
+        )
 
-    def fresh(self) -> "RunState":
+    def fresh(self) -> RunState:
         """A copy holding what survives pickling: the step count and the switches."""
         run = RunState()
         run.num_steps, run.sam_active_override, run.decision = self.num_steps, self.sam_active_override, self.decision

@@ -21,6 +21,7 @@ What an undo needs, and what it costs:
 - Python-level changes (a new state entry, a replaced value) are undone by callbacks
   registered with ``on_undo``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -36,13 +37,20 @@ class Write:
 
     __slots__ = ("run", "tensors", "undo", "single", "backend", "_size")
 
-    def __init__(self, run: Callable[[], None], tensors: Sequence[torch.Tensor], *,
-                 undo: Optional[Callable[[], None]] = None, single: bool = True, backend: Any = None,
-                 size: Optional[int] = None):
+    def __init__(
+        self,
+        run: Callable[[], None],
+        tensors: Sequence[torch.Tensor],
+        *,
+        undo: Optional[Callable[[], None]] = None,
+        single: bool = True,
+        backend: Any = None,
+        size: Optional[int] = None,
+    ):
         self.run = run
         self.tensors = tensors
-        self.undo = undo          # exact inverse, replaces the snapshot
-        self.single = single      # one backend call: when it raises, it wrote nothing
+        self.undo = undo  # exact inverse, replaces the snapshot
+        self.single = single  # one backend call: when it raises, it wrote nothing
         self.backend = backend
         self._size = size
 
@@ -68,8 +76,10 @@ class Snapshots:
         """Copy ``tensors`` now; return the function that writes the copy back."""
         key = tuple(map(id, tensors))
         bufs = self._by.get(key)
-        if bufs is None or any(b.shape != t.shape or b.dtype != t.dtype or b.device != t.device or
-                               b.stride() != t.stride() for b, t in zip(bufs, tensors)):
+        if bufs is None or any(
+            b.shape != t.shape or b.dtype != t.dtype or b.device != t.device or b.stride() != t.stride()
+            for b, t in zip(bufs, tensors)
+        ):
             if len(self._by) >= self.LIMIT:
                 self._by.clear()
             bufs = self._by[key] = [torch.empty_like(t, memory_format=torch.preserve_format) for t in tensors]
@@ -102,12 +112,19 @@ class Transaction:
         self.snapshots = snapshots if snapshots is not None else Snapshots()
         self.writes: List[Write] = []
         self.ordered = False  # set when the writes depend on their order (run as registered)
-        self._undo: List[Callable[[], object]] = []   # Python-level changes made while preparing or committing
-        self._done: List[Callable[[], None]] = []   # the undo of each write that ran, in order
+        self._undo: List[Callable[[], object]] = []  # Python-level changes made while preparing or committing
+        self._done: List[Callable[[], None]] = []  # the undo of each write that ran, in order
 
-    def write(self, run: Callable[[], None], tensors: Sequence[torch.Tensor], *,
-              undo: Optional[Callable[[], None]] = None, single: bool = True, backend: Any = None,
-              size: Optional[int] = None) -> None:
+    def write(
+        self,
+        run: Callable[[], None],
+        tensors: Sequence[torch.Tensor],
+        *,
+        undo: Optional[Callable[[], None]] = None,
+        single: bool = True,
+        backend: Any = None,
+        size: Optional[int] = None,
+    ) -> None:
         """Register a write; ``tensors`` are what it overwrites (snapshotted unless it runs last or
         has an exact ``undo``), ``size`` their bytes where the caller knows them."""
         self.writes.append(Write(run, tensors, undo=undo, single=single, backend=backend, size=size))

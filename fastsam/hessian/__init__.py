@@ -14,11 +14,24 @@ also when a call raises. A loss that is not finite on some batch, or a product t
 raises ``FloatingPointError`` naming the batch; arguments are checked (``ValueError`` naming
 the argument) before ``data`` is read.
 """
+
 from ._hvp import HVP_MODES, MODEL_MODES, HessianOperator, hvp, unflatten
 from .density import DensityResult, density
 from .eigen import EigenResult, eigenvalues
 from .trace import TraceResult, trace
 from .tracker import SharpnessTracker
 
-__all__ = ["eigenvalues", "trace", "density", "hvp", "SharpnessTracker", "HessianOperator",
-           "EigenResult", "TraceResult", "DensityResult", "unflatten", "HVP_MODES", "MODEL_MODES"]
+__all__ = [
+    "eigenvalues",
+    "trace",
+    "density",
+    "hvp",
+    "SharpnessTracker",
+    "HessianOperator",
+    "EigenResult",
+    "TraceResult",
+    "DensityResult",
+    "unflatten",
+    "HVP_MODES",
+    "MODEL_MODES",
+]

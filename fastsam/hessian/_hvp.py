@@ -4,6 +4,7 @@ Everything in :mod:`fastsam.hessian` goes through :class:`HessianOperator`. It i
 manager: entering it puts the model into the requested mode, leaving it restores the per-module
 ``training`` flags, every buffer (running statistics) and every parameter's ``.grad`` exactly.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -37,10 +38,11 @@ def as_batches(data: Any) -> List[Tuple[Any, Any]]:
         batches = [tuple(data)]
     else:
         try:
-            batches = [b for b in data]
+            batches = list(data)
         except TypeError:
-            raise TypeError(f"data must be an (inputs, targets) batch or an iterable of batches, "
-                            f"got {type(data).__name__}") from None
+            raise TypeError(
+                f"data must be an (inputs, targets) batch or an iterable of batches, got {type(data).__name__}"
+            ) from None
     if not batches:
         raise ValueError("data is empty: it must contain at least one (inputs, targets) batch")
     for i, b in enumerate(batches):
@@ -56,11 +58,12 @@ def batch_size(batch: Tuple[Any, Any]) -> int:
     for t in (targets, inputs):
         if isinstance(t, torch.Tensor) and t.dim() > 0:
             return int(t.shape[0])
-    for t in (inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()):
+    for t in inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ():
         if isinstance(t, torch.Tensor) and t.dim() > 0:
             return int(t.shape[0])
-    raise TypeError("cannot infer the batch size of a data batch: targets or inputs must be a tensor "
-                    "with a leading batch dimension")
+    raise TypeError(
+        "cannot infer the batch size of a data batch: targets or inputs must be a tensor with a leading batch dimension"
+    )
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -136,10 +139,20 @@ class HessianOperator:
     many batches are kept.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, *, hvp_mode: str = "double_backward",
-                 model_mode: str = "eval", distributed: Optional[bool] = None, process_group: Any = None,
-                 seed: Optional[int] = None, cache_graph: Optional[bool] = None,
-                 cache_bytes: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        *,
+        hvp_mode: str = "double_backward",
+        model_mode: str = "eval",
+        distributed: Optional[bool] = None,
+        process_group: Any = None,
+        seed: Optional[int] = None,
+        cache_graph: Optional[bool] = None,
+        cache_bytes: Optional[int] = None,
+    ) -> None:
         # every argument is checked before ``data`` (perhaps a one-shot iterable) is consumed and
         # before the first collective, so a bad call changes nothing and deadlocks no rank
         if not isinstance(model, nn.Module):
@@ -153,8 +166,10 @@ class HessianOperator:
         cache_bytes = integer("cache_bytes", cache_bytes, lo=0, none=True)
         distributed = flag("distributed", distributed, none=True)
         if cache_graph and self.hvp_mode != "double_backward":
-            raise ArgumentError("cache_graph=True needs hvp_mode='double_backward' (forward-over-reverse "
-                                "cannot reuse a graph: every product pushes a new tangent through the forward)")
+            raise ArgumentError(
+                "cache_graph=True needs hvp_mode='double_backward' (forward-over-reverse "
+                "cannot reuse a graph: every product pushes a new tangent through the forward)"
+            )
         if distributed is None:
             distributed = dist.is_available() and dist.is_initialized()
         if distributed and not (dist.is_available() and dist.is_initialized()):
@@ -172,13 +187,15 @@ class HessianOperator:
         self.distributed, self.group = bool(distributed), process_group
         self.rank = dist.get_rank(process_group) if self.distributed else 0
         local = sum(batch_size(b) for b in self.batches)
-        self.num_samples = int(self.all_reduce(torch.tensor([float(local)], dtype=torch.float64,
-                                                            device=self._comm_device())).item())
+        self.num_samples = int(
+            self.all_reduce(torch.tensor([float(local)], dtype=torch.float64, device=self._comm_device())).item()
+        )
         self.weights = [batch_size(b) / self.num_samples for b in self.batches]
         self.seed = self.broadcast_seed(seed)  # rank 0's; solvers seed their probe vectors with it
         # per-batch RNG seeds for train-mode randomness (dropout), decorrelated from self.seed
-        self._rng_seeds = [(self.seed * 6364136223846793005 + 1442695040888963407 * (i + 1)) % 2 ** 63
-                           for i in range(len(self.batches))]
+        self._rng_seeds = [
+            (self.seed * 6364136223846793005 + 1442695040888963407 * (i + 1)) % 2**63 for i in range(len(self.batches))
+        ]
         self.num_hvps = 0
         self._saved: Optional[Dict[str, Any]] = None
         self._use_torch_func = False  # forward_over_reverse: eager forward AD until an op lacks it
@@ -209,7 +226,7 @@ class HessianOperator:
         if seed is None:
             seed = secrets.randbits(bits)
         if self.distributed:
-            t = torch.tensor([int(seed) % 2 ** 63], dtype=torch.int64, device=self._comm_device())
+            t = torch.tensor([int(seed) % 2**63], dtype=torch.int64, device=self._comm_device())
             dist.broadcast(t, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
             seed = int(t.item())
         return int(seed)
@@ -223,7 +240,7 @@ class HessianOperator:
         return bool(t.item())
 
     # ------------------------------------------------------------------ state save / restore
-    def __enter__(self) -> "HessianOperator":
+    def __enter__(self) -> HessianOperator:
         m = self.model
         self._saved = {
             "training": [(mod, mod.training) for mod in m.modules()],
@@ -257,21 +274,29 @@ class HessianOperator:
         """A parameter-shaped list/tuple (or flat tensor) of finite floats as a flat tensor on the device."""
         if isinstance(vector, torch.Tensor):
             if vector.dim() != 1 or vector.numel() != self.n:
-                raise ArgumentError(f"vector must be a flat tensor with {self.n} entries or a list shaped "
-                                    f"like the trainable parameters, got a tensor of shape {tuple(vector.shape)}")
+                raise ArgumentError(
+                    f"vector must be a flat tensor with {self.n} entries or a list shaped "
+                    f"like the trainable parameters, got a tensor of shape {tuple(vector.shape)}"
+                )
             flat = vector.to(self.device)
         else:
             if not isinstance(vector, (list, tuple)) or len(vector) != len(self.params):
-                raise ArgumentError(f"vector must be a list of {len(self.params)} tensors shaped like the "
-                                    f"trainable parameters (or a flat tensor with {self.n} entries)")
+                raise ArgumentError(
+                    f"vector must be a list of {len(self.params)} tensors shaped like the "
+                    f"trainable parameters (or a flat tensor with {self.n} entries)"
+                )
             for i, (v, p) in enumerate(zip(vector, self.params)):
                 if not isinstance(v, torch.Tensor) or v.shape != p.shape:
-                    raise ArgumentError(f"vector[{i}] must have shape {tuple(p.shape)} (parameter {self.names[i]!r}),"
-                                        f" got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+                    raise ArgumentError(
+                        f"vector[{i}] must have shape {tuple(p.shape)} (parameter {self.names[i]!r}),"
+                        f" got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+                    )
             flat = flatten(v.to(self.device) for v in vector)
         if not flat.is_floating_point() or not bool(torch.isfinite(flat).all()):
-            raise ArgumentError(f"vector must hold finite floating-point numbers, got dtype {flat.dtype}"
-                                f"{'' if not flat.is_floating_point() else ' with NaN or infinite entries'}")
+            raise ArgumentError(
+                f"vector must hold finite floating-point numbers, got dtype {flat.dtype}"
+                f"{'' if not flat.is_floating_point() else ' with NaN or infinite entries'}"
+            )
         return flat
 
     # ------------------------------------------------------------------ products
@@ -281,7 +306,7 @@ class HessianOperator:
         self._losses.append((i, loss.detach()))
         return loss
 
-    def _seeded(self, i: int) -> Union["_NullCtx", "_SeededRng"]:
+    def _seeded(self, i: int) -> Union[_NullCtx, _SeededRng]:
         if self.model_mode != "train":
             return _NullCtx()
         devices = [self.device] if self.device.type == "cuda" else []
@@ -295,8 +320,7 @@ class HessianOperator:
         if self._saved is None:
             raise RuntimeError("HessianOperator.matvec must be called inside its `with` block")
         if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() != 1 or v.numel() != self.n:
-            raise ArgumentError(f"v must be a flat floating-point tensor with {self.n} entries, got "
-                                f"{_describe(v)}")
+            raise ArgumentError(f"v must be a flat floating-point tensor with {self.n} entries, got {_describe(v)}")
         vs = self.split(v.to(self.device))
         out = [torch.zeros_like(p) for p in self.params]
         fn = self._hvp_double_backward if self.hvp_mode == "double_backward" else self._hvp_fwd_rev
@@ -342,12 +366,14 @@ class HessianOperator:
             where = ", ".join(f"data batch {i} (loss {x})" for i, x in local) or "another rank's data"
             raise FloatingPointError(
                 f"loss_fn is not finite on {where}{f' of rank {self.rank}' if self.distributed and local else ''}: "
-                "the Hessian is undefined there (check the data, the model's weights and loss_fn)")
+                "the Hessian is undefined there (check the data, the model's weights and loss_fn)"
+            )
         if not bool(torch.isfinite(v).all()):
             raise ArgumentError("v must be finite: it has NaN or infinite entries")
         raise FloatingPointError(
             "the Hessian-vector product is not finite although every loss is: the second derivative is "
-            f"infinite at these weights (a point such as sqrt(0)) or overflows in {self.dtype} (try float64)")
+            f"infinite at these weights (a point such as sqrt(0)) or overflows in {self.dtype} (try float64)"
+        )
 
     # ------------------------------------------------------------------ graph reuse
     @property
@@ -413,8 +439,9 @@ class HessianOperator:
         if not keep:  # the loss is at most linear in the parameters
             return [None] * len(vs)
         # d/dw (sum_j g_j . v_j) = H v: one backward through the kept first-order graph
-        return torch.autograd.grad(grads, self.params, grad_outputs=[vs[j] for j in keep],
-                                   retain_graph=i in self._graphs, allow_unused=True)
+        return torch.autograd.grad(
+            grads, self.params, grad_outputs=[vs[j] for j in keep], retain_graph=i in self._graphs, allow_unused=True
+        )
 
     def _hvp_double_backward(self, i: int, inputs: Any, targets: Any, vs: List[torch.Tensor]) -> Products:
         with torch.enable_grad():
@@ -440,6 +467,7 @@ class HessianOperator:
         """
         import torch.autograd.forward_ad as fwAD
         from torch.func import functional_call
+
         args, kwargs = _call_args(inputs)
         primals = [p.detach().requires_grad_() for p in self.params]
         with torch.enable_grad(), fwAD.dual_level():
@@ -453,6 +481,7 @@ class HessianOperator:
 
     def _hvp_fwd_rev_func(self, i: int, inputs: Any, targets: Any, vs: List[torch.Tensor]) -> Products:
         from torch.func import functional_call, grad, jvp
+
         model = self.model
         primals = {n: p.detach() for n, p in zip(self.names, self.params)}
         tangents = dict(zip(self.names, vs))
@@ -468,14 +497,18 @@ class HessianOperator:
 
         # torch.func cannot mutate captured buffers: in train mode BatchNorm uses batch statistics
         # either way, so stop it from updating running statistics during the transform.
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-               and m.training and m.track_running_stats]
+        bns = [
+            m
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+        ]
         for m in bns:
             m.track_running_stats = False
         try:
             # has_aux=True: (output, the product, aux); torch annotates the 2- and 3-tuple forms as one union
-            _, hv, loss = cast(Tuple[Any, Any, Any], jvp(grad(loss_of, has_aux=True), (primals,), (tangents,),
-                                                         has_aux=True))
+            _, hv, loss = cast(
+                Tuple[Any, Any, Any], jvp(grad(loss_of, has_aux=True), (primals,), (tangents,), has_aux=True)
+            )
             self._losses.append((i, loss))
         finally:
             for m in bns:
@@ -485,8 +518,10 @@ class HessianOperator:
 
 def _scalar_loss(loss: Any) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ValueError("loss_fn must return a scalar tensor (mean reduction), got "
-                         f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
+        raise ValueError(
+            "loss_fn must return a scalar tensor (mean reduction), got "
+            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}"
+        )
     return loss.reshape(())
 
 
@@ -497,7 +532,7 @@ def _describe(v: Any) -> str:
 
 
 class _NullCtx:
-    def __enter__(self) -> "_NullCtx":
+    def __enter__(self) -> _NullCtx:
         return self
 
     def __exit__(self, *exc: Any) -> Literal[False]:
@@ -510,23 +545,32 @@ class _SeededRng:
     def __init__(self, seed: int, devices: List[torch.device]) -> None:
         self.seed, self.devices = seed, devices
 
-    def __enter__(self) -> "_SeededRng":
+    def __enter__(self) -> _SeededRng:
         self._fork = torch.random.fork_rng(devices=self.devices)
         self._fork.__enter__()
         torch.default_generator.manual_seed(self.seed)
         for d in self.devices:
-            torch.cuda.default_generators[d.index if d.index is not None else torch.cuda.current_device()
-                                          ].manual_seed(self.seed)
+            torch.cuda.default_generators[d.index if d.index is not None else torch.cuda.current_device()].manual_seed(
+                self.seed
+            )
         return self
 
     def __exit__(self, *exc: Any) -> Optional[bool]:
         return self._fork.__exit__(*exc)
 
 
-def hvp(model: nn.Module, loss_fn: LossFn, data: Any, vector: Union[torch.Tensor, Sequence[torch.Tensor]], *,
-        hvp_mode: str = "double_backward", model_mode: str = "eval", distributed: Optional[bool] = None,
-        process_group: Any = None,
-        seed: Optional[int] = None) -> List[torch.Tensor]:
+def hvp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    vector: Union[torch.Tensor, Sequence[torch.Tensor]],
+    *,
+    hvp_mode: str = "double_backward",
+    model_mode: str = "eval",
+    distributed: Optional[bool] = None,
+    process_group: Any = None,
+    seed: Optional[int] = None,
+) -> List[torch.Tensor]:
     """One Hessian-vector product H @ vector of the sample-averaged loss.
 
     ``vector`` is a list shaped like the model's trainable parameters (``requires_grad=True``, in
@@ -536,8 +580,16 @@ def hvp(model: nn.Module, loss_fn: LossFn, data: Any, vector: Union[torch.Tensor
     :class:`HessianOperator`).
     """
     # one product: nothing to reuse, so no graph is kept (memory as for a plain double backward)
-    with HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, model_mode=model_mode,
-                         distributed=distributed, process_group=process_group, seed=seed,
-                         cache_graph=False) as op:
+    with HessianOperator(
+        model,
+        loss_fn,
+        data,
+        hvp_mode=hvp_mode,
+        model_mode=model_mode,
+        distributed=distributed,
+        process_group=process_group,
+        seed=seed,
+        cache_graph=False,
+    ) as op:
         flat = op.from_params(vector).to(op.dtype)
         return [t.view(s) for t, s in zip(op.matvec(flat).split(op.sizes), op.shapes)]

@@ -1,4 +1,5 @@
 """Small shared helpers: the dtype and callback checks, random probe vectors, progress bars."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Literal, Optional, Tuple
@@ -26,7 +27,7 @@ def check_callback(callback: Any) -> None:
 
 def generator(device: torch.device, seed: int) -> torch.Generator:
     g = torch.Generator(device=device)
-    g.manual_seed(int(seed) % (2 ** 63))
+    g.manual_seed(int(seed) % (2**63))
     return g
 
 
@@ -64,7 +65,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: Any) -> Literal[False]:

@@ -1,4 +1,5 @@
 """Spectral density by stochastic Lanczos quadrature (SLQ; Ghorbani, Krishnan & Xiao 2019)."""
+
 from __future__ import annotations
 
 import math
@@ -25,6 +26,7 @@ class DensityResult:
       (squared first components of the Ritz vectors; each run's weights sum to 1).
     - ``sigma``: the Gaussian width used; ``num_hvps``; ``seed``.
     """
+
     grid: torch.Tensor
     density: torch.Tensor
     nodes: List[torch.Tensor]
@@ -36,6 +38,7 @@ class DensityResult:
     def plot(self, ax: Any = None, log: bool = True, **kwargs: Any) -> Any:
         """Plot the density with matplotlib (log y-axis by default, as in PyHessian); returns ax."""
         import matplotlib.pyplot as plt
+
         ax = ax if ax is not None else plt.gca()
         ax.plot(self.grid.numpy(), self.density.numpy(), **kwargs)
         if log:
@@ -45,8 +48,9 @@ class DensityResult:
         return ax
 
 
-def smooth(nodes: List[torch.Tensor], weights: List[torch.Tensor], sigma: Optional[float] = None,
-           num_points: int = 1000) -> Tuple[torch.Tensor, torch.Tensor, float]:
+def smooth(
+    nodes: List[torch.Tensor], weights: List[torch.Tensor], sigma: Optional[float] = None, num_points: int = 1000
+) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """Gaussian-smoothed density of point masses averaged over runs: ``(grid, density, sigma)``.
 
     ``sigma`` defaults to 1% of the node range (or of max |node|, or 1, if the range is 0); the
@@ -67,11 +71,25 @@ def smooth(nodes: List[torch.Tensor], weights: List[torch.Tensor], sigma: Option
     return grid, dens / len(nodes), float(sigma)
 
 
-def density(model: nn.Module, loss_fn: LossFn, data: Any, num_iter: int = 100, num_runs: int = 1, *,
-            sigma: Optional[float] = None, num_points: int = 1000, seed: Optional[int] = None,
-            hvp_mode: str = "double_backward", model_mode: str = "eval", dtype: Optional[torch.dtype] = None,
-            progress: bool = False, distributed: Optional[bool] = None, process_group: Any = None,
-            cache_graph: Optional[bool] = None, cache_bytes: Optional[int] = None) -> DensityResult:
+def density(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    num_iter: int = 100,
+    num_runs: int = 1,
+    *,
+    sigma: Optional[float] = None,
+    num_points: int = 1000,
+    seed: Optional[int] = None,
+    hvp_mode: str = "double_backward",
+    model_mode: str = "eval",
+    dtype: Optional[torch.dtype] = None,
+    progress: bool = False,
+    distributed: Optional[bool] = None,
+    process_group: Any = None,
+    cache_graph: Optional[bool] = None,
+    cache_bytes: Optional[int] = None,
+) -> DensityResult:
     """SLQ spectral density of the Hessian of the sample-averaged loss.
 
     Each of ``num_runs`` runs does ``num_iter`` Lanczos steps (fewer if the Krylov space is
@@ -85,9 +103,18 @@ def density(model: nn.Module, loss_fn: LossFn, data: Any, num_iter: int = 100, n
     num_points = integer("num_points", num_points, lo=2)
     sigma = real("sigma", sigma, lo=0, lo_open=True, none=True)
     dtype, progress = check_dtype(dtype), flag("progress", progress)
-    with HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, model_mode=model_mode,
-                         distributed=distributed, process_group=process_group, seed=seed,
-                         cache_graph=cache_graph, cache_bytes=cache_bytes) as op:
+    with HessianOperator(
+        model,
+        loss_fn,
+        data,
+        hvp_mode=hvp_mode,
+        model_mode=model_mode,
+        distributed=distributed,
+        process_group=process_group,
+        seed=seed,
+        cache_graph=cache_graph,
+        cache_bytes=cache_bytes,
+    ) as op:
         wdtype = dtype or op.dtype
         seed = op.seed
         gen = generator(op.device, seed)

@@ -1,4 +1,5 @@
 """``eigenvalues``: top-k Hessian eigenpairs by Lanczos (default) or power iteration."""
+
 from __future__ import annotations
 
 import warnings
@@ -30,6 +31,7 @@ class EigenResult:
       whether all k met ``tol``; ``num_iter``: Lanczos steps (power: products); ``seed``;
       ``shift``: the spectral shift power iteration needed (0 when none, always 0 for Lanczos).
     """
+
     eigenvalues: torch.Tensor
     eigenvectors: torch.Tensor
     num_hvps: int
@@ -48,13 +50,26 @@ class EigenResult:
         return [c.view(s) for c, s in zip(self.eigenvectors[i].split(sizes), self.param_shapes)]
 
 
-def eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1, method: str = "lanczos",
-                tol: float = 1e-3,
-                max_iter: Optional[int] = None, seed: Optional[int] = None, *,
-                hvp_mode: str = "double_backward", model_mode: str = "eval", dtype: Optional[torch.dtype] = None,
-                progress: bool = False, callback: Optional[Callback] = None,
-                distributed: Optional[bool] = None, process_group: Any = None, cache_graph: Optional[bool] = None,
-                cache_bytes: Optional[int] = None) -> EigenResult:
+def eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    k: int = 1,
+    method: str = "lanczos",
+    tol: float = 1e-3,
+    max_iter: Optional[int] = None,
+    seed: Optional[int] = None,
+    *,
+    hvp_mode: str = "double_backward",
+    model_mode: str = "eval",
+    dtype: Optional[torch.dtype] = None,
+    progress: bool = False,
+    callback: Optional[Callback] = None,
+    distributed: Optional[bool] = None,
+    process_group: Any = None,
+    cache_graph: Optional[bool] = None,
+    cache_bytes: Optional[int] = None,
+) -> EigenResult:
     """Top-k eigenvalues (largest algebraic first) of the Hessian of the sample-averaged loss.
 
     - ``data``: one ``(inputs, targets)`` batch or an iterable of batches (see ``HessianOperator``).
@@ -97,17 +112,41 @@ def eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1, method
             raise ArgumentError(f"max_iter must be >= k for method='lanczos', got {max_iter}")
     else:
         steps = max_iter if max_iter is not None else 1000
-    with HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, model_mode=model_mode,
-                         distributed=distributed, process_group=process_group, seed=seed,
-                         cache_graph=cache_graph, cache_bytes=cache_bytes) as op:
+    with HessianOperator(
+        model,
+        loss_fn,
+        data,
+        hvp_mode=hvp_mode,
+        model_mode=model_mode,
+        distributed=distributed,
+        process_group=process_group,
+        seed=seed,
+        cache_graph=cache_graph,
+        cache_bytes=cache_bytes,
+    ) as op:
         wdtype = dtype or op.dtype
         seed = op.seed
         solve = lanczos_eigs if method == "lanczos" else power_eigs
         out = solve(op, k, tol, steps, seed, wdtype, callback=callback, progress=progress)
         values, vectors, residuals, converged, num_iter, shift = out
-        result = EigenResult(values, vectors, op.num_hvps, residuals, converged, num_iter, seed, method,
-                             list(op.names), list(op.shapes), shift)
+        result = EigenResult(
+            values,
+            vectors,
+            op.num_hvps,
+            residuals,
+            converged,
+            num_iter,
+            seed,
+            method,
+            list(op.names),
+            list(op.shapes),
+            shift,
+        )
     if not converged:
-        warnings.warn(f"hessian.eigenvalues({method!r}) did not reach tol={tol:g} in max_iter={steps} "
-                      f"(relative residuals {residuals.tolist()})", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"hessian.eigenvalues({method!r}) did not reach tol={tol:g} in max_iter={steps} "
+            f"(relative residuals {residuals.tolist()})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return result

@@ -5,6 +5,7 @@ new vector is orthogonalised against the whole basis twice (classical Gram-Schmi
 enough"). Only the tridiagonal coefficients (two floats per step) come to the CPU, where the
 small eigenproblem is solved in float64 with ``torch.linalg.eigh``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -52,7 +53,7 @@ class Basis:
         S = S.to(self.dtype).to(self.device)
         out = torch.zeros(S.shape[1], self.n, dtype=self.dtype, device=self.device)
         for b, V in enumerate(self._views()):
-            out.addmm_(S[b * _BLOCK: b * _BLOCK + V.shape[0]].t(), V)
+            out.addmm_(S[b * _BLOCK : b * _BLOCK + V.shape[0]].t(), V)
         return out
 
 
@@ -66,10 +67,15 @@ def tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> torch.Tensor
     return T
 
 
-def run_lanczos(op: HessianOperator, v0: torch.Tensor, max_steps: int, *,
-                stop: Optional[Callable[[List[float], List[float], float], bool]] = None,
-                restart_gen: Optional[torch.Generator] = None, progress: Optional[Progress] = None
-                ) -> Tuple[List[float], List[float], float, Basis]:
+def run_lanczos(
+    op: HessianOperator,
+    v0: torch.Tensor,
+    max_steps: int,
+    *,
+    stop: Optional[Callable[[List[float], List[float], float], bool]] = None,
+    restart_gen: Optional[torch.Generator] = None,
+    progress: Optional[Progress] = None,
+) -> Tuple[List[float], List[float], float, Basis]:
     """Run up to ``max_steps`` Lanczos steps from ``v0`` on ``op.matvec``.
 
     After each step ``stop(alphas, betas, beta)`` may end the run (``beta`` is the norm of the
@@ -116,8 +122,17 @@ def run_lanczos(op: HessianOperator, v0: torch.Tensor, max_steps: int, *,
     return alphas, betas, beta, Q
 
 
-def lanczos_eigs(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int, dtype: torch.dtype, *,
-                 callback: Optional[Callback] = None, progress: bool = False) -> EigsOut:
+def lanczos_eigs(
+    op: HessianOperator,
+    k: int,
+    tol: float,
+    max_iter: int,
+    seed: int,
+    dtype: torch.dtype,
+    *,
+    callback: Optional[Callback] = None,
+    progress: bool = False,
+) -> EigsOut:
     """Top-k (largest algebraic) eigenpairs of ``op`` by Lanczos.
 
     Stops when the Ritz residuals ``beta * |S[-1, i]|`` of the k wanted values are all at most
@@ -142,8 +157,7 @@ def lanczos_eigs(op: HessianOperator, k: int, tol: float, max_iter: int, seed: i
         done = len(alphas) >= max(k, min_steps) and bool((rel <= tol).all())
         state.update(theta=theta, S=S, rel=rel, done=done)
         if callback is not None:
-            info = dict(step=len(alphas), num_hvps=op.num_hvps - hvps0, eigenvalues=top.clone(),
-                        residuals=rel.clone())
+            info = dict(step=len(alphas), num_hvps=op.num_hvps - hvps0, eigenvalues=top.clone(), residuals=rel.clone())
             done = bool(callback(info)) or done
         return done
 

@@ -9,6 +9,7 @@ triggers one spectral shift: the iteration restarts on H - s I with s just below
 of H). Shifting costs extra products and slows convergence (the ratios become
 (l2 - s) / (l1 - s)); ``EigenResult.shift`` reports s (0 if no shift was needed).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -26,8 +27,17 @@ def _project_out(w: torch.Tensor, found: Sequence[torch.Tensor]) -> torch.Tensor
     return w
 
 
-def power_eigs(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int, dtype: torch.dtype, *,
-               callback: Optional[Callback] = None, progress: bool = False) -> EigsOut:
+def power_eigs(
+    op: HessianOperator,
+    k: int,
+    tol: float,
+    max_iter: int,
+    seed: int,
+    dtype: torch.dtype,
+    *,
+    callback: Optional[Callback] = None,
+    progress: bool = False,
+) -> EigsOut:
     """Top-k (largest algebraic) eigenpairs by power iteration with deflation (and a shift if
     the dominant eigenvalue is negative, see the module docstring).
 
@@ -56,16 +66,29 @@ def power_eigs(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int
                 w = op.matvec(v)
                 if shift:
                     w.sub_(v, alpha=shift)
-                w = _project_out(w, vecs)                       # (H - s I) v in the complement
+                w = _project_out(w, vecs)  # (H - s I) v in the complement
                 theta_s = float(torch.dot(v, w))
                 theta = theta_s + shift
-                res = float((w - theta_s * v).norm())           # = ||H v - theta v||
+                res = float((w - theta_s * v).norm())  # = ||H v - theta v||
                 rel = res / max(abs(theta), 1e-300)
                 bar.update(1, eig=i, res=f"{rel:.1e}")
                 ok = rel <= tol
                 if callback is not None:
-                    ok = bool(callback(dict(index=i, step=step, num_hvps=op.num_hvps - hvps0, eigenvalue=theta,
-                                            residual=rel, shift=shift))) or ok
+                    ok = (
+                        bool(
+                            callback(
+                                dict(
+                                    index=i,
+                                    step=step,
+                                    num_hvps=op.num_hvps - hvps0,
+                                    eigenvalue=theta,
+                                    residual=rel,
+                                    shift=shift,
+                                )
+                            )
+                        )
+                        or ok
+                    )
                 if op.agree(ok):
                     break
                 w_norm = w.norm()

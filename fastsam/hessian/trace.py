@@ -1,4 +1,5 @@
 """Stochastic trace estimation: Hutchinson and Hutch++ (Meyer, Musco, Musco & Woodruff, 2021)."""
+
 from __future__ import annotations
 
 import math
@@ -26,6 +27,7 @@ class TraceResult:
     - ``num_hvps``: products spent; ``samples``: the quadratic forms z^T H z of the
       Hutchinson part (float64 CPU); ``seed``; ``method``.
     """
+
     trace: float
     std_error: float
     num_hvps: int
@@ -34,8 +36,14 @@ class TraceResult:
     method: str
 
 
-def _hutchinson(op: HessianOperator, probes: int, gen: torch.Generator, dtype: torch.dtype, bar: Progress,
-                project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+def _hutchinson(
+    op: HessianOperator,
+    probes: int,
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    bar: Progress,
+    project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
     vals: List[float] = []
     for _ in range(probes):
         z = rademacher((op.n,), gen, dtype, op.device)
@@ -52,11 +60,23 @@ def _std_error(samples: torch.Tensor) -> float:
     return float(samples.std(unbiased=True)) / math.sqrt(samples.numel())
 
 
-def trace(model: nn.Module, loss_fn: LossFn, data: Any, num_samples: int = 100, method: str = "hutch++",
-          seed: Optional[int] = None, *, hvp_mode: str = "double_backward", model_mode: str = "eval",
-          dtype: Optional[torch.dtype] = None, progress: bool = False, distributed: Optional[bool] = None,
-          process_group: Any = None, cache_graph: Optional[bool] = None,
-          cache_bytes: Optional[int] = None) -> TraceResult:
+def trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    num_samples: int = 100,
+    method: str = "hutch++",
+    seed: Optional[int] = None,
+    *,
+    hvp_mode: str = "double_backward",
+    model_mode: str = "eval",
+    dtype: Optional[torch.dtype] = None,
+    progress: bool = False,
+    distributed: Optional[bool] = None,
+    process_group: Any = None,
+    cache_graph: Optional[bool] = None,
+    cache_bytes: Optional[int] = None,
+) -> TraceResult:
     """Estimate tr(H) of the Hessian of the sample-averaged loss with ``num_samples`` products.
 
     ``method="hutchinson"``: mean of z^T H z over ``num_samples`` Rademacher vectors (>= 2).
@@ -68,9 +88,18 @@ def trace(model: nn.Module, loss_fn: LossFn, data: Any, num_samples: int = 100, 
     choice("method", method, METHODS)
     num_samples = integer("num_samples", num_samples, lo=3 if method == "hutch++" else 2)
     dtype, progress = check_dtype(dtype), flag("progress", progress)
-    with HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, model_mode=model_mode,
-                         distributed=distributed, process_group=process_group, seed=seed,
-                         cache_graph=cache_graph, cache_bytes=cache_bytes) as op:
+    with HessianOperator(
+        model,
+        loss_fn,
+        data,
+        hvp_mode=hvp_mode,
+        model_mode=model_mode,
+        distributed=distributed,
+        process_group=process_group,
+        seed=seed,
+        cache_graph=cache_graph,
+        cache_bytes=cache_bytes,
+    ) as op:
         wdtype = dtype or op.dtype
         seed = op.seed
         gen = generator(op.device, seed)
@@ -81,9 +110,9 @@ def trace(model: nn.Module, loss_fn: LossFn, data: Any, num_samples: int = 100, 
             else:
                 s = min(num_samples // 3, op.n)
                 S = rademacher((s, op.n), gen, wdtype, op.device)
-                Y = torch.stack([op.matvec(row) for row in S])          # rows: H s_i
+                Y = torch.stack([op.matvec(row) for row in S])  # rows: H s_i
                 bar.update(s)
-                Q = torch.linalg.qr(Y.t()).Q.t()                      # (s, n) orthonormal rows
+                Q = torch.linalg.qr(Y.t()).Q.t()  # (s, n) orthonormal rows
                 exact_part = 0.0
                 for q in Q:
                     exact_part += float(torch.dot(q, op.matvec(q)))

@@ -1,4 +1,5 @@
 """Track sharpness (top Hessian eigenvalues) during training."""
+
 from __future__ import annotations
 
 import time
@@ -25,8 +26,7 @@ class SharpnessTracker:
     ``steps()`` and ``lambda_max()`` return the two plottable columns.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, every: int = 1, k: int = 1,
-                 **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, every: int = 1, k: int = 1, **kwargs: Any) -> None:
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every = integer("every", every, lo=1)
         self.k = integer("k", k, lo=1)
@@ -46,9 +46,14 @@ class SharpnessTracker:
         data = self.data() if callable(self.data) else self.data
         t0 = time.perf_counter()
         r = eigenvalues(self.model, self.loss_fn, data, k=self.k, **self.kwargs)
-        entry = {"step": self.count if step is None else step, "lambda_max": float(r.eigenvalues[0]),
-                 "eigenvalues": r.eigenvalues.tolist(), "num_hvps": r.num_hvps,
-                 "seconds": time.perf_counter() - t0, "converged": r.converged}
+        entry = {
+            "step": self.count if step is None else step,
+            "lambda_max": float(r.eigenvalues[0]),
+            "eigenvalues": r.eigenvalues.tolist(),
+            "num_hvps": r.num_hvps,
+            "seconds": time.perf_counter() - t0,
+            "converged": r.converged,
+        }
         self.history.append(entry)
         return entry
 
@@ -63,8 +68,9 @@ class SharpnessTracker:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if not isinstance(state, dict) or "count" not in state or not isinstance(state.get("history"), list):
-            raise ArgumentError("state must be a SharpnessTracker state_dict (a dict with 'count' and a list "
-                                "'history')")
+            raise ArgumentError(
+                "state must be a SharpnessTracker state_dict (a dict with 'count' and a list 'history')"
+            )
         count = integer("state['count']", state["count"], lo=0)
         if not all(isinstance(h, dict) for h in state["history"]):
             raise ArgumentError("state['history'] must be a list of dicts")

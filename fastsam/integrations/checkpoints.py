@@ -14,14 +14,22 @@ checkpoint see an ordinary optimizer.  Also loaded:
   state, with a warning: it holds no SAM step count or settings, and the SAM classes'
   restore copies (``old_p``, ``e_w``) are dropped.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
 FORMAT = 2
 LEGACY_KEYS = ("old_p", "e_w")  # restore copies other SAM classes keep in their per-parameter state
-_V1_SAM = ("num_steps", "sam_start_step", "schedule", "sam_active_override", "perturb_eps", "max_grad_norm",
-           "perturbation")
+_V1_SAM = (
+    "num_steps",
+    "sam_start_step",
+    "schedule",
+    "sam_active_override",
+    "perturb_eps",
+    "max_grad_norm",
+    "perturbation",
+)
 _V1_MSAM = ("num_steps", "perturbed", "w", "schedule", "sam_start_step", "max_grad_norm", "perturb_eps")
 
 
@@ -49,23 +57,38 @@ def to_current(sd: Any, kind: str) -> Tuple[Dict[str, Any], Optional[str]]:
             raise ValueError("state_dict['sam'] lacks entries of fastsam's first state-dict layout")
         variant = sd.get("variant") or {}
         extra = {k: v for k, v in variant.items() if k not in ("class", "buffers")}
-        part = {"format": FORMAT, "class": variant.get("class", "FusedSAM"),
-                **{k: sam[k] for k in _V1_SAM}, "buffers": variant.get("buffers", {}), "variant": extra}
+        part = {
+            "format": FORMAT,
+            "class": variant.get("class", "FusedSAM"),
+            **{k: sam[k] for k in _V1_SAM},
+            "buffers": variant.get("buffers", {}),
+            "variant": extra,
+        }
         return {**base, "fastsam": part}, None
     if kind == "msam" and keys == {"base", "msam"}:
         base = _base(sd["base"])
         m = sd["msam"]
         if not isinstance(m, dict) or not set(_V1_MSAM) <= set(m):
             raise ValueError("state_dict['msam'] lacks entries of MomentumSAM's first state-dict layout")
-        part = {"format": FORMAT, "class": "MomentumSAM", "sam_active_override": None, "perturbation": "local",
-                "closure_convention": "torch", "buffers": {}, "variant": {},
-                **{k: m[k] for k in _V1_MSAM}, "scalars": m.get("scalars"), "inv_norm": m.get("inv_norm"),
-                "rho": m.get("rho")}
+        part = {
+            "format": FORMAT,
+            "class": "MomentumSAM",
+            "sam_active_override": None,
+            "perturbation": "local",
+            "closure_convention": "torch",
+            "buffers": {},
+            "variant": {},
+            **{k: m[k] for k in _V1_MSAM},
+            "scalars": m.get("scalars"),
+            "inv_norm": m.get("inv_norm"),
+            "rho": m.get("rho"),
+        }
         return {**base, "fastsam": part}, None
     raise ValueError(
         "state_dict is not a state dict of this optimizer: expected torch's layout with a 'fastsam' entry "
         "(written by state_dict()), fastsam's first layout ({'base', 'sam'} or {'base', 'msam'}), or a plain "
-        f"{{'state', 'param_groups'}} optimizer state dict; got the keys {sorted(map(str, keys))}")
+        f"{{'state', 'param_groups'}} optimizer state dict; got the keys {sorted(map(str, keys))}"
+    )
 
 
 def _base(base: Any) -> Dict[str, Any]:
@@ -75,8 +98,15 @@ def _base(base: Any) -> Dict[str, Any]:
 
 
 def plain_warning(num_steps: int, empty: bool) -> str:
-    return ("loaded a plain {'state', 'param_groups'} state dict (another SAM class's or a base optimizer's) "
-            "as the base optimizer's state.  It lacks fastsam's step count "
-            f"(num_steps stays {num_steps}), sam_start_step/schedule and the SAM settings"
-            + ("; it holds no base-optimizer state either (momentum, Adam moments: the widely used SAM "
-               "class does not save them), so those start from zero" if empty else "") + ".")
+    return (
+        "loaded a plain {'state', 'param_groups'} state dict (another SAM class's or a base optimizer's) "
+        "as the base optimizer's state.  It lacks fastsam's step count "
+        f"(num_steps stays {num_steps}), sam_start_step/schedule and the SAM settings"
+        + (
+            "; it holds no base-optimizer state either (momentum, Adam moments: the widely used SAM "
+            "class does not save them), so those start from zero"
+            if empty
+            else ""
+        )
+        + "."
+    )

@@ -22,6 +22,7 @@ The logs get ``sam_loss``: the mean second-pass loss (at w + e) of the SAM steps
 last log.  Checkpoints (``save_strategy``, ``resume_from_checkpoint``) hold FusedSAM's
 state_dict, its step count included.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Union
@@ -51,21 +52,36 @@ class SAMTrainer(Trainer):
 
     optimizer: Optional[torch.optim.Optimizer]  # the Trainer's (possibly accelerate-wrapped) optimizer
 
-    def __init__(self, *args: Any, sam_rho: float = 0.05, sam_adaptive: bool = False,
-                 sam_start_step: Optional[int] = None, sam_start_fraction: Optional[float] = None,
-                 sam_kwargs: Optional[Dict[str, Any]] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        sam_rho: float = 0.05,
+        sam_adaptive: bool = False,
+        sam_start_step: Optional[int] = None,
+        sam_start_fraction: Optional[float] = None,
+        sam_kwargs: Optional[Dict[str, Any]] = None,
+        **kwargs: Any,
+    ) -> None:
         opts = kwargs.get("optimizers", (None, None))
         given = opts[0] if opts else None
         if given is not None and not isinstance(given, FusedSAM):
             raise TypeError(
                 f"SAMTrainer needs a FusedSAM in optimizers=(opt, scheduler), got {type(given).__name__}; pass "
                 "optimizers=(FusedSAM(params, torch.optim.AdamW, rho=...), None) or leave optimizers out and "
-                "give sam_rho/sam_start_step/... to build one around the Trainer's optimizer")
-        custom = (sam_rho != 0.05 or sam_adaptive or sam_start_step is not None or sam_start_fraction is not None
-                  or sam_kwargs)
+                "give sam_rho/sam_start_step/... to build one around the Trainer's optimizer"
+            )
+        custom = (
+            sam_rho != 0.05
+            or sam_adaptive
+            or sam_start_step is not None
+            or sam_start_fraction is not None
+            or sam_kwargs
+        )
         if given is not None and custom:
-            raise ValueError("SAM arguments (sam_rho, sam_start_step, ...) configure the optimizer SAMTrainer "
-                             "builds; the FusedSAM passed in optimizers= already has its own")
+            raise ValueError(
+                "SAM arguments (sam_rho, sam_start_step, ...) configure the optimizer SAMTrainer "
+                "builds; the FusedSAM passed in optimizers= already has its own"
+            )
         if sam_start_step is not None and sam_start_fraction is not None:
             raise ValueError("give sam_start_step or sam_start_fraction, not both")
         if sam_start_fraction is not None and not 0.0 <= float(sam_start_fraction) <= 1.0:
@@ -73,7 +89,7 @@ class SAMTrainer(Trainer):
         self.sam_rho, self.sam_adaptive = sam_rho, sam_adaptive
         self.sam_start_step, self.sam_start_fraction = sam_start_step, sam_start_fraction
         self.sam_kwargs = dict(sam_kwargs or {})
-        self._sam_window: list = []      # the kept micro-batches of the current window
+        self._sam_window: list = []  # the kept micro-batches of the current window
         self._sam_loss_sum: Union[float, torch.Tensor] = 0.0  # second-pass losses since the last log
         self._sam_loss_steps = 0
         self._sam_total_steps: Optional[int] = None
@@ -91,25 +107,33 @@ class SAMTrainer(Trainer):
         assert opt_model is not None  # the Trainer has its model by the time it builds the optimizer
         decay = set(self.get_decay_parameter_names(opt_model))
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
-                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
         groups = [g for g in groups if g["params"]]
         if self.optimizer_cls_and_kwargs is not None:
             cls, kw = self.optimizer_cls_and_kwargs
         else:
             cls, kw = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         kw = dict(kw)
-        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or {"params", "model",
-                                                                                       "optimizer_dict"} & set(kw):
-            raise ValueError(f"SAMTrainer cannot wrap the optimizer args.optim={self.args.optim!r} ({cls!r}); "
-                             "choose a torch.optim optimizer (adamw_torch, sgd, ...) or pass a FusedSAM in "
-                             "optimizers=")
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or {
+            "params",
+            "model",
+            "optimizer_dict",
+        } & set(kw):
+            raise ValueError(
+                f"SAMTrainer cannot wrap the optimizer args.optim={self.args.optim!r} ({cls!r}); "
+                "choose a torch.optim optimizer (adamw_torch, sgd, ...) or pass a FusedSAM in "
+                "optimizers="
+            )
         start = self.sam_start_step
         if self.sam_start_fraction is not None:
             total = self.args.max_steps if self.args.max_steps > 0 else (self._sam_total_steps or 0)
             start = int(round(self.sam_start_fraction * total))
-        self.optimizer = FusedSAM(groups, cls, rho=self.sam_rho, adaptive=self.sam_adaptive,
-                                  sam_start_step=start, **self.sam_kwargs, **kw)
+        self.optimizer = FusedSAM(
+            groups, cls, rho=self.sam_rho, adaptive=self.sam_adaptive, sam_start_step=start, **self.sam_kwargs, **kw
+        )
         return self.optimizer
 
     @property
@@ -124,8 +148,9 @@ class SAMTrainer(Trainer):
         return opt
 
     # ---------------------------------------------------------------- the two passes
-    def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None, *args: Any,
-                      **kw: Any) -> torch.Tensor:
+    def training_step(
+        self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None, *args: Any, **kw: Any
+    ) -> torch.Tensor:
         opt = self.sam_optimizer
         first = super().training_step(model, inputs, num_items_in_batch, *args, **kw)
         if not opt.sam_active:

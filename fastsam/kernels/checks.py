@@ -1,5 +1,6 @@
 """Checks on the tensor lists of one fused call: the lowest layer, shared by every backend
 and the kernels below them (nothing here imports from fastsam.backends)."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -24,15 +25,16 @@ def check_bucket(*lists: Optional[Sequence[torch.Tensor]]) -> None:
             raise ValueError(f"tensor lists of one fused call must have equal lengths, got {n} and {len(ls)}")
         for t, r in zip(ls, first):
             if t.shape != r.shape:  # the ops are element-wise over the lists: a mismatch reads out of bounds
-                raise ValueError(f"tensors of one element-wise fused call have shapes {tuple(t.shape)} and "
-                                 f"{tuple(r.shape)}")
+                raise ValueError(
+                    f"tensors of one element-wise fused call have shapes {tuple(t.shape)} and {tuple(r.shape)}"
+                )
             if t.device != ref.device:
                 raise ValueError(
                     f"parameters on different devices in one fused call ({ref.device} and {t.device}); "
-                    "FusedSAM groups tensors by device, so this is a bug in the caller")
+                    "FusedSAM groups tensors by device, so this is a bug in the caller"
+                )
             if t.dtype != ref.dtype:
-                raise ValueError(
-                    f"tensors of different dtypes in one fused call ({ref.dtype} and {t.dtype})")
+                raise ValueError(f"tensors of different dtypes in one fused call ({ref.dtype} and {t.dtype})")
             if t.is_sparse:
                 raise ValueError("sparse tensors are not supported by the fused SAM kernels")
 
@@ -49,4 +51,5 @@ def check_copies(params: Sequence[torch.Tensor], copies: Sequence[torch.Tensor])
         if c.numel() and c.data_ptr() == p.data_ptr():
             raise ValueError(
                 f"copies[{j}] is the parameter itself: a restore call takes either no copies (nothing to "
-                "restore) or a distinct copy for every parameter; split mixed lists into two calls")
+                "restore) or a distinct copy for every parameter; split mixed lists into two calls"
+            )

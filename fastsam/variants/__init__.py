@@ -1,4 +1,5 @@
 """SAM variants on the fused core: LookSAM, MomentumSAM, GSAM, FriendlySAM (one small module each)."""
+
 from .friendly_sam import FriendlySAM
 from .gsam import GSAM, ProportionalRho
 from .looksam import LookSAM

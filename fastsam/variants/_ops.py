@@ -20,6 +20,7 @@ Coefficients (``coefs`` = [a, b, skip]) are formed where the reduction lives:
 ``HOST_SCALARS = False`` forces the device formulas on the CPU too, so that the tests run
 the code path of CUDA devices (tests/test_variants_*.py do).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -47,8 +48,11 @@ def _info(buckets: Sequence[Bucket]) -> Tuple[torch.dtype, torch.device, bool]:
 
 
 # ---------------------------------------------------------------- reductions over the buckets
-def _sum_over(buckets: Sequence[Bucket], reduce: Callable[[Bucket], Callable[..., torch.Tensor]],
-              lists: Sequence[Sequence[Tensors]]) -> torch.Tensor:
+def _sum_over(
+    buckets: Sequence[Bucket],
+    reduce: Callable[[Bucket], Callable[..., torch.Tensor]],
+    lists: Sequence[Sequence[Tensors]],
+) -> torch.Tensor:
     """The total of ``reduce(*lists_of_bucket_i, accumulate=...)`` over the buckets, on the first
     bucket's device: chained through ``accumulate`` where the buckets allow it, else per-bucket
     results added on the main device, the local sums of sharded buckets all-reduced first."""
@@ -77,8 +81,9 @@ def dot_sq_norms(buckets: Sequence[Bucket], xs: Sequence[Tensors], ys: Sequence[
     return _sum_over(buckets, lambda b: b.backend.dot_sq_norms, (xs, ys))
 
 
-def sq_norm_over(buckets: Sequence[Bucket], lists: Sequence[Tensors], extra: Sequence[Tuple[Any, Tensors]] = ()
-                 ) -> torch.Tensor:
+def sq_norm_over(
+    buckets: Sequence[Bucket], lists: Sequence[Tensors], extra: Sequence[Tuple[Any, Tensors]] = ()
+) -> torch.Tensor:
     """0-d sum of squares over bucket i's ``lists[i]`` (and over ``extra``: (backend, list)
     pairs outside the buckets), on the first bucket's device."""
     acc, main, _ = _info(buckets)
@@ -89,8 +94,13 @@ def sq_norm_over(buckets: Sequence[Bucket], lists: Sequence[Tensors], extra: Seq
     return total
 
 
-def axpby(buckets: Sequence[Bucket], xs: Sequence[Tensors], ys: Sequence[Tensors], coefs: torch.Tensor,
-          out: Optional[Sequence[Tensors]] = None) -> None:
+def axpby(
+    buckets: Sequence[Bucket],
+    xs: Sequence[Tensors],
+    ys: Sequence[Tensors],
+    coefs: torch.Tensor,
+    out: Optional[Sequence[Tensors]] = None,
+) -> None:
     """``out[i] <- coefs[0] xs[i] + coefs[1] ys[i]`` per bucket unless ``coefs[2]`` (out: in place)."""
     per = CoefsOn(coefs)
     for i, (b, x, y) in enumerate(zip(buckets, xs, ys)):
@@ -127,8 +137,10 @@ def coefs(a: Scalar, b: Scalar, skip: Scalar, like: torch.Tensor) -> torch.Tenso
     device tensors (one stack, no host read)."""
     if all(isinstance(v, (int, float)) for v in (a, b, skip)):
         return torch.tensor([a, b, skip], dtype=like.dtype, device=like.device)
-    vals = [v.to(like.dtype) if torch.is_tensor(v) else torch.full((), v, dtype=like.dtype, device=like.device)
-            for v in (a, b, skip)]
+    vals = [
+        v.to(like.dtype) if torch.is_tensor(v) else torch.full((), v, dtype=like.dtype, device=like.device)
+        for v in (a, b, skip)
+    ]
     return torch.stack(vals)
 
 
@@ -143,4 +155,3 @@ def skip_of(scalars: Optional[Dict[torch.device, torch.Tensor]], like: torch.Ten
     if on_host(like) and s.device.type == "cpu":
         return float(s[SKIP])
     return to_device(s[SKIP], like.device, like.dtype)
-

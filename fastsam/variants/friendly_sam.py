@@ -25,10 +25,10 @@ with one axpby masked by the second pass's skip flag (which folds in the first's
 no host read, except on a step where some parameter gets its first EMA (whether
 it has one is host state; see ``FriendlySAMStep.commit``).
 """
+
 from __future__ import annotations
 
 import functools
-
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -37,8 +37,8 @@ from .. import _checks
 from ..core.buckets import Bucket, Buckets
 from ..core.engine import Extension, Perturbation, SAMCore, Scalars
 from ..core.state import Checked, Shared
-from ..optim import FusedSAM
 from ..core.txn import Transaction
+from ..optim import FusedSAM
 from . import _ops
 
 if TYPE_CHECKING:
@@ -48,8 +48,7 @@ Tensors = List[torch.Tensor]
 
 
 class FriendlySAMSettings(Checked):
-    CHECKS = {"sigma": lambda v: _checks.real("sigma", v),
-              "lmbda": lambda v: _checks.real("lmbda", v, lo=0, hi=1)}
+    CHECKS = {"sigma": lambda v: _checks.real("sigma", v), "lmbda": lambda v: _checks.real("lmbda", v, lo=0, hi=1)}
     sigma: float
     lmbda: float
 
@@ -105,8 +104,14 @@ class FriendlySAMStep(Extension):
         variant["fsam"] = pending
         tx.on_undo(lambda: variant.pop("fsam", None))
 
-    def commit(self, core: SAMCore, pending: Optional[Perturbation], buckets: Buckets,
-               scalars: Optional[Scalars], tx: Transaction) -> None:
+    def commit(
+        self,
+        core: SAMCore,
+        pending: Optional[Perturbation],
+        buckets: Buckets,
+        scalars: Optional[Scalars],
+        tx: Transaction,
+    ) -> None:
         """m <- a m + b d unless the step was skipped (first or second pass): one masked axpby per
         bucket with the second pass's skip flag, on the device.  Parameters getting their first EMA
         are the one host read: whether m exists is host state, so on such a step (the first SAM step,
@@ -127,9 +132,12 @@ class FriendlySAMStep(Extension):
                     c = _const(b, a, bb, float(flag))
                 else:  # the skip flag joins the coefficients on the device: one op, no host read
                     c = torch.cat([_const(b, a, bb)[:2], flag.to(like).view(1)])
-                def ema(b: Bucket = b, ms: List[torch.Tensor] = ms, ds: List[torch.Tensor] = ds,
-                        c: torch.Tensor = c) -> None:
+
+                def ema(
+                    b: Bucket = b, ms: List[torch.Tensor] = ms, ds: List[torch.Tensor] = ds, c: torch.Tensor = c
+                ) -> None:
                     b.backend.axpby(ms, ds, c)
+
                 tx.write(ema, ms, backend=b.backend)
             if fresh:
                 if fresh_taken is None:
@@ -159,6 +167,7 @@ class FriendlySAMStep(Extension):
             for k, v in values.items():
                 setattr(self.settings, k, v)
             self.forget()
+
         return apply
 
 
@@ -186,6 +195,15 @@ class FriendlySAM(FusedSAM):
     sigma = Shared("extension_settings", "FriendlySAM's sigma: how much of the gradients' EMA d removes.")
     lmbda = Shared("extension_settings", "FriendlySAM's EMA factor, in [0, 1].")
 
-    def __init__(self, params: ParamsT, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
-                 adaptive: bool = False, *, sigma: float = 1.0, lmbda: float = 0.95, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: ParamsT,
+        base_optimizer: type[torch.optim.Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        sigma: float = 1.0,
+        lmbda: float = 0.95,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(params, base_optimizer, rho, adaptive, extension=FriendlySAMStep(sigma, lmbda), **kwargs)

@@ -22,6 +22,7 @@ product and both norms, one axpby pass writing d (the backends' ``dot_sq_norms``
 copy of g and d, one parameter-sized buffer each.  The base optimizer steps with d;
 ``p.grad`` is left holding g_s.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,8 +35,8 @@ from .. import _checks
 from ..core.buckets import Buckets
 from ..core.engine import Extension, Perturbation, SAMCore
 from ..core.state import Checked, Shared
-from ..optim import FusedSAM
 from ..core.txn import Transaction
+from ..optim import FusedSAM
 from . import _ops
 
 if TYPE_CHECKING:
@@ -43,14 +44,16 @@ if TYPE_CHECKING:
 
 
 class ProportionalRho:
-    """rho = min_rho + (max_rho - min_rho) * (lr - min_lr) / (max_lr - min_lr) (constant max_rho if max_lr == min_lr)."""
+    """rho = min_rho + (max_rho - min_rho) * (lr - min_lr) / (max_lr - min_lr) (constant max_rho if
+    max_lr == min_lr)."""
 
     def __init__(self, max_lr: float, min_lr: float, max_rho: float, min_rho: float = 0.0) -> None:
         max_lr, min_lr = _checks.real("max_lr", max_lr, lo=0), _checks.real("min_lr", min_lr, lo=0)
         max_rho, min_rho = _checks.real("max_rho", max_rho, lo=0), _checks.real("min_rho", min_rho, lo=0)
         if not (max_lr > min_lr or (max_lr == min_lr and max_rho == min_rho)) or max_rho < min_rho:
-            raise _checks.ArgumentError("ProportionalRho needs max_lr > min_lr (or both equal and the rhos "
-                                        "equal) and max_rho >= min_rho")
+            raise _checks.ArgumentError(
+                "ProportionalRho needs max_lr > min_lr (or both equal and the rhos equal) and max_rho >= min_rho"
+            )
         self.max_lr, self.min_lr, self.max_rho, self.min_rho = max_lr, min_lr, max_rho, min_rho
 
     def __call__(self, lr: float) -> float:
@@ -88,8 +91,9 @@ class GSAMStep(Extension):
             for gi, g in enumerate(core.base.param_groups):
                 old = g["rho"]
                 lr = g["lr"]
-                g["rho"] = _checks.real(f"rho of param group {gi} (from rho_schedule)",
-                                        max(float(schedule(float(lr))), 0.0), lo=0)
+                g["rho"] = _checks.real(
+                    f"rho of param group {gi} (from rho_schedule)", max(float(schedule(float(lr))), 0.0), lo=0
+                )
                 tx.on_undo(functools.partial(g.__setitem__, "rho", old))
         if self.settings.alpha != 0:  # keep g for the decomposition (scratch: the gradients stay the user's)
             for b in buckets:
@@ -131,6 +135,7 @@ class GSAMStep(Extension):
         def apply() -> None:
             for k, v in values.items():
                 setattr(self.settings, k, v)
+
         return apply
 
 
@@ -142,7 +147,15 @@ class GSAM(FusedSAM):
     alpha = Shared("extension_settings", "GSAM's alpha: how much of g's component orthogonal to g_s is removed.")
     rho_schedule = Shared("extension_settings", "rho as a function of the lr (ProportionalRho), or None.")
 
-    def __init__(self, params: ParamsT, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
-                 adaptive: bool = False, *, alpha: float = 0.1, rho_schedule: Optional[ProportionalRho] = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: ParamsT,
+        base_optimizer: type[torch.optim.Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        alpha: float = 0.1,
+        rho_schedule: Optional[ProportionalRho] = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(params, base_optimizer, rho, adaptive, extension=GSAMStep(alpha, rho_schedule), **kwargs)

@@ -40,6 +40,7 @@ step is skipped), so reuse steps never apply a stale g_v to it; one without a
 g_v yet reuses with g_v = 0 (its plain gradient).  ||g_v|| is over the
 parameters of the full step, ||g|| over those with a gradient now.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,8 @@ from .. import _checks
 from ..core.buckets import Buckets, backend_of
 from ..core.engine import Extension, Perturbation, SAMCore, Scalars
 from ..core.state import Checked, Shared
-from ..optim import FusedSAM
 from ..core.txn import Transaction
+from ..optim import FusedSAM
 from . import _ops
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ class LookSAMStep(Extension):
         self.k = k
         self.has_gv = False
         self.gv_sq: Optional[torch.Tensor] = None  # ||g_v||^2 of the stored g_v (a device scalar)
-        self.full_steps = 0   # full SAM steps taken (closure calls)
+        self.full_steps = 0  # full SAM steps taken (closure calls)
         self.reuse_steps = 0  # one-pass steps that used g_v
         self.forget()
 
@@ -110,8 +111,14 @@ class LookSAMStep(Extension):
         for b in buckets:  # keep g for the projection (scratch: the gradients stay the user's)
             b.backend.restore(core.buffers(b, "looksam_g", zero=True), b.grads)
 
-    def commit(self, core: SAMCore, pending: Optional[Perturbation], buckets: Buckets,
-               scalars: Optional[Scalars], tx: Transaction) -> None:
+    def commit(
+        self,
+        core: SAMCore,
+        pending: Optional[Perturbation],
+        buckets: Buckets,
+        scalars: Optional[Scalars],
+        tx: Transaction,
+    ) -> None:
         """On a full step: g_v <- g_s - (<g, g_s> / (||g||^2 + 1e-12)) g, unnormalised, with
         ||g_v||^2 kept as a device scalar: one dot_sq_norms of (g_s, g) now, and one axpby writing
         g_v plus one norm of g_v as the step's write.  A skipped step (first pass non-finite, or
@@ -139,8 +146,11 @@ class LookSAMStep(Extension):
             bad = ((r * 0).sum() != 0).to(r.dtype)
             first_skip = _ops.skip_of(first, r)
             # (off the host path skip_of gives a float only as 0.0, when there are no scalars)
-            skip = (bad if isinstance(first_skip, float) and first_skip == 0.0
-                    else torch.maximum(bad, cast(torch.Tensor, first_skip)))
+            skip = (
+                bad
+                if isinstance(first_skip, float) and first_skip == 0.0
+                else torch.maximum(bad, cast(torch.Tensor, first_skip))
+            )
             c = _ops.coefs(1.0, -r[0] / (r[2] + 1e-12), skip, r)
         stale = self._stale_gv(core, buckets)
         written = [t for ts in gvs for t in ts] + [t for _, ts in stale for t in ts]
@@ -158,6 +168,7 @@ class LookSAMStep(Extension):
                 else:
                     gv_sq = torch.where(skip != 0, old.to(gv_sq), gv_sq)
             self._set(gv_sq, True)
+
         tx.write(store, written, single=False)
 
     def plain_gradient(self, core: SAMCore, buckets: Buckets, tx: Transaction) -> None:
@@ -235,8 +246,13 @@ class LookSAMStep(Extension):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        return {"alpha": self.settings.alpha, "has_gv": self.has_gv, "full_steps": self.full_steps,
-                "reuse_steps": self.reuse_steps, "gv_sq": None if self.gv_sq is None else self.gv_sq.clone()}
+        return {
+            "alpha": self.settings.alpha,
+            "has_gv": self.has_gv,
+            "full_steps": self.full_steps,
+            "reuse_steps": self.reuse_steps,
+            "gv_sq": None if self.gv_sq is None else self.gv_sq.clone(),
+        }
 
     def load_state_dict(self, d: Dict[str, Any]) -> Callable[[], None]:
         if not d:  # a FusedSAM state dict: LookSAM starts without g_v
@@ -269,15 +285,33 @@ class LookSAM(FusedSAM):
 
     alpha = Shared("extension_settings", "LookSAM's alpha: the weight of the reused direction g_v.")
 
-    def __init__(self, params: ParamsT, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
-                 adaptive: bool = False, *, k: int = 5, alpha: float = 0.7, schedule: Any = None,
-                 sam_start_step: Optional[int] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: ParamsT,
+        base_optimizer: type[torch.optim.Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        k: int = 5,
+        alpha: float = 0.7,
+        schedule: Any = None,
+        sam_start_step: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
         k = _checks.integer("k", k, lo=1)
         if schedule is None:
             start = _checks.integer("sam_start_step", sam_start_step, lo=0, none=True)
             schedule = EveryK(k, start or 0)
-        super().__init__(params, base_optimizer, rho, adaptive, schedule=schedule, sam_start_step=sam_start_step,
-                         extension=LookSAMStep(alpha, k), **kwargs)
+        super().__init__(
+            params,
+            base_optimizer,
+            rho,
+            adaptive,
+            schedule=schedule,
+            sam_start_step=sam_start_step,
+            extension=LookSAMStep(alpha, k),
+            **kwargs,
+        )
 
     @property
     def k(self) -> int:

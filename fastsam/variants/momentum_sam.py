@@ -50,6 +50,7 @@ gradients and state are as they were.  If the next perturbation's write raises
 (after the update committed), the step is counted, the weights are at w, not
 perturbed, and the exception propagates: the next step takes its gradient at w.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,16 @@ from torch.optim import Optimizer
 
 from .. import _checks
 from ..backends._common import FACTOR
-from ..core.buckets import (Bucket, Buckets, backend_of, copies_for, new_scalars_like, perturbed_copies, to_device,
-                            tracked)
+from ..core.buckets import (
+    Bucket,
+    Buckets,
+    backend_of,
+    copies_for,
+    new_scalars_like,
+    perturbed_copies,
+    to_device,
+    tracked,
+)
 from ..core.engine import Extension, Perturbation
 from ..core.state import Settings
 from ..core.txn import Transaction
@@ -77,8 +86,9 @@ class Applied:
     """The perturbation in place: the buckets to restore from (their ``copies`` hold w), the
     direction buckets and lists it followed, each group's signed rho, and its scalars."""
 
-    def __init__(self, source: List[Bucket], dirs: List[Bucket], rhos: List[float],
-                 scalars: Dict[torch.device, torch.Tensor]) -> None:
+    def __init__(
+        self, source: List[Bucket], dirs: List[Bucket], rhos: List[float], scalars: Dict[torch.device, torch.Tensor]
+    ) -> None:
         self.source, self.dirs, self.rhos, self.scalars = source, dirs, rhos, scalars
 
 
@@ -107,22 +117,43 @@ class MomentumSAMState(Extension):
 class MomentumSAM(SAMOptimizer):
     """``MomentumSAM(params, base_optimizer, rho=..., **base_kwargs)``: SGD (momentum > 0), Adam or AdamW."""
 
-    def __init__(self, params: ParamsT, base_optimizer: Type[Optimizer], rho: float = 0.3, adaptive: bool = False, *,
-                 max_grad_norm: Optional[float] = None, sam_start_step: Optional[int] = None, schedule: Any = None,
-                 perturb_eps: float = 1e-12, backend: str = "auto", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: ParamsT,
+        base_optimizer: Type[Optimizer],
+        rho: float = 0.3,
+        adaptive: bool = False,
+        *,
+        max_grad_norm: Optional[float] = None,
+        sam_start_step: Optional[int] = None,
+        schedule: Any = None,
+        perturb_eps: float = 1e-12,
+        backend: str = "auto",
+        **kwargs: Any,
+    ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}")
         kind = next((v for k, v in _DIRECTION.items() if issubclass(base_optimizer, k)), None)
         if kind is None:
-            raise TypeError("MomentumSAM needs torch.optim.SGD (with momentum), Adam or AdamW as base_optimizer, "
-                            f"got {base_optimizer.__name__}")
+            raise TypeError(
+                "MomentumSAM needs torch.optim.SGD (with momentum), Adam or AdamW as base_optimizer, "
+                f"got {base_optimizer.__name__}"
+            )
         if _checks.flag("adaptive", adaptive):
             raise ValueError("MomentumSAM has no adaptive (ASAM) form; pass adaptive=False")
         if kind == "momentum_buffer" and not _checks.real("momentum", kwargs.get("momentum", 0), lo=0):
             raise ValueError("MomentumSAM with SGD needs momentum > 0 (the perturbation follows the momentum buffer)")
-        settings = Settings(perturb_eps=perturb_eps, max_grad_norm=max_grad_norm, sam_start_step=sam_start_step,
-                            schedule=schedule, perturbation="local", closure_convention="torch", backend=backend,
-                            capturable=False, skip_reducer=None)
+        settings = Settings(
+            perturb_eps=perturb_eps,
+            max_grad_norm=max_grad_norm,
+            sam_start_step=sam_start_step,
+            schedule=schedule,
+            perturbation="local",
+            closure_convention="torch",
+            backend=backend,
+            capturable=False,
+            skip_reducer=None,
+        )
         defaults = dict(rho=_checks.real("rho", rho, lo=0), adaptive=False)
         self._setup(params, base_optimizer, defaults, kwargs, settings, MomentumSAMState(kind))
 
@@ -175,6 +206,7 @@ class MomentumSAM(SAMOptimizer):
                 update = core.prepare_update(pending, buckets, tx)
                 core.register_update(update, tx)
             return buckets, update
+
         buckets, update = core.transact(prepare)
         if not buckets:
             # No gradient at all: nothing to update.  As after a skipped step, the weights stay at
@@ -209,8 +241,9 @@ class MomentumSAM(SAMOptimizer):
     def _directions(self, buckets: Buckets) -> Optional[Tuple[List[Bucket], Buckets]]:
         """(buckets to restore from next step, direction buckets), or None when no parameter has a
         buffer yet: the step's buckets with the direction buffers (momentum_buffer / exp_avg) as
-        their ``grads`` and the restore copies.  Cached per bucket list while the base optimizer's state mapping is unchanged (the buffers
-        are updated in place); parameters without a buffer yet (a skipped first step) are left out."""
+        their ``grads`` and the restore copies.  Cached per bucket list while the base optimizer's state
+        mapping is unchanged (the buffers are updated in place); parameters without a buffer yet (a
+        skipped first step) are left out."""
         core, ms = self.core, self._ms
         state = tracked(core.base)
         hit = ms.dir_cache
@@ -231,8 +264,18 @@ class MomentumSAM(SAMOptimizer):
                 src = Bucket(b.group, params, b.backend, keys=keys, shard=b.shard, complex=b.complex)
                 copies = copies_for(src, core.sam_state)
             source.append(src)
-            dirs.append(Bucket(b.group, params, b.backend, grads=b.view(vs), keys=keys, shard=b.shard,
-                               complex=b.complex, copies=copies))
+            dirs.append(
+                Bucket(
+                    b.group,
+                    params,
+                    b.backend,
+                    grads=b.view(vs),
+                    keys=keys,
+                    shard=b.shard,
+                    complex=b.complex,
+                    copies=copies,
+                )
+            )
         if not dirs:
             return None
         if complete and all(b.shard is None for b in buckets):
@@ -250,19 +293,24 @@ class MomentumSAM(SAMOptimizer):
     def _restore(self, applied: Applied) -> None:
         def prepare(tx: Transaction) -> None:
             for b in applied.source:
+
                 def restore(b: Bucket = b) -> None:
                     b.backend.restore(b.params, b.copies)
+
                 tx.write(restore, b.params, backend=b.backend)
+
         self.core.transact(prepare)
 
     def _reapply(self, applied: Applied, tx: Transaction) -> None:
         """Register w~ from w, the buffers and the saved scalars: bitwise the perturbation that was."""
         for d, r in zip(applied.dirs, applied.rhos):
+
             def run(d: Bucket = d, r: float = r) -> None:
                 d.backend.perturb(d.params, d.grads, d.copies, applied.scalars[d.device], r, False)
 
             def undo(d: Bucket = d) -> None:
                 d.backend.restore(d.params, d.copies)
+
             tx.write(run, d.params + perturbed_copies(d), undo=undo)
 
     @contextlib.contextmanager
@@ -322,8 +370,12 @@ class MomentumSAM(SAMOptimizer):
         for b in applied.source if applied is not None else ():
             w.update(zip(map(id, b.keys), perturbed_copies(b)))
         sc = None if applied is None else next(iter(applied.scalars.values()))
-        return dict(perturbed=applied is not None, scalars=None if sc is None else sc.clone(),
-                    rho=None if applied is None else list(applied.rhos), w=[w.get(id(p)) for p in params])
+        return dict(
+            perturbed=applied is not None,
+            scalars=None if sc is None else sc.clone(),
+            rho=None if applied is None else list(applied.rhos),
+            w=[w.get(id(p)) for p in params],
+        )
 
     def _load(self, state_dict: Dict[str, Any]) -> None:
         """Loads the state and puts the weights at the saved w~ (recomputed from the saved w, buffer and
@@ -331,6 +383,7 @@ class MomentumSAM(SAMOptimizer):
         holds now."""
         ms = self._ms
         from ..core import checkpoint
+
         applied_before = ms.applied
         if applied_before is not None:
             with torch.no_grad():
@@ -351,18 +404,21 @@ class MomentumSAM(SAMOptimizer):
         if ws is None:
             ws = [None] * len(params)
         if not isinstance(ws, (list, tuple)) or len(ws) != len(params):
-            raise ValueError(f"state_dict has {len(ws) if isinstance(ws, (list, tuple)) else ws!r} saved weights, "
-                             f"this optimizer has {len(params)} parameters")
+            raise ValueError(
+                f"state_dict has {len(ws) if isinstance(ws, (list, tuple)) else ws!r} saved weights, "
+                f"this optimizer has {len(params)} parameters"
+            )
         for i, (p, w) in enumerate(zip(params, ws)):
             if w is not None and (not torch.is_tensor(w) or w.shape != p.shape):
                 raise ValueError(f"state_dict['fastsam']['w'][{i}] must be a tensor of shape {tuple(p.shape)}")
         if not part.get("perturbed"):
             return
-        core = self.core
         keep = [(p, w) for p, w in zip(params, ws) if w is not None]
         for p, w in keep:
+
             def put(p: torch.Tensor = p, w: torch.Tensor = w) -> None:
                 p.copy_(w)
+
             tx.write(put, [p])
         buckets = self._static_buckets([p for p, _ in keep])
         found = self._directions(buckets)

@@ -17,7 +17,17 @@ whose addresses allow 16-byte vector accesses with tensors whose addresses do
 not takes one more launch per op (the partials pass, for the reductions): the
 two parts run as separate kernel variants (``multi_tensor``: Alignment).
 """
-from . import axpby, dot_sq_norms, multi_tensor, perturb, restore, restore_adam_step, restore_sgd_step, sq_norm
+
+from . import (  # noqa: F401  (each op module is exported through OPS, in __all__)
+    axpby,
+    dot_sq_norms,
+    multi_tensor,
+    perturb,
+    restore,
+    restore_adam_step,
+    restore_sgd_step,
+    sq_norm,
+)
 from .multi_tensor import BLOCK, DTYPE_IDS
 
 # Kernels decorated while TRITON_INTERPRET=1 was set run in the interpreter on CPU tensors

@@ -7,6 +7,7 @@ host; with skip nonzero nothing is written (the store mask is off).  Arithmetic 
 registers, each product and the sum rounded, then one rounding to the storage dtype.
 ``out`` may be x or y (each element is read before it is written, by the same program).
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -17,7 +18,6 @@ import triton.language as tl
 
 from . import multi_tensor as mt
 from .multi_tensor import column, keep_mask, locate
-
 
 # No contraction of a * x + b * y into an FMA (triton fuses by default): the contract's
 # separately rounded float32 products and sum (fastsam/backends/__init__.py: axpby), as torch
@@ -34,8 +34,9 @@ def _axpby_chunk(row, offs, mask, kept, a, b, DTYPE: tl.constexpr, ALIGNED: tl.c
 
 
 @triton.jit
-def _axpby_kernel(table, blk_tensor, blk_chunk, coefs_ptr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _axpby_kernel(
+    table, blk_tensor, blk_chunk, coefs_ptr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr
+):
     _, row, chunk, numel, offs = locate(table, blk_tensor, blk_chunk, 4, BLOCK)
     a = tl.load(coefs_ptr).to(tl.float32)
     b = tl.load(coefs_ptr + 1).to(tl.float32)

@@ -6,12 +6,13 @@ Two stages, two launches whatever the tensor count, no atomics (deterministic), 
 chunk: rows 0, 1, 2 of ``partials``, each ``n`` long), stage 2 (one program) adds each row
 in a fixed order, adds ``accumulate`` (the (3,) total of the buckets before this one) and
 stores the (3,) float64 result.  Products and sums are float64 for every input dtype, as
-the norms' (a finite float32 gradient's squares may overflow float32).  Reads each x and y once.  A non-finite input makes the
-affected entries inf/nan.
+the norms' (a finite float32 gradient's squares may overflow float32).  Reads each x and y
+once.  A non-finite input makes the affected entries inf/nan.
 
 Stage 2 loops with a constexpr trip count (see ``sq_norm``: triton 3.6's interpreter with
 NumPy >= 2.4 fails on a loop bound taken from a kernel argument).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -37,8 +38,9 @@ def _dot_chunk(row, offs, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _dot_sq_norms_partials_kernel(table, blk_tensor, blk_chunk, partials, n, DTYPE: tl.constexpr,
-                                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _dot_sq_norms_partials_kernel(
+    table, blk_tensor, blk_chunk, partials, n, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr
+):
     _, row, chunk, numel, offs = locate(table, blk_tensor, blk_chunk, 3, BLOCK)
     if (chunk + 1) * BLOCK <= numel:
         xy, xx, yy = _dot_chunk(row, offs, None, DTYPE, ALIGNED)
@@ -51,8 +53,9 @@ def _dot_sq_norms_partials_kernel(table, blk_tensor, blk_chunk, partials, n, DTY
 
 
 @triton.jit
-def _dot_sq_norms_sum_kernel(partials, n, out_ptr, acc_ptr, N_ITERS: tl.constexpr, HAS_ACC: tl.constexpr,
-                             BLOCK: tl.constexpr):
+def _dot_sq_norms_sum_kernel(
+    partials, n, out_ptr, acc_ptr, N_ITERS: tl.constexpr, HAS_ACC: tl.constexpr, BLOCK: tl.constexpr
+):
     xy = tl.zeros([BLOCK], dtype=tl.float64)
     xx = tl.zeros([BLOCK], dtype=tl.float64)
     yy = tl.zeros([BLOCK], dtype=tl.float64)
@@ -71,8 +74,9 @@ def _dot_sq_norms_sum_kernel(partials, n, out_ptr, acc_ptr, N_ITERS: tl.constexp
     tl.store(out_ptr + lane, tot, mask=lane < 3)
 
 
-def dot_sq_norms(xs: List[torch.Tensor], ys: List[torch.Tensor],
-                 accumulate: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+def dot_sq_norms(
+    xs: List[torch.Tensor], ys: List[torch.Tensor], accumulate: Optional[torch.Tensor] = None
+) -> Optional[torch.Tensor]:
     """(3,) float64 [<x, y>, ||x||^2, ||y||^2] (+ ``accumulate``).  Two launches.
 
     None when the layouts cannot be indexed flat: the caller (the backend) falls back.
@@ -85,8 +89,19 @@ def dot_sq_norms(xs: List[torch.Tensor], ys: List[torch.Tensor],
     partials = torch.empty(3 * nb, dtype=torch.float64, device=device)
     out = torch.empty(3, dtype=torch.float64, device=device)
     # (the three rows of ``partials`` stay nb apart in every part's view)
-    mt.launch_parts(_dot_sq_norms_partials_kernel, tab, nb, partials=partials, DTYPE=mt.DTYPE_IDS[xs[0].dtype],
-                    BLOCK=mt.BLOCK)
-    mt.launch(_dot_sq_norms_sum_kernel, 1, partials, nb, out, out if accumulate is None else accumulate,
-              N_ITERS=triton.cdiv(nb, SUM_BLOCK), HAS_ACC=accumulate is not None, BLOCK=SUM_BLOCK, num_warps=4)
+    mt.launch_parts(
+        _dot_sq_norms_partials_kernel, tab, nb, partials=partials, DTYPE=mt.DTYPE_IDS[xs[0].dtype], BLOCK=mt.BLOCK
+    )
+    mt.launch(
+        _dot_sq_norms_sum_kernel,
+        1,
+        partials,
+        nb,
+        out,
+        out if accumulate is None else accumulate,
+        N_ITERS=triton.cdiv(nb, SUM_BLOCK),
+        HAS_ACC=accumulate is not None,
+        BLOCK=SUM_BLOCK,
+        num_warps=4,
+    )
     return out

@@ -63,6 +63,7 @@ channels_last, ...).  ``table`` returns None otherwise and the op falls back
 to the foreach backend for that call.  Checked on a cache miss only: the key
 holds addresses and sizes, not strides.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -123,8 +124,17 @@ def column(row, COL: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def load_restored_and_sam_grad(row, offs, mask, grad_scale, grad_scale_lo, HAS_GRAD_SCALE: tl.constexpr,
-                               MAXIMIZE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+def load_restored_and_sam_grad(
+    row,
+    offs,
+    mask,
+    grad_scale,
+    grad_scale_lo,
+    HAS_GRAD_SCALE: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """The common head of the fused base steps: the restored parameter (column 2, as
     stored and in float32) and the SAM gradient (column 1) in float32, clipped and
     negated as asked (``grad_scale, grad_scale_lo``: ``split_scale`` of the clip factor)."""
@@ -143,6 +153,7 @@ def load_restored_and_sam_grad(row, offs, mask, grad_scale, grad_scale_lo, HAS_G
 # the size is loaded from memory, so nothing is known about its alignment.
 # ``kept`` is the store mask of state that a skipped step must leave alone.
 
+
 @triton.jit
 def split_scale(s):
     """A float64 scale as float32 ``(hi, lo)`` with ``g * s == (g * hi) * lo`` rounded once:
@@ -150,9 +161,11 @@ def split_scale(s):
     exact power of two; a float32 ``s`` would be subnormal or 0 for a gradient whose norm
     exceeds float32's range).  Scalar work, once per program."""
     a = tl.abs(s)
-    tiny = (a < 1.1754943508222875e-38) & (a > 0.0)   # below float32's normal range
-    big = (a > 3.4028234663852886e+38) & (a < float("inf"))
-    lo = tl.where(tiny, 7.888609052210118e-31, tl.where(big, 1.2676506002282294e+30, 1.0)).to(tl.float64)  # 2^-100, 2^100
+    tiny = (a < 1.1754943508222875e-38) & (a > 0.0)  # below float32's normal range
+    big = (a > 3.4028234663852886e38) & (a < float("inf"))
+    lo = tl.where(tiny, 7.888609052210118e-31, tl.where(big, 1.2676506002282294e30, 1.0)).to(
+        tl.float64
+    )  # 2^-100, 2^100
     return (s / lo).to(tl.float32), lo.to(tl.float32)
 
 
@@ -179,15 +192,24 @@ def launch(kernel, n_programs: int, *args, num_warps: int = NUM_WARPS, **constex
     kernel[(n_programs,)](*args, num_warps=num_warps, **constexprs)
 
 
-def launch_parts(kernel, tab: "Table", *args, partials: Optional[torch.Tensor] = None, **constexprs) -> None:
+def launch_parts(kernel, tab: Table, *args, partials: Optional[torch.Tensor] = None, **constexprs) -> None:
     """``kernel`` over every program of ``tab``: one launch per part of its block map (the
     aligned tensors with ``ALIGNED=True``, then the others), ``args`` after the table's.
     ``partials``: a reduction's per-program output, its first argument after the table; each
     part gets it from the part's first program on."""
     for part in tab.meta.parts:
-        head = () if partials is None else (partials[part.start:] if part.start else partials,)
-        launch(kernel, part.n_blocks, tab.ptrs, part.blk_tensor, part.blk_chunk, *head, *args,
-               ALIGNED=part.aligned, **constexprs)
+        head = () if partials is None else (partials[part.start :] if part.start else partials,)
+        launch(
+            kernel,
+            part.n_blocks,
+            tab.ptrs,
+            part.blk_tensor,
+            part.blk_chunk,
+            *head,
+            *args,
+            ALIGNED=part.aligned,
+            **constexprs,
+        )
 
 
 class Part(NamedTuple):
@@ -226,7 +248,7 @@ class Meta:
         self.n_blocks = n_blocks
         self.blk_tensor, self.blk_chunk = dev[0], dev[1]
         self.slots = host.numel() // 2  # int64 slots of the upload (the capture arena's unit)
-        n_aligned = int(counts[:sum(flags)].sum())
+        n_aligned = int(counts[: sum(flags)].sum())
         bounds = [(0, n_aligned, True), (n_aligned, n_blocks - n_aligned, False)]
         self.parts = tuple(Part(s, n, self.blk_tensor[s:], self.blk_chunk[s:], a) for s, n, a in bounds if n)
         self._counters: Optional[torch.Tensor] = None
@@ -254,13 +276,16 @@ class Table:
         return self.meta.n_blocks
 
 
-_tables: "OrderedDict[tuple, Table]" = OrderedDict()
-_metas: "OrderedDict[tuple, Meta]" = OrderedDict()
+_tables: OrderedDict[tuple, Table] = OrderedDict()
+_metas: OrderedDict[tuple, Meta] = OrderedDict()
 _held: dict = {}  # id -> object used while capturing a CUDA graph: never freed
 
 
-def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence[torch.Tensor]] = (),
-          distinct_copies: bool = False) -> Optional[Table]:
+def table(
+    lists: Sequence[Sequence[torch.Tensor]],
+    extra_ptrs: Sequence[Sequence[torch.Tensor]] = (),
+    distinct_copies: bool = False,
+) -> Optional[Table]:
     """The (cached) table for ``lists`` (element-wise lists of equal length) and ``extra_ptrs``
     (lists of one-element tensors whose addresses only are needed, e.g. Adam's step counters).
 
@@ -278,9 +303,15 @@ def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence
     device = head.device
     # The layout is part of the key: the same storage seen contiguous in one step and
     # channels_last in the next (a grad re-viewed by the user) must not reuse the table.
-    key: tuple = (device, tuple(ls[0].dtype if ls else None for ls in lists), *[tuple(map(_data_ptr, ls)) for ls in lists],
-           *[(ls[0].dtype, tuple(map(_data_ptr, ls))) for ls in extra_ptrs],
-           tuple(t.is_contiguous() for ls in lists for t in ls), tuple(map(_numel, first)), distinct_copies)
+    key: tuple = (
+        device,
+        tuple(ls[0].dtype if ls else None for ls in lists),
+        *[tuple(map(_data_ptr, ls)) for ls in lists],
+        *[(ls[0].dtype, tuple(map(_data_ptr, ls))) for ls in extra_ptrs],
+        tuple(t.is_contiguous() for ls in lists for t in ls),
+        tuple(map(_numel, first)),
+        distinct_copies,
+    )
     tab = _tables.get(key)
     if tab is None:
         check_bucket(*lists)
@@ -289,12 +320,12 @@ def table(lists: Sequence[Sequence[torch.Tensor]], extra_ptrs: Sequence[Sequence
         if not _flat_indexable(lists) or not all(_scalars_on(ls, device) for ls in extra_ptrs):
             return None
         numels = key[-2]
-        vector_cols = [list(c) for c in key[2:2 + len(lists)]]
+        vector_cols = [list(c) for c in key[2 : 2 + len(lists)]]
         aligned = tuple(all(c[j] % VECTOR_BYTES == 0 for c in vector_cols) for j in range(len(first)))
         if all(aligned):
             aligned = None  # type: ignore[assignment]  # None: every tensor aligned (Meta's shortcut)
         meta = _cached(_metas, (device, numels, aligned), lambda: Meta(numels, device, aligned))
-        cols = vector_cols + [list(c) for _, c in key[2 + len(lists):-3]]
+        cols = vector_cols + [list(c) for _, c in key[2 + len(lists) : -3]]
         tab = Table(cols + [list(numels)], meta, device)
         _remember(_tables, key, tab)
     else:
@@ -400,7 +431,8 @@ class CaptureArena:
                 f"fastsam's triton backend needs a new pointer table ({n} slots) while capturing a CUDA graph "
                 f"but only {self.free} slots of pinned memory are reserved: run one eager optimizer step before "
                 "capturing (as torch's capturable optimizers require); the reservation covers a step of up to "
-                f"{CACHE_SIZE} tables (fastsam/kernels/triton/multi_tensor.py: CACHE_SIZE)")
+                f"{CACHE_SIZE} tables (fastsam/kernels/triton/multi_tensor.py: CACHE_SIZE)"
+            )
         out, self._free = self._free[:n], self._free[n:]  # type: ignore[index]  # free >= n >= 1: a buffer is there
         return out
 
@@ -422,7 +454,7 @@ def _upload(host: torch.Tensor, device: torch.device):
         return host, None
     if is_capturing():
         slots = arena.take(-(-host.numel() * host.element_size() // 8))
-        staging = slots.view(host.dtype)[:host.numel()].view(host.shape)
+        staging = slots.view(host.dtype)[: host.numel()].view(host.shape)
         staging.copy_(host)
     else:
         staging = pin(host)

@@ -10,6 +10,7 @@ copy is stored exactly as loaded (bitwise); with ``skip`` nonzero w is not
 written at all (bitwise unchanged) while the copy is still made, as the
 restore that follows needs it.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -23,8 +24,9 @@ from .multi_tensor import column, keep_mask, locate, split_scale
 
 
 @triton.jit
-def _perturb_chunk(row, offs, mask, kept, scale, scale_lo, ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr,
-                   ALIGNED: tl.constexpr):
+def _perturb_chunk(
+    row, offs, mask, kept, scale, scale_lo, ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr
+):
     w_ptr = column(row, 0, DTYPE, ALIGNED)
     w = tl.load(w_ptr + offs, mask=mask)
     tl.store(column(row, 2, DTYPE, ALIGNED) + offs, w, mask=mask)
@@ -37,8 +39,17 @@ def _perturb_chunk(row, offs, mask, kept, scale, scale_lo, ADAPTIVE: tl.constexp
 
 
 @triton.jit
-def _perturb_kernel(table, blk_tensor, blk_chunk, scalars_ptr, rho, ADAPTIVE: tl.constexpr,
-                    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _perturb_kernel(
+    table,
+    blk_tensor,
+    blk_chunk,
+    scalars_ptr,
+    rho,
+    ADAPTIVE: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     _, row, chunk, numel, offs = locate(table, blk_tensor, blk_chunk, 4, BLOCK)
     # float64, as every backend forms it (rho arrives as a float32 argument)
     scale, scale_lo = split_scale(tl.load(scalars_ptr + 1).to(tl.float64) * rho)
@@ -50,12 +61,25 @@ def _perturb_kernel(table, blk_tensor, blk_chunk, scalars_ptr, rho, ADAPTIVE: tl
         _perturb_chunk(row, offs, in_bounds, in_bounds & keep, scale, scale_lo, ADAPTIVE, DTYPE, ALIGNED)
 
 
-def perturb(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
-            scalars: torch.Tensor, rho: float, adaptive: bool) -> bool:
+def perturb(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    copies: List[torch.Tensor],
+    scalars: torch.Tensor,
+    rho: float,
+    adaptive: bool,
+) -> bool:
     """False (nothing done) when the layouts cannot be indexed flat: the backend falls back."""
     tab = mt.table([params, grads, copies])
     if tab is None:
         return False
-    mt.launch_parts(_perturb_kernel, tab, scalars, float(rho), ADAPTIVE=adaptive,
-                    DTYPE=mt.DTYPE_IDS[params[0].dtype], BLOCK=mt.BLOCK)
+    mt.launch_parts(
+        _perturb_kernel,
+        tab,
+        scalars,
+        float(rho),
+        ADAPTIVE=adaptive,
+        DTYPE=mt.DTYPE_IDS[params[0].dtype],
+        BLOCK=mt.BLOCK,
+    )
     return True

@@ -1,5 +1,6 @@
 """params <- copies: the restore alone (parameters that got no second gradient, and the
 restore before a generic base optimizer's own step).  One launch, an exact copy."""
+
 from __future__ import annotations
 
 from typing import List
@@ -13,8 +14,7 @@ from .multi_tensor import column, locate
 
 
 @triton.jit
-def _restore_kernel(table, blk_tensor, blk_chunk, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _restore_kernel(table, blk_tensor, blk_chunk, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     _, row, chunk, numel, offs = locate(table, blk_tensor, blk_chunk, 3, BLOCK)
     src = column(row, 1, DTYPE, ALIGNED) + offs
     dst = column(row, 0, DTYPE, ALIGNED) + offs

@@ -20,6 +20,7 @@ block map of the bucket's sizes; launches on one stream never overlap, so
 buckets of equal sizes may share it.  Do not run two Adam steps over
 same-sized buckets concurrently on different streams.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,17 +41,42 @@ def _one_minus_pow(log_beta, t):
     relative), else 1 - exp(x) (cancellation at most 2.5x)."""
     x = t * log_beta
     xs = tl.maximum(x, -0.5)
-    series = -xs * (1 + xs / 2 * (1 + xs / 3 * (1 + xs / 4 * (1 + xs / 5 * (1 + xs / 6 * (
-        1 + xs / 7 * (1 + xs / 8 * (1 + xs / 9))))))))
+    series = -xs * (
+        1
+        + xs
+        / 2
+        * (1 + xs / 3 * (1 + xs / 4 * (1 + xs / 5 * (1 + xs / 6 * (1 + xs / 7 * (1 + xs / 8 * (1 + xs / 9)))))))
+    )
     return tl.where(x > -0.5, series, 1 - tl.exp(x))
 
 
 @triton.jit
-def _adam_chunk(row, offs, mask, kept, keep, grad_scale, grad_scale_lo, one_minus_beta1, beta2, one_minus_beta2, eps,
-                weight_decay, decay, step_size, bc2_sqrt, HAS_GRAD_SCALE: tl.constexpr,
-                MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
-                DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    p0, p, g = load_restored_and_sam_grad(row, offs, mask, grad_scale, grad_scale_lo, HAS_GRAD_SCALE, MAXIMIZE, DTYPE, ALIGNED)
+def _adam_chunk(
+    row,
+    offs,
+    mask,
+    kept,
+    keep,
+    grad_scale,
+    grad_scale_lo,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    decay,
+    step_size,
+    bc2_sqrt,
+    HAS_GRAD_SCALE: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    p0, p, g = load_restored_and_sam_grad(
+        row, offs, mask, grad_scale, grad_scale_lo, HAS_GRAD_SCALE, MAXIMIZE, DTYPE, ALIGNED
+    )
     if WEIGHT_DECAY:
         if DECOUPLED:
             p = p * decay
@@ -72,11 +98,32 @@ def _adam_chunk(row, offs, mask, kept, keep, grad_scale, grad_scale_lo, one_minu
 
 
 @triton.jit
-def _restore_adam_step_kernel(table, blk_tensor, blk_chunk, counters, skip_ptr, grad_scale_ptr, lr,
-                              log_beta1, one_minus_beta1, log_beta2, beta2, one_minus_beta2, eps,
-                              weight_decay, decay, LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
-                              WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, DTYPE: tl.constexpr,
-                              STEP_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _restore_adam_step_kernel(
+    table,
+    blk_tensor,
+    blk_chunk,
+    counters,
+    skip_ptr,
+    grad_scale_ptr,
+    lr,
+    log_beta1,
+    one_minus_beta1,
+    log_beta2,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    decay,
+    LR_PTR: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    DTYPE: tl.constexpr,
+    STEP_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     t, row, chunk, numel, offs = locate(table, blk_tensor, blk_chunk, 7, BLOCK)
     keep = keep_mask(skip_ptr, offs)
     step_ptr = column(row, 5, STEP_DTYPE, False)
@@ -92,14 +139,54 @@ def _restore_adam_step_kernel(table, blk_tensor, blk_chunk, counters, skip_ptr, 
     if HAS_GRAD_SCALE:  # the clip factor, float64: applied as (g * hi) * lo (multi_tensor.split_scale)
         grad_scale, grad_scale_lo = split_scale(tl.load(grad_scale_ptr).to(tl.float64))
     if (chunk + 1) * BLOCK <= numel:
-        _adam_chunk(row, offs, None, keep, keep, grad_scale, grad_scale_lo, one_minus_beta1, beta2, one_minus_beta2, eps,
-                    weight_decay, decay, step_size, bc2_sqrt, HAS_GRAD_SCALE, MAXIMIZE, WEIGHT_DECAY,
-                    DECOUPLED, DTYPE, ALIGNED)
+        _adam_chunk(
+            row,
+            offs,
+            None,
+            keep,
+            keep,
+            grad_scale,
+            grad_scale_lo,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            eps,
+            weight_decay,
+            decay,
+            step_size,
+            bc2_sqrt,
+            HAS_GRAD_SCALE,
+            MAXIMIZE,
+            WEIGHT_DECAY,
+            DECOUPLED,
+            DTYPE,
+            ALIGNED,
+        )
     else:
         in_bounds = offs < numel
-        _adam_chunk(row, offs, in_bounds, in_bounds & keep, keep, grad_scale, grad_scale_lo, one_minus_beta1, beta2,
-                    one_minus_beta2, eps, weight_decay, decay, step_size, bc2_sqrt, HAS_GRAD_SCALE, MAXIMIZE,
-                    WEIGHT_DECAY, DECOUPLED, DTYPE, ALIGNED)
+        _adam_chunk(
+            row,
+            offs,
+            in_bounds,
+            in_bounds & keep,
+            keep,
+            grad_scale,
+            grad_scale_lo,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            eps,
+            weight_decay,
+            decay,
+            step_size,
+            bc2_sqrt,
+            HAS_GRAD_SCALE,
+            MAXIMIZE,
+            WEIGHT_DECAY,
+            DECOUPLED,
+            DTYPE,
+            ALIGNED,
+        )
     # The step count (see the module docstring): the last program of tensor t writes it.
     tl.debug_barrier()
     n_chunks = tl.maximum((numel + BLOCK - 1) // BLOCK, 1)
@@ -114,23 +201,54 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf
 
 
-def restore_adam_step(params: List[torch.Tensor], grads: List[torch.Tensor], copies: List[torch.Tensor],
-                      exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor],
-                      grad_scale: Optional[torch.Tensor], skip: torch.Tensor, lr, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool) -> bool:
+def restore_adam_step(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    copies: List[torch.Tensor],
+    exp_avgs: List[torch.Tensor],
+    exp_avg_sqs: List[torch.Tensor],
+    steps: List[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+    skip: torch.Tensor,
+    lr,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+) -> bool:
     """``copies`` empty: nothing to restore (the params are read in their place).  False (nothing
     done) when the layouts cannot be indexed flat or the step counters live elsewhere.  ``lr``: a
     float, or a 0-d device tensor read by the kernel (capturable)."""
     lr_ptr = isinstance(lr, torch.Tensor)
-    tab = mt.table([params, grads, copies or params, exp_avgs, exp_avg_sqs], extra_ptrs=[steps],
-                   distinct_copies=bool(copies))
+    tab = mt.table(
+        [params, grads, copies or params, exp_avgs, exp_avg_sqs], extra_ptrs=[steps], distinct_copies=bool(copies)
+    )
     if tab is None:
         return False
-    mt.launch_parts(_restore_adam_step_kernel, tab, tab.meta.counters(), skip,
-                    skip if grad_scale is None else grad_scale, lr if lr_ptr else float(lr), _log(beta1),
-                    1.0 - beta1, _log(beta2), float(beta2), 1.0 - beta2, float(eps), float(weight_decay),
-                    1.0 if lr_ptr else 1.0 - lr * weight_decay, LR_PTR=lr_ptr,
-                    HAS_GRAD_SCALE=grad_scale is not None, MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0,
-                    DECOUPLED=decoupled, DTYPE=mt.DTYPE_IDS[params[0].dtype],
-                    STEP_DTYPE=mt.DTYPE_IDS[steps[0].dtype], BLOCK=mt.BLOCK)
+    mt.launch_parts(
+        _restore_adam_step_kernel,
+        tab,
+        tab.meta.counters(),
+        skip,
+        skip if grad_scale is None else grad_scale,
+        lr if lr_ptr else float(lr),
+        _log(beta1),
+        1.0 - beta1,
+        _log(beta2),
+        float(beta2),
+        1.0 - beta2,
+        float(eps),
+        float(weight_decay),
+        1.0 if lr_ptr else 1.0 - lr * weight_decay,
+        LR_PTR=lr_ptr,
+        HAS_GRAD_SCALE=grad_scale is not None,
+        MAXIMIZE=maximize,
+        WEIGHT_DECAY=weight_decay != 0,
+        DECOUPLED=decoupled,
+        DTYPE=mt.DTYPE_IDS[params[0].dtype],
+        STEP_DTYPE=mt.DTYPE_IDS[steps[0].dtype],
+        BLOCK=mt.BLOCK,
+    )
     return True

@@ -25,6 +25,7 @@ Stage 2 loops over the partials with a constexpr trip count: under triton
 argument arrives as a 1-element array, which NumPy >= 2.4 refuses to turn
 into an int).  The count changes only with the bucket's sizes.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -51,9 +52,17 @@ def _sq_norm_chunk(row, offs, mask, WEIGHTED: tl.constexpr, DTYPE: tl.constexpr,
 
 
 @triton.jit
-def _sq_norm_partials_kernel(table, blk_tensor, blk_chunk, partials, WEIGHTED: tl.constexpr,
-                             N_COLS: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                             BLOCK: tl.constexpr):
+def _sq_norm_partials_kernel(
+    table,
+    blk_tensor,
+    blk_chunk,
+    partials,
+    WEIGHTED: tl.constexpr,
+    N_COLS: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     _, row, chunk, numel, offs = locate(table, blk_tensor, blk_chunk, N_COLS, BLOCK)
     if (chunk + 1) * BLOCK <= numel:
         part = _sq_norm_chunk(row, offs, None, WEIGHTED, DTYPE, ALIGNED)
@@ -63,9 +72,22 @@ def _sq_norm_partials_kernel(table, blk_tensor, blk_chunk, partials, WEIGHTED: t
 
 
 @triton.jit
-def _sum_kernel(partials, n, total_ptr, acc_ptr, out_ptr, prev_ptr, eps, max_norm,
-                N_ITERS: tl.constexpr, HAS_ACC: tl.constexpr, MODE: tl.constexpr, HAS_PREV: tl.constexpr,
-                CLIP: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_kernel(
+    partials,
+    n,
+    total_ptr,
+    acc_ptr,
+    out_ptr,
+    prev_ptr,
+    eps,
+    max_norm,
+    N_ITERS: tl.constexpr,
+    HAS_ACC: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+    CLIP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for i in range(N_ITERS):
         offs = i * BLOCK + tl.arange(0, BLOCK)
@@ -96,9 +118,16 @@ def _sum_kernel(partials, n, total_ptr, acc_ptr, out_ptr, prev_ptr, eps, max_nor
         tl.store(out_ptr + lane, tl.where(lane == 0, bad, factor).to(out_ptr.dtype.element_ty))
 
 
-def sq_norm(grads: List[torch.Tensor], params: List[torch.Tensor], accumulate: Optional[torch.Tensor] = None,
-            out: Optional[torch.Tensor] = None, mode: int = MODE_NONE, eps: float = 0.0,
-            max_norm: Optional[float] = None, prev: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+def sq_norm(
+    grads: List[torch.Tensor],
+    params: List[torch.Tensor],
+    accumulate: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    mode: int = MODE_NONE,
+    eps: float = 0.0,
+    max_norm: Optional[float] = None,
+    prev: Optional[torch.Tensor] = None,
+) -> Optional[torch.Tensor]:
     """0-d float64 sum(g^2) (sum((w*g)^2) when ``params`` is not empty), plus ``accumulate``;
     with ``mode`` set, ``out`` (the pass's scalars, float64 [2]) is written too.  Two launches.
 
@@ -111,11 +140,32 @@ def sq_norm(grads: List[torch.Tensor], params: List[torch.Tensor], accumulate: O
     device = grads[0].device
     partials = torch.empty(tab.n_blocks, dtype=torch.float64, device=device)
     total = torch.empty((), dtype=torch.float64, device=device)
-    mt.launch_parts(_sq_norm_partials_kernel, tab, partials=partials, WEIGHTED=bool(params),
-                    N_COLS=len(lists) + 1, DTYPE=mt.DTYPE_IDS[grads[0].dtype], BLOCK=mt.BLOCK)
-    mt.launch(_sum_kernel, 1, partials, tab.n_blocks, total,
-              total if accumulate is None else accumulate, total if out is None else out,
-              total if prev is None else prev, float(eps), float(max_norm or 0.0),
-              N_ITERS=triton.cdiv(tab.n_blocks, SUM_BLOCK), HAS_ACC=accumulate is not None, MODE=mode,
-              HAS_PREV=prev is not None, CLIP=max_norm is not None, BLOCK=SUM_BLOCK, num_warps=4)
+    mt.launch_parts(
+        _sq_norm_partials_kernel,
+        tab,
+        partials=partials,
+        WEIGHTED=bool(params),
+        N_COLS=len(lists) + 1,
+        DTYPE=mt.DTYPE_IDS[grads[0].dtype],
+        BLOCK=mt.BLOCK,
+    )
+    mt.launch(
+        _sum_kernel,
+        1,
+        partials,
+        tab.n_blocks,
+        total,
+        total if accumulate is None else accumulate,
+        total if out is None else out,
+        total if prev is None else prev,
+        float(eps),
+        float(max_norm or 0.0),
+        N_ITERS=triton.cdiv(tab.n_blocks, SUM_BLOCK),
+        HAS_ACC=accumulate is not None,
+        MODE=mode,
+        HAS_PREV=prev is not None,
+        CLIP=max_norm is not None,
+        BLOCK=SUM_BLOCK,
+        num_warps=4,
+    )
     return total
