@@ -53,22 +53,40 @@ struct Loops {
 
   // ||g||^2 (or ||w g||^2) of one chunk in kLanes independent partial sums:
   // a fixed order (the result does not depend on the thread count or the
-  // instruction set) that g++ vectorises without -ffast-math.  In double for
-  // every storage dtype (sq_norm_term): the float lanes are widened to double
-  // vectors, so no finite gradient overflows.
+  // instruction set) that g++ vectorises without -ffast-math.
+  //
+  // Scaled accumulation: the sum runs in the storage's accumulation type
+  // (float for 16/32-bit values), the loop that keeps up with memory.  Where a
+  // finite gradient's squares overflow float, the chunk is summed again with
+  // g scaled by 2^-80 and the sum scaled back by 2^160 in double: powers of two
+  // are exact, so the result is the float sum's exact rescaling (a run on
+  // g * 2^k and a run on g agree to the bit), and what the scaling pushes
+  // below float's range could not move a sum beyond it.  ASAM's |w| * g can
+  // overflow even then (|w| and g both beyond 2^64): a last pass in double.
+  // A non-finite gradient pays the extra passes, on its skipped step only.
   template <class S, bool kAdaptive>
   static double sq_norm(const typename S::raw* __restrict__ g, const typename S::raw* __restrict__ w, int64_t n) {
-    double lanes[kLanes] = {};
+    using acc = typename S::acc;
+    const double fast = sq_norm_lanes<S, acc, kAdaptive, false>(g, w, n);
+    if (std::isfinite(fast) || sizeof(acc) == sizeof(double)) return fast;
+    const double rescaled = sq_norm_lanes<S, acc, kAdaptive, true>(g, w, n) * 0x1p160;
+    if (std::isfinite(rescaled)) return rescaled;
+    return sq_norm_lanes<S, double, kAdaptive, false>(g, w, n);
+  }
+
+  template <class S, class A, bool kAdaptive, bool kScaled>
+  static double sq_norm_lanes(const typename S::raw* __restrict__ g, const typename S::raw* __restrict__ w,
+                              int64_t n) {
+    const auto term = [](A gv, A wv) { return sq_norm_term<A>(kScaled ? gv * A(0x1p-80) : gv, wv, kAdaptive); };
+    A lanes[kLanes] = {};
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const double wv = kAdaptive ? double(S::load(w[j + l])) : 0.0;
-        lanes[l] += sq_norm_term(double(S::load(g[j + l])), wv, kAdaptive);
-      }
+      for (int l = 0; l < kLanes; ++l) lanes[l] += term(A(S::load(g[j + l])), kAdaptive ? A(S::load(w[j + l])) : A(0));
     }
-    double sum = 0;
-    for (; j < n; ++j) sum += sq_norm_term(double(S::load(g[j])), kAdaptive ? double(S::load(w[j])) : 0.0, kAdaptive);
-    for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+    A tail = 0;
+    for (; j < n; ++j) tail += term(A(S::load(g[j])), kAdaptive ? A(S::load(w[j])) : A(0));
+    double sum = double(tail);
+    for (int l = 0; l < kLanes; ++l) sum += double(lanes[l]);
     return sum;
   }
 
@@ -77,12 +95,23 @@ struct Loops {
   static void perturb(typename S::raw* __restrict__ p, const typename S::raw* __restrict__ g,
                       typename S::raw* __restrict__ c, int64_t n, Scale<typename S::acc> scale, bool stream) {
     using acc = typename S::acc;
+    // Within float's range lo is 1 (sam_math.h: split_scale): a loop where it is the constant 1, so
+    // that the multiply by lo folds away and the loop is the one a plain float scale gives.
+    if (scale.lo == acc(1)) return perturb_blocks<S, kAdaptive, true>(p, g, c, n, scale, stream);
+    perturb_blocks<S, kAdaptive, false>(p, g, c, n, scale, stream);
+  }
+
+  template <class S, bool kAdaptive, bool kUnitLo>
+  static void perturb_blocks(typename S::raw* __restrict__ p, const typename S::raw* __restrict__ g,
+                             typename S::raw* __restrict__ c, int64_t n, Scale<typename S::acc> scale, bool stream) {
+    using acc = typename S::acc;
+    const Scale<acc> s{scale.hi, kUnitLo ? acc(1) : scale.lo};
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = n - b < kBlock ? n - b : kBlock;
       copy(c + b, p + b, m * sizeof(*p), stream);
       typename S::raw* __restrict__ pb = p + b;
       const typename S::raw* __restrict__ gb = g + b;
-      for (int64_t j = 0; j < m; ++j) pb[j] = S::store(perturb_element<acc>(S::load(pb[j]), S::load(gb[j]), scale,
+      for (int64_t j = 0; j < m; ++j) pb[j] = S::store(perturb_element<acc>(S::load(pb[j]), S::load(gb[j]), s,
                                                                              kAdaptive));
     }
   }

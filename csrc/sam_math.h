@@ -21,12 +21,15 @@
 
 namespace fastsam {
 
-// ||g||^2 term, in double for every storage dtype (callers widen g and w):
-// a finite float32 gradient's squares, and ASAM's |w| * g, may exceed
-// float32's range, never double's.  ASAM weights the gradient by |w| (the
-// contract's sum((|w|*g)**2)); for float32 inputs w * g is exact in double.
-FASTSAM_HD double sq_norm_term(double g, double w, bool adaptive) {
-  const double v = adaptive ? (w < 0.0 ? -w : w) * g : g;
+// ||g||^2 term.  ASAM weights the gradient by |w| (the contract's
+// sum((|w|*g)**2)).  The CUDA kernels sum it in double for every storage dtype
+// (callers widen g and w): a finite float32 gradient's squares, and ASAM's
+// |w| * g, may exceed float32's range, never double's; for float32 inputs
+// w * g is exact in double.  The CPU twin sums in float and rescales where
+// that overflows (sam_cpu_loops.h: sq_norm).
+template <typename A>
+FASTSAM_HD A sq_norm_term(A g, A w, bool adaptive) {
+  const A v = adaptive ? (w < A(0) ? -w : w) * g : g;
   return v * v;
 }
 

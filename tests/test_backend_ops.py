@@ -75,6 +75,12 @@ def _need(be, dtype):
         pytest.skip(f"{be.NAME} does not take {dtype} (FusedSAM hands such buckets to foreach)")
 
 
+def _sum_rtol(be, dtype=torch.float32):
+    """The norms' relative error: float64 sums on foreach, triton and cuda; the CPU twin sums each chunk
+    in float32 for 16/32-bit values (rescaled where that overflows), its chunks in float64."""
+    return 1e-5 if be.NAME == "cpp" and dtype != torch.float64 else 1e-12
+
+
 def _tol(be, dtype):
     return (FOREACH_TOL if be.NAME == "foreach" else TOL)[dtype]
 
@@ -119,7 +125,7 @@ def test_grad_sq_norm(be, seed, dtype, weighted):
     got = be.grad_sq_norm(g, w if weighted else None)
     assert got.dim() == 0 and got.dtype == torch.float64  # float64 for every dtype (the contract)
     ref = sum(((wi.double().abs() * gi.double()) if weighted else gi.double()).square().sum() for gi, wi in zip(g, w))
-    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, ref, rtol=_sum_rtol(be, dtype), atol=0)
 
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
@@ -144,7 +150,7 @@ def test_grad_sq_norm_accumulates(be, seed, dtype):
     first = be.grad_sq_norm(a)
     both = be.grad_sq_norm(b, accumulate=first)
     ref = sum(t.double().square().sum() for t in a + b)
-    torch.testing.assert_close(both, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(both, ref, rtol=_sum_rtol(be, dtype), atol=0)
 
 
 @pytest.mark.parametrize("eps", [1e-12, 0.5])
@@ -154,8 +160,8 @@ def test_epilogue_of_the_first_pass(be, seed, eps):
     sq = be.grad_sq_norm(g, epilogue=Epilogue(out, "perturb", eps))
     ref = sum(t.double().square().sum() for t in g)
     assert float(out[SKIP]) == 0.0
-    torch.testing.assert_close(out[FACTOR], 1 / (ref.sqrt() + eps), rtol=1e-12, atol=0)
-    torch.testing.assert_close(sq, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out[FACTOR], 1 / (ref.sqrt() + eps), rtol=_sum_rtol(be), atol=0)
+    torch.testing.assert_close(sq, ref, rtol=_sum_rtol(be), atol=0)
     g[2][5] = math.nan
     be.grad_sq_norm(g, epilogue=Epilogue(out, "perturb", eps))
     assert float(out[SKIP]) == 1.0
@@ -171,7 +177,7 @@ def test_epilogue_of_the_second_pass(be, seed, max_norm, prev_skip):
     norm = sum(t.double().square().sum() for t in g).sqrt()
     assert float(out[SKIP]) == (prev_skip or 0.0)
     clip = 1.0 if max_norm is None else min(max_norm / (float(norm) + 1e-6), 1.0)
-    assert float(out[FACTOR]) == pytest.approx(clip, rel=1e-12)
+    assert float(out[FACTOR]) == pytest.approx(clip, rel=_sum_rtol(be))
     g[0][0] = math.inf
     be.grad_sq_norm(g, epilogue=Epilogue(out, "step", max_norm=max_norm, prev=prev))
     assert float(out[SKIP]) == 1.0

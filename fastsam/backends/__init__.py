@@ -27,9 +27,12 @@ CPU tensors too, which is how the CPU tests run that path):
 ``grad_sq_norm(grads, params=None, *, accumulate=None, epilogue=None) -> Tensor``
     0-d float64 sum of squares: sum(g**2), or sum((|w|*g)**2) when ``params`` is
     given (the ASAM norm), plus ``accumulate`` (the total of the buckets before this
-    one).  Squares, products and sums in float64 for every dtype, so the result is
-    finite for every finite gradient ("finite means finite": 1e20**2 overflows
-    float32).  Only non-finite gradients make the result inf/nan.  With ``epilogue``
+    one).  Finite for every finite float32 gradient ("finite means finite":
+    1e20**2 overflows float32): foreach, triton and cuda square and sum in float64
+    for every dtype; cpp sums each chunk in float (the loop that keeps up with
+    memory), and a chunk whose float sum overflows again with g scaled by 2^-80,
+    the sum scaled back in float64 (powers of two: exact), its chunks' sums added
+    in float64.  Only non-finite gradients make the result inf/nan.  With ``epilogue``
     (``_common.Epilogue``) it also writes the pass's scalars, in float64: skip flag
     and 1/(||g||+eps) (first pass) or skip flag and clip coefficient (second pass).
 ``perturb(params, grads, copies, scalars, rho, adaptive)``
