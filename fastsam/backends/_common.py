@@ -169,9 +169,17 @@ def split_scale_tensor(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def scaled(grads, factor: torch.Tensor):
     """``grads`` times a pass's 0-d ``factor`` (the clip coefficient, float64), each in its own dtype
     (a 0-d gradient times a 0-d factor would take the wider dtype of the two, which the state it
-    meets next (lerp), or ``p.grad``, refuses).  Non-float64 gradients are multiplied in float32 by
-    ``split_scale(factor)``: a float32 factor would be subnormal or 0 for a gradient whose norm
-    exceeds float32's range."""
+    meets next (lerp), or ``p.grad``, refuses)."""
+    out = scaled_products(grads, factor)
+    return [s if s.dtype == g.dtype else s.to(g.dtype) for s, g in zip(out, grads)]
+
+
+def scaled_products(grads, factor: torch.Tensor):
+    """``grads`` times the 0-d float64 ``factor`` (the clip coefficient, or the perturbation's scale)
+    before any rounding back: float64 gradients in float64; the others in their own dtype where the
+    factor is a normal float32 read on the host, else in float32 times ``split_scale(factor)``'s two
+    factors (a float32 factor would be subnormal or 0 for a gradient whose norm exceeds float32's
+    range)."""
     if grads[0].dtype == torch.float64:
         out = torch._foreach_mul(grads, factor.to(torch.float64))
     elif on_host(factor):
@@ -186,7 +194,7 @@ def scaled(grads, factor: torch.Tensor):
         xs = grads if grads[0].dtype == torch.float32 else [g.float() for g in grads]
         out = torch._foreach_mul(xs, hi_t)
         torch._foreach_mul_(out, lo_t)
-    return [s if s.dtype == g.dtype else s.to(g.dtype) for s, g in zip(out, grads)]
+    return out
 
 
 def _round32(x: float) -> float:

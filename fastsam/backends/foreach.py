@@ -26,8 +26,8 @@ from ._common import (
     finish_norm,
     on_host,
     scaled,
+    scaled_products,
     split_scale,
-    split_scale_tensor,
 )
 
 Tensors = Union[List[torch.Tensor], Tuple[torch.Tensor, ...]]  # torch annotates the _foreach ops as returning tuples
@@ -88,26 +88,17 @@ def perturb(
         return
     dtype = params[0].dtype
     scale = scalars[FACTOR].to(torch.float64) * rho  # float64, as every backend forms it
-    if dtype == torch.float64:
-        if host_skip is not None and not adaptive:  # CPU: one add, the scale read on the host
+    if host_skip is not None and not adaptive:
+        # CPU: the scale read on the host is the alpha of one add (no temporary e) where it lies in
+        # float32's normal range and the dtype's; torch casts alpha to the parameters' dtype.
+        if dtype == torch.float64:
             torch._foreach_add_(params, grads, alpha=float(scale))
             return
-        e = torch._foreach_mul(grads, scale)
-    elif host_skip is not None:
-        # CPU: the scale read on the host.  Within float32's normal range (and the dtype's) it is the
-        # alpha of one add (no temporary e); torch casts alpha to the parameters' dtype.  Outside
-        # it (a gradient norm beyond float32's range: rho / ||g|| < 2^-126) split_scale's two factors.
         hi, lo = split_scale(float(scale))
-        if not adaptive and lo == 1.0 and F32_TINY <= abs(hi) <= torch.finfo(dtype).max:
+        if lo == 1.0 and F32_TINY <= abs(hi) <= torch.finfo(dtype).max:
             torch._foreach_add_(params, grads, alpha=hi)
             return
-        e = torch._foreach_mul(grads if lo == 1.0 else [g.float() for g in grads], hi)
-        if lo != 1.0:
-            torch._foreach_mul_(e, lo)
-    else:  # on the device: the split too (a float32 multiply by 1 when the scale is in range)
-        hi_t, lo_t = split_scale_tensor(scale)
-        e = torch._foreach_mul(grads if dtype == torch.float32 else [g.float() for g in grads], hi_t)
-        torch._foreach_mul_(e, lo_t)
+    e = scaled_products(grads, scale)  # float32 where split_scale's two factors are needed
     if adaptive:  # e = scale * g * w^2
         torch._foreach_mul_(e, params)
         torch._foreach_mul_(e, params)
