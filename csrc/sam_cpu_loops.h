@@ -210,7 +210,9 @@ struct Loops {
     }
   }
 
-  // [<x, y>, ||x||^2, ||y||^2] of one chunk, in kLanes double partial sums each (see sq_norm).
+  // [<x, y>, ||x||^2, ||y||^2] of one chunk, in kLanes double partial sums each:
+  // the variants' projections take differences of these sums, where a float
+  // sum's rounding would show (sq_norm's rescaled float sums would not do here).
   template <class S>
   static void dot_sq_norms(const typename S::raw* __restrict__ x, const typename S::raw* __restrict__ y, int64_t n,
                            double* out3) {

@@ -189,7 +189,7 @@ FASTSAM_HD acc_t axpby_element(acc_t x, acc_t y, acc_t a, acc_t b) {
 }
 
 // The variants' reduction (dot_sq_norms): the three running sums of one element,
-// in double for every storage dtype (as sq_norm_term).
+// in double for every storage dtype, on the CPU too: no finite input overflows.
 FASTSAM_HD void dot_sq_norms_terms(double x, double y, double& xy, double& xx, double& yy) {
   xy += x * y;
   xx += x * x;
