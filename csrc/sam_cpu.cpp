@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // The per-instruction-set builds need g++'s `#pragma GCC target`; other
@@ -69,8 +70,11 @@ struct Plain {
   using acc = T;
   static acc load(raw v) { return v; }
   static raw store(acc v) { return v; }
-  struct Round {
-    acc operator()(acc v) const { return v; }
+  struct Round {  // on one value or on a register of them (sam_cpu_loops.h: restore_sgd_streamed)
+    template <class V>
+    V operator()(V v) const {
+      return v;
+    }
   };
 };
 
@@ -138,21 +142,27 @@ struct F16 {
 
 // ---------------------------------------------------------------- the loops, per instruction set
 namespace isa_base {
+#define FASTSAM_VEC_BYTES 16
 #include "sam_cpu_loops.h"
+#undef FASTSAM_VEC_BYTES
 }  // namespace isa_base
 
 #if FASTSAM_X86
 #pragma GCC push_options
 #pragma GCC target("avx2")
 namespace isa_avx2 {
+#define FASTSAM_VEC_BYTES 32
 #include "sam_cpu_loops.h"
+#undef FASTSAM_VEC_BYTES
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 namespace isa_avx512 {
+#define FASTSAM_VEC_BYTES 64
 #include "sam_cpu_loops.h"
+#undef FASTSAM_VEC_BYTES
 }  // namespace isa_avx512
 #pragma GCC pop_options
 #endif
@@ -264,18 +274,28 @@ struct Work {
   // (streaming made the bf16 restore + SGD slower: benchmarks/NOTES.md).
   bool stream_computed() const { return stream() && element_size >= 4; }
 
-  // f(i, chunk) for every chunk: each thread takes the chunks whose first
-  // element falls in its share of the flat index range.
+  // f(lo, hi) once per thread, for the run of chunks [lo, hi) whose first
+  // elements fall in its share of the flat index range.
   template <typename F>
-  void for_each(const F& f, bool fence = false) const {
+  void for_each_run(const F& f, bool fence = false) const {
     at::parallel_for(0, total, kGrain, [&](int64_t b, int64_t e) {
-      const auto lo = std::lower_bound(start.begin(), start.end(), b) - start.begin();
-      const auto hi = std::lower_bound(start.begin(), start.end(), e) - start.begin();
-      for (int64_t i = lo; i < hi; ++i) f(i, chunks[i]);
+      const int64_t lo = std::lower_bound(start.begin(), start.end(), b) - start.begin();
+      const int64_t hi = std::lower_bound(start.begin(), start.end(), e) - start.begin();
+      f(lo, hi);
 #if FASTSAM_X86
       if (fence) _mm_sfence();  // streaming stores are weakly ordered: visible before the op returns
 #endif
     });
+  }
+
+  // f(i, chunk) for every chunk.
+  template <typename F>
+  void for_each(const F& f, bool fence = false) const {
+    for_each_run(
+        [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i) f(i, chunks[i]);
+        },
+        fence);
   }
 };
 
@@ -310,11 +330,25 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params) {
     std::vector<double> partial(work.chunks.size());
     with_loops([&](auto loops) {
       using L = decltype(loops);
-      work.for_each([&](int64_t i, const Chunk& c) {
-        const raw* g = ptr<raw>(grads[c.tensor], c.begin);
-        const int64_t n = c.end - c.begin;
-        partial[i] = adaptive ? L::template sq_norm<S, true>(g, ptr<raw>(params[c.tensor], c.begin), n)
-                              : L::template sq_norm<S, false>(g, nullptr, n);
+      // consecutive chunks of a thread's run in groups of L::kGroup, read at once
+      work.for_each_run([&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; i += L::kGroup) {
+          const int k = int(std::min<int64_t>(L::kGroup, hi - i));
+          const raw* g[L::kGroup];
+          const raw* w[L::kGroup] = {};
+          int64_t n[L::kGroup];
+          for (int j = 0; j < k; ++j) {
+            const Chunk& c = work.chunks[i + j];
+            g[j] = ptr<raw>(grads[c.tensor], c.begin);
+            if (adaptive) w[j] = ptr<raw>(params[c.tensor], c.begin);
+            n[j] = c.end - c.begin;
+          }
+          if (adaptive) {
+            L::template sq_norm_group<S, true>(g, w, n, k, &partial[i]);
+          } else {
+            L::template sq_norm_group<S, false>(g, w, n, k, &partial[i]);
+          }
+        }
       });
     });
     double total = 0;

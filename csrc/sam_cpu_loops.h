@@ -16,6 +16,24 @@
 // written without first being read into the cache (a third less traffic
 // for a copy).
 
+#if FASTSAM_X86
+// One register of this instruction set, as a g++ vector of T (Vec<T>::type).  A
+// specialisation per type: g++ drops vector_size on a dependent type in an alias template.
+// The width comes from sam_cpu.cpp (FASTSAM_VEC_BYTES): g++'s `#pragma GCC target` does
+// not define __AVX2__ or __AVX512F__ for C++.
+constexpr size_t kVecBytes = FASTSAM_VEC_BYTES;
+template <class T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(kVecBytes)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(kVecBytes)));
+};
+#endif
+
 struct Loops {
   // Elements per block of the streamed paths: 2-8 KiB, in L1 next to the inputs.
   static constexpr int64_t kBlock = 1024;
@@ -28,19 +46,13 @@ struct Loops {
     size_t i = 0;
 #if FASTSAM_X86
     if (stream) {
-#if defined(__AVX512F__)
-      constexpr size_t kW = 64;
-#elif defined(__AVX2__)
-      constexpr size_t kW = 32;
-#else
-      constexpr size_t kW = 16;
-#endif
+      constexpr size_t kW = kVecBytes;
       i = std::min(bytes, size_t(-reinterpret_cast<uintptr_t>(d) & (kW - 1)));
       std::memcpy(d, s, i);
       for (; i + kW <= bytes; i += kW) {
-#if defined(__AVX512F__)
+#if FASTSAM_VEC_BYTES == 64
         _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), _mm512_loadu_si512(s + i));
-#elif defined(__AVX2__)
+#elif FASTSAM_VEC_BYTES == 32
         _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
 #else
         _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
@@ -77,17 +89,76 @@ struct Loops {
   template <class S, class A, bool kAdaptive, bool kScaled>
   static double sq_norm_lanes(const typename S::raw* __restrict__ g, const typename S::raw* __restrict__ w,
                               int64_t n) {
-    const auto term = [](A gv, A wv) { return sq_norm_term<A>(kScaled ? gv * A(0x1p-80) : gv, wv, kAdaptive); };
     A lanes[kLanes] = {};
-    int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) lanes[l] += term(A(S::load(g[j + l])), kAdaptive ? A(S::load(w[j + l])) : A(0));
+    const int64_t full = n / kLanes * kLanes;
+    add_lanes<S, A, kAdaptive, kScaled>(g, w, full, lanes);
+    return finish_lanes<S, A, kAdaptive, kScaled>(g + full, kAdaptive ? w + full : w, n - full, lanes);
+  }
+
+  template <class S, class A, bool kAdaptive, bool kScaled>
+  static A sq_norm_term_of(typename S::raw gv, typename S::raw wv) {
+    const A gs = A(S::load(gv));
+    return sq_norm_term<A>(kScaled ? gs * A(0x1p-80) : gs, kAdaptive ? A(S::load(wv)) : A(0), kAdaptive);
+  }
+
+  // lanes[l] += the terms of elements l, l + kLanes, ... of g[0, n); n a multiple of kLanes.
+  // The lanes live in a local copy: `lanes` may alias g as far as g++ knows, and the
+  // loop vectorises only over registers it owns.
+  template <class S, class A, bool kAdaptive, bool kScaled>
+  static void add_lanes(const typename S::raw* __restrict__ g, const typename S::raw* __restrict__ w, int64_t n,
+                        A* lanes) {
+    A acc[kLanes];
+    for (int l = 0; l < kLanes; ++l) acc[l] = lanes[l];
+    for (int64_t j = 0; j < n; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l)
+        acc[l] += sq_norm_term_of<S, A, kAdaptive, kScaled>(g[j + l], kAdaptive ? w[j + l] : typename S::raw{});
     }
+    for (int l = 0; l < kLanes; ++l) lanes[l] = acc[l];
+  }
+
+  // The sum of the lanes and of the last n < kLanes elements' terms, in a fixed order.
+  template <class S, class A, bool kAdaptive, bool kScaled>
+  static double finish_lanes(const typename S::raw* g, const typename S::raw* w, int64_t n, const A* lanes) {
     A tail = 0;
-    for (; j < n; ++j) tail += term(A(S::load(g[j])), kAdaptive ? A(S::load(w[j])) : A(0));
+    for (int64_t j = 0; j < n; ++j)
+      tail += sq_norm_term_of<S, A, kAdaptive, kScaled>(g[j], kAdaptive ? w[j] : typename S::raw{});
     double sum = double(tail);
     for (int l = 0; l < kLanes; ++l) sum += double(lanes[l]);
     return sum;
+  }
+
+  // sq_norm of k <= kGroup chunks (g[i], w[i], n[i]), into out[i], bit for bit what
+  // sq_norm gives each: the chunks are read at once, in turns of kTurn elements each.
+  // One stream of reads keeps too few cache lines in flight for one core to reach its
+  // memory's bandwidth (benchmarks/NOTES.md, AVX2 machine); four streams come close.
+  // kTurn is a multiple of kLanes, so every lane still sums its elements in order.
+  static constexpr int kGroup = 4;
+  static constexpr int64_t kTurn = 256;
+
+  template <class S, bool kAdaptive>
+  static void sq_norm_group(const typename S::raw* const* g, const typename S::raw* const* w, const int64_t* n,
+                            int k, double* out) {
+    using acc = typename S::acc;
+    acc lanes[kGroup][kLanes] = {};
+    int64_t full[kGroup] = {};
+    int64_t longest = 0;
+    for (int i = 0; i < k; ++i) {
+      full[i] = n[i] / kLanes * kLanes;
+      longest = full[i] > longest ? full[i] : longest;
+    }
+    for (int64_t j = 0; j < longest; j += kTurn) {
+      for (int i = 0; i < k; ++i) {
+        const int64_t m = full[i] - j < kTurn ? full[i] - j : kTurn;
+        if (m > 0) add_lanes<S, acc, kAdaptive, false>(g[i] + j, kAdaptive ? w[i] + j : nullptr, m, lanes[i]);
+      }
+    }
+    for (int i = 0; i < k; ++i) {
+      const double fast = finish_lanes<S, acc, kAdaptive, false>(g[i] + full[i], kAdaptive ? w[i] + full[i] : nullptr,
+                                                                  n[i] - full[i], lanes[i]);
+      // overflow of the float sum: sq_norm's rescaled passes, on this chunk alone
+      out[i] = std::isfinite(fast) || sizeof(acc) == sizeof(double) ? fast
+                                                                     : sq_norm<S, kAdaptive>(g[i], kAdaptive ? w[i] : nullptr, n[i]);
+    }
   }
 
   // c <- p (the exact bits), then p <- p + e.
@@ -153,6 +224,12 @@ struct Loops {
     a.first = kFirst;
     a.nesterov = kNesterov;
     if (!kDecay) a.weight_decay = acc(0);
+#if FASTSAM_X86
+    if constexpr (std::is_same_v<typename S::raw, acc>) {
+      if (stream)
+        return restore_sgd_streamed<S, kMomentum, kFirst, kNesterov, kDecay>(p, src, g, buf, n, args, signed_scale);
+    }
+#endif
     typename S::raw tmp[kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = n - b < kBlock ? n - b : kBlock;
@@ -167,6 +244,68 @@ struct Loops {
       if (stream) copy(p + b, tmp, m * sizeof(*p), true);
     }
   }
+
+#if FASTSAM_X86
+  // A streaming store of one register's worth at d (kVecBytes-aligned).
+  template <class V>
+  static void stream_store(void* d, V v) {
+#if FASTSAM_VEC_BYTES == 64
+    __m512i x;
+    std::memcpy(&x, &v, sizeof(x));
+    _mm512_stream_si512(static_cast<__m512i*>(d), x);
+#elif FASTSAM_VEC_BYTES == 32
+    __m256i x;
+    std::memcpy(&x, &v, sizeof(x));
+    _mm256_stream_si256(static_cast<__m256i*>(d), x);
+#else
+    __m128i x;
+    std::memcpy(&x, &v, sizeof(x));
+    _mm_stream_si128(static_cast<__m128i*>(d), x);
+#endif
+  }
+
+  // restore_sgd_fixed's loop for 4- and 8-byte elements with streaming stores of p straight
+  // from the registers: the L1 block and its second pass cost a fifth of the update's time on
+  // an AVX2 core (benchmarks/NOTES.md).  The element math is sgd_element on a register of
+  // values (g++'s vector extensions: the same operations lane by lane, hence the same bits);
+  // the elements before p's first aligned address and after the last full register take the
+  // scalar loop.
+  template <class S, bool kMomentum, bool kFirst, bool kNesterov, bool kDecay>
+  static void restore_sgd_streamed(typename S::raw* p, const typename S::raw* src,
+                                   const typename S::raw* __restrict__ g, typename S::raw* __restrict__ buf,
+                                   int64_t n, const SgdArgs<typename S::acc> args, Scale<typename S::acc> signed_scale) {
+    using acc = typename S::acc;
+    SgdArgs<acc> a = args;
+    a.first = kFirst;
+    a.nesterov = kNesterov;
+    if (!kDecay) a.weight_decay = acc(0);
+    using V = typename Vec<acc>::type;
+    static_assert(sizeof(V) == kVecBytes, "a register of acc");
+    constexpr int64_t kW = int64_t(kVecBytes / sizeof(acc));
+    const auto scalar = [&](int64_t j) {
+      acc w = src[j];
+      acc bj = kMomentum ? buf[j] : acc(0);
+      sgd_element<acc, kMomentum>(w, sam_grad<acc>(g[j], signed_scale), bj, a, typename S::Round{});
+      p[j] = w;
+      if (kMomentum) buf[j] = bj;
+    };
+    const int64_t head = std::min<int64_t>(n, int64_t((-reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) / sizeof(acc)));
+    int64_t j = 0;
+    for (; j < head; ++j) scalar(j);
+    if (reinterpret_cast<uintptr_t>(p + j) % kVecBytes == 0) {  // else p is not even element-aligned: no vector path
+      for (; j + kW <= n; j += kW) {
+        V w, d, bj{};
+        std::memcpy(&w, src + j, sizeof(V));
+        std::memcpy(&d, g + j, sizeof(V));
+        if (kMomentum) std::memcpy(&bj, buf + j, sizeof(V));
+        sgd_element<acc, kMomentum>(w, sam_grad<acc, V>(d, signed_scale), bj, a, typename S::Round{});
+        stream_store(p + j, w);
+        if (kMomentum) std::memcpy(buf + j, &bj, sizeof(V));
+      }
+    }
+    for (; j < n; ++j) scalar(j);
+  }
+#endif
 
   // p <- src, then torch.optim.Adam's (AdamW's) update; its switches become
   // constants as in restore_sgd.

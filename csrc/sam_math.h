@@ -15,6 +15,12 @@
 
 #if defined(__CUDACC__)
 #define FASTSAM_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced: the CPU twin calls these from loops compiled for AVX2 and AVX-512
+// (`#pragma GCC target`), on registers of values too; a copy left out of line
+// is compiled for the default target, and g++ then passes those registers
+// through memory on every element.
+#define FASTSAM_HD inline __attribute__((always_inline))
 #else
 #define FASTSAM_HD inline
 #endif
@@ -57,8 +63,10 @@ FASTSAM_HD Scale<acc_t> split_scale(double s) {
   return {acc_t(s), acc_t(1)};
 }
 
-template <typename acc_t>
-FASTSAM_HD acc_t scaled(acc_t g, Scale<acc_t> s) {
+// V is acc_t, or on the CPU a vector of acc_t (g++'s vector extensions: the
+// same operations lane by lane, so the same bits).
+template <typename acc_t, typename V = acc_t>
+FASTSAM_HD V scaled(V g, Scale<acc_t> s) {
   return (g * s.hi) * s.lo;
 }
 
@@ -79,9 +87,9 @@ FASTSAM_HD Scale<acc_t> signed_grad_scale(Scale<acc_t> grad_scale, bool maximize
   return {maximize ? -grad_scale.hi : grad_scale.hi, grad_scale.lo};
 }
 
-template <typename acc_t>
-FASTSAM_HD acc_t sam_grad(acc_t g, Scale<acc_t> signed_scale) {
-  return scaled(g, signed_scale);
+template <typename acc_t, typename V = acc_t>
+FASTSAM_HD V sam_grad(V g, Scale<acc_t> signed_scale) {
+  return scaled<acc_t, V>(g, signed_scale);
 }
 
 template <typename acc_t>
@@ -98,8 +106,8 @@ struct SgdArgs {
 // when `has_momentum` (callers pass a dummy otherwise).  `round` maps a value
 // to the nearest value of the storage dtype (identity for fp32/fp64): the
 // buffer is used as stored, as torch's 16-bit SGD uses it.
-template <typename acc_t, bool has_momentum, typename Round>
-FASTSAM_HD void sgd_element(acc_t& w, acc_t d, acc_t& buf, const SgdArgs<acc_t>& a, const Round& round) {
+template <typename acc_t, bool has_momentum, typename Round, typename V = acc_t>
+FASTSAM_HD void sgd_element(V& w, V d, V& buf, const SgdArgs<acc_t>& a, const Round& round) {
   if (a.weight_decay != acc_t(0)) d = d + a.weight_decay * w;
   if (has_momentum) {
     buf = round(a.first ? d : buf * a.momentum + a.one_minus_dampening * d);

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -270,3 +271,49 @@ def test_every_16bit_value_loads_and_stores_back(dtype):
             out = [torch.empty_like(x)]
             cpp.axpby([x], [y], torch.tensor([1.0, -0.0, 0.0]), out=out)
             assert torch.equal(out[0].view(torch.int16).to(torch.int64) & 0xFFFF, want), isa
+
+
+def _chunk_sq_norm(g, w=None):
+    """One chunk's sum as the CPU twin defines it (csrc/sam_cpu_loops.h: sq_norm): float terms in
+    16 lanes, each lane summed in element order, then the tail, then tail + lanes in double."""
+    v = g.float().numpy()
+    if w is not None:
+        v = np.abs(w.float().numpy()) * v
+    full = len(v) // 16 * 16
+    lanes = np.zeros(16, dtype=np.float32)
+    for row in v[:full].reshape(-1, 16):
+        lanes = lanes + row * row
+    tail = np.float32(0)
+    for x in v[full:]:
+        tail = np.float32(tail + x * x)
+    total = float(tail)
+    for x in lanes:
+        total += float(x)
+    return total
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_norm_keeps_each_chunks_summation_order(threads, dtype, adaptive):
+    # The norm reads several chunks at once (sq_norm_group); each chunk's partial, and their
+    # fixed-order sum, must still be the one-chunk-at-a-time loop's, to the bit.
+    chunk = 32768
+    gen = torch.Generator().manual_seed(7)
+    sizes = [2 * chunk + 17, 5, chunk, 1, 100, chunk + 16, 3 * chunk]
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    params = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    expected = 0.0
+    for g, p in zip(grads, params):
+        for b in range(0, g.numel(), chunk):
+            expected += _chunk_sq_norm(g[b : b + chunk], p[b : b + chunk] if adaptive else None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for isa in ISAS:
+            with code_path(isa, NEVER):
+                got = cpp.grad_sq_norm(grads, params if adaptive else None)
+                assert got.dtype == torch.float64
+                assert got.item() == expected, (isa, got.item(), expected)
+    finally:
+        torch.set_num_threads(before)

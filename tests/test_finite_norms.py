@@ -83,6 +83,12 @@ def _ref_perturbed(w, g, adaptive, eps=1e-12):
     return [wi + e for wi, e in zip(w64, es)], es
 
 
+def _norm_rtol(backend):
+    """The relative error of the squared norm's sum: foreach, triton and cuda sum in float64; the
+    CPU twin (cpp) in float lanes, rescaled where they overflow (csrc/sam_cpu_loops.h: sq_norm)."""
+    return 1e-5 if backend == "cpp" else 0.0
+
+
 def _assert_within(got, ref, scale, dtype, ulps, what):
     """|got - ref| <= ulps * eps(dtype) * scale (+ the smallest float32 normal, for values near 0)."""
     for i, (x, r, s) in enumerate(zip(got, ref, scale)):
@@ -116,12 +122,19 @@ def test_huge_finite_gradients_are_not_skipped(backend, dtype, adaptive, kind, c
         p.grad = g.clone()
     opt.first_step()
     ref, es = _ref_perturbed(w0, g1, adaptive)
-    # w + e rounds once to the storage dtype, after e's float32 rounding: a few ulps of |w| + |e|
+    # w + e rounds once to the storage dtype, after e's float32 rounding: a few ulps of |w| + |e|,
+    # plus the norm's relative error times |e| (cpp sums in float: up to a few ulps of float32)
+    e_weight = 1 + _norm_rtol(backend) / (4 * EPS[dtype])
     _assert_within(
-        [p.detach() for p in params], ref, [w.double().abs() + e.abs() for w, e in zip(w0, es)], dtype, 4, "w + e"
+        [p.detach() for p in params],
+        ref,
+        [w.double().abs() + e_weight * e.abs() for w, e in zip(w0, es)],
+        dtype,
+        4,
+        "w + e",
     )
     if not adaptive:  # w = 0: the perturbation itself, to float32 rounding of e
-        _assert_within([params[0].detach()], [es[0]], [es[0].abs()], dtype, 4, "e")
+        _assert_within([params[0].detach()], [es[0]], [e_weight * es[0].abs()], dtype, 4, "e")
     g2 = _grads(kind, dtype, gen)
     for p, g in zip(params, g2):
         p.grad = g.clone()
@@ -138,7 +151,7 @@ def test_huge_finite_gradients_are_not_skipped(backend, dtype, adaptive, kind, c
     _assert_within(
         [p.detach() for p in params],
         ref,
-        [w.double().abs() + LR * b.abs() for w, b in zip(w0, bufs)],
+        [w.double().abs() + (1 if clip is None else e_weight) * LR * b.abs() for w, b in zip(w0, bufs)],
         dtype,
         4,
         "w - lr g",
