@@ -32,6 +32,74 @@ template <>
 struct Vec<double> {
   typedef double type __attribute__((vector_size(kVecBytes)));
 };
+typedef uint32_t U32 __attribute__((vector_size(kVecBytes)));
+
+template <class To, class From>
+inline To bitcast(From f) {
+  static_assert(sizeof(To) == sizeof(From), "same size");
+  To t;
+  std::memcpy(&t, &f, sizeof(t));
+  return t;
+}
+
+// A register of acc values (V) loaded from and stored to S's storage, kWidth elements at a
+// time; kOk where this instruction set has such a path (sam_cpu.cpp's storage policies give
+// the same bits one element at a time).
+template <class S>
+struct Lanes {
+  static constexpr bool kOk = false;
+};
+
+template <class T>
+struct Lanes<Plain<T>> {
+  static constexpr bool kOk = true;
+  using V = typename Vec<T>::type;
+  static constexpr int64_t kWidth = int64_t(kVecBytes / sizeof(T));
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(T* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+  using Round = typename Plain<T>::Round;
+};
+
+// bfloat16 as BF16's integer conversions, on registers: load widens and shifts; store rounds
+// to nearest even (NaN -> 0x7FC0) and narrows.  AVX2 and AVX-512 only: SSE2 has no unsigned
+// 32 -> 16-bit narrowing, and its loops stay g++'s.
+#if FASTSAM_VEC_BYTES >= 32
+template <>
+struct Lanes<BF16> {
+  static constexpr bool kOk = true;
+  using V = Vec<float>::type;
+  static constexpr int64_t kWidth = int64_t(kVecBytes / sizeof(float));
+  static U32 rounded(V f) {
+    const U32 u = bitcast<U32>(f);
+    const U32 r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    return f != f ? U32{} + 0x7FC00000u : r;
+  }
+  static V load(const uint16_t* p) {
+#if FASTSAM_VEC_BYTES == 64
+    return bitcast<V>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+#else
+    return bitcast<V>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+#endif
+  }
+  static void store(uint16_t* p, V f) {
+    const U32 h = rounded(f) >> 16;
+#if FASTSAM_VEC_BYTES == 64
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bitcast<__m512i>(h)));
+#else
+    const __m256i x = bitcast<__m256i>(h);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1)));
+#endif
+  }
+  struct Round {  // load(store(v)), in the register
+    V operator()(V f) const { return bitcast<V>(rounded(f)); }
+  };
+};
+#endif
 #endif
 
 struct Loops {
@@ -225,9 +293,12 @@ struct Loops {
     a.nesterov = kNesterov;
     if (!kDecay) a.weight_decay = acc(0);
 #if FASTSAM_X86
-    if constexpr (std::is_same_v<typename S::raw, acc>) {
-      if (stream)
-        return restore_sgd_streamed<S, kMomentum, kFirst, kNesterov, kDecay>(p, src, g, buf, n, args, signed_scale);
+    // On registers: the streamed fp32/fp64 update (stores straight from them), and every
+    // bfloat16 update (g++ vectorises BF16's conversions into ~75 instructions per 8 elements
+    // on AVX2; these take ~45).
+    if constexpr (Lanes<S>::kOk) {
+      if (stream || !std::is_same_v<typename S::raw, acc>)
+        return restore_sgd_vec<S, kMomentum, kFirst, kNesterov, kDecay>(p, src, g, buf, n, args, signed_scale, stream);
     }
 #endif
     typename S::raw tmp[kBlock];
@@ -264,43 +335,56 @@ struct Loops {
 #endif
   }
 
-  // restore_sgd_fixed's loop for 4- and 8-byte elements with streaming stores of p straight
-  // from the registers: the L1 block and its second pass cost a fifth of the update's time on
-  // an AVX2 core (benchmarks/NOTES.md).  The element math is sgd_element on a register of
-  // values (g++'s vector extensions: the same operations lane by lane, hence the same bits);
-  // the elements before p's first aligned address and after the last full register take the
-  // scalar loop.
+  // restore_sgd_fixed's loop on registers of values: sgd_element on g++'s vector extensions
+  // (the same operations lane by lane, hence the same bits).  With `stream` (4- and 8-byte
+  // elements only) p is written with streaming stores straight from the registers: an L1
+  // block and its second pass cost a fifth of the update's time on an AVX2 core
+  // (benchmarks/NOTES.md); the elements before p's first aligned address then take the
+  // scalar loop, as do those after the last full register.
   template <class S, bool kMomentum, bool kFirst, bool kNesterov, bool kDecay>
-  static void restore_sgd_streamed(typename S::raw* p, const typename S::raw* src,
-                                   const typename S::raw* __restrict__ g, typename S::raw* __restrict__ buf,
-                                   int64_t n, const SgdArgs<typename S::acc> args, Scale<typename S::acc> signed_scale) {
+  static void restore_sgd_vec(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
+                              typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> args,
+                              Scale<typename S::acc> signed_scale, bool stream) {
     using acc = typename S::acc;
+    using raw = typename S::raw;
+    using R = Lanes<S>;
+    using V = typename R::V;
+    constexpr int64_t kW = R::kWidth;
     SgdArgs<acc> a = args;
     a.first = kFirst;
     a.nesterov = kNesterov;
     if (!kDecay) a.weight_decay = acc(0);
-    using V = typename Vec<acc>::type;
-    static_assert(sizeof(V) == kVecBytes, "a register of acc");
-    constexpr int64_t kW = int64_t(kVecBytes / sizeof(acc));
     const auto scalar = [&](int64_t j) {
-      acc w = src[j];
-      acc bj = kMomentum ? buf[j] : acc(0);
-      sgd_element<acc, kMomentum>(w, sam_grad<acc>(g[j], signed_scale), bj, a, typename S::Round{});
-      p[j] = w;
-      if (kMomentum) buf[j] = bj;
+      acc w = S::load(src[j]);
+      acc bj = kMomentum ? S::load(buf[j]) : acc(0);
+      sgd_element<acc, kMomentum>(w, sam_grad<acc>(S::load(g[j]), signed_scale), bj, a, typename S::Round{});
+      p[j] = S::store(w);
+      if (kMomentum) buf[j] = S::store(bj);
     };
-    const int64_t head = std::min<int64_t>(n, int64_t((-reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) / sizeof(acc)));
+    constexpr bool kCanStream = std::is_same_v<raw, acc>;
+    stream = kCanStream && stream;
     int64_t j = 0;
-    for (; j < head; ++j) scalar(j);
-    if (reinterpret_cast<uintptr_t>(p + j) % kVecBytes == 0) {  // else p is not even element-aligned: no vector path
+    bool registers = true;
+    if (stream) {
+      const int64_t head = std::min<int64_t>(n, int64_t((-reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) / sizeof(raw)));
+      for (; j < head; ++j) scalar(j);
+      registers = reinterpret_cast<uintptr_t>(p + j) % kVecBytes == 0;  // else p is not even element-aligned
+    }
+    if (registers) {
       for (; j + kW <= n; j += kW) {
-        V w, d, bj{};
-        std::memcpy(&w, src + j, sizeof(V));
-        std::memcpy(&d, g + j, sizeof(V));
-        if (kMomentum) std::memcpy(&bj, buf + j, sizeof(V));
-        sgd_element<acc, kMomentum>(w, sam_grad<acc, V>(d, signed_scale), bj, a, typename S::Round{});
-        stream_store(p + j, w);
-        if (kMomentum) std::memcpy(buf + j, &bj, sizeof(V));
+        V w = R::load(src + j);
+        V bj = kMomentum ? R::load(buf + j) : V{};
+        sgd_element<acc, kMomentum>(w, sam_grad<acc, V>(R::load(g + j), signed_scale), bj, a, typename R::Round{});
+        if constexpr (kCanStream) {
+          if (stream) {
+            stream_store(p + j, w);
+          } else {
+            R::store(p + j, w);
+          }
+        } else {
+          R::store(p + j, w);
+        }
+        if (kMomentum) R::store(buf + j, bj);
       }
     }
     for (; j < n; ++j) scalar(j);

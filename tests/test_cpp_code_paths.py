@@ -317,3 +317,41 @@ def test_norm_keeps_each_chunks_summation_order(threads, dtype, adaptive):
                 assert got.item() == expected, (isa, got.item(), expected)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("layout", ["registers", "scalar"])
+def test_bf16_sgd_update_rounds_as_c10(layout):
+    """The SGD update's bfloat16 loads, in-register rounding of the momentum buffer and stores give
+    c10::BFloat16's bits for ties, overflow, subnormals and NaN, in the register loop (AVX2 and
+    AVX-512: the cases and a padding of 37 ones in one tensor) and in the scalar one (one-element
+    tensors): with momentum 1, no dampening and c = 0, buf <- bf16(buf + g), w <- 0 + (-lr) * buf, lr = -1."""
+    sub = [c for c in BF16_CASES if (c[2], c[3]) == (1.0, 1.0)]
+    pad = [0x3F80] * 37
+
+    def bf16(bits):
+        return torch.tensor(bits, dtype=torch.int64).to(torch.int16).view(torch.bfloat16)
+
+    xb, yb = [c[0] for c in sub] + pad, [c[1] for c in sub] + pad
+    x, y = bf16(xb), bf16(yb)
+    want = _c10_bf16_bits(x.float() + y.float())
+    split = (lambda t: [t]) if layout == "registers" else (lambda t: list(t.clone().split(1)))
+    for isa in ISAS:
+        with code_path(isa, NEVER):
+            p, buf = split(torch.empty_like(x)), split(x.clone())
+            cpp.restore_sgd_step(
+                p,
+                split(y.clone()),
+                split(torch.zeros_like(x)),
+                buf,
+                lr=-1.0,
+                momentum=1.0,
+                dampening=0.0,
+                nesterov=False,
+                weight_decay=0.0,
+                maximize=False,
+                first=False,
+                grad_scale=None,
+                skip=torch.tensor(0.0),
+            )
+            for got in (torch.cat(buf), torch.cat(p)):
+                assert torch.equal(got.view(torch.int16).to(torch.int64) & 0xFFFF, want), isa
