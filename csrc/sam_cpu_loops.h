@@ -250,8 +250,16 @@ struct Loops {
       copy(c + b, p + b, m * sizeof(*p), stream);
       typename S::raw* __restrict__ pb = p + b;
       const typename S::raw* __restrict__ gb = g + b;
-      for (int64_t j = 0; j < m; ++j) pb[j] = S::store(perturb_element<acc>(S::load(pb[j]), S::load(gb[j]), s,
-                                                                             kAdaptive));
+      int64_t j = 0;
+#if FASTSAM_X86
+      // bf16 on registers (as restore_sgd_vec): g++'s vectorisation of BF16's store is long
+      if constexpr (Lanes<S>::kOk && !std::is_same_v<typename S::raw, acc>) {
+        using R = Lanes<S>;
+        for (; j + R::kWidth <= m; j += R::kWidth)
+          R::store(pb + j, perturb_element<acc, typename R::V>(R::load(pb + j), R::load(gb + j), s, kAdaptive));
+      }
+#endif
+      for (; j < m; ++j) pb[j] = S::store(perturb_element<acc>(S::load(pb[j]), S::load(gb[j]), s, kAdaptive));
     }
   }
 

@@ -71,9 +71,9 @@ FASTSAM_HD V scaled(V g, Scale<acc_t> s) {
 }
 
 // w + e with e = scale * g (SAM) or scale * w^2 * g (ASAM).
-template <typename acc_t>
-FASTSAM_HD acc_t perturb_element(acc_t w, acc_t g, Scale<acc_t> scale, bool adaptive) {
-  acc_t e = scaled(g, scale);
+template <typename acc_t, typename V = acc_t>
+FASTSAM_HD V perturb_element(V w, V g, Scale<acc_t> scale, bool adaptive) {
+  V e = scaled<acc_t, V>(g, scale);
   if (adaptive) e = e * w * w;
   return w + e;
 }
