@@ -70,7 +70,7 @@ struct Plain {
   using acc = T;
   static acc load(raw v) { return v; }
   static raw store(acc v) { return v; }
-  struct Round {  // on one value or on a register of them (sam_cpu_loops.h: restore_sgd_streamed)
+  struct Round {  // on one value or on a register of them (sam_cpu_loops.h: restore_sgd_vec)
     template <class V>
     V operator()(V v) const {
       return v;
