@@ -146,8 +146,14 @@ struct Loops {
   // A non-finite gradient pays the extra passes, on its skipped step only.
   template <class S, bool kAdaptive>
   static double sq_norm(const typename S::raw* __restrict__ g, const typename S::raw* __restrict__ w, int64_t n) {
+    return sq_norm_beyond_float<S, kAdaptive>(sq_norm_lanes<S, typename S::acc, kAdaptive, false>(g, w, n), g, w, n);
+  }
+
+  // sq_norm given the float pass's result `fast`: the rescaled passes where it overflowed.
+  template <class S, bool kAdaptive>
+  static double sq_norm_beyond_float(double fast, const typename S::raw* __restrict__ g,
+                                     const typename S::raw* __restrict__ w, int64_t n) {
     using acc = typename S::acc;
-    const double fast = sq_norm_lanes<S, acc, kAdaptive, false>(g, w, n);
     if (std::isfinite(fast) || sizeof(acc) == sizeof(double)) return fast;
     const double rescaled = sq_norm_lanes<S, acc, kAdaptive, true>(g, w, n) * 0x1p160;
     if (std::isfinite(rescaled)) return rescaled;
@@ -223,9 +229,7 @@ struct Loops {
     for (int i = 0; i < k; ++i) {
       const double fast = finish_lanes<S, acc, kAdaptive, false>(g[i] + full[i], kAdaptive ? w[i] + full[i] : nullptr,
                                                                   n[i] - full[i], lanes[i]);
-      // overflow of the float sum: sq_norm's rescaled passes, on this chunk alone
-      out[i] = std::isfinite(fast) || sizeof(acc) == sizeof(double) ? fast
-                                                                     : sq_norm<S, kAdaptive>(g[i], kAdaptive ? w[i] : nullptr, n[i]);
+      out[i] = sq_norm_beyond_float<S, kAdaptive>(fast, g[i], kAdaptive ? w[i] : nullptr, n[i]);
     }
   }
 
@@ -291,15 +295,22 @@ struct Loops {
     }
   }
 
+  // The update's switches as the constants of this instantiation, so that g++ drops the
+  // branches they would take per element.
+  template <class A, bool kFirst, bool kNesterov, bool kDecay>
+  static SgdArgs<A> fixed_sgd_args(SgdArgs<A> a) {
+    a.first = kFirst;
+    a.nesterov = kNesterov;
+    if (!kDecay) a.weight_decay = A(0);
+    return a;
+  }
+
   template <class S, bool kMomentum, bool kFirst, bool kNesterov, bool kDecay>
   static void restore_sgd_fixed(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                                 typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> args,
                                 Scale<typename S::acc> signed_scale, bool stream) {
     using acc = typename S::acc;
-    SgdArgs<acc> a = args;
-    a.first = kFirst;
-    a.nesterov = kNesterov;
-    if (!kDecay) a.weight_decay = acc(0);
+    const SgdArgs<acc> a = fixed_sgd_args<acc, kFirst, kNesterov, kDecay>(args);
 #if FASTSAM_X86
     // On registers: the streamed fp32/fp64 update (stores straight from them), and every
     // bfloat16 update (g++ vectorises BF16's conversions into ~75 instructions per 8 elements
@@ -358,10 +369,7 @@ struct Loops {
     using R = Lanes<S>;
     using V = typename R::V;
     constexpr int64_t kW = R::kWidth;
-    SgdArgs<acc> a = args;
-    a.first = kFirst;
-    a.nesterov = kNesterov;
-    if (!kDecay) a.weight_decay = acc(0);
+    const SgdArgs<acc> a = fixed_sgd_args<acc, kFirst, kNesterov, kDecay>(args);
     const auto scalar = [&](int64_t j) {
       acc w = S::load(src[j]);
       acc bj = kMomentum ? S::load(buf[j]) : acc(0);
