@@ -61,41 +61,53 @@ struct Lanes<Plain<T>> {
     return v;
   }
   static void store(T* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+  // 2 * kWidth elements at p as two registers (elements in order)
+  static void load2(const T* p, V& a, V& b) {
+    a = load(p);
+    b = load(p + kWidth);
+  }
+  static void store2(T* p, V a, V b) {
+    store(p, a);
+    store(p + kWidth, b);
+  }
+  // store2 of values Round gave (exactly representable): nothing to round
+  static void store2_exact(T* p, V a, V b) { store2(p, a, b); }
   using Round = typename Plain<T>::Round;
 };
 
-// bfloat16 as BF16's integer conversions, on registers: load widens and shifts; store rounds
-// to nearest even (NaN -> 0x7FC0) and narrows.  AVX2 and AVX-512 only: SSE2 has no unsigned
-// 32 -> 16-bit narrowing, and its loops stay g++'s.
+// bfloat16 as BF16's integer conversions, on registers, two at a time: one register's worth
+// of memory holds 2 * kWidth bf16 as kWidth 32-bit words of two, so `x << 16` is the even
+// elements as floats and `x & 0xFFFF0000` the odd ones, and the two rounded registers go back
+// as `(even >> 16) | odd`: no widening, narrowing or permuting instruction.  The callers' math
+// is lane by lane, so running it on the even and odd elements apart gives the same bits.
+// Rounding is to nearest even, NaN -> 0x7FC0.  AVX2 and AVX-512 only: the SSE2 loops stay
+// g++'s, the reference of the code-path tests.
 #if FASTSAM_VEC_BYTES >= 32
 template <>
 struct Lanes<BF16> {
   static constexpr bool kOk = true;
   using V = Vec<float>::type;
   static constexpr int64_t kWidth = int64_t(kVecBytes / sizeof(float));
+  // f's bits rounded to bf16, in the upper half of each word (BF16::rounded, lane by lane)
   static U32 rounded(V f) {
     const U32 u = bitcast<U32>(f);
     const U32 r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
     return f != f ? U32{} + 0x7FC00000u : r;
   }
-  static V load(const uint16_t* p) {
-#if FASTSAM_VEC_BYTES == 64
-    return bitcast<V>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-#else
-    return bitcast<V>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-#endif
+  static void load2(const uint16_t* p, V& even, V& odd) {
+    U32 x;
+    std::memcpy(&x, p, sizeof(x));
+    even = bitcast<V>(x << 16);
+    odd = bitcast<V>(x & 0xFFFF0000u);
   }
-  static void store(uint16_t* p, V f) {
-    const U32 h = rounded(f) >> 16;
-#if FASTSAM_VEC_BYTES == 64
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bitcast<__m512i>(h)));
-#else
-    const __m256i x = bitcast<__m256i>(h);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                     _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1)));
-#endif
+  static void store2(uint16_t* p, V even, V odd) { join(p, rounded(even), rounded(odd)); }
+  static void store2_exact(uint16_t* p, V even, V odd) { join(p, bitcast<U32>(even), bitcast<U32>(odd)); }
+  // even and odd: bf16 bits in the upper halves, zeros in the lower
+  static void join(uint16_t* p, U32 even, U32 odd) {
+    const U32 x = (even >> 16) | odd;
+    std::memcpy(p, &x, sizeof(x));
   }
-  struct Round {  // load(store(v)), in the register
+  struct Round {  // the value store2 would write, as a float, in the register
     V operator()(V f) const { return bitcast<V>(rounded(f)); }
   };
 };
@@ -259,8 +271,14 @@ struct Loops {
       // bf16 on registers (as restore_sgd_vec): g++'s vectorisation of BF16's store is long
       if constexpr (Lanes<S>::kOk && !std::is_same_v<typename S::raw, acc>) {
         using R = Lanes<S>;
-        for (; j + R::kWidth <= m; j += R::kWidth)
-          R::store(pb + j, perturb_element<acc, typename R::V>(R::load(pb + j), R::load(gb + j), s, kAdaptive));
+        using V = typename R::V;
+        for (; j + 2 * R::kWidth <= m; j += 2 * R::kWidth) {
+          V w[2], d[2];
+          R::load2(pb + j, w[0], w[1]);
+          R::load2(gb + j, d[0], d[1]);
+          for (int h = 0; h < 2; ++h) w[h] = perturb_element<acc, V>(w[h], d[h], s, kAdaptive);
+          R::store2(pb + j, w[0], w[1]);
+        }
       }
 #endif
       for (; j < m; ++j) pb[j] = S::store(perturb_element<acc>(S::load(pb[j]), S::load(gb[j]), s, kAdaptive));
@@ -313,8 +331,8 @@ struct Loops {
     const SgdArgs<acc> a = fixed_sgd_args<acc, kFirst, kNesterov, kDecay>(args);
 #if FASTSAM_X86
     // On registers: the streamed fp32/fp64 update (stores straight from them), and every
-    // bfloat16 update (g++ vectorises BF16's conversions into ~75 instructions per 8 elements
-    // on AVX2; these take ~45).
+    // bfloat16 update (Lanes' conversions: g++'s own vectorisation of BF16's takes about twice
+    // the instructions, benchmarks/NOTES.md).
     if constexpr (Lanes<S>::kOk) {
       if (stream || !std::is_same_v<typename S::raw, acc>)
         return restore_sgd_vec<S, kMomentum, kFirst, kNesterov, kDecay>(p, src, g, buf, n, args, signed_scale, stream);
@@ -355,25 +373,38 @@ struct Loops {
   }
 
   // restore_sgd_fixed's loop on registers of values: sgd_element on g++'s vector extensions
-  // (the same operations lane by lane, hence the same bits).  With `stream` (4- and 8-byte
-  // elements only) p is written with streaming stores straight from the registers: an L1
-  // block and its second pass cost a fifth of the update's time on an AVX2 core
-  // (benchmarks/NOTES.md); the elements before p's first aligned address then take the
-  // scalar loop, as do those after the last full register.
+  // (the same operations lane by lane, hence the same bits), two registers per turn (Lanes).
+  // With `stream` (4- and 8-byte elements only) p is written with streaming stores straight
+  // from the registers: an L1 block and its second pass cost a fifth of the update's time on
+  // an AVX2 core (benchmarks/NOTES.md); the elements before p's first aligned address then
+  // take the scalar loop, as do those after the last full pair of registers.
   template <class S, bool kMomentum, bool kFirst, bool kNesterov, bool kDecay>
   static void restore_sgd_vec(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                               typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> args,
                               Scale<typename S::acc> signed_scale, bool stream) {
+    // lo is 1 within float's range (sam_math.h: split_scale): then a loop where it is the constant
+    // 1, which folds its multiply away ((g * hi) * 1 is g * hi, bit for bit)
+    if (signed_scale.lo == typename S::acc(1))
+      return restore_sgd_pairs<S, kMomentum, kFirst, kNesterov, kDecay, true>(p, src, g, buf, n, args, signed_scale,
+                                                                             stream);
+    restore_sgd_pairs<S, kMomentum, kFirst, kNesterov, kDecay, false>(p, src, g, buf, n, args, signed_scale, stream);
+  }
+
+  template <class S, bool kMomentum, bool kFirst, bool kNesterov, bool kDecay, bool kUnitLo>
+  static void restore_sgd_pairs(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
+                                typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> args,
+                                Scale<typename S::acc> signed_scale, bool stream) {
     using acc = typename S::acc;
     using raw = typename S::raw;
     using R = Lanes<S>;
     using V = typename R::V;
     constexpr int64_t kW = R::kWidth;
     const SgdArgs<acc> a = fixed_sgd_args<acc, kFirst, kNesterov, kDecay>(args);
+    const Scale<acc> gs{signed_scale.hi, kUnitLo ? acc(1) : signed_scale.lo};
     const auto scalar = [&](int64_t j) {
       acc w = S::load(src[j]);
       acc bj = kMomentum ? S::load(buf[j]) : acc(0);
-      sgd_element<acc, kMomentum>(w, sam_grad<acc>(S::load(g[j]), signed_scale), bj, a, typename S::Round{});
+      sgd_element<acc, kMomentum>(w, sam_grad<acc>(S::load(g[j]), gs), bj, a, typename S::Round{});
       p[j] = S::store(w);
       if (kMomentum) buf[j] = S::store(bj);
     };
@@ -387,20 +418,24 @@ struct Loops {
       registers = reinterpret_cast<uintptr_t>(p + j) % kVecBytes == 0;  // else p is not even element-aligned
     }
     if (registers) {
-      for (; j + kW <= n; j += kW) {
-        V w = R::load(src + j);
-        V bj = kMomentum ? R::load(buf + j) : V{};
-        sgd_element<acc, kMomentum>(w, sam_grad<acc, V>(R::load(g + j), signed_scale), bj, a, typename R::Round{});
+      for (; j + 2 * kW <= n; j += 2 * kW) {
+        V w[2], d[2], bj[2] = {};
+        R::load2(src + j, w[0], w[1]);
+        R::load2(g + j, d[0], d[1]);
+        if (kMomentum) R::load2(buf + j, bj[0], bj[1]);
+        for (int h = 0; h < 2; ++h)
+          sgd_element<acc, kMomentum>(w[h], sam_grad<acc, V>(d[h], gs), bj[h], a, typename R::Round{});
         if constexpr (kCanStream) {
           if (stream) {
-            stream_store(p + j, w);
+            stream_store(p + j, w[0]);
+            stream_store(p + j + kW, w[1]);
           } else {
-            R::store(p + j, w);
+            R::store2(p + j, w[0], w[1]);
           }
         } else {
-          R::store(p + j, w);
+          R::store2(p + j, w[0], w[1]);
         }
-        if (kMomentum) R::store(buf + j, bj);
+        if (kMomentum) R::store2_exact(buf + j, bj[0], bj[1]);  // sgd_element stored Round's value in it
       }
     }
     for (; j < n; ++j) scalar(j);

@@ -112,9 +112,10 @@ def test_norm_and_perturb(seed, dtype, adaptive):
     [(0.0, False, 0.0, False), (0.9, False, 5e-4, False), (0.9, True, 1e-2, False), (0.9, False, 0.0, True)],
 )
 @pytest.mark.parametrize("restore", [True, False])
-def test_restore_sgd_step(seed, dtype, momentum, nesterov, weight_decay, first, restore):
+@pytest.mark.parametrize("grad_scale", [0.75, 2.0**-130])  # 2^-130: below float's normal range, a two-part scale
+def test_restore_sgd_step(seed, dtype, momentum, nesterov, weight_decay, first, restore, grad_scale):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    gs = torch.tensor(0.75, dtype=acc)
+    gs = torch.tensor(grad_scale, dtype=acc)
     skip = torch.tensor(0.0, dtype=acc)
 
     def step(p, g, c, b):
