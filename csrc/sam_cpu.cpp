@@ -268,11 +268,6 @@ struct Work {
 
   bool stream() const { return bytes >= g_stream_bytes.load(std::memory_order_relaxed); }
 
-  // Streaming a computed list costs a pass through an L1 block; it pays where
-  // the loop waits on memory (4- and 8-byte elements), not in the 16-bit
-  // updates, which convert every element twice and wait on instructions
-  // (streaming made the bf16 restore + SGD slower: benchmarks/NOTES.md).
-  bool stream_computed() const { return stream() && element_size >= 4; }
 
   // f(lo, hi) once per thread, for the run of chunks [lo, hi) whose first
   // elements fall in its share of the flat index range.
@@ -428,7 +423,9 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   }
   const bool has_momentum = momentum != 0;
   const Work work(params);
-  const bool stream = restore && work.stream_computed();  // without a restore p is read first: nothing to save
+  // Whether a computed list streams also depends on its loop (sam_cpu_loops.h); without a restore
+  // p is read first: nothing to save.
+  const bool stream = restore && work.stream();
   with_storage(params[0].scalar_type(), "restore_sgd_step", [&](auto s) {
     using S = decltype(s);
     using raw = typename S::raw;
@@ -491,7 +488,7 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     adam_bias_terms(new_step[i], lr, beta1, beta2, &step_size[i], &bc2_sqrt[i]);
   }
   const Work work(params);
-  const bool stream = restore && work.stream_computed();
+  const bool stream = restore && work.stream();
   with_storage(params[0].scalar_type(), "restore_adam_step", [&](auto s) {
     using S = decltype(s);
     using raw = typename S::raw;
@@ -588,7 +585,7 @@ std::string cpu_kernels(const std::string& isa, int64_t stream_bytes) {
   }
   if (stream_bytes >= 0) g_stream_bytes.store(stream_bytes);
   return std::string(kIsaNames[active_isa()]) + "; streaming stores for write-only lists of >= " +
-         std::to_string(g_stream_bytes.load()) + " bytes (copies, and updates of 4- and 8-byte elements)";
+         std::to_string(g_stream_bytes.load()) + " bytes (copies; updates of 4- and 8-byte elements, and SGD's of bf16 on avx2 and avx512)";
 }
 
 }  // namespace

@@ -42,6 +42,24 @@ inline To bitcast(From f) {
   return t;
 }
 
+// A streaming store of one register's worth at d (kVecBytes-aligned).
+template <class V>
+inline void stream_store(void* d, V v) {
+#if FASTSAM_VEC_BYTES == 64
+  __m512i x;
+  std::memcpy(&x, &v, sizeof(x));
+  _mm512_stream_si512(static_cast<__m512i*>(d), x);
+#elif FASTSAM_VEC_BYTES == 32
+  __m256i x;
+  std::memcpy(&x, &v, sizeof(x));
+  _mm256_stream_si256(static_cast<__m256i*>(d), x);
+#else
+  __m128i x;
+  std::memcpy(&x, &v, sizeof(x));
+  _mm_stream_si128(static_cast<__m128i*>(d), x);
+#endif
+}
+
 // A register of acc values (V) loaded from and stored to S's storage, kWidth elements at a
 // time; kOk where this instruction set has such a path (sam_cpu.cpp's storage policies give
 // the same bits one element at a time).
@@ -72,6 +90,11 @@ struct Lanes<Plain<T>> {
   }
   // store2 of values Round gave (exactly representable): nothing to round
   static void store2_exact(T* p, V a, V b) { store2(p, a, b); }
+  // store2 with streaming stores (p kVecBytes-aligned; the caller fences)
+  static void stream2(T* p, V a, V b) {
+    stream_store(p, a);
+    stream_store(p + kWidth, b);
+  }
   using Round = typename Plain<T>::Round;
 };
 
@@ -100,13 +123,17 @@ struct Lanes<BF16> {
     even = bitcast<V>(x << 16);
     odd = bitcast<V>(x & 0xFFFF0000u);
   }
-  static void store2(uint16_t* p, V even, V odd) { join(p, rounded(even), rounded(odd)); }
-  static void store2_exact(uint16_t* p, V even, V odd) { join(p, bitcast<U32>(even), bitcast<U32>(odd)); }
-  // even and odd: bf16 bits in the upper halves, zeros in the lower
-  static void join(uint16_t* p, U32 even, U32 odd) {
-    const U32 x = (even >> 16) | odd;
+  static void store2(uint16_t* p, V even, V odd) {
+    const U32 x = joined(rounded(even), rounded(odd));
     std::memcpy(p, &x, sizeof(x));
   }
+  static void store2_exact(uint16_t* p, V even, V odd) {
+    const U32 x = joined(bitcast<U32>(even), bitcast<U32>(odd));
+    std::memcpy(p, &x, sizeof(x));
+  }
+  static void stream2(uint16_t* p, V even, V odd) { stream_store(p, joined(rounded(even), rounded(odd))); }
+  // even and odd: bf16 bits in the upper halves, zeros in the lower
+  static U32 joined(U32 even, U32 odd) { return (even >> 16) | odd; }
   struct Round {  // the value store2 would write, as a float, in the register
     V operator()(V f) const { return bitcast<V>(rounded(f)); }
   };
@@ -338,6 +365,9 @@ struct Loops {
         return restore_sgd_vec<S, kMomentum, kFirst, kNesterov, kDecay>(p, src, g, buf, n, args, signed_scale, stream);
     }
 #endif
+    // Through an L1 block, streaming pays only where the loop waits on memory, not in the 16-bit
+    // loops g++ vectorises, which wait on their conversions (benchmarks/NOTES.md).
+    stream = stream && sizeof(typename S::raw) >= 4;
     typename S::raw tmp[kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = n - b < kBlock ? n - b : kBlock;
@@ -354,30 +384,12 @@ struct Loops {
   }
 
 #if FASTSAM_X86
-  // A streaming store of one register's worth at d (kVecBytes-aligned).
-  template <class V>
-  static void stream_store(void* d, V v) {
-#if FASTSAM_VEC_BYTES == 64
-    __m512i x;
-    std::memcpy(&x, &v, sizeof(x));
-    _mm512_stream_si512(static_cast<__m512i*>(d), x);
-#elif FASTSAM_VEC_BYTES == 32
-    __m256i x;
-    std::memcpy(&x, &v, sizeof(x));
-    _mm256_stream_si256(static_cast<__m256i*>(d), x);
-#else
-    __m128i x;
-    std::memcpy(&x, &v, sizeof(x));
-    _mm_stream_si128(static_cast<__m128i*>(d), x);
-#endif
-  }
-
   // restore_sgd_fixed's loop on registers of values: sgd_element on g++'s vector extensions
   // (the same operations lane by lane, hence the same bits), two registers per turn (Lanes).
-  // With `stream` (4- and 8-byte elements only) p is written with streaming stores straight
-  // from the registers: an L1 block and its second pass cost a fifth of the update's time on
-  // an AVX2 core (benchmarks/NOTES.md); the elements before p's first aligned address then
-  // take the scalar loop, as do those after the last full pair of registers.
+  // With `stream` p is written with streaming stores straight from the registers: an L1 block
+  // and its second pass cost a fifth of the update's time on an AVX2 core (benchmarks/NOTES.md);
+  // the elements before p's first aligned address then take the scalar loop, as do those after
+  // the last full pair of registers.
   template <class S, bool kMomentum, bool kFirst, bool kNesterov, bool kDecay>
   static void restore_sgd_vec(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                               typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> args,
@@ -408,8 +420,6 @@ struct Loops {
       p[j] = S::store(w);
       if (kMomentum) buf[j] = S::store(bj);
     };
-    constexpr bool kCanStream = std::is_same_v<raw, acc>;
-    stream = kCanStream && stream;
     int64_t j = 0;
     bool registers = true;
     if (stream) {
@@ -425,13 +435,8 @@ struct Loops {
         if (kMomentum) R::load2(buf + j, bj[0], bj[1]);
         for (int h = 0; h < 2; ++h)
           sgd_element<acc, kMomentum>(w[h], sam_grad<acc, V>(d[h], gs), bj[h], a, typename R::Round{});
-        if constexpr (kCanStream) {
-          if (stream) {
-            stream_store(p + j, w[0]);
-            stream_store(p + j + kW, w[1]);
-          } else {
-            R::store2(p + j, w[0], w[1]);
-          }
+        if (stream) {
+          R::stream2(p + j, w[0], w[1]);
         } else {
           R::store2(p + j, w[0], w[1]);
         }
@@ -466,6 +471,7 @@ struct Loops {
     AdamArgs<acc> a = args;
     a.l2 = kL2;
     a.lerp_low = kLerpLow;
+    stream = stream && sizeof(typename S::raw) >= 4;  // as in restore_sgd_fixed
     typename S::raw tmp[kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = n - b < kBlock ? n - b : kBlock;
