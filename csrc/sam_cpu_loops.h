@@ -260,6 +260,20 @@ struct Loops {
       longest = full[i] > longest ? full[i] : longest;
     }
     for (int64_t j = 0; j < longest; j += kTurn) {
+#if FASTSAM_X86 && FASTSAM_VEC_BYTES >= 32
+      if constexpr (std::is_same_v<S, BF16>) {
+        bool whole = true;  // every chunk has a whole turn at j: then they run in lockstep
+        for (int i = 0; i < k; ++i) whole = whole && full[i] - j >= kTurn;
+        if (whole) {
+          switch (k) {
+            case 1: add_lanes_bf16<1, kAdaptive>(g, w, j, kTurn, lanes); continue;
+            case 2: add_lanes_bf16<2, kAdaptive>(g, w, j, kTurn, lanes); continue;
+            case 3: add_lanes_bf16<3, kAdaptive>(g, w, j, kTurn, lanes); continue;
+            default: add_lanes_bf16<4, kAdaptive>(g, w, j, kTurn, lanes); continue;
+          }
+        }
+      }
+#endif
       for (int i = 0; i < k; ++i) {
         const int64_t m = full[i] - j < kTurn ? full[i] - j : kTurn;
         if (m > 0) add_lanes<S, acc, kAdaptive, false>(g[i] + j, kAdaptive ? w[i] + j : nullptr, m, lanes[i]);
@@ -271,6 +285,50 @@ struct Loops {
       out[i] = sq_norm_beyond_float<S, kAdaptive>(fast, g[i], kAdaptive ? w[i] : nullptr, n[i]);
     }
   }
+
+#if FASTSAM_X86 && FASTSAM_VEC_BYTES >= 32
+  // add_lanes of bf16 (the float pass) for chunks g[0, K) at once, elements [j, j + m) of each,
+  // m a multiple of kLanes = 16, on registers of 8 floats (AVX-512 too).  A 32-byte load holds one
+  // element of each lane as words of two: `x << 16` is lanes 0, 2, .., 14 as floats and
+  // `x & 0xFFFF0000` lanes 1, 3, .., 15, and each lane adds its terms in add_lanes' order (the
+  // same bits).  g++ widens each element with shuffles that queue on two ports, and the chunks'
+  // chains of additions overlap only where they run together.
+  template <int K, bool kAdaptive>
+  static void add_lanes_bf16(const uint16_t* const* g, const uint16_t* const* w, int64_t j, int64_t m,
+                             float (*lanes)[kLanes]) {
+    static_assert(kLanes == 16, "one 32-byte load per turn of the lanes");
+    typedef float F8 __attribute__((vector_size(32)));
+    typedef uint32_t U8 __attribute__((vector_size(32)));
+    F8 even[K], odd[K];
+    for (int i = 0; i < K; ++i) {
+      for (int l = 0; l < 8; ++l) {
+        even[i][l] = lanes[i][2 * l];
+        odd[i][l] = lanes[i][2 * l + 1];
+      }
+    }
+    for (int64_t t = j; t < j + m; t += kLanes) {
+      for (int i = 0; i < K; ++i) {
+        U8 x;
+        std::memcpy(&x, g[i] + t, sizeof(x));
+        F8 ge = bitcast<F8>(x << 16), go = bitcast<F8>(x & 0xFFFF0000u);
+        if (kAdaptive) {  // sq_norm_term: (|w| * g)^2
+          U8 y;
+          std::memcpy(&y, w[i] + t, sizeof(y));
+          ge = bitcast<F8>((y << 16) & 0x7FFFFFFFu) * ge;
+          go = bitcast<F8>(y & 0x7FFF0000u) * go;
+        }
+        even[i] += ge * ge;
+        odd[i] += go * go;
+      }
+    }
+    for (int i = 0; i < K; ++i) {
+      for (int l = 0; l < 8; ++l) {
+        lanes[i][2 * l] = even[i][l];
+        lanes[i][2 * l + 1] = odd[i][l];
+      }
+    }
+  }
+#endif
 
   // c <- p (the exact bits), then p <- p + e.
   template <class S, bool kAdaptive>
