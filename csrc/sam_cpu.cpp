@@ -430,7 +430,7 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     using S = decltype(s);
     using raw = typename S::raw;
     using acc = typename S::acc;
-    const SgdArgs<acc> a{acc(lr), acc(momentum), acc(1 - dampening), acc(weight_decay), nesterov, first};
+    const auto a = make_sgd_args<acc>(lr, momentum, dampening, weight_decay, nesterov, first);
     const Scale<acc> gs =
         signed_grad_scale(split_scale<acc>(grad_scale.has_value() ? host_value(*grad_scale) : 1.0), maximize);
     with_loops([&](auto loops) {

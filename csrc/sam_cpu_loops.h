@@ -8,13 +8,15 @@
 // include guard and no includes: sam_cpu.cpp provides the storage policies
 // (S::raw, S::acc, S::load, S::store, S::Round) and sam_math.h.
 //
-// Every function handles one chunk: plain indexed loops over restrict
-// pointers with the configuration in template parameters, which g++ -O3
-// vectorises (the 16-bit policies convert with integer ops that vectorise
-// too).  A write-only destination goes through an L1-resident block and
-// copy() when the caller asks for streaming stores: a large list is then
-// written without first being read into the cache (a third less traffic
-// for a copy).
+// Every function handles one chunk (the grouped norm a few): plain indexed
+// loops over restrict pointers with the configuration in template parameters,
+// which g++ -O3 vectorises (the 16-bit policies convert with integer ops that
+// vectorise too); where g++'s vectorisation falls short, the same math on
+// registers of g++'s vector extensions (Lanes), lane by lane, with the same
+// bits.  A write-only destination leaves with streaming stores when the caller
+// asks for them, from the registers or through an L1-resident block and
+// copy(): a large list is then written without first being read into the
+// cache (a third less traffic for a copy).
 
 #if FASTSAM_X86
 // One register of this instruction set, as a g++ vector of T (Vec<T>::type).  A
@@ -112,10 +114,11 @@ struct Lanes<BF16> {
   using V = Vec<float>::type;
   static constexpr int64_t kWidth = int64_t(kVecBytes / sizeof(float));
   // f's bits rounded to bf16, in the upper half of each word (BF16::rounded, lane by lane)
-  static U32 rounded(V f) {
+  static U32 rounded(V f) { return round_high(f) & 0xFFFF0000u; }
+  // the same in the upper halves; the lower ones hold what is left of the rounding
+  static U32 round_high(V f) {
     const U32 u = bitcast<U32>(f);
-    const U32 r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    return f != f ? U32{} + 0x7FC00000u : r;
+    return f != f ? U32{} + 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1u);
   }
   static void load2(const uint16_t* p, V& even, V& odd) {
     U32 x;
@@ -124,15 +127,15 @@ struct Lanes<BF16> {
     odd = bitcast<V>(x & 0xFFFF0000u);
   }
   static void store2(uint16_t* p, V even, V odd) {
-    const U32 x = joined(rounded(even), rounded(odd));
+    const U32 x = joined(round_high(even), rounded(odd));
     std::memcpy(p, &x, sizeof(x));
   }
   static void store2_exact(uint16_t* p, V even, V odd) {
     const U32 x = joined(bitcast<U32>(even), bitcast<U32>(odd));
     std::memcpy(p, &x, sizeof(x));
   }
-  static void stream2(uint16_t* p, V even, V odd) { stream_store(p, joined(rounded(even), rounded(odd))); }
-  // even and odd: bf16 bits in the upper halves, zeros in the lower
+  static void stream2(uint16_t* p, V even, V odd) { stream_store(p, joined(round_high(even), rounded(odd))); }
+  // bf16 bits in the upper halves of both; odd's lower halves zero
   static U32 joined(U32 even, U32 odd) { return (even >> 16) | odd; }
   struct Round {  // the value store2 would write, as a float, in the register
     V operator()(V f) const { return bitcast<V>(rounded(f)); }
@@ -379,7 +382,7 @@ struct Loops {
   static void restore_sgd(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                           typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> a,
                           Scale<typename S::acc> signed_scale, bool stream) {
-    const bool decay = a.weight_decay != typename S::acc(0);
+    const bool decay = a.decay;
     if constexpr (kMomentum) {
       switch ((a.first ? 4 : 0) | (a.nesterov ? 2 : 0) | (decay ? 1 : 0)) {
         case 0: return restore_sgd_fixed<S, true, false, false, false>(p, src, g, buf, n, a, signed_scale, stream);
@@ -404,7 +407,7 @@ struct Loops {
   static SgdArgs<A> fixed_sgd_args(SgdArgs<A> a) {
     a.first = kFirst;
     a.nesterov = kNesterov;
-    if (!kDecay) a.weight_decay = A(0);
+    a.decay = kDecay;
     return a;
   }
 

@@ -357,8 +357,7 @@ void restore_sgd_step(const HostLists& lists, DType dtype, const SgdHostArgs& h,
   dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
-    const SgdArgs<acc_t> a{acc_t(h.lr), acc_t(h.momentum), acc_t(1 - h.dampening), acc_t(h.weight_decay),
-                           h.nesterov, h.first};
+    const auto a = make_sgd_args<acc_t>(h.lr, h.momentum, h.dampening, h.weight_decay, h.nesterov, h.first);
     multi_tensor_apply<4>("restore_sgd_step", lists, static_cast<cudaStream_t>(stream), SgdFunctor<T>(), a,
                           restore, has_momentum, h.maximize, static_cast<const double*>(grad_scale),
                           static_cast<const double*>(skip));

@@ -100,7 +100,15 @@ struct SgdArgs {
   acc_t weight_decay;
   bool nesterov;
   bool first;  // fresh momentum buffer: torch sets it to the gradient
+  bool decay;  // weight_decay != 0: a switch of its own, which a loop can fix as a constant
 };
+
+template <typename acc_t>
+FASTSAM_HD SgdArgs<acc_t> make_sgd_args(double lr, double momentum, double dampening, double weight_decay,
+                                        bool nesterov, bool first) {
+  return {acc_t(lr), acc_t(momentum), acc_t(1 - dampening), acc_t(weight_decay), nesterov, first,
+          acc_t(weight_decay) != acc_t(0)};
+}
 
 // torch.optim.SGD on one element.  `d` is sam_grad(); `buf` is only touched
 // when `has_momentum` (callers pass a dummy otherwise).  `round` maps a value
@@ -108,7 +116,7 @@ struct SgdArgs {
 // buffer is used as stored, as torch's 16-bit SGD uses it.
 template <typename acc_t, bool has_momentum, typename Round, typename V = acc_t>
 FASTSAM_HD void sgd_element(V& w, V d, V& buf, const SgdArgs<acc_t>& a, const Round& round) {
-  if (a.weight_decay != acc_t(0)) d = d + a.weight_decay * w;
+  if (a.decay) d = d + a.weight_decay * w;
   if (has_momentum) {
     buf = round(a.first ? d : buf * a.momentum + a.one_minus_dampening * d);
     d = a.nesterov ? d + a.momentum * buf : buf;
