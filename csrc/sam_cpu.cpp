@@ -12,10 +12,11 @@
 // CPU (capped by ATEN_CPU_CAPABILITY, as torch's own kernels are): the .so
 // carries no -march flag and runs on any x86-64.  Every path gives the same
 // bits (no contraction into FMA: -ffp-contract=off; the same summation
-// order).  Write-only lists of at least kStreamBytes (the restore copy in
-// perturb, the parameters in a restoring step) are written with streaming
-// stores: they are not read before the next pass, and a list that large
-// would leave the cache before then anyway.
+// order).  Write-only lists of at least g_stream_bytes (the restore copy in
+// perturb, the parameters in a restoring step where its loop has a streamed
+// path: sam_cpu_loops.h) are written with streaming stores: they are not read
+// before the next pass, and a list that large would leave the cache before
+// then anyway.
 //
 // The skip flag, scale and grad_scale are read on the host: on the CPU that
 // costs nothing (the contract allows it), and it lets a skipped step do only
@@ -70,7 +71,7 @@ struct Plain {
   using acc = T;
   static acc load(raw v) { return v; }
   static raw store(acc v) { return v; }
-  struct Round {  // on one value or on a register of them (sam_cpu_loops.h: restore_sgd_vec)
+  struct Round {  // on one value or on a register of them (sam_cpu_loops.h: restore_sgd_pairs)
     template <class V>
     V operator()(V v) const {
       return v;
@@ -267,7 +268,6 @@ struct Work {
   }
 
   bool stream() const { return bytes >= g_stream_bytes.load(std::memory_order_relaxed); }
-
 
   // f(lo, hi) once per thread, for the run of chunks [lo, hi) whose first
   // elements fall in its share of the flat index range.

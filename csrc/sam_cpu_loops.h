@@ -62,9 +62,9 @@ inline void stream_store(void* d, V v) {
 #endif
 }
 
-// A register of acc values (V) loaded from and stored to S's storage, kWidth elements at a
-// time; kOk where this instruction set has such a path (sam_cpu.cpp's storage policies give
-// the same bits one element at a time).
+// Registers of acc values (V, kWidth lanes) loaded from and stored to S's storage, two
+// registers (2 * kWidth elements) at a time; kOk where this instruction set has such a path
+// (sam_cpu.cpp's storage policies give the same bits one element at a time).
 template <class S>
 struct Lanes {
   static constexpr bool kOk = false;
@@ -101,8 +101,9 @@ struct Lanes<Plain<T>> {
 };
 
 // bfloat16 as BF16's integer conversions, on registers, two at a time: one register's worth
-// of memory holds 2 * kWidth bf16 as kWidth 32-bit words of two, so `x << 16` is the even
-// elements as floats and `x & 0xFFFF0000` the odd ones, and the two rounded registers go back
+// of memory holds 2 * kWidth bf16 as kWidth 32-bit words of two (little-endian: the even
+// element in the low half), so `x << 16` is the even elements as floats and
+// `x & 0xFFFF0000` the odd ones, and the two rounded registers go back
 // as `(even >> 16) | odd`: no widening, narrowing or permuting instruction.  The callers' math
 // is lane by lane, so running it on the even and odd elements apart gives the same bits.
 // Rounding is to nearest even, NaN -> 0x7FC0.  AVX2 and AVX-512 only: the SSE2 loops stay
@@ -314,7 +315,7 @@ struct Loops {
         U8 x;
         std::memcpy(&x, g[i] + t, sizeof(x));
         F8 ge = bitcast<F8>(x << 16), go = bitcast<F8>(x & 0xFFFF0000u);
-        if (kAdaptive) {  // sq_norm_term: (|w| * g)^2
+        if constexpr (kAdaptive) {  // sq_norm_term: (|w| * g)^2
           U8 y;
           std::memcpy(&y, w[i] + t, sizeof(y));
           ge = bitcast<F8>((y << 16) & 0x7FFFFFFFu) * ge;
@@ -419,8 +420,8 @@ struct Loops {
     const SgdArgs<acc> a = fixed_sgd_args<acc, kFirst, kNesterov, kDecay>(args);
 #if FASTSAM_X86
     // On registers: the streamed fp32/fp64 update (stores straight from them), and every
-    // bfloat16 update (Lanes' conversions: g++'s own vectorisation of BF16's takes about twice
-    // the instructions, benchmarks/NOTES.md).
+    // bfloat16 update (Lanes' conversions: g++'s own vectorisation of BF16's is longer,
+    // benchmarks/NOTES.md).
     if constexpr (Lanes<S>::kOk) {
       if (stream || !std::is_same_v<typename S::raw, acc>)
         return restore_sgd_vec<S, kMomentum, kFirst, kNesterov, kDecay>(p, src, g, buf, n, args, signed_scale, stream);
@@ -447,10 +448,10 @@ struct Loops {
 #if FASTSAM_X86
   // restore_sgd_fixed's loop on registers of values: sgd_element on g++'s vector extensions
   // (the same operations lane by lane, hence the same bits), two registers per turn (Lanes).
-  // With `stream` p is written with streaming stores straight from the registers: an L1 block
-  // and its second pass cost a fifth of the update's time on an AVX2 core (benchmarks/NOTES.md);
-  // the elements before p's first aligned address then take the scalar loop, as do those after
-  // the last full pair of registers.
+  // With `stream` p is written with streaming stores straight from the registers, which spares
+  // an L1 block and its second pass (benchmarks/NOTES.md: change 4); the elements before p's
+  // first aligned address then take the scalar loop, as do those after the last full pair of
+  // registers.
   template <class S, bool kMomentum, bool kFirst, bool kNesterov, bool kDecay>
   static void restore_sgd_vec(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                               typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> args,

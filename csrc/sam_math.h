@@ -92,6 +92,7 @@ FASTSAM_HD V sam_grad(V g, Scale<acc_t> signed_scale) {
   return scaled<acc_t, V>(g, signed_scale);
 }
 
+// Built by make_sgd_args: an aggregate initialiser that left out `decay` would drop the weight decay.
 template <typename acc_t>
 struct SgdArgs {
   acc_t lr;
@@ -100,14 +101,14 @@ struct SgdArgs {
   acc_t weight_decay;
   bool nesterov;
   bool first;  // fresh momentum buffer: torch sets it to the gradient
-  bool decay;  // weight_decay != 0: a switch of its own, which a loop can fix as a constant
+  bool decay;  // weight_decay != 0 (as torch tests it, in double): a switch a loop can fix as a constant
 };
 
 template <typename acc_t>
 FASTSAM_HD SgdArgs<acc_t> make_sgd_args(double lr, double momentum, double dampening, double weight_decay,
                                         bool nesterov, bool first) {
   return {acc_t(lr), acc_t(momentum), acc_t(1 - dampening), acc_t(weight_decay), nesterov, first,
-          acc_t(weight_decay) != acc_t(0)};
+          weight_decay != 0};
 }
 
 // torch.optim.SGD on one element.  `d` is sam_grad(); `buf` is only touched

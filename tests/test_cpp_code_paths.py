@@ -356,3 +356,72 @@ def test_bf16_sgd_update_rounds_as_c10(layout):
             )
             for got in (torch.cat(buf), torch.cat(p)):
                 assert torch.equal(got.view(torch.int16).to(torch.int64) & 0xFFFF, want), isa
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("values", ["randn", "edges"])
+def test_bf16_norm_of_whole_chunk_groups(threads, adaptive, values):
+    """Lists of 1 to 7 whole chunks, so that the bf16 norm's groups hold 1, 2, 3 and 4 chunks with a
+    whole turn each (sq_norm_group's lockstep registers on AVX2 and AVX-512): every instruction set
+    gives the base loops' bits, and NumPy's lanes' (one chunk at a time); "edges" adds -0, bf16
+    subnormals, negative weights and squares beyond float's range (the rescaled pass)."""
+    chunk = 32768
+    gen = torch.Generator().manual_seed(11)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k in range(1, 8):
+            g = torch.randn(k * chunk, generator=gen)
+            w = torch.randn(k * chunk, generator=gen)
+            if values == "edges":
+                g[::97] = -0.0
+                g[5::101] = 1e-39
+                g[7::4099] = 1e30
+                w[3::89] = -0.0
+                w[11::89] = -3.0
+            g, w = g.to(torch.bfloat16), w.to(torch.bfloat16)
+            got = {}
+            for isa in ISAS:
+                with code_path(isa, NEVER):
+                    got[isa] = cpp.grad_sq_norm([g], [w] if adaptive else None).item()
+            assert all(v == got["base"] for v in got.values()), (k, got)
+            exact = float(((w.double().abs() * g.double()) if adaptive else g.double()).square().sum())
+            assert got["base"] == pytest.approx(exact, rel=1e-4), k
+            if values == "randn":
+                expected = 0.0
+                for b in range(0, k * chunk, chunk):
+                    expected += _chunk_sq_norm(g[b : b + chunk], w[b : b + chunk] if adaptive else None)
+                assert got["base"] == expected, k
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_weight_decay_below_float_range_is_taken_as_torch_does():
+    """torch tests weight_decay != 0 in double and adds weight_decay * w in float: a decay that rounds
+    to 0 in float still turns an infinite weight's update into NaN (0 * inf), on every path."""
+    p = torch.tensor([1.0, float("inf"), -2.0] * 11)
+    g = torch.randn(33, generator=torch.Generator().manual_seed(3))
+    ref = p.clone().requires_grad_()
+    ref.grad = g.clone()
+    torch.optim.SGD([ref], lr=0.1, weight_decay=1e-50, foreach=False).step()
+    assert ref.isnan().sum() == 11
+    for isa in ISAS:
+        with code_path(isa, NEVER):
+            got = p.clone()
+            cpp.restore_sgd_step(
+                [got],
+                [g.clone()],
+                [],
+                [],
+                lr=0.1,
+                momentum=0.0,
+                dampening=0.0,
+                nesterov=False,
+                weight_decay=1e-50,
+                maximize=False,
+                first=False,
+                grad_scale=None,
+                skip=torch.tensor(0.0),
+            )
+        torch.testing.assert_close(got, ref.detach(), rtol=0, atol=0, equal_nan=True, msg=isa)
