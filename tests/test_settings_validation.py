@@ -44,7 +44,12 @@ BAD_CONSTRUCTOR = [
 ]
 
 
-@pytest.mark.parametrize("name,value", BAD_CONSTRUCTOR, ids=[f"{n}={v!r}" for n, v in BAD_CONSTRUCTOR])
+# ids stable across processes (pytest-xdist's workers must collect the same names): no object address
+@pytest.mark.parametrize(
+    "name,value",
+    BAD_CONSTRUCTOR,
+    ids=[f"{n}={type(v).__name__ if type(v) is object else repr(v)}" for n, v in BAD_CONSTRUCTOR],
+)
 def test_bad_constructor_arguments_are_refused_by_name(name, value):
     with pytest.raises(ValueError, match=name):
         FusedSAM([_p()], torch.optim.SGD, lr=0.1, **{name: value})
