@@ -127,17 +127,14 @@ struct Lanes<BF16> {
     even = bitcast<V>(x << 16);
     odd = bitcast<V>(x & 0xFFFF0000u);
   }
-  static void store2(uint16_t* p, V even, V odd) {
-    const U32 x = joined(round_high(even), rounded(odd));
-    std::memcpy(p, &x, sizeof(x));
-  }
-  static void store2_exact(uint16_t* p, V even, V odd) {
-    const U32 x = joined(bitcast<U32>(even), bitcast<U32>(odd));
-    std::memcpy(p, &x, sizeof(x));
-  }
-  static void stream2(uint16_t* p, V even, V odd) { stream_store(p, joined(round_high(even), rounded(odd))); }
+  static void store2(uint16_t* p, V even, V odd) { put(p, packed(even, odd)); }
+  static void store2_exact(uint16_t* p, V even, V odd) { put(p, joined(bitcast<U32>(even), bitcast<U32>(odd))); }
+  static void stream2(uint16_t* p, V even, V odd) { stream_store(p, packed(even, odd)); }
+  // the 2 * kWidth rounded bf16 of even and odd, in memory order
+  static U32 packed(V even, V odd) { return joined(round_high(even), rounded(odd)); }
   // bf16 bits in the upper halves of both; odd's lower halves zero
   static U32 joined(U32 even, U32 odd) { return (even >> 16) | odd; }
+  static void put(uint16_t* p, U32 x) { std::memcpy(p, &x, sizeof(x)); }
   struct Round {  // the value store2 would write, as a float, in the register
     V operator()(V f) const { return bitcast<V>(rounded(f)); }
   };
@@ -402,6 +399,14 @@ struct Loops {
     }
   }
 
+  // Whether an update loop that computes into an L1 block streams that block out: it pays only
+  // where the loop waits on memory, not in the 16-bit loops g++ vectorises, which wait on their
+  // conversions (benchmarks/NOTES.md).
+  template <class S>
+  static bool streams_through_block(bool stream) {
+    return stream && sizeof(typename S::raw) >= 4;
+  }
+
   // The update's switches as the constants of this instantiation, so that g++ drops the
   // branches they would take per element.
   template <class A, bool kFirst, bool kNesterov, bool kDecay>
@@ -427,9 +432,7 @@ struct Loops {
         return restore_sgd_vec<S, kMomentum, kFirst, kNesterov, kDecay>(p, src, g, buf, n, args, signed_scale, stream);
     }
 #endif
-    // Through an L1 block, streaming pays only where the loop waits on memory, not in the 16-bit
-    // loops g++ vectorises, which wait on their conversions (benchmarks/NOTES.md).
-    stream = stream && sizeof(typename S::raw) >= 4;
+    stream = streams_through_block<S>(stream);
     typename S::raw tmp[kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = n - b < kBlock ? n - b : kBlock;
@@ -533,7 +536,7 @@ struct Loops {
     AdamArgs<acc> a = args;
     a.l2 = kL2;
     a.lerp_low = kLerpLow;
-    stream = stream && sizeof(typename S::raw) >= 4;  // as in restore_sgd_fixed
+    stream = streams_through_block<S>(stream);
     typename S::raw tmp[kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = n - b < kBlock ? n - b : kBlock;

@@ -124,7 +124,7 @@ def test_sam_step_launch_count_is_independent_of_the_tensor_count(base, launches
     base_cls, kw, sam_kw, steps = BASES[base]
     counts = {}
     # 120 tensors: more than one launch of apex's multi_tensor_apply takes (110), and few enough for
-    # the interpreter (~5 ms per program)
+    # the interpreter, which runs every program in Python
     for n in (3, 120):
         params = _params(n)
         opt = FusedSAM(params, base_cls, backend="triton", **sam_kw, **kw)
