@@ -121,17 +121,34 @@ struct Lanes<BF16> {
     const U32 u = bitcast<U32>(f);
     return f != f ? U32{} + 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1u);
   }
-  static void load2(const uint16_t* p, V& even, V& odd) {
+  // one register's worth of memory at p, as it is
+  static U32 raw(const uint16_t* p) {
     U32 x;
     std::memcpy(&x, p, sizeof(x));
+    return x;
+  }
+  static void split(U32 x, V& even, V& odd) {
     even = bitcast<V>(x << 16);
     odd = bitcast<V>(x & 0xFFFF0000u);
   }
+  static void load2(const uint16_t* p, V& even, V& odd) { split(raw(p), even, odd); }
   static void store2(uint16_t* p, V even, V odd) { put(p, packed(even, odd)); }
   static void store2_exact(uint16_t* p, V even, V odd) { put(p, joined(bitcast<U32>(even), bitcast<U32>(odd))); }
   static void stream2(uint16_t* p, V even, V odd) { stream_store(p, packed(even, odd)); }
   // the 2 * kWidth rounded bf16 of even and odd, in memory order
-  static U32 packed(V even, V odd) { return joined(round_high(even), rounded(odd)); }
+  static U32 packed(V even, V odd) {
+#if FASTSAM_VEC_BYTES == 32
+    // the odd words from odd's rounding, the even ones from even's shifted down: one word blend
+    // where a mask and an or would be two instructions
+    __m256i e, o;
+    const U32 lo = round_high(even) >> 16, hi = round_high(odd);
+    std::memcpy(&e, &lo, sizeof(e));
+    std::memcpy(&o, &hi, sizeof(o));
+    return bitcast<U32>(_mm256_blend_epi16(e, o, 0xAA));
+#else
+    return joined(round_high(even), rounded(odd));
+#endif
+  }
   // bf16 bits in the upper halves of both; odd's lower halves zero
   static U32 joined(U32 even, U32 odd) { return (even >> 16) | odd; }
   static void put(uint16_t* p, U32 x) { std::memcpy(p, &x, sizeof(x)); }
@@ -347,29 +364,64 @@ struct Loops {
                              typename S::raw* __restrict__ c, int64_t n, Scale<typename S::acc> scale, bool stream) {
     using acc = typename S::acc;
     const Scale<acc> s{scale.hi, kUnitLo ? acc(1) : scale.lo};
+#if FASTSAM_X86
+    // bf16 on registers (as restore_sgd_vec): g++'s vectorisation of BF16's store is long
+    if constexpr (Lanes<S>::kOk && !std::is_same_v<typename S::raw, acc>)
+      return perturb_pairs<S, kAdaptive, kUnitLo>(p, g, c, n, scale, stream);
+#endif
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = n - b < kBlock ? n - b : kBlock;
       copy(c + b, p + b, m * sizeof(*p), stream);
       typename S::raw* __restrict__ pb = p + b;
       const typename S::raw* __restrict__ gb = g + b;
-      int64_t j = 0;
-#if FASTSAM_X86
-      // bf16 on registers (as restore_sgd_vec): g++'s vectorisation of BF16's store is long
-      if constexpr (Lanes<S>::kOk && !std::is_same_v<typename S::raw, acc>) {
-        using R = Lanes<S>;
-        using V = typename R::V;
-        for (; j + 2 * R::kWidth <= m; j += 2 * R::kWidth) {
-          V w[2], d[2];
-          R::load2(pb + j, w[0], w[1]);
-          R::load2(gb + j, d[0], d[1]);
-          for (int h = 0; h < 2; ++h) w[h] = perturb_element<acc, V>(w[h], d[h], s, kAdaptive);
-          R::store2(pb + j, w[0], w[1]);
-        }
-      }
-#endif
-      for (; j < m; ++j) pb[j] = S::store(perturb_element<acc>(S::load(pb[j]), S::load(gb[j]), s, kAdaptive));
+      for (int64_t j = 0; j < m; ++j) pb[j] = S::store(perturb_element<acc>(S::load(pb[j]), S::load(gb[j]), s, kAdaptive));
     }
   }
+
+#if FASTSAM_X86
+  // perturb_blocks on registers, two per turn (Lanes): the restore copy leaves from the register
+  // that loaded the parameters, so no pass of its own.  With `stream` its stores are streaming,
+  // which needs c's aligned addresses: the elements before c's first one take the scalar loop
+  // (as do those after the last full pair of registers, and all of them where c is not even
+  // element-aligned).
+  template <class S, bool kAdaptive, bool kUnitLo>
+  static void perturb_pairs(typename S::raw* __restrict__ p, const typename S::raw* __restrict__ g,
+                            typename S::raw* __restrict__ c, int64_t n, Scale<typename S::acc> scale, bool stream) {
+    using acc = typename S::acc;
+    const Scale<acc> s{scale.hi, kUnitLo ? acc(1) : scale.lo};
+    using raw = typename S::raw;
+    using R = Lanes<S>;
+    using V = typename R::V;
+    constexpr int64_t kW = R::kWidth;
+    const auto scalar = [&](int64_t j) {
+      c[j] = p[j];
+      p[j] = S::store(perturb_element<acc>(S::load(p[j]), S::load(g[j]), s, kAdaptive));
+    };
+    int64_t j = 0;
+    bool registers = true;
+    if (stream) {
+      const int64_t head = std::min<int64_t>(n, int64_t((-reinterpret_cast<uintptr_t>(c) & (kVecBytes - 1)) / sizeof(raw)));
+      for (; j < head; ++j) scalar(j);
+      registers = reinterpret_cast<uintptr_t>(c + j) % kVecBytes == 0;
+    }
+    if (registers) {
+      for (; j + 2 * kW <= n; j += 2 * kW) {
+        const U32 x = R::raw(p + j);
+        V w[2], d[2];
+        R::split(x, w[0], w[1]);
+        R::load2(g + j, d[0], d[1]);
+        for (int h = 0; h < 2; ++h) w[h] = perturb_element<acc, V>(w[h], d[h], s, kAdaptive);
+        if (stream) {
+          stream_store(c + j, x);
+        } else {
+          R::put(c + j, x);
+        }
+        R::store2(p + j, w[0], w[1]);
+      }
+    }
+    for (; j < n; ++j) scalar(j);
+  }
+#endif
 
   // p <- src, then torch.optim.SGD's update of p.  `src` is the restore copy,
   // or p itself (nothing to restore: then never streamed).  The update's
@@ -459,15 +511,17 @@ struct Loops {
   static void restore_sgd_vec(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                               typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> args,
                               Scale<typename S::acc> signed_scale, bool stream) {
-    // lo is 1 within float's range (sam_math.h: split_scale): then a loop where it is the constant
-    // 1, which folds its multiply away ((g * hi) * 1 is g * hi, bit for bit)
-    if (signed_scale.lo == typename S::acc(1))
+    // lo is 1 within float's range (sam_math.h: split_scale), and 1 - dampening is 1 unless the
+    // user sets a dampening: then a loop where both are the constant 1, which folds their
+    // multiplies away (x * 1 is x, bit for bit)
+    using acc = typename S::acc;
+    if (signed_scale.lo == acc(1) && (!kMomentum || args.one_minus_dampening == acc(1)))
       return restore_sgd_pairs<S, kMomentum, kFirst, kNesterov, kDecay, true>(p, src, g, buf, n, args, signed_scale,
                                                                              stream);
     restore_sgd_pairs<S, kMomentum, kFirst, kNesterov, kDecay, false>(p, src, g, buf, n, args, signed_scale, stream);
   }
 
-  template <class S, bool kMomentum, bool kFirst, bool kNesterov, bool kDecay, bool kUnitLo>
+  template <class S, bool kMomentum, bool kFirst, bool kNesterov, bool kDecay, bool kUnit>
   static void restore_sgd_pairs(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                                 typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> args,
                                 Scale<typename S::acc> signed_scale, bool stream) {
@@ -476,8 +530,9 @@ struct Loops {
     using R = Lanes<S>;
     using V = typename R::V;
     constexpr int64_t kW = R::kWidth;
-    const SgdArgs<acc> a = fixed_sgd_args<acc, kFirst, kNesterov, kDecay>(args);
-    const Scale<acc> gs{signed_scale.hi, kUnitLo ? acc(1) : signed_scale.lo};
+    SgdArgs<acc> a = fixed_sgd_args<acc, kFirst, kNesterov, kDecay>(args);
+    if (kUnit) a.one_minus_dampening = acc(1);
+    const Scale<acc> gs{signed_scale.hi, kUnit ? acc(1) : signed_scale.lo};
     const auto scalar = [&](int64_t j) {
       acc w = S::load(src[j]);
       acc bj = kMomentum ? S::load(buf[j]) : acc(0);

@@ -108,12 +108,18 @@ def test_norm_and_perturb(seed, dtype, adaptive):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "momentum,nesterov,weight_decay,first",
-    [(0.0, False, 0.0, False), (0.9, False, 5e-4, False), (0.9, True, 1e-2, False), (0.9, False, 0.0, True)],
+    "momentum,dampening,nesterov,weight_decay,first",
+    [
+        (0.0, 0.0, False, 0.0, False),
+        (0.9, 0.0, False, 0.0, False),  # torch's defaults: the loops where 1 - dampening is the constant 1
+        (0.9, 0.1, False, 5e-4, False),
+        (0.9, 0.0, True, 1e-2, False),
+        (0.9, 0.1, False, 0.0, True),
+    ],
 )
 @pytest.mark.parametrize("restore", [True, False])
 @pytest.mark.parametrize("grad_scale", [0.75, 2.0**-130])  # 2^-130: below float's normal range, a two-part scale
-def test_restore_sgd_step(seed, dtype, momentum, nesterov, weight_decay, first, restore, grad_scale):
+def test_restore_sgd_step(seed, dtype, momentum, dampening, nesterov, weight_decay, first, restore, grad_scale):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     gs = torch.tensor(grad_scale, dtype=acc)
     skip = torch.tensor(0.0, dtype=acc)
@@ -126,7 +132,7 @@ def test_restore_sgd_step(seed, dtype, momentum, nesterov, weight_decay, first, 
             b if momentum else [],
             lr=0.1,
             momentum=momentum,
-            dampening=0.1,
+            dampening=dampening,
             nesterov=nesterov,
             weight_decay=weight_decay,
             maximize=False,
