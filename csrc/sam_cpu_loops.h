@@ -6,7 +6,7 @@
 // that g++ vectorises the same source for SSE2, AVX2 and AVX-512; the op picks
 // one at run time (no -march flag: the .so runs on any x86-64).  Hence no
 // include guard and no includes: sam_cpu.cpp provides the storage policies
-// (S::raw, S::acc, S::load, S::store, S::Round) and sam_math.h.
+// (sam_storage.h: S::raw, S::acc, S::load, S::store, S::Round) and sam_math.h.
 //
 // Every function handles one chunk (the grouped norm a few): plain indexed
 // loops over restrict pointers with the configuration in template parameters,

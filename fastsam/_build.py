@@ -46,7 +46,7 @@ if not os.path.isdir(CSRC):
 CPU_SOURCES = ["bindings.cpp", "sam_cpu.cpp"]
 # The CUDA kernels (raw pointers, CUDA headers only) and their torch binding.
 CUDA_SOURCES = ["sam_cuda.cpp", "sam_kernels.cu"]
-CPU_HEADERS = ["sam_math.h", "sam_checks.h", "sam_cpu_loops.h"]
+CPU_HEADERS = ["sam_math.h", "sam_checks.h", "sam_storage.h", "sam_cpu_loops.h"]
 CUDA_HEADERS = ["sam_kernels.h", "multi_tensor_apply.cuh"]
 
 # -O3 and nothing machine-specific (no -march=native): the .so may be built on
