@@ -367,11 +367,16 @@ def _ulps(a, b, start):
     element of ``b``, of the weights it started from (``start``) or of how far it moved.  A weight
     that ends near 0 by cancelling carries the rounding of the terms that cancelled, which its own
     last place would magnify (a 0-d weight ending at 0.012 from a start near 1 read ~100 ulps)."""
+    return _relative(a, b, start) / torch.finfo(a.dtype).eps
+
+
+def _relative(a, b, start):
+    """max |a - b| relative to the tensor's scale (_ulps), real views."""
     a, b, start = [torch.view_as_real(t) if t.is_complex() else t for t in (a, b, start)]
     if not a.numel():
         return 0.0
     scale = torch.stack([b.abs().max(), start.abs().max(), (b - start).abs().max()]).max()
-    return float((a - b).abs().max() / (torch.finfo(a.dtype).eps * scale.clamp_min(1e-30)))
+    return float((a - b).abs().max() / scale.clamp_min(1e-30))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -424,7 +429,8 @@ TENSOR_LR_BASES = {
 }
 # FusedSAM (rho = 0) with a 0-d tensor lr against torch's optimizer with the same tensor lr, 4 steps:
 # max |diff| in ulps of the tensor's scale (_ulps), measured over 10 seeds on foreach/triton/cpp,
-# float32 and float64, at most 1.7 (the fused kernels order some products differently); the bound is 8.
+# float32 and float64, at most 1.7 (the fused kernels order some products differently), over 151 seeds
+# on foreach/cpp at most 2.6; the bound is 8.
 TENSOR_LR_ULPS = 8
 
 
@@ -440,8 +446,10 @@ def test_tensor_lr_gives_torchs_results(which, dtype, lr_dtype, backend, seed):
     as 0-d tensors of the lr's dtype, i.e. rounded to float32 (relative error up to 2^-24 each step);
     FusedSAM forms them in float64 from the lr's value, which is what torch itself computes for the
     float lr ``float(lr)``.  There the test checks equality with torch at ``lr=float(lr)`` and that the
-    gap to torch's tensor-lr result stays within that float32 rounding (measured over 10 seeds: at most
-    1.1e-7 relative after 4 steps with AdamW, 1.6e-8 with Adam; the bound is 2 roundings a step).
+    gap to torch's tensor-lr result stays within that float32 rounding, relative to each tensor's scale
+    (_ulps; relative to each element, a weight near 0 read 9.8e-7 for seed 364411953).  Measured over
+    151 seeds on foreach and cpp: at most 5.2e-8 after 4 steps with AdamW, 2.1e-9 with Adam (and at
+    most 2.6 ulps where the results should agree); the bound is 2 roundings a step.
     """
     base, kw = TENSOR_LR_BASES[which]
     lr = torch.tensor(0.01, dtype=lr_dtype)
@@ -456,8 +464,8 @@ def test_tensor_lr_gives_torchs_results(which, dtype, lr_dtype, backend, seed):
     as_float = _lr_run(lambda ps, lr: base(ps, lr=lr, foreach=False, **kw), dtype, float(lr), seed)
     worst = max(_ulps(a, b, s) for a, b, s in zip(fused, as_float, start))
     assert worst <= TENSOR_LR_ULPS, f"{worst} ulps from torch's result at lr=float(lr)"
-    gap = max(float(((a - b).abs() / b.abs().clamp_min(1e-30)).max()) for a, b in zip(fused, theirs))
-    assert gap <= 4 * 2 * 2.0**-24, gap  # 4 steps, two float32 roundings each
+    gap = max(_relative(a, b, s) for a, b, s in zip(fused, theirs, start))
+    assert gap <= 4 * 2 * 2.0**-24, gap  # 4 steps, two float32 roundings each, of the tensor's scale
 
 
 # ------------------------------------------------------------------ copies
