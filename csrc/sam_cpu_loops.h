@@ -48,17 +48,11 @@ inline To bitcast(From f) {
 template <class V>
 inline void stream_store(void* d, V v) {
 #if FASTSAM_VEC_BYTES == 64
-  __m512i x;
-  std::memcpy(&x, &v, sizeof(x));
-  _mm512_stream_si512(static_cast<__m512i*>(d), x);
+  _mm512_stream_si512(static_cast<__m512i*>(d), bitcast<__m512i>(v));
 #elif FASTSAM_VEC_BYTES == 32
-  __m256i x;
-  std::memcpy(&x, &v, sizeof(x));
-  _mm256_stream_si256(static_cast<__m256i*>(d), x);
+  _mm256_stream_si256(static_cast<__m256i*>(d), bitcast<__m256i>(v));
 #else
-  __m128i x;
-  std::memcpy(&x, &v, sizeof(x));
-  _mm_stream_si128(static_cast<__m128i*>(d), x);
+  _mm_stream_si128(static_cast<__m128i*>(d), bitcast<__m128i>(v));
 #endif
 }
 
@@ -140,11 +134,8 @@ struct Lanes<BF16> {
 #if FASTSAM_VEC_BYTES == 32
     // the odd words from odd's rounding, the even ones from even's shifted down: one word blend
     // where a mask and an or would be two instructions
-    __m256i e, o;
     const U32 lo = round_high(even) >> 16, hi = round_high(odd);
-    std::memcpy(&e, &lo, sizeof(e));
-    std::memcpy(&o, &hi, sizeof(o));
-    return bitcast<U32>(_mm256_blend_epi16(e, o, 0xAA));
+    return bitcast<U32>(_mm256_blend_epi16(bitcast<__m256i>(lo), bitcast<__m256i>(hi), 0xAA));
 #else
     return joined(round_high(even), rounded(odd));
 #endif
@@ -379,17 +370,25 @@ struct Loops {
   }
 
 #if FASTSAM_X86
+  // Before a register loop that streams to d: the elements before d's first kVecBytes-aligned
+  // address go to scalar(j) one by one (j moves past them); true where d + j is then aligned,
+  // false where d is not even element-aligned (the scalar loop then takes every element).
+  template <class T, class F>
+  static bool streaming_head(const T* d, int64_t n, int64_t& j, const F& scalar) {
+    const int64_t head = std::min<int64_t>(n, int64_t((-reinterpret_cast<uintptr_t>(d) & (kVecBytes - 1)) / sizeof(T)));
+    for (; j < head; ++j) scalar(j);
+    return reinterpret_cast<uintptr_t>(d + j) % kVecBytes == 0;
+  }
+
   // perturb_blocks on registers, two per turn (Lanes): the restore copy leaves from the register
   // that loaded the parameters, so no pass of its own.  With `stream` its stores are streaming,
-  // which needs c's aligned addresses: the elements before c's first one take the scalar loop
-  // (as do those after the last full pair of registers, and all of them where c is not even
-  // element-aligned).
+  // from c's first aligned address on (streaming_head); the elements after the last full pair
+  // of registers take the scalar loop.
   template <class S, bool kAdaptive, bool kUnitLo>
   static void perturb_pairs(typename S::raw* __restrict__ p, const typename S::raw* __restrict__ g,
                             typename S::raw* __restrict__ c, int64_t n, Scale<typename S::acc> scale, bool stream) {
     using acc = typename S::acc;
     const Scale<acc> s{scale.hi, kUnitLo ? acc(1) : scale.lo};
-    using raw = typename S::raw;
     using R = Lanes<S>;
     using V = typename R::V;
     constexpr int64_t kW = R::kWidth;
@@ -398,13 +397,7 @@ struct Loops {
       p[j] = S::store(perturb_element<acc>(S::load(p[j]), S::load(g[j]), s, kAdaptive));
     };
     int64_t j = 0;
-    bool registers = true;
-    if (stream) {
-      const int64_t head = std::min<int64_t>(n, int64_t((-reinterpret_cast<uintptr_t>(c) & (kVecBytes - 1)) / sizeof(raw)));
-      for (; j < head; ++j) scalar(j);
-      registers = reinterpret_cast<uintptr_t>(c + j) % kVecBytes == 0;
-    }
-    if (registers) {
+    if (!stream || streaming_head(c, n, j, scalar)) {
       for (; j + 2 * kW <= n; j += 2 * kW) {
         const U32 x = R::raw(p + j);
         V w[2], d[2];
@@ -526,7 +519,6 @@ struct Loops {
                                 typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> args,
                                 Scale<typename S::acc> signed_scale, bool stream) {
     using acc = typename S::acc;
-    using raw = typename S::raw;
     using R = Lanes<S>;
     using V = typename R::V;
     constexpr int64_t kW = R::kWidth;
@@ -541,13 +533,7 @@ struct Loops {
       if (kMomentum) buf[j] = S::store(bj);
     };
     int64_t j = 0;
-    bool registers = true;
-    if (stream) {
-      const int64_t head = std::min<int64_t>(n, int64_t((-reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) / sizeof(raw)));
-      for (; j < head; ++j) scalar(j);
-      registers = reinterpret_cast<uintptr_t>(p + j) % kVecBytes == 0;  // else p is not even element-aligned
-    }
-    if (registers) {
+    if (!stream || streaming_head(p, n, j, scalar)) {
       for (; j + 2 * kW <= n; j += 2 * kW) {
         V w[2], d[2], bj[2] = {};
         R::load2(src + j, w[0], w[1]);
