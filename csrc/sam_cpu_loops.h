@@ -18,6 +18,12 @@
 // copy(): a large list is then written without first being read into the
 // cache (a third less traffic for a copy).
 
+#ifndef FASTSAM_INLINE
+// On the lambdas that hold a loop: not inlined, their captures (the loop's index among them)
+// live in memory that every store through a raw pointer may alias, and are reloaded each turn.
+#define FASTSAM_INLINE __attribute__((always_inline))
+#endif
+
 #if FASTSAM_X86
 // One register of this instruction set, as a g++ vector of T (Vec<T>::type).  A
 // specialisation per type: g++ drops vector_size on a dependent type in an alias template.
@@ -80,6 +86,7 @@ struct Lanes<Plain<T>> {
     a = load(p);
     b = load(p + kWidth);
   }
+  template <bool kNan = true>  // kNan: as BF16's (nothing is rounded here)
   static void store2(T* p, V a, V b) {
     store(p, a);
     store(p + kWidth, b);
@@ -87,11 +94,15 @@ struct Lanes<Plain<T>> {
   // store2 of values Round gave (exactly representable): nothing to round
   static void store2_exact(T* p, V a, V b) { store2(p, a, b); }
   // store2 with streaming stores (p kVecBytes-aligned; the caller fences)
+  template <bool kNan = true>
   static void stream2(T* p, V a, V b) {
     stream_store(p, a);
     stream_store(p + kWidth, b);
   }
-  using Round = typename Plain<T>::Round;
+  static constexpr bool kSelectsNan = false;
+  template <bool kNan>
+  using Rounding = typename Plain<T>::Round;
+  using Round = Rounding<true>;
 };
 
 // bfloat16 as BF16's integer conversions, on registers, two at a time: one register's worth
@@ -109,12 +120,34 @@ struct Lanes<BF16> {
   using V = Vec<float>::type;
   static constexpr int64_t kWidth = int64_t(kVecBytes / sizeof(float));
   // f's bits rounded to bf16, in the upper half of each word (BF16::rounded, lane by lane)
-  static U32 rounded(V f) { return round_high(f) & 0xFFFF0000u; }
-  // the same in the upper halves; the lower ones hold what is left of the rounding
+  template <bool kNan = true>
+  static U32 rounded(V f) {
+    return round_high<kNan>(f) & 0xFFFF0000u;
+  }
+  // the same in the upper halves; the lower ones hold what is left of the rounding.  Without
+  // kNan a NaN lane is not replaced by 0x7FC00000: one whose low half is zero (every NaN read
+  // from bf16, and x86's default NaN 0xFFC00000) keeps its upper half, so stays NaN, but others
+  // may round to an infinity or a zero (see any_nan)
+  template <bool kNan = true>
   static U32 round_high(V f) {
     const U32 u = bitcast<U32>(f);
-    return f != f ? U32{} + 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1u);
+    const U32 r = u + 0x7FFFu + ((u >> 16) & 1u);
+    if constexpr (kNan) return f != f ? U32{} + 0x7FC00000u : r;
+    return r;
   }
+  // Whether a lane of a or of b is NaN.  The loops round without the NaN select and call this
+  // on their results: where the inputs are bf16 and the scalars are not NaN, every NaN on the
+  // way has a zero low half, stays NaN and reaches the result, so false means the select would
+  // have changed nothing; true sends the turn through the select.
+  static bool any_nan(V a, V b) {
+#if FASTSAM_VEC_BYTES == 64
+    return _mm512_cmp_ps_mask(bitcast<__m512>(a), bitcast<__m512>(b), _CMP_UNORD_Q) != 0;
+#else
+    const __m256 m = _mm256_cmp_ps(bitcast<__m256>(a), bitcast<__m256>(b), _CMP_UNORD_Q);
+    return !_mm256_testz_ps(m, m);
+#endif
+  }
+  static constexpr bool kSelectsNan = true;
   // one register's worth of memory at p, as it is
   static U32 raw(const uint16_t* p) {
     U32 x;
@@ -126,26 +159,35 @@ struct Lanes<BF16> {
     odd = bitcast<V>(x & 0xFFFF0000u);
   }
   static void load2(const uint16_t* p, V& even, V& odd) { split(raw(p), even, odd); }
-  static void store2(uint16_t* p, V even, V odd) { put(p, packed(even, odd)); }
+  template <bool kNan = true>
+  static void store2(uint16_t* p, V even, V odd) {
+    put(p, packed<kNan>(even, odd));
+  }
   static void store2_exact(uint16_t* p, V even, V odd) { put(p, joined(bitcast<U32>(even), bitcast<U32>(odd))); }
-  static void stream2(uint16_t* p, V even, V odd) { stream_store(p, packed(even, odd)); }
+  template <bool kNan = true>
+  static void stream2(uint16_t* p, V even, V odd) {
+    stream_store(p, packed<kNan>(even, odd));
+  }
   // the 2 * kWidth rounded bf16 of even and odd, in memory order
+  template <bool kNan = true>
   static U32 packed(V even, V odd) {
 #if FASTSAM_VEC_BYTES == 32
     // the odd words from odd's rounding, the even ones from even's shifted down: one word blend
     // where a mask and an or would be two instructions
-    const U32 lo = round_high(even) >> 16, hi = round_high(odd);
+    const U32 lo = round_high<kNan>(even) >> 16, hi = round_high<kNan>(odd);
     return bitcast<U32>(_mm256_blend_epi16(bitcast<__m256i>(lo), bitcast<__m256i>(hi), 0xAA));
 #else
-    return joined(round_high(even), rounded(odd));
+    return joined(round_high<kNan>(even), rounded<kNan>(odd));
 #endif
   }
   // bf16 bits in the upper halves of both; odd's lower halves zero
   static U32 joined(U32 even, U32 odd) { return (even >> 16) | odd; }
   static void put(uint16_t* p, U32 x) { std::memcpy(p, &x, sizeof(x)); }
-  struct Round {  // the value store2 would write, as a float, in the register
-    V operator()(V f) const { return bitcast<V>(rounded(f)); }
+  template <bool kNan>
+  struct Rounding {  // the value store2<kNan> would write, as a float, in the register
+    V operator()(V f) const { return bitcast<V>(rounded<kNan>(f)); }
   };
+  using Round = Rounding<true>;
 };
 #endif
 #endif
@@ -397,20 +439,35 @@ struct Loops {
       p[j] = S::store(perturb_element<acc>(S::load(p[j]), S::load(g[j]), s, kAdaptive));
     };
     int64_t j = 0;
-    if (!stream || streaming_head(c, n, j, scalar)) {
-      for (; j + 2 * kW <= n; j += 2 * kW) {
+    // one loop per store kind: a switch left in the loop costs every turn
+    const auto turns = [&](auto kStream) FASTSAM_INLINE {
+      for (const int64_t last = n - 2 * kW; j <= last; j += 2 * kW) {
         const U32 x = R::raw(p + j);
         V w[2], d[2];
         R::split(x, w[0], w[1]);
         R::load2(g + j, d[0], d[1]);
         for (int h = 0; h < 2; ++h) w[h] = perturb_element<acc, V>(w[h], d[h], s, kAdaptive);
-        if (stream) {
+        if constexpr (decltype(kStream)::value) {
           stream_store(c + j, x);
         } else {
-          R::put(c + j, x);
+          // through an address g++ cannot follow: else it splits the copy out of the loop as a
+          // memcpy of the whole chunk, a second pass over p
+          typename S::raw* cj = c + j;
+          asm("" : "+r"(cj));
+          R::put(cj, x);
         }
-        R::store2(p + j, w[0], w[1]);
+        // the rounding's NaN select only in a turn that has a NaN to select for
+        if (__builtin_expect(R::any_nan(w[0], w[1]), 0)) {
+          R::store2(p + j, w[0], w[1]);
+        } else {
+          R::template store2<false>(p + j, w[0], w[1]);
+        }
       }
+    };
+    if (!stream) {
+      turns(std::false_type{});
+    } else if (streaming_head(c, n, j, scalar)) {
+      turns(std::true_type{});
     }
     for (; j < n; ++j) scalar(j);
   }
@@ -533,20 +590,49 @@ struct Loops {
       if (kMomentum) buf[j] = S::store(bj);
     };
     int64_t j = 0;
-    if (!stream || streaming_head(p, n, j, scalar)) {
-      for (; j + 2 * kW <= n; j += 2 * kW) {
-        V w[2], d[2], bj[2] = {};
+    // The turns round without the NaN select (Lanes<BF16>::any_nan) and are computed again with it
+    // where the new parameters hold a NaN: a NaN anywhere on the way (gradient, decay term,
+    // buffer) reaches them.  That needs scalars that are not NaN (a NaN scalar's payload might
+    // round to a number in the buffer): else every element takes the scalar loop.
+    const bool numbers = !(std::isnan(a.lr) || std::isnan(a.momentum) || std::isnan(a.one_minus_dampening) ||
+                           std::isnan(a.weight_decay) || std::isnan(gs.hi) || std::isnan(gs.lo));
+    // one loop per store kind: a switch left in the loop costs every turn
+    const auto turns = [&](auto kStream) FASTSAM_INLINE {
+      V w[2], d[2], bj[2] = {};
+      const auto update = [&](auto kNan) FASTSAM_INLINE {
         R::load2(src + j, w[0], w[1]);
         R::load2(g + j, d[0], d[1]);
         if (kMomentum) R::load2(buf + j, bj[0], bj[1]);
         for (int h = 0; h < 2; ++h)
-          sgd_element<acc, kMomentum>(w[h], sam_grad<acc, V>(d[h], gs), bj[h], a, typename R::Round{});
-        if (stream) {
-          R::stream2(p + j, w[0], w[1]);
+          sgd_element<acc, kMomentum>(w[h], sam_grad<acc, V>(d[h], gs), bj[h], a,
+                                      typename R::template Rounding<decltype(kNan)::value>{});
+      };
+      const auto store = [&](auto kNan) FASTSAM_INLINE {
+        constexpr bool nan = decltype(kNan)::value;
+        if constexpr (decltype(kStream)::value) {
+          R::template stream2<nan>(p + j, w[0], w[1]);
         } else {
-          R::store2(p + j, w[0], w[1]);
+          R::template store2<nan>(p + j, w[0], w[1]);
         }
         if (kMomentum) R::store2_exact(buf + j, bj[0], bj[1]);  // sgd_element stored Round's value in it
+      };
+      for (const int64_t last = n - 2 * kW; j <= last; j += 2 * kW) {
+        update(std::bool_constant<!R::kSelectsNan>{});
+        if constexpr (R::kSelectsNan) {
+          if (__builtin_expect(R::any_nan(w[0], w[1]), 0)) {
+            update(std::true_type{});
+            store(std::true_type{});
+            continue;
+          }
+        }
+        store(std::bool_constant<!R::kSelectsNan>{});
+      }
+    };
+    if (numbers || !R::kSelectsNan) {
+      if (!stream) {
+        turns(std::false_type{});
+      } else if (streaming_head(p, n, j, scalar)) {
+        turns(std::true_type{});
       }
     }
     for (; j < n; ++j) scalar(j);

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import subprocess
 import sys
 
@@ -362,6 +363,71 @@ def test_bf16_sgd_update_rounds_as_c10(layout):
             )
             for got in (torch.cat(buf), torch.cat(p)):
                 assert torch.equal(got.view(torch.int16).to(torch.int64) & 0xFFFF, want), isa
+
+
+def _bf16(bits):
+    return torch.tensor(bits, dtype=torch.int64).to(torch.int16).view(torch.bfloat16)
+
+
+def _bits(t):
+    return t.view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+@pytest.mark.parametrize("stream", [NEVER, 0])
+@pytest.mark.parametrize("layout", ["registers", "scalar"])
+def test_bf16_perturbation_rounds_as_c10(layout, stream):
+    """The perturbation's bfloat16 stores give c10::BFloat16's bits for ties, overflow, subnormals
+    and NaN (a NaN turn takes the rounding's NaN select, the others skip it), with and without
+    streaming stores, in the register loop and in the scalar one; the restore copy is the
+    parameters' bits: p <- bf16(p + 1 * g), c <- p."""
+    sub = [c for c in BF16_CASES if (c[2], c[3]) == (1.0, 1.0)]
+    pad = [0x3F80] * 37
+    xb, yb = [c[0] for c in sub] + pad, [c[1] for c in sub] + pad
+    x, y = _bf16(xb), _bf16(yb)
+    want = _c10_bf16_bits(x.float() + y.float())
+    split = (lambda t: [t]) if layout == "registers" else (lambda t: list(t.clone().split(1)))
+    for isa in ISAS:
+        with code_path(isa, stream):
+            p, c = split(x.clone()), split(torch.full_like(x, 7.0))
+            cpp.perturb(p, split(y.clone()), c, torch.tensor([0.0, 1.0]), 1.0, False)
+            assert torch.equal(_bits(torch.cat(p)), want), isa
+            assert torch.equal(_bits(torch.cat(c)), _bits(x)), isa
+
+
+def _nan_with_payload(low_bits: int) -> float:
+    """A float64 NaN that becomes the float32 NaN 0x7F800000 | low_bits (the top 23 of its 52
+    payload bits are float32's), as the ops convert their scalars."""
+    (value,) = struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000000 | (low_bits << 29)))
+    return value
+
+
+@pytest.mark.parametrize("scalar", ["momentum", "lr", "dampening", "weight_decay"])
+def test_bf16_sgd_update_with_a_nan_scalar_payload(scalar):
+    """A NaN scalar whose payload fills the float's low half (0x7FFFFFFF): the register loops round
+    without the NaN select only where no NaN can lose its NaN-ness, and this one would round to -0
+    (then the momentum buffer holds -0 and the parameters their old value).  Every instruction set
+    gives the base loops' bits, and every buffer element is c10's NaN 0x7FC0 or, for a NaN that
+    never reaches the buffer, the update torch makes."""
+    nan = _nan_with_payload(0x7FFFFF)
+    assert struct.unpack("<I", struct.pack("<f", nan))[0] == 0x7FFFFFFF
+    gen = torch.Generator().manual_seed(5)
+    n = 1000
+    w, g, b = (torch.randn(n, generator=gen).to(torch.bfloat16) for _ in range(3))
+    kwargs = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4)
+    kwargs[scalar] = nan
+    got = {}
+    for isa in ISAS:
+        with code_path(isa, NEVER):
+            p, buf = [w.clone()], [b.clone()]
+            cpp.restore_sgd_step(p, [g.clone()], [], buf, nesterov=False, maximize=False, first=False,
+                                 grad_scale=None, skip=torch.tensor(0.0), **kwargs)
+            got[isa] = (_bits(p[0]), _bits(buf[0]))
+    for isa, (p_bits, buf_bits) in got.items():
+        assert torch.equal(p_bits, got["base"][0]) and torch.equal(buf_bits, got["base"][1]), isa
+    p_bits, buf_bits = got["base"]
+    assert torch.equal(p_bits, torch.full_like(p_bits, 0x7FC0))
+    if scalar != "lr":  # a NaN learning rate leaves the buffer a number
+        assert torch.equal(buf_bits, torch.full_like(buf_bits, 0x7FC0))
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -2,7 +2,7 @@
 
 The loops are written once (csrc/sam_cpu_loops.h) and compiled per register width; the 64-byte
 build runs only where the CPU has AVX-512, which the machines this suite runs on may lack.  The
-harness compiles that build's source for AVX2 with the two 512-bit intrinsics it calls emulated
+harness compiles that build's source for AVX2 with the 512-bit intrinsics it calls emulated
 (the streaming store aborting where it would fault) and compares every loop with the base loops,
 bit for bit, over random sizes, offsets, edge values (NaN, inf, -0, subnormals) and options.  What
 it cannot show is the AVX-512 instructions themselves, g++'s choice for each lane operation.

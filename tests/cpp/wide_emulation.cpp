@@ -1,6 +1,6 @@
 // The CPU twin's 64-byte (AVX-512) loops, run on a CPU without AVX-512: the loops compiled for
 // AVX2 with FASTSAM_VEC_BYTES 64 (g++'s 64-byte vector extensions split into AVX2 pairs, lane by
-// lane the same operations) and the two 512-bit intrinsics they call emulated, the streaming store
+// lane the same operations) and the 512-bit intrinsics they call emulated, the streaming store
 // aborting where the real one would fault (an address not 64-byte aligned).  Every loop's result
 // is compared bit for bit with the base (SSE2) loops' over random sizes, offsets, edge values and
 // options.  Built and run by tests/test_cpp_wide_emulation.py; exits 1 on a difference.
@@ -40,8 +40,21 @@ inline __m512i emulated_load(const void* p) {
   std::memcpy(&x, p, sizeof(x));
   return x;
 }
+inline __mmask16 emulated_cmp_ps_mask(__m512 a, __m512 b, int predicate) {
+  if (predicate != _CMP_UNORD_Q) {
+    std::fprintf(stderr, "_mm512_cmp_ps_mask: predicate %d not emulated\n", predicate);
+    std::abort();
+  }
+  float x[16], y[16];
+  std::memcpy(x, &a, sizeof(x));
+  std::memcpy(y, &b, sizeof(y));
+  __mmask16 m = 0;
+  for (int i = 0; i < 16; ++i) m |= __mmask16((std::isnan(x[i]) || std::isnan(y[i])) << i);
+  return m;
+}
 #define _mm512_stream_si512(p, x) emulated_stream(p, x)
 #define _mm512_loadu_si512(p) emulated_load(p)
+#define _mm512_cmp_ps_mask(a, b, predicate) emulated_cmp_ps_mask(a, b, predicate)
 
 #pragma GCC push_options
 #pragma GCC target("avx2")
