@@ -111,7 +111,7 @@ struct Lanes<Plain<T>> {
 // `x & 0xFFFF0000` the odd ones, and the two rounded registers go back
 // as `(even >> 16) | odd`: no widening, narrowing or permuting instruction.  The callers' math
 // is lane by lane, so running it on the even and odd elements apart gives the same bits.
-// Rounding is to nearest even, NaN -> 0x7FC0.  AVX2 and AVX-512 only: the SSE2 loops stay
+// Rounding is to nearest even, NaN -> 0x7FC0 (unless kNan is false).  AVX2 and AVX-512 only: the SSE2 loops stay
 // g++'s, the reference of the code-path tests.
 #if FASTSAM_VEC_BYTES >= 32
 template <>
@@ -135,10 +135,12 @@ struct Lanes<BF16> {
     if constexpr (kNan) return f != f ? U32{} + 0x7FC00000u : r;
     return r;
   }
-  // Whether a lane of a or of b is NaN.  The loops round without the NaN select and call this
-  // on their results: where the inputs are bf16 and the scalars are not NaN, every NaN on the
-  // way has a zero low half, stays NaN and reaches the result, so false means the select would
-  // have changed nothing; true sends the turn through the select.
+  // Whether a lane of a or of b is NaN: the loops call it on their results before rounding
+  // them, and round without the NaN select where it is false.  That alone is exact where the
+  // result is the only value rounded (the perturbation).  Where a value rounded on the way feeds
+  // the result (the update's momentum buffer), it is exact when every NaN on the way has a zero
+  // low half, which holds for bf16 inputs and scalars that are not NaN: such a NaN stays NaN
+  // and reaches the result.
   static bool any_nan(V a, V b) {
 #if FASTSAM_VEC_BYTES == 64
     return _mm512_cmp_ps_mask(bitcast<__m512>(a), bitcast<__m512>(b), _CMP_UNORD_Q) != 0;

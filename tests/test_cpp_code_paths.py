@@ -210,13 +210,6 @@ BF16_CASES = [
 ]
 
 
-def _c10_bf16_bits(x: torch.Tensor) -> torch.Tensor:
-    """c10::BFloat16(float)'s bits (round to nearest even; NaN -> 0x7FC0), from float32 ``x``."""
-    u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
-    return torch.where(torch.isnan(x), torch.full_like(rounded, 0x7FC0), rounded)
-
-
 @pytest.mark.parametrize("at_end", [False, True])
 def test_bf16_stores_round_as_c10(at_end):
     """The vectorised bf16 store gives c10::BFloat16's bits: ties to even, the largest finite value
@@ -327,6 +320,14 @@ def test_norm_keeps_each_chunks_summation_order(threads, dtype, adaptive):
         torch.set_num_threads(before)
 
 
+def _bf16(bits):
+    return torch.tensor(bits, dtype=torch.int64).to(torch.int16).view(torch.bfloat16)
+
+
+def _bits(t):
+    return t.view(torch.int16).to(torch.int64) & 0xFFFF
+
+
 @pytest.mark.parametrize("layout", ["registers", "scalar"])
 def test_bf16_sgd_update_rounds_as_c10(layout):
     """The SGD update's bfloat16 loads, in-register rounding of the momentum buffer and stores give
@@ -336,11 +337,8 @@ def test_bf16_sgd_update_rounds_as_c10(layout):
     sub = [c for c in BF16_CASES if (c[2], c[3]) == (1.0, 1.0)]
     pad = [0x3F80] * 37
 
-    def bf16(bits):
-        return torch.tensor(bits, dtype=torch.int64).to(torch.int16).view(torch.bfloat16)
-
     xb, yb = [c[0] for c in sub] + pad, [c[1] for c in sub] + pad
-    x, y = bf16(xb), bf16(yb)
+    x, y = _bf16(xb), _bf16(yb)
     want = _c10_bf16_bits(x.float() + y.float())
     split = (lambda t: [t]) if layout == "registers" else (lambda t: list(t.clone().split(1)))
     for isa in ISAS:
@@ -362,15 +360,7 @@ def test_bf16_sgd_update_rounds_as_c10(layout):
                 skip=torch.tensor(0.0),
             )
             for got in (torch.cat(buf), torch.cat(p)):
-                assert torch.equal(got.view(torch.int16).to(torch.int64) & 0xFFFF, want), isa
-
-
-def _bf16(bits):
-    return torch.tensor(bits, dtype=torch.int64).to(torch.int16).view(torch.bfloat16)
-
-
-def _bits(t):
-    return t.view(torch.int16).to(torch.int64) & 0xFFFF
+                assert torch.equal(_bits(got), want), isa
 
 
 @pytest.mark.parametrize("stream", [NEVER, 0])
@@ -401,33 +391,44 @@ def _nan_with_payload(low_bits: int) -> float:
     return value
 
 
-@pytest.mark.parametrize("scalar", ["momentum", "lr", "dampening", "weight_decay"])
-def test_bf16_sgd_update_with_a_nan_scalar_payload(scalar):
-    """A NaN scalar whose payload fills the float's low half (0x7FFFFFFF): the register loops round
-    without the NaN select only where no NaN can lose its NaN-ness, and this one would round to -0
-    (then the momentum buffer holds -0 and the parameters their old value).  Every instruction set
-    gives the base loops' bits, and every buffer element is c10's NaN 0x7FC0 or, for a NaN that
-    never reaches the buffer, the update torch makes."""
+@pytest.mark.parametrize("stream", [NEVER, 0])
+@pytest.mark.parametrize("scalar", ["momentum", "lr", "dampening", "weight_decay", "grad_scale", "maximize"])
+def test_bf16_sgd_update_with_a_nan_scalar_payload(scalar, stream):
+    """A NaN scalar whose payload fills the float's low half (0x7FFFFFFF; negated, 0xFFFFFFFF, for
+    the gradient's scale under ``maximize``): the register loops round without the NaN select
+    only where no NaN can lose its NaN-ness, and this one would round to a zero (the momentum
+    buffer would hold a zero and the parameters their old values).  For every switch of the
+    update, restoring from copies (streamed when ``stream`` is 0): every instruction set gives
+    the base loops' bits, and the parameters and the buffer are c10's NaN 0x7FC0 wherever the NaN
+    reaches them, numbers elsewhere."""
     nan = _nan_with_payload(0x7FFFFF)
     assert struct.unpack("<I", struct.pack("<f", nan))[0] == 0x7FFFFFFF
     gen = torch.Generator().manual_seed(5)
     n = 1000
     w, g, b = (torch.randn(n, generator=gen).to(torch.bfloat16) for _ in range(3))
-    kwargs = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4)
-    kwargs[scalar] = nan
-    got = {}
-    for isa in ISAS:
-        with code_path(isa, NEVER):
-            p, buf = [w.clone()], [b.clone()]
-            cpp.restore_sgd_step(p, [g.clone()], [], buf, nesterov=False, maximize=False, first=False,
-                                 grad_scale=None, skip=torch.tensor(0.0), **kwargs)
-            got[isa] = (_bits(p[0]), _bits(buf[0]))
-    for isa, (p_bits, buf_bits) in got.items():
-        assert torch.equal(p_bits, got["base"][0]) and torch.equal(buf_bits, got["base"][1]), isa
-    p_bits, buf_bits = got["base"]
-    assert torch.equal(p_bits, torch.full_like(p_bits, 0x7FC0))
-    if scalar != "lr":  # a NaN learning rate leaves the buffer a number
-        assert torch.equal(buf_bits, torch.full_like(buf_bits, 0x7FC0))
+    kwargs = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4, maximize=scalar == "maximize")
+    if scalar in kwargs:
+        kwargs[scalar] = nan
+    grad_scale = torch.tensor(nan) if scalar in ("grad_scale", "maximize") else None
+    for nesterov, first in [(False, False), (True, False), (False, True)]:
+        if nesterov and scalar == "dampening":
+            continue  # torch's SGD: nesterov needs zero dampening
+        got = {}
+        for isa in ISAS:
+            with code_path(isa, stream):
+                p, buf = [torch.empty_like(w)], [b.clone()]
+                cpp.restore_sgd_step(p, [g.clone()], [w.clone()], buf, nesterov=nesterov, first=first,
+                                     grad_scale=grad_scale, skip=torch.tensor(0.0), **kwargs)
+                got[isa] = (_bits(p[0]), _bits(buf[0]))
+        for isa, (p_bits, buf_bits) in got.items():
+            assert torch.equal(p_bits, got["base"][0]), (isa, nesterov, first)
+            assert torch.equal(buf_bits, got["base"][1]), (isa, nesterov, first)
+        # torch's first step takes the buffer as the gradient: no momentum, no dampening in it
+        unused = first and scalar in ("momentum", "dampening")
+        reaches_p, reaches_buf = not unused or (nesterov and scalar == "momentum"), not unused and scalar != "lr"
+        for bits, reached in ((got["base"][0], reaches_p), (got["base"][1], reaches_buf)):
+            nan = torch.full_like(bits, 0x7FC0)
+            assert torch.equal(bits, nan) if reached else not torch.isnan(bits.to(torch.int16).view(torch.bfloat16)).any()
 
 
 @pytest.mark.parametrize("threads", [1, 2])

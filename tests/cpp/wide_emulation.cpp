@@ -89,8 +89,21 @@ std::vector<typename S::raw> list(int64_t n, bool positive = false) {
   for (auto& x : v) {
     const float f = value();
     x = S::store(typename S::acc(positive ? std::fabs(f) + 0.1f : f));
+    // now and then a NaN no store gives: negative with a payload, or signaling
+    if constexpr (std::is_same_v<S, BF16>) {
+      if (!positive && rng() % 97 == 0) x = rng() % 2 ? 0xFFC1 : 0x7F81;
+    }
   }
   return v;
+}
+
+// A double NaN that becomes the float NaN 0x7FFFFFFF (its payload fills the low half), negated
+// when `negative`: a scalar whose NaN an unselected bf16 rounding would turn into a number.
+double nan_payload(bool negative) {
+  const uint64_t bits = (negative ? 0xFFFFFFFFE0000000ull : 0x7FFFFFFFE0000000ull);
+  double d;
+  std::memcpy(&d, &bits, sizeof(d));
+  return d;
 }
 
 // Bit for bit, except that two NaNs of float or double storage match whatever their sign and
@@ -146,15 +159,16 @@ void trial(int64_t n, bool stream) {
     same(a, b, "sq_norm_group", n, stream);
   }
 
-  // the perturbation and its restore copy
+  // the perturbation and its restore copy; now and then a scale that is a NaN with a payload
   for (int adaptive = 0; adaptive < 2; ++adaptive) {
     auto p1 = p0, c1 = c0, p2 = p0, c2 = c0;
+    const Scale<acc> ps = rng() % 8 == 0 ? Scale<acc>{acc(nan_payload(rng() % 2)), acc(1)} : sc;
     if (adaptive) {
-      isa_base::Loops::perturb<S, true>(p1.data() + op, g.data() + og, c1.data() + oc, n, sc, false);
-      isa_wide::Loops::perturb<S, true>(p2.data() + op, g.data() + og, c2.data() + oc, n, sc, stream);
+      isa_base::Loops::perturb<S, true>(p1.data() + op, g.data() + og, c1.data() + oc, n, ps, false);
+      isa_wide::Loops::perturb<S, true>(p2.data() + op, g.data() + og, c2.data() + oc, n, ps, stream);
     } else {
-      isa_base::Loops::perturb<S, false>(p1.data() + op, g.data() + og, c1.data() + oc, n, sc, false);
-      isa_wide::Loops::perturb<S, false>(p2.data() + op, g.data() + og, c2.data() + oc, n, sc, stream);
+      isa_base::Loops::perturb<S, false>(p1.data() + op, g.data() + og, c1.data() + oc, n, ps, false);
+      isa_wide::Loops::perturb<S, false>(p2.data() + op, g.data() + og, c2.data() + oc, n, ps, stream);
     }
     same(p1, p2, "perturb (params)", n, stream);
     same(c1, c2, "perturb (copies)", n, stream);
@@ -168,22 +182,27 @@ void trial(int64_t n, bool stream) {
     same(c1, c2, "copy", n, stream);
   }
 
-  // restore + SGD: every switch, with and without momentum, dampening 0 and 0.1, restoring or not
+  // restore + SGD: every switch, with and without momentum, dampening 0 and 0.1, restoring or not;
+  // now and then a NaN scalar with a payload (momentum, weight decay or the gradient's scale)
   for (int cfg = 0; cfg < 16; ++cfg) {
     const bool first = cfg & 1, nesterov = cfg & 2, decay = cfg & 4, momentum = cfg & 8;
     const double dampening = nesterov || rng() % 2 ? 0.0 : 0.1;
-    const SgdArgs<acc> a = make_sgd_args<acc>(0.1, 0.9, dampening, decay ? 5e-4 : 0.0, nesterov, first);
+    const int nan_scalar = rng() % 8;  // 1: momentum, 2: weight decay, 3: scale; else none
+    const SgdArgs<acc> a = make_sgd_args<acc>(0.1, nan_scalar == 1 ? nan_payload(false) : 0.9, dampening,
+                                              nan_scalar == 2 ? nan_payload(false) : decay ? 5e-4 : 0.0, nesterov,
+                                              first);
+    const Scale<acc> ss = nan_scalar == 3 ? Scale<acc>{acc(nan_payload(rng() % 2)), acc(1)} : sc;
     const bool restore = rng() % 2;
     auto p1 = p0, b1 = b0, p2 = p0, b2 = b0;
     const typename S::raw* src1 = restore ? c0.data() + oc : p1.data() + op;
     const typename S::raw* src2 = restore ? c0.data() + oc : p2.data() + op;
     const bool s = restore && stream;  // nothing to restore: never streamed (sam_cpu_loops.h)
     if (momentum) {
-      isa_base::Loops::restore_sgd<S, true>(p1.data() + op, src1, g.data() + og, b1.data() + ob, n, a, sc, false);
-      isa_wide::Loops::restore_sgd<S, true>(p2.data() + op, src2, g.data() + og, b2.data() + ob, n, a, sc, s);
+      isa_base::Loops::restore_sgd<S, true>(p1.data() + op, src1, g.data() + og, b1.data() + ob, n, a, ss, false);
+      isa_wide::Loops::restore_sgd<S, true>(p2.data() + op, src2, g.data() + og, b2.data() + ob, n, a, ss, s);
     } else {
-      isa_base::Loops::restore_sgd<S, false>(p1.data() + op, src1, g.data() + og, b1.data() + ob, n, a, sc, false);
-      isa_wide::Loops::restore_sgd<S, false>(p2.data() + op, src2, g.data() + og, b2.data() + ob, n, a, sc, s);
+      isa_base::Loops::restore_sgd<S, false>(p1.data() + op, src1, g.data() + og, b1.data() + ob, n, a, ss, false);
+      isa_wide::Loops::restore_sgd<S, false>(p2.data() + op, src2, g.data() + og, b2.data() + ob, n, a, ss, s);
     }
     same(p1, p2, "restore_sgd (params)", n, s);
     same(b1, b2, "restore_sgd (momentum)", n, s);
