@@ -417,8 +417,17 @@ def test_bf16_sgd_update_with_a_nan_scalar_payload(scalar, stream):
         for isa in ISAS:
             with code_path(isa, stream):
                 p, buf = [torch.empty_like(w)], [b.clone()]
-                cpp.restore_sgd_step(p, [g.clone()], [w.clone()], buf, nesterov=nesterov, first=first,
-                                     grad_scale=grad_scale, skip=torch.tensor(0.0), **kwargs)
+                cpp.restore_sgd_step(
+                    p,
+                    [g.clone()],
+                    [w.clone()],
+                    buf,
+                    nesterov=nesterov,
+                    first=first,
+                    grad_scale=grad_scale,
+                    skip=torch.tensor(0.0),
+                    **kwargs,
+                )
                 got[isa] = (_bits(p[0]), _bits(buf[0]))
         for isa, (p_bits, buf_bits) in got.items():
             assert torch.equal(p_bits, got["base"][0]), (isa, nesterov, first)
@@ -427,8 +436,10 @@ def test_bf16_sgd_update_with_a_nan_scalar_payload(scalar, stream):
         unused = first and scalar in ("momentum", "dampening")
         reaches_p, reaches_buf = not unused or (nesterov and scalar == "momentum"), not unused and scalar != "lr"
         for bits, reached in ((got["base"][0], reaches_p), (got["base"][1], reaches_buf)):
-            nan = torch.full_like(bits, 0x7FC0)
-            assert torch.equal(bits, nan) if reached else not torch.isnan(bits.to(torch.int16).view(torch.bfloat16)).any()
+            if reached:
+                assert torch.equal(bits, torch.full_like(bits, 0x7FC0)), (nesterov, first)
+            else:
+                assert not torch.isnan(bits.to(torch.int16).view(torch.bfloat16)).any(), (nesterov, first)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
