@@ -328,19 +328,24 @@ def _bits(t):
     return t.view(torch.int16).to(torch.int64) & 0xFFFF
 
 
+def _bf16_sum_cases(layout):
+    """BF16_CASES' x and y whose sum is the case (a = b = 1), then 37 ones, as bf16; c10's bits of
+    x + y; and how a test hands a tensor to an op: whole ("registers": the register loop on AVX2
+    and AVX-512) or as one-element tensors ("scalar": the scalar loop)."""
+    sub = [c for c in BF16_CASES if (c[2], c[3]) == (1.0, 1.0)]
+    pad = [0x3F80] * 37
+    x, y = _bf16([c[0] for c in sub] + pad), _bf16([c[1] for c in sub] + pad)
+    split = (lambda t: [t]) if layout == "registers" else (lambda t: list(t.clone().split(1)))
+    return x, y, _c10_bf16_bits(x.float() + y.float()), split
+
+
 @pytest.mark.parametrize("layout", ["registers", "scalar"])
 def test_bf16_sgd_update_rounds_as_c10(layout):
     """The SGD update's bfloat16 loads, in-register rounding of the momentum buffer and stores give
     c10::BFloat16's bits for ties, overflow, subnormals and NaN, in the register loop (AVX2 and
     AVX-512: the cases and a padding of 37 ones in one tensor) and in the scalar one (one-element
     tensors): with momentum 1, no dampening and c = 0, buf <- bf16(buf + g), w <- 0 + (-lr) * buf, lr = -1."""
-    sub = [c for c in BF16_CASES if (c[2], c[3]) == (1.0, 1.0)]
-    pad = [0x3F80] * 37
-
-    xb, yb = [c[0] for c in sub] + pad, [c[1] for c in sub] + pad
-    x, y = _bf16(xb), _bf16(yb)
-    want = _c10_bf16_bits(x.float() + y.float())
-    split = (lambda t: [t]) if layout == "registers" else (lambda t: list(t.clone().split(1)))
+    x, y, want, split = _bf16_sum_cases(layout)
     for isa in ISAS:
         with code_path(isa, NEVER):
             p, buf = split(torch.empty_like(x)), split(x.clone())
@@ -370,12 +375,7 @@ def test_bf16_perturbation_rounds_as_c10(layout, stream):
     and NaN (a NaN turn takes the rounding's NaN select, the others skip it), with and without
     streaming stores, in the register loop and in the scalar one; the restore copy is the
     parameters' bits: p <- bf16(p + 1 * g), c <- p."""
-    sub = [c for c in BF16_CASES if (c[2], c[3]) == (1.0, 1.0)]
-    pad = [0x3F80] * 37
-    xb, yb = [c[0] for c in sub] + pad, [c[1] for c in sub] + pad
-    x, y = _bf16(xb), _bf16(yb)
-    want = _c10_bf16_bits(x.float() + y.float())
-    split = (lambda t: [t]) if layout == "registers" else (lambda t: list(t.clone().split(1)))
+    x, y, want, split = _bf16_sum_cases(layout)
     for isa in ISAS:
         with code_path(isa, stream):
             p, c = split(x.clone()), split(torch.full_like(x, 7.0))
