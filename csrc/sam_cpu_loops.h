@@ -111,8 +111,8 @@ struct Lanes<Plain<T>> {
 // `x & 0xFFFF0000` the odd ones, and the two rounded registers go back
 // as `(even >> 16) | odd`: no widening, narrowing or permuting instruction.  The callers' math
 // is lane by lane, so running it on the even and odd elements apart gives the same bits.
-// Rounding is to nearest even, NaN -> 0x7FC0 (unless kNan is false).  AVX2 and AVX-512 only: the SSE2 loops stay
-// g++'s, the reference of the code-path tests.
+// Rounding is to nearest even, NaN -> 0x7FC0 (unless kNan is false).  AVX2 and AVX-512 only:
+// the SSE2 loops stay g++'s, the reference of the code-path tests.
 #if FASTSAM_VEC_BYTES >= 32
 template <>
 struct Lanes<BF16> {
