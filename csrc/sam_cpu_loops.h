@@ -414,19 +414,29 @@ struct Loops {
   }
 
 #if FASTSAM_X86
-  // Before a register loop that streams to d: the elements before d's first kVecBytes-aligned
-  // address go to scalar(j) one by one (j moves past them); true where d + j is then aligned,
-  // false where d is not even element-aligned (the scalar loop then takes every element).
-  template <class T, class F>
-  static bool streaming_head(const T* d, int64_t n, int64_t& j, const F& scalar) {
-    const int64_t head = std::min<int64_t>(n, int64_t((-reinterpret_cast<uintptr_t>(d) & (kVecBytes - 1)) / sizeof(T)));
-    for (; j < head; ++j) scalar(j);
-    return reinterpret_cast<uintptr_t>(d + j) % kVecBytes == 0;
+  // A register loop writing to d, then its scalar remainder: turns(kStream) runs the register
+  // turns from j on (moving j past them), one loop per store kind, since a switch left in the
+  // loop costs every turn; scalar(j) takes the elements they leave.  With `stream` the turns'
+  // stores to d are streaming, which needs d + j aligned: the elements before d's first
+  // kVecBytes-aligned address go to scalar(j) first, and where d is not even element-aligned the
+  // scalar loop takes every element.  Inlined, so that j stays out of memory.
+  template <class T, class F, class G>
+  FASTSAM_INLINE static void turns_then_tail(const T* d, int64_t n, int64_t& j, bool stream, const F& scalar,
+                                             const G& turns) {
+    if (!stream) {
+      turns(std::false_type{});
+    } else {
+      const int64_t head =
+          std::min<int64_t>(n, int64_t((-reinterpret_cast<uintptr_t>(d) & (kVecBytes - 1)) / sizeof(T)));
+      for (; j < head; ++j) scalar(j);
+      if (reinterpret_cast<uintptr_t>(d + j) % kVecBytes == 0) turns(std::true_type{});
+    }
+    for (; j < n; ++j) scalar(j);
   }
 
   // perturb_blocks on registers, two per turn (Lanes): the restore copy leaves from the register
   // that loaded the parameters, so no pass of its own.  With `stream` its stores are streaming,
-  // from c's first aligned address on (streaming_head); the elements after the last full pair
+  // from c's first aligned address on (turns_then_tail); the elements after the last full pair
   // of registers take the scalar loop.
   template <class S, bool kAdaptive, bool kUnitLo>
   static void perturb_pairs(typename S::raw* __restrict__ p, const typename S::raw* __restrict__ g,
@@ -441,7 +451,6 @@ struct Loops {
       p[j] = S::store(perturb_element<acc>(S::load(p[j]), S::load(g[j]), s, kAdaptive));
     };
     int64_t j = 0;
-    // one loop per store kind: a switch left in the loop costs every turn
     const auto turns = [&](auto kStream) FASTSAM_INLINE {
       for (const int64_t last = n - 2 * kW; j <= last; j += 2 * kW) {
         const U32 x = R::raw(p + j);
@@ -466,12 +475,7 @@ struct Loops {
         }
       }
     };
-    if (!stream) {
-      turns(std::false_type{});
-    } else if (streaming_head(c, n, j, scalar)) {
-      turns(std::true_type{});
-    }
-    for (; j < n; ++j) scalar(j);
+    turns_then_tail(c, n, j, stream, scalar, turns);
   }
 #endif
 
@@ -598,8 +602,8 @@ struct Loops {
     // round to a number in the buffer): else every element takes the scalar loop.
     const bool numbers = !(std::isnan(a.lr) || std::isnan(a.momentum) || std::isnan(a.one_minus_dampening) ||
                            std::isnan(a.weight_decay) || std::isnan(gs.hi) || std::isnan(gs.lo));
-    // one loop per store kind: a switch left in the loop costs every turn
     const auto turns = [&](auto kStream) FASTSAM_INLINE {
+      if (R::kSelectsNan && !numbers) return;  // every element in the scalar loop
       V w[2], d[2], bj[2] = {};
       const auto update = [&](auto kNan) FASTSAM_INLINE {
         R::load2(src + j, w[0], w[1]);
@@ -630,14 +634,7 @@ struct Loops {
         store(std::bool_constant<!R::kSelectsNan>{});
       }
     };
-    if (numbers || !R::kSelectsNan) {
-      if (!stream) {
-        turns(std::false_type{});
-      } else if (streaming_head(p, n, j, scalar)) {
-        turns(std::true_type{});
-      }
-    }
-    for (; j < n; ++j) scalar(j);
+    turns_then_tail(p, n, j, stream, scalar, turns);
   }
 #endif
 
