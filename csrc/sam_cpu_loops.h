@@ -573,21 +573,21 @@ struct Loops {
     using acc = typename S::acc;
     if (signed_scale.lo == acc(1) && (!kMomentum || args.one_minus_dampening == acc(1))) {
       if (signed_scale.hi == acc(1))
-        return restore_sgd_pairs<S, kMomentum, kFirst, kNesterov, kDecay, kUnitAll>(p, src, g, buf, n, args,
+        return restore_sgd_pairs<S, kMomentum, kFirst, kNesterov, kDecay, kOnesAll>(p, src, g, buf, n, args,
                                                                                     signed_scale, stream);
-      return restore_sgd_pairs<S, kMomentum, kFirst, kNesterov, kDecay, kUnitLo>(p, src, g, buf, n, args, signed_scale,
+      return restore_sgd_pairs<S, kMomentum, kFirst, kNesterov, kDecay, kOnesLo>(p, src, g, buf, n, args, signed_scale,
                                                                                 stream);
     }
-    restore_sgd_pairs<S, kMomentum, kFirst, kNesterov, kDecay, kUnitNone>(p, src, g, buf, n, args, signed_scale,
+    restore_sgd_pairs<S, kMomentum, kFirst, kNesterov, kDecay, kOnesNone>(p, src, g, buf, n, args, signed_scale,
                                                                          stream);
   }
 
   // Which of the update's factors restore_sgd_pairs takes as the constant 1.
-  static constexpr int kUnitNone = 0;  // none
-  static constexpr int kUnitLo = 1;    // the scale's lo and 1 - dampening
-  static constexpr int kUnitAll = 2;   // those and the scale's hi: the gradient as it is
+  static constexpr int kOnesNone = 0;  // none
+  static constexpr int kOnesLo = 1;    // the scale's lo and 1 - dampening
+  static constexpr int kOnesAll = 2;   // those and the scale's hi: the gradient as it is
 
-  template <class S, bool kMomentum, bool kFirst, bool kNesterov, bool kDecay, int kUnit>
+  template <class S, bool kMomentum, bool kFirst, bool kNesterov, bool kDecay, int kOnes>
   static void restore_sgd_pairs(typename S::raw* p, const typename S::raw* src, const typename S::raw* __restrict__ g,
                                 typename S::raw* __restrict__ buf, int64_t n, const SgdArgs<typename S::acc> args,
                                 Scale<typename S::acc> signed_scale, bool stream) {
@@ -596,8 +596,8 @@ struct Loops {
     using V = typename R::V;
     constexpr int64_t kW = R::kWidth;
     SgdArgs<acc> a = fixed_sgd_args<acc, kFirst, kNesterov, kDecay>(args);
-    if (kUnit >= kUnitLo) a.one_minus_dampening = acc(1);
-    const Scale<acc> gs{kUnit == kUnitAll ? acc(1) : signed_scale.hi, kUnit >= kUnitLo ? acc(1) : signed_scale.lo};
+    if (kOnes >= kOnesLo) a.one_minus_dampening = acc(1);
+    const Scale<acc> gs{kOnes == kOnesAll ? acc(1) : signed_scale.hi, kOnes >= kOnesLo ? acc(1) : signed_scale.lo};
     const auto scalar = [&](int64_t j) {
       acc w = S::load(src[j]);
       acc bj = kMomentum ? S::load(buf[j]) : acc(0);
