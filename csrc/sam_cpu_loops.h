@@ -100,6 +100,9 @@ struct Lanes<Plain<T>> {
     stream_store(p + kWidth, b);
   }
   static constexpr bool kSelectsNan = false;
+  using NanSeen = bool;  // never set: nothing is rounded
+  static void note_nan(NanSeen&, V, V) {}
+  static bool any(NanSeen) { return false; }
   template <bool kNan>
   using Rounding = typename Plain<T>::Round;
   using Round = Rounding<true>;
@@ -127,7 +130,7 @@ struct Lanes<BF16> {
   // the same in the upper halves; the lower ones hold what is left of the rounding.  Without
   // kNan a NaN lane is not replaced by 0x7FC00000: one whose low half is zero (every NaN read
   // from bf16, and x86's default NaN 0xFFC00000) keeps its upper half, so stays NaN, but others
-  // may round to an infinity or a zero (see any_nan)
+  // may round to an infinity or a zero (see note_nan)
   template <bool kNan = true>
   static U32 round_high(V f) {
     const U32 u = bitcast<U32>(f);
@@ -135,19 +138,30 @@ struct Lanes<BF16> {
     if constexpr (kNan) return f != f ? U32{} + 0x7FC00000u : r;
     return r;
   }
-  // Whether a lane of a or of b is NaN: the loops call it on their results before rounding
-  // them, and round without the NaN select where it is false.  That alone is exact where the
-  // result is the only value rounded (the perturbation).  Where a value rounded on the way feeds
-  // the result (the update's momentum buffer), it is exact when every NaN on the way has a zero
-  // low half, which holds for bf16 inputs and scalars that are not NaN: such a NaN stays NaN
-  // and reaches the result.
-  static bool any_nan(V a, V b) {
+  // The loops round their turns without the NaN select and note (note_nan) which lanes of their
+  // results were NaN; a run of turns that saw one then has every NaN it stored replaced by 0x7FC0
+  // (canonical_nans).  Same bits as the select: every NaN these loops meet has a zero low half
+  // (bf16 inputs, x86's default NaN, scalars that are not NaN), so it rounds to a NaN, and a
+  // number never rounds to a NaN; a NaN anywhere on the way (the update's rounded momentum
+  // buffer included) reaches the results noted.
 #if FASTSAM_VEC_BYTES == 64
-    return _mm512_cmp_ps_mask(bitcast<__m512>(a), bitcast<__m512>(b), _CMP_UNORD_Q) != 0;
+  using NanSeen = __mmask16;
+  static void note_nan(NanSeen& seen, V a, V b) {
+    seen |= _mm512_cmp_ps_mask(bitcast<__m512>(a), bitcast<__m512>(b), _CMP_UNORD_Q);
+  }
+  static bool any(NanSeen seen) { return seen != 0; }
 #else
-    const __m256 m = _mm256_cmp_ps(bitcast<__m256>(a), bitcast<__m256>(b), _CMP_UNORD_Q);
-    return !_mm256_testz_ps(m, m);
+  using NanSeen = __m256;
+  static void note_nan(NanSeen& seen, V a, V b) {
+    seen = _mm256_or_ps(seen, _mm256_cmp_ps(bitcast<__m256>(a), bitcast<__m256>(b), _CMP_UNORD_Q));
+  }
+  static bool any(NanSeen seen) { return !_mm256_testz_ps(seen, seen); }
 #endif
+  // every NaN of p[0, n) as c10 rounds one (0x7FC0); p may have been written with streaming stores
+  static void canonical_nans(uint16_t* p, int64_t n) {
+    _mm_sfence();
+    for (int64_t j = 0; j < n; ++j)
+      if ((p[j] & 0x7FFF) > 0x7F80) p[j] = 0x7FC0;
   }
   static constexpr bool kSelectsNan = true;
   // one register's worth of memory at p, as it is
@@ -294,7 +308,8 @@ struct Loops {
   }
 
   // sq_norm of k <= kGroup chunks (g[i], w[i], n[i]), into out[i], bit for bit what
-  // sq_norm gives each: the chunks are read at once, in turns of kTurn elements each.
+  // sq_norm gives each: the chunks are read at once (bf16 on AVX2 and AVX-512 in lockstep phases,
+  // add_lanes_bf16_phases; else in turns of kTurn elements each).
   // One stream of reads keeps too few cache lines in flight for one core to reach its
   // memory's bandwidth (benchmarks/NOTES.md, AVX2 machine); four streams come close.
   // kTurn is a multiple of kLanes, so every lane still sums its elements in order.
@@ -312,24 +327,17 @@ struct Loops {
       full[i] = n[i] / kLanes * kLanes;
       longest = full[i] > longest ? full[i] : longest;
     }
-    for (int64_t j = 0; j < longest; j += kTurn) {
 #if FASTSAM_X86 && FASTSAM_VEC_BYTES >= 32
-      if constexpr (std::is_same_v<S, BF16>) {
-        bool whole = true;  // every chunk has a whole turn at j: then they run in lockstep
-        for (int i = 0; i < k; ++i) whole = whole && full[i] - j >= kTurn;
-        if (whole) {
-          switch (k) {
-            case 1: add_lanes_bf16<1, kAdaptive>(g, w, j, kTurn, lanes); continue;
-            case 2: add_lanes_bf16<2, kAdaptive>(g, w, j, kTurn, lanes); continue;
-            case 3: add_lanes_bf16<3, kAdaptive>(g, w, j, kTurn, lanes); continue;
-            default: add_lanes_bf16<4, kAdaptive>(g, w, j, kTurn, lanes); continue;
-          }
-        }
-      }
+    if constexpr (std::is_same_v<S, BF16>) {
+      add_lanes_bf16_phases<kAdaptive>(g, w, full, k, lanes);
+    } else
 #endif
-      for (int i = 0; i < k; ++i) {
-        const int64_t m = full[i] - j < kTurn ? full[i] - j : kTurn;
-        if (m > 0) add_lanes<S, acc, kAdaptive, false>(g[i] + j, kAdaptive ? w[i] + j : nullptr, m, lanes[i]);
+    {
+      for (int64_t j = 0; j < longest; j += kTurn) {
+        for (int i = 0; i < k; ++i) {
+          const int64_t m = full[i] - j < kTurn ? full[i] - j : kTurn;
+          if (m > 0) add_lanes<S, acc, kAdaptive, false>(g[i] + j, kAdaptive ? w[i] + j : nullptr, m, lanes[i]);
+        }
       }
     }
     for (int i = 0; i < k; ++i) {
@@ -340,6 +348,53 @@ struct Loops {
   }
 
 #if FASTSAM_X86 && FASTSAM_VEC_BYTES >= 32
+  // add_lanes of bf16 for the k chunks of a group (elements [0, full[i]) of each) in phases: the
+  // chunks with whole turns left run in lockstep for as many turns as all of them have, in one
+  // call, so that their lanes stay in registers; then the next phase without the chunks that ran
+  // out; what is left of each (less than a turn) in add_lanes.  Every lane adds its terms in
+  // order, so the phases give add_lanes' bits.
+  template <bool kAdaptive>
+  static void add_lanes_bf16_phases(const uint16_t* const* g, const uint16_t* const* w, const int64_t* full, int k,
+                                    float (*lanes)[kLanes]) {
+    int64_t pos[kGroup] = {};
+    for (;;) {
+      int idx[kGroup];
+      int a = 0;
+      int64_t common = 0;
+      for (int i = 0; i < k; ++i) {
+        const int64_t left = full[i] - pos[i];
+        if (left >= kTurn) {
+          common = a == 0 || left < common ? left : common;
+          idx[a++] = i;
+        }
+      }
+      if (a == 0) break;
+      common = common / kTurn * kTurn;
+      const uint16_t* gs[kGroup];
+      const uint16_t* ws[kGroup] = {};
+      float ls[kGroup][kLanes];
+      for (int q = 0; q < a; ++q) {
+        gs[q] = g[idx[q]] + pos[idx[q]];
+        if (kAdaptive) ws[q] = w[idx[q]] + pos[idx[q]];
+        std::memcpy(ls[q], lanes[idx[q]], sizeof(ls[q]));
+      }
+      switch (a) {
+        case 1: add_lanes_bf16<1, kAdaptive>(gs, ws, 0, common, ls); break;
+        case 2: add_lanes_bf16<2, kAdaptive>(gs, ws, 0, common, ls); break;
+        case 3: add_lanes_bf16<3, kAdaptive>(gs, ws, 0, common, ls); break;
+        default: add_lanes_bf16<4, kAdaptive>(gs, ws, 0, common, ls); break;
+      }
+      for (int q = 0; q < a; ++q) {
+        std::memcpy(lanes[idx[q]], ls[q], sizeof(ls[q]));
+        pos[idx[q]] += common;
+      }
+    }
+    for (int i = 0; i < k; ++i)
+      if (pos[i] < full[i])
+        add_lanes<BF16, float, kAdaptive, false>(g[i] + pos[i], kAdaptive ? w[i] + pos[i] : nullptr,
+                                                 full[i] - pos[i], lanes[i]);
+  }
+
   // add_lanes of bf16 (the float pass) for chunks g[0, K) at once, elements [j, j + m) of each,
   // m a multiple of kLanes = 16, on registers of 8 floats (AVX-512 too).  A 32-byte load holds one
   // element of each lane as words of two: `x << 16` is lanes 0, 2, .., 14 as floats and
@@ -451,7 +506,13 @@ struct Loops {
       p[j] = S::store(perturb_element<acc>(S::load(p[j]), S::load(g[j]), s, kAdaptive));
     };
     int64_t j = 0;
+    // The turns round without the NaN select (Lanes<BF16>::note_nan), which needs a scale that is
+    // not NaN (its payload might round to a number): else every element takes the scalar loop.
+    const bool numbers = !(std::isnan(s.hi) || std::isnan(s.lo));
     const auto turns = [&](auto kStream) FASTSAM_INLINE {
+      if (R::kSelectsNan && !numbers) return;
+      const int64_t j0 = j;
+      typename R::NanSeen seen{};
       for (const int64_t last = n - 2 * kW; j <= last; j += 2 * kW) {
         const U32 x = R::raw(p + j);
         V w[2], d[2];
@@ -467,13 +528,11 @@ struct Loops {
           asm("" : "+r"(cj));
           R::put(cj, x);
         }
-        // the rounding's NaN select only in a turn that has a NaN to select for
-        if (__builtin_expect(R::any_nan(w[0], w[1]), 0)) {
-          R::store2(p + j, w[0], w[1]);
-        } else {
-          R::template store2<false>(p + j, w[0], w[1]);
-        }
+        R::note_nan(seen, w[0], w[1]);
+        R::template store2<!R::kSelectsNan>(p + j, w[0], w[1]);
       }
+      if constexpr (R::kSelectsNan)
+        if (__builtin_expect(R::any(seen), 0)) R::canonical_nans(p + j0, j - j0);
     };
     turns_then_tail(c, n, j, stream, scalar, turns);
   }
@@ -606,42 +665,38 @@ struct Loops {
       if (kMomentum) buf[j] = S::store(bj);
     };
     int64_t j = 0;
-    // The turns round without the NaN select (Lanes<BF16>::any_nan) and are computed again with it
-    // where the new parameters hold a NaN: a NaN anywhere on the way (gradient, decay term,
-    // buffer) reaches them.  That needs scalars that are not NaN (a NaN scalar's payload might
-    // round to a number in the buffer): else every element takes the scalar loop.
+    // The turns round without the NaN select (Lanes<BF16>::note_nan): a NaN anywhere on the way
+    // (gradient, decay term, buffer) reaches the new parameters.  That needs scalars that are not
+    // NaN (a NaN scalar's payload might round to a number in the buffer): else every element
+    // takes the scalar loop.
     const bool numbers = !(std::isnan(a.lr) || std::isnan(a.momentum) || std::isnan(a.one_minus_dampening) ||
                            std::isnan(a.weight_decay) || std::isnan(gs.hi) || std::isnan(gs.lo));
+    constexpr bool kSelect = !R::kSelectsNan;  // the rounding's NaN select, where it costs nothing
     const auto turns = [&](auto kStream) FASTSAM_INLINE {
       if (R::kSelectsNan && !numbers) return;  // every element in the scalar loop
-      V w[2], d[2], bj[2] = {};
-      const auto update = [&](auto kNan) FASTSAM_INLINE {
+      const int64_t j0 = j;
+      typename R::NanSeen seen{};
+      for (const int64_t last = n - 2 * kW; j <= last; j += 2 * kW) {
+        V w[2], d[2], bj[2] = {};
         R::load2(src + j, w[0], w[1]);
         R::load2(g + j, d[0], d[1]);
         if (kMomentum) R::load2(buf + j, bj[0], bj[1]);
         for (int h = 0; h < 2; ++h)
           sgd_element<acc, kMomentum>(w[h], sam_grad<acc, V>(d[h], gs), bj[h], a,
-                                      typename R::template Rounding<decltype(kNan)::value>{});
-      };
-      const auto store = [&](auto kNan) FASTSAM_INLINE {
-        constexpr bool nan = decltype(kNan)::value;
+                                      typename R::template Rounding<kSelect>{});
+        R::note_nan(seen, w[0], w[1]);
         if constexpr (decltype(kStream)::value) {
-          R::template stream2<nan>(p + j, w[0], w[1]);
+          R::template stream2<kSelect>(p + j, w[0], w[1]);
         } else {
-          R::template store2<nan>(p + j, w[0], w[1]);
+          R::template store2<kSelect>(p + j, w[0], w[1]);
         }
         if (kMomentum) R::store2_exact(buf + j, bj[0], bj[1]);  // sgd_element stored Round's value in it
-      };
-      for (const int64_t last = n - 2 * kW; j <= last; j += 2 * kW) {
-        update(std::bool_constant<!R::kSelectsNan>{});
-        if constexpr (R::kSelectsNan) {
-          if (__builtin_expect(R::any_nan(w[0], w[1]), 0)) {
-            update(std::true_type{});
-            store(std::true_type{});
-            continue;
-          }
+      }
+      if constexpr (R::kSelectsNan) {
+        if (__builtin_expect(R::any(seen), 0)) {
+          R::canonical_nans(p + j0, j - j0);
+          if (kMomentum) R::canonical_nans(buf + j0, j - j0);
         }
-        store(std::bool_constant<!R::kSelectsNan>{});
       }
     };
     turns_then_tail(p, n, j, stream, scalar, turns);

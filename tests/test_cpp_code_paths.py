@@ -339,15 +339,18 @@ def _bf16_sum_cases(layout):
     return x, y, _c10_bf16_bits(x.float() + y.float()), split
 
 
+@pytest.mark.parametrize("stream", [NEVER, 0])
 @pytest.mark.parametrize("layout", ["registers", "scalar"])
-def test_bf16_sgd_update_rounds_as_c10(layout):
+def test_bf16_sgd_update_rounds_as_c10(layout, stream):
     """The SGD update's bfloat16 loads, in-register rounding of the momentum buffer and stores give
     c10::BFloat16's bits for ties, overflow, subnormals and NaN, in the register loop (AVX2 and
     AVX-512: the cases and a padding of 37 ones in one tensor) and in the scalar one (one-element
-    tensors): with momentum 1, no dampening and c = 0, buf <- bf16(buf + g), w <- 0 + (-lr) * buf, lr = -1."""
+    tensors), with and without streaming stores (the NaNs a run of turns stored become c10's 0x7FC0
+    after them, read back from what the streaming stores wrote): with momentum 1, no dampening and
+    c = 0, buf <- bf16(buf + g), w <- 0 + (-lr) * buf, lr = -1."""
     x, y, want, split = _bf16_sum_cases(layout)
     for isa in ISAS:
-        with code_path(isa, NEVER):
+        with code_path(isa, stream):
             p, buf = split(torch.empty_like(x)), split(x.clone())
             cpp.restore_sgd_step(
                 p,
@@ -372,9 +375,9 @@ def test_bf16_sgd_update_rounds_as_c10(layout):
 @pytest.mark.parametrize("layout", ["registers", "scalar"])
 def test_bf16_perturbation_rounds_as_c10(layout, stream):
     """The perturbation's bfloat16 stores give c10::BFloat16's bits for ties, overflow, subnormals
-    and NaN (a NaN turn takes the rounding's NaN select, the others skip it), with and without
-    streaming stores, in the register loop and in the scalar one; the restore copy is the
-    parameters' bits: p <- bf16(p + 1 * g), c <- p."""
+    and NaN (the turns round without the NaN select; the NaNs a run of turns stored become 0x7FC0
+    after them), with and without streaming stores, in the register loop and in the scalar one;
+    the restore copy is the parameters' bits: p <- bf16(p + 1 * g), c <- p."""
     x, y, want, split = _bf16_sum_cases(layout)
     for isa in ISAS:
         with code_path(isa, stream):
@@ -389,6 +392,24 @@ def _nan_with_payload(low_bits: int) -> float:
     payload bits are float32's), as the ops convert their scalars."""
     (value,) = struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000000 | (low_bits << 29)))
     return value
+
+
+@pytest.mark.parametrize("stream", [NEVER, 0])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_bf16_perturbation_with_a_nan_scale_payload(adaptive, stream):
+    """A NaN scale whose payload fills the float's low half (0x7FFFFFFF): rounded without the NaN
+    select, p + scale * g would round to a zero (0x7FFFFFFF + 0x8000 wraps), so the register loops
+    must not take it.  Every instruction set gives c10's NaN 0x7FC0 in every parameter, and the
+    restore copy holds the parameters' bits."""
+    nan = _nan_with_payload(0x7FFFFF)
+    gen = torch.Generator().manual_seed(6)
+    w, g = (torch.randn(1000, generator=gen).to(torch.bfloat16) for _ in range(2))
+    for isa in ISAS:
+        with code_path(isa, stream):
+            p, c = [w.clone()], [torch.empty_like(w)]
+            cpp.perturb(p, [g.clone()], c, torch.tensor([0.0, nan], dtype=torch.float64), 1.0, adaptive)
+            assert torch.equal(_bits(p[0]), torch.full_like(_bits(p[0]), 0x7FC0)), isa
+            assert torch.equal(_bits(c[0]), _bits(w)), isa
 
 
 @pytest.mark.parametrize("stream", [NEVER, 0])
