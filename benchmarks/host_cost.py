@@ -7,7 +7,12 @@ intra-op thread; the variants are timed round-robin (each round: a block of step
 variant), so load on a shared machine hits all of them alike.  Reported: median per step, the
 20-80% spread, and each median as a ratio to torch's fused SGD step in the same run.
 
+--cold times every step after copying 64 MiB (blocks of one step): the caches then hold none of
+the step's Python objects or tensor metadata, as after a forward and backward pass that stream
+more than the caches hold; each tensor a call touches first then costs a few misses to memory.
+
     python benchmarks/host_cost.py                       # CPU: cpp (if built), foreach, triton (GPU)
+    python benchmarks/host_cost.py --sizes 62 --cold     # cold caches, ResNet-18's tensor count
     python benchmarks/host_cost.py --device cuda         # on a GPU: host time, device synchronised per block
 """
 
@@ -55,9 +60,15 @@ def _variants(n, device, names):
     return out
 
 
-def run(device, sizes, repeats, block, names):
+EVICT_BYTES = 64 << 20  # twice the last-level cache of the CPUs measured here
+
+
+def run(device, sizes, repeats, block, names, cold=False):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows, data = [], {}
+    if cold:
+        block = 1
+        src, dst = torch.empty(EVICT_BYTES, dtype=torch.uint8), torch.empty(EVICT_BYTES, dtype=torch.uint8)
     for n in sizes:
         variants = _variants(n, device, names)
         for fn in variants.values():  # warm-up: state, caches, JIT
@@ -67,6 +78,8 @@ def run(device, sizes, repeats, block, names):
         times = {k: [] for k in variants}
         for _ in range(repeats):
             for k, fn in variants.items():
+                if cold:
+                    dst.copy_(src)
                 t0 = time.perf_counter()
                 for _ in range(block):
                     fn()
@@ -88,6 +101,7 @@ def main():
     ap.add_argument("--block", type=int, default=20, help="steps per variant per round")
     ap.add_argument("--backends", default=None, help="comma list (default: every backend that runs here)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cold", action="store_true", help="every step after a 64 MiB copy (caches cold; blocks of 1)")
     ap.add_argument("--out-dir", default=_common.RESULTS_DIR)
     ap.add_argument("--tag", default=None)
     a = ap.parse_args()
@@ -99,19 +113,20 @@ def main():
         else [b for b in backends.available(device, build=True) if not (b == "triton" and device.type == "cpu")]
     )
     info = _common.machine_info(device)
-    rows, data = run(device, [int(s) for s in a.sizes.split(",")], a.repeats, a.block, names)
+    rows, data = run(device, [int(s) for s in a.sizes.split(",")], a.repeats, a.block, names, a.cold)
+    block = 1 if a.cold else a.block
     md = [
         "# Host cost of a SAM step (first_step + second_step) vs one torch SGD step",
         "",
         _common.machine_line(info),
         "",
         f"SGD momentum 0.9, wd 5e-4, one-element tensors, {a.threads} thread(s); {a.repeats} interleaved "
-        f"rounds of {a.block} steps; ms per step (median, p20, p80); ratio = median / torch fused SGD's "
-        "median in the same run.",
+        f"rounds of {block} steps{', each after a 64 MiB copy (cold caches)' if a.cold else ''}; ms per step "
+        "(median, p20, p80); ratio = median / torch fused SGD's median in the same run.",
         "",
         _common.markdown_table(["tensors", "variant", "median ms", "p20", "p80", "ratio"], rows),
     ]
-    tag = a.tag or _common.device_tag(device)
+    tag = a.tag or _common.device_tag(device) + ("_cold" if a.cold else "")
     paths = _common.write_results(a.out_dir, f"host_cost_{tag}", {"machine": info, "results": data}, "\n".join(md))
     print("\n".join(md))
     print("wrote", *paths)

@@ -142,3 +142,42 @@ def test_cifar10_loader_and_augmentation(tmp_path, fake_cifar10):
     padded = torch.nn.functional.pad(data.train_x[0], (4, 4, 4, 4))
     windows = [padded[:, i : i + 32, j : j + 32] for i in range(9) for j in range(9)]
     assert any(torch.equal(out[0], w) or torch.equal(out[0], w.flip(2)) for w in windows)
+
+
+def _avx2_and_cc():
+    import shutil
+
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and bool(
+        shutil.which("gcc") or shutil.which("cc")
+    )
+
+
+@pytest.mark.skipif(not _avx2_and_cc(), reason="the skeleton's loops need AVX2 and a C compiler")
+def test_step_skeleton_tiny(tmp_path):
+    """The bf16 step's skeleton builds and runs (tiny shapes: the loops' scalar tails), and every
+    row has a finite time and, but for the mark itself, a finite share of its bytes/s."""
+    _run("step_skeleton.py", "--param-set", "tiny", "--repeats", 2, "--out-dir", tmp_path, timeout=600)
+    data = json.loads((tmp_path / "step_skeleton_cpu_tiny.json").read_text())
+    rows = data["rows"]
+    assert list(rows)[:3] == ["skeleton: moves only", "skeleton: math, truncating", "skeleton: math, rounding"]
+    assert list(rows)[-1] == "torch fused fp32 SGD"
+    for name, r in rows.items():
+        assert math.isfinite(r["ms"]) and r["ms"] > 0, name
+        share = r["share_of_fused_fp32_bytes_per_s"]
+        assert (share is None) == (name == "torch fused fp32 SGD"), name
+        assert share is None or (math.isfinite(share) and share > 0), name
+    header, table = _table((tmp_path / "step_skeleton_cpu_tiny.md").read_text())
+    assert header[0] == "row" and [r[0] for r in table] == list(rows)
+
+
+def test_host_cost_cold(tmp_path):
+    """--cold: every step after the eviction copy, in blocks of one; its own result files."""
+    _run("host_cost.py", "--sizes", 3, "--repeats", 2, "--cold", "--backends", "foreach", "--out-dir", tmp_path)
+    md = (tmp_path / "host_cost_cpu_cold.md").read_text()
+    assert "each after a 64 MiB copy (cold caches)" in md
+    data = json.loads((tmp_path / "host_cost_cpu_cold.json").read_text())
+    assert {"3/torch SGD fused=True (1 step)", "3/FusedSAM foreach (first+second)"} <= set(data["results"])
+    for r in data["results"].values():
+        assert math.isfinite(r["median_s"]) and r["median_s"] > 0 and r["n"] == 2
