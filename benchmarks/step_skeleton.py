@@ -41,6 +41,8 @@ from fastsam import FusedSAM, backends
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVICT_BYTES = 64 << 20
 MOMENTUM, LR, RHO = 0.9, 0.1, 0.05
+# restore_sgd_step's arguments for the benchmark's plain SGD with momentum
+SGD_ARGS = dict(lr=LR, momentum=MOMENTUM, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False, first=False)
 
 
 def build(out_dir: str) -> ctypes.CDLL:
@@ -80,21 +82,7 @@ def measure(lib: ctypes.CDLL, set_name: str, repeats: int) -> dict:
             cpp.grad_sq_norm(g)
             cpp.perturb(w, g, c, scalars, 1.0, False)
             cpp.grad_sq_norm(g)
-            cpp.restore_sgd_step(
-                w,
-                g,
-                c,
-                b,
-                lr=LR,
-                momentum=MOMENTUM,
-                dampening=0.0,
-                nesterov=False,
-                weight_decay=0.0,
-                maximize=False,
-                first=False,
-                grad_scale=None,
-                skip=zero,
-            )
+            cpp.restore_sgd_step(w, g, c, b, **SGD_ARGS, grad_scale=None, skip=zero)
 
         fns["cpp ops"] = ops
         params = [torch.nn.Parameter(t) for t in lists()[0]]
