@@ -379,10 +379,10 @@ struct Loops {
         std::memcpy(ls[q], lanes[idx[q]], sizeof(ls[q]));
       }
       switch (a) {
-        case 1: add_lanes_bf16<1, kAdaptive>(gs, ws, 0, common, ls); break;
-        case 2: add_lanes_bf16<2, kAdaptive>(gs, ws, 0, common, ls); break;
-        case 3: add_lanes_bf16<3, kAdaptive>(gs, ws, 0, common, ls); break;
-        default: add_lanes_bf16<4, kAdaptive>(gs, ws, 0, common, ls); break;
+        case 1: add_lanes_bf16<1, kAdaptive>(gs, ws, common, ls); break;
+        case 2: add_lanes_bf16<2, kAdaptive>(gs, ws, common, ls); break;
+        case 3: add_lanes_bf16<3, kAdaptive>(gs, ws, common, ls); break;
+        default: add_lanes_bf16<4, kAdaptive>(gs, ws, common, ls); break;
       }
       for (int q = 0; q < a; ++q) {
         std::memcpy(lanes[idx[q]], ls[q], sizeof(ls[q]));
@@ -395,15 +395,14 @@ struct Loops {
                                                  full[i] - pos[i], lanes[i]);
   }
 
-  // add_lanes of bf16 (the float pass) for chunks g[0, K) at once, elements [j, j + m) of each,
+  // add_lanes of bf16 (the float pass) for chunks g[0, K) at once, elements [0, m) of each,
   // m a multiple of kLanes = 16, on registers of 8 floats (AVX-512 too).  A 32-byte load holds one
   // element of each lane as words of two: `x << 16` is lanes 0, 2, .., 14 as floats and
   // `x & 0xFFFF0000` lanes 1, 3, .., 15, and each lane adds its terms in add_lanes' order (the
   // same bits).  g++ widens each element with shuffles that queue on two ports, and the chunks'
   // chains of additions overlap only where they run together.
   template <int K, bool kAdaptive>
-  static void add_lanes_bf16(const uint16_t* const* g, const uint16_t* const* w, int64_t j, int64_t m,
-                             float (*lanes)[kLanes]) {
+  static void add_lanes_bf16(const uint16_t* const* g, const uint16_t* const* w, int64_t m, float (*lanes)[kLanes]) {
     static_assert(kLanes == 16, "one 32-byte load per turn of the lanes");
     typedef float F8 __attribute__((vector_size(32)));
     typedef uint32_t U8 __attribute__((vector_size(32)));
@@ -414,7 +413,7 @@ struct Loops {
         odd[i][l] = lanes[i][2 * l + 1];
       }
     }
-    for (int64_t t = j; t < j + m; t += kLanes) {
+    for (int64_t t = 0; t < m; t += kLanes) {
       for (int i = 0; i < K; ++i) {
         U8 x;
         std::memcpy(&x, g[i] + t, sizeof(x));
