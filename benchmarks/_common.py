@@ -141,6 +141,17 @@ PARAM_SETS = {"resnet18_cifar": resnet18_cifar_shapes, "resnet50": resnet50_shap
 
 
 # ----------------------------------------------------------------------------- timing
+EVICT_BYTES = 64 << 20  # twice the last-level cache of the CPUs measured here
+
+
+def cache_evictor() -> Callable[[], None]:
+    """A call that copies EVICT_BYTES on the CPU, so that what runs next finds none of its data,
+    Python objects or tensor metadata in cache: as after a forward and backward pass that stream
+    more than the caches hold."""
+    src, dst = torch.empty(EVICT_BYTES, dtype=torch.uint8), torch.empty(EVICT_BYTES, dtype=torch.uint8)
+    return lambda: dst.copy_(src)
+
+
 class StepTimer:
     """Times a sequence of steps. On CUDA each step is bracketed by events and read after one
     synchronize at the end of the block (no per-step host sync); on the CPU, perf_counter."""

@@ -60,15 +60,11 @@ def _variants(n, device, names):
     return out
 
 
-EVICT_BYTES = 64 << 20  # twice the last-level cache of the CPUs measured here
-
-
 def run(device, sizes, repeats, block, names, cold=False):
+    """``cold``: every block (of one step, then) follows ``_common.cache_evictor``'s copy."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows, data = [], {}
-    if cold:
-        block = 1
-        src, dst = torch.empty(EVICT_BYTES, dtype=torch.uint8), torch.empty(EVICT_BYTES, dtype=torch.uint8)
+    evict = _common.cache_evictor() if cold else None
     for n in sizes:
         variants = _variants(n, device, names)
         for fn in variants.values():  # warm-up: state, caches, JIT
@@ -78,8 +74,8 @@ def run(device, sizes, repeats, block, names, cold=False):
         times = {k: [] for k in variants}
         for _ in range(repeats):
             for k, fn in variants.items():
-                if cold:
-                    dst.copy_(src)
+                if evict is not None:
+                    evict()
                 t0 = time.perf_counter()
                 for _ in range(block):
                     fn()
@@ -113,8 +109,8 @@ def main():
         else [b for b in backends.available(device, build=True) if not (b == "triton" and device.type == "cpu")]
     )
     info = _common.machine_info(device)
-    rows, data = run(device, [int(s) for s in a.sizes.split(",")], a.repeats, a.block, names, a.cold)
     block = 1 if a.cold else a.block
+    rows, data = run(device, [int(s) for s in a.sizes.split(",")], a.repeats, block, names, a.cold)
     md = [
         "# Host cost of a SAM step (first_step + second_step) vs one torch SGD step",
         "",

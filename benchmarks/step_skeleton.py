@@ -39,7 +39,6 @@ import _common
 from fastsam import FusedSAM, backends
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EVICT_BYTES = 64 << 20
 MOMENTUM, LR, RHO = 0.9, 0.1, 0.05
 # restore_sgd_step's arguments for the benchmark's plain SGD with momentum
 SGD_ARGS = dict(lr=LR, momentum=MOMENTUM, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False, first=False)
@@ -95,7 +94,7 @@ def measure(lib: ctypes.CDLL, set_name: str, repeats: int) -> dict:
         p.grad = torch.randn_like(p)
     fns["torch fused fp32 SGD"] = torch.optim.SGD(fp32, lr=LR, momentum=MOMENTUM, fused=True).step
 
-    src, dst = torch.empty(EVICT_BYTES, dtype=torch.uint8), torch.empty(EVICT_BYTES, dtype=torch.uint8)
+    evict = _common.cache_evictor()
     for f in fns.values():
         f()
         f()
@@ -103,7 +102,7 @@ def measure(lib: ctypes.CDLL, set_name: str, repeats: int) -> dict:
     times = {k: [] for k in names}
     for r in range(repeats):
         for k in names[r % len(names) :] + names[: r % len(names)]:
-            dst.copy_(src)
+            evict()
             t0 = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t0)
