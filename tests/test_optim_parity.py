@@ -119,8 +119,17 @@ def _sync_state(ref, opt):
         }
 
 
+DIVERGED = 1e6  # the loss past which a float64 trajectory is no longer compared (it starts near 1)
+
+
 def _assert_float64_trajectories_agree(model, ref_model, opt, ref, steps, seed):
-    """Both optimizers step side by side on the same data; every parameter within 1e-9 relative."""
+    """Both optimizers step side by side on the same data; every parameter within 1e-9 relative.
+
+    A trajectory that diverges (a rare seed of the ``maximize`` cases, an ascent) is compared
+    only until its loss passes DIVERGED: the loss then grows by orders of magnitude a step,
+    until the reference's float64 squared norm overflows and the reference skips the step,
+    while FusedSAM's scaled norm stays finite and FusedSAM steps (issue 24: a finite gradient
+    is never skipped), so the two part by design.  At least half the steps are always compared."""
     x, y = _data(torch.float64)
     for step in range(steps):
         _sam_step(opt, model, x, y)
@@ -128,6 +137,11 @@ def _assert_float64_trajectories_agree(model, ref_model, opt, ref, steps, seed):
         for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
             err = _rel_err(p, p_ref)
             assert err <= 1e-9, f"seed {seed} step {step} {name}: rel err {err:.3g}"
+        with torch.no_grad():
+            diverged = not _loss(ref_model, x, y).item() <= DIVERGED
+        if diverged:
+            assert step + 1 >= steps // 2, f"seed {seed}: diverged after {step + 1} of {steps} steps"
+            break
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
