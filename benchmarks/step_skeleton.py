@@ -9,7 +9,9 @@ round-robin in one process, one thread, bf16 parameters at ResNet-18 (or --param
   skeleton: math, truncating the step's float math, bf16 by truncation
   skeleton: math, rounding   the step's float math, rounding to nearest even (c10's, less the
                              NaN select): the cpp backend's semantics in loops with no host around them
-  cpp ops                    the cpp backend's four ops called directly (norm, perturb, norm, restore + SGD)
+  cpp ops, four              the cpp backend's four ops called directly (norm, perturb, norm, restore + SGD)
+  cpp ops, two               its two passes with their norms (norm_perturb, norm_restore_sgd_step), the
+                             ops FusedSAM's one-bucket step calls
   FusedSAM                   FusedSAM's first_step + second_step (backend cpp)
   torch fused fp32 SGD       torch.optim.SGD(fused=True).step on the same shapes in fp32: the mark
 
@@ -83,7 +85,15 @@ def measure(lib: ctypes.CDLL, set_name: str, repeats: int) -> dict:
             cpp.grad_sq_norm(g)
             cpp.restore_sgd_step(w, g, c, b, **SGD_ARGS, grad_scale=None, skip=zero)
 
-        fns["cpp ops"] = ops
+        fns["cpp ops, four"] = ops
+        w2, g2, c2, b2 = lists()
+        out, prev = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+
+        def two_ops():
+            cpp.norm_perturb(w2, g2, c2, out, RHO, False, eps=1e-12)
+            cpp.norm_restore_sgd_step(w2, g2, c2, b2, out, prev, **SGD_ARGS)
+
+        fns["cpp ops, two"] = two_ops
         params = [torch.nn.Parameter(t) for t in lists()[0]]
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)

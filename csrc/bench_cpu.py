@@ -44,7 +44,11 @@ def main(argv=None):
     n = sum(t.numel() for t in p)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     scalars, zero = torch.tensor([0.0, 1e-3], dtype=acc), torch.tensor(0.0, dtype=acc)
+    out = torch.zeros(2, dtype=torch.float64)
+    sgd_args = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False, first=False)
     ops = {
+        "norm + perturb": (5, lambda: cpp.norm_perturb(p, g, c, out, 1e-3, False, eps=1e-12)),
+        "norm + restore + SGD": (6, lambda: cpp.norm_restore_sgd_step(p, g, c, b, out, None, **sgd_args)),
         "grad norm": (1, lambda: cpp.grad_sq_norm(g)),
         "perturb": (4, lambda: cpp.perturb(p, g, c, scalars, 1.0, False)),
         "restore + SGD": (5, lambda: cpp.restore_sgd_step(

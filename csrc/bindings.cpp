@@ -47,6 +47,19 @@ void restore_adam_step_meta(at::TensorList params, at::TensorList grads, at::Ten
   check_restore_adam_step(params, grads, copies, exp_avgs, exp_avg_sqs, steps, grad_scale, skip);
 }
 
+void norm_perturb_meta(at::TensorList params, at::TensorList grads, at::TensorList copies, const at::Tensor& scalars,
+                       double /*rho*/, double /*eps*/, bool /*adaptive*/) {
+  check_norm_perturb(params, grads, copies, scalars);
+}
+
+void norm_restore_sgd_step_meta(at::TensorList params, at::TensorList grads, at::TensorList copies,
+                                at::TensorList momentum_buffers, const at::Tensor& scalars,
+                                const std::optional<at::Tensor>& prev, double /*lr*/, double momentum,
+                                double /*dampening*/, bool /*nesterov*/, double /*weight_decay*/, bool /*maximize*/,
+                                bool /*first*/) {
+  check_norm_restore_sgd_step(params, grads, copies, momentum_buffers, scalars, prev, momentum);
+}
+
 at::Tensor dot_sq_norms_meta(at::TensorList xs, at::TensorList ys, const std::optional<at::Tensor>& accumulate) {
   check_dot_sq_norms(xs, ys, accumulate);
   if (xs.empty()) return at::empty({3}, at::TensorOptions().dtype(at::kDouble).device(at::kMeta));
@@ -73,6 +86,12 @@ TORCH_LIBRARY_FRAGMENT(fastsam, m) {
   m.def("restore_adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] copies, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, "
         "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor skip) -> ()");
+  // A pass with its norm (CPU kernels only: the cuda backend composes them from the ops above).
+  m.def("norm_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] copies, Tensor(c!) scalars, float rho, "
+        "float eps, bool adaptive) -> ()");
+  m.def("norm_restore_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] copies, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!) scalars, Tensor? prev, float lr, float momentum, float dampening, bool nesterov, "
+        "float weight_decay, bool maximize, bool first) -> ()");
   // The variants' ops.  axpby writes `out`, or `xs` in place when `out` is empty.
   m.def("dot_sq_norms(Tensor[] xs, Tensor[] ys, Tensor? accumulate) -> Tensor");
   m.def("axpby(Tensor(a!)[] xs, Tensor[] ys, Tensor coefs, Tensor(b!)[] out) -> ()");
@@ -85,5 +104,7 @@ TORCH_LIBRARY_IMPL(fastsam, Meta, m) {
   m.impl("perturb", &fastsam::perturb_meta);
   m.impl("restore", &fastsam::restore_meta);
   m.impl("restore_sgd_step", &fastsam::restore_sgd_step_meta);
+  m.impl("norm_perturb", &fastsam::norm_perturb_meta);
+  m.impl("norm_restore_sgd_step", &fastsam::norm_restore_sgd_step_meta);
   m.impl("restore_adam_step", &fastsam::restore_adam_step_meta);
 }

@@ -121,18 +121,60 @@ inline void check_restore(at::TensorList params, at::TensorList copies) {
   check_list("restore", "copies", copies, params, false);
 }
 
-inline void check_restore_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList copies,
-                                   at::TensorList momentum_buffers, double momentum,
-                                   const std::optional<at::Tensor>& grad_scale, const at::Tensor& skip) {
-  const char* op = "restore_sgd_step";
+inline void check_sgd_lists(const char* op, at::TensorList params, at::TensorList grads, at::TensorList copies,
+                            at::TensorList momentum_buffers, double momentum) {
   check_dtype(op, params);
   check_list(op, "params", params, params, false);
   check_list(op, "grads", grads, params, false);
   check_list(op, "copies", copies, params, true);
   check_list(op, "momentum_buffers", momentum_buffers, params, momentum == 0);
+}
+
+inline void check_restore_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList copies,
+                                   at::TensorList momentum_buffers, double momentum,
+                                   const std::optional<at::Tensor>& grad_scale, const at::Tensor& skip) {
+  const char* op = "restore_sgd_step";
+  check_sgd_lists(op, params, grads, copies, momentum_buffers, momentum);
   if (params.empty()) return;
   check_optional_scalar(op, "grad_scale", grad_scale, params[0]);
   check_scalar(op, "skip", skip, params[0]);
+}
+
+// A pass's scalars [skip, factor, ...] (fastsam/backends/_common.py): 1-D, on the lists' device
+// (`ref`, when the lists are not empty); float64 where the op writes them (`written`), float32
+// or float64 where it only reads them.
+inline void check_pass_scalars(const char* op, const char* name, const at::Tensor& s, at::TensorList ref,
+                               bool written) {
+  const bool dtype_ok = s.scalar_type() == at::kDouble || (!written && s.scalar_type() == at::kFloat);
+  TORCH_CHECK_VALUE(s.dim() == 1 && s.numel() >= 2 && dtype_ok, "fastsam::", op, ": '", name,
+                    "' must be a pass's scalars, a 1-D ", written ? "float64" : "float32/float64",
+                    " tensor of at least 2 elements, got shape ", s.sizes(), " and dtype ", s.scalar_type());
+  if (!ref.empty()) {
+    TORCH_CHECK_VALUE(s.device() == ref[0].device(), "fastsam::", op, ": '", name, "' is on ", s.device(),
+                      " but the parameters are on ", ref[0].device(),
+                      " (device-side scalars live on the parameters' device)");
+  }
+}
+
+// The two passes of a step, each with its norm (fastsam/backends/__init__.py: norm_perturb and
+// norm_restore_sgd_step).
+inline void check_norm_perturb(at::TensorList params, at::TensorList grads, at::TensorList copies,
+                               const at::Tensor& scalars) {
+  const char* op = "norm_perturb";
+  check_dtype(op, params);
+  check_list(op, "params", params, params, false);
+  check_list(op, "grads", grads, params, false);
+  check_list(op, "copies", copies, params, false);
+  check_pass_scalars(op, "scalars", scalars, params, true);
+}
+
+inline void check_norm_restore_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList copies,
+                                        at::TensorList momentum_buffers, const at::Tensor& scalars,
+                                        const std::optional<at::Tensor>& prev, double momentum) {
+  const char* op = "norm_restore_sgd_step";
+  check_sgd_lists(op, params, grads, copies, momentum_buffers, momentum);
+  check_pass_scalars(op, "scalars", scalars, params, true);
+  if (prev.has_value()) check_pass_scalars(op, "prev", *prev, params, false);
 }
 
 inline void check_restore_adam_step(at::TensorList params, at::TensorList grads, at::TensorList copies,

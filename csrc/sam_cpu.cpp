@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -233,12 +234,12 @@ double host_value(const at::Tensor& t) {
 bool host_flag(const at::Tensor& skip) { return host_value(skip) != 0; }
 
 // ---------------------------------------------------------------- grad norm
-at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params) {
-  check_grad_sq_norm(grads, params);
-  if (grads.empty()) return at::zeros({}, at::kDouble);
+// The squared norm of checked lists, summed on the host.
+double sq_norm(at::TensorList grads, at::TensorList params) {
+  if (grads.empty()) return 0.0;
   const bool adaptive = !params.empty();
   const Work work(grads);
-  at::Tensor out;
+  double total = 0;
   with_storage(grads[0].scalar_type(), "grad_sq_norm", [&](auto s) {
     using S = decltype(s);
     using raw = typename S::raw;
@@ -268,11 +269,14 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params) {
         }
       });
     });
-    double total = 0;
     for (double p : partial) total += p;
-    out = at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
   });
-  return out;
+  return total;
+}
+
+at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params) {
+  check_grad_sq_norm(grads, params);
+  return at::scalar_tensor(sq_norm(grads, params), at::TensorOptions().dtype(at::kDouble));
 }
 
 // ---------------------------------------------------------------- perturb / restore
@@ -291,11 +295,11 @@ void copy_lists(at::TensorList dst, at::TensorList src) {
   });
 }
 
-void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList copies, const at::Tensor& scale,
-                 const at::Tensor& skip, bool adaptive) {
-  check_perturb(params, grads, copies, scale, skip);
+// perturb of checked lists with a host scale and skip flag.
+void perturb_lists(at::TensorList params, at::TensorList grads, at::TensorList copies, double scale_value,
+                   bool skip, bool adaptive) {
   if (params.empty()) return;
-  if (host_flag(skip)) {
+  if (skip) {
     copy_lists(copies, params);
     return;
   }
@@ -305,7 +309,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList cop
     using S = decltype(s);
     using raw = typename S::raw;
     using acc = typename S::acc;
-    const Scale<acc> sc = split_scale<acc>(host_value(scale));  // a double scale in acc math (sam_math.h)
+    const Scale<acc> sc = split_scale<acc>(scale_value);  // a double scale in acc math (sam_math.h)
     with_loops([&](auto loops) {
       using L = decltype(loops);
       work.for_each(
@@ -325,21 +329,25 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList cop
   });
 }
 
+void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList copies, const at::Tensor& scale,
+                 const at::Tensor& skip, bool adaptive) {
+  check_perturb(params, grads, copies, scale, skip);
+  if (params.empty()) return;
+  perturb_lists(params, grads, copies, host_value(scale), host_flag(skip), adaptive);
+}
+
 void restore_cpu(at::TensorList params, at::TensorList copies) {
   check_restore(params, copies);
   copy_lists(params, copies);
 }
 
 // ---------------------------------------------------------------- restore + SGD
-void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList copies,
-                          at::TensorList momentum_buffers, double lr, double momentum, double dampening,
-                          bool nesterov, double weight_decay, bool maximize, bool first,
-                          const std::optional<at::Tensor>& grad_scale, const at::Tensor& skip) {
-  check_restore_sgd_step(params, grads, copies, momentum_buffers, momentum, grad_scale, skip);
-  check_copies_distinct("restore_sgd_step", copies, params);
-  if (params.empty()) return;
+// restore + SGD of checked lists with a host gradient scale and skip flag.
+void restore_sgd_lists(at::TensorList params, at::TensorList grads, at::TensorList copies,
+                       at::TensorList momentum_buffers, double lr, double momentum, double dampening, bool nesterov,
+                       double weight_decay, bool maximize, bool first, double grad_scale, bool skip) {
   const bool restore = !copies.empty();
-  if (host_flag(skip)) {
+  if (skip) {
     if (restore) copy_lists(params, copies);
     return;
   }
@@ -353,8 +361,7 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     using raw = typename S::raw;
     using acc = typename S::acc;
     const auto a = make_sgd_args<acc>(lr, momentum, dampening, weight_decay, nesterov, first);
-    const Scale<acc> gs =
-        signed_grad_scale(split_scale<acc>(grad_scale.has_value() ? host_value(*grad_scale) : 1.0), maximize);
+    const Scale<acc> gs = signed_grad_scale(split_scale<acc>(grad_scale), maximize);
     with_loops([&](auto loops) {
       using L = decltype(loops);
       work.for_each(
@@ -373,6 +380,63 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
           stream);
     });
   });
+}
+
+void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList copies,
+                          at::TensorList momentum_buffers, double lr, double momentum, double dampening,
+                          bool nesterov, double weight_decay, bool maximize, bool first,
+                          const std::optional<at::Tensor>& grad_scale, const at::Tensor& skip) {
+  check_restore_sgd_step(params, grads, copies, momentum_buffers, momentum, grad_scale, skip);
+  check_copies_distinct("restore_sgd_step", copies, params);
+  if (params.empty()) return;
+  restore_sgd_lists(params, grads, copies, momentum_buffers, lr, momentum, dampening, nesterov, weight_decay,
+                    maximize, first, grad_scale.has_value() ? host_value(*grad_scale) : 1.0, host_flag(skip));
+}
+
+// ---------------------------------------------------------------- a pass with its norm
+// The pass's scalars are computed on the host with the float64 operations, in the order, of
+// fastsam/backends/_common.py (_host_scalars), so that a pass with its norm gives the bits of the
+// norm, the epilogue and the pass called one after the other.
+constexpr int kSkip = 0;
+constexpr int kFactor = 1;
+
+double host_at(const at::Tensor& t, int64_t i) {
+  const int64_t k = i * t.stride(0);
+  return t.scalar_type() == at::kDouble ? static_cast<const double*>(t.data_ptr())[k]
+                                        : double(static_cast<const float*>(t.data_ptr())[k]);
+}
+
+void write_scalars(const at::Tensor& scalars, double skip, double factor) {
+  double* o = static_cast<double*>(scalars.data_ptr());
+  o[kSkip * scalars.stride(0)] = skip;
+  o[kFactor * scalars.stride(0)] = factor;
+}
+
+void norm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList copies, const at::Tensor& scalars,
+                      double rho, double eps, bool adaptive) {
+  check_norm_perturb(params, grads, copies, scalars);
+  const double sq = sq_norm(grads, adaptive ? params : at::TensorList());
+  const bool bad = !std::isfinite(sq);
+  const double factor = bad ? std::nan("") : 1.0 / (std::sqrt(sq) + eps);
+  write_scalars(scalars, bad ? 1.0 : 0.0, factor);
+  perturb_lists(params, grads, copies, factor * rho, bad, adaptive);
+}
+
+void norm_restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList copies,
+                               at::TensorList momentum_buffers, const at::Tensor& scalars,
+                               const std::optional<at::Tensor>& prev, double lr, double momentum, double dampening,
+                               bool nesterov, double weight_decay, bool maximize, bool first) {
+  check_norm_restore_sgd_step(params, grads, copies, momentum_buffers, scalars, prev, momentum);
+  check_copies_distinct("norm_restore_sgd_step", copies, params);
+  double skip = std::isfinite(sq_norm(grads, at::TensorList())) ? 0.0 : 1.0;
+  if (prev.has_value()) {
+    const double before = host_at(*prev, kSkip);
+    skip = skip > before ? skip : before;  // Python's max(before, skip)
+  }
+  write_scalars(scalars, skip, 1.0);
+  if (params.empty()) return;
+  restore_sgd_lists(params, grads, copies, momentum_buffers, lr, momentum, dampening, nesterov, weight_decay,
+                    maximize, first, 1.0, skip != 0);
 }
 
 // ---------------------------------------------------------------- restore + Adam
@@ -522,5 +586,7 @@ TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
   m.impl("perturb", &fastsam::perturb_cpu);
   m.impl("restore", &fastsam::restore_cpu);
   m.impl("restore_sgd_step", &fastsam::restore_sgd_step_cpu);
+  m.impl("norm_perturb", &fastsam::norm_perturb_cpu);
+  m.impl("norm_restore_sgd_step", &fastsam::norm_restore_sgd_step_cpu);
   m.impl("restore_adam_step", &fastsam::restore_adam_step_cpu);
 }

@@ -776,3 +776,95 @@ def test_variant_ops_as_torch_operators(seed):
             torch.ops.fastsam.axpby(xs, ys, torch.tensor([1.0, 2.0]), [])
         # (no opcheck: its dynamic-shape pass fails in the csrc checks' numel(), as for the other
         # fastsam:: operators, which are traced with static shapes)
+
+
+# ------------------------------------------------------------------ a pass with its norm
+def _same_scalars(a, b):
+    assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf])
+def test_norm_perturb_is_the_norm_then_the_perturbation(be, seed, dtype, adaptive, bad):
+    """The first pass in one call gives the bits of ``grad_sq_norm`` with its epilogue, then
+    ``perturb``: the parameters, the copies and the scalars."""
+    _need(be, dtype)
+    shapes = _shapes()
+    p, g = _like(shapes, dtype), _like(shapes, dtype)
+    if bad is not None:
+        g[3][int(torch.randint(0, 65537, ()))] = bad
+    p_ref, c, c_ref = _clone(p), [torch.full_like(t, 7.0) for t in p], [torch.full_like(t, 7.0) for t in p]
+    out, out_ref = torch.full((2,), 5.0, dtype=torch.float64), torch.full((2,), 5.0, dtype=torch.float64)
+    rho, eps = 0.05, 1e-12
+    be.grad_sq_norm(g, p_ref if adaptive else None, epilogue=Epilogue(out_ref, "perturb", eps))
+    be.perturb(p_ref, g, c_ref, out_ref, rho, adaptive)
+    p0 = _clone(p)
+    be.norm_perturb(p, g, c, out, rho, adaptive, eps=eps)
+    _same_scalars(out, out_ref)
+    _assert_bitwise(p, p_ref)
+    _assert_bitwise(c, p0)
+    assert float(out[SKIP]) == (0.0 if bad is None else 1.0)
+    if bad is not None:
+        _assert_bitwise(p, p0)  # skipped: copied, not moved
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SGD_CASES, ids=lambda c: "m{}_d{}_n{}_wd{}_max{}_first{}".format(*c))
+@pytest.mark.parametrize(
+    "restore_from,prev_skip", [("copies", None), ("copies", 0.0), ("copies", 1.0), ("nothing", None)]
+)
+def test_norm_restore_sgd_step_is_the_norm_then_the_step(be, seed, dtype, case, prev_skip, restore_from):
+    """The second pass in one call gives the bits of ``grad_sq_norm`` with its epilogue (the first
+    pass's skip flag carried over), then ``restore_sgd_step`` unclipped."""
+    _need(be, dtype)
+    momentum, dampening, nesterov, wd, maximize, first = case
+    kw = dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd)
+    kw.update(maximize=maximize, first=first)
+    shapes = _shapes()
+    p, g, c = _like(shapes, dtype), _like(shapes, dtype), _like(shapes, dtype)
+    copies = c if restore_from == "copies" else []
+    bufs = _like(shapes, dtype) if momentum else []
+    p_ref, bufs_ref = _clone(p), _clone(bufs)
+    prev = None if prev_skip is None else torch.tensor([prev_skip, 0.25], dtype=torch.float64)
+    out, out_ref = torch.full((2,), 5.0, dtype=torch.float64), torch.full((2,), 5.0, dtype=torch.float64)
+    be.grad_sq_norm(g, epilogue=Epilogue(out_ref, "step", prev=prev))
+    be.restore_sgd_step(p_ref, g, copies, bufs_ref, grad_scale=None, skip=out_ref[SKIP], **kw)
+    be.norm_restore_sgd_step(p, g, copies, bufs, out, prev, **kw)
+    _same_scalars(out, out_ref)
+    _assert_bitwise(p, p_ref)
+    _assert_bitwise(bufs, bufs_ref)
+    assert float(out[SKIP]) == (prev_skip or 0.0) and float(out[FACTOR]) == 1.0
+    if prev_skip == 1.0 and copies:
+        _assert_bitwise(p, c)  # skipped: restored only
+
+
+@pytest.mark.parametrize("bad", [math.nan, -math.inf])
+def test_norm_restore_sgd_step_of_a_non_finite_gradient_restores_only(be, seed, bad):
+    shapes = _shapes()
+    p, g, c, bufs = (_like(shapes, torch.float32) for _ in range(4))
+    g[6][0] = bad
+    b0 = _clone(bufs)
+    out = torch.zeros(2, dtype=torch.float64)
+    prev = torch.tensor([0.0, 1.0], dtype=torch.float32)  # the ops also read float32 scalars
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False, first=False)
+    be.norm_restore_sgd_step(p, g, c, bufs, out, prev, **kw)
+    assert out.tolist() == [1.0, 1.0]
+    _assert_bitwise(p, c)
+    _assert_bitwise(bufs, b0)
+
+
+@pytest.mark.parametrize("scalars", [torch.zeros(2, dtype=torch.float32), torch.zeros(1, dtype=torch.float64)])
+def test_passes_with_their_norms_refuse_scalars_they_cannot_write(be, scalars):
+    """Clear errors, nothing written: the scalars must be 1-D float64 of at least two elements."""
+    shapes = [(7,), (1023,)]
+    p, g, c, bufs = (_like(shapes, torch.float32) for _ in range(4))
+    before = [_clone(x) for x in (p, c, bufs)] + [scalars.clone()]
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False, first=False)
+    with pytest.raises(ValueError, match="scalars"):
+        be.norm_perturb(p, g, c, scalars, 0.05, False, eps=1e-12)
+    with pytest.raises(ValueError, match="scalars"):
+        be.norm_restore_sgd_step(p, g, c, bufs, scalars, None, **kw)
+    for x, y in zip([p, c, bufs], before):
+        _assert_bitwise(x, y)
+    assert torch.equal(scalars, before[3])

@@ -17,7 +17,17 @@ from fastsam import GSAM, FriendlySAM, FusedSAM, LookSAM, MomentumSAM, backends
 
 from .conftest import CPU_BACKENDS
 
-OPS = ("grad_sq_norm", "perturb", "restore", "restore_sgd_step", "restore_adam_step", "dot_sq_norms", "axpby")
+OPS = (
+    "grad_sq_norm",
+    "perturb",
+    "restore",
+    "restore_sgd_step",
+    "restore_adam_step",
+    "norm_perturb",
+    "norm_restore_sgd_step",
+    "dot_sq_norms",
+    "axpby",
+)
 
 
 class Boom(Exception):
@@ -71,6 +81,9 @@ def _grads(params, t):
 
 KINDS = {
     "sgd": (FusedSAM, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3), {}),
+    # one param group of one dtype: one bucket, whose passes take their norms inside the writes
+    # (norm_perturb, norm_restore_sgd_step)
+    "sgd_one_bucket": (FusedSAM, torch.optim.SGD, dict(lr=0.1, momentum=0.9), dict(adaptive=True, rho=0.3)),
     "adamw_asam_clip": (FusedSAM, torch.optim.AdamW, dict(lr=1e-2), dict(adaptive=True, rho=0.5, max_grad_norm=1.0)),
     "rmsprop_generic": (FusedSAM, torch.optim.RMSprop, dict(lr=1e-2), dict(max_grad_norm=0.5)),
     "gsam": (GSAM, torch.optim.SGD, dict(lr=0.1, momentum=0.9), dict(alpha=0.3)),
@@ -88,8 +101,12 @@ def _make(kind, backend, warm=2):
     key = (kind, backend, warm)
     if key not in _WARM:
         cls, base, kw, sam_kw = KINDS[kind]
-        ps = _params()
-        opt = cls([{"params": ps[:2]}, {"params": ps[2:], "rho": 0.08}], base, backend=backend, **sam_kw, **kw)
+        if kind.endswith("one_bucket"):
+            ps = _params(torch.float32)
+            opt = cls(ps, base, backend=backend, **sam_kw, **kw)
+        else:
+            ps = _params()
+            opt = cls([{"params": ps[:2]}, {"params": ps[2:], "rho": 0.08}], base, backend=backend, **sam_kw, **kw)
         for t in range(warm):
             _two_step(opt, ps, t)
         _WARM[key] = (opt, ps)
@@ -198,7 +215,7 @@ def _set(ps, t):
 # The machinery is the core's; every backend runs it for the fused SGD/Adam steps, and the variants
 # (which add only calls of the same ops) on the fast CPU backends (the Triton interpreter is slow).
 COMBOS = [(k, b) for k in sorted(KINDS) for b in CPU_BACKENDS if b != "triton"] + [
-    (k, "triton") for k in ("sgd", "adamw_asam_clip") if "triton" in CPU_BACKENDS
+    (k, "triton") for k in ("sgd", "sgd_one_bucket", "adamw_asam_clip") if "triton" in CPU_BACKENDS
 ]
 
 
@@ -227,7 +244,9 @@ def test_second_step_is_all_or_nothing(kind, backend, monkeypatch):
     _every_failure(setup, lambda opt, ps: opt.second_step(), monkeypatch)
 
 
-@pytest.mark.parametrize("kind,backend", [c for c in COMBOS if c[0] in ("sgd", "looksam", "rmsprop_generic")])
+@pytest.mark.parametrize(
+    "kind,backend", [c for c in COMBOS if c[0] in ("sgd", "sgd_one_bucket", "looksam", "rmsprop_generic")]
+)
 def test_plain_step_is_all_or_nothing(kind, backend, monkeypatch):
     """A step while SAM is inactive (LookSAM: a reuse step of g_v)."""
 
@@ -241,7 +260,7 @@ def test_plain_step_is_all_or_nothing(kind, backend, monkeypatch):
     _every_failure(setup, lambda opt, ps: opt.step(lambda: None), monkeypatch)
 
 
-@pytest.mark.parametrize("kind,backend", [c for c in COMBOS if c[0] in ("sgd", "friendly", "gsam")])
+@pytest.mark.parametrize("kind,backend", [c for c in COMBOS if c[0] in ("sgd", "sgd_one_bucket", "friendly", "gsam")])
 def test_step_with_closure_is_all_or_nothing(kind, backend, monkeypatch):
     """Weights and state as before whatever fails; the gradients as before if the failure came before
     the step took them over (its first pass), else released (p.grad None)."""

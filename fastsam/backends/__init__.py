@@ -67,6 +67,22 @@ beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, skip)``
     0-d step counters (float32/64, on the bucket's device); they are
     incremented unless ``skip``.
 
+**A pass with its norm**: what FusedSAM's step calls where a pass covers one bucket and
+nothing needs the pass's scalars between the norm and the write (fastsam/core/engine.py:
+``_one_pass``).  Each gives the bits of the ops it stands for, called in turn; ``scalars`` is the
+pass's 1-D float64 scalars, written.  The cpp backend has each as one operator (one call, the
+epilogue on the host, the gradient list handed over once); the others compose their own ops
+(``_common.norm_perturb_of``, ``_common.norm_restore_sgd_step_of``).
+
+``norm_perturb(params, grads, copies, scalars, rho, adaptive, *, eps)``
+    ``grad_sq_norm(grads, params if adaptive else None, epilogue=Epilogue(scalars, "perturb",
+    eps))``, then ``perturb(params, grads, copies, scalars, rho, adaptive)``.
+``norm_restore_sgd_step(params, grads, copies, momentum_buffers, scalars, prev, *, lr, momentum,
+dampening, nesterov, weight_decay, maximize, first)``
+    ``grad_sq_norm(grads, epilogue=Epilogue(scalars, "step", prev=prev))`` (``prev``: the first
+    pass's scalars, or None), then ``restore_sgd_step(..., grad_scale=None,
+    skip=scalars[SKIP])``: the second pass, neither clipped nor unscaled.
+
 **The variants' ops** (LookSAM, GSAM, FriendlySAM: fastsam/variants/): the per-element
 math beyond SAM's, with coefficients that stay on the device.
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -214,3 +214,49 @@ def finish_norm(sq: torch.Tensor, accumulate: Optional[torch.Tensor], epilogue: 
     if epilogue is not None:
         sam_scalars(sq, epilogue)
     return sq
+
+
+# ---------------------------------------------------------------- a pass with its norm, composed
+def check_pass_scalars(op: str, scalars: torch.Tensor) -> None:
+    """The scalars a pass with its norm writes: 1-D float64, at least ``N_SCALARS`` elements (as the
+    compiled operators check them, csrc/sam_checks.h)."""
+    if not (
+        isinstance(scalars, torch.Tensor)
+        and scalars.dim() == 1
+        and scalars.numel() >= N_SCALARS
+        and scalars.dtype == torch.float64
+    ):
+        what = f"shape {tuple(scalars.shape)} and dtype {scalars.dtype}" if torch.is_tensor(scalars) else repr(scalars)
+        raise ValueError(
+            f"{op}: 'scalars' must be a pass's scalars, a 1-D float64 tensor of at least {N_SCALARS} elements, "
+            f"got {what}"
+        )
+
+
+def norm_perturb_of(grad_sq_norm: Callable[..., torch.Tensor], perturb: Callable[..., None]) -> Callable[..., None]:
+    """A backend's ``norm_perturb`` composed of its ``grad_sq_norm`` and ``perturb``: the first pass of
+    a step over one bucket (fastsam/backends/__init__.py)."""
+
+    def norm_perturb(params, grads, copies, scalars: torch.Tensor, rho: float, adaptive: bool, *, eps: float) -> None:
+        check_pass_scalars("norm_perturb", scalars)
+        grad_sq_norm(grads, params if adaptive else None, epilogue=Epilogue(scalars, "perturb", eps))
+        perturb(params, grads, copies, scalars, rho, adaptive)
+
+    return norm_perturb
+
+
+def norm_restore_sgd_step_of(
+    grad_sq_norm: Callable[..., torch.Tensor], restore_sgd_step: Callable[..., None]
+) -> Callable[..., None]:
+    """A backend's ``norm_restore_sgd_step`` composed of its ``grad_sq_norm`` and ``restore_sgd_step``:
+    the second pass of a step over one bucket, neither clipped nor unscaled
+    (fastsam/backends/__init__.py)."""
+
+    def norm_restore_sgd_step(
+        params, grads, copies, momentum_buffers, scalars: torch.Tensor, prev: Optional[torch.Tensor], **sgd: Any
+    ) -> None:
+        check_pass_scalars("norm_restore_sgd_step", scalars)
+        grad_sq_norm(grads, epilogue=Epilogue(scalars, "step", prev=prev))
+        restore_sgd_step(params, grads, copies, momentum_buffers, **sgd, grad_scale=None, skip=scalars[SKIP])
+
+    return norm_restore_sgd_step

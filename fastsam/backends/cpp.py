@@ -190,6 +190,48 @@ def restore_sgd_step(
 
 
 @_or_foreach
+def norm_perturb(
+    params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Tensor, rho: float, adaptive: bool, *, eps: float
+) -> None:
+    # One operator: the norm, the scalars and the perturbation without a return to Python between.
+    _fastsam_ops().norm_perturb.default(params, grads, copies, scalars, float(rho), float(eps), bool(adaptive))
+
+
+@_or_foreach
+def norm_restore_sgd_step(
+    params: Tensors,
+    grads: Tensors,
+    copies: Tensors,
+    momentum_buffers: Tensors,
+    scalars: torch.Tensor,
+    prev: Optional[torch.Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    first: bool,
+) -> None:
+    _fastsam_ops().norm_restore_sgd_step.default(
+        params,
+        grads,
+        copies,
+        momentum_buffers,
+        scalars,
+        prev,
+        float(lr),
+        float(momentum),
+        float(dampening),
+        bool(nesterov),
+        float(weight_decay),
+        bool(maximize),
+        bool(first),
+    )
+
+
+@_or_foreach
 def restore_adam_step(
     params: Tensors,
     grads: Tensors,

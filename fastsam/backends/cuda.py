@@ -13,9 +13,14 @@ from __future__ import annotations
 import torch
 
 from .. import _build
+from . import _common
 from .cpp import axpby, dot_sq_norms, grad_sq_norm, perturb, restore, restore_adam_step, restore_sgd_step, supports  # noqa: F401  - the same operators serve both devices
 
 NAME = "cuda"
+# The two passes with their norms: the CPU twin has them as operators of their own, the CUDA
+# kernels are these compositions of the operators above.
+norm_perturb = _common.norm_perturb_of(grad_sq_norm, perturb)
+norm_restore_sgd_step = _common.norm_restore_sgd_step_of(grad_sq_norm, restore_sgd_step)
 
 
 def is_available(device: torch.device, build: bool = True) -> tuple[bool, str]:

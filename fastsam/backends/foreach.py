@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
+from . import _common
 from ._common import (
     F32_TINY,
     FACTOR,
@@ -355,3 +356,8 @@ def axpby(xs: Tensors, ys: Tensors, coefs: torch.Tensor, *, out: Optional[Tensor
     new = torch._foreach_mul(xa, c[0])
     torch._foreach_add_(new, torch._foreach_mul(ya, c[1]))
     _masked_assign(out, new, c[2] != 0)
+
+
+# The two passes of a step with their norms, as the core calls them on one bucket.
+norm_perturb = _common.norm_perturb_of(grad_sq_norm, perturb)
+norm_restore_sgd_step = _common.norm_restore_sgd_step_of(grad_sq_norm, restore_sgd_step)

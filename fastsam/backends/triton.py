@@ -31,7 +31,7 @@ from typing import List, Optional
 
 import torch
 
-from . import foreach
+from . import _common, foreach
 from ._common import Epilogue, sam_scalars
 
 try:
@@ -560,3 +560,8 @@ if _kernels is not None:
         _restore_adam_step_lr_op,
     ):
         _op.register_fake(lambda *args, **kwargs: None)
+
+
+# The two passes of a step with their norms, as the core calls them on one bucket.
+norm_perturb = _common.norm_perturb_of(grad_sq_norm, perturb)
+norm_restore_sgd_step = _common.norm_restore_sgd_step_of(grad_sq_norm, restore_sgd_step)

@@ -17,6 +17,14 @@ An adapter is a module with
     pass's ``scalars`` (skip flag; clip coefficient used when ``clip``).  The
     core commits them, all or nothing.
 
+and optionally
+
+``prepare_with_norm(base, bucket, slices, scalars, prev, tx) -> bool``
+    the same for a one-bucket pass whose norm has not been taken: the write takes it
+    (the backend's ``norm_<step>`` op), writing ``scalars`` from it and ``prev`` (the first
+    pass's scalars, or None); no clipping.  Returns False, registering nothing, where it
+    cannot (the core then takes the norm first and calls ``prepare``).
+
 A new base optimizer is a new module here and one line in ``ADAPTERS``.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch.optim import Optimizer
@@ -80,3 +80,37 @@ def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: 
             d["momentum_buffer"] = torch.zeros_like(k, memory_format=torch.preserve_format)
             tx.on_undo(lambda d=d: d.pop("momentum_buffer", None))
         write(sub, bucket.view([state[k]["momentum_buffer"] for k in sub.keys]), True)
+
+
+def prepare_with_norm(
+    base: Optimizer, bucket, slices: List, scalars: torch.Tensor, prev: Optional[torch.Tensor], tx
+) -> bool:
+    """``prepare`` for a step whose second-pass norm has not been taken: register one write that
+    takes it, writes ``scalars`` (skip flag: non-finite or ``prev``'s; factor 1: no clipping) and
+    restores + updates (the backend's ``norm_restore_sgd_step``).  Only for a bucket in one slice
+    whose momentum buffers all exist (a fresh buffer's handling reads the skip flag first); returns
+    False, registering nothing, otherwise."""
+    if len(slices) != 1:
+        return False
+    s = slices[0]
+    g = bucket.group
+    bufs: List[torch.Tensor] = []
+    if g["momentum"] != 0:
+        found = [d.get("momentum_buffer") for d in bucket.states_of(base.state, s)]
+        if any(map(_is_none, found)):
+            return False
+        bufs = bucket.view(found)
+    call = bucket.backend.norm_restore_sgd_step
+    kw = dict(
+        lr=g["lr"],
+        momentum=g["momentum"],
+        dampening=g["dampening"],
+        nesterov=g["nesterov"],
+        weight_decay=g["weight_decay"],
+        maximize=g.get("maximize", False),
+        first=False,
+    )
+    tx.write(
+        lambda: call(s.params, s.grads, s.copies, bufs, scalars, prev, **kw), s.params + bufs, backend=bucket.backend
+    )
+    return True

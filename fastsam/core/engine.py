@@ -7,7 +7,8 @@ the base-update dispatch (fastsam/base_steps).  ``FusedSAM`` and ``MomentumSAM``
 torch surfaces over it; LookSAM, GSAM and FriendlySAM are ``Extension``s of its step.
 
 Every call that writes (``first_step``, ``second_step``, ``undo``) prepares first (checks,
-the plan, the norms: reads only) and then commits its writes through a
+the plan, the norms: reads only; a pass over one bucket leaves its norm to the write, which takes
+it before writing: ``_one_pass``) and then commits its writes through a
 ``Transaction`` (fastsam/core/txn.py), so whatever raises, the parameters, the
 gradients and the optimizer state are left as they were before the call.
 """
@@ -23,7 +24,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from .. import backends, base_steps
-from ..backends._common import SKIP
+from ..backends._common import SKIP, new_scalars
 from .buckets import (
     Bucket,
     Buckets,
@@ -34,6 +35,7 @@ from .buckets import (
     pass_info,
     pass_scalars,
     restore_slices,
+    scalars_on,
     to_device,
     tracked,
 )
@@ -345,6 +347,8 @@ class SAMCore:
         ``directions[i]``; ``rhos[i]`` replaces group i's rho times the schedule's multiplier.
         Returns the pass's scalars; each write is undone by restoring from the copy it makes."""
         settings = self.settings
+        if directions is None and rhos is None and weighted and self._one_pass(buckets):
+            return self._norm_perturb(buckets[0], tx)
         scalars = pass_scalars(
             buckets,
             "perturb",
@@ -377,6 +381,35 @@ class SAMCore:
             tx.write(run, b.params + copies, undo=undo)
         return scalars
 
+    def _one_pass(self, buckets: List[Bucket]) -> bool:
+        """Whether a pass can take its norm inside the op that writes (``norm_perturb``,
+        ``norm_restore_sgd_step``): one bucket of plain tensors (the norm is the bucket's alone), no
+        variant (whose hooks may read the pass's scalars before the commit) and no skip hook (which
+        reduces the flag between the norm and the write)."""
+        return (
+            len(buckets) == 1
+            and buckets[0].shard is None
+            and type(self.ext) is Extension
+            and self.settings.skip_reducer is None
+        )
+
+    def _norm_perturb(self, b: Bucket, tx: Transaction) -> Scalars:
+        """``perturb`` of one bucket, its norm and scalars computed by the write itself."""
+        scale = getattr(self.settings.schedule, "rho_scale", None)
+        rho = b.group["rho"] * (1.0 if scale is None else float(scale(self.optimizer())))
+        copies = copies_for(b, self.sam_state)
+        scalars = new_scalars(b.device)
+        adaptive, eps, params, grads = b.group["adaptive"], self.settings.perturb_eps, b.params, b.grads
+
+        def run() -> None:
+            b.backend.norm_perturb(params, grads, copies, scalars, rho, adaptive, eps=eps)
+
+        def undo() -> None:
+            b.backend.restore(params, copies)
+
+        tx.write(run, params + copies, undo=undo)
+        return {b.device: scalars}
+
     def prepare_update(self, pending: Optional[Perturbation], buckets: Buckets, tx: Transaction) -> Update:
         """The second half of a step, prepared: the restore slices (perturbed parameters without a
         second gradient are registered for a restore only), the pass's scalars (skip flag, clip
@@ -395,6 +428,10 @@ class SAMCore:
         if run.grad_scale is not None:
             inv_scale = run.grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
         max_norm = self.settings.max_grad_norm
+        if max_norm is None and inv_scale is None and run.scaler_found_inf is None and not lone:
+            fused = self._norm_update(pending, buckets, slices, tx)
+            if fused is not None:
+                return Update(buckets, slices, fused, False, registered=True)
         scalars = pass_scalars(
             buckets,
             "step",
@@ -406,9 +443,27 @@ class SAMCore:
         )
         return Update(buckets, slices, scalars, max_norm is not None or inv_scale is not None)
 
+    def _norm_update(
+        self, pending: Optional[Perturbation], buckets: Buckets, slices: Dict[int, list], tx: Transaction
+    ) -> Optional[Scalars]:
+        """The restore + base step of one bucket registered with its norm inside (the base step's
+        adapter has ``prepare_with_norm``); None where the pass takes the general route."""
+        if not self._one_pass(buckets):
+            return None
+        adapter = base_steps.for_optimizer(self.base)
+        with_norm = getattr(adapter, "prepare_with_norm", None)
+        if with_norm is None:
+            return None
+        b = buckets[0]
+        prev = None if pending is None or pending.scalars is None else scalars_on(pending.scalars, b.device)
+        scalars = new_scalars(b.device)
+        if not with_norm(self.base, b, slices[id(b)], scalars, prev, tx):
+            return None
+        return {b.device: scalars}
+
     def register_update(self, update: Update, tx: Transaction) -> None:
         """Register the restore + base step of every bucket with ``tx`` (fastsam/base_steps)."""
-        if update.scalars is None:
+        if update.scalars is None or update.registered:
             return
         adapter = base_steps.for_optimizer(self.base)
         if adapter is None:
@@ -447,12 +502,14 @@ class SAMCore:
 
 
 class Update(NamedTuple):
-    """A prepared update: the buckets, their restore slices, the pass's scalars, whether to clip."""
+    """A prepared update: the buckets, their restore slices, the pass's scalars, whether to clip,
+    and whether its writes are registered already (with the norm inside them)."""
 
     buckets: Buckets
     slices: Dict[int, list]
     scalars: Optional[Scalars]
     clip: bool
+    registered: bool = False
 
     @property
     def skip_flag(self) -> Optional[torch.Tensor]:

@@ -1,0 +1,137 @@
+"""The passes of a one-bucket step take their norms inside the writes (``norm_perturb``,
+``norm_restore_sgd_step``: fastsam/core/engine.py, ``_one_pass``), and give the bits of the
+general route (a norm, its scalars, then the write).
+
+Which route a step takes is seen from the backend calls it makes; the general route is forced
+through public settings that leave the arithmetic unchanged: a skip reducer that reduces nothing
+(first pass) and a clipping threshold no norm reaches, whose coefficient is exactly 1 (second
+pass).
+"""
+
+import math
+
+import pytest
+import torch
+
+from fastsam import FusedSAM, LookSAM, backends
+
+from .conftest import CPU_BACKENDS
+
+OPS = ("grad_sq_norm", "perturb", "restore", "restore_sgd_step", "norm_perturb", "norm_restore_sgd_step")
+KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+
+
+class Calls(list):
+    """The names of the top-level backend calls, in order."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.depth = 0
+        for name in backends.BACKENDS:
+            try:
+                mod = backends.get(name)
+            except backends.BackendUnavailable:
+                continue
+            for op in OPS:
+                monkeypatch.setattr(mod, op, self._wrap(op, getattr(mod, op)))
+
+    def _wrap(self, name, fn):
+        def wrapped(*args, **kwargs):
+            if self.depth == 0:
+                self.append(name)
+            self.depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+
+        return wrapped
+
+
+def _params(dtype, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(5, 3), (1023,), (2, 3, 2), (7,)][:n]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def _set_grads(ps, t, bad=False):
+    g = torch.Generator().manual_seed(100 + t)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+    if bad:
+        ps[1].grad[3] = math.nan
+
+
+def _step(opt, ps, t, bad_first=False, bad_second=False):
+    _set_grads(ps, 2 * t, bad_first)
+    opt.first_step(zero_grad=True)
+    _set_grads(ps, 2 * t + 1, bad_second)
+    opt.second_step(zero_grad=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_one_bucket_step_is_one_call_per_pass(backend, monkeypatch):
+    ps = _params(torch.float32)
+    opt = FusedSAM(ps, torch.optim.SGD, rho=0.05, backend=backend, **KW)
+    calls = Calls(monkeypatch)
+    _step(opt, ps, 0)  # fresh momentum buffers: the second pass's general route
+    assert calls == ["norm_perturb", "grad_sq_norm", "restore_sgd_step"]
+    calls.clear()
+    _step(opt, ps, 1)
+    assert calls == ["norm_perturb", "norm_restore_sgd_step"]
+    calls.clear()
+    opt.sam_active = False  # a plain step: the second pass alone
+    _step(opt, ps, 2)
+    assert calls == ["norm_restore_sgd_step"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps, b: FusedSAM([{"params": ps[:2]}, {"params": ps[2:]}], torch.optim.SGD, backend=b, **KW),
+        lambda ps, b: FusedSAM(ps, torch.optim.SGD, backend=b, max_grad_norm=1.0, **KW),
+        lambda ps, b: LookSAM(ps, torch.optim.SGD, backend=b, k=1, **KW),
+    ],
+    ids=["two_groups", "clipping", "variant"],
+)
+def test_the_general_route_where_a_pass_needs_its_scalars_apart(make, monkeypatch):
+    """Two buckets (one norm over both), clipping (not in the fused op), a variant (its hooks may
+    read the scalars before the commit): no fused pass, or only the first where it stands alone."""
+    ps = _params(torch.float32)
+    opt = make(ps, "foreach")
+    _step(opt, ps, 0)
+    calls = Calls(monkeypatch)
+    _step(opt, ps, 1)
+    if isinstance(opt, LookSAM) or len(opt.param_groups) == 2:
+        assert "norm_perturb" not in calls and "norm_restore_sgd_step" not in calls
+    else:
+        assert calls[0] == "norm_perturb" and "norm_restore_sgd_step" not in calls
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_the_one_call_route_gives_the_bits_of_the_general_route(backend, dtype, adaptive, monkeypatch):
+    """Six steps, one with a non-finite first gradient and one with a non-finite second gradient
+    (both skipped), then two plain steps: parameters, state and skip flags bitwise equal."""
+    if not backends.get(backend).supports(dtype):
+        pytest.skip(f"{backend} does not take {dtype}")
+    ps, ps_ref = _params(dtype), _params(dtype)
+    opt = FusedSAM(ps, torch.optim.SGD, rho=0.3, adaptive=adaptive, backend=backend, **KW)
+    ref = FusedSAM(ps_ref, torch.optim.SGD, rho=0.3, adaptive=adaptive, backend=backend, max_grad_norm=1e300, **KW)
+    ref.skip_reducer = lambda flag: None
+    calls = Calls(monkeypatch)
+    for t in range(8):
+        calls.clear()
+        if t == 6:
+            opt.sam_active = ref.sam_active = False
+        _step(opt, ps, t, bad_first=t == 2, bad_second=t == 4)
+        fused = calls[:]
+        _step(ref, ps_ref, t, bad_first=t == 2, bad_second=t == 4)
+        if t > 0:
+            assert "norm_restore_sgd_step" in fused and "norm_restore_sgd_step" not in calls[len(fused) :]
+        for p, q in zip(ps, ps_ref):
+            assert torch.equal(p, q) or torch.equal(p.isnan(), q.isnan()), f"step {t}"
+        assert bool(opt.skip_flag) == bool(ref.skip_flag) == (t in (2, 4)), f"step {t}"
+        for p, q in zip(ps, ps_ref):
+            assert torch.equal(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"]), f"step {t}"
