@@ -468,6 +468,16 @@ struct Loops {
   }
 
 #if FASTSAM_X86
+  // The 16-bit register loops (perturb_pairs, restore_sgd_pairs) ask for the line kPrefetchBytes
+  // ahead of each list they read, every turn: on the AVX2 machine the hardware prefetchers alone
+  // kept too few lines in flight for them (benchmarks/NOTES.md, change 22); the 4-byte loops and
+  // the norms showed no gain.  The address is formed as an integer: it may lie past the list's end,
+  // where a prefetch is ignored.
+  static constexpr uintptr_t kPrefetchBytes = 2048;
+  FASTSAM_INLINE static void prefetch_ahead(const void* x) {
+    __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(x) + kPrefetchBytes));
+  }
+
   // A register loop writing to d, then its scalar remainder: turns(kStream) runs the register
   // turns from j on (moving j past them), one loop per store kind, since a switch left in the
   // loop costs every turn; scalar(j) takes the elements they leave.  With `stream` the turns'
@@ -513,6 +523,10 @@ struct Loops {
       const int64_t j0 = j;
       typename R::NanSeen seen{};
       for (const int64_t last = n - 2 * kW; j <= last; j += 2 * kW) {
+        if constexpr (sizeof(*p) == 2) {
+          prefetch_ahead(p + j);
+          prefetch_ahead(g + j);
+        }
         const U32 x = R::raw(p + j);
         V w[2], d[2];
         R::split(x, w[0], w[1]);
@@ -676,6 +690,11 @@ struct Loops {
       const int64_t j0 = j;
       typename R::NanSeen seen{};
       for (const int64_t last = n - 2 * kW; j <= last; j += 2 * kW) {
+        if constexpr (sizeof(*p) == 2) {
+          prefetch_ahead(src + j);
+          prefetch_ahead(g + j);
+          if (kMomentum) prefetch_ahead(buf + j);
+        }
         V w[2], d[2], bj[2] = {};
         R::load2(src + j, w[0], w[1]);
         R::load2(g + j, d[0], d[1]);
