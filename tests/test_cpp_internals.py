@@ -80,6 +80,29 @@ def test_meta_kernels_give_fake_outputs():
         out = torch.ops.fastsam.grad_sq_norm(g, [])
         assert out.shape == () and out.dtype == torch.float64  # the norms are float64 for every dtype
         torch.ops.fastsam.perturb(g, g, [torch.empty(5), torch.empty(3)], torch.tensor(1.0), torch.tensor(0.0), True)
+        scalars = torch.empty(2, dtype=torch.float64)
+        torch.ops.fastsam.norm_perturb(g, g, [torch.empty(5), torch.empty(3)], scalars, 0.05, 1e-12, True)
+        torch.ops.fastsam.norm_restore_sgd_step(g, g, [], [], scalars, None, 0.1, 0.0, 0.0, False, 0.0, False, False)
+        with pytest.raises(ValueError, match="'scalars' must be a pass's scalars"):
+            torch.ops.fastsam.norm_perturb(g, g, g, torch.empty(2), 0.05, 1e-12, False)  # float32: not written
+
+
+@needs_ext
+def test_the_passes_with_their_norms_refuse_before_writing():
+    p = [torch.zeros(4), torch.zeros(5)]
+    c, g, bufs = _clone(p), [torch.ones(4), torch.ones(5)], _clone(p)
+    scalars = torch.full((2,), 3.0, dtype=torch.float64)
+    before = _clone(p) + _clone(c) + _clone(bufs) + [scalars.clone()]
+    sgd = (0.1, 0.9, 0.0, False, 0.0, False, False)
+    with pytest.raises(ValueError, match="shape"):
+        torch.ops.fastsam.norm_perturb(p, [torch.ones(4), torch.ones(6)], c, scalars, 0.05, 1e-12, False)
+    with pytest.raises(ValueError, match="'prev' must be a pass's scalars"):
+        torch.ops.fastsam.norm_restore_sgd_step(p, g, c, bufs, scalars, torch.zeros(1), *sgd)
+    with pytest.raises(ValueError, match="is the parameter itself"):
+        torch.ops.fastsam.norm_restore_sgd_step(p, g, [c[0], p[1]], bufs, scalars, None, *sgd)
+    with pytest.raises(ValueError, match="momentum_buffers"):
+        torch.ops.fastsam.norm_restore_sgd_step(p, g, c, [], scalars, None, *sgd)
+    _assert_bitwise(_clone(p) + _clone(c) + _clone(bufs) + [scalars], before)
 
 
 @needs_ext
