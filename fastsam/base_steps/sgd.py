@@ -20,6 +20,18 @@ def handles(base: Optimizer) -> bool:
     return type(base) is torch.optim.SGD and all(not g.get("differentiable", False) for g in base.param_groups)
 
 
+def _update_args(g: dict) -> dict:
+    """The group's settings of torch.optim.SGD's update, as the backends' SGD ops take them."""
+    return dict(
+        lr=g["lr"],
+        momentum=g["momentum"],
+        dampening=g["dampening"],
+        nesterov=g["nesterov"],
+        weight_decay=g["weight_decay"],
+        maximize=g.get("maximize", False),
+    )
+
+
 def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: bool, tx) -> None:
     """Create the momentum buffers this step needs (undone with the step) and register one fused
     restore + update write per slice with ``tx``."""
@@ -28,16 +40,7 @@ def prepare(base: Optimizer, bucket, slices: List, scalars: torch.Tensor, clip: 
     g = bucket.group
     state = base.state
     skip = scalars[SKIP]
-    kw = dict(
-        lr=g["lr"],
-        momentum=g["momentum"],
-        dampening=g["dampening"],
-        nesterov=g["nesterov"],
-        weight_decay=g["weight_decay"],
-        maximize=g.get("maximize", False),
-        grad_scale=scalars[FACTOR] if clip else None,
-        skip=skip,
-    )
+    kw = dict(_update_args(g), grad_scale=scalars[FACTOR] if clip else None, skip=skip)
     call = bucket.backend.restore_sgd_step
 
     def write(s, bufs, first):
@@ -89,27 +92,22 @@ def prepare_with_norm(
     takes it, writes ``scalars`` (skip flag: non-finite or ``prev``'s; factor 1: no clipping) and
     restores + updates (the backend's ``norm_restore_sgd_step``).  Only for a bucket in one slice
     whose momentum buffers all exist (a fresh buffer's handling reads the skip flag first); returns
-    False, registering nothing, otherwise."""
+    False, registering nothing and creating no state, otherwise."""
     if len(slices) != 1:
         return False
     s = slices[0]
     g = bucket.group
     bufs: List[torch.Tensor] = []
     if g["momentum"] != 0:
-        found = [d.get("momentum_buffer") for d in bucket.states_of(base.state, s)]
-        if any(map(_is_none, found)):
+        # the buffers as the last step left them, looked up without inserting state (a skipped
+        # step leaves none); anything else goes the general route, which reads the skip flag first
+        dicts = bucket.cached_states(base.state) if s.keys is bucket.keys else None
+        found = None if dicts is None else [d.get("momentum_buffer") for d in dicts]
+        if found is None or any(map(_is_none, found)):
             return False
         bufs = bucket.view(found)
     call = bucket.backend.norm_restore_sgd_step
-    kw = dict(
-        lr=g["lr"],
-        momentum=g["momentum"],
-        dampening=g["dampening"],
-        nesterov=g["nesterov"],
-        weight_decay=g["weight_decay"],
-        maximize=g.get("maximize", False),
-        first=False,
-    )
+    kw = dict(_update_args(g), first=False)
     tx.write(
         lambda: call(s.params, s.grads, s.copies, bufs, scalars, prev, **kw), s.params + bufs, backend=bucket.backend
     )

@@ -75,6 +75,15 @@ class Bucket:
             hit = self.states_cache = (state, getattr(state, "version", None), dicts)
         return hit[2]
 
+    def cached_states(self, state: Dict) -> Optional[list]:
+        """``states(state)`` where its lookup is cached and current, else None: never inserts a
+        dict (a step that may still be skipped must leave the state as it was)."""
+        hit = self.states_cache
+        version = getattr(state, "version", None)
+        if version is None or hit is None or hit[0] is not state or hit[1] != version:
+            return None
+        return hit[2]
+
     def states_of(self, state: Dict, s: Slice) -> list:
         """The state dicts of a slice's parameters: the cached list for the whole bucket."""
         return self.states(state) if s.keys is self.keys else [state[k] for k in s.keys]
@@ -363,6 +372,9 @@ def restore_slices(perturbed: List[Bucket], buckets: List[Bucket]) -> Tuple[Dict
             continue
         fresh = [i for i, k in enumerate(b.keys) if id(k) not in copy_of]
         whole = b.whole([])
+        if len(fresh) == len(b.keys):  # nothing perturbed (a plain step): the bucket as it is
+            out[id(b)] = [whole]
+            continue
         slices = [whole.take(fresh)] if fresh else []
         if restored:
             s = whole.take(restored)
