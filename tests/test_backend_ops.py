@@ -785,7 +785,7 @@ def _same_scalars(a, b):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True])
-@pytest.mark.parametrize("bad", [None, math.nan, math.inf])
+@pytest.mark.parametrize("bad", [None, math.nan])
 def test_norm_perturb_is_the_norm_then_the_perturbation(be, seed, dtype, adaptive, bad):
     """The first pass in one call gives the bits of ``grad_sq_norm`` with its epilogue, then
     ``perturb``: the parameters, the copies and the scalars."""
@@ -809,8 +809,12 @@ def test_norm_perturb_is_the_norm_then_the_perturbation(be, seed, dtype, adaptiv
         _assert_bitwise(p, p0)  # skipped: copied, not moved
 
 
+# the update's own cases are test_restore_sgd_step's; here the norm and the skip flag around it
+ONE_CALL_SGD_CASES = [SGD_CASES[0], SGD_CASES[2], SGD_CASES[6]]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", SGD_CASES, ids=lambda c: "m{}_d{}_n{}_wd{}_max{}_first{}".format(*c))
+@pytest.mark.parametrize("case", ONE_CALL_SGD_CASES, ids=lambda c: "m{}_d{}_n{}_wd{}_max{}_first{}".format(*c))
 @pytest.mark.parametrize(
     "restore_from,prev_skip", [("copies", None), ("copies", 0.0), ("copies", 1.0), ("nothing", None)]
 )
