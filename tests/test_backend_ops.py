@@ -872,3 +872,24 @@ def test_passes_with_their_norms_refuse_scalars_they_cannot_write(be, scalars):
     for x, y in zip([p, c, bufs], before):
         _assert_bitwise(x, y)
     assert torch.equal(scalars, before[3])
+
+
+def test_passes_with_their_norms_of_gradients_laid_out_unlike_their_parameters(be, seed):
+    """Where a compiled backend refuses a layout, its pass with its norm falls back op by op, so it
+    still gives the bits of its own norm and its own (falling back) perturbation and update."""
+    p = [torch.randn(300, 257), torch.randn(7)]
+    g = [torch.randn(257, 300).t(), torch.randn(7)]  # strides unlike the parameter's
+    c, c_ref = [torch.empty_like(t) for t in p], [torch.empty_like(t) for t in p]
+    p_ref = _clone(p)
+    out, out_ref = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    be.grad_sq_norm(g, epilogue=Epilogue(out_ref, "perturb", 1e-12))
+    be.perturb(p_ref, g, c_ref, out_ref, 0.05, False)
+    be.norm_perturb(p, g, c, out, 0.05, False, eps=1e-12)
+    _same_scalars(out, out_ref)
+    _assert_bitwise(p, p_ref)
+    kw = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False, first=False)
+    be.grad_sq_norm(g, epilogue=Epilogue(out_ref, "step", prev=None))
+    be.restore_sgd_step(p_ref, g, c_ref, [], grad_scale=None, skip=out_ref[SKIP], **kw)
+    be.norm_restore_sgd_step(p, g, c, [], out, None, **kw)
+    _same_scalars(out, out_ref)
+    _assert_bitwise(p, p_ref)

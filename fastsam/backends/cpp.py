@@ -28,7 +28,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from .. import _build
-from . import BackendUnavailable, foreach
+from . import BackendUnavailable, _common, foreach
 from ._common import FACTOR, SKIP, Epilogue, finish_norm
 
 Tensors = List[torch.Tensor]
@@ -106,10 +106,10 @@ def _dense(t: torch.Tensor) -> bool:
     )
 
 
-def _or_foreach(op: Callable[..., Any]) -> Callable[..., Any]:
-    """``op``, or foreach's op of the same name when the operator refuses the call for the layout
-    of its tensors (it refuses before it writes anything)."""
-    fallback = getattr(foreach, op.__name__)
+def _or_foreach(op: Callable[..., Any], fallback: Optional[Callable[..., Any]] = None) -> Callable[..., Any]:
+    """``op``, or ``fallback`` (default: foreach's op of the same name) when the operator refuses the
+    call for the layout of its tensors (it refuses before it writes anything)."""
+    fallback = fallback if fallback is not None else getattr(foreach, op.__name__)
 
     @functools.wraps(op)
     def call(*args, **kwargs):
@@ -189,7 +189,14 @@ def restore_sgd_step(
     )
 
 
-@_or_foreach
+def _or_composed(composed: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """For a pass with its norm: where the operator refuses a layout, the pass composed of this
+    backend's own ops, each falling back on its own, as the general route does (the norm of a
+    gradient laid out unlike its parameter is still the cpp norm's, bit for bit)."""
+    return lambda op: _or_foreach(op, composed)
+
+
+@_or_composed(_common.norm_perturb_of(grad_sq_norm, perturb))
 def norm_perturb(
     params: Tensors, grads: Tensors, copies: Tensors, scalars: torch.Tensor, rho: float, adaptive: bool, *, eps: float
 ) -> None:
@@ -197,7 +204,7 @@ def norm_perturb(
     _fastsam_ops().norm_perturb.default(params, grads, copies, scalars, float(rho), float(eps), bool(adaptive))
 
 
-@_or_foreach
+@_or_composed(_common.norm_restore_sgd_step_of(grad_sq_norm, restore_sgd_step))
 def norm_restore_sgd_step(
     params: Tensors,
     grads: Tensors,
