@@ -16,36 +16,14 @@ import torch
 from fastsam import FusedSAM, LookSAM, backends
 
 from .conftest import CPU_BACKENDS
+from .test_core_transactions import Inject
 
-OPS = ("grad_sq_norm", "perturb", "restore", "restore_sgd_step", "norm_perturb", "norm_restore_sgd_step")
 KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
 
 
-class Calls(list):
-    """The names of the top-level backend calls, in order."""
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.depth = 0
-        for name in backends.BACKENDS:
-            try:
-                mod = backends.get(name)
-            except backends.BackendUnavailable:
-                continue
-            for op in OPS:
-                monkeypatch.setattr(mod, op, self._wrap(op, getattr(mod, op)))
-
-    def _wrap(self, name, fn):
-        def wrapped(*args, **kwargs):
-            if self.depth == 0:
-                self.append(name)
-            self.depth += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.depth -= 1
-
-        return wrapped
+def _calls(monkeypatch):
+    """The names of the top-level backend calls, in order (a list the wrapped ops append to)."""
+    return Inject(monkeypatch).names
 
 
 def _params(dtype, n=4, seed=0):
@@ -73,7 +51,7 @@ def _step(opt, ps, t, bad_first=False, bad_second=False):
 def test_a_one_bucket_step_is_one_call_per_pass(backend, monkeypatch):
     ps = _params(torch.float32)
     opt = FusedSAM(ps, torch.optim.SGD, rho=0.05, backend=backend, **KW)
-    calls = Calls(monkeypatch)
+    calls = _calls(monkeypatch)
     _step(opt, ps, 0)  # fresh momentum buffers: the second pass's general route
     assert calls == ["norm_perturb", "grad_sq_norm", "restore_sgd_step"]
     calls.clear()
@@ -100,12 +78,24 @@ def test_the_general_route_where_a_pass_needs_its_scalars_apart(make, monkeypatc
     ps = _params(torch.float32)
     opt = make(ps, "foreach")
     _step(opt, ps, 0)
-    calls = Calls(monkeypatch)
+    calls = _calls(monkeypatch)
     _step(opt, ps, 1)
     if isinstance(opt, LookSAM) or len(opt.param_groups) == 2:
         assert "norm_perturb" not in calls and "norm_restore_sgd_step" not in calls
     else:
         assert calls[0] == "norm_perturb" and "norm_restore_sgd_step" not in calls
+
+
+def test_a_skip_reducer_keeps_the_first_pass_apart_only(monkeypatch):
+    """The reducer acts on the first pass's flag between its norm and its write; the second pass
+    has none to reduce and keeps its one call."""
+    ps = _params(torch.float32)
+    opt = FusedSAM(ps, torch.optim.SGD, backend="foreach", **KW)
+    opt.skip_reducer = lambda flag: None
+    _step(opt, ps, 0)
+    calls = _calls(monkeypatch)
+    _step(opt, ps, 1)
+    assert calls == ["grad_sq_norm", "perturb", "norm_restore_sgd_step"]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -120,7 +110,7 @@ def test_the_one_call_route_gives_the_bits_of_the_general_route(backend, dtype, 
     opt = FusedSAM(ps, torch.optim.SGD, rho=0.3, adaptive=adaptive, backend=backend, **KW)
     ref = FusedSAM(ps_ref, torch.optim.SGD, rho=0.3, adaptive=adaptive, backend=backend, max_grad_norm=1e300, **KW)
     ref.skip_reducer = lambda flag: None
-    calls = Calls(monkeypatch)
+    calls = _calls(monkeypatch)
     for t in range(8):
         calls.clear()
         if t == 6:

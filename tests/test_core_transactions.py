@@ -35,11 +35,12 @@ class Boom(Exception):
 
 
 class Inject:
-    """Counts the top-level backend calls (calls a backend makes to another do not count) and
-    raises ``exc`` in place of the ``at``-th (0-based), writing nothing."""
+    """Counts the top-level backend calls (calls a backend makes to another do not count), keeps
+    their names in order (``names``) and raises ``exc`` in place of the ``at``-th (0-based),
+    writing nothing."""
 
     def __init__(self, monkeypatch, at=None, exc=Boom):
-        self.at, self.exc, self.count, self.depth = at, exc, 0, 0
+        self.at, self.exc, self.count, self.depth, self.names = at, exc, 0, 0, []
         for name in backends.BACKENDS:
             try:
                 mod = backends.get(name)
@@ -54,6 +55,7 @@ class Inject:
             if self.depth == 0:
                 n = self.count
                 self.count += 1
+                self.names.append(fn.__name__)
                 if n == self.at:
                     raise self.exc(f"injected in place of backend call {n} ({fn.__name__})")
             self.depth += 1

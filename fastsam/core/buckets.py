@@ -68,12 +68,11 @@ class Bucket:
         at a thousand parameters would be the largest host cost of a fused step.  The dicts
         themselves are the optimizer's, so values written into them are seen.
         """
-        version = getattr(state, "version", None)
-        hit = self.states_cache
-        if version is None or hit is None or hit[0] is not state or hit[1] != version:
+        dicts = self.cached_states(state)
+        if dicts is None:
             dicts = [state[k] for k in self.keys]  # may insert fresh dicts: read the version after
-            hit = self.states_cache = (state, getattr(state, "version", None), dicts)
-        return hit[2]
+            self.states_cache = (state, getattr(state, "version", None), dicts)
+        return dicts
 
     def cached_states(self, state: Dict) -> Optional[list]:
         """``states(state)`` where its lookup is cached and current, else None: never inserts a

@@ -347,8 +347,13 @@ class SAMCore:
         ``directions[i]``; ``rhos[i]`` replaces group i's rho times the schedule's multiplier.
         Returns the pass's scalars; each write is undone by restoring from the copy it makes."""
         settings = self.settings
-        if directions is None and rhos is None and weighted and self._one_pass(buckets):
-            return self._norm_perturb(buckets[0], tx)
+        plain = directions is None and rhos is None and weighted  # the core's own pass, not a variant's
+        if rhos is None:
+            scale = getattr(settings.schedule, "rho_scale", None)
+            scale = 1.0 if scale is None else float(scale(self.optimizer()))
+            rhos = [b.group["rho"] * scale for b in buckets]
+        if plain and self._one_pass(buckets, first=True):
+            return self._norm_perturb(buckets[0], rhos[0], tx)
         scalars = pass_scalars(
             buckets,
             "perturb",
@@ -357,10 +362,6 @@ class SAMCore:
             eps=settings.perturb_eps,
             skip_hook=settings.skip_reducer,
         )
-        if rhos is None:
-            scale = getattr(settings.schedule, "rho_scale", None)
-            scale = 1.0 if scale is None else float(scale(self.optimizer()))
-            rhos = [b.group["rho"] * scale for b in buckets]
         for i, (b, rho) in enumerate(zip(buckets, rhos)):
             d = b.grads if directions is None else directions[i]
             copies = copies_for(b, self.sam_state)
@@ -381,22 +382,20 @@ class SAMCore:
             tx.write(run, b.params + copies, undo=undo)
         return scalars
 
-    def _one_pass(self, buckets: List[Bucket]) -> bool:
+    def _one_pass(self, buckets: List[Bucket], first: bool) -> bool:
         """Whether a pass can take its norm inside the op that writes (``norm_perturb``,
         ``norm_restore_sgd_step``): one bucket of plain tensors (the norm is the bucket's alone), no
-        variant (whose hooks may read the pass's scalars before the commit) and no skip hook (which
-        reduces the flag between the norm and the write)."""
+        variant (whose hooks may read the pass's scalars before the commit) and, in the ``first``
+        pass, no skip hook (which reduces its flag between the norm and the write)."""
         return (
             len(buckets) == 1
             and buckets[0].shard is None
             and type(self.ext) is Extension
-            and self.settings.skip_reducer is None
+            and not (first and self.settings.skip_reducer is not None)
         )
 
-    def _norm_perturb(self, b: Bucket, tx: Transaction) -> Scalars:
+    def _norm_perturb(self, b: Bucket, rho: float, tx: Transaction) -> Scalars:
         """``perturb`` of one bucket, its norm and scalars computed by the write itself."""
-        scale = getattr(self.settings.schedule, "rho_scale", None)
-        rho = b.group["rho"] * (1.0 if scale is None else float(scale(self.optimizer())))
         copies = copies_for(b, self.sam_state)
         scalars = new_scalars(b.device)
         adaptive, eps, params, grads = b.group["adaptive"], self.settings.perturb_eps, b.params, b.grads
@@ -448,7 +447,7 @@ class SAMCore:
     ) -> Optional[Scalars]:
         """The restore + base step of one bucket registered with its norm inside (the base step's
         adapter has ``prepare_with_norm``); None where the pass takes the general route."""
-        if not self._one_pass(buckets):
+        if not self._one_pass(buckets, first=False):
             return None
         adapter = base_steps.for_optimizer(self.base)
         with_norm = getattr(adapter, "prepare_with_norm", None)
