@@ -91,8 +91,12 @@ namespace isa_avx512 {
 #pragma GCC pop_options
 #endif
 
-enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
-const char* const kIsaNames[] = {"base", "avx2", "avx512"};
+// avx512-amd: the AVX-512 loops, except the float32 norm and restore + SGD, which take the AVX2
+// loops (with_loops_of).  AMD's Zen 4 runs a 512-bit operation as two 256-bit halves, and those two
+// ran slower on its 512-bit loops (benchmarks/NOTES.md, change 23).  Every path gives the same bits.
+enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Amd = 3 };
+constexpr int kIsas = 4;
+const char* const kIsaNames[kIsas] = {"base", "avx2", "avx512", "avx512-amd"};
 
 // The best instruction set this CPU (and its OS) runs.
 int cpu_isa() {
@@ -107,9 +111,16 @@ int cpu_isa() {
   return best;
 }
 
-// The default: the CPU's best, capped by ATEN_CPU_CAPABILITY as torch's own kernels are.
+// Whether this CPU runs a code path's loops.
+bool runs(int isa) { return isa == kAvx512Amd ? cpu_isa() >= kAvx512 : isa <= cpu_isa(); }
+
+// The default: the CPU's best (avx512-amd on AMD's AVX-512 CPUs), capped by ATEN_CPU_CAPABILITY
+// as torch's own kernels are.
 int detect_isa() {
   int best = cpu_isa();
+#if FASTSAM_X86
+  if (best == kAvx512 && __builtin_cpu_is("amd")) best = kAvx512Amd;
+#endif
   if (const char* cap = std::getenv("ATEN_CPU_CAPABILITY")) {
     const std::string c(cap);
     if (c == "default") best = kBase;
@@ -137,6 +148,7 @@ void with_loops(const F& f) {
   switch (active_isa()) {
 #if FASTSAM_X86
     case kAvx512:
+    case kAvx512Amd:
       return f(isa_avx512::Loops{});
     case kAvx2:
       return f(isa_avx2::Loops{});
@@ -161,6 +173,17 @@ void with_storage(at::ScalarType dtype, const char* op, const F& f) {
     default:
       TORCH_CHECK(false, "fastsam::", op, ": dtype ", dtype, " is not supported");
   }
+}
+
+// with_loops for the float32 norm and restore + SGD of storage S: the AVX2 loops on avx512-amd.
+template <typename S, typename F>
+void with_loops_of(const F& f) {
+#if FASTSAM_X86
+  if constexpr (std::is_same_v<S, Plain<float>>) {
+    if (active_isa() == kAvx512Amd) return f(isa_avx2::Loops{});
+  }
+#endif
+  with_loops(f);
 }
 
 // ---------------------------------------------------------------- work division
@@ -246,7 +269,7 @@ double sq_norm(at::TensorList grads, at::TensorList params) {
     // Two stages as on the GPU: one partial per chunk, then a fixed-order sum, all in
     // double whatever the dtype (a finite float32 gradient's squares may overflow float).
     std::vector<double> partial(work.chunks.size());
-    with_loops([&](auto loops) {
+    with_loops_of<S>([&](auto loops) {
       using L = decltype(loops);
       // consecutive chunks of a thread's run in groups of L::kGroup, read at once
       work.for_each_run([&](int64_t lo, int64_t hi) {
@@ -362,7 +385,7 @@ void restore_sgd_lists(at::TensorList params, at::TensorList grads, at::TensorLi
     using acc = typename S::acc;
     const auto a = make_sgd_args<acc>(lr, momentum, dampening, weight_decay, nesterov, first);
     const Scale<acc> gs = signed_grad_scale(split_scale<acc>(grad_scale), maximize);
-    with_loops([&](auto loops) {
+    with_loops_of<S>([&](auto loops) {
       using L = decltype(loops);
       work.for_each(
           [&](int64_t, const Chunk& c) {
@@ -561,11 +584,11 @@ void axpby_cpu(at::TensorList xs, at::TensorList ys, const at::Tensor& coefs, at
 std::string cpu_kernels(const std::string& isa, int64_t stream_bytes) {
   if (!isa.empty()) {
     int want = isa == "auto" ? detect_isa() : -1;
-    for (int i = 0; i < 3; ++i)
+    for (int i = 0; i < kIsas; ++i)
       if (isa == kIsaNames[i]) want = i;
-    TORCH_CHECK_VALUE(want >= 0, "fastsam::cpu_kernels: isa must be 'auto', 'base', 'avx2' or 'avx512', got '",
+    TORCH_CHECK_VALUE(want >= 0, "fastsam::cpu_kernels: isa must be 'auto', 'base', 'avx2', 'avx512' or 'avx512-amd', got '",
                       isa, "'");
-    TORCH_CHECK_VALUE(want <= cpu_isa(), "fastsam::cpu_kernels: this CPU (or this build) does not run ",
+    TORCH_CHECK_VALUE(runs(want), "fastsam::cpu_kernels: this CPU (or this build) does not run ",
                       kIsaNames[want]);
     g_isa.store(want);
   }

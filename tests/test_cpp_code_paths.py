@@ -77,13 +77,41 @@ def _run_everywhere(fn, *lists):
 
 def test_code_path_is_reported_and_settable():
     path = cpp.code_path()
-    assert path.split(";")[0] in ("base", "avx2", "avx512") and "streaming" in path
+    assert path.split(";")[0] in ("base", "avx2", "avx512", "avx512-amd") and "streaming" in path
     assert "base" in ISAS
     with pytest.raises((RuntimeError, ValueError), match="isa must be"):
         torch.ops.fastsam.cpu_kernels("sse9", -1)
     with code_path("base", 123):
         assert cpp.code_path().startswith("base; streaming stores for write-only lists of >= 123 bytes")
     assert cpp.code_path() == path
+
+
+def _cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def test_amd_path_runs_where_avx512_does_and_is_autos_choice_on_amd():
+    """avx512-amd (the AVX-512 loops, float32's norm and restore + SGD on the AVX2 loops) runs
+    wherever avx512 does, and `auto` takes it on AMD's AVX-512 CPUs only; its bits are checked
+    against the base loops with every other path's (_run_everywhere)."""
+    assert ("avx512-amd" in ISAS) == ("avx512" in ISAS)
+    if "avx512" not in ISAS:
+        with pytest.raises((RuntimeError, ValueError), match="does not run avx512-amd"):
+            torch.ops.fastsam.cpu_kernels("avx512-amd", -1)
+        return
+    vendor = _cpu_vendor()
+    if vendor is None or os.environ.get("ATEN_CPU_CAPABILITY"):
+        pytest.skip("needs /proc/cpuinfo's vendor and no ATEN_CPU_CAPABILITY cap")
+    with code_path("auto", -1):
+        auto = cpp.code_path().split(";")[0]
+    assert auto == ("avx512-amd" if vendor == "AuthenticAMD" else "avx512")
 
 
 def test_aten_cpu_capability_caps_the_choice():
