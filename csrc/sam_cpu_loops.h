@@ -468,14 +468,16 @@ struct Loops {
   }
 
 #if FASTSAM_X86
-  // The 16-bit register loops (perturb_pairs, restore_sgd_pairs) ask for the line kPrefetchBytes
-  // ahead of each list they read, every turn: on the AVX2 machine the hardware prefetchers alone
-  // kept too few lines in flight for them (benchmarks/NOTES.md, change 22); the 4-byte loops and
-  // the norms showed no gain.  The address is formed as an integer: it may lie past the list's end,
-  // where a prefetch is ignored.
-  static constexpr uintptr_t kPrefetchBytes = 2048;
+  // The 16-bit register loops (perturb_pairs, restore_sgd_pairs) of AVX2 ask for the line
+  // kPrefetchBytes ahead of each list they read, every turn: on the AVX2 machine (Zen 3) the
+  // hardware prefetchers alone kept too few lines in flight for them (benchmarks/NOTES.md, change
+  // 22); the 4-byte loops and the norms showed no gain.  The AVX-512 loops do not: on Zen 4 the
+  // prefetches slowed the perturbation and did not speed the update (change 24).  The address is
+  // formed as an integer: it may lie past the list's end, where a prefetch is ignored.
+  static constexpr uintptr_t kPrefetchBytes = FASTSAM_VEC_BYTES >= 64 ? 0 : 2048;
   FASTSAM_INLINE static void prefetch_ahead(const void* x) {
-    __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(x) + kPrefetchBytes));
+    if constexpr (kPrefetchBytes > 0)
+      __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(x) + kPrefetchBytes));
   }
 
   // A register loop writing to d, then its scalar remainder: turns(kStream) runs the register
