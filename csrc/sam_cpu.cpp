@@ -91,9 +91,10 @@ namespace isa_avx512 {
 #pragma GCC pop_options
 #endif
 
-// avx512-amd: the AVX-512 loops, except the float32 norm and restore + SGD, which take the AVX2
-// loops (with_loops_of).  AMD's Zen 4 runs a 512-bit operation as two 256-bit halves, and those two
-// ran slower on its 512-bit loops (benchmarks/NOTES.md, change 23).  Every path gives the same bits.
+// avx512-amd: the AVX-512 loops, except the float32 norm, perturbation and restore + SGD, which
+// take the AVX2 loops (with_loops_of).  AMD's Zen 4 runs a 512-bit operation as two 256-bit halves,
+// and those ran slower on its 512-bit loops (benchmarks/NOTES.md, changes 23 and 25).  Every path
+// gives the same bits.
 enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Amd = 3 };
 constexpr int kIsas = 4;
 const char* const kIsaNames[kIsas] = {"base", "avx2", "avx512", "avx512-amd"};
@@ -175,7 +176,8 @@ void with_storage(at::ScalarType dtype, const char* op, const F& f) {
   }
 }
 
-// with_loops for the float32 norm and restore + SGD of storage S: the AVX2 loops on avx512-amd.
+// with_loops for the float32 norm, perturbation and restore + SGD of storage S: the AVX2 loops on
+// avx512-amd.
 template <typename S, typename F>
 void with_loops_of(const F& f) {
 #if FASTSAM_X86
@@ -333,7 +335,7 @@ void perturb_lists(at::TensorList params, at::TensorList grads, at::TensorList c
     using raw = typename S::raw;
     using acc = typename S::acc;
     const Scale<acc> sc = split_scale<acc>(scale_value);  // a double scale in acc math (sam_math.h)
-    with_loops([&](auto loops) {
+    with_loops_of<S>([&](auto loops) {
       using L = decltype(loops);
       work.for_each(
           [&](int64_t, const Chunk& c) {

@@ -98,7 +98,7 @@ def _cpu_vendor():
 
 
 def test_amd_path_runs_where_avx512_does_and_is_autos_choice_on_amd():
-    """avx512-amd (the AVX-512 loops, float32's norm and restore + SGD on the AVX2 loops) runs
+    """avx512-amd (the AVX-512 loops, float32's norm, perturbation and restore + SGD on the AVX2 loops) runs
     wherever avx512 does, and `auto` takes it on AMD's AVX-512 CPUs only; its bits are checked
     against the base loops with every other path's (_run_everywhere)."""
     assert ("avx512-amd" in ISAS) == ("avx512" in ISAS)
