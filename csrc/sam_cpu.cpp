@@ -8,7 +8,8 @@
 // loaded once, updated in registers and stored once.
 //
 // The element loops (sam_cpu_loops.h) are compiled three times, for SSE2,
-// AVX2 and AVX-512, and the instruction set is chosen at run time from the
+// AVX2 and AVX-512, and the code path (those three, or avx512-zen4: the
+// AVX-512 loops with float32's on AVX2) is chosen at run time from the
 // CPU (capped by ATEN_CPU_CAPABILITY, as torch's own kernels are): the .so
 // carries no -march flag and runs on any x86-64.  Every path gives the same
 // bits (no contraction into FMA: -ffp-contract=off; the same summation
@@ -40,6 +41,7 @@
 // compilers and CPUs get the base loops only (same results, slower).
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
 #define FASTSAM_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #else
 #define FASTSAM_X86 0
@@ -91,13 +93,13 @@ namespace isa_avx512 {
 #pragma GCC pop_options
 #endif
 
-// avx512-amd: the AVX-512 loops, except the float32 norm, perturbation and restore + SGD, which
+// avx512-zen4: the AVX-512 loops, except the float32 norm, perturbation and restore + SGD, which
 // take the AVX2 loops (with_loops_of).  AMD's Zen 4 runs a 512-bit operation as two 256-bit halves,
-// and those ran slower on its 512-bit loops (benchmarks/NOTES.md, changes 23 and 25).  Every path
-// gives the same bits.
-enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Amd = 3 };
+// and those ran slower on its 512-bit loops (benchmarks/NOTES.md, changes 23 and 25); Zen 5, with
+// whole 512-bit units, is unmeasured and keeps avx512.  Every path gives the same bits.
+enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Zen4 = 3 };
 constexpr int kIsas = 4;
-const char* const kIsaNames[kIsas] = {"base", "avx2", "avx512", "avx512-amd"};
+const char* const kIsaNames[kIsas] = {"base", "avx2", "avx512", "avx512-zen4"};
 
 // The best instruction set this CPU (and its OS) runs.
 int cpu_isa() {
@@ -112,16 +114,26 @@ int cpu_isa() {
   return best;
 }
 
-// Whether this CPU runs a code path's loops.
-bool runs(int isa) { return isa == kAvx512Amd ? cpu_isa() >= kAvx512 : isa <= cpu_isa(); }
+// AMD family 19h (Zen 3 and Zen 4; of these only Zen 4 has AVX-512).
+bool amd_family_19h() {
+#if FASTSAM_X86
+  if (!__builtin_cpu_is("amd")) return false;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+  return ((a >> 8) & 0xF) + ((a >> 20) & 0xFF) == 0x19;
+#else
+  return false;
+#endif
+}
 
-// The default: the CPU's best (avx512-amd on AMD's AVX-512 CPUs), capped by ATEN_CPU_CAPABILITY
-// as torch's own kernels are.
+// Whether this CPU runs a code path's loops.
+bool runs(int isa) { return isa == kAvx512Zen4 ? cpu_isa() >= kAvx512 : isa <= cpu_isa(); }
+
+// The default: the CPU's best (avx512-zen4 on Zen 4), capped by ATEN_CPU_CAPABILITY as torch's
+// own kernels are.
 int detect_isa() {
   int best = cpu_isa();
-#if FASTSAM_X86
-  if (best == kAvx512 && __builtin_cpu_is("amd")) best = kAvx512Amd;
-#endif
+  if (best == kAvx512 && amd_family_19h()) best = kAvx512Zen4;
   if (const char* cap = std::getenv("ATEN_CPU_CAPABILITY")) {
     const std::string c(cap);
     if (c == "default") best = kBase;
@@ -149,7 +161,7 @@ void with_loops(const F& f) {
   switch (active_isa()) {
 #if FASTSAM_X86
     case kAvx512:
-    case kAvx512Amd:
+    case kAvx512Zen4:
       return f(isa_avx512::Loops{});
     case kAvx2:
       return f(isa_avx2::Loops{});
@@ -177,12 +189,12 @@ void with_storage(at::ScalarType dtype, const char* op, const F& f) {
 }
 
 // with_loops for the float32 norm, perturbation and restore + SGD of storage S: the AVX2 loops on
-// avx512-amd.
+// avx512-zen4.
 template <typename S, typename F>
 void with_loops_of(const F& f) {
 #if FASTSAM_X86
   if constexpr (std::is_same_v<S, Plain<float>>) {
-    if (active_isa() == kAvx512Amd) return f(isa_avx2::Loops{});
+    if (active_isa() == kAvx512Zen4) return f(isa_avx2::Loops{});
   }
 #endif
   with_loops(f);
@@ -588,15 +600,18 @@ std::string cpu_kernels(const std::string& isa, int64_t stream_bytes) {
     int want = isa == "auto" ? detect_isa() : -1;
     for (int i = 0; i < kIsas; ++i)
       if (isa == kIsaNames[i]) want = i;
-    TORCH_CHECK_VALUE(want >= 0, "fastsam::cpu_kernels: isa must be 'auto', 'base', 'avx2', 'avx512' or 'avx512-amd', got '",
+    TORCH_CHECK_VALUE(want >= 0, "fastsam::cpu_kernels: isa must be 'auto', 'base', 'avx2', 'avx512' or 'avx512-zen4', got '",
                       isa, "'");
     TORCH_CHECK_VALUE(runs(want), "fastsam::cpu_kernels: this CPU (or this build) does not run ",
                       kIsaNames[want]);
     g_isa.store(want);
   }
   if (stream_bytes >= 0) g_stream_bytes.store(stream_bytes);
-  return std::string(kIsaNames[active_isa()]) + "; streaming stores for write-only lists of >= " +
-         std::to_string(g_stream_bytes.load()) + " bytes (copies; updates of 4- and 8-byte elements, and SGD's of bf16 on avx2 and avx512)";
+  const int now = active_isa();
+  return std::string(kIsaNames[now]) +
+         (now == kAvx512Zen4 ? "; float32's norm, perturbation and restore + SGD on the avx2 loops" : "") +
+         "; streaming stores for write-only lists of >= " +
+         std::to_string(g_stream_bytes.load()) + " bytes (copies; updates of 4- and 8-byte elements, and SGD's of bf16 on the avx2 and avx512 loops)";
 }
 
 }  // namespace

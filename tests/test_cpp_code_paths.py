@@ -11,6 +11,7 @@ take two threads.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import struct
 import subprocess
@@ -77,7 +78,7 @@ def _run_everywhere(fn, *lists):
 
 def test_code_path_is_reported_and_settable():
     path = cpp.code_path()
-    assert path.split(";")[0] in ("base", "avx2", "avx512", "avx512-amd") and "streaming" in path
+    assert path.split(";")[0] in ("base", "avx2", "avx512", "avx512-zen4") and "streaming" in path
     assert "base" in ISAS
     with pytest.raises((RuntimeError, ValueError), match="isa must be"):
         torch.ops.fastsam.cpu_kernels("sse9", -1)
@@ -86,44 +87,90 @@ def test_code_path_is_reported_and_settable():
     assert cpp.code_path() == path
 
 
-def _cpu_vendor():
+def _cpu_info():
+    """(vendor_id, cpu family) from /proc/cpuinfo, or None."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return None
+        return None
+    if "vendor_id" not in info or "cpu family" not in info:
+        return None
+    return info["vendor_id"], int(info["cpu family"])
 
 
-def test_amd_path_runs_where_avx512_does_and_is_autos_choice_on_amd():
-    """avx512-amd (the AVX-512 loops, float32's norm, perturbation and restore + SGD on the AVX2 loops) runs
-    wherever avx512 does, and `auto` takes it on AMD's AVX-512 CPUs only; its bits are checked
-    against the base loops with every other path's (_run_everywhere)."""
-    assert ("avx512-amd" in ISAS) == ("avx512" in ISAS)
+ZEN4_NOTE = "float32's norm, perturbation and restore + SGD on the avx2 loops"
+
+
+def test_zen4_path_runs_where_avx512_does_and_is_autos_choice_on_zen4():
+    """avx512-zen4 (the AVX-512 loops, float32's norm, perturbation and restore + SGD on the AVX2
+    loops) runs wherever avx512 does, says so in the code path, and `auto` takes it on AMD family
+    19h (Zen 4) only; its bits are checked against the base loops with every other path's
+    (_run_everywhere)."""
+    assert ("avx512-zen4" in ISAS) == ("avx512" in ISAS)
     if "avx512" not in ISAS:
-        with pytest.raises((RuntimeError, ValueError), match="does not run avx512-amd"):
-            torch.ops.fastsam.cpu_kernels("avx512-amd", -1)
+        with pytest.raises((RuntimeError, ValueError), match="does not run avx512-zen4"):
+            torch.ops.fastsam.cpu_kernels("avx512-zen4", -1)
         return
-    vendor = _cpu_vendor()
-    if vendor is None or os.environ.get("ATEN_CPU_CAPABILITY"):
-        pytest.skip("needs /proc/cpuinfo's vendor and no ATEN_CPU_CAPABILITY cap")
+    with code_path("avx512-zen4", -1):
+        assert ZEN4_NOTE in cpp.code_path()
+    with code_path("avx512", -1):
+        assert ZEN4_NOTE not in cpp.code_path()
+    info = _cpu_info()
+    if info is None or os.environ.get("ATEN_CPU_CAPABILITY"):
+        pytest.skip("needs /proc/cpuinfo's vendor and family, and no ATEN_CPU_CAPABILITY cap")
     with code_path("auto", -1):
         auto = cpp.code_path().split(";")[0]
-    assert auto == ("avx512-amd" if vendor == "AuthenticAMD" else "avx512")
+    assert auto == ("avx512-zen4" if info == ("AuthenticAMD", 25) else "avx512")
 
 
-def test_aten_cpu_capability_caps_the_choice():
-    """ATEN_CPU_CAPABILITY=default (torch's own switch) gives the base loops, in a fresh process."""
+@pytest.mark.parametrize("cap", ["default", "avx2"])
+def test_aten_cpu_capability_caps_the_choice(cap):
+    """ATEN_CPU_CAPABILITY (torch's own switch) caps the path, in a fresh process: default gives the
+    base loops, avx2 the AVX2 loops where the CPU has them (never avx512-zen4)."""
     code = (
         "import torch; from fastsam.backends import cpp; "
         "assert cpp.is_available(torch.device('cpu'))[0]; print(cpp.code_path())"
     )
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().startswith("base;")
+    want = "avx2" if cap == "avx2" and "avx2" in ISAS else "base"
+    assert out.stdout.strip().startswith(want + ";")
+
+
+def _with_edge_values(ts, dtype):
+    """ts with about one element in eight replaced by an edge value: +-0, +-inf, NaN, subnormals,
+    the dtype's largest and smallest normal numbers."""
+    fi = torch.finfo(dtype)
+    edges = torch.tensor(
+        [0.0, -0.0, math.inf, -math.inf, math.nan, fi.tiny / 3, -fi.tiny / 5, fi.tiny, fi.max, -fi.max],
+        dtype=dtype,
+    )
+    gen = torch.Generator().manual_seed(1234)
+    out = []
+    for t in ts:
+        t = t.clone()
+        pick = torch.randint(0, 8, t.shape, generator=gen) == 0
+        t[pick] = edges[torch.randint(0, len(edges), (int(pick.sum()),), generator=gen)]
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("factor", [0.37, 2.0**-135])
+def test_perturb_of_edge_values(dtype, adaptive, factor):
+    """The 4- and 8-byte perturbation on every path, streamed or not, on lists holding infinities,
+    NaNs, signed zeros and subnormals, with a scale inside float's range and one beyond it (two-part
+    scale): the base loops' bits (the streamed register loop included)."""
+    p, g, c = _lists(dtype, 3)
+    p, g = _with_edge_values(p, dtype), _with_edge_values(g, dtype)
+    scalars = torch.tensor([0.0, factor], dtype=torch.float64)
+    _run_everywhere(lambda p, g, c: cpp.perturb(p, g, c, scalars, 0.05, adaptive), p, g, c)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -14,8 +14,8 @@ backend instead, as the triton backend does: the check costs nothing on the usua
 The element loops are compiled for SSE2, AVX2 and AVX-512 in the same .so
 and chosen at run time (``code_path()`` says which; ``ATEN_CPU_CAPABILITY``
 caps it as it caps torch's own kernels); every path gives the same bits.  On
-AMD's AVX-512 CPUs the path is ``avx512-amd``: the float32 norm, perturbation and
-restore + SGD take the AVX2 loops there, which ran faster on Zen 4.
+AMD's Zen 4 the path is ``avx512-zen4``: the float32 norm, perturbation and
+restore + SGD take the AVX2 loops there, which ran faster on it.
 
 The extension comes from ``fastsam._C`` when it was built by setup.py
 (``FASTSAM_BUILD_CPP=1`` / ``FASTSAM_BUILD_CUDA=1``), else from a JIT build
@@ -70,7 +70,7 @@ def supports(dtype: torch.dtype) -> bool:
 
 
 def code_path() -> str:
-    """The CPU kernels' code path: the instruction set of the element loops ("avx512-amd",
+    """The CPU kernels' code path: the instruction set of the element loops ("avx512-zen4",
     "avx512", "avx2" or "base") and the size from which write-only lists get streaming stores."""
     return _fastsam_ops().cpu_kernels("", -1)
 
@@ -80,7 +80,7 @@ def instruction_sets() -> List[str]:
     select one with ``torch.ops.fastsam.cpu_kernels(isa, -1)``."""
     ops, out = _fastsam_ops(), []
     now = code_path().split(";")[0]
-    for isa in ("base", "avx2", "avx512", "avx512-amd"):
+    for isa in ("base", "avx2", "avx512", "avx512-zen4"):
         try:
             ops.cpu_kernels(isa, -1)
             out.append(isa)
