@@ -99,6 +99,21 @@ struct Lanes<Plain<T>> {
     stream_store(p, a);
     stream_store(p + kWidth, b);
   }
+  // a pair of registers' worth of memory as it is (raw, split, put, stream_raw as Lanes<BF16>'s)
+  struct Raw {
+    V a, b;
+  };
+  static Raw raw(const T* p) {
+    Raw x;
+    load2(p, x.a, x.b);
+    return x;
+  }
+  static void split(Raw x, V& a, V& b) {
+    a = x.a;
+    b = x.b;
+  }
+  static void put(T* p, Raw x) { store2(p, x.a, x.b); }
+  static void stream_raw(T* p, Raw x) { stream2(p, x.a, x.b); }
   static constexpr bool kSelectsNan = false;
   using NanSeen = bool;  // never set: nothing is rounded
   static void note_nan(NanSeen&, V, V) {}
@@ -199,6 +214,7 @@ struct Lanes<BF16> {
   // bf16 bits in the upper halves of both; odd's lower halves zero
   static U32 joined(U32 even, U32 odd) { return (even >> 16) | odd; }
   static void put(uint16_t* p, U32 x) { std::memcpy(p, &x, sizeof(x)); }
+  static void stream_raw(uint16_t* p, U32 x) { stream_store(p, x); }
   template <bool kNan>
   struct Rounding {  // the value store2<kNan> would write, as a float, in the register
     V operator()(V f) const { return bitcast<V>(rounded<kNan>(f)); }
@@ -457,10 +473,10 @@ struct Loops {
     // bf16 on registers (as restore_sgd_vec): g++'s vectorisation of BF16's store is long; a
     // streamed fp32/fp64 copy on registers too, stored from the registers that loaded p (no
     // second pass over an L1 block: benchmarks/NOTES.md, change 25)
-    if constexpr (Lanes<S>::kOk && !std::is_same_v<typename S::raw, acc>)
-      return perturb_pairs<S, kAdaptive, kUnitLo>(p, g, c, n, scale, stream);
-    if constexpr (Lanes<S>::kOk && std::is_same_v<typename S::raw, acc>)
-      if (stream) return perturb_vec<S, kAdaptive, kUnitLo>(p, g, c, n, scale);
+    if constexpr (Lanes<S>::kOk) {
+      if (stream || !std::is_same_v<typename S::raw, acc>)
+        return perturb_pairs<S, kAdaptive, kUnitLo>(p, g, c, n, scale, stream);
+    }
 #endif
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = n - b < kBlock ? n - b : kBlock;
@@ -533,13 +549,13 @@ struct Loops {
           prefetch_ahead(p + j);
           prefetch_ahead(g + j);
         }
-        const U32 x = R::raw(p + j);
+        const auto x = R::raw(p + j);
         V w[2], d[2];
         R::split(x, w[0], w[1]);
         R::load2(g + j, d[0], d[1]);
         for (int h = 0; h < 2; ++h) w[h] = perturb_element<acc, V>(w[h], d[h], s, kAdaptive);
         if constexpr (decltype(kStream)::value) {
-          stream_store(c + j, x);
+          R::stream_raw(c + j, x);
         } else {
           // through an address g++ cannot follow: else it splits the copy out of the loop as a
           // memcpy of the whole chunk, a second pass over p
@@ -554,43 +570,6 @@ struct Loops {
         if (__builtin_expect(R::any(seen), 0)) R::canonical_nans(p + j0, j - j0);
     };
     turns_then_tail(c, n, j, stream, scalar, turns);
-  }
-#endif
-
-#if FASTSAM_X86
-  // perturb_blocks of 4- and 8-byte values on registers, two per turn (Lanes), the copy streamed
-  // from the registers that loaded p, from c's first aligned address on (turns_then_tail); the
-  // elements after the last full pair of registers take the scalar loop.
-  template <class S, bool kAdaptive, bool kUnitLo>
-  static void perturb_vec(typename S::raw* __restrict__ p, const typename S::raw* __restrict__ g,
-                          typename S::raw* __restrict__ c, int64_t n, Scale<typename S::acc> scale) {
-    using acc = typename S::acc;
-    const Scale<acc> s{scale.hi, kUnitLo ? acc(1) : scale.lo};
-    using R = Lanes<S>;
-    using V = typename R::V;
-    constexpr int64_t kW = R::kWidth;
-    const auto scalar = [&](int64_t j) {
-      c[j] = p[j];
-      p[j] = S::store(perturb_element<acc>(S::load(p[j]), S::load(g[j]), s, kAdaptive));
-    };
-    int64_t j = 0;
-    const auto turns = [&](auto kStream) FASTSAM_INLINE {
-      for (const int64_t last = n - 2 * kW; j <= last; j += 2 * kW) {
-        V w[2], d[2];
-        R::load2(p + j, w[0], w[1]);
-        R::load2(g + j, d[0], d[1]);
-        if constexpr (decltype(kStream)::value) {
-          R::stream2(c + j, w[0], w[1]);
-        } else {
-          typename S::raw* cj = c + j;  // as in perturb_pairs: kept out of a memcpy of the chunk
-          asm("" : "+r"(cj));
-          R::store2(cj, w[0], w[1]);
-        }
-        for (int h = 0; h < 2; ++h) w[h] = perturb_element<acc, V>(w[h], d[h], s, kAdaptive);
-        R::store2(p + j, w[0], w[1]);
-      }
-    };
-    turns_then_tail(c, n, j, true, scalar, turns);
   }
 #endif
 
