@@ -93,10 +93,11 @@ namespace isa_avx512 {
 #pragma GCC pop_options
 #endif
 
-// avx512-zen4: the AVX-512 loops, except the float32 norm, perturbation and restore + SGD, which
-// take the AVX2 loops (with_loops_of).  AMD's Zen 4 runs a 512-bit operation as two 256-bit halves,
-// and those ran slower on its 512-bit loops (benchmarks/NOTES.md, changes 23 and 25); Zen 5, with
-// whole 512-bit units, is unmeasured and keeps avx512.  Every path gives the same bits.
+// avx512-zen4: the AVX-512 loops, except the float32 norm, perturbation, restore + SGD and restore +
+// Adam, which take the AVX2 loops (with_loops_of).  AMD's Zen 4 runs a 512-bit operation as two
+// 256-bit halves, and those ran slower on its 512-bit loops (benchmarks/NOTES.md, changes 23, 25
+// and 26); Zen 5, with whole 512-bit units, is unmeasured and keeps avx512.  Every path gives the
+// same bits.
 enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Zen4 = 3 };
 constexpr int kIsas = 4;
 const char* const kIsaNames[kIsas] = {"base", "avx2", "avx512", "avx512-zen4"};
@@ -188,8 +189,8 @@ void with_storage(at::ScalarType dtype, const char* op, const F& f) {
   }
 }
 
-// with_loops for the float32 norm, perturbation and restore + SGD of storage S: the AVX2 loops on
-// avx512-zen4.
+// with_loops for the float32 norm, perturbation, restore + SGD and restore + Adam of storage S: the
+// AVX2 loops on avx512-zen4.
 template <typename S, typename F>
 void with_loops_of(const F& f) {
 #if FASTSAM_X86
@@ -519,7 +520,7 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     const auto a = make_adam_args<acc>(lr, beta1, beta2, eps, weight_decay, decoupled);
     const Scale<acc> gs =
         signed_grad_scale(split_scale<acc>(grad_scale.has_value() ? host_value(*grad_scale) : 1.0), maximize);
-    with_loops([&](auto loops) {
+    with_loops_of<S>([&](auto loops) {
       using L = decltype(loops);
       work.for_each(
           [&](int64_t, const Chunk& c) {
@@ -609,7 +610,7 @@ std::string cpu_kernels(const std::string& isa, int64_t stream_bytes) {
   if (stream_bytes >= 0) g_stream_bytes.store(stream_bytes);
   const int now = active_isa();
   return std::string(kIsaNames[now]) +
-         (now == kAvx512Zen4 ? "; float32's norm, perturbation and restore + SGD on the avx2 loops" : "") +
+         (now == kAvx512Zen4 ? "; float32's norm, perturbation, restore + SGD and restore + Adam on the avx2 loops" : "") +
          "; streaming stores for write-only lists of >= " +
          std::to_string(g_stream_bytes.load()) + " bytes (copies; updates of 4- and 8-byte elements, and SGD's of bf16 on the avx2 and avx512 loops)";
 }

@@ -102,7 +102,7 @@ def _cpu_info():
     return info["vendor_id"], int(info["cpu family"])
 
 
-ZEN4_NOTE = "float32's norm, perturbation and restore + SGD on the avx2 loops"
+ZEN4_NOTE = "float32's norm, perturbation, restore + SGD and restore + Adam on the avx2 loops"
 
 
 def test_zen4_path_runs_where_avx512_does_and_is_autos_choice_on_zen4():

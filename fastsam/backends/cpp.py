@@ -15,7 +15,7 @@ The element loops are compiled for SSE2, AVX2 and AVX-512 in the same .so
 and chosen at run time (``code_path()`` says which; ``ATEN_CPU_CAPABILITY``
 caps it as it caps torch's own kernels); every path gives the same bits.  On
 AMD's Zen 4 the path is ``avx512-zen4``: the float32 norm, perturbation and
-restore + SGD take the AVX2 loops there, which ran faster on it.
+restore + SGD/Adam take the AVX2 loops there, which ran faster on it.
 
 The extension comes from ``fastsam._C`` when it was built by setup.py
 (``FASTSAM_BUILD_CPP=1`` / ``FASTSAM_BUILD_CUDA=1``), else from a JIT build
