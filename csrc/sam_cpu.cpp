@@ -9,7 +9,7 @@
 //
 // The element loops (sam_cpu_loops.h) are compiled three times, for SSE2,
 // AVX2 and AVX-512, and the code path (those three, or avx512-zen4: the
-// AVX-512 loops with float32's on AVX2) is chosen at run time from the
+// AVX-512 loops with float32's step loops on AVX2) is chosen at run time from the
 // CPU (capped by ATEN_CPU_CAPABILITY, as torch's own kernels are): the .so
 // carries no -march flag and runs on any x86-64.  Every path gives the same
 // bits (no contraction into FMA: -ffp-contract=off; the same summation

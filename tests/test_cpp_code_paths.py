@@ -106,8 +106,8 @@ ZEN4_NOTE = "float32's norm, perturbation, restore + SGD and restore + Adam on t
 
 
 def test_zen4_path_runs_where_avx512_does_and_is_autos_choice_on_zen4():
-    """avx512-zen4 (the AVX-512 loops, float32's norm, perturbation and restore + SGD on the AVX2
-    loops) runs wherever avx512 does, says so in the code path, and `auto` takes it on AMD family
+    """avx512-zen4 (the AVX-512 loops, float32's norm, perturbation, restore + SGD and restore + Adam
+    on the AVX2 loops) runs wherever avx512 does, says so in the code path, and `auto` takes it on AMD family
     19h (Zen 4) only; its bits are checked against the base loops with every other path's
     (_run_everywhere)."""
     assert ("avx512-zen4" in ISAS) == ("avx512" in ISAS)
