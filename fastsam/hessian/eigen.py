@@ -79,7 +79,8 @@ def eigenvalues(
     - ``method="power"``: power iteration with deflation (PyHessian's baseline), residual stop;
       ``max_iter`` = products per eigenpair (default 1000). If the largest-*magnitude* eigenvalue
       is negative (where PyHessian would return it) it shifts once and continues, so it also
-      returns the largest algebraic values (see :mod:`fastsam.hessian.power`).
+      returns the largest algebraic values; a run that stalls far from an eigenpair (lambda_min
+      close to -lambda_max) is retried once shifted (see :mod:`fastsam.hessian.power`).
     - ``hvp_mode``: ``"double_backward"`` (default, any module) or ``"forward_over_reverse"``
       (forward-mode dual parameters through one forward and one plain backward; falls back to
       ``torch.func.jvp(torch.func.grad(...))`` for ops without a forward-mode backward formula).

@@ -6,13 +6,16 @@ already found (deflation by projection). Power iteration converges to the eigenv
 :func:`~fastsam.hessian.eigenvalues` (largest algebraic first), a negative dominant value
 triggers one spectral shift: the iteration restarts on H - s I with s just below that value
 (so H - s I is positive semi-definite and its dominant eigenvalue is the largest algebraic one
-of H). Shifting costs extra products and slows convergence (the ratios become
-(l2 - s) / (l1 - s)); ``EigenResult.shift`` reports s (0 if no shift was needed).
+of H). So does a run that stalls far from any eigenpair, the mark of lambda_min ~ -lambda_max
+(the iterate then swings between the two eigenvectors, and its Rayleigh quotient can be far
+below lambda_max); of the two runs the one with the smaller residual is kept. Shifting costs
+extra products and slows convergence (the ratios become (l2 - s) / (l1 - s));
+``EigenResult.shift`` reports s (0 if no shift was needed).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -56,6 +59,7 @@ def power_eigs(
     ress: List[float] = []
     conv: List[bool] = []
     shift, shifted = 0.0, False
+    stalled: Optional[Tuple[float, torch.Tensor, float]] = None
     with Progress(progress, None, "power", op.rank) as bar:
         while len(vals) < k:
             i = len(vals)
@@ -96,10 +100,23 @@ def power_eigs(
                     ok = True
                     break
                 v = w / w_norm
-            if op.agree(theta_s < 0 and not shifted):
-                # the dominant eigenvalue is negative: restart this pair on H - s I, s <= lambda_min
-                shift, shifted = theta - res - 1e-3 * abs(theta), True
+            # A swinging iterate's Rayleigh quotient is within residual**2 / 2 of lambda_max (relative),
+            # so below sqrt(tol) a stalled run is already as accurate as tol asks and is kept.
+            if not shifted and op.agree(theta_s < 0 or (not ok and rel > tol**0.5)):
+                # Either the dominant eigenvalue is negative, or the run stalled far from an
+                # eigenpair, which is what a pair lambda_min ~ -lambda_max does to it (the iterate
+                # swings between the two). ||H v|| approaches max |lambda| from below, so
+                # s = -(||H v|| + residual) lies at or below lambda_min (and below the midpoint of
+                # lambda_min and lambda_max even if it falls short), where H - s I's dominant
+                # eigenvalue is lambda_max - s: restart this pair on H - s I.
+                shift, shifted = -(1.0 + 1e-3) * (float(w.norm()) + res), True
+                if theta_s >= 0:
+                    stalled = (theta, v, rel)
                 continue
+            if stalled is not None:
+                if rel > stalled[2]:  # the shifted run did worse than the one it replaced
+                    theta, v, rel = stalled
+                stalled = None
             vals.append(theta)
             vecs.append(v)
             ress.append(rel)
