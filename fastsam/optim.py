@@ -13,6 +13,7 @@ update, finish, each call all or nothing, through the backends (fastsam/backends
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from itertools import chain
 from types import ModuleType
@@ -30,6 +31,22 @@ from .integrations import lightning
 
 if TYPE_CHECKING:
     from torch.optim.optimizer import ParamsT
+
+
+def _grad_off(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` under ``torch.no_grad()``, the mode switched by hand: the decorator builds and enters
+    context objects on every call, a cost a SAM pass pays twice per step with cold caches."""
+
+    @functools.wraps(fn)
+    def grad_off(*args: Any, **kwargs: Any) -> Any:
+        prev = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_grad_enabled(prev)
+
+    return grad_off
 
 
 class SAMOptimizer(Optimizer):
@@ -384,7 +401,7 @@ class FusedSAM(SAMOptimizer):
     # torch.compiler.disable: a compiled training step graph-breaks around the SAM steps
     # instead of tracing them; the kernels inside are opaque custom ops anyway.
     @torch.compiler.disable
-    @torch.no_grad()
+    @_grad_off
     def first_step(self, zero_grad: bool = False) -> None:
         """Perturb the parameters: w <- w + e (keeps an exact copy of w for the restore).
 
@@ -403,7 +420,7 @@ class FusedSAM(SAMOptimizer):
             self.zero_grad()
 
     @torch.compiler.disable
-    @torch.no_grad()
+    @_grad_off
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w and let the base optimizer step with the SAM gradient.
 
@@ -425,7 +442,7 @@ class FusedSAM(SAMOptimizer):
         if not run.in_step:
             self._fire_post_hooks()
 
-    @torch.no_grad()
+    @_grad_off
     def undo_first_step(self) -> None:
         """Put the parameters back at w after ``first_step`` without taking a step (no-op if
         nothing is pending)."""
@@ -437,14 +454,16 @@ class FusedSAM(SAMOptimizer):
         if run.in_step or run.pre_hooks_fired:
             return
         run.pre_hooks_fired = True
-        for hook in chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
-            hook(self, (), {})
+        if _global_optimizer_pre_hooks or self._optimizer_step_pre_hooks:
+            for hook in chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+                hook(self, (), {})
 
     def _fire_post_hooks(self) -> None:
-        for hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
-            hook(self, (), {})
+        if self._optimizer_step_post_hooks or _global_optimizer_post_hooks:
+            for hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
+                hook(self, (), {})
 
-    @torch.no_grad()
+    @_grad_off
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One optimizer step.
 

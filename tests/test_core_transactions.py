@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastsam import GSAM, FriendlySAM, FusedSAM, LookSAM, MomentumSAM, backends
+from fastsam.core.txn import Transaction
 
 from .conftest import CPU_BACKENDS
 
@@ -494,3 +495,65 @@ def test_weights_only_load_of_a_state_dict():
     buf.seek(0)
     sd = torch.load(buf, weights_only=True)
     _equal(opt.state_dict(), sd)
+
+
+# ---------------------------------------------------------------- grad mode
+@pytest.mark.parametrize("grad_on", [True, False])
+def test_passes_run_without_grad_and_leave_the_callers_mode(grad_on):
+    """Each pass runs with grad mode off (a step pre-hook fired by the pass sees it) and puts the
+    caller's mode back, also when it raises.  (``step()``'s hooks fire in torch's wrapper, outside
+    the step, as for torch's own optimizers.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, backend="foreach")
+    seen = []
+    opt.register_step_pre_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+
+    def backward():
+        with torch.enable_grad():
+            model(torch.randn(4, 3)).square().sum().backward()
+
+    with torch.set_grad_enabled(grad_on):
+        backward()
+        opt.first_step()
+        assert torch.is_grad_enabled() is grad_on
+        with pytest.raises(RuntimeError, match="first_step"):
+            opt.first_step()  # refused: already perturbed
+        assert torch.is_grad_enabled() is grad_on
+        opt.undo_first_step()
+        assert torch.is_grad_enabled() is grad_on
+        opt.first_step(zero_grad=True)
+        backward()
+        opt.second_step()
+        assert torch.is_grad_enabled() is grad_on
+        assert len(seen) == 2 and not any(seen)
+        opt.zero_grad()
+        backward()
+
+        def closure():
+            assert torch.is_grad_enabled()  # the closure's backward needs it
+            opt.zero_grad()
+            backward()
+
+        opt.step(closure)
+        assert torch.is_grad_enabled() is grad_on
+
+
+def test_a_transaction_writes_and_undoes_leaves_that_require_grad_with_grad_on():
+    """Outside a pass (grad mode on), the commit and the rollback still write in place into
+    parameters, which autograd refuses for leaves that require grad unless grad mode is off."""
+    p = torch.nn.Parameter(torch.arange(4.0))
+    tx = Transaction()
+    tx.write(lambda: p.add_(1.0), [p])
+    tx.commit()
+    assert torch.equal(p.detach(), torch.arange(4.0) + 1)
+
+    def fail() -> None:
+        raise ValueError("refused")
+
+    tx = Transaction()
+    tx.write(lambda: p.mul_(2.0), [p], size=0)
+    tx.write(fail, [p], size=1)
+    with pytest.raises(ValueError, match="refused"):
+        tx.commit()
+    assert torch.equal(p.detach(), torch.arange(4.0) + 1)  # the first write, undone in place

@@ -24,6 +24,7 @@ What an undo needs, and what it costs:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -141,7 +142,10 @@ class Transaction:
             writes = sorted(writes, key=lambda w: w.size)
         self.writes = []
         try:
-            with torch.no_grad():
+            if torch.is_grad_enabled():  # a SAM pass has switched it off already; other callers may not
+                with torch.no_grad():
+                    self._run(writes)
+            else:
                 self._run(writes)
         except BaseException:
             self.rollback()
@@ -159,7 +163,7 @@ class Transaction:
         """Undo every write that ran and every Python-level change, newest first."""
         done, self._done = self._done, []
         undo, self._undo = self._undo, []
-        with torch.no_grad():
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             for fn in reversed(done):
                 fn()
         for undo_fn in reversed(undo):
