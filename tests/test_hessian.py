@@ -192,9 +192,25 @@ def test_power_when_lambda_min_mirrors_lambda_max(seed, gap):
     rest = (2 * torch.rand(12, generator=g, dtype=F64) - 1).tolist()
     model = Quadratic([4.0, 2.0, -(4.0 - gap)] + rest, g)
     data = (torch.zeros(4, 1), torch.zeros(4))
-    r = hessian.eigenvalues(model, mean_loss, data, k=2, method="power", tol=1e-9, max_iter=400)
+    r = hessian.eigenvalues(model, mean_loss, data, k=2, method="power", tol=1e-9, max_iter=400, seed=seed)
     assert r.shift < -4.0 and (r.converged or r.residuals.max() <= 1e-9**0.5), f"seed={seed} {r}"
     assert rel_err(r.eigenvalues, torch.tensor([4.0, 2.0], dtype=F64)) < 1e-9, f"seed={seed} {r.eigenvalues}"
+
+
+def test_power_drops_the_shift_of_a_stalled_pair(seed):
+    """lambda_2 close to lambda_1 stalls the first pair too, and it is retried shifted; the later
+    pairs run unshifted again (shifted, the third pair's ratio would be (1.9 - s) / (2 - s) ~ 0.98
+    instead of 0.95, and it would not reach tol)."""
+    g = torch.Generator().manual_seed(seed)
+    rest = (torch.rand(12, generator=g, dtype=F64) - 0.5).tolist()
+    model = Quadratic([4.0, 3.99, 2.0, 1.9] + rest, g)
+    data = (torch.zeros(4, 1), torch.zeros(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the first two pairs do not reach tol
+        r = hessian.eigenvalues(model, mean_loss, data, k=3, method="power", tol=1e-9, seed=seed)
+    assert r.shift == 0.0, f"seed={seed} shift={r.shift}"
+    assert r.residuals[2] <= 1e-9 and abs(r.eigenvalues[2] - 2.0) < 1e-8, f"seed={seed} {r}"
+    assert 3.99 <= r.eigenvalues[1] <= r.eigenvalues[0] <= 4.0 + 1e-12, f"seed={seed} {r.eigenvalues}"
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])

@@ -6,11 +6,12 @@ already found (deflation by projection). Power iteration converges to the eigenv
 :func:`~fastsam.hessian.eigenvalues` (largest algebraic first), a negative dominant value
 triggers one spectral shift: the iteration restarts on H - s I with s just below that value
 (so H - s I is positive semi-definite and its dominant eigenvalue is the largest algebraic one
-of H). So does a run that stalls far from any eigenpair, the mark of lambda_min ~ -lambda_max
-(the iterate then swings between the two eigenvectors, and its Rayleigh quotient can be far
-below lambda_max); of the two runs the one with the smaller residual is kept. Shifting costs
-extra products and slows convergence (the ratios become (l2 - s) / (l1 - s));
-``EigenResult.shift`` reports s (0 if no shift was needed).
+of H). A run that stalls far from any eigenpair, the mark of lambda_min ~ -lambda_max (the
+iterate then swings between the two eigenvectors, and its Rayleigh quotient can be far below
+lambda_max), is retried once on a shifted operator; of the two runs the one with the larger
+Rayleigh quotient is kept (unless the shifted one converged), and the later pairs start
+unshifted again. Shifting costs extra products and slows convergence (the ratios become
+(l2 - s) / (l1 - s)); ``EigenResult.shift`` reports the shift in place at the end (0 if none).
 """
 
 from __future__ import annotations
@@ -59,12 +60,15 @@ def power_eigs(
     ress: List[float] = []
     conv: List[bool] = []
     shift, shifted = 0.0, False
-    stalled: Optional[Tuple[float, torch.Tensor, float]] = None
+    stalled: Optional[Tuple[float, torch.Tensor, float, bool]] = None
     with Progress(progress, None, "power", op.rank) as bar:
         while len(vals) < k:
             i = len(vals)
-            v = _project_out(randn(op.n, gen, dtype, op.device), vecs)
-            v = v / v.norm()
+            if stalled is None:
+                v = _project_out(randn(op.n, gen, dtype, op.device), vecs)
+                v = v / v.norm()
+            else:  # a retry starts where the stalled run ended, and draws nothing: later starts stay
+                v = stalled[1]
             theta_s, theta, res, rel, ok = 0.0, 0.0, 0.0, float("inf"), False
             for step in range(1, max_iter + 1):
                 w = op.matvec(v)
@@ -100,23 +104,29 @@ def power_eigs(
                     ok = True
                     break
                 v = w / w_norm
+            if not shifted and op.agree(theta_s < 0):
+                # the dominant eigenvalue is negative: restart this pair on H - s I, s <= lambda_min
+                shift, shifted = theta - res - 1e-3 * abs(theta), True
+                continue
             # A swinging iterate's Rayleigh quotient is within residual**2 / 2 of lambda_max (relative),
             # so below sqrt(tol) a stalled run is already as accurate as tol asks and is kept.
-            if not shifted and op.agree(theta_s < 0 or (not ok and rel > tol**0.5)):
-                # Either the dominant eigenvalue is negative, or the run stalled far from an
-                # eigenpair, which is what a pair lambda_min ~ -lambda_max does to it (the iterate
-                # swings between the two). ||H v|| approaches max |lambda| from below, so
-                # s = -(||H v|| + residual) lies at or below lambda_min (and below the midpoint of
-                # lambda_min and lambda_max even if it falls short), where H - s I's dominant
-                # eigenvalue is lambda_max - s: restart this pair on H - s I.
-                shift, shifted = -(1.0 + 1e-3) * (float(w.norm()) + res), True
-                if theta_s >= 0:
-                    stalled = (theta, v, rel)
+            if not shifted and op.agree(not ok and rel > tol**0.5):
+                # The run stalled far from an eigenpair, which is what lambda_min ~ -lambda_max does
+                # (the iterate swings between the two eigenvectors).  ||H v|| is then ~max |lambda|,
+                # so s = -(1 + 1e-3) ||H v|| lies below lambda_min (and below the midpoint of
+                # lambda_min and lambda_max where ||H v|| falls short), where H - s I's dominant
+                # eigenvalue is lambda_max - s: retry this pair once on H - s I.
+                stalled = (theta, v, rel, ok)
+                shift, shifted = -(1.0 + 1e-3) * float(w.norm()), True
                 continue
             if stalled is not None:
-                if rel > stalled[2]:  # the shifted run did worse than the one it replaced
-                    theta, v, rel = stalled
-                stalled = None
+                # Both values are Rayleigh quotients of H on the same complement, so the larger is
+                # the nearer to the eigenvalue sought; a shifted run that converged (or that the
+                # callback accepted) stands.  Later pairs go unshifted again: the shift slows them,
+                # and one whose dominant eigenvalue is then negative shifts as above.
+                if not op.agree(ok) and op.agree(stalled[0] > theta):
+                    theta, v, rel, ok = stalled
+                shift, shifted, stalled = 0.0, False, None
             vals.append(theta)
             vecs.append(v)
             ress.append(rel)
