@@ -91,13 +91,19 @@ class Snapshots:
         return {"_by": {}}
 
 
+def _grad_off() -> contextlib.AbstractContextManager:
+    """``torch.no_grad()``, or nothing where grad mode is off already (a SAM pass switches it off
+    itself; other callers may not), which saves building and entering the context."""
+    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
+
+
 def _copy(dst: Tensors, src: Sequence[torch.Tensor], backend: Any) -> None:
     """dst <- src, one multi-tensor copy per (device, dtype): the backend's restore op where it
     takes that dtype, foreach's copy otherwise."""
     groups: Dict[tuple, list] = {}
     for d, s in zip(dst, src):
         groups.setdefault((s.device, s.dtype), []).append((d, s))
-    with torch.no_grad():
+    with _grad_off():
         for (_, dtype), pairs in groups.items():
             ds, ss = [d for d, _ in pairs], [s for _, s in pairs]
             if backend is not None and backend.supports(dtype):
@@ -142,10 +148,7 @@ class Transaction:
             writes = sorted(writes, key=lambda w: w.size)
         self.writes = []
         try:
-            if torch.is_grad_enabled():  # a SAM pass has switched it off already; other callers may not
-                with torch.no_grad():
-                    self._run(writes)
-            else:
+            with _grad_off():
                 self._run(writes)
         except BaseException:
             self.rollback()
@@ -163,7 +166,7 @@ class Transaction:
         """Undo every write that ran and every Python-level change, newest first."""
         done, self._done = self._done, []
         undo, self._undo = self._undo, []
-        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+        with _grad_off():
             for fn in reversed(done):
                 fn()
         for undo_fn in reversed(undo):

@@ -60,7 +60,7 @@ def power_eigs(
     ress: List[float] = []
     conv: List[bool] = []
     shift, shifted = 0.0, False
-    stalled: Optional[Tuple[float, torch.Tensor, float, bool]] = None
+    stalled: Optional[Tuple[float, torch.Tensor, float]] = None  # an unconverged run's theta, v, rel
     with Progress(progress, None, "power", op.rank) as bar:
         while len(vals) < k:
             i = len(vals)
@@ -116,7 +116,7 @@ def power_eigs(
                 # so s = -(1 + 1e-3) ||H v|| lies below lambda_min (and below the midpoint of
                 # lambda_min and lambda_max where ||H v|| falls short), where H - s I's dominant
                 # eigenvalue is lambda_max - s: retry this pair once on H - s I.
-                stalled = (theta, v, rel, ok)
+                stalled = (theta, v, rel)
                 shift, shifted = -(1.0 + 1e-3) * float(w.norm()), True
                 continue
             if stalled is not None:
@@ -125,7 +125,7 @@ def power_eigs(
                 # callback accepted) stands.  Later pairs go unshifted again: the shift slows them,
                 # and one whose dominant eigenvalue is then negative shifts as above.
                 if not op.agree(ok) and op.agree(stalled[0] > theta):
-                    theta, v, rel, ok = stalled
+                    (theta, v, rel), ok = stalled, False
                 shift, shifted, stalled = 0.0, False, None
             vals.append(theta)
             vecs.append(v)
