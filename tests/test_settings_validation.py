@@ -137,6 +137,24 @@ def test_setters_check_and_keep_the_old_value(name, value):
     assert getattr(opt, name) == before
 
 
+def test_the_step_count_stays_checked_after_steps_end():
+    """A step ends without the run state's per-write checks (``RunState.count_step``): the count
+    it leaves is the int the steps make, and a later write is still checked."""
+    p = _p()
+    p.grad = torch.randn_like(p)
+    opt = FusedSAM([p], torch.optim.SGD, lr=0.1, sam_start_step=2)
+    for _ in range(3):
+        opt.first_step()
+        opt.second_step()
+    assert type(opt.num_steps) is int and opt.num_steps == 3 and opt.sam_active
+    assert opt.skip_flag is not None and float(opt.skip_flag) == 0.0
+    with pytest.raises(ValueError, match="num_steps"):
+        opt.num_steps = -1
+    assert opt.num_steps == 3
+    with pytest.raises(AttributeError, match="no setting 'num_step'"):
+        opt.core.run.num_step = 4
+
+
 @pytest.mark.parametrize(
     "cls,name,value",
     [

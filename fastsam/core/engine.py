@@ -325,11 +325,7 @@ class SAMCore:
     def finish_step(self, skip_flag: Optional[torch.Tensor]) -> None:
         """Count a step that has been taken: ``num_steps``, LR schedulers' flag, the skip flag.
         (fastsam.cuda_graphs calls it after replaying a captured step.)"""
-        run = self.run
-        run.pending = None
-        run.num_steps += 1
-        run.opt_called = True
-        run.skip_flag = skip_flag
+        self.run.count_step(skip_flag)
         self.plan.release()
 
     # ------------------------------------------------------------------ the parts of a step

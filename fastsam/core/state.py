@@ -20,6 +20,11 @@ PERTURBATION_MODES = ("local", "global")
 CLOSURE_CONVENTIONS = ("auto", "sam", "torch")
 
 
+def unchecked(value: Any) -> Any:
+    """The check of a value any object may take (``Checked`` stores it without the call)."""
+    return value
+
+
 class Checked:
     """An object whose attributes are checked on every write by ``CHECKS[name]`` (a function
     of the value returning the value to store).  Unknown names are refused, so a typo does
@@ -38,7 +43,7 @@ class Checked:
         check = self.CHECKS.get(name)
         if check is None:
             raise AttributeError(f"{type(self).__name__} has no setting {name!r}")
-        object.__setattr__(self, name, check(value))
+        object.__setattr__(self, name, value if check is unchecked else check(value))
 
     def as_dict(self) -> Dict[str, Any]:
         return {name: getattr(self, name) for name in self.CHECKS}
@@ -98,26 +103,22 @@ class Settings(Checked):
     skip_reducer: Optional[Callable[[torch.Tensor], Any]]
 
 
-def _any(value: Any) -> Any:
-    return value
-
-
 class RunState(Checked):
     """Everything that changes from step to step."""
 
     CHECKS = {
         "num_steps": lambda v: _checks.integer("num_steps", v, lo=0),  # completed steps, SAM or plain
         "sam_active_override": lambda v: _checks.flag("sam_active", v, none=True),
-        "pending": _any,  # the perturbation of a first_step not yet finished (core.Perturbation)
-        "decision": _any,  # (num_steps, the schedule's answer for that step)
-        "skip_flag": _any,  # the last step's skip flag (0-d device tensor)
-        "opt_called": _any,  # LR schedulers' "an optimizer step happened"
-        "grad_scale": _any,  # handed over by torch.amp.GradScaler.step for one step
-        "scaler_found_inf": _any,  # likewise
-        "in_step": _any,  # inside step(): hooks fire there, not in first/second_step
-        "pre_hooks_fired": _any,  # this step's pre hooks already ran (first_step)
-        "last_grads": _any,  # [(weakref(grad), version)] when the last step(closure) ended
-        "variant": _any,  # a variant's data that lives from one pass (or step) to the next
+        "pending": unchecked,  # the perturbation of a first_step not yet finished (core.Perturbation)
+        "decision": unchecked,  # (num_steps, the schedule's answer for that step)
+        "skip_flag": unchecked,  # the last step's skip flag (0-d device tensor)
+        "opt_called": unchecked,  # LR schedulers' "an optimizer step happened"
+        "grad_scale": unchecked,  # handed over by torch.amp.GradScaler.step for one step
+        "scaler_found_inf": unchecked,  # likewise
+        "in_step": unchecked,  # inside step(): hooks fire there, not in first/second_step
+        "pre_hooks_fired": unchecked,  # this step's pre hooks already ran (first_step)
+        "last_grads": unchecked,  # [(weakref(grad), version)] when the last step(closure) ended
+        "variant": unchecked,  # a variant's data that lives from one pass (or step) to the next
     }
 
     num_steps: int
@@ -148,6 +149,16 @@ class RunState(Checked):
             last_grads=None,
             variant={},
         )
+
+    def count_step(self, skip_flag: Optional[torch.Tensor]) -> None:
+        """End a step: nothing pending, one more step, the LR schedulers' flag, the step's skip flag.
+        Stored without the per-write checks, which a step's end pays cold on every step: the count
+        goes from a checked int to the next, the rest take any value."""
+        store = object.__setattr__
+        store(self, "pending", None)
+        store(self, "num_steps", self.num_steps + 1)
+        store(self, "opt_called", True)
+        store(self, "skip_flag", skip_flag)
 
     def fresh(self) -> RunState:
         """A copy holding what survives pickling: the step count and the switches."""

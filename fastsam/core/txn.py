@@ -24,8 +24,7 @@ What an undo needs, and what it costs:
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -91,10 +90,20 @@ class Snapshots:
         return {"_by": {}}
 
 
-def _grad_off() -> contextlib.AbstractContextManager:
-    """``torch.no_grad()``, or nothing where grad mode is off already (a SAM pass switches it off
-    itself; other callers may not), which saves building and entering the context."""
-    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
+def _without_grad(fn: Callable[..., None], *args: Any) -> None:
+    """``fn(*args)`` under ``torch.no_grad()``, entered only where grad mode is on: a SAM pass
+    switches it off itself (other callers may not), and a context built and entered for nothing
+    is a cost every pass pays with cold caches."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            fn(*args)
+    else:
+        fn(*args)
+
+
+def _call_all(fns: Iterable[Callable[[], None]]) -> None:
+    for fn in fns:
+        fn()
 
 
 def _copy(dst: Tensors, src: Sequence[torch.Tensor], backend: Any) -> None:
@@ -103,13 +112,16 @@ def _copy(dst: Tensors, src: Sequence[torch.Tensor], backend: Any) -> None:
     groups: Dict[tuple, list] = {}
     for d, s in zip(dst, src):
         groups.setdefault((s.device, s.dtype), []).append((d, s))
-    with _grad_off():
-        for (_, dtype), pairs in groups.items():
-            ds, ss = [d for d, _ in pairs], [s for _, s in pairs]
-            if backend is not None and backend.supports(dtype):
-                backend.restore(ds, ss)
-            else:
-                torch._foreach_copy_(ds, ss)
+    _without_grad(_copy_groups, groups, backend)
+
+
+def _copy_groups(groups: Dict[tuple, list], backend: Any) -> None:
+    for (_, dtype), pairs in groups.items():
+        ds, ss = [d for d, _ in pairs], [s for _, s in pairs]
+        if backend is not None and backend.supports(dtype):
+            backend.restore(ds, ss)
+        else:
+            torch._foreach_copy_(ds, ss)
 
 
 class Transaction:
@@ -148,8 +160,7 @@ class Transaction:
             writes = sorted(writes, key=lambda w: w.size)
         self.writes = []
         try:
-            with _grad_off():
-                self._run(writes)
+            _without_grad(self._run, writes)
         except BaseException:
             self.rollback()
             raise
@@ -166,8 +177,6 @@ class Transaction:
         """Undo every write that ran and every Python-level change, newest first."""
         done, self._done = self._done, []
         undo, self._undo = self._undo, []
-        with _grad_off():
-            for fn in reversed(done):
-                fn()
+        _without_grad(_call_all, reversed(done))
         for undo_fn in reversed(undo):
             undo_fn()
