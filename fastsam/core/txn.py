@@ -101,7 +101,7 @@ def _without_grad(fn: Callable[..., None], *args: Any) -> None:
         fn(*args)
 
 
-def _call_all(fns: Iterable[Callable[[], None]]) -> None:
+def _call_all(fns: Iterable[Callable[[], object]]) -> None:
     for fn in fns:
         fn()
 
@@ -178,5 +178,4 @@ class Transaction:
         done, self._done = self._done, []
         undo, self._undo = self._undo, []
         _without_grad(_call_all, reversed(done))
-        for undo_fn in reversed(undo):
-            undo_fn()
+        _call_all(reversed(undo))
