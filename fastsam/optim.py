@@ -33,12 +33,20 @@ if TYPE_CHECKING:
     from torch.optim.optimizer import ParamsT
 
 
-def _grad_off(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` under ``torch.no_grad()``, the mode switched by hand: the decorator builds and enters
-    context objects on every call, a cost a SAM pass pays twice per step with cold caches."""
+def optimizer_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` under ``torch.no_grad()`` and outside ``torch.inference_mode()``.
+
+    Grad mode is switched by hand: the decorator builds and enters context objects on every
+    call, a cost a SAM pass pays twice per step with cold caches.  Inference mode is left
+    because what a step creates there (restore copies, momentum, a variant's buffers, undo
+    snapshots) would be inference tensors, which torch refuses to update in place once the mode
+    is off: ``torch.optim.SGD`` stepped once inside it raises at every step after."""
 
     @functools.wraps(fn)
-    def grad_off(*args: Any, **kwargs: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return call(*args, **kwargs)
         prev = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
         try:
@@ -46,7 +54,7 @@ def _grad_off(fn: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             torch.set_grad_enabled(prev)
 
-    return grad_off
+    return call
 
 
 class SAMOptimizer(Optimizer):
@@ -207,6 +215,7 @@ class SAMOptimizer(Optimizer):
                 sd = out
         return sd
 
+    @optimizer_call
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a state dict of this optimizer (the current layout, fastsam's first one, or a plain
         ``{"state", "param_groups"}`` dict with a warning: fastsam/integrations/checkpoints.py).
@@ -401,7 +410,7 @@ class FusedSAM(SAMOptimizer):
     # torch.compiler.disable: a compiled training step graph-breaks around the SAM steps
     # instead of tracing them; the kernels inside are opaque custom ops anyway.
     @torch.compiler.disable
-    @_grad_off
+    @optimizer_call
     def first_step(self, zero_grad: bool = False) -> None:
         """Perturb the parameters: w <- w + e (keeps an exact copy of w for the restore).
 
@@ -420,7 +429,7 @@ class FusedSAM(SAMOptimizer):
             self.zero_grad()
 
     @torch.compiler.disable
-    @_grad_off
+    @optimizer_call
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w and let the base optimizer step with the SAM gradient.
 
@@ -442,7 +451,7 @@ class FusedSAM(SAMOptimizer):
         if not run.in_step:
             self._fire_post_hooks()
 
-    @_grad_off
+    @optimizer_call
     def undo_first_step(self) -> None:
         """Put the parameters back at w after ``first_step`` without taking a step (no-op if
         nothing is pending)."""
@@ -463,7 +472,7 @@ class FusedSAM(SAMOptimizer):
             for hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
                 hook(self, (), {})
 
-    @_grad_off
+    @optimizer_call
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One optimizer step.
 

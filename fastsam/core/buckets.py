@@ -229,9 +229,7 @@ class Plan:
             for b in buckets:
                 b.grads = []
 
-    def buckets(
-        self, param_groups: List[Dict[str, Any]], base_state: Dict, sam_state: Dict, recheck: bool = True
-    ) -> Buckets:
+    def buckets(self, param_groups: List[Dict[str, Any]], base_state: Dict, recheck: bool = True) -> Buckets:
         """Buckets of the params that have a gradient now, with their gradients filled in.
 
         ``recheck=False`` (a step's second pass) reuses the first pass's fingerprint of the
@@ -245,18 +243,13 @@ class Plan:
         if recheck or self._layout is None or len(self._layout[0]) != len(flat):
             self._layout = _fingerprint(flat)
         grads = list(map(_grad_of, flat))
-        mask = (
-            tuple(map(_is_none, grads)),
-            self._layout,
-            tuple(map(id, param_groups)),
-            torch.is_inference_mode_enabled(),
-        )
+        mask = (tuple(map(_is_none, grads)), self._layout, tuple(map(id, param_groups)))
         buckets = self._cache.get(mask)
         if buckets is None:
             buckets = self._build(param_groups)
             self._cache.clear()  # the grad pattern rarely changes; keep one entry
             self._cache[mask] = buckets
-            _conform_state(buckets, base_state, sam_state)
+            _conform_state(buckets, base_state)
         for b in buckets:
             if b.shard is not None:  # DTensors: the kernels work on the local shards
                 b.params = [p.to_local() for p in b.keys]
@@ -333,7 +326,6 @@ def copies_for(b: Bucket, sam_state: Dict) -> Tensors:
                 or c.dtype != p.dtype
                 or c.device != p.device
                 or c.stride() != p.stride()
-                or (c.is_inference() and not torch.is_inference_mode_enabled())
             ):
                 c = torch.empty_like(p, memory_format=torch.preserve_format)
                 st["sam_copy"] = c
@@ -563,35 +555,26 @@ def describe_problem(param_groups: List[Dict[str, Any]]) -> Optional[str]:
     return None
 
 
-def _conform_state(buckets: List[Bucket], state: Dict, sam_state: Dict) -> None:
+def _conform_state(buckets: List[Bucket], state: Dict) -> None:
     """Make the base optimizer's state follow parameters cast, moved or re-laid-out
     through ``p.data`` (``model.double()``, ``model.to(memory_format=...)``), as
     ``load_state_dict`` casts it, so that each fused call sees one dtype, device
-    and layout; and state made inside ``torch.inference_mode()`` follow the mode's end, since
-    torch refuses in-place updates of inference tensors outside it.  Runs only when the buckets
-    are rebuilt (the inference mode is part of their cache key)."""
-    outside = not torch.is_inference_mode_enabled()
+    and layout.  Runs only when the buckets are rebuilt."""
     for b in buckets:
         if b.shard is not None:
             continue
         for p in b.keys:
-            st = state.get(p) or {}
+            st = state.get(p)
+            if not st:
+                continue
             for name, v in st.items():
-                if not torch.is_tensor(v):
-                    continue
                 if (
-                    name != "step"
+                    torch.is_tensor(v)
+                    and name != "step"
                     and v.shape == p.shape
                     and (v.dtype != p.dtype or v.device != p.device or v.stride() != p.stride())
                 ):
                     st[name] = torch.empty_like(p).copy_(v)
-                elif outside and v.is_inference():
-                    st[name] = v.clone()
-            if outside:  # the variants' buffers: same values, as normal tensors
-                st = sam_state.get(p) or {}
-                for name, v in st.items():
-                    if torch.is_tensor(v) and v.is_inference():
-                        st[name] = v.clone()
 
 
 def _dtensor_type() -> Any:  # Any: what isinstance narrows to has the DTensor attributes torch.Tensor lacks

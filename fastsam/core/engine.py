@@ -173,7 +173,7 @@ class SAMCore:
 
     def buckets(self, recheck: bool = True) -> Buckets:
         """The buckets of the parameters that have a gradient now (fastsam/core/buckets.py)."""
-        return self.plan.buckets(self.base.param_groups, tracked(self.base), self.sam_state, recheck)
+        return self.plan.buckets(self.base.param_groups, tracked(self.base), recheck)
 
     def buffers(self, b: Bucket, name: str, *, zero: bool = False) -> List[torch.Tensor]:
         """Bucket ``b``'s per-parameter buffers ``name`` in ``sam_state``, shaped like the kernels'

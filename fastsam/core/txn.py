@@ -74,9 +74,7 @@ class Snapshots:
 
     def take(self, tensors: Sequence[torch.Tensor], backend: Any = None) -> Callable[[], None]:
         """Copy ``tensors`` now; return the function that writes the copy back."""
-        # buffers made inside torch.inference_mode() are inference tensors, which take no
-        # in-place writes outside it: each mode keeps its own
-        key = (torch.is_inference_mode_enabled(), *map(id, tensors))
+        key = tuple(map(id, tensors))
         bufs = self._by.get(key)
         if bufs is None or any(
             b.shape != t.shape or b.dtype != t.dtype or b.device != t.device or b.stride() != t.stride()

@@ -74,7 +74,7 @@ from ..core.buckets import (
 from ..core.engine import Extension, Perturbation
 from ..core.state import Settings
 from ..core.txn import Transaction
-from ..optim import SAMOptimizer
+from ..optim import SAMOptimizer, optimizer_call
 
 if TYPE_CHECKING:
     from torch.optim.optimizer import ParamsT
@@ -184,7 +184,7 @@ class MomentumSAM(SAMOptimizer):
         return self.core.run.skip_flag
 
     # ------------------------------------------------------------------ the step
-    @torch.no_grad()
+    @optimizer_call
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One step with the gradient the caller took at the current (perturbed) weights.
 
@@ -320,7 +320,7 @@ class MomentumSAM(SAMOptimizer):
         ms = self._ms
         applied, n = ms.applied, self.core.run.num_steps
         if applied is not None:
-            with torch.no_grad():
+            with torch.no_grad(), torch.inference_mode(False):  # as optimizer_call, for the same reason
                 self._restore(applied)
             ms.applied = None
             # state_dict() inside the block saves the suspended perturbation (a checkpoint written
@@ -331,7 +331,8 @@ class MomentumSAM(SAMOptimizer):
         finally:
             ms.suspended = None
             if applied is not None and ms.applied is None and self.core.run.num_steps == n:
-                self.core.transact(lambda tx: self._reapply(applied, tx))
+                with torch.inference_mode(False):
+                    self.core.transact(lambda tx: self._reapply(applied, tx))
                 ms.applied = applied
 
     # ------------------------------------------------------------------ state dict
@@ -356,7 +357,7 @@ class MomentumSAM(SAMOptimizer):
         super().__setstate__(state)
         if part is not None:
             tx = Transaction(self.core.snapshots)
-            with torch.no_grad():
+            with torch.no_grad(), torch.inference_mode(False):
                 self._load_perturbation(part, tx)
                 tx.commit()
 
