@@ -127,14 +127,19 @@ def setup_extensions():
                     "is CPU-only (use FASTSAM_BUILD_CPP=1 for the CPU twin)"
                 )
             raise RuntimeError("FASTSAM_BUILD_CUDA=1 but nvcc was not found: set CUDA_HOME to the CUDA toolkit")
+        root, why = cuda_toolkit()
+        if root is None:
+            raise RuntimeError(f"FASTSAM_BUILD_CUDA=1 but {why}")
         print(
             f"fastsam: building fastsam._C with CUDA kernels for sm_{', sm_'.join(CUDA_ARCHS)} "
-            f"(nvcc from {ext.CUDA_HOME})",
+            f"(nvcc from {ext.CUDA_HOME}, CUDA headers from {root})",
             file=sys.stderr,
         )
         module = CUDAExtension(
             "fastsam._C",
             _sources(True, absolute=False),
+            include_dirs=[os.path.join(root, "include")] if root != ext.CUDA_HOME else [],
+            library_dirs=[os.path.join(root, "lib64")] if root != ext.CUDA_HOME else [],
             extra_compile_args={"cxx": _cxx_flags(True), "nvcc": NVCC_FLAGS + gencode_flags()},
             extra_link_args=LINK_FLAGS,
         )
@@ -171,17 +176,44 @@ def cache_dir() -> str:
     return base or os.path.join(os.path.expanduser("~"), ".cache", "fastsam")
 
 
+CUDA_TOOLKIT_USUAL = "/usr/local/cuda"
+
+
+def _has_cuda_headers(root: str) -> bool:
+    return os.path.exists(os.path.join(root, "include", "cuda_runtime.h"))
+
+
+def cuda_toolkit() -> Tuple[Optional[str], str]:
+    """(root of the CUDA toolkit the JIT build compiles against, "") or (None, why there is none).
+
+    torch takes its CUDA_HOME from the environment or from where ``nvcc`` is on PATH; an nvcc
+    that is a wrapper script (``/usr/local/bin/nvcc`` calling the toolkit's) makes that
+    ``/usr/local``, which holds no CUDA headers, and every compile that includes them fails.
+    The toolkit's usual place is tried next, as torch itself tries it when nvcc is not on PATH.
+    """
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return None, "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
+    for root in (CUDA_HOME, CUDA_TOOLKIT_USUAL):
+        if _has_cuda_headers(root):
+            return root, ""
+    return None, (
+        f"torch's CUDA_HOME ({CUDA_HOME}) holds no include/cuda_runtime.h, nor does {CUDA_TOOLKIT_USUAL}: "
+        "set CUDA_HOME to the CUDA toolkit"
+    )
+
+
 def _jit_cuda() -> bool:
-    """Whether the JIT build includes the CUDA kernels: torch has CUDA and nvcc is there."""
+    """Whether the JIT build includes the CUDA kernels: torch has CUDA, and nvcc and the CUDA
+    headers are there (without them the build is the CPU twin alone, not no build at all)."""
     import torch
 
     if os.environ.get("FASTSAM_JIT_CUDA") is not None:
         return os.environ["FASTSAM_JIT_CUDA"] == "1"
     if torch.version.cuda is None:
         return False
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    return CUDA_HOME is not None
+    return cuda_toolkit()[0] is not None
 
 
 def _jit_archs() -> Tuple[str, ...]:
@@ -241,12 +273,22 @@ def _jit_build(build: bool = True) -> Tuple[str, bool]:
     verify_ninja_availability()
     what = f"CPU twin + CUDA kernels for sm_{', sm_'.join(archs)}" if cuda else "CPU twin"
     print(f"fastsam: building the C++ extension ({what}; first use, a minute or more) in {build_dir}", file=sys.stderr)
+    includes: List[str] = []
+    ldflags = list(LINK_FLAGS)
+    if cuda:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        root = cuda_toolkit()[0]
+        if root is not None and root != CUDA_HOME:  # torch's CUDA_HOME has no headers (see cuda_toolkit)
+            includes.append(os.path.join(root, "include"))
+            ldflags.append("-L" + os.path.join(root, "lib64"))
     load(
         name,
         _sources(cuda, absolute=True),
         extra_cflags=_cxx_flags(cuda),
         extra_cuda_cflags=NVCC_FLAGS + gencode_flags(archs) if cuda else None,
-        extra_ldflags=LINK_FLAGS,
+        extra_ldflags=ldflags,
+        extra_include_paths=includes,
         build_directory=build_dir,
         with_cuda=cuda,
         is_python_module=False,

@@ -67,8 +67,13 @@ def test_cuda_backend_says_why_not(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(_build, "load", lambda build=True: (True, ""))
     monkeypatch.setattr(_build, "has_cuda_kernels", lambda: False)
+    monkeypatch.setattr(_build, "cuda_toolkit", lambda: ("/usr/local/cuda", ""))
     ok, why = cuda.is_available(torch.device("cuda"))
     assert not ok and "FASTSAM_BUILD_CUDA=1 pip install -e . --no-build-isolation" in why
+    # ... because the JIT build found no CUDA headers: that reason, not a rebuild recipe
+    monkeypatch.setattr(_build, "cuda_toolkit", lambda: (None, "CUDA_HOME (/x) holds no include/cuda_runtime.h"))
+    ok, why = cuda.is_available(torch.device("cuda"))
+    assert not ok and "CPU twin only" in why and "/x" in why
 
 
 def test_failed_build_names_the_fix(monkeypatch):
@@ -78,3 +83,60 @@ def test_failed_build_names_the_fix(monkeypatch):
     ok, why = _build.load()
     assert not ok and "FASTSAM_NO_JIT" in why and "FASTSAM_BUILD_CPP=1 pip install" in why
     assert _build.load() == (ok, why)  # remembered: one attempt per process
+
+
+def _toolkit(root, headers):
+    if headers:
+        os.makedirs(os.path.join(root, "include"), exist_ok=True)
+        open(os.path.join(root, "include", "cuda_runtime.h"), "w").close()
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    "home_headers, usual_headers, expect",
+    [(True, True, "home"), (False, True, "usual"), (False, False, None)],
+)
+def test_cuda_toolkit_is_where_the_headers_are(monkeypatch, tmp_path, home_headers, usual_headers, expect):
+    """torch's CUDA_HOME comes from where nvcc is on PATH: a wrapper script in /usr/local/bin makes
+    it /usr/local, with no CUDA headers, and the build of bindings.cpp would fail on
+    cuda_runtime.h.  The toolkit's usual place is used then; with headers in neither, the reason
+    names torch's CUDA_HOME."""
+    import torch.utils.cpp_extension as ext_mod
+
+    home = _toolkit(tmp_path / "home", home_headers)
+    usual = _toolkit(tmp_path / "usual", usual_headers)
+    monkeypatch.setattr(ext_mod, "CUDA_HOME", home)
+    monkeypatch.setattr(_build, "CUDA_TOOLKIT_USUAL", usual)
+    root, why = _build.cuda_toolkit()
+    if expect is None:
+        assert root is None and home in why and "cuda_runtime.h" in why and "CUDA_HOME" in why
+    else:
+        assert root == {"home": home, "usual": usual}[expect] and why == ""
+    # a CUDA torch without the headers builds the CPU twin alone, not nothing
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.delenv("FASTSAM_JIT_CUDA", raising=False)
+    assert _build._jit_cuda() is (expect is not None)
+
+
+def test_cuda_toolkit_without_nvcc(monkeypatch):
+    import torch.utils.cpp_extension as ext_mod
+
+    monkeypatch.setattr(ext_mod, "CUDA_HOME", None)
+    root, why = _build.cuda_toolkit()
+    assert root is None and "nvcc" in why and "CUDA_HOME" in why
+
+
+def test_setup_cuda_build_takes_the_headers_where_they_are(monkeypatch, tmp_path):
+    import torch.utils.cpp_extension as ext_mod
+
+    home = _toolkit(tmp_path / "home", False)
+    usual = _toolkit(tmp_path / "usual", True)
+    monkeypatch.setenv("FASTSAM_BUILD_CUDA", "1")
+    monkeypatch.setattr(ext_mod, "CUDA_HOME", home)
+    monkeypatch.setattr(_build, "CUDA_TOOLKIT_USUAL", usual)
+    (ext,), _ = _build.setup_extensions()
+    assert os.path.join(usual, "include") in ext.include_dirs
+    assert os.path.join(usual, "lib64") in ext.library_dirs
+    monkeypatch.setattr(_build, "CUDA_TOOLKIT_USUAL", home)
+    with pytest.raises(RuntimeError, match="cuda_runtime.h"):
+        _build.setup_extensions()

@@ -45,6 +45,9 @@ def is_available(device: torch.device, build: bool = True) -> tuple[bool, str]:
     if not ok:
         return False, why
     if not _build.has_cuda_kernels():
+        _, no_toolkit = _build.cuda_toolkit()
+        if no_toolkit:
+            return False, f"the fastsam extension was built without CUDA kernels (CPU twin only): {no_toolkit}"
         return False, (
             "the loaded fastsam extension was built without CUDA kernels (CPU twin only); rebuild it "
             "with `FASTSAM_BUILD_CUDA=1 pip install -e . --no-build-isolation`, or remove the "
