@@ -40,7 +40,7 @@ def optimizer_call(fn: Callable[..., Any]) -> Callable[..., Any]:
     call, a cost a SAM pass pays twice per step with cold caches.  Inference mode is left
     because what a step creates there (restore copies, momentum, a variant's buffers, undo
     snapshots) would be inference tensors, which torch refuses to update in place once the mode
-    is off: ``torch.optim.SGD`` stepped once inside it raises at every step after."""
+    is off: ``torch.optim.SGD`` with momentum, stepped once inside it, raises at every step after."""
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
