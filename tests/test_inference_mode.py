@@ -1,8 +1,8 @@
 """Optimizer calls inside ``torch.inference_mode()``: buffers made there (restore copies,
 momentum and Adam moments, variants' state, undo snapshots) would be inference tensors, which
-torch refuses to update in place once the mode is off; torch.optim.SGD stepped once inside it
-raises at every step after.  The contract here: steps inside and outside the mode give exactly
-the results of steps outside only, on every backend, variant and base optimizer."""
+torch refuses to update in place once the mode is off; torch.optim.SGD with momentum, stepped
+once inside it, raises at every step after.  The contract here: steps inside and outside the mode
+give exactly the results of steps outside only, on every backend and variant, with SGD and AdamW."""
 
 import copy
 
